@@ -1,0 +1,762 @@
+//! The load driver: runs a plan over many connections in closed loop (each connection
+//! sends its next request when the previous answer arrives) or open loop (requests at
+//! fixed intended times `t0 + i/R`, latency measured from the intended time so that a
+//! slow server cannot hide its queueing delay: no coordinated omission).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::client::{self, Api, HttpRequest, Reply, TransportError};
+use crate::history::{ClaimRecord, Phase};
+use crate::progress::Live;
+use crate::report::{Endpoint, Stats};
+use crate::scenario::{Plan, Request};
+
+/// An open-loop request whose intended time is at most this far ahead is sent at once
+/// (tokio timers have millisecond granularity and round up). Early sends measure their
+/// latency from the actual send time.
+pub const TIMER_SLACK: Duration = Duration::from_millis(1);
+
+/// How many connections are opened at the same time while warming up.
+const WARM_UP_PARALLELISM: usize = 128;
+
+/// Closed or open loop.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Mode {
+    /// Every connection keeps exactly one request in flight.
+    Closed,
+    /// Requests at a fixed rate (req/s), spread over the connections.
+    Open { rate: f64 },
+}
+
+/// How one phase of a run is driven.
+#[derive(Debug, Clone)]
+pub struct DriverConfig {
+    pub connections: u32,
+    pub mode: Mode,
+    /// Send nothing after this long (open loop: schedule nothing at or after it).
+    pub duration: Option<Duration>,
+    /// Send at most this many requests.
+    pub requests: Option<u64>,
+    pub timeout: Duration,
+    /// Keep a [`ClaimRecord`] for every claim.
+    pub record_history: bool,
+    /// Stop as soon as a claim is answered `410 sold_out` (used to drain a batch).
+    pub stop_on_sold_out: bool,
+    pub phase: Phase,
+}
+
+/// A connection the driver can send requests on.
+pub trait Exchange: Send + 'static {
+    /// Sends one request and reads the whole answer within `timeout`.
+    fn send(
+        &mut self,
+        req: HttpRequest,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<Reply, TransportError>> + Send;
+    /// Opens the connection ahead of the measured phase.
+    fn warm_up(
+        &mut self,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<(), TransportError>> + Send;
+    /// Connections opened so far.
+    fn opened(&self) -> u64;
+}
+
+impl Exchange for client::Connection {
+    fn send(
+        &mut self,
+        req: HttpRequest,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<Reply, TransportError>> + Send {
+        client::Connection::send(self, req, timeout)
+    }
+
+    fn warm_up(
+        &mut self,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<(), TransportError>> + Send {
+        client::Connection::warm_up(self, timeout)
+    }
+
+    fn opened(&self) -> u64 {
+        client::Connection::opened(self)
+    }
+}
+
+/// Everything a phase shares besides its configuration.
+#[derive(Clone)]
+pub struct RunContext {
+    pub plan: Arc<Plan>,
+    pub api: Arc<Api>,
+    /// Origin of all `*_us` timestamps in the history.
+    pub epoch: Instant,
+    pub live: Arc<Live>,
+    /// Turns true on Ctrl-C.
+    pub cancel: watch::Receiver<bool>,
+}
+
+/// What a phase produced.
+#[derive(Debug)]
+pub struct RunResult {
+    pub stats: Stats,
+    pub history: Vec<ClaimRecord>,
+    /// When the phase started (after the connections were opened).
+    pub t0: Instant,
+    /// From `t0` to the last answer.
+    pub elapsed: Duration,
+    /// Open loop: scheduled requests never sent.
+    pub unsent: u64,
+    pub interrupted: bool,
+    pub sold_out_seen: bool,
+}
+
+/// The intended send times of an open-loop run: request `i` at `t0 + i/rate`, computed
+/// from `i` directly (no accumulated drift).
+#[derive(Debug, Clone, Copy)]
+pub struct Schedule {
+    t0: Instant,
+    rate: f64,
+}
+
+impl Schedule {
+    pub fn new(t0: Instant, rate: f64) -> Self {
+        Self { t0, rate }
+    }
+
+    /// Offset of request `i` from `t0`.
+    pub fn offset(&self, i: u64) -> Duration {
+        let nanos = (i as f64 * 1e9 / self.rate).round();
+        if nanos >= u64::MAX as f64 {
+            Duration::from_nanos(u64::MAX)
+        } else {
+            Duration::from_nanos(nanos as u64)
+        }
+    }
+
+    /// Intended send time of request `i`.
+    pub fn intended(&self, i: u64) -> Instant {
+        self.t0 + self.offset(i)
+    }
+
+    /// How many requests are intended strictly before `t0 + span`.
+    pub fn count_within(&self, span: Duration) -> u64 {
+        let estimate = (span.as_secs_f64() * self.rate).ceil();
+        let mut n = if estimate >= u64::MAX as f64 {
+            u64::MAX
+        } else {
+            estimate as u64
+        };
+        // Align with `offset`'s rounding so that the count and the schedule agree.
+        while n > 0 && self.offset(n - 1) >= span {
+            n -= 1;
+        }
+        while n < u64::MAX && self.offset(n) < span {
+            n += 1;
+        }
+        n
+    }
+}
+
+/// Where a request's latency is measured from: its intended send time in open loop (a
+/// request that had to wait for a free connection is charged for the wait), or the
+/// moment it was handed to the connection in closed loop or when sent early.
+pub fn latency_origin(intended: Option<Instant>, started: Instant) -> Instant {
+    match intended {
+        Some(t) => t.min(started),
+        None => started,
+    }
+}
+
+/// State shared by the connections of one phase.
+struct Shared {
+    next: AtomicU64,
+    stop: AtomicBool,
+    sold_out: AtomicBool,
+}
+
+/// Limits computed once per phase.
+#[derive(Clone, Copy)]
+struct Bounds {
+    schedule: Option<Schedule>,
+    /// Closed loop: no request starts after this.
+    deadline: Option<Instant>,
+    /// Requests with index below this may be sent.
+    max_requests: Option<u64>,
+    /// Open loop: nothing is sent after this (the gateway fell too far behind).
+    hard_stop: Option<Instant>,
+}
+
+struct WorkerOutput {
+    stats: Stats,
+    history: Vec<ClaimRecord>,
+    last_done: Option<Instant>,
+}
+
+/// Runs one phase over `cfg.connections` connections made by `connect`; `on_start` is
+/// called with the start time once the connections are open and the clock starts.
+pub async fn run<C, F>(
+    cfg: &DriverConfig,
+    ctx: &RunContext,
+    connect: F,
+    on_start: impl FnOnce(Instant),
+) -> anyhow::Result<RunResult>
+where
+    C: Exchange,
+    F: Fn() -> C,
+{
+    if cfg.duration.is_none() && cfg.requests.is_none() {
+        anyhow::bail!("a run needs a duration or a request count");
+    }
+    let conns = warm_up(cfg, (0..cfg.connections).map(|_| connect()).collect()).await?;
+
+    let t0 = Instant::now();
+    on_start(t0);
+    let bounds = bounds(cfg, t0);
+    let shared = Arc::new(Shared {
+        next: AtomicU64::new(0),
+        stop: AtomicBool::new(false),
+        sold_out: AtomicBool::new(false),
+    });
+    let mut set = JoinSet::new();
+    for conn in conns {
+        let cfg = cfg.clone();
+        let ctx = ctx.clone();
+        let shared = Arc::clone(&shared);
+        set.spawn(worker(conn, cfg, ctx, shared, bounds));
+    }
+
+    let mut stats = Stats::new();
+    let mut history = Vec::new();
+    let mut last_done: Option<Instant> = None;
+    let mut failure = None;
+    while let Some(joined) = set.join_next().await {
+        match joined.context("a connection task panicked").and_then(|r| r) {
+            Ok(out) => {
+                stats.merge(&out.stats);
+                history.extend(out.history);
+                last_done = last_done.max(out.last_done);
+            }
+            Err(e) => {
+                shared.stop.store(true, Ordering::Relaxed);
+                failure.get_or_insert(e);
+            }
+        }
+    }
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    history.sort_by_key(|r| (r.send_us, r.recv_us));
+
+    let interrupted = *ctx.cancel.borrow();
+    let unsent = match (bounds.schedule, interrupted) {
+        (Some(_), false) => bounds
+            .max_requests
+            .unwrap_or(0)
+            .saturating_sub(stats.requests),
+        _ => 0,
+    };
+    let mut elapsed = last_done.map_or(Duration::ZERO, |d| d.saturating_duration_since(t0));
+    if let (Some(s), Some(planned), false) = (bounds.schedule, bounds.max_requests, interrupted) {
+        // Open loop measures over the whole schedule window, so that a gateway that keeps
+        // up reports exactly the target rate.
+        elapsed = elapsed.max(s.offset(planned));
+    }
+    Ok(RunResult {
+        stats,
+        history,
+        t0,
+        elapsed,
+        unsent,
+        interrupted,
+        sold_out_seen: shared.sold_out.load(Ordering::Relaxed),
+    })
+}
+
+/// Opens every connection before the clock starts (a few at a time). A connection that
+/// cannot be opened now will try again on its first request, where a failure counts.
+async fn warm_up<C: Exchange>(cfg: &DriverConfig, conns: Vec<C>) -> anyhow::Result<Vec<C>> {
+    let permits = Arc::new(Semaphore::new(WARM_UP_PARALLELISM));
+    let mut set = JoinSet::new();
+    for mut conn in conns {
+        let permits = Arc::clone(&permits);
+        let timeout = cfg.timeout;
+        set.spawn(async move {
+            let _permit = permits.acquire_owned().await;
+            // Errors are deliberately left for the first request to report.
+            let _ = conn.warm_up(timeout).await;
+            conn
+        });
+    }
+    let mut out = Vec::with_capacity(set.len());
+    while let Some(conn) = set.join_next().await {
+        out.push(conn.context("warming up a connection panicked")?);
+    }
+    Ok(out)
+}
+
+fn bounds(cfg: &DriverConfig, t0: Instant) -> Bounds {
+    match cfg.mode {
+        Mode::Closed => Bounds {
+            schedule: None,
+            deadline: cfg.duration.map(|d| t0 + d),
+            max_requests: cfg.requests,
+            hard_stop: None,
+        },
+        Mode::Open { rate } => {
+            let schedule = Schedule::new(t0, rate);
+            let within = cfg.duration.map(|d| schedule.count_within(d));
+            let planned = match (within, cfg.requests) {
+                (Some(a), Some(b)) => a.min(b),
+                (Some(a), None) => a,
+                (None, Some(b)) => b,
+                (None, None) => 0,
+            };
+            let last = schedule.intended(planned.saturating_sub(1));
+            Bounds {
+                schedule: Some(schedule),
+                deadline: None,
+                max_requests: Some(planned),
+                hard_stop: Some(last + cfg.timeout + TIMER_SLACK),
+            }
+        }
+    }
+}
+
+fn endpoint(req: &Request) -> Endpoint {
+    match req {
+        Request::Claim(_) => Endpoint::Claim,
+        Request::GetBatch => Endpoint::GetBatch,
+        Request::Health => Endpoint::Health,
+    }
+}
+
+fn micros_since(epoch: Instant, t: Instant) -> u64 {
+    u64::try_from(t.saturating_duration_since(epoch).as_micros()).unwrap_or(u64::MAX)
+}
+
+async fn worker<C: Exchange>(
+    mut conn: C,
+    cfg: DriverConfig,
+    ctx: RunContext,
+    shared: Arc<Shared>,
+    b: Bounds,
+) -> anyhow::Result<WorkerOutput> {
+    let mut stats = Stats::new();
+    let mut history = Vec::new();
+    let mut last_done = None;
+    let mut cancel = ctx.cancel.clone();
+    let stopped =
+        |cancel: &watch::Receiver<bool>| shared.stop.load(Ordering::Relaxed) || *cancel.borrow();
+
+    loop {
+        if stopped(&cancel) {
+            break;
+        }
+        let i = shared.next.fetch_add(1, Ordering::Relaxed);
+        if b.max_requests.is_some_and(|n| i >= n) {
+            break;
+        }
+        let intended = match b.schedule {
+            Some(s) => {
+                let t = s.intended(i);
+                if t > Instant::now() + TIMER_SLACK {
+                    tokio::select! {
+                        () = tokio::time::sleep_until(t - TIMER_SLACK) => {}
+                        Ok(_) = cancel.wait_for(|c| *c) => break,
+                    }
+                }
+                Some(t)
+            }
+            None => None,
+        };
+        let now = Instant::now();
+        if b.deadline.is_some_and(|d| now >= d) || b.hard_stop.is_some_and(|h| now > h) {
+            break;
+        }
+
+        let req = ctx.plan.request(i);
+        let ep = endpoint(&req);
+        let http = match ctx.api.build(&req) {
+            Ok(r) => r,
+            Err(e) => {
+                shared.stop.store(true, Ordering::Relaxed);
+                return Err(anyhow::Error::new(e).context("building a request"));
+            }
+        };
+        let started = Instant::now();
+        let result = conn.send(http, cfg.timeout).await;
+        let done = Instant::now();
+        last_done = Some(done);
+        let latency = done.saturating_duration_since(latency_origin(intended, started));
+
+        let (status, error, coupon_id) = match result {
+            Ok(reply) => {
+                let parsed = if ep == Endpoint::Claim || reply.status >= 400 {
+                    client::parse_body(&reply.body)
+                } else {
+                    client::Parsed::default()
+                };
+                ctx.live.answered(reply.status);
+                if cfg.stop_on_sold_out
+                    && reply.status == 410
+                    && parsed.error.as_deref() == Some("sold_out")
+                {
+                    shared.sold_out.store(true, Ordering::Relaxed);
+                    shared.stop.store(true, Ordering::Relaxed);
+                }
+                let recorded = cfg.record_history.then(|| parsed.error.clone()).flatten();
+                stats.record_reply(ep, reply.status, parsed.error, latency);
+                (Some(reply.status), recorded, parsed.coupon_id)
+            }
+            Err(e) => {
+                ctx.live.failed();
+                stats.record_transport(ep, e.kind());
+                (None, Some(format!("transport:{}", e.kind())), None)
+            }
+        };
+        if cfg.record_history
+            && let Request::Claim(c) = req
+        {
+            history.push(ClaimRecord {
+                phase: cfg.phase,
+                user: c.user_id,
+                request_id: c.request_id,
+                status,
+                error,
+                coupon_id,
+                intended_us: intended.map(|t| micros_since(ctx.epoch, t)),
+                send_us: micros_since(ctx.epoch, started),
+                recv_us: micros_since(ctx.epoch, done),
+            });
+        }
+    }
+    stats.connections_opened = conn.opened();
+    stats.reconnects = conn.opened().saturating_sub(1);
+    Ok(WorkerOutput {
+        stats,
+        history,
+        last_done,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::cli::{ScenarioKind, parse_target};
+    use crate::scenario::PlanParams;
+
+    #[test]
+    fn schedule_is_drift_free() {
+        let t0 = Instant::now();
+        let s = Schedule::new(t0, 1000.0);
+        assert_eq!(s.intended(0), t0);
+        assert_eq!(s.offset(1), Duration::from_millis(1));
+        assert_eq!(s.offset(1000), Duration::from_secs(1));
+        assert_eq!(s.offset(3_600_000), Duration::from_secs(3600));
+        let third = Schedule::new(t0, 3.0);
+        assert_eq!(third.offset(1), Duration::from_nanos(333_333_333));
+        assert_eq!(third.offset(3), Duration::from_secs(1));
+        assert_eq!(third.offset(300_000), Duration::from_secs(100_000));
+        // Monotonic.
+        let odd = Schedule::new(t0, 7919.3);
+        assert!((0..10_000).all(|i| odd.offset(i) < odd.offset(i + 1)));
+    }
+
+    #[test]
+    fn schedule_counts_requests_within_a_span() {
+        let t0 = Instant::now();
+        let s = Schedule::new(t0, 1000.0);
+        assert_eq!(s.count_within(Duration::from_secs(1)), 1000);
+        assert_eq!(s.count_within(Duration::from_micros(1500)), 2);
+        assert_eq!(s.count_within(Duration::ZERO), 0);
+        let slow = Schedule::new(t0, 0.5);
+        assert_eq!(slow.count_within(Duration::from_secs(1)), 1);
+        assert_eq!(slow.count_within(Duration::from_secs(2)), 1);
+        assert_eq!(slow.count_within(Duration::from_millis(2001)), 2);
+        let third = Schedule::new(t0, 3.0);
+        assert_eq!(third.count_within(Duration::from_secs(1)), 3);
+        for span_ms in [1, 333, 334, 999, 1000, 1001, 12_345] {
+            let span = Duration::from_millis(span_ms);
+            let n = third.count_within(span);
+            assert!(n == 0 || third.offset(n - 1) < span);
+            assert!(third.offset(n) >= span);
+        }
+    }
+
+    #[test]
+    fn latency_accounting() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        // Closed loop: from the hand-over to the connection.
+        assert_eq!(latency_origin(None, t0 + ms(7)), t0 + ms(7));
+        // Open loop, sent late (waited for a free connection): from the intended time.
+        assert_eq!(latency_origin(Some(t0), t0 + ms(50)), t0);
+        // Open loop, sent slightly early (timer slack): from the actual send.
+        assert_eq!(latency_origin(Some(t0 + ms(1)), t0), t0);
+    }
+
+    /// A connection that answers every request with 200 after a fixed service time.
+    struct FakeConn {
+        service: Duration,
+        sent_at: Arc<std::sync::Mutex<Vec<Instant>>>,
+    }
+
+    impl Exchange for FakeConn {
+        fn send(
+            &mut self,
+            _req: HttpRequest,
+            _timeout: Duration,
+        ) -> impl Future<Output = Result<Reply, TransportError>> + Send {
+            if let Ok(mut v) = self.sent_at.lock() {
+                v.push(Instant::now());
+            }
+            let service = self.service;
+            async move {
+                tokio::time::sleep(service).await;
+                Ok(Reply {
+                    status: 200,
+                    body: Bytes::new(),
+                })
+            }
+        }
+
+        async fn warm_up(&mut self, _timeout: Duration) -> Result<(), TransportError> {
+            Ok(())
+        }
+
+        fn opened(&self) -> u64 {
+            1
+        }
+    }
+
+    fn ctx() -> (RunContext, watch::Sender<bool>) {
+        let target = Arc::new(parse_target("http://127.0.0.1:9").expect("target"));
+        let params = PlanParams {
+            seed: 1,
+            users: 10,
+            bot_fraction: 0.0,
+            bots: 1,
+            zipf_exponent: 1.0,
+            copies: 1,
+            read_fraction: 0.0,
+        };
+        let (tx, rx) = watch::channel(false);
+        (
+            RunContext {
+                plan: Arc::new(Plan::for_scenario(ScenarioKind::Trivial, &params)),
+                api: Arc::new(Api::new(target, "", None, None).expect("api")),
+                epoch: Instant::now(),
+                live: Arc::new(Live::default()),
+                cancel: rx,
+            },
+            tx,
+        )
+    }
+
+    fn config(mode: Mode, connections: u32) -> DriverConfig {
+        DriverConfig {
+            connections,
+            mode,
+            duration: None,
+            requests: Some(10),
+            timeout: Duration::from_secs(5),
+            record_history: false,
+            stop_on_sold_out: false,
+            phase: Phase::Measure,
+        }
+    }
+
+    fn quantile_ms(stats: &Stats, q: f64) -> f64 {
+        stats.latency.value_at_quantile(q) as f64 / 1000.0
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn open_loop_charges_queueing_to_the_request() {
+        // 1 connection, 100 req/s (10 ms apart), 20 ms service: request k goes out at
+        // 20k ms and returns at 20(k+1) ms, its latency from the intended 10k ms is
+        // 10k + 20 ms. A closed-loop view would report 20 ms throughout.
+        let (ctx, _tx) = ctx();
+        let sent = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let s2 = Arc::clone(&sent);
+        let cfg = config(Mode::Open { rate: 100.0 }, 1);
+        let r = run(
+            &cfg,
+            &ctx,
+            move || FakeConn {
+                service: Duration::from_millis(20),
+                sent_at: Arc::clone(&s2),
+            },
+            |_| {},
+        )
+        .await
+        .expect("run");
+        assert_eq!(r.stats.requests, 10);
+        assert_eq!(r.unsent, 0);
+        assert!((quantile_ms(&r.stats, 0.0) - 20.0).abs() < 0.05);
+        assert!(
+            (r.stats.latency_ms().max - 110.0).abs() < 0.1,
+            "{:?}",
+            r.stats.latency_ms()
+        );
+        assert!((r.stats.latency.mean() / 1000.0 - 65.0).abs() < 0.1);
+        assert_eq!(r.elapsed, Duration::from_millis(200));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn open_loop_keeps_the_rate_when_the_server_keeps_up() {
+        let (ctx, _tx) = ctx();
+        let sent = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let s2 = Arc::clone(&sent);
+        let mut cfg = config(Mode::Open { rate: 100.0 }, 4);
+        cfg.requests = None;
+        cfg.duration = Some(Duration::from_secs(1));
+        let r = run(
+            &cfg,
+            &ctx,
+            move || FakeConn {
+                service: Duration::from_millis(2),
+                sent_at: Arc::clone(&s2),
+            },
+            |_| {},
+        )
+        .await
+        .expect("run");
+        assert_eq!(r.stats.requests, 100, "exactly rate x duration");
+        // Service time only: no request waited.
+        assert!(
+            (r.stats.latency_ms().max - 2.0).abs() < 0.01,
+            "{:?}",
+            r.stats.latency_ms()
+        );
+        let mut times = sent.lock().expect("lock").clone();
+        times.sort();
+        let t0 = r.t0;
+        for (k, t) in times.iter().enumerate() {
+            let intended = t0 + Duration::from_millis(10 * k as u64);
+            assert!(
+                *t <= intended && intended - *t <= TIMER_SLACK,
+                "request {k}"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn open_loop_spreads_over_connections() {
+        // 4 connections absorb a 20 ms service time at 100 req/s: no queueing.
+        let (ctx, _tx) = ctx();
+        let sent = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let s2 = Arc::clone(&sent);
+        let mut cfg = config(Mode::Open { rate: 100.0 }, 4);
+        cfg.requests = Some(50);
+        let r = run(
+            &cfg,
+            &ctx,
+            move || FakeConn {
+                service: Duration::from_millis(20),
+                sent_at: Arc::clone(&s2),
+            },
+            |_| {},
+        )
+        .await
+        .expect("run");
+        assert_eq!(r.stats.requests, 50);
+        assert!(
+            (r.stats.latency_ms().max - 20.0).abs() < 0.05,
+            "{:?}",
+            r.stats.latency_ms()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn open_loop_gives_up_when_far_behind() {
+        // 1 connection, 1000 req/s for 100 ms, 50 ms service, 100 ms timeout: the run
+        // stops 100 ms after the schedule ends and reports the rest as unsent.
+        let (ctx, _tx) = ctx();
+        let sent = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let s2 = Arc::clone(&sent);
+        let mut cfg = config(Mode::Open { rate: 1000.0 }, 1);
+        cfg.requests = None;
+        cfg.duration = Some(Duration::from_millis(100));
+        cfg.timeout = Duration::from_millis(100);
+        let r = run(
+            &cfg,
+            &ctx,
+            move || FakeConn {
+                service: Duration::from_millis(50),
+                sent_at: Arc::clone(&s2),
+            },
+            |_| {},
+        )
+        .await
+        .expect("run");
+        assert_eq!(r.stats.requests + r.unsent, 100);
+        assert!(r.stats.requests <= 5, "{}", r.stats.requests);
+        assert!(r.unsent >= 95);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn closed_loop_measures_service_time() {
+        let (ctx, _tx) = ctx();
+        let sent = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let s2 = Arc::clone(&sent);
+        let mut cfg = config(Mode::Closed, 3);
+        cfg.requests = None;
+        cfg.duration = Some(Duration::from_millis(100));
+        let r = run(
+            &cfg,
+            &ctx,
+            move || FakeConn {
+                service: Duration::from_millis(10),
+                sent_at: Arc::clone(&s2),
+            },
+            |_| {},
+        )
+        .await
+        .expect("run");
+        // 3 connections x 10 requests each in 100 ms.
+        assert_eq!(r.stats.requests, 30);
+        assert!((r.stats.latency_ms().max - 10.0).abs() < 0.02);
+        assert_eq!(r.stats.connections_opened, 3);
+        assert_eq!(r.stats.by_outcome()["GET healthz 200"], 30);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cancel_stops_a_sleeping_open_loop() {
+        let (ctx, tx) = ctx();
+        let sent = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let s2 = Arc::clone(&sent);
+        let mut cfg = config(Mode::Open { rate: 1.0 }, 2);
+        cfg.requests = None;
+        cfg.duration = Some(Duration::from_secs(3600));
+        let handle = tokio::spawn(async move {
+            run(
+                &cfg,
+                &ctx,
+                move || FakeConn {
+                    service: Duration::from_millis(1),
+                    sent_at: Arc::clone(&s2),
+                },
+                |_| {},
+            )
+            .await
+        });
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        tx.send_replace(true);
+        let r = handle.await.expect("join").expect("run");
+        assert!(r.interrupted);
+        assert_eq!(r.stats.requests, 3);
+        assert_eq!(r.unsent, 0);
+    }
+}

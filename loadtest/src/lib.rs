@@ -1,0 +1,23 @@
+//! claimgate-loadtest library: everything behind the `claimgate-loadtest` binary, split
+//! by job (flags, workloads, HTTP client, load driver, reports, invariant checks), so
+//! that the pieces can be tested on their own and against an in-process fake gateway.
+
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod app;
+pub mod auth;
+pub mod cli;
+pub mod client;
+pub mod db;
+pub mod driver;
+pub mod history;
+pub mod progress;
+pub mod report;
+pub mod scenario;
+pub mod verify;
+
+#[cfg(test)]
+mod e2e_tests;
+#[cfg(test)]
+mod testserver;

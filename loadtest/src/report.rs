@@ -1,0 +1,502 @@
+//! Measurements and their presentation: per-connection statistics (an HDR latency
+//! histogram with microsecond precision plus outcome counters), merging them at the end
+//! of a run, and rendering the summary as a table or as JSON.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::verify::VerifySummary;
+
+/// Largest latency the histogram tracks (larger values are clamped): one hour in µs.
+const MAX_LATENCY_US: u64 = 3_600_000_000;
+
+/// Which endpoint a request went to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Endpoint {
+    Claim,
+    GetBatch,
+    Health,
+}
+
+/// Statistics of one connection (or, after merging, of the whole run).
+#[derive(Debug, Clone)]
+pub struct Stats {
+    /// Latency of every request that got an HTTP answer, in µs.
+    pub latency: Histogram<u64>,
+    /// Answers by endpoint, status and error code.
+    pub outcomes: HashMap<(Endpoint, u16, Option<String>), u64>,
+    /// Requests without an HTTP answer, by kind (`connect`, `timeout`, ...).
+    pub transport: BTreeMap<&'static str, u64>,
+    /// Requests attempted (answered or not).
+    pub requests: u64,
+    /// Claim requests attempted.
+    pub claims: u64,
+    /// 201 answers to claims.
+    pub claims_ok: u64,
+    /// TCP connections opened.
+    pub connections_opened: u64,
+    /// Connections opened again after one was lost.
+    pub reconnects: u64,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Stats {
+    pub fn new() -> Self {
+        Self {
+            latency: new_histogram(),
+            outcomes: HashMap::new(),
+            transport: BTreeMap::new(),
+            requests: 0,
+            claims: 0,
+            claims_ok: 0,
+            connections_opened: 0,
+            reconnects: 0,
+        }
+    }
+
+    /// Records an HTTP answer that took `latency`.
+    pub fn record_reply(
+        &mut self,
+        endpoint: Endpoint,
+        status: u16,
+        code: Option<String>,
+        latency: Duration,
+    ) {
+        self.requests += 1;
+        if endpoint == Endpoint::Claim {
+            self.claims += 1;
+            if status == 201 {
+                self.claims_ok += 1;
+            }
+        }
+        self.latency.saturating_record(duration_us(latency));
+        *self.outcomes.entry((endpoint, status, code)).or_default() += 1;
+    }
+
+    /// Records a request that got no HTTP answer.
+    pub fn record_transport(&mut self, endpoint: Endpoint, kind: &'static str) {
+        self.requests += 1;
+        if endpoint == Endpoint::Claim {
+            self.claims += 1;
+        }
+        *self.transport.entry(kind).or_default() += 1;
+    }
+
+    /// Requests without an HTTP answer.
+    pub fn transport_errors(&self) -> u64 {
+        self.transport.values().sum()
+    }
+
+    /// Adds another connection's statistics to these.
+    pub fn merge(&mut self, other: &Stats) {
+        // Both histograms share the same bounds, so adding cannot fail; if it ever did,
+        // the samples are re-recorded one value at a time (clamped) instead.
+        if self.latency.add(&other.latency).is_err() {
+            for v in other.latency.iter_recorded() {
+                self.latency
+                    .saturating_record_n(v.value_iterated_to(), v.count_at_value());
+            }
+        }
+        for (k, v) in &other.outcomes {
+            *self.outcomes.entry(k.clone()).or_default() += v;
+        }
+        for (k, v) in &other.transport {
+            *self.transport.entry(k).or_default() += v;
+        }
+        self.requests += other.requests;
+        self.claims += other.claims;
+        self.claims_ok += other.claims_ok;
+        self.connections_opened += other.connections_opened;
+        self.reconnects += other.reconnects;
+    }
+
+    /// Outcome counts keyed `"<status>"` / `"<status> <code>"` for claims and
+    /// `"GET batch <status>..."` / `"GET healthz <status>..."` for the other endpoints.
+    pub fn by_outcome(&self) -> BTreeMap<String, u64> {
+        let mut out = BTreeMap::new();
+        for ((endpoint, status, code), n) in &self.outcomes {
+            let prefix = match endpoint {
+                Endpoint::Claim => "",
+                Endpoint::GetBatch => "GET batch ",
+                Endpoint::Health => "GET healthz ",
+            };
+            let key = match code {
+                Some(c) => format!("{prefix}{status} {c}"),
+                None => format!("{prefix}{status}"),
+            };
+            *out.entry(key).or_default() += n;
+        }
+        out
+    }
+
+    /// Latency percentiles in milliseconds.
+    pub fn latency_ms(&self) -> LatencyMs {
+        let h = &self.latency;
+        if h.is_empty() {
+            return LatencyMs::default();
+        }
+        let q = |q: f64| us_to_ms(h.value_at_quantile(q));
+        LatencyMs {
+            p50: q(0.50),
+            p90: q(0.90),
+            p99: q(0.99),
+            p999: q(0.999),
+            max: us_to_ms(h.max()),
+            mean: h.mean().round() / 1000.0,
+        }
+    }
+}
+
+fn new_histogram() -> Histogram<u64> {
+    // 1 µs .. 1 h at 3 significant digits. The bounds are constants (never input), so
+    // construction cannot fail at run time.
+    Histogram::new_with_bounds(1, MAX_LATENCY_US, 3).expect("constant histogram bounds are valid")
+}
+
+fn duration_us(d: Duration) -> u64 {
+    u64::try_from(d.as_micros())
+        .unwrap_or(u64::MAX)
+        .clamp(1, MAX_LATENCY_US)
+}
+
+fn us_to_ms(us: u64) -> f64 {
+    us as f64 / 1000.0
+}
+
+/// Latency percentiles in milliseconds (microsecond precision).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct LatencyMs {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+    pub mean: f64,
+}
+
+/// The machine-readable result of a run (`--json`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub scenario: String,
+    /// `closed` or `open`.
+    pub mode: &'static str,
+    /// Open loop: the requested rate (req/s).
+    pub target_rate: Option<f64>,
+    pub connections: u32,
+    pub url: String,
+    pub batch_id: Option<String>,
+    pub seed: u64,
+    /// Requests attempted in the measured phase (answered or not).
+    pub requests: u64,
+    /// Claim requests among them.
+    pub claims: u64,
+    /// Measured time in seconds: from the start of the phase to the last answer (open
+    /// loop: at least the schedule window, `planned requests / rate`).
+    pub elapsed_s: f64,
+    /// `requests / elapsed_s`.
+    pub rps: f64,
+    /// 201 answers to claims.
+    pub claims_ok: u64,
+    /// `claims_ok / elapsed_s`.
+    pub claims_per_s: f64,
+    /// Answers by status and error code (see README).
+    pub by_outcome: BTreeMap<String, u64>,
+    /// Latency of answered requests.
+    pub latency_ms: LatencyMs,
+    /// Requests that got no HTTP answer (sum of `transport_errors`).
+    pub errors: u64,
+    /// Those requests by kind: connect, timeout, http, body.
+    pub transport_errors: BTreeMap<String, u64>,
+    pub connections_opened: u64,
+    pub reconnects: u64,
+    /// Open loop: requests scheduled within the run but never sent because the gateway
+    /// fell too far behind (the run stops at most `--timeout-ms` after the schedule).
+    pub unsent: u64,
+    /// The run was cut short by Ctrl-C.
+    pub interrupted: bool,
+    /// `--verify` results, when requested.
+    pub verify: Option<VerifySummary>,
+}
+
+/// Facts about the run that the statistics do not carry.
+#[derive(Debug, Clone)]
+pub struct RunInfo {
+    pub scenario: String,
+    pub target_rate: Option<f64>,
+    pub connections: u32,
+    pub url: String,
+    pub batch_id: Option<String>,
+    pub seed: u64,
+    pub elapsed: Duration,
+    pub unsent: u64,
+    pub interrupted: bool,
+}
+
+impl Summary {
+    pub fn new(info: RunInfo, stats: &Stats) -> Self {
+        let secs = info.elapsed.as_secs_f64();
+        let per_s = |n: u64| {
+            if secs > 0.0 {
+                round3(n as f64 / secs)
+            } else {
+                0.0
+            }
+        };
+        Self {
+            scenario: info.scenario,
+            mode: if info.target_rate.is_some() {
+                "open"
+            } else {
+                "closed"
+            },
+            target_rate: info.target_rate,
+            connections: info.connections,
+            url: info.url,
+            batch_id: info.batch_id,
+            seed: info.seed,
+            requests: stats.requests,
+            claims: stats.claims,
+            elapsed_s: round3(secs),
+            rps: per_s(stats.requests),
+            claims_ok: stats.claims_ok,
+            claims_per_s: per_s(stats.claims_ok),
+            by_outcome: stats.by_outcome(),
+            latency_ms: stats.latency_ms(),
+            errors: stats.transport_errors(),
+            transport_errors: stats
+                .transport
+                .iter()
+                .map(|(k, v)| ((*k).to_string(), *v))
+                .collect(),
+            connections_opened: stats.connections_opened,
+            reconnects: stats.reconnects,
+            unsent: info.unsent,
+            interrupted: info.interrupted,
+            verify: None,
+        }
+    }
+
+    /// The human-readable table printed on stdout.
+    pub fn table(&self) -> String {
+        let mut s = String::new();
+        let mode = match self.target_rate {
+            Some(r) => format!("open loop at {r} req/s"),
+            None => "closed loop".to_string(),
+        };
+        // Writing into a String cannot fail.
+        let _ = writeln!(
+            s,
+            "claimgate-loadtest: scenario {}, {mode}, {} connections, {}{}",
+            self.scenario,
+            self.connections,
+            self.url,
+            self.batch_id
+                .as_deref()
+                .map(|b| format!(", batch {b}"))
+                .unwrap_or_default()
+        );
+        let row = |s: &mut String, k: &str, v: String| {
+            let _ = writeln!(s, "  {k:<22}{v}");
+        };
+        row(&mut s, "duration", format!("{:.3} s", self.elapsed_s));
+        row(&mut s, "requests", self.requests.to_string());
+        row(&mut s, "requests/s", format!("{:.1}", self.rps));
+        row(&mut s, "claims sent", self.claims.to_string());
+        row(&mut s, "claims ok (201)", self.claims_ok.to_string());
+        row(&mut s, "claims ok/s", format!("{:.1}", self.claims_per_s));
+        let _ = writeln!(s, "  outcomes");
+        if self.by_outcome.is_empty() {
+            let _ = writeln!(s, "    (none)");
+        }
+        for (k, v) in &self.by_outcome {
+            let _ = writeln!(s, "    {k:<28}{v:>12}");
+        }
+        let l = &self.latency_ms;
+        let _ = writeln!(s, "  latency (ms)");
+        for (k, v) in [
+            ("p50", l.p50),
+            ("p90", l.p90),
+            ("p99", l.p99),
+            ("p99.9", l.p999),
+            ("max", l.max),
+            ("mean", l.mean),
+        ] {
+            let _ = writeln!(s, "    {k:<28}{v:>12.3}");
+        }
+        let kinds = if self.transport_errors.is_empty() {
+            String::new()
+        } else {
+            let parts: Vec<String> = self
+                .transport_errors
+                .iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect();
+            format!(" ({})", parts.join(", "))
+        };
+        row(
+            &mut s,
+            "transport errors",
+            format!("{}{kinds}", self.errors),
+        );
+        row(
+            &mut s,
+            "connections",
+            format!(
+                "{} opened, {} reconnects",
+                self.connections_opened, self.reconnects
+            ),
+        );
+        if self.target_rate.is_some() {
+            row(&mut s, "unsent (behind)", self.unsent.to_string());
+        }
+        if self.interrupted {
+            row(&mut s, "interrupted", "yes (Ctrl-C)".to_string());
+        }
+        s
+    }
+}
+
+fn round3(v: f64) -> f64 {
+    (v * 1000.0).round() / 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(v: u64) -> Duration {
+        Duration::from_millis(v)
+    }
+
+    #[test]
+    fn merging_combines_histograms_and_counters() {
+        let mut a = Stats::new();
+        for _ in 0..90 {
+            a.record_reply(Endpoint::Claim, 201, None, ms(1));
+        }
+        a.record_transport(Endpoint::Claim, "timeout");
+        a.connections_opened = 2;
+        a.reconnects = 1;
+
+        let mut b = Stats::new();
+        for _ in 0..10 {
+            b.record_reply(Endpoint::Claim, 410, Some("sold_out".into()), ms(100));
+        }
+        b.record_reply(Endpoint::GetBatch, 200, None, ms(2));
+        b.record_transport(Endpoint::Health, "connect");
+        b.connections_opened = 1;
+
+        let mut total = Stats::new();
+        total.merge(&a);
+        total.merge(&b);
+
+        assert_eq!(total.requests, 103);
+        assert_eq!(total.claims, 101);
+        assert_eq!(total.claims_ok, 90);
+        assert_eq!(total.latency.len(), 101);
+        assert_eq!(total.transport_errors(), 2);
+        assert_eq!(total.connections_opened, 3);
+        assert_eq!(total.reconnects, 1);
+        let by = total.by_outcome();
+        assert_eq!(by["201"], 90);
+        assert_eq!(by["410 sold_out"], 10);
+        assert_eq!(by["GET batch 200"], 1);
+
+        let l = total.latency_ms();
+        // 90 of 101 samples at 1 ms, 1 at 2 ms, 10 at 100 ms (within 0.1 %).
+        assert!((l.p50 - 1.0).abs() < 0.002, "{l:?}");
+        assert!((l.p90 - 2.0).abs() < 0.003, "{l:?}");
+        assert!((l.p99 - 100.0).abs() < 0.1, "{l:?}");
+        assert!((l.max - 100.0).abs() < 0.1, "{l:?}");
+
+        // Merging is the same as recording everything into one histogram.
+        let mut single = Stats::new();
+        for _ in 0..90 {
+            single.record_reply(Endpoint::Claim, 201, None, ms(1));
+        }
+        for _ in 0..10 {
+            single.record_reply(Endpoint::Claim, 410, Some("sold_out".into()), ms(100));
+        }
+        single.record_reply(Endpoint::GetBatch, 200, None, ms(2));
+        assert_eq!(single.latency_ms(), total.latency_ms());
+    }
+
+    #[test]
+    fn merging_empty_is_identity() {
+        let mut a = Stats::new();
+        a.record_reply(Endpoint::Health, 200, None, Duration::from_micros(1234));
+        let before = a.latency_ms();
+        a.merge(&Stats::new());
+        assert_eq!(a.latency_ms(), before);
+        assert!((before.p50 - 1.234).abs() < 0.002, "{before:?}");
+        assert_eq!(Stats::new().latency_ms(), LatencyMs::default());
+    }
+
+    #[test]
+    fn extreme_latencies_are_clamped() {
+        let mut a = Stats::new();
+        a.record_reply(Endpoint::Health, 200, None, Duration::ZERO);
+        a.record_reply(Endpoint::Health, 200, None, Duration::from_secs(100_000));
+        assert_eq!(a.latency.len(), 2);
+        assert!(a.latency_ms().max >= 3_600_000.0 * 0.999);
+    }
+
+    #[test]
+    fn summary_json_and_table() {
+        let mut st = Stats::new();
+        st.record_reply(Endpoint::Claim, 201, None, ms(3));
+        st.record_reply(Endpoint::Claim, 409, Some("limit_reached".into()), ms(1));
+        st.record_transport(Endpoint::Claim, "timeout");
+        let sum = Summary::new(
+            RunInfo {
+                scenario: "flash-sale".into(),
+                target_rate: None,
+                connections: 4,
+                url: "http://127.0.0.1:8080".into(),
+                batch_id: Some("lt-1".into()),
+                seed: 1,
+                elapsed: Duration::from_secs(2),
+                unsent: 0,
+                interrupted: false,
+            },
+            &st,
+        );
+        let v = serde_json::to_value(&sum).expect("json");
+        for key in [
+            "requests",
+            "elapsed_s",
+            "rps",
+            "claims_ok",
+            "claims_per_s",
+            "by_outcome",
+            "latency_ms",
+            "errors",
+        ] {
+            assert!(v.get(key).is_some(), "missing {key}");
+        }
+        assert_eq!(v["requests"], 3);
+        assert_eq!(v["rps"], 1.5);
+        assert_eq!(v["claims_per_s"], 0.5);
+        assert_eq!(v["errors"], 1);
+        assert_eq!(v["by_outcome"]["409 limit_reached"], 1);
+        assert_eq!(v["transport_errors"]["timeout"], 1);
+        assert_eq!(v["mode"], "closed");
+        for p in ["p50", "p90", "p99", "p999", "max"] {
+            assert!(v["latency_ms"][p].is_number(), "{p}");
+        }
+        let t = sum.table();
+        assert!(t.contains("requests/s"), "{t}");
+        assert!(t.contains("409 limit_reached"), "{t}");
+        assert!(t.contains("p99.9"), "{t}");
+        assert!(t.contains("transport errors      1 (timeout 1)"), "{t}");
+    }
+}

@@ -1,0 +1,90 @@
+-- claim.lua: one claim against the user's home shard of a batch. Atomic; one hash slot.
+--
+-- KEYS (all share the hash tag {<batch>:<shard>}):
+--   1 meta     hash   state, start, end, limit, daily, vdays, vfrom, vto, ver
+--   2 stock    string coupons left in this shard
+--   3 users    hash   user -> coupons claimed from this batch (per-user limit)
+--   4 daily    hash   user -> "<utc day>:<count>" (per-user daily limit)
+--   5 req      hash   "<user>|<request id>" -> "<coupon>|<valid_from>|<valid_to>|<claimed_at>"
+--   6 log      stream claim records for the persister
+--   7 deny     set    users of this shard denied by the batch's eligibility rules
+--   8 claimed  string coupons claimed from this shard (also the coupon sequence)
+-- ARGV:
+--   1 user id   2 request id ('' = none)   3 max log length (0 = unbounded)
+--   4 batch id  5 shard index
+-- Returns:
+--   { 1, coupon_id, valid_from_ms, valid_to_ms, claimed_at_ms }   claimed now
+--   { 2, coupon_id, valid_from_ms, valid_to_ms, claimed_at_ms }   replay of an earlier request id
+--   { 0, code } refused, nothing written; code:
+--     -1 no such batch in this shard   -2 window not started   -3 window ended
+--     -4 paused   -5 user denied   -6 per-user limit   -7 per-user daily limit
+--     -8 shard has no stock (the caller refills or declares sold out)
+--     -9 claim log backlog at its bound (shed, nothing claimed)
+-- Validates everything before the first write: a script that errors half-way keeps its writes.
+
+local user, rid = ARGV[1], ARGV[2]
+local m = redis.call('HMGET', KEYS[1], 'state', 'start', 'end', 'limit', 'daily', 'vdays', 'vfrom', 'vto')
+if not m[1] then return { 0, -1 } end
+
+local reqf
+if rid ~= '' then
+  reqf = user .. '|' .. rid
+  local prev = redis.call('HGET', KEYS[5], reqf)
+  if prev then
+    local c, vf, vt, at = string.match(prev, '^([^|]*)|(%d+)|(%d+)|(%d+)$')
+    return { 2, c, tonumber(vf), tonumber(vt), tonumber(at) }
+  end
+end
+
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if m[1] ~= 'active' then return { 0, -4 } end
+if now < tonumber(m[2]) then return { 0, -2 } end
+if now >= tonumber(m[3]) then return { 0, -3 } end
+if redis.call('SISMEMBER', KEYS[7], user) == 1 then return { 0, -5 } end
+
+local used = tonumber(redis.call('HGET', KEYS[3], user) or '0')
+if used >= tonumber(m[4]) then return { 0, -6 } end
+
+local daily = tonumber(m[5])
+local day = math.floor(now / 86400000)
+local today = 0
+if daily > 0 then
+  local d = redis.call('HGET', KEYS[4], user)
+  if d then
+    local dd, cnt = string.match(d, '^(%d+):(%d+)$')
+    if tonumber(dd) == day then today = tonumber(cnt) end
+  end
+  if today >= daily then return { 0, -7 } end
+end
+
+local maxlog = tonumber(ARGV[3])
+if maxlog > 0 and redis.call('XLEN', KEYS[6]) >= maxlog then return { 0, -9 } end
+
+local stock = tonumber(redis.call('GET', KEYS[2]) or '0')
+if stock <= 0 then return { 0, -8 } end
+
+-- every check passed: write
+redis.call('DECR', KEYS[2])
+local seq = redis.call('INCR', KEYS[8])
+local coupon = ARGV[4] .. '.' .. ARGV[5] .. '.' .. string.format('%d', seq)
+local vf, vt
+local vdays = tonumber(m[6])
+if vdays > 0 then
+  vf = now
+  vt = now + vdays * 86400000
+else
+  vf = tonumber(m[7])
+  vt = tonumber(m[8])
+end
+local sf, st, sn = string.format('%d', vf), string.format('%d', vt), string.format('%d', now)
+redis.call('HINCRBY', KEYS[3], user, 1)
+if daily > 0 then
+  redis.call('HSET', KEYS[4], user, string.format('%d:%d', day, today + 1))
+end
+if reqf then
+  redis.call('HSET', KEYS[5], reqf, coupon .. '|' .. sf .. '|' .. st .. '|' .. sn)
+end
+redis.call('XADD', KEYS[6], '*', 'k', 'claimed', 'c', coupon, 'u', user, 'r', rid,
+  'b', ARGV[4], 's', ARGV[5], 't', sn, 'vf', sf, 'vt', st)
+return { 1, coupon, vf, vt, now }

@@ -1,0 +1,97 @@
+-- restore.lua: rebuilds one slot of a batch (the pool or one shard) from the database,
+-- after Redis lost it. Called in steps: 'begin', any number of 'hset' / 'deny' chunks,
+-- then 'finish', which writes the slot's meta LAST: the claim script refuses a slot without
+-- meta, so a slot goes live only once it is complete. Every step validates its arguments
+-- before its first write. One hash slot.
+--
+-- KEYS (all share the hash tag {<batch>:pool} or {<batch>:<shard>}):
+--   1 meta  hash    2 stock  string   3 users  hash    4 daily  hash   5 req  hash
+--   6 deny  set     7 claimed string  8 xseq   string  9 outbox hash  10 log  stream
+-- ARGV[1] = op:
+--   'begin'  ARGV 2 force ('1' = also when the slot's meta exists, '0' = refuse then).
+--            Refuses while the log holds records (not yet persisted: the database does not
+--            know them). Otherwise deletes meta, stock, users, daily, req, deny and outbox
+--            (the claim counter, transfer sequence and log are kept).
+--   'hset'   ARGV 2 target ('users' | 'daily' | 'req'), 3.. field/value pairs.
+--   'deny'   ARGV 2.. user ids to add to the deny set.
+--   'finish' ARGV 2 stock (>= 0), 3 claim counter floor (>= 0), 4 n = number of meta
+--            field/value pairs, 5 .. 4+2n the pairs (must include 'fp', 'state' and 'ver').
+--            Sets the stock, raises the claim counter to the floor (never lowers it, so
+--            coupon ids are never reused), bumps the transfer sequence, writes the meta.
+-- Returns { code, n }:
+--   begin:  { 1, claim counter }  { -1, 0 } meta exists (not forced)  { -2, log length }
+--   hset:   { 1, pairs written }  deny: { 1, members added }
+--   finish: { 1, claim counter after }
+--   hset / deny / finish: { -1, 0 } the slot's meta exists (it is live: nothing written)
+
+local op = ARGV[1]
+
+local function live()
+  return redis.call('EXISTS', KEYS[1]) == 1
+end
+
+local function nonneg(v)
+  local n = tonumber(v)
+  if not n or n < 0 or n ~= math.floor(n) then return nil end
+  return n
+end
+
+if op == 'begin' then
+  local force = ARGV[2]
+  if force ~= '0' and force ~= '1' then return redis.error_reply('ERR restore: bad force flag') end
+  if force ~= '1' and live() then return { -1, 0 } end
+  local len = redis.call('XLEN', KEYS[10])
+  if len > 0 then return { -2, len } end
+  redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[9])
+  return { 1, tonumber(redis.call('GET', KEYS[7]) or '0') }
+
+elseif op == 'hset' then
+  local target
+  if ARGV[2] == 'users' then target = KEYS[3]
+  elseif ARGV[2] == 'daily' then target = KEYS[4]
+  elseif ARGV[2] == 'req' then target = KEYS[5]
+  else return redis.error_reply('ERR restore: bad hset target') end
+  if #ARGV < 4 or (#ARGV - 2) % 2 ~= 0 then return redis.error_reply('ERR restore: bad pair list') end
+  if ARGV[2] == 'users' then
+    for i = 4, #ARGV, 2 do
+      if not nonneg(ARGV[i]) then return redis.error_reply('ERR restore: bad user count') end
+    end
+  end
+  if live() then return { -1, 0 } end
+  local kv = {}
+  for i = 3, #ARGV do kv[#kv + 1] = ARGV[i] end
+  redis.call('HSET', target, unpack(kv))
+  return { 1, (#ARGV - 2) / 2 }
+
+elseif op == 'deny' then
+  if #ARGV < 2 then return redis.error_reply('ERR restore: no members') end
+  if live() then return { -1, 0 } end
+  local members = {}
+  for i = 2, #ARGV do members[#members + 1] = ARGV[i] end
+  return { 1, redis.call('SADD', KEYS[6], unpack(members)) }
+
+elseif op == 'finish' then
+  local stock, floor, n = nonneg(ARGV[2]), nonneg(ARGV[3]), nonneg(ARGV[4])
+  if not stock then return redis.error_reply('ERR restore: bad stock') end
+  if not floor then return redis.error_reply('ERR restore: bad claim counter') end
+  if not n or n < 1 or #ARGV ~= 4 + 2 * n then return redis.error_reply('ERR restore: bad pair count') end
+  local has = {}
+  for i = 5, 4 + 2 * n, 2 do has[ARGV[i]] = true end
+  if not (has.fp and has.state and has.ver) then
+    return redis.error_reply('ERR restore: meta needs fp, state and ver')
+  end
+  if live() then return { -1, 0 } end
+  redis.call('SET', KEYS[2], string.format('%d', stock))
+  local claimed = tonumber(redis.call('GET', KEYS[7]) or '0')
+  if floor > claimed then
+    claimed = floor
+    redis.call('SET', KEYS[7], string.format('%d', claimed))
+  end
+  redis.call('INCR', KEYS[8])
+  local kv = {}
+  for i = 5, 4 + 2 * n do kv[#kv + 1] = ARGV[i] end
+  redis.call('HSET', KEYS[1], unpack(kv))
+  return { 1, claimed }
+end
+
+return redis.error_reply('ERR restore: unknown op')

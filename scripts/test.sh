@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Runs the whole claimgate test suite on a Debian machine, installing and starting what it
+# needs: redis-server (the tests start their own on free ports), PostgreSQL (the tests
+# create and drop their own throwaway databases on it), promtool (metrics format check).
+# Touches no data it did not create: it only adds a `claimgate_test` login role if missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '==> %s\n' "$*"; }
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+missing=()
+command -v redis-server >/dev/null || missing+=(redis-server)
+command -v psql >/dev/null && ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || missing+=(postgresql)
+command -v promtool >/dev/null || missing+=(prometheus)
+if [ ${#missing[@]} -gt 0 ]; then
+  log "installing ${missing[*]}"
+  as_root apt-get update -qq
+  required=()
+  for p in "${missing[@]}"; do [ "$p" = prometheus ] || required+=("$p"); done
+  if [ ${#required[@]} -gt 0 ]; then
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${required[@]}" >/dev/null
+  fi
+  # promtool is optional: the metrics test prints a skip line without it
+  if [[ " ${missing[*]} " == *" prometheus "* ]]; then
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null \
+      || log "promtool unavailable; its check will be skipped"
+  fi
+fi
+command -v cargo >/dev/null || { echo "cargo (Rust >= 1.94) is required: https://rustup.rs" >&2; exit 1; }
+
+# PostgreSQL: start the local cluster if nothing answers on 127.0.0.1:5432.
+pg_up() { pg_isready -q -h 127.0.0.1 -p 5432; }
+if ! pg_up; then
+  log "starting PostgreSQL"
+  ver=$(ls /etc/postgresql | sort -V | tail -n1)
+  as_root pg_ctlcluster --skip-systemctl-redirect "$ver" main start || true
+  for _ in $(seq 1 50); do pg_up && break; sleep 0.2; done
+  pg_up || { echo "PostgreSQL did not start" >&2; exit 1; }
+fi
+
+# A login role for the tests (password auth works with Debian's default pg_hba).
+pg_super() {
+  if [ "$(id -u)" = 0 ]; then runuser -u postgres -- psql -qtAX "$@"; else sudo -u postgres psql -qtAX "$@"; fi
+}
+if ! PGPASSWORD=claimgate_test psql "postgres://claimgate_test@127.0.0.1:5432/postgres" -qtAc 'select 1' >/dev/null 2>&1; then
+  log "creating PostgreSQL role claimgate_test"
+  pg_super -c "DO \$\$ BEGIN
+      IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'claimgate_test') THEN
+        CREATE ROLE claimgate_test LOGIN CREATEDB PASSWORD 'claimgate_test';
+      ELSE
+        ALTER ROLE claimgate_test LOGIN CREATEDB PASSWORD 'claimgate_test';
+      END IF; END \$\$;"
+fi
+export CLAIMGATE_TEST_PG="postgres://claimgate_test:claimgate_test@127.0.0.1:5432/postgres"
+
+log "cargo test (workspace)"
+cargo test --workspace --locked "$@"

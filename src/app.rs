@@ -1,0 +1,337 @@
+//! The gateway's shared state and its background loops (pub/sub events, metadata refresh,
+//! transfer sweeper, limiter purge).
+//!
+//! Invariant kept here: a batch that the database knows but Redis has lost is served as
+//! "lost" (503, nothing claimed) until it is rebuilt, never re-created with fresh stock.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Auth;
+use crate::backend::Backend;
+use crate::batch::Batch;
+use crate::cache::{BatchCache, CachedBatch};
+use crate::config::Config;
+use crate::db::Db;
+use crate::error::ApiError;
+use crate::keys::SlotKeys;
+use crate::limits::{Admission, RateLimits};
+use crate::persist::PersistStatus;
+use crate::stock::{Stock, StockError};
+
+pub struct App<B: Backend> {
+    pub cfg: Arc<Config>,
+    pub stock: Arc<Stock<B>>,
+    pub cache: BatchCache,
+    pub db: Db,
+    pub auth: Auth,
+    pub limits: RateLimits,
+    pub admission: Admission,
+    pub metrics: PrometheusHandle,
+    pub persist_status: Option<Arc<PersistStatus>>,
+    /// `persister.max_backlog_per_shard`, formatted once for the claim script.
+    pub max_log: String,
+    /// Set when shutdown starts: `/readyz` turns 503 so load balancers drain us.
+    pub draining: AtomicBool,
+}
+
+impl<B: Backend> App<B> {
+    pub fn new(
+        cfg: Arc<Config>,
+        backend: Arc<B>,
+        db: Db,
+        persist_status: Option<Arc<PersistStatus>>,
+    ) -> App<B> {
+        if cfg.auth.user_token_secret.is_none() {
+            tracing::warn!(
+                "USER AUTH IS OFF: claims trust the body's user_id. Set auth.user_token_secret in production."
+            );
+        }
+        if cfg.auth.admin_token.is_none() {
+            tracing::warn!(
+                "ADMIN AUTH IS OFF: anyone can create and change batches. Set auth.admin_token."
+            );
+        }
+        metrics::gauge!(crate::metrics::BUILD_INFO, "version" => env!("CARGO_PKG_VERSION"),
+            "backend" => backend.kind())
+        .set(1.0);
+        App {
+            stock: Arc::new(Stock::new(backend, cfg.stock.clone())),
+            cache: BatchCache::new(cfg.cache.max_users_at_limit),
+            auth: Auth::new(&cfg.auth),
+            limits: RateLimits::new(&cfg.limits),
+            admission: Admission::new(&cfg.limits),
+            metrics: crate::metrics::install(),
+            max_log: cfg.persister.max_backlog_per_shard.to_string(),
+            draining: AtomicBool::new(false),
+            persist_status,
+            db,
+            cfg,
+        }
+    }
+
+    pub fn backend(&self) -> &Arc<B> {
+        self.stock.backend()
+    }
+
+    pub fn retry_after(&self) -> u64 {
+        self.cfg.limits.retry_after_s
+    }
+
+    /// A backend failure as the client sees it.
+    pub fn unavailable(&self, e: impl std::fmt::Display) -> ApiError {
+        tracing::warn!(error = %e, "backend unavailable");
+        ApiError::BackendUnavailable(
+            "backend unavailable, nothing was claimed".into(),
+            self.retry_after(),
+        )
+    }
+
+    pub fn stock_error(&self, e: StockError) -> ApiError {
+        match e {
+            StockError::NotFound => ApiError::BatchNotFound,
+            StockError::Conflict => ApiError::BatchExists,
+            StockError::Backend(crate::backend::BackendError::Unavailable(m)) => {
+                self.unavailable(m)
+            }
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+
+    /// The batch, from the cache, else from Redis, else from the database (then it is lost).
+    pub async fn load_batch(&self, id: &str) -> Result<Arc<CachedBatch>, ApiError> {
+        if let Some(e) = self.cache.get(id) {
+            metrics::counter!(crate::metrics::CACHE, "kind" => "meta_hit").increment(1);
+            return Ok(e);
+        }
+        if !crate::batch::valid_batch_id(id) || self.cache.is_missing(id) {
+            return Err(ApiError::BatchNotFound);
+        }
+        metrics::counter!(crate::metrics::CACHE, "kind" => "meta_miss").increment(1);
+        match self.read_meta(id).await? {
+            Some((batch, ver, sold_out)) => Ok(self
+                .cache
+                .insert(Arc::new(CachedBatch::new(batch, ver, sold_out)))),
+            None => match self.db.get_batch(id).await {
+                Ok(Some(batch)) => {
+                    let entry = self
+                        .cache
+                        .insert(Arc::new(CachedBatch::new(batch, 0, false)));
+                    self.mark_lost(&entry);
+                    Ok(entry)
+                }
+                Ok(None) => {
+                    self.cache.set_missing(id);
+                    Err(ApiError::BatchNotFound)
+                }
+                Err(e) => Err(self.unavailable(e)),
+            },
+        }
+    }
+
+    /// The pool metadata of a batch: (definition, version, sold out), or `None` if absent.
+    pub async fn read_meta(&self, id: &str) -> Result<Option<(Batch, i64, bool)>, ApiError> {
+        let meta = self
+            .stock
+            .meta(&SlotKeys::new(id, None))
+            .await
+            .map_err(|e| self.stock_error(e))?;
+        let field = |name: &str| {
+            meta.iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+        };
+        let Some(def) = field("def") else {
+            return Ok(None);
+        };
+        let batch: Batch = serde_json::from_str(def)
+            .map_err(|e| ApiError::Internal(format!("batch {id} definition: {e}")))?;
+        let ver = field("ver").and_then(|v| v.parse().ok()).unwrap_or(0);
+        Ok(Some((batch, ver, field("soldout") == Some("1"))))
+    }
+
+    /// Once a batch is sold out, loads (in the background, once) the users who won, so that
+    /// everyone else's sold-out answers need no backend call even with a request id.
+    pub fn load_winners(&self, entry: &Arc<CachedBatch>) {
+        if !entry.start_loading_winners() {
+            return;
+        }
+        let stock = self.stock.clone();
+        let entry = entry.clone();
+        tokio::spawn(async move {
+            match stock.winners(&entry.keys).await {
+                Ok(w) => entry.set_winners(Some(w)),
+                Err(e) => {
+                    tracing::debug!(batch = %entry.id, error = %e, "loading winners failed");
+                    entry.set_winners(None);
+                }
+            }
+        });
+    }
+
+    pub fn mark_lost(&self, entry: &CachedBatch) {
+        if !entry.is_lost() {
+            tracing::error!(batch = %entry.id, "Redis has lost this batch: claims refused until `claimgate rebuild --batch {}`", entry.id);
+            entry.set_lost(true);
+            self.update_lost_gauge();
+        }
+    }
+
+    fn update_lost_gauge(&self) {
+        let lost = self.cache.all().iter().filter(|b| b.is_lost()).count();
+        metrics::gauge!(crate::metrics::BATCHES_LOST).set(lost as f64);
+    }
+
+    /// Re-reads one batch's metadata (after an event, or periodically).
+    pub async fn refresh_batch(&self, entry: &CachedBatch) {
+        match self.read_meta(&entry.id).await {
+            Ok(Some((batch, ver, sold_out))) => {
+                let limits_changed = {
+                    let old = entry.batch();
+                    old.per_user_limit != batch.per_user_limit
+                        || old.per_user_daily_limit != batch.per_user_daily_limit
+                };
+                let was_lost = entry.is_lost();
+                entry.update(batch, ver, sold_out);
+                if limits_changed {
+                    self.cache.forget_limits(&entry.id);
+                }
+                if was_lost {
+                    self.update_lost_gauge();
+                }
+            }
+            Ok(None) => self.mark_lost(entry),
+            Err(e) => tracing::debug!(batch = %entry.id, error = %e, "metadata refresh failed"),
+        }
+    }
+
+    /// Loads every batch the database knows, so the sweeper and the refresh cover batches
+    /// this instance has not served yet (e.g. after a restart).
+    pub async fn warm(&self) {
+        match self.db.list_batches().await {
+            Ok(batches) => {
+                for b in batches {
+                    if self.cache.get(&b.id).is_none() {
+                        let _ = self.load_batch(&b.id).await;
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not list batches from the database"),
+        }
+    }
+
+    /// Starts the background loops; they stop when `shutdown` is cancelled.
+    pub fn spawn_background(
+        self: &Arc<Self>,
+        shutdown: CancellationToken,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        let mut tasks = Vec::new();
+
+        // Pub/sub events: sold out and batch changes reach this instance within milliseconds.
+        let app = self.clone();
+        let stop = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut rx = app.backend().subscribe();
+            loop {
+                let msg = tokio::select! {
+                    _ = stop.cancelled() => break,
+                    m = rx.recv() => m,
+                };
+                match msg {
+                    Ok(m) => app.on_event(&m).await,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                }
+            }
+        }));
+
+        // Periodic refresh: the fallback for missed events; also exports stock gauges.
+        let app = self.clone();
+        let stop = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            let every = Duration::from_millis(app.cfg.cache.refresh_ms.max(10));
+            let mut tick = tokio::time::interval(every);
+            let mut n: u64 = 0;
+            app.warm().await;
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tick.tick() => {}
+                }
+                for entry in app.cache.all() {
+                    app.refresh_batch(&entry).await;
+                }
+                if n.is_multiple_of(5) {
+                    app.export_stock_gauges().await;
+                    app.limits.purge();
+                }
+                n += 1;
+            }
+        }));
+
+        // Sweeper: finishes transfers interrupted by a crash.
+        let app = self.clone();
+        let stop = shutdown;
+        tasks.push(tokio::spawn(async move {
+            let every = Duration::from_millis(app.cfg.stock.sweep_interval_ms.max(10));
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tick.tick() => {}
+                }
+                for entry in app.cache.all() {
+                    if entry.is_lost() {
+                        continue;
+                    }
+                    if let Err(e) = app
+                        .stock
+                        .sweep(&entry.keys, app.cfg.stock.sweep_min_age_ms)
+                        .await
+                    {
+                        tracing::debug!(batch = %entry.id, error = %e, "sweep failed");
+                    }
+                }
+            }
+        }));
+        tasks
+    }
+
+    async fn on_event(&self, msg: &str) {
+        let Some((kind, batch)) = msg.split_once(' ') else {
+            return;
+        };
+        let Some(entry) = self.cache.get(batch) else {
+            return;
+        };
+        match kind {
+            "soldout" => {
+                entry.set_sold_out();
+                self.load_winners(&entry);
+            }
+            "changed" => self.refresh_batch(&entry).await,
+            _ => {}
+        }
+    }
+
+    async fn export_stock_gauges(&self) {
+        let mut entries = self.cache.all();
+        entries.retain(|e| !e.is_lost() && !e.is_sold_out());
+        entries.sort_by(|a, b| a.id.cmp(&b.id));
+        entries.truncate(self.cfg.metrics.max_batch_labels);
+        for e in entries {
+            if let Ok(c) = self.stock.conservation(&e.keys).await {
+                metrics::gauge!(crate::metrics::STOCK_REMAINING, "batch" => e.id.clone())
+                    .set((c.total - c.claimed) as f64);
+            }
+        }
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+}

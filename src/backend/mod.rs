@@ -1,0 +1,184 @@
+//! Script backends: the one place claimgate talks to its keyspace.
+//!
+//! Every stateful operation is one of the Lua scripts in `lua/`, run atomically against
+//! keys of a single hash slot. Two backends run the very same script text: [`redis`]
+//! (fred, against a real Redis or Redis Cluster) and [`embedded`] (mlua, in process).
+//! Invariant kept here: callers cannot run anything but a registered script, so both
+//! backends are driven through exactly the same operations and stay interchangeable.
+
+pub mod embedded;
+pub mod redis;
+
+use std::future::Future;
+
+use bytes::Bytes;
+use thiserror::Error;
+
+/// A reply, converted the way Redis converts Lua values: `nil`/`false` -> `Nil`,
+/// numbers truncated to integers, `true` -> `Int(1)`, tables -> arrays (up to the first nil),
+/// `{ok=...}` -> `Status`. `{err=...}` replies become [`BackendError::Script`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Value {
+    Nil,
+    Int(i64),
+    Bulk(Bytes),
+    Status(String),
+    Array(Vec<Value>),
+}
+
+impl Value {
+    pub fn as_int(&self) -> Option<i64> {
+        match self {
+            Value::Int(i) => Some(*i),
+            Value::Bulk(b) => std::str::from_utf8(b).ok()?.parse().ok(),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::Bulk(b) => std::str::from_utf8(b).ok(),
+            Value::Status(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn into_array(self) -> Option<Vec<Value>> {
+        match self {
+            Value::Array(a) => Some(a),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum BackendError {
+    /// The backend cannot be reached or did not answer in time. Fail closed: nothing claimed.
+    #[error("backend unavailable: {0}")]
+    Unavailable(String),
+    /// The script itself answered with an error reply.
+    #[error("script error: {0}")]
+    Script(String),
+    /// The reply did not have the shape the script's header promises.
+    #[error("unexpected reply: {0}")]
+    Protocol(String),
+}
+
+/// The scripts in `lua/`, closed set. The text is compiled into the binary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Script {
+    Claim,
+    Setup,
+    Patch,
+    TransferOut,
+    TransferIn,
+    TransferDone,
+    Probe,
+    InboxCheck,
+    MarkSoldout,
+    MetaGet,
+    LogRead,
+    LogAck,
+    Restore,
+    Replay,
+    Winners,
+}
+
+impl Script {
+    pub const ALL: [Script; 15] = [
+        Script::Claim,
+        Script::Setup,
+        Script::Patch,
+        Script::TransferOut,
+        Script::TransferIn,
+        Script::TransferDone,
+        Script::Probe,
+        Script::InboxCheck,
+        Script::MarkSoldout,
+        Script::MetaGet,
+        Script::LogRead,
+        Script::LogAck,
+        Script::Restore,
+        Script::Replay,
+        Script::Winners,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Script::Claim => "claim",
+            Script::Setup => "setup",
+            Script::Patch => "patch",
+            Script::TransferOut => "transfer_out",
+            Script::TransferIn => "transfer_in",
+            Script::TransferDone => "transfer_done",
+            Script::Probe => "probe",
+            Script::InboxCheck => "inbox_check",
+            Script::MarkSoldout => "mark_soldout",
+            Script::MetaGet => "meta_get",
+            Script::LogRead => "log_read",
+            Script::LogAck => "log_ack",
+            Script::Restore => "restore",
+            Script::Replay => "replay",
+            Script::Winners => "winners",
+        }
+    }
+
+    pub fn source(self) -> &'static str {
+        match self {
+            Script::Claim => include_str!("../../lua/claim.lua"),
+            Script::Setup => include_str!("../../lua/setup.lua"),
+            Script::Patch => include_str!("../../lua/patch.lua"),
+            Script::TransferOut => include_str!("../../lua/transfer_out.lua"),
+            Script::TransferIn => include_str!("../../lua/transfer_in.lua"),
+            Script::TransferDone => include_str!("../../lua/transfer_done.lua"),
+            Script::Probe => include_str!("../../lua/probe.lua"),
+            Script::InboxCheck => include_str!("../../lua/inbox_check.lua"),
+            Script::MarkSoldout => include_str!("../../lua/mark_soldout.lua"),
+            Script::MetaGet => include_str!("../../lua/meta_get.lua"),
+            Script::LogRead => include_str!("../../lua/log_read.lua"),
+            Script::LogAck => include_str!("../../lua/log_ack.lua"),
+            Script::Restore => include_str!("../../lua/restore.lua"),
+            Script::Replay => include_str!("../../lua/replay.lua"),
+            Script::Winners => include_str!("../../lua/winners.lua"),
+        }
+    }
+
+    /// SHA1 of the script text, as `SCRIPT LOAD` returns it.
+    pub fn sha1(self) -> String {
+        sha1_smol::Sha1::from(self.source()).digest().to_string()
+    }
+}
+
+/// A backend event broadcast to every gateway instance (Redis pub/sub channel
+/// [`EVENTS_CHANNEL`]; an in-process broadcast for the embedded backend).
+pub const EVENTS_CHANNEL: &str = "cg:events";
+
+/// What a backend must do. Implemented by [`redis::RedisBackend`] and
+/// [`embedded::EmbeddedBackend`]; everything above this trait is backend-agnostic.
+pub trait Backend: Send + Sync + 'static {
+    /// Runs `script` atomically with `keys` (all of one hash slot) and `args`.
+    fn eval(
+        &self,
+        script: Script,
+        keys: &[&str],
+        args: &[&str],
+    ) -> impl Future<Output = Result<Value, BackendError>> + Send;
+
+    /// Publishes `message` on [`EVENTS_CHANNEL`] to every instance (this one included).
+    fn publish(&self, message: &str) -> impl Future<Output = Result<(), BackendError>> + Send;
+
+    /// Messages published on [`EVENTS_CHANNEL`], from now on.
+    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<String>;
+
+    /// Reachable, and every script loaded.
+    fn ready(&self) -> impl Future<Output = Result<(), BackendError>> + Send;
+
+    /// `"redis"` or `"embedded"`, for metrics and logs.
+    fn kind(&self) -> &'static str;
+
+    /// Makes everything acknowledged so far durable (graceful shutdown). Redis persists on
+    /// its own; the embedded backend syncs its append-only log.
+    fn flush(&self) -> impl Future<Output = Result<(), BackendError>> + Send {
+        async { Ok(()) }
+    }
+}

@@ -1,0 +1,352 @@
+//! The `redis` backend: fred against a real Redis (single node or Redis Cluster).
+//!
+//! Scripts are loaded once (`SCRIPT LOAD`, on every cluster primary) and called by SHA.
+//! A `NOSCRIPT` reply (after a restart, a failover or `SCRIPT FLUSH`) reloads the scripts
+//! and retries once. Every call is bounded by `command_timeout_ms` through
+//! `tokio::time::timeout` (fred's per-call options are not applied to `EVALSHA`).
+//! Invariant kept here: a call on a disconnected client fails at once with
+//! [`BackendError::Unavailable`] without being queued, so "503, nothing was claimed" holds for
+//! it; a call that timed out after being sent is reported as unavailable too, and callers make
+//! such calls safe to repeat with a request id the script records.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use fred::prelude::{
+    ClientLike, Config, Error as FredError, ErrorKind, EventInterface, LuaInterface, Pool,
+    PubsubInterface, ReconnectPolicy, ServerConfig, Value as FredValue,
+};
+use fred::types::Builder;
+use serde::Deserialize;
+use tokio::sync::broadcast;
+
+use super::{Backend, BackendError, EVENTS_CHANNEL, Script, Value};
+
+/// `[redis]` section of the config.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// `redis://host:port[/db]`; with `cluster = true`, any node of the cluster.
+    pub url: String,
+    /// Connect to a Redis Cluster (`redis-cluster://` URLs imply it too).
+    pub cluster: bool,
+    /// Connections in the pool (each multiplexes many in-flight commands).
+    pub pool_size: usize,
+    /// Upper bound on one script call, including a NOSCRIPT reload.
+    pub command_timeout_ms: u64,
+    /// Upper bound on establishing a connection.
+    pub connect_timeout_ms: u64,
+    /// Capacity of the in-process event fan-out (pub/sub messages buffered per subscriber).
+    pub event_buffer: usize,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: "redis://127.0.0.1:6379".to_string(),
+            cluster: false,
+            pool_size: 4,
+            command_timeout_ms: 1000,
+            connect_timeout_ms: 2000,
+            event_buffer: 1024,
+        }
+    }
+}
+
+/// Scripts with their SHA1, precomputed once.
+struct Loaded {
+    shas: Vec<(Script, String)>,
+}
+
+impl Loaded {
+    fn sha(&self, script: Script) -> &str {
+        self.shas
+            .iter()
+            .find(|(s, _)| *s == script)
+            .map(|(_, sha)| sha.as_str())
+            .unwrap_or_default()
+    }
+}
+
+pub struct RedisBackend {
+    pool: Pool,
+    scripts: Arc<Loaded>,
+    timeout: Duration,
+    cluster: bool,
+    events: broadcast::Sender<String>,
+    _subscriber_task: tokio::task::JoinHandle<()>,
+}
+
+fn classify(e: &FredError) -> BackendError {
+    match e.kind() {
+        ErrorKind::IO
+        | ErrorKind::Timeout
+        | ErrorKind::Canceled
+        | ErrorKind::Backpressure
+        | ErrorKind::Routing
+        | ErrorKind::Cluster
+        | ErrorKind::Auth => BackendError::Unavailable(e.to_string()),
+        _ if e.details().starts_with("LOADING")
+            || e.details().starts_with("MASTERDOWN")
+            || e.details().starts_with("CLUSTERDOWN")
+            || e.details().starts_with("TRYAGAIN") =>
+        {
+            BackendError::Unavailable(e.details().to_string())
+        }
+        _ => BackendError::Script(e.details().to_string()),
+    }
+}
+
+fn convert(v: FredValue) -> Result<Value, BackendError> {
+    Ok(match v {
+        FredValue::Null => Value::Nil,
+        FredValue::Integer(i) => Value::Int(i),
+        FredValue::Boolean(b) => Value::Int(i64::from(b)),
+        FredValue::Double(d) => Value::Int(d as i64),
+        FredValue::String(s) => Value::Bulk(Bytes::copy_from_slice(s.as_bytes())),
+        FredValue::Bytes(b) => Value::Bulk(b),
+        FredValue::Array(a) => Value::Array(a.into_iter().map(convert).collect::<Result<_, _>>()?),
+        other => {
+            return Err(BackendError::Protocol(format!(
+                "unexpected reply type {:?}",
+                other.kind()
+            )));
+        }
+    })
+}
+
+impl RedisBackend {
+    /// Connects the pool and a subscriber, and loads every script.
+    pub async fn connect(cfg: &RedisConfig) -> Result<RedisBackend, BackendError> {
+        let cluster = cfg.cluster || cfg.url.starts_with("redis-cluster://");
+        let mut config = if cluster {
+            Config::from_url_clustered(&cfg.url)
+        } else {
+            Config::from_url(&cfg.url)
+        }
+        .map_err(|e| BackendError::Unavailable(format!("bad redis url: {e}")))?;
+        if cluster && !matches!(config.server, ServerConfig::Clustered { .. }) {
+            return Err(BackendError::Unavailable(
+                "cluster = true needs a cluster url".to_string(),
+            ));
+        }
+        config.fail_fast = true;
+        let timeout = Duration::from_millis(cfg.command_timeout_ms.max(1));
+        let connect_timeout = Duration::from_millis(cfg.connect_timeout_ms.max(1));
+        let mut builder = Builder::from_config(config);
+        builder
+            .with_performance_config(|p| {
+                p.default_command_timeout = timeout;
+                p.broadcast_channel_capacity = cfg.event_buffer.max(16);
+            })
+            .with_connection_config(|c| {
+                c.connection_timeout = connect_timeout;
+                c.internal_command_timeout = timeout;
+                // One attempt: a command is never silently re-sent after a reconnect;
+                // callers repeat it themselves with the same request id.
+                c.max_command_attempts = 1;
+            })
+            .set_policy(ReconnectPolicy::new_exponential(0, 50, 2000, 2));
+        let pool = builder
+            .build_pool(cfg.pool_size.max(1))
+            .map_err(|e| classify(&e))?;
+        tokio::time::timeout(connect_timeout, pool.init())
+            .await
+            .map_err(|_| BackendError::Unavailable("connect timed out".to_string()))?
+            .map_err(|e| classify(&e))?;
+
+        let subscriber = builder
+            .build_subscriber_client()
+            .map_err(|e| classify(&e))?;
+        tokio::time::timeout(connect_timeout, subscriber.init())
+            .await
+            .map_err(|_| BackendError::Unavailable("connect timed out".to_string()))?
+            .map_err(|e| classify(&e))?;
+        subscriber
+            .subscribe(EVENTS_CHANNEL)
+            .await
+            .map_err(|e| classify(&e))?;
+        let _resubscribe = subscriber.manage_subscriptions();
+        let (events, _) = broadcast::channel(cfg.event_buffer.max(16));
+        let tx = events.clone();
+        let mut rx = subscriber.message_rx();
+        let subscriber_task = tokio::spawn(async move {
+            let _keep = subscriber;
+            loop {
+                match rx.recv().await {
+                    Ok(msg) => {
+                        if let Ok(s) = msg.value.convert::<String>() {
+                            let _ = tx.send(s);
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(
+                            missed = n,
+                            "pub/sub events lagged; periodic refresh covers them"
+                        );
+                    }
+                    Err(broadcast::error::RecvError::Closed) => break,
+                }
+            }
+        });
+
+        let backend = RedisBackend {
+            pool,
+            scripts: Arc::new(Loaded {
+                shas: Script::ALL.iter().map(|s| (*s, s.sha1())).collect(),
+            }),
+            timeout,
+            cluster,
+            events,
+            _subscriber_task: subscriber_task,
+        };
+        backend.load_scripts().await?;
+        Ok(backend)
+    }
+
+    /// `SCRIPT LOAD` of every script (on every primary of a cluster).
+    pub async fn load_scripts(&self) -> Result<(), BackendError> {
+        for script in Script::ALL {
+            let fut = async {
+                let sha: String = if self.cluster {
+                    self.pool
+                        .next()
+                        .script_load_cluster(script.source())
+                        .await?
+                } else {
+                    // every connection of the pool talks to the same server
+                    self.pool.next().script_load(script.source()).await?
+                };
+                Ok::<String, FredError>(sha)
+            };
+            let sha = tokio::time::timeout(self.timeout, fut)
+                .await
+                .map_err(|_| BackendError::Unavailable("SCRIPT LOAD timed out".into()))?
+                .map_err(|e| classify(&e))?;
+            if sha != self.scripts.sha(script) {
+                return Err(BackendError::Protocol(format!(
+                    "server hashed {} to {sha}",
+                    script.name()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    async fn evalsha_once(
+        &self,
+        script: Script,
+        keys: &[&str],
+        args: &[&str],
+    ) -> Result<FredValue, FredError> {
+        let client = self.pool.next_connected();
+        if !client.is_connected() {
+            return Err(FredError::new(ErrorKind::IO, "not connected"));
+        }
+        let keys: Vec<&str> = keys.to_vec();
+        let args: Vec<&str> = args.to_vec();
+        client.evalsha(self.scripts.sha(script), keys, args).await
+    }
+
+    async fn eval_inner(
+        &self,
+        script: Script,
+        keys: &[&str],
+        args: &[&str],
+    ) -> Result<Value, BackendError> {
+        let started = std::time::Instant::now();
+        let reply = match self.evalsha_once(script, keys, args).await {
+            Err(e) if e.details().starts_with("NOSCRIPT") => {
+                metrics::counter!(crate::metrics::BACKEND_RELOADS).increment(1);
+                tracing::warn!(script = script.name(), "NOSCRIPT: reloading scripts");
+                self.load_scripts().await?;
+                self.evalsha_once(script, keys, args).await
+            }
+            other => other,
+        };
+        let result = reply.map_err(|e| classify(&e)).and_then(convert);
+        record(script, started, &result);
+        result
+    }
+}
+
+/// Backend call metrics, shared by both backends.
+pub(crate) fn record(
+    script: Script,
+    started: std::time::Instant,
+    result: &Result<Value, BackendError>,
+) {
+    let outcome = match result {
+        Ok(_) => "ok",
+        Err(BackendError::Script(_)) => "script_error",
+        Err(BackendError::Unavailable(_)) => "unavailable",
+        Err(BackendError::Protocol(_)) => "protocol",
+    };
+    metrics::counter!(crate::metrics::BACKEND_CALLS, "script" => script.name(), "result" => outcome)
+        .increment(1);
+    metrics::histogram!(crate::metrics::BACKEND_SECONDS, "script" => script.name())
+        .record(started.elapsed().as_secs_f64());
+}
+
+impl Backend for RedisBackend {
+    async fn eval(
+        &self,
+        script: Script,
+        keys: &[&str],
+        args: &[&str],
+    ) -> Result<Value, BackendError> {
+        match tokio::time::timeout(self.timeout, self.eval_inner(script, keys, args)).await {
+            Ok(r) => r,
+            Err(_) => {
+                let r = Err(BackendError::Unavailable(format!(
+                    "{} timed out after {:?}",
+                    script.name(),
+                    self.timeout
+                )));
+                record(script, std::time::Instant::now() - self.timeout, &r);
+                r
+            }
+        }
+    }
+
+    async fn publish(&self, message: &str) -> Result<(), BackendError> {
+        let fut = self
+            .pool
+            .next_connected()
+            .publish::<i64, _, _>(EVENTS_CHANNEL, message);
+        tokio::time::timeout(self.timeout, fut)
+            .await
+            .map_err(|_| BackendError::Unavailable("PUBLISH timed out".into()))?
+            .map(|_| ())
+            .map_err(|e| classify(&e))
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<String> {
+        self.events.subscribe()
+    }
+
+    async fn ready(&self) -> Result<(), BackendError> {
+        let client = self.pool.next_connected();
+        let fut = client.script_exists::<Vec<bool>, _>(self.scripts.sha(Script::Claim));
+        let exists = tokio::time::timeout(self.timeout, fut)
+            .await
+            .map_err(|_| BackendError::Unavailable("SCRIPT EXISTS timed out".into()))?
+            .map_err(|e| classify(&e))?;
+        if exists.first().copied() == Some(true) {
+            Ok(())
+        } else {
+            self.load_scripts().await
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+}
+
+impl Drop for RedisBackend {
+    fn drop(&mut self) {
+        self._subscriber_task.abort();
+    }
+}

@@ -1,0 +1,306 @@
+//! The claim path: parse + validate -> identify -> rate limits -> hot-key cache ->
+//! admission -> ONE claim script on the user's home shard -> reply.
+//!
+//! Invariant kept here: a coupon is only ever granted by the claim script. Every request
+//! carries a request id to the script (the client's, or an internal `~`-prefixed one that
+//! no client can send), so repeating a call whose reply was lost can never mint a second
+//! coupon: it replays the first.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use http::{HeaderMap, StatusCode};
+use serde::{Deserialize, Serialize};
+
+use crate::app::App;
+use crate::auth::Identity;
+use crate::backend::{Backend, BackendError};
+use crate::batch::Timestamp;
+use crate::cache::LocalRefusal;
+use crate::error::ApiError;
+use crate::outcome::Coupon;
+use crate::stock::{ClaimResult, StockError};
+
+/// `[A-Za-z0-9._@+-]{1,128}`: user ids and request ids.
+pub fn valid_ident(s: &str) -> bool {
+    (1..=128).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'@' | b'+' | b'-'))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClaimBody {
+    #[serde(default)]
+    user_id: Option<String>,
+    #[serde(default)]
+    request_id: Option<String>,
+}
+
+/// A parsed, validated claim request.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ClaimRequest {
+    pub user_id: Option<String>,
+    pub request_id: Option<String>,
+}
+
+impl ClaimRequest {
+    pub fn parse(body: &[u8]) -> Result<ClaimRequest, ApiError> {
+        let b: ClaimBody = serde_json::from_slice(body)
+            .map_err(|e| ApiError::BadRequest(format!("invalid claim body: {e}")))?;
+        for (name, v) in [("user_id", &b.user_id), ("request_id", &b.request_id)] {
+            if v.as_deref().is_some_and(|v| !valid_ident(v)) {
+                return Err(ApiError::BadRequest(format!(
+                    "{name} must be 1-128 characters of [A-Za-z0-9._@+-]"
+                )));
+            }
+        }
+        Ok(ClaimRequest {
+            user_id: b.user_id,
+            request_id: b.request_id,
+        })
+    }
+}
+
+/// The 201/200 body.
+#[derive(Debug, Serialize)]
+pub struct ClaimReply {
+    pub coupon_id: String,
+    pub batch_id: String,
+    pub user_id: String,
+    pub valid_from: String,
+    pub valid_to: String,
+    pub claimed_at: String,
+}
+
+impl ClaimReply {
+    fn new(c: &Coupon, batch: &str, user: &str) -> ClaimReply {
+        ClaimReply {
+            coupon_id: c.coupon_id.clone(),
+            batch_id: batch.to_string(),
+            user_id: user.to_string(),
+            valid_from: Timestamp(c.valid_from_ms).to_rfc3339(),
+            valid_to: Timestamp(c.valid_to_ms).to_rfc3339(),
+            claimed_at: Timestamp(c.claimed_at_ms).to_rfc3339(),
+        }
+    }
+}
+
+fn stage(name: &'static str, since: Instant) -> Instant {
+    let now = Instant::now();
+    metrics::histogram!(crate::metrics::STAGE_SECONDS, "stage" => name)
+        .record((now - since).as_secs_f64());
+    now
+}
+
+/// Prefix of internal request ids; outside the client alphabet, so never a client's.
+const INTERNAL_RID: char = '~';
+
+/// Handles `POST /v1/batches/{id}/claims`. Returns the status (201 or 200) and body.
+pub async fn claim<B: Backend>(
+    app: &App<B>,
+    batch_id: &str,
+    headers: &HeaderMap,
+    peer: SocketAddr,
+    body: &[u8],
+) -> Result<(StatusCode, ClaimReply), ApiError> {
+    let started = Instant::now();
+    let result = claim_inner(app, batch_id, headers, peer, body, started).await;
+    let outcome = match &result {
+        Ok((StatusCode::CREATED, _)) => "claimed",
+        Ok(_) => "replayed",
+        Err(e) => e.code(),
+    };
+    metrics::counter!(crate::metrics::CLAIMS, "outcome" => outcome).increment(1);
+    metrics::histogram!(crate::metrics::CLAIM_SECONDS).record(started.elapsed().as_secs_f64());
+    result
+}
+
+async fn claim_inner<B: Backend>(
+    app: &App<B>,
+    batch_id: &str,
+    headers: &HeaderMap,
+    peer: SocketAddr,
+    body: &[u8],
+    started: Instant,
+) -> Result<(StatusCode, ClaimReply), ApiError> {
+    // 1. parse + validate
+    let req = ClaimRequest::parse(body)?;
+    let t = stage("parse", started);
+
+    // 2. identify the user
+    let identity: Identity = app.auth.identify(headers, req.user_id.as_deref())?;
+    let t = stage("auth", t);
+
+    // 3. local rate limits
+    let ip = app.limits.client_ip(peer, headers);
+    app.limits.check_claim(ip, &identity.user_id)?;
+    let t = stage("ratelimit", t);
+
+    // 4. local hot-key cache: only negative answers
+    let entry = app.load_batch(batch_id).await?;
+    if entry.is_lost() {
+        return Err(app.unavailable(format!("batch {batch_id} is missing from Redis")));
+    }
+    let now = Timestamp::now();
+    let home = crate::keys::home_shard(&identity.user_id, entry.keys.shards.len() as u32);
+    if let Some(refusal) = app.cache.refuse(&entry, &identity, now) {
+        metrics::counter!(crate::metrics::CACHE, "kind" => refusal.label()).increment(1);
+        let refused = match refusal {
+            LocalRefusal::SoldOut => ApiError::SoldOut,
+            LocalRefusal::Paused => ApiError::Paused,
+            LocalRefusal::NotStarted => ApiError::NotStarted,
+            LocalRefusal::Ended => ApiError::Ended,
+            LocalRefusal::NotEligible => ApiError::NotEligible,
+            LocalRefusal::LimitReached => ApiError::LimitReached,
+        };
+        // The same user + request id always gets the same answer: a request id that won
+        // earlier still replays its coupon (one read). Without a request id: no backend call.
+        let replayable = match refusal {
+            LocalRefusal::NotEligible => false,
+            // sold out and the user won nothing: this cannot be a replay of a success
+            LocalRefusal::SoldOut => {
+                app.load_winners(&entry);
+                entry.is_winner(&identity.user_id) != Some(false)
+            }
+            _ => true,
+        };
+        if let (Some(rid), true) = (&req.request_id, replayable) {
+            let _permit = app.admission.admit().await?;
+            let found = app
+                .stock
+                .replay(&entry.keys, home, &identity.user_id, rid)
+                .await
+                .map_err(|e| app.stock_error(e))?;
+            stage("cache", t);
+            if let Some(c) = found {
+                return Ok((
+                    StatusCode::OK,
+                    ClaimReply::new(&c, batch_id, &identity.user_id),
+                ));
+            }
+            return Err(refused);
+        }
+        stage("cache", t);
+        return Err(refused);
+    }
+    let t = stage("cache", t);
+
+    // 5. admission: bounded backend calls in flight
+    let _permit = app.admission.admit().await?;
+    let t = stage("admission", t);
+
+    // 6. ONE script on the home shard (more only when the shard must be refilled)
+    let internal;
+    let rid = match &req.request_id {
+        Some(r) => r.as_str(),
+        None => {
+            internal = format!("{INTERNAL_RID}{:016x}", rand::random::<u64>());
+            internal.as_str()
+        }
+    };
+    let mut result = app
+        .stock
+        .claim(&entry.keys, home, &identity.user_id, rid, &app.max_log)
+        .await;
+    if let Err(StockError::Backend(BackendError::Unavailable(_))) = &result {
+        // The reply may have been lost after the script ran: ask again with the same
+        // request id; the script replays instead of minting a second coupon.
+        result = app
+            .stock
+            .claim(&entry.keys, home, &identity.user_id, rid, &app.max_log)
+            .await;
+    }
+    stage("backend", t);
+    let user = identity.user_id.as_str();
+    match result.map_err(|e| app.stock_error(e))? {
+        ClaimResult::Claimed(c) => Ok((StatusCode::CREATED, ClaimReply::new(&c, batch_id, user))),
+        // Our own repeated call (internal id): the client never saw the first reply.
+        ClaimResult::Replayed(c) if req.request_id.is_none() => {
+            Ok((StatusCode::CREATED, ClaimReply::new(&c, batch_id, user)))
+        }
+        ClaimResult::Replayed(c) => Ok((StatusCode::OK, ClaimReply::new(&c, batch_id, user))),
+        ClaimResult::NoBatch => {
+            app.mark_lost(&entry);
+            Err(app.unavailable(format!("batch {batch_id} is missing from Redis")))
+        }
+        ClaimResult::NotStarted => Err(ApiError::NotStarted),
+        ClaimResult::Ended => Err(ApiError::Ended),
+        ClaimResult::Paused => Err(ApiError::Paused),
+        ClaimResult::Denied => Err(ApiError::NotEligible),
+        ClaimResult::LimitReached => {
+            app.cache.remember_at_limit(batch_id, user, false, now);
+            Err(ApiError::LimitReached)
+        }
+        ClaimResult::DailyLimitReached => {
+            app.cache.remember_at_limit(batch_id, user, true, now);
+            Err(ApiError::DailyLimitReached)
+        }
+        ClaimResult::SoldOut => {
+            entry.set_sold_out();
+            app.load_winners(&entry);
+            Err(ApiError::SoldOut)
+        }
+        ClaimResult::BacklogFull => {
+            metrics::counter!(crate::metrics::SHED, "reason" => "backlog").increment(1);
+            Err(ApiError::Overloaded(
+                "persistence backlog at its bound; nothing was claimed".into(),
+                app.retry_after(),
+            ))
+        }
+        ClaimResult::Contended => Err(ApiError::Overloaded(
+            "stock is being rebalanced; nothing was claimed".into(),
+            app.retry_after(),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identifiers() {
+        for ok in ["u1", "a.b_c@d+e-f", &"x".repeat(128)] {
+            assert!(valid_ident(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "a b",
+            "a{b}",
+            "a:b",
+            "a\nb",
+            "ü",
+            &"x".repeat(129),
+            "~x",
+        ] {
+            assert!(!valid_ident(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn bodies() {
+        assert_eq!(
+            ClaimRequest::parse(br#"{"user_id":"u1","request_id":"r-1"}"#).unwrap(),
+            ClaimRequest {
+                user_id: Some("u1".into()),
+                request_id: Some("r-1".into())
+            }
+        );
+        for bad in [
+            &b"{"[..],
+            b"[]",
+            br#"{"user_id":1}"#,
+            br#"{"user_id":"a:b"}"#,
+            br#"{"user_id":"u","extra":1}"#,
+            b"\xff\xfe",
+            br#"{"user_id":"u","request_id":""}"#,
+        ] {
+            assert!(
+                ClaimRequest::parse(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+}

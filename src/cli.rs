@@ -1,0 +1,300 @@
+//! Command line: `serve` (the default), `migrate`, `rebuild`, `reconcile`, `check-config`.
+//!
+//! Invariant kept here: configuration problems end the process with exit status 64 and a
+//! message naming the bad key, before anything is started or changed.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::Backend;
+use crate::backend::embedded::EmbeddedBackend;
+use crate::backend::redis::RedisBackend;
+use crate::config::{BackendKind, Config};
+
+/// EX_USAGE: bad configuration or arguments.
+pub const EXIT_CONFIG: u8 = 64;
+/// EX_UNAVAILABLE: a required service (Redis, the database) cannot be used.
+pub const EXIT_UNAVAILABLE: u8 = 69;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "claimgate",
+    version,
+    about = "Redis-native coupon claim gateway"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub common: Common,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Args, Clone, Default)]
+pub struct Common {
+    /// Config file (TOML). Without it, built-in defaults (embedded backend, SQLite).
+    #[arg(long, global = true, env = "CLAIMGATE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// `embedded` or `redis`.
+    #[arg(long, global = true)]
+    pub backend: Option<String>,
+    /// Address to listen on, e.g. 127.0.0.1:8080.
+    #[arg(long, global = true)]
+    pub listen: Option<String>,
+    /// Redis URL (redis backend).
+    #[arg(long, global = true)]
+    pub redis_url: Option<String>,
+    /// Database URL: postgres://… or sqlite://path?mode=rwc.
+    #[arg(long, global = true)]
+    pub database_url: Option<String>,
+    /// Any setting, as section.key=value (repeatable), e.g. --set stock.refill_divisor=4.
+    #[arg(long = "set", global = true, value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the HTTP API (the default).
+    Serve,
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Restore a batch's Redis state from the database (after Redis lost its data).
+    Rebuild {
+        #[arg(long)]
+        batch: String,
+        /// Rebuild even though Redis still has the batch.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Compare Redis and the database; exit status 1 when they disagree.
+    Reconcile {
+        #[arg(long)]
+        batch: Option<String>,
+    },
+    /// Load and check the configuration, print it, and exit.
+    CheckConfig,
+}
+
+impl Common {
+    fn overrides(&self) -> Vec<String> {
+        let mut o = Vec::new();
+        if let Some(b) = &self.backend {
+            o.push(format!("backend=\"{b}\""));
+        }
+        if let Some(l) = &self.listen {
+            o.push(format!("server.listen=\"{l}\""));
+        }
+        if let Some(u) = &self.redis_url {
+            o.push(format!("redis.url=\"{u}\""));
+        }
+        if let Some(u) = &self.database_url {
+            o.push(format!("database.url=\"{u}\""));
+        }
+        o.extend(self.set.iter().cloned());
+        o
+    }
+
+    pub fn load(&self) -> Result<Config, crate::config::ConfigError> {
+        crate::config::load(self.config.as_deref(), std::env::vars(), &self.overrides())
+    }
+}
+
+fn init_tracing(cfg: &Config) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_new(&cfg.log.level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
+    let _ = if cfg.log.json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let cfg = match cli.common.load() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("claimgate: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    init_tracing(&cfg);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("claimgate: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run(cli.command.unwrap_or(Command::Serve), cfg))
+}
+
+async fn run(cmd: Command, cfg: Config) -> ExitCode {
+    if let Command::CheckConfig = cmd {
+        println!("{cfg:#?}");
+        return ExitCode::SUCCESS;
+    }
+    let cfg = Arc::new(cfg);
+    match cfg.backend {
+        BackendKind::Embedded => match EmbeddedBackend::open(&cfg.embedded) {
+            Ok(b) => run_with(cmd, cfg, Arc::new(b)).await,
+            Err(e) => fail(format!("embedded backend: {e}")),
+        },
+        BackendKind::Redis => match RedisBackend::connect(&cfg.redis).await {
+            Ok(b) => run_with(cmd, cfg, Arc::new(b)).await,
+            Err(e) => fail(format!("redis at {}: {e}", cfg.redis.url)),
+        },
+    }
+}
+
+fn fail(msg: String) -> ExitCode {
+    tracing::error!("{msg}");
+    eprintln!("claimgate: {msg}");
+    ExitCode::from(EXIT_UNAVAILABLE)
+}
+
+async fn run_with<B: Backend>(cmd: Command, cfg: Arc<Config>, backend: Arc<B>) -> ExitCode {
+    let db = match crate::db::Db::connect(&cfg.database).await {
+        Ok(db) => db,
+        Err(e) => return fail(format!("database: {e}")),
+    };
+    if let Err(e) = db.migrate().await {
+        return fail(format!("database migration: {e}"));
+    }
+    match cmd {
+        Command::Migrate | Command::CheckConfig => {
+            println!("migrations applied ({})", db.kind());
+            ExitCode::SUCCESS
+        }
+        Command::Rebuild { batch, force } => {
+            match crate::rebuild::rebuild(backend.as_ref(), &db, &batch, force).await {
+                Ok(report) => {
+                    println!("{report}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(format!("rebuild of {batch}: {e}")),
+            }
+        }
+        Command::Reconcile { batch } => {
+            match crate::rebuild::reconcile(backend.as_ref(), &db, batch.as_deref()).await {
+                Ok(diffs) if diffs.is_empty() => {
+                    println!("Redis and the database agree");
+                    ExitCode::SUCCESS
+                }
+                Ok(diffs) => {
+                    for d in &diffs {
+                        println!("{d}");
+                    }
+                    println!("{} difference(s)", diffs.len());
+                    ExitCode::FAILURE
+                }
+                Err(e) => fail(format!("reconcile: {e}")),
+            }
+        }
+        Command::Serve => serve(cfg, backend, db).await,
+    }
+}
+
+/// Waits for SIGTERM or SIGINT.
+async fn signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+async fn serve<B: Backend>(cfg: Arc<Config>, backend: Arc<B>, db: crate::db::Db) -> ExitCode {
+    let listener = match tokio::net::TcpListener::bind(cfg.server.listen).await {
+        Ok(l) => l,
+        Err(e) => return fail(format!("cannot listen on {}: {e}", cfg.server.listen)),
+    };
+    let shutdown = CancellationToken::new();
+    let persister = cfg.persister.enabled.then(|| {
+        crate::persist::Persister::spawn(
+            backend.clone(),
+            db.clone(),
+            cfg.persister.clone(),
+            shutdown.child_token(),
+        )
+    });
+    let app = Arc::new(crate::app::App::new(
+        cfg.clone(),
+        backend.clone(),
+        db.clone(),
+        persister.as_ref().map(|p| p.status()),
+    ));
+    let background = app.spawn_background(shutdown.child_token());
+    let mut admin = None;
+    if let Some(addr) = cfg.metrics.admin_listen {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => {
+                admin = Some(tokio::spawn(crate::server::serve(
+                    app.clone(),
+                    l,
+                    shutdown.child_token(),
+                )))
+            }
+            Err(e) => return fail(format!("cannot listen on {addr}: {e}")),
+        }
+    }
+    tracing::info!(listen = %cfg.server.listen, backend = backend.kind(), database = db.kind(), "claimgate serving");
+
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        signal().await;
+        tracing::info!("shutdown requested");
+        stop.cancel();
+    });
+    let started = std::time::Instant::now();
+    let grace = Duration::from_millis(cfg.server.shutdown_grace_ms);
+    crate::server::serve(app.clone(), listener, shutdown.clone()).await;
+    if let Some(a) = admin {
+        let _ = a.await;
+    }
+    // In-flight claims are done: flush the persister's batch, then the embedded log.
+    shutdown.cancel();
+    for t in background {
+        t.abort();
+    }
+    if let Some(p) = persister {
+        let left = grace
+            .saturating_sub(started.elapsed())
+            .max(Duration::from_millis(500));
+        if tokio::time::timeout(left, p.join()).await.is_err() {
+            tracing::warn!(
+                "persister did not finish within the grace period; Redis keeps the rest"
+            );
+        }
+    }
+    if let Err(e) = backend.flush().await {
+        tracing::warn!(error = %e, "final flush failed");
+    }
+    db.close().await;
+    tracing::info!("bye");
+    ExitCode::SUCCESS
+}

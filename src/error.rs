@@ -1,0 +1,209 @@
+//! API errors and their HTTP mapping: the one place where an error becomes a status code
+//! and a `{"error": "<code>", "message": "<text>"}` body.
+//!
+//! Invariant kept here: bad input maps to a 4xx with a stable machine-readable code; only a
+//! failing backend or database maps to a 5xx, and those carry `Retry-After`.
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+use http_body_util::Full;
+use thiserror::Error;
+
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("user is not eligible for this batch")]
+    NotEligible,
+    #[error("batch not found")]
+    BatchNotFound,
+    #[error("coupon not found")]
+    CouponNotFound,
+    #[error("per-user limit reached")]
+    LimitReached,
+    #[error("per-user daily limit reached")]
+    DailyLimitReached,
+    #[error("the claim window has not started")]
+    NotStarted,
+    #[error("the claim window has ended")]
+    Ended,
+    #[error("the batch is paused")]
+    Paused,
+    #[error("sold out")]
+    SoldOut,
+    #[error("a different batch already uses this id")]
+    BatchExists,
+    #[error("{0}")]
+    InvalidState(String),
+    #[error("rate limited")]
+    RateLimited { retry_after_s: u64 },
+    #[error("{0}")]
+    Overloaded(String, u64),
+    #[error("{0}")]
+    BackendUnavailable(String, u64),
+    #[error("no such route")]
+    RouteNotFound,
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::NotEligible => StatusCode::FORBIDDEN,
+            ApiError::BatchNotFound | ApiError::CouponNotFound | ApiError::RouteNotFound => {
+                StatusCode::NOT_FOUND
+            }
+            ApiError::LimitReached
+            | ApiError::DailyLimitReached
+            | ApiError::NotStarted
+            | ApiError::Ended
+            | ApiError::Paused
+            | ApiError::BatchExists
+            | ApiError::InvalidState(_) => StatusCode::CONFLICT,
+            ApiError::SoldOut => StatusCode::GONE,
+            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Overloaded(..) | ApiError::BackendUnavailable(..) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The machine-readable code of API.md (also the `outcome` label of claim metrics).
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::BadRequest(_) => "bad_request",
+            ApiError::Unauthorized(_) => "unauthorized",
+            ApiError::NotEligible => "not_eligible",
+            ApiError::BatchNotFound => "batch_not_found",
+            ApiError::CouponNotFound => "coupon_not_found",
+            ApiError::LimitReached | ApiError::DailyLimitReached => "limit_reached",
+            ApiError::NotStarted => "not_started",
+            ApiError::Ended => "ended",
+            ApiError::Paused => "paused",
+            ApiError::SoldOut => "sold_out",
+            ApiError::BatchExists => "batch_exists",
+            ApiError::InvalidState(_) => "invalid_state",
+            ApiError::RateLimited { .. } => "rate_limited",
+            ApiError::Overloaded(..) => "overloaded",
+            ApiError::BackendUnavailable(..) => "backend_unavailable",
+            ApiError::RouteNotFound => "not_found",
+            ApiError::MethodNotAllowed => "method_not_allowed",
+            ApiError::Internal(_) => "internal",
+        }
+    }
+
+    fn retry_after(&self) -> Option<u64> {
+        match self {
+            ApiError::RateLimited { retry_after_s }
+            | ApiError::Overloaded(_, retry_after_s)
+            | ApiError::BackendUnavailable(_, retry_after_s) => Some((*retry_after_s).max(1)),
+            _ => None,
+        }
+    }
+
+    pub fn into_response(self) -> Response<Full<Bytes>> {
+        if let ApiError::Internal(detail) = &self {
+            tracing::error!(detail, "internal error");
+        }
+        let body = serde_json::json!({ "error": self.code(), "message": self.to_string() });
+        let mut resp = json_response(self.status(), &body);
+        if let Some(s) = self.retry_after() {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        if matches!(self, ApiError::MethodNotAllowed) {
+            resp.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET, POST, PATCH"));
+        }
+        resp
+    }
+}
+
+/// A JSON response with the given status.
+pub fn json_response(status: StatusCode, body: &impl serde::Serialize) -> Response<Full<Bytes>> {
+    let bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
+    let mut resp = Response::new(Full::new(Bytes::from(bytes)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+impl From<crate::auth::AuthError> for ApiError {
+    fn from(e: crate::auth::AuthError) -> Self {
+        match e {
+            crate::auth::AuthError::MissingUser => ApiError::BadRequest(e.to_string()),
+            _ => ApiError::Unauthorized(e.to_string()),
+        }
+    }
+}
+
+impl From<crate::limits::LimitError> for ApiError {
+    fn from(e: crate::limits::LimitError) -> Self {
+        match e {
+            crate::limits::LimitError::RateLimited { retry_after_s, .. } => {
+                ApiError::RateLimited { retry_after_s }
+            }
+            crate::limits::LimitError::Overloaded(_, retry_after_s) => ApiError::Overloaded(
+                "too many claims in flight; nothing was claimed".into(),
+                retry_after_s,
+            ),
+        }
+    }
+}
+
+impl From<crate::batch::InvalidBatch> for ApiError {
+    fn from(e: crate::batch::InvalidBatch) -> Self {
+        ApiError::BadRequest(e.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_error_has_a_status_code_and_body() {
+        let all = [
+            (ApiError::BadRequest("x".into()), 400, "bad_request"),
+            (ApiError::Unauthorized("x".into()), 401, "unauthorized"),
+            (ApiError::NotEligible, 403, "not_eligible"),
+            (ApiError::BatchNotFound, 404, "batch_not_found"),
+            (ApiError::LimitReached, 409, "limit_reached"),
+            (ApiError::DailyLimitReached, 409, "limit_reached"),
+            (ApiError::NotStarted, 409, "not_started"),
+            (ApiError::Ended, 409, "ended"),
+            (ApiError::Paused, 409, "paused"),
+            (ApiError::SoldOut, 410, "sold_out"),
+            (
+                ApiError::RateLimited { retry_after_s: 2 },
+                429,
+                "rate_limited",
+            ),
+            (ApiError::Overloaded("x".into(), 1), 503, "overloaded"),
+            (
+                ApiError::BackendUnavailable("x".into(), 1),
+                503,
+                "backend_unavailable",
+            ),
+        ];
+        for (e, status, code) in all {
+            assert_eq!(e.status().as_u16(), status);
+            assert_eq!(e.code(), code);
+            let has_retry = status == 429 || status == 503;
+            let resp = e.into_response();
+            assert_eq!(resp.headers().contains_key(header::RETRY_AFTER), has_retry);
+        }
+    }
+}

@@ -1,0 +1,113 @@
+//! Every metric the gateway exports: names, help texts and the recorder.
+//!
+//! Invariant kept here: metric names and label sets are defined only in this module, labels
+//! take values from closed sets (outcome codes, stage names, backend kinds) or from the
+//! bounded set of tracked batches, so cardinality stays bounded whatever the traffic.
+
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Claims answered, by `outcome` (claimed, replayed, or the API error code).
+pub const CLAIMS: &str = "claimgate_claims_total";
+/// End-to-end claim latency (request parsed to reply built), seconds.
+pub const CLAIM_SECONDS: &str = "claimgate_claim_duration_seconds";
+/// Latency of each stage of the claim path, by `stage`.
+pub const STAGE_SECONDS: &str = "claimgate_stage_duration_seconds";
+/// HTTP requests by `route` and `status` class.
+pub const HTTP_REQUESTS: &str = "claimgate_http_requests_total";
+/// Script calls by `script` and `result` (ok, script_error, unavailable, protocol).
+pub const BACKEND_CALLS: &str = "claimgate_backend_calls_total";
+/// Script call latency by `script`, seconds.
+pub const BACKEND_SECONDS: &str = "claimgate_backend_call_duration_seconds";
+/// NOSCRIPT replies that caused a script reload.
+pub const BACKEND_RELOADS: &str = "claimgate_backend_script_reloads_total";
+/// Stock transfers by `kind` (refill, steal, sweep) and `result`.
+pub const TRANSFERS: &str = "claimgate_stock_transfers_total";
+/// Requests refused by a local rate limit, by `limit` (global, user, ip, batch).
+pub const RATE_LIMITED: &str = "claimgate_rate_limited_total";
+/// Requests shed by admission control, by `reason` (inflight, connections, backlog).
+pub const SHED: &str = "claimgate_shed_total";
+/// Local hot-key cache answers, by `kind` (sold_out, user_limit, window, paused, denied, meta_hit, meta_miss).
+pub const CACHE: &str = "claimgate_cache_total";
+/// Backend calls in flight.
+pub const INFLIGHT: &str = "claimgate_backend_inflight";
+/// Open client connections.
+pub const CONNECTIONS: &str = "claimgate_connections";
+/// Claim records in Redis not yet in the database.
+pub const PERSIST_BACKLOG: &str = "claimgate_persist_backlog";
+/// Age of the oldest claim record not yet in the database, seconds.
+pub const PERSIST_LAG: &str = "claimgate_persist_lag_seconds";
+/// Rows written to the transaction log.
+pub const PERSIST_ROWS: &str = "claimgate_persist_rows_total";
+/// Persister batch write latency, seconds.
+pub const PERSIST_SECONDS: &str = "claimgate_persist_write_duration_seconds";
+/// Persister failures by `stage` (read, write, ack).
+pub const PERSIST_ERRORS: &str = "claimgate_persist_errors_total";
+/// Stock remaining per tracked batch (`batch` label, capped by config).
+pub const STOCK_REMAINING: &str = "claimgate_stock_remaining";
+/// Batches whose Redis state is missing (claims refused until rebuild).
+pub const BATCHES_LOST: &str = "claimgate_batches_lost";
+/// Build info (`version`, `backend`) with value 1.
+pub const BUILD_INFO: &str = "claimgate_build_info";
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5,
+];
+
+/// Installs the global recorder (no listener of its own: `/metrics` is served by the
+/// gateway) and describes every metric. Returns `None` if a recorder is already installed
+/// (tests run many gateways in one process); rendering then uses the first handle.
+pub fn install() -> PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+                .expect("static bucket list is non-empty")
+                .build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may already be installed by an embedding program; then the
+            // handle still renders this recorder's (empty) registry and the embedder's wins.
+            let _ = metrics::set_global_recorder(recorder);
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    describe_counter!(CLAIMS, "Claims answered, by outcome.");
+    describe_histogram!(CLAIM_SECONDS, Unit::Seconds, "End-to-end claim latency.");
+    describe_histogram!(
+        STAGE_SECONDS,
+        Unit::Seconds,
+        "Latency of each claim path stage."
+    );
+    describe_counter!(HTTP_REQUESTS, "HTTP requests by route and status class.");
+    describe_counter!(BACKEND_CALLS, "Script calls by script and result.");
+    describe_histogram!(BACKEND_SECONDS, Unit::Seconds, "Script call latency.");
+    describe_counter!(BACKEND_RELOADS, "Script reloads after NOSCRIPT.");
+    describe_counter!(TRANSFERS, "Stock transfers by kind and result.");
+    describe_counter!(RATE_LIMITED, "Requests refused by a local rate limit.");
+    describe_counter!(SHED, "Requests shed by admission control.");
+    describe_counter!(CACHE, "Local hot-key cache answers by kind.");
+    describe_gauge!(INFLIGHT, "Backend calls in flight.");
+    describe_gauge!(CONNECTIONS, "Open client connections.");
+    describe_gauge!(PERSIST_BACKLOG, "Claim records not yet in the database.");
+    describe_gauge!(
+        PERSIST_LAG,
+        Unit::Seconds,
+        "Age of the oldest unpersisted claim record."
+    );
+    describe_counter!(PERSIST_ROWS, "Rows written to the transaction log.");
+    describe_histogram!(
+        PERSIST_SECONDS,
+        Unit::Seconds,
+        "Persister batch write latency."
+    );
+    describe_counter!(PERSIST_ERRORS, "Persister failures by stage.");
+    describe_gauge!(STOCK_REMAINING, "Stock remaining per tracked batch.");
+    describe_gauge!(BATCHES_LOST, "Batches whose Redis state is missing.");
+    describe_gauge!(BUILD_INFO, "Build information.");
+}

@@ -1,0 +1,73 @@
+//! Operations endpoints: `/readyz` (with detail), `/metrics`, `/openapi.json`.
+//!
+//! Invariant kept here: `/readyz` answers 200 only when the backend is reachable with its
+//! scripts loaded, the database answers, and the instance is not draining.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+use http_body_util::Full;
+use serde_json::json;
+
+use crate::app::App;
+use crate::backend::Backend;
+use crate::error::json_response;
+
+/// The API contract, kept in the tree and served as is.
+pub const OPENAPI: &str = include_str!("../docs/openapi.json");
+
+pub async fn ready<B: Backend>(app: &App<B>) -> Response<Full<Bytes>> {
+    let limit = Duration::from_millis(app.cfg.redis.command_timeout_ms.max(100));
+    let backend = match tokio::time::timeout(limit, app.backend().ready()).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("timed out".to_string()),
+    };
+    let database = match tokio::time::timeout(limit, app.db.ping()).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("timed out".to_string()),
+    };
+    let draining = app.is_draining();
+    let lost: Vec<String> = app
+        .cache
+        .all()
+        .iter()
+        .filter(|b| b.is_lost())
+        .map(|b| b.id.clone())
+        .collect();
+    let ok = backend.is_ok() && database.is_ok() && !draining;
+    let body = json!({
+        "ready": ok,
+        "draining": draining,
+        "backend": { "kind": app.backend().kind(), "ok": backend.is_ok(), "error": backend.err() },
+        "database": { "kind": app.db.kind(), "ok": database.is_ok(), "error": database.err() },
+        "persister": app.persist_status.as_ref().map(|s| s.snapshot()),
+        "lost_batches": lost,
+    });
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    json_response(status, &body)
+}
+
+pub fn metrics<B: Backend>(app: &App<B>) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(app.metrics.render())));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    resp
+}
+
+pub fn openapi() -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from_static(OPENAPI.as_bytes())));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}

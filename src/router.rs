@@ -1,0 +1,239 @@
+//! Request routing: method + path to handler, body limits, and the conversion of every
+//! handler result into a response.
+//!
+//! Invariant kept here: whatever a client sends (unknown route, wrong method, oversized or
+//! malformed body, invalid ids), the answer is a JSON response with a 4xx code and nothing
+//! is changed; no input reaches a handler unvalidated.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Body;
+
+use crate::app::App;
+use crate::backend::Backend;
+use crate::error::{ApiError, json_response};
+
+/// The routes, a closed set (the `route` label of HTTP metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route<'a> {
+    Health,
+    Ready,
+    Metrics,
+    OpenApi,
+    Batches,
+    Batch(&'a str),
+    Claims(&'a str),
+    UserCoupons(&'a str),
+    CouponAction(&'a str, &'a str),
+    Unknown,
+}
+
+impl Route<'_> {
+    fn parse(path: &str) -> Route<'_> {
+        let mut seg = path.strip_prefix('/').unwrap_or(path).split('/');
+        match (seg.next(), seg.next(), seg.next(), seg.next(), seg.next()) {
+            (Some("healthz"), None, ..) => Route::Health,
+            (Some("readyz"), None, ..) => Route::Ready,
+            (Some("metrics"), None, ..) => Route::Metrics,
+            (Some("openapi.json"), None, ..) => Route::OpenApi,
+            (Some("v1"), Some("batches"), None, ..) => Route::Batches,
+            (Some("v1"), Some("batches"), Some(id), None, _) if !id.is_empty() => Route::Batch(id),
+            (Some("v1"), Some("batches"), Some(id), Some("claims"), None) if !id.is_empty() => {
+                Route::Claims(id)
+            }
+            (Some("v1"), Some("users"), Some(u), Some("coupons"), None) if !u.is_empty() => {
+                Route::UserCoupons(u)
+            }
+            (Some("v1"), Some("coupons"), Some(c), Some(action), None)
+                if !c.is_empty() && matches!(action, "lock" | "redeem" | "release") =>
+            {
+                Route::CouponAction(c, action)
+            }
+            _ => Route::Unknown,
+        }
+    }
+
+    fn label(&self) -> &'static str {
+        match self {
+            Route::Health => "healthz",
+            Route::Ready => "readyz",
+            Route::Metrics => "metrics",
+            Route::OpenApi => "openapi",
+            Route::Batches => "batches",
+            Route::Batch(_) => "batch",
+            Route::Claims(_) => "claims",
+            Route::UserCoupons(_) => "user_coupons",
+            Route::CouponAction(..) => "coupon_action",
+            Route::Unknown => "unknown",
+        }
+    }
+}
+
+/// Reads the whole body, refusing more than `limit` bytes.
+async fn read_body<Bd>(body: Bd, limit: usize) -> Result<Bytes, ApiError>
+where
+    Bd: Body<Data = Bytes>,
+    Bd::Error: std::error::Error + Send + Sync + 'static,
+{
+    if body.size_hint().lower() > limit as u64 {
+        return Err(ApiError::BadRequest(format!(
+            "body larger than {limit} bytes"
+        )));
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::BadRequest(format!(
+            "body larger than {limit} bytes"
+        ))),
+        Err(e) => Err(ApiError::BadRequest(format!("could not read body: {e}"))),
+    }
+}
+
+/// Handles one request. Never panics on input; every error is a JSON response.
+pub async fn handle<B, Bd>(
+    app: &App<B>,
+    req: Request<Bd>,
+    peer: SocketAddr,
+) -> Response<Full<Bytes>>
+where
+    B: Backend,
+    Bd: Body<Data = Bytes>,
+    Bd::Error: std::error::Error + Send + Sync + 'static,
+{
+    let timeout = Duration::from_millis(app.cfg.server.request_timeout_ms.max(1));
+    let (parts, body) = req.into_parts();
+    let route = Route::parse(parts.uri.path());
+    let label = route.label();
+    let fut = dispatch(app, route, &parts, body, peer);
+    let resp = match tokio::time::timeout(timeout, fut).await {
+        Ok(Ok(resp)) => resp,
+        Ok(Err(e)) => e.into_response(),
+        Err(_) => ApiError::BackendUnavailable("request timed out".into(), app.retry_after())
+            .into_response(),
+    };
+    let class = match resp.status().as_u16() {
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    };
+    metrics::counter!(crate::metrics::HTTP_REQUESTS, "route" => label, "status" => class)
+        .increment(1);
+    resp
+}
+
+async fn dispatch<B, Bd>(
+    app: &App<B>,
+    route: Route<'_>,
+    parts: &http::request::Parts,
+    body: Bd,
+    peer: SocketAddr,
+) -> Result<Response<Full<Bytes>>, ApiError>
+where
+    B: Backend,
+    Bd: Body<Data = Bytes>,
+    Bd::Error: std::error::Error + Send + Sync + 'static,
+{
+    let limit = app.cfg.server.max_body_bytes;
+    let m = &parts.method;
+    let h = &parts.headers;
+    if !matches!(
+        route,
+        Route::Claims(_) | Route::Health | Route::Ready | Route::Metrics
+    ) {
+        app.limits.check_other(app.limits.client_ip(peer, h))?;
+    }
+    match route {
+        Route::Health if m == Method::GET => Ok(json_response(
+            StatusCode::OK,
+            &serde_json::json!({"status": "ok"}),
+        )),
+        Route::Ready if m == Method::GET => Ok(crate::ops::ready(app).await),
+        Route::Metrics if m == Method::GET => Ok(crate::ops::metrics(app)),
+        Route::OpenApi if m == Method::GET => Ok(crate::ops::openapi()),
+        Route::Batches if m == Method::POST => {
+            app.auth.check_admin(h)?;
+            let body = read_body(body, limit).await?;
+            let (status, batch) = crate::admin::create(app, &body).await?;
+            Ok(json_response(status, &batch))
+        }
+        Route::Batch(id) if m == Method::GET => {
+            app.auth.check_admin(h)?;
+            Ok(json_response(
+                StatusCode::OK,
+                &crate::admin::get(app, id).await?,
+            ))
+        }
+        Route::Batch(id) if m == Method::PATCH => {
+            app.auth.check_admin(h)?;
+            let body = read_body(body, limit).await?;
+            Ok(json_response(
+                StatusCode::OK,
+                &crate::admin::patch(app, id, &body).await?,
+            ))
+        }
+        Route::Claims(id) if m == Method::POST => {
+            let body = read_body(body, limit).await?;
+            let (status, reply) = crate::claim::claim(app, id, h, peer, &body).await?;
+            Ok(json_response(status, &reply))
+        }
+        Route::UserCoupons(user) if m == Method::GET => {
+            let query = parts.uri.query().unwrap_or("");
+            let page = crate::wallet::list(app, h, user, query).await?;
+            Ok(json_response(StatusCode::OK, &page))
+        }
+        Route::CouponAction(coupon, action) if m == Method::POST => {
+            let body = read_body(body, limit).await?;
+            let reply = crate::wallet::act(app, h, coupon, action, &body).await?;
+            Ok(json_response(StatusCode::OK, &reply))
+        }
+        Route::Unknown => Err(ApiError::RouteNotFound),
+        _ => Err(ApiError::MethodNotAllowed),
+    }
+}
+
+/// Adds `Connection: close` while draining, so keep-alive clients move elsewhere.
+pub fn closing(mut resp: Response<Full<Bytes>>) -> Response<Full<Bytes>> {
+    resp.headers_mut().insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("close"),
+    );
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes() {
+        assert_eq!(Route::parse("/healthz"), Route::Health);
+        assert_eq!(Route::parse("/v1/batches"), Route::Batches);
+        assert_eq!(Route::parse("/v1/batches/b1"), Route::Batch("b1"));
+        assert_eq!(Route::parse("/v1/batches/b1/claims"), Route::Claims("b1"));
+        assert_eq!(
+            Route::parse("/v1/users/u1/coupons"),
+            Route::UserCoupons("u1")
+        );
+        assert_eq!(
+            Route::parse("/v1/coupons/c.1.2/lock"),
+            Route::CouponAction("c.1.2", "lock")
+        );
+        for unknown in [
+            "/",
+            "",
+            "/v1",
+            "/v1/batches/",
+            "/v1/batches//claims",
+            "/v1/batches/b/claims/x",
+            "/v1/coupons/c/steal",
+            "/healthz/x",
+        ] {
+            assert_eq!(Route::parse(unknown), Route::Unknown, "{unknown}");
+        }
+    }
+}

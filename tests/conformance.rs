@@ -1,0 +1,750 @@
+//! Conformance suite: the same cases against the `redis` backend (a redis-server of our own
+//! + PostgreSQL) and the `embedded` backend (+ SQLite), through the real router, with real
+//! concurrency. Any difference between the backends is a bug.
+
+mod support;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use claimgate::app::App;
+use claimgate::backend::Backend;
+use claimgate::persist::Persister;
+use serde_json::{Value, json};
+use support::gw::*;
+use tokio_util::sync::CancellationToken;
+
+/// Fires `n` claims at once; returns (user, status, body) for each.
+async fn storm<B: Backend>(
+    app: &Arc<App<B>>,
+    batch: &str,
+    n: usize,
+    user_of: impl Fn(usize) -> String,
+    rid_of: impl Fn(usize) -> Option<String>,
+) -> Vec<(String, u16, Value)> {
+    let mut tasks = Vec::with_capacity(n);
+    for i in 0..n {
+        let app = app.clone();
+        let batch = batch.to_string();
+        let user = user_of(i);
+        let rid = rid_of(i);
+        tasks.push(tokio::spawn(async move {
+            let (s, v) = claim(&app, &batch, &user, rid.as_deref()).await;
+            (user, s, v)
+        }));
+    }
+    let mut out = Vec::with_capacity(n);
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+async fn assert_conserved<B: Backend>(g: &Gw<B>, batch: &str, claimed: i64) {
+    let keys = g.app.load_batch(batch).await.unwrap().keys.clone();
+    let c = g.app.stock.conservation(&keys).await.unwrap();
+    assert!(c.holds(), "conservation broken: {c:?}");
+    assert_eq!(c.claimed, claimed, "{c:?}");
+}
+
+/// Runs the persister until the database holds `expected` claims of `batch`.
+async fn drain_to_db<B: Backend>(g: &Gw<B>, batch: &str, expected: u64) {
+    let stop = CancellationToken::new();
+    let p = Persister::spawn(
+        g.backend.clone(),
+        g.db.clone(),
+        g.cfg.persister.clone(),
+        stop.clone(),
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let _ = p.flush().await;
+        let (coupons, events) = g.db.claim_counts(batch).await.unwrap();
+        if coupons == expected && events == expected {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "db has {coupons}/{events}, want {expected}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.cancel();
+    p.join().await;
+}
+
+fn coupon(v: &Value) -> String {
+    v["coupon_id"].as_str().unwrap_or_default().to_string()
+}
+
+pub mod cases {
+    use super::*;
+
+    /// The issue's acceptance figure: 1,000 users rush stock 100.
+    pub async fn flash_sale<B: Backend>(g: &Gw<B>) {
+        create(g, "flash", 100, 1, json!({})).await;
+        let res = storm(&g.app, "flash", 1000, |i| format!("user{i}"), |_| None).await;
+        let ok: Vec<_> = res.iter().filter(|r| r.1 == 201).collect();
+        let gone = res.iter().filter(|r| r.1 == 410).count();
+        assert_eq!(
+            (ok.len(), gone),
+            (100, 900),
+            "statuses: {:?}",
+            status_counts(&res)
+        );
+        let ids: HashSet<String> = ok.iter().map(|r| coupon(&r.2)).collect();
+        assert_eq!(ids.len(), 100, "coupon ids must be distinct");
+        assert_conserved(g, "flash", 100).await;
+        let (s, v) = call(&g.app, "GET", "/v1/batches/flash", "").await;
+        assert_eq!(s, 200);
+        assert_eq!(
+            v["stock"],
+            json!({"total": 100, "claimed": 100, "remaining": 0})
+        );
+        drain_to_db(g, "flash", 100).await;
+        for id in &ids {
+            let c =
+                g.db.get_coupon(id)
+                    .await
+                    .unwrap()
+                    .expect("every 201 coupon is in the database");
+            assert_eq!(c.batch_id, "flash");
+        }
+    }
+
+    /// 5,000 concurrent claims from 1,000 users on stock 700, limit 2.
+    pub async fn limits_under_concurrency<B: Backend>(g: &Gw<B>) {
+        create(g, "conc", 700, 2, json!({"shards": 8})).await;
+        let res = storm(
+            &g.app,
+            "conc",
+            5000,
+            |i| format!("u{}", i % 1000),
+            |i| Some(format!("r{i}")),
+        )
+        .await;
+        let mut per_user: HashMap<&str, HashSet<String>> = HashMap::new();
+        let mut all = HashSet::new();
+        for (u, s, v) in &res {
+            match s {
+                201 => {
+                    assert!(all.insert(coupon(v)), "duplicate coupon {v}");
+                    per_user.entry(u).or_default().insert(coupon(v));
+                }
+                409 => assert_eq!(v["error"], "limit_reached"),
+                410 => assert_eq!(v["error"], "sold_out"),
+                other => panic!("unexpected {other}: {v}"),
+            }
+        }
+        assert_eq!(all.len(), 700, "statuses: {:?}", status_counts(&res));
+        assert!(per_user.values().all(|c| c.len() <= 2));
+        assert_conserved(g, "conc", 700).await;
+        drain_to_db(g, "conc", 700).await;
+    }
+
+    /// The same request id sent concurrently returns one coupon, every time.
+    pub async fn replays<B: Backend>(g: &Gw<B>) {
+        create(g, "replay", 1000, 1, json!({"shards": 4})).await;
+        let res = storm(
+            &g.app,
+            "replay",
+            500,
+            |i| format!("p{}", i % 20),
+            |i| Some(format!("req-{}", i % 20)),
+        )
+        .await;
+        let mut by_user: HashMap<&str, Vec<(u16, String)>> = HashMap::new();
+        for (u, s, v) in &res {
+            assert!(*s == 201 || *s == 200, "{s}: {v}");
+            by_user.entry(u).or_default().push((*s, coupon(v)));
+        }
+        for (u, answers) in by_user {
+            let created = answers.iter().filter(|a| a.0 == 201).count();
+            assert_eq!(created, 1, "{u}: exactly one 201");
+            let ids: HashSet<_> = answers.iter().map(|a| &a.1).collect();
+            assert_eq!(ids.len(), 1, "{u}: one coupon for every replay");
+        }
+        // a new request id of a user at the limit is refused, the old one still replays
+        let (s, v) = claim(&g.app, "replay", "p1", Some("another")).await;
+        assert_eq!((s, v["error"].as_str()), (409, Some("limit_reached")));
+        let (s, _) = claim(&g.app, "replay", "p1", Some("req-1")).await;
+        assert_eq!(s, 200);
+        assert_conserved(g, "replay", 20).await;
+    }
+
+    /// A crash between the two halves of a transfer: no stock created, none lost after sweep.
+    pub async fn transfer_crash<B: Backend>(g: &Gw<B>) {
+        create(g, "xfer", 50, 5, json!({"shards": 4})).await;
+        let keys = g.app.load_batch("xfer").await.unwrap().keys.clone();
+        let stock = &g.app.stock;
+        let before = stock.conservation(&keys).await.unwrap();
+        assert!(before.holds() && before.in_flight == 0, "{before:?}");
+        // first half only, as if the gateway died right after it
+        let moved = stock
+            .transfer_first_half(&keys.pool, &keys.shards[0], "crash-1", 10, false)
+            .await
+            .unwrap();
+        assert!(moved > 0);
+        // repeating the first half (a retried call) moves nothing more
+        let again = stock
+            .transfer_first_half(&keys.pool, &keys.shards[0], "crash-1", 10, false)
+            .await
+            .unwrap();
+        assert_eq!(again, moved);
+        let mid = stock.conservation(&keys).await.unwrap();
+        assert!(mid.holds(), "{mid:?}");
+        assert_eq!(mid.in_flight, moved);
+        assert_eq!(mid.pool, before.pool - moved);
+        assert_eq!(stock.sweep(&keys, 0).await.unwrap(), 1);
+        let after = stock.conservation(&keys).await.unwrap();
+        assert!(after.holds() && after.in_flight == 0, "{after:?}");
+        assert_eq!(after.shards, before.shards + moved);
+        // sweeping again creates nothing
+        assert_eq!(stock.sweep(&keys, 0).await.unwrap(), 0);
+        assert_eq!(stock.conservation(&keys).await.unwrap(), after);
+        // and the batch still sells exactly its stock
+        let res = storm(&g.app, "xfer", 200, |i| format!("x{i}"), |_| None).await;
+        assert_eq!(res.iter().filter(|r| r.1 == 201).count(), 50);
+        assert_conserved(g, "xfer", 50).await;
+    }
+
+    /// Window, pause/resume, deny list, daily limit, unknown batch, added stock.
+    pub async fn rules<B: Backend>(g: &Gw<B>) {
+        let app = &g.app;
+        create(g, "future", 10, 1, json!({"claim_window": {"start": "2099-01-01T00:00:00Z", "end": "2100-01-01T00:00:00Z"}})).await;
+        assert_eq!(
+            claim(app, "future", "u", None).await.1["error"],
+            "not_started"
+        );
+        create(g, "past", 10, 1, json!({"claim_window": {"start": "2020-01-01T00:00:00Z", "end": "2021-01-01T00:00:00Z"}})).await;
+        assert_eq!(claim(app, "past", "u", None).await.1["error"], "ended");
+        assert_eq!(
+            claim(app, "nope", "u", None).await,
+            (
+                404,
+                json!({"error": "batch_not_found", "message": "batch not found"})
+            )
+        );
+
+        create(
+            g,
+            "rules",
+            3,
+            5,
+            json!({"per_user_daily_limit": 1, "eligibility": {"deny_users": ["mallory"]}}),
+        )
+        .await;
+        let (s, v) = claim(app, "rules", "mallory", None).await;
+        assert_eq!((s, v["error"].as_str()), (403, Some("not_eligible")));
+        assert_eq!(claim(app, "rules", "alice", None).await.0, 201);
+        let (s, v) = claim(app, "rules", "alice", None).await;
+        assert_eq!(
+            (s, v["error"].as_str()),
+            (409, Some("limit_reached")),
+            "daily limit 1"
+        );
+
+        let (s, v) = call(app, "PATCH", "/v1/batches/rules", r#"{"state":"paused"}"#).await;
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(v["batch"]["state"], "paused");
+        let (s, v) = claim(app, "rules", "bob", None).await;
+        assert_eq!((s, v["error"].as_str()), (409, Some("paused")));
+        call(app, "PATCH", "/v1/batches/rules", r#"{"state":"active"}"#).await;
+        assert_eq!(claim(app, "rules", "bob", None).await.0, 201);
+        assert_eq!(claim(app, "rules", "carol", None).await.0, 201);
+        let (s, v) = claim(app, "rules", "dave", None).await;
+        assert_eq!((s, v["error"].as_str()), (410, Some("sold_out")));
+        assert_eq!(
+            claim(app, "rules", "erin", None).await.0,
+            410,
+            "sold out answered from memory"
+        );
+
+        let (s, v) = call(app, "PATCH", "/v1/batches/rules", r#"{"add_stock":2}"#).await;
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(
+            v["stock"],
+            json!({"total": 5, "claimed": 3, "remaining": 2})
+        );
+        assert_eq!(
+            claim(app, "rules", "dave", None).await.0,
+            201,
+            "added stock clears sold out"
+        );
+        assert_eq!(claim(app, "rules", "erin", None).await.0, 201);
+        assert_eq!(claim(app, "rules", "frank", None).await.0, 410);
+        let (s, _) = call(
+            app,
+            "PATCH",
+            "/v1/batches/rules",
+            r#"{"claim_window":{"end":"2021-06-01T00:00:00Z"}}"#,
+        )
+        .await;
+        assert_eq!(s, 200);
+        call(app, "PATCH", "/v1/batches/rules", r#"{"add_stock":1}"#).await;
+        assert_eq!(claim(app, "rules", "gina", None).await.1["error"], "ended");
+        assert_conserved(g, "rules", 5).await;
+        // a second, identical create is harmless; a different one under the same id is refused
+        let again = batch_json(
+            "past",
+            10,
+            1,
+            json!({"claim_window": {"start": "2020-01-01T00:00:00Z", "end": "2021-01-01T00:00:00Z"}}),
+        );
+        assert_eq!(call(app, "POST", "/v1/batches", again).await.0, 201);
+        let (s, v) = call(
+            app,
+            "POST",
+            "/v1/batches",
+            batch_json("past", 11, 1, json!({})),
+        )
+        .await;
+        assert_eq!((s, v["error"].as_str()), (409, Some("batch_exists")));
+    }
+
+    /// Bad input gets a 4xx with the right code and changes nothing.
+    pub async fn bad_input<B: Backend>(g: &Gw<B>) {
+        create(g, "bad", 10, 1, json!({})).await;
+        let app = &g.app;
+        let big = format!(r#"{{"user_id":"{}"}}"#, "a".repeat(64 * 1024));
+        let cases: Vec<(&str, &str, Bytes, u16, &str)> = vec![
+            (
+                "POST",
+                "/v1/batches/bad/claims",
+                Bytes::from_static(b"{"),
+                400,
+                "bad_request",
+            ),
+            (
+                "POST",
+                "/v1/batches/bad/claims",
+                Bytes::from_static(b""),
+                400,
+                "bad_request",
+            ),
+            (
+                "POST",
+                "/v1/batches/bad/claims",
+                Bytes::from_static(b"[]"),
+                400,
+                "bad_request",
+            ),
+            (
+                "POST",
+                "/v1/batches/bad/claims",
+                Bytes::from_static(br#"{"user_id":5}"#),
+                400,
+                "bad_request",
+            ),
+            (
+                "POST",
+                "/v1/batches/bad/claims",
+                Bytes::from_static(br#"{"user_id":"a{b}"}"#),
+                400,
+                "bad_request",
+            ),
+            (
+                "POST",
+                "/v1/batches/bad/claims",
+                Bytes::from_static(br#"{"user_id":"a:b"}"#),
+                400,
+                "bad_request",
+            ),
+            (
+                "POST",
+                "/v1/batches/bad/claims",
+                Bytes::from_static(b"{\"user_id\":\"a\\nb\"}"),
+                400,
+                "bad_request",
+            ),
+            (
+                "POST",
+                "/v1/batches/bad/claims",
+                Bytes::from_static(b"{\"user_id\":\"\xff\xfe\"}"),
+                400,
+                "bad_request",
+            ),
+            (
+                "POST",
+                "/v1/batches/bad/claims",
+                Bytes::from_static(br#"{"user_id":"u","request_id":"r r"}"#),
+                400,
+                "bad_request",
+            ),
+            (
+                "POST",
+                "/v1/batches/bad/claims",
+                Bytes::from_static(br#"{"user_id":"u","request_id":7}"#),
+                400,
+                "bad_request",
+            ),
+            (
+                "POST",
+                "/v1/batches/bad/claims",
+                Bytes::from_static(br#"{"request_id":"r"}"#),
+                400,
+                "bad_request",
+            ),
+            (
+                "POST",
+                "/v1/batches/bad/claims",
+                Bytes::from_static(br#"{"user_id":"u","x":1}"#),
+                400,
+                "bad_request",
+            ),
+            (
+                "POST",
+                "/v1/batches/bad/claims",
+                Bytes::from(big),
+                400,
+                "bad_request",
+            ),
+            (
+                "POST",
+                "/v1/batches/a{b}/claims",
+                Bytes::from_static(br#"{"user_id":"u"}"#),
+                404,
+                "batch_not_found",
+            ),
+            (
+                "POST",
+                "/v1/batches/a%0Ab/claims",
+                Bytes::from_static(br#"{"user_id":"u"}"#),
+                404,
+                "batch_not_found",
+            ),
+            (
+                "GET",
+                "/v1/batches/bad/claims",
+                Bytes::new(),
+                405,
+                "method_not_allowed",
+            ),
+            (
+                "DELETE",
+                "/v1/batches/bad",
+                Bytes::new(),
+                405,
+                "method_not_allowed",
+            ),
+            ("GET", "/v1/nothing", Bytes::new(), 404, "not_found"),
+            ("GET", "/", Bytes::new(), 404, "not_found"),
+            (
+                "POST",
+                "/v1/batches",
+                Bytes::from_static(b"{}"),
+                400,
+                "bad_request",
+            ),
+            (
+                "POST",
+                "/v1/batches",
+                Bytes::from_static(b"not json"),
+                400,
+                "bad_request",
+            ),
+            (
+                "POST",
+                "/v1/batches",
+                Bytes::from(batch_json("x:y", 1, 1, json!({}))),
+                400,
+                "bad_request",
+            ),
+            (
+                "POST",
+                "/v1/batches",
+                Bytes::from(batch_json("neg", -1, 1, json!({}))),
+                400,
+                "bad_request",
+            ),
+            (
+                "POST",
+                "/v1/batches",
+                Bytes::from(batch_json("lim", 1, 0, json!({}))),
+                400,
+                "bad_request",
+            ),
+            (
+                "POST",
+                "/v1/batches",
+                Bytes::from(batch_json("sh", 1, 1, json!({"shards": 0}))),
+                400,
+                "bad_request",
+            ),
+            (
+                "POST",
+                "/v1/batches",
+                Bytes::from(batch_json(
+                    "win",
+                    1,
+                    1,
+                    json!({"claim_window": {"start": "2021-01-01T00:00:00Z", "end": "2020-01-01T00:00:00Z"}}),
+                )),
+                400,
+                "bad_request",
+            ),
+            (
+                "POST",
+                "/v1/batches",
+                Bytes::from(batch_json(
+                    "ts",
+                    1,
+                    1,
+                    json!({"claim_window": {"start": "yesterday", "end": "2020-01-01T00:00:00Z"}}),
+                )),
+                400,
+                "bad_request",
+            ),
+            (
+                "PATCH",
+                "/v1/batches/bad",
+                Bytes::from_static(br#"{"state":"gone"}"#),
+                400,
+                "bad_request",
+            ),
+            (
+                "PATCH",
+                "/v1/batches/bad",
+                Bytes::from_static(br#"{"add_stock":-5}"#),
+                400,
+                "bad_request",
+            ),
+            (
+                "PATCH",
+                "/v1/batches/bad",
+                Bytes::from_static(br#"{}"#),
+                400,
+                "bad_request",
+            ),
+            (
+                "PATCH",
+                "/v1/batches/missing",
+                Bytes::from_static(br#"{"state":"paused"}"#),
+                404,
+                "batch_not_found",
+            ),
+            (
+                "GET",
+                "/v1/users/a%20b/coupons",
+                Bytes::new(),
+                400,
+                "bad_request",
+            ),
+            (
+                "GET",
+                "/v1/users/u/coupons?status=lost",
+                Bytes::new(),
+                400,
+                "bad_request",
+            ),
+            (
+                "GET",
+                "/v1/users/u/coupons?limit=0",
+                Bytes::new(),
+                400,
+                "bad_request",
+            ),
+            (
+                "POST",
+                "/v1/coupons/bad.0.1/lock",
+                Bytes::from_static(b"{}"),
+                400,
+                "bad_request",
+            ),
+            (
+                "POST",
+                "/v1/coupons/nonsense/lock",
+                Bytes::from_static(br#"{"order_id":"o1"}"#),
+                404,
+                "coupon_not_found",
+            ),
+        ];
+        for (method, path, body, status, code) in cases {
+            let (s, v) = call(app, method, path, body.clone()).await;
+            assert_eq!(
+                (s, v["error"].as_str()),
+                (status, Some(code)),
+                "{method} {path} {body:?}: {v}"
+            );
+            assert!(v["message"].is_string(), "{v}");
+        }
+        assert_conserved(g, "bad", 0).await;
+        assert_eq!(
+            claim(app, "bad", "good", None).await.0,
+            201,
+            "still serving"
+        );
+    }
+
+    /// Wallet and TCC redemption after persistence.
+    pub async fn wallet<B: Backend>(g: &Gw<B>) {
+        create(g, "wal", 5, 2, json!({})).await;
+        let (_, v) = claim(&g.app, "wal", "w1", Some("a")).await;
+        let c1 = coupon(&v);
+        claim(&g.app, "wal", "w1", Some("b")).await;
+        drain_to_db(g, "wal", 2).await;
+        let (s, v) = call(
+            &g.app,
+            "GET",
+            "/v1/users/w1/coupons?status=unused&limit=1",
+            "",
+        )
+        .await;
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(v["coupons"].as_array().unwrap().len(), 1);
+        assert!(v["next_cursor"].is_string());
+        let lock = |c: &str, action: &str, order: &str| {
+            let app = g.app.clone();
+            let path = format!("/v1/coupons/{c}/{action}");
+            let body = json!({"order_id": order}).to_string();
+            async move { call(&app, "POST", &path, body).await }
+        };
+        assert_eq!(lock(&c1, "lock", "o1").await.0, 200);
+        assert_eq!(
+            lock(&c1, "lock", "o1").await.0,
+            200,
+            "idempotent for the same order"
+        );
+        let (s, v) = lock(&c1, "lock", "o2").await;
+        assert_eq!((s, v["error"].as_str()), (409, Some("invalid_state")));
+        assert_eq!(lock(&c1, "redeem", "o1").await.1["state"], "used");
+        assert_eq!(lock(&c1, "redeem", "o1").await.0, 200);
+        assert_eq!(lock(&c1, "release", "o1").await.0, 409);
+        let (_, v) = call(&g.app, "GET", "/v1/users/w1/coupons?status=used", "").await;
+        assert_eq!(v["coupons"][0]["coupon_id"], json!(c1));
+    }
+}
+
+fn status_counts(res: &[(String, u16, Value)]) -> HashMap<String, usize> {
+    let mut m = HashMap::new();
+    for (_, s, v) in res {
+        *m.entry(format!("{s} {}", v["error"].as_str().unwrap_or("")))
+            .or_default() += 1;
+    }
+    m
+}
+
+macro_rules! on_both_backends {
+    ($($case:ident),* $(,)?) => {$(
+        mod $case {
+            use super::*;
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn redis() {
+                let g = redis_gw().await;
+                cases::$case(&g).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn embedded() {
+                let g = embedded_gw().await;
+                cases::$case(&g).await;
+            }
+        }
+    )*};
+}
+
+on_both_backends!(
+    flash_sale,
+    limits_under_concurrency,
+    replays,
+    transfer_crash,
+    rules,
+    bad_input,
+    wallet
+);
+
+/// Random operation sequences give identical answers on both backends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn differential_random_sequences() {
+    use rand::{Rng, SeedableRng};
+    let r = redis_gw().await;
+    let e = embedded_gw().await;
+    for seed in 0..3u64 {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let batch = format!("diff{seed}");
+        let stock = rng.random_range(5..40);
+        let shards = rng.random_range(1..6);
+        let limit = rng.random_range(1..4);
+        let body = batch_json(
+            &batch,
+            stock,
+            limit,
+            json!({"shards": shards, "per_user_daily_limit": if seed == 1 { json!(1) } else { Value::Null }}),
+        );
+        let ops: Vec<(u8, String, String)> = (0..150)
+            .map(|_| {
+                let op = rng.random_range(0..10u8);
+                (
+                    op,
+                    format!("u{}", rng.random_range(0..25)),
+                    format!("r{}", rng.random_range(0..60)),
+                )
+            })
+            .collect();
+        let mut answers = Vec::new();
+        for app_is_redis in [true, false] {
+            let mut log = Vec::new();
+            macro_rules! run {
+                ($g:expr) => {{
+                    log.push(
+                        call(&$g.app, "POST", "/v1/batches", body.clone())
+                            .await
+                            .0
+                            .to_string(),
+                    );
+                    for (op, user, rid) in &ops {
+                        let (s, v) = match op {
+                            0 => {
+                                call(
+                                    &$g.app,
+                                    "PATCH",
+                                    &format!("/v1/batches/{batch}"),
+                                    r#"{"state":"paused"}"#,
+                                )
+                                .await
+                            }
+                            1 => {
+                                call(
+                                    &$g.app,
+                                    "PATCH",
+                                    &format!("/v1/batches/{batch}"),
+                                    r#"{"state":"active"}"#,
+                                )
+                                .await
+                            }
+                            2 => {
+                                call(
+                                    &$g.app,
+                                    "PATCH",
+                                    &format!("/v1/batches/{batch}"),
+                                    r#"{"add_stock":3}"#,
+                                )
+                                .await
+                            }
+                            3 => claim(&$g.app, &batch, user, None).await,
+                            _ => claim(&$g.app, &batch, user, Some(rid)).await,
+                        };
+                        let detail = match s {
+                            200 | 201 if v.get("coupon_id").is_some() => coupon(&v),
+                            200 => v["stock"].to_string(),
+                            _ => v["error"].as_str().unwrap_or("").to_string(),
+                        };
+                        log.push(format!("{s} {detail}"));
+                    }
+                    let (_, v) = call(&$g.app, "GET", &format!("/v1/batches/{batch}"), "").await;
+                    log.push(v["stock"].to_string());
+                }};
+            }
+            if app_is_redis {
+                run!(r)
+            } else {
+                run!(e)
+            }
+            answers.push(log);
+        }
+        for (i, (a, b)) in answers[0].iter().zip(&answers[1]).enumerate() {
+            assert_eq!(a, b, "seed {seed}, step {i}: redis vs embedded");
+        }
+    }
+}

@@ -1,0 +1,183 @@
+//! In-process gateways for tests: an `App` on either backend with its own database,
+//! driven through the real router without sockets.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use claimgate::app::App;
+use claimgate::backend::Backend;
+use claimgate::backend::embedded::{EmbeddedBackend, EmbeddedConfig};
+use claimgate::backend::redis::{RedisBackend, RedisConfig};
+use claimgate::config::Config;
+use claimgate::db::Db;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use serde_json::{Value, json};
+
+use super::{PgDb, RedisServer};
+
+pub struct Gw<B: Backend> {
+    pub app: Arc<App<B>>,
+    pub backend: Arc<B>,
+    pub db: Db,
+    pub cfg: Arc<Config>,
+    pub redis: Option<RedisServer>,
+    _pg: Option<PgDb>,
+    pub dir: tempfile::TempDir,
+}
+
+pub fn config(extra: &[String]) -> Config {
+    let mut o = vec![
+        "limits.claim_per_user.per_second=0".to_string(),
+        "limits.admission_wait_ms=60000".to_string(),
+        "limits.max_inflight=100000".to_string(),
+        "persister.flush_interval_ms=5".to_string(),
+        "stock.sweep_min_age_ms=0".to_string(),
+        "server.request_timeout_ms=60000".to_string(),
+    ];
+    o.extend_from_slice(extra);
+    claimgate::config::load(None, Vec::new(), &o).expect("test config")
+}
+
+pub async fn open_db(url: &str) -> Db {
+    let db = Db::connect(&claimgate::db::DatabaseConfig {
+        url: url.to_string(),
+        ..Default::default()
+    })
+    .await
+    .expect("database");
+    db.migrate().await.expect("migrate");
+    db
+}
+
+pub async fn redis_gw() -> Gw<RedisBackend> {
+    redis_gw_with(&[]).await
+}
+
+/// A redis-backed gateway with extra config overrides.
+pub async fn redis_gw_with(extra: &[String]) -> Gw<RedisBackend> {
+    let redis = RedisServer::start();
+    let pg = PgDb::create();
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = vec![format!("redis.url=\"{}\"", redis.url())];
+    o.extend_from_slice(extra);
+    let cfg = Arc::new(config(&o));
+    let backend = Arc::new(
+        RedisBackend::connect(&RedisConfig {
+            url: redis.url(),
+            ..RedisConfig::default()
+        })
+        .await
+        .expect("redis backend"),
+    );
+    let db = open_db(&pg.url).await;
+    let app = Arc::new(App::new(cfg.clone(), backend.clone(), db.clone(), None));
+    Gw {
+        app,
+        backend,
+        db,
+        cfg,
+        redis: Some(redis),
+        _pg: Some(pg),
+        dir,
+    }
+}
+
+pub async fn embedded_gw() -> Gw<EmbeddedBackend> {
+    embedded_gw_with(&[]).await
+}
+
+/// An embedded gateway with extra config overrides.
+pub async fn embedded_gw_with(extra: &[String]) -> Gw<EmbeddedBackend> {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = Arc::new(config(extra));
+    let backend = Arc::new(
+        EmbeddedBackend::open(&EmbeddedConfig {
+            aof_path: Some(dir.path().join("test.aof")),
+            ..EmbeddedConfig::default()
+        })
+        .expect("embedded backend"),
+    );
+    let url = format!("sqlite://{}?mode=rwc", dir.path().join("test.db").display());
+    let db = open_db(&url).await;
+    let app = Arc::new(App::new(cfg.clone(), backend.clone(), db.clone(), None));
+    Gw {
+        app,
+        backend,
+        db,
+        cfg,
+        redis: None,
+        _pg: None,
+        dir,
+    }
+}
+
+const PEER: &str = "127.0.0.1:40000";
+
+/// One request through the router (no socket).
+pub async fn call<B: Backend>(
+    app: &App<B>,
+    method: &str,
+    path: &str,
+    body: impl Into<Bytes>,
+) -> (u16, Value) {
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .body(Full::new(body.into()))
+        .unwrap();
+    let peer: SocketAddr = PEER.parse().unwrap();
+    let resp = claimgate::router::handle(app, req, peer).await;
+    let status = resp.status().as_u16();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let v = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    (status, v)
+}
+
+pub fn batch_json(id: &str, stock: i64, limit: i64, extra: Value) -> String {
+    let mut b = json!({
+        "id": id, "name": "test batch", "stock": stock, "per_user_limit": limit,
+        "claim_window": {"start": "2020-01-01T00:00:00Z", "end": "2100-01-01T00:00:00Z"},
+        "validity": {"days_after_claim": 7},
+        "discount": {"kind": "threshold", "threshold": 10000, "amount": 500},
+        "scope": {"kind": "all"}, "exclusive": false,
+        "eligibility": {"deny_users": [], "require_tags": [], "new_users_only": false},
+    });
+    if let (Some(obj), Some(extra)) = (b.as_object_mut(), extra.as_object()) {
+        for (k, v) in extra {
+            obj.insert(k.clone(), v.clone());
+        }
+    }
+    b.to_string()
+}
+
+pub async fn create<B: Backend>(g: &Gw<B>, id: &str, stock: i64, limit: i64, extra: Value) {
+    let (s, v) = call(
+        &g.app,
+        "POST",
+        "/v1/batches",
+        batch_json(id, stock, limit, extra),
+    )
+    .await;
+    assert_eq!(s, 201, "create {id}: {v}");
+}
+
+pub async fn claim<B: Backend>(
+    app: &App<B>,
+    batch: &str,
+    user: &str,
+    rid: Option<&str>,
+) -> (u16, Value) {
+    let body = match rid {
+        Some(r) => json!({"user_id": user, "request_id": r}),
+        None => json!({"user_id": user}),
+    };
+    call(
+        app,
+        "POST",
+        &format!("/v1/batches/{batch}/claims"),
+        body.to_string(),
+    )
+    .await
+}

@@ -1,0 +1,335 @@
+//! Test harness: real redis-server processes on free ports and throwaway PostgreSQL
+//! databases. Invariant kept here: tests only ever touch servers and databases they made
+//! themselves, and remove them (process killed, database dropped) when done.
+#![allow(dead_code)]
+
+pub mod gw;
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A free TCP port on 127.0.0.1 (bound and released; the race is harmless here).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral port")
+}
+
+/// A redis-server of our own, on a free port, in a temporary directory.
+pub struct RedisServer {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    aof: bool,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// A server that keeps nothing on disk.
+    pub fn start() -> RedisServer {
+        Self::spawn(false)
+    }
+
+    /// A server with `appendonly yes` and `appendfsync always`: a restart keeps every write.
+    pub fn start_with_aof() -> RedisServer {
+        Self::spawn(true)
+    }
+
+    fn spawn(aof: bool) -> RedisServer {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = RedisServer {
+            port: free_port(),
+            dir,
+            aof,
+            child: None,
+        };
+        s.launch();
+        s
+    }
+
+    fn launch(&mut self) {
+        let mut cmd = Command::new("redis-server");
+        cmd.arg("--port")
+            .arg(self.port.to_string())
+            .arg("--bind")
+            .arg("127.0.0.1")
+            .arg("--save")
+            .arg("")
+            .arg("--dir")
+            .arg(self.dir.path())
+            .arg("--protected-mode")
+            .arg("no");
+        if self.aof {
+            cmd.args(["--appendonly", "yes", "--appendfsync", "always"]);
+        } else {
+            cmd.args(["--appendonly", "no"]);
+        }
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server on PATH (the test script installs it)");
+        self.child = Some(child);
+        wait_for_port(self.port, Duration::from_secs(10));
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// `kill -9`.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Kill and start again on the same port and directory (an AOF server reloads its data).
+    pub fn restart(&mut self) {
+        self.kill();
+        self.launch();
+    }
+
+    /// Kill, delete everything on disk, start empty: a Redis that lost its data.
+    pub fn restart_empty(&mut self) {
+        self.kill();
+        if let Ok(entries) = std::fs::read_dir(self.dir.path()) {
+            for e in entries.flatten() {
+                let p = e.path();
+                let _ = if p.is_dir() {
+                    std::fs::remove_dir_all(&p)
+                } else {
+                    std::fs::remove_file(&p)
+                };
+            }
+        }
+        self.launch();
+    }
+
+    /// Runs a redis-cli command against this server, returning its stdout.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .arg("-p")
+            .arg(self.port.to_string())
+            .args(args)
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Waits until something accepts connections on `port`.
+pub fn wait_for_port(port: u16, limit: Duration) {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("nothing listening on port {port} after {limit:?}");
+}
+
+/// The PostgreSQL server the test script made sure is up (`CLAIMGATE_TEST_PG`, default
+/// `postgres://postgres@127.0.0.1:5432/postgres`). Tests create their own databases on it.
+pub fn pg_admin_url() -> String {
+    std::env::var("CLAIMGATE_TEST_PG")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string())
+}
+
+/// A throwaway PostgreSQL database, dropped when this value is dropped.
+pub struct PgDb {
+    pub url: String,
+    name: String,
+}
+
+impl PgDb {
+    /// Creates `claimgate_test_<pid>_<random>` on the test server. Panics with a clear
+    /// message when no server is reachable: the suite must not silently skip.
+    pub fn create() -> PgDb {
+        let name = format!(
+            "claimgate_test_{}_{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        );
+        psql(&format!("CREATE DATABASE {name}"));
+        let admin = pg_admin_url();
+        let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin);
+        PgDb {
+            url: format!("{base}/{name}"),
+            name,
+        }
+    }
+}
+
+impl Drop for PgDb {
+    fn drop(&mut self) {
+        psql(&format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        ));
+    }
+}
+
+fn psql(sql: &str) {
+    let out = Command::new("psql")
+        .arg(pg_admin_url())
+        .args(["-v", "ON_ERROR_STOP=1", "-qtAc", sql])
+        .output()
+        .expect("psql on PATH (the test script installs PostgreSQL)");
+    assert!(
+        out.status.success(),
+        "psql {sql:?} failed (is PostgreSQL up at {}?): {}",
+        pg_admin_url(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Path of a binary built by cargo for this test run.
+pub fn bin_path(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(|p| p.parent()).expect("target dir");
+    dir.join(name)
+}
+
+/// A `claimgate serve` process of our own on a free port.
+pub struct Gateway {
+    pub port: u16,
+    args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl Gateway {
+    /// Starts the binary with `args` (e.g. `--backend`, `--set`), listening on a free port,
+    /// and waits until `/healthz` answers.
+    pub fn start(args: &[String]) -> Gateway {
+        let mut g = Gateway {
+            port: free_port(),
+            args: args.to_vec(),
+            child: None,
+        };
+        g.launch();
+        g
+    }
+
+    fn launch(&mut self) {
+        let child = Command::new(env!("CARGO_BIN_EXE_claimgate"))
+            .args(&self.args)
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .arg("serve")
+            .env("CLAIMGATE_LOG__LEVEL", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn claimgate");
+        self.child = Some(child);
+        wait_for_port(self.port, Duration::from_secs(30));
+    }
+
+    pub fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// `kill -9`.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Start again with the same arguments and port.
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.launch();
+    }
+
+    /// SIGTERM, then wait for the exit; returns the exit status and how long it took.
+    pub fn terminate(&mut self) -> (std::process::ExitStatus, Duration) {
+        let mut c = self.child.take().expect("running");
+        let started = Instant::now();
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        let status = c.wait().expect("wait");
+        (status, started.elapsed())
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A small keep-alive HTTP/1.1 client for tests against a running gateway.
+pub mod http {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::client::legacy::Client;
+    use hyper_util::client::legacy::connect::HttpConnector;
+    use hyper_util::rt::TokioExecutor;
+    use serde_json::Value;
+
+    #[derive(Clone)]
+    pub struct Http {
+        client: Client<HttpConnector, Full<Bytes>>,
+        pub base: String,
+    }
+
+    impl Http {
+        pub fn new(base: &str) -> Http {
+            Http {
+                client: Client::builder(TokioExecutor::new())
+                    .pool_max_idle_per_host(256)
+                    .build_http(),
+                base: base.to_string(),
+            }
+        }
+
+        /// `Err` for transport failures (connection refused or reset: indeterminate).
+        pub async fn send(
+            &self,
+            method: &str,
+            path: &str,
+            body: &str,
+        ) -> Result<(u16, Value), String> {
+            let req = http::Request::builder()
+                .method(method)
+                .uri(format!("{}{path}", self.base))
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(body.to_string())))
+                .map_err(|e| e.to_string())?;
+            let fut = self.client.request(req);
+            let resp = tokio::time::timeout(std::time::Duration::from_secs(20), fut)
+                .await
+                .map_err(|_| "timeout".to_string())?
+                .map_err(|e| e.to_string())?;
+            let status = resp.status().as_u16();
+            let bytes = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| e.to_string())?
+                .to_bytes();
+            Ok((
+                status,
+                serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+            ))
+        }
+    }
+}
