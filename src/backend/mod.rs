@@ -182,3 +182,21 @@ pub trait Backend: Send + Sync + 'static {
         async { Ok(()) }
     }
 }
+
+/// Backend call metrics, shared by both backends.
+pub(crate) fn record(
+    script: Script,
+    started: std::time::Instant,
+    result: &Result<Value, BackendError>,
+) {
+    let outcome = match result {
+        Ok(_) => "ok",
+        Err(BackendError::Script(_)) => "script_error",
+        Err(BackendError::Unavailable(_)) => "unavailable",
+        Err(BackendError::Protocol(_)) => "protocol",
+    };
+    metrics::counter!(crate::metrics::BACKEND_CALLS, "script" => script.name(), "result" => outcome)
+        .increment(1);
+    metrics::histogram!(crate::metrics::BACKEND_SECONDS, "script" => script.name())
+        .record(started.elapsed().as_secs_f64());
+}

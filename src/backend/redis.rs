@@ -266,27 +266,9 @@ impl RedisBackend {
             other => other,
         };
         let result = reply.map_err(|e| classify(&e)).and_then(convert);
-        record(script, started, &result);
+        super::record(script, started, &result);
         result
     }
-}
-
-/// Backend call metrics, shared by both backends.
-pub(crate) fn record(
-    script: Script,
-    started: std::time::Instant,
-    result: &Result<Value, BackendError>,
-) {
-    let outcome = match result {
-        Ok(_) => "ok",
-        Err(BackendError::Script(_)) => "script_error",
-        Err(BackendError::Unavailable(_)) => "unavailable",
-        Err(BackendError::Protocol(_)) => "protocol",
-    };
-    metrics::counter!(crate::metrics::BACKEND_CALLS, "script" => script.name(), "result" => outcome)
-        .increment(1);
-    metrics::histogram!(crate::metrics::BACKEND_SECONDS, "script" => script.name())
-        .record(started.elapsed().as_secs_f64());
 }
 
 impl Backend for RedisBackend {
@@ -304,7 +286,7 @@ impl Backend for RedisBackend {
                     script.name(),
                     self.timeout
                 )));
-                record(script, std::time::Instant::now() - self.timeout, &r);
+                super::record(script, std::time::Instant::now() - self.timeout, &r);
                 r
             }
         }

@@ -270,6 +270,10 @@ impl Aof {
         })
     }
 
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     pub fn fsync_policy(&self) -> Fsync {
         self.fsync
     }

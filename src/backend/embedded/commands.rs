@@ -57,12 +57,13 @@ pub struct CallCtx {
 }
 
 impl CallCtx {
-    pub fn new(keyspace: Arc<Keyspace>) -> Self {
+    /// `record`: encode effects (only when there is a log to append them to).
+    pub fn new(keyspace: Arc<Keyspace>, record: bool) -> Self {
         CallCtx {
             keyspace,
             slot: None,
             guard: None,
-            rec: Recorder::new(true),
+            rec: Recorder::new(record),
             now: 0,
         }
     }

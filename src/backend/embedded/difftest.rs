@@ -319,10 +319,11 @@ async fn random_run(pair: &mut Pair<'_>, seed: u64, steps: usize) {
                 };
                 let maxlog = if rng.random_ratio(1, 10) { "2" } else { "0" };
                 let shard = i.to_string();
+                let nonce = format!("n{}", rng.random_range(0..1000));
                 pair.script(
                     Script::Claim,
                     &refs(&s.claim_keys()),
-                    &[&user, &rid, maxlog, &batch, &shard],
+                    &[&user, &rid, maxlog, &batch, &shard, &nonce],
                 )
                 .await;
             }
@@ -418,7 +419,7 @@ async fn random_run(pair: &mut Pair<'_>, seed: u64, steps: usize) {
                     pair.check("log_ack", e, r);
                 }
             }
-            95..=97 => {
+            95..=96 => {
                 let xseq = rng.random_range(0..6u32).to_string();
                 pair.script(
                     Script::MarkSoldout,
@@ -426,6 +427,13 @@ async fn random_run(pair: &mut Pair<'_>, seed: u64, steps: usize) {
                     &[&xseq],
                 )
                 .await;
+            }
+            97 => {
+                let user = format!("u{}", rng.random_range(0..6));
+                let rid = format!("r{}", rng.random_range(0..5));
+                pair.script(Script::Replay, &[&s.k("req")], &[&user, &rid])
+                    .await;
+                pair.script(Script::Winners, &[&s.k("users")], &[]).await;
             }
             _ => {
                 let fp = if rng.random_bool(0.5) { "f" } else { "other" };
@@ -559,6 +567,43 @@ async fn differential_against_redis_server() {
     for seed in 1..=6 {
         random_run(&mut pair, seed, 800).await;
     }
+    // restore.lua on a fresh slot, step by step, including refusals.
+    let r = Shard::new("rst", 0);
+    let rkeys: Vec<String> = [
+        "meta", "stock", "users", "daily", "req", "deny", "claimed", "xseq", "outbox", "log",
+    ]
+    .iter()
+    .map(|n| r.k(n))
+    .collect();
+    let steps: &[&[&str]] = &[
+        &["begin", "x"],
+        &["begin", "0"],
+        &["hset", "users", "u1", "2", "u2", "1"],
+        &["hset", "users", "u1"],
+        &["hset", "req", "u1|r1", "rst.0.1|100|200|1700000000000|n1"],
+        &["hset", "bogus", "a", "b"],
+        &["deny", "bad", "worse"],
+        &["deny"],
+        &["finish", "5", "3", "1", "fp", "f"],
+        &["finish", "x", "3", "1", "fp", "f"],
+        &[
+            "finish", "5", "3", "3", "fp", "f", "state", "active", "ver", "1",
+        ],
+        &[
+            "finish", "5", "3", "3", "fp", "f", "state", "active", "ver", "1",
+        ],
+        &["begin", "0"],
+        &["nope"],
+    ];
+    for step in steps {
+        pair.script(Script::Restore, &refs(&rkeys), step).await;
+    }
+    pair.script(Script::Replay, &[&r.k("req")], &["u1", "r1"])
+        .await;
+    pair.script(Script::Winners, &[&r.k("users")], &[]).await;
+    pair.script(Script::Probe, &refs(&r.probe_keys()), &[])
+        .await;
+
     // The runs covered the interesting paths, not just refusals.
     let count = |f: &dyn Fn(&String) -> bool| pair.log.iter().filter(|l| f(l)).count();
     assert!(count(&|l| l.starts_with("claim") && l.contains("-> [1,")) > 50);

@@ -16,6 +16,7 @@ use mlua::{Function, Lua, LuaOptions, MultiValue, StdLib, Table, Value as LuaVal
 use super::aof::Aof;
 use super::commands::{self, CallCtx, Reply, fmt_i64};
 use super::keyspace::Keyspace;
+use super::now_ms;
 use crate::backend::{BackendError, Script, Value};
 
 /// Builds `redis.*` around the raw command function (chunk argument) and returns the runner
@@ -116,12 +117,13 @@ pub struct Vm {
 }
 
 impl Vm {
-    pub fn new(keyspace: Arc<Keyspace>) -> mlua::Result<Vm> {
+    /// `record`: whether scripts' effects are encoded for the append-only file.
+    pub fn new(keyspace: Arc<Keyspace>, record: bool) -> mlua::Result<Vm> {
         let lua = Lua::new_with(
             StdLib::TABLE | StdLib::STRING | StdLib::MATH,
             LuaOptions::default(),
         )?;
-        lua.set_app_data(CallCtx::new(keyspace.clone()));
+        lua.set_app_data(CallCtx::new(keyspace.clone(), record));
         let globals = lua.globals();
         for name in REMOVED_GLOBALS {
             globals.raw_set(name, LuaValue::Nil)?;
@@ -158,14 +160,14 @@ impl Vm {
         keys: &[&str],
         args: &[&str],
         aof: Option<&Aof>,
-        now: u64,
     ) -> Outcome {
         let guard = slot.map(|s| self.keyspace.slot(s).lock_arc());
         match self.lua.app_data_mut::<CallCtx>() {
             Some(mut cx) => {
                 cx.slot = slot;
                 cx.guard = guard;
-                cx.now = now;
+                // The script's clock starts once it holds its slot.
+                cx.now = now_ms();
                 cx.rec.buf.clear();
             }
             None => {
@@ -375,21 +377,26 @@ pub fn format_lua_number(n: f64) -> String {
 pub struct VmPool {
     idle: ArrayQueue<Vm>,
     keyspace: Arc<Keyspace>,
+    record: bool,
 }
 
 impl VmPool {
-    pub fn new(size: usize, keyspace: Arc<Keyspace>) -> mlua::Result<VmPool> {
+    pub fn new(size: usize, keyspace: Arc<Keyspace>, record: bool) -> mlua::Result<VmPool> {
         let idle = ArrayQueue::new(size.max(1));
         for _ in 0..size.max(1) {
-            let _ = idle.push(Vm::new(keyspace.clone())?);
+            let _ = idle.push(Vm::new(keyspace.clone(), record)?);
         }
-        Ok(VmPool { idle, keyspace })
+        Ok(VmPool {
+            idle,
+            keyspace,
+            record,
+        })
     }
 
     pub fn get(&self) -> mlua::Result<PooledVm<'_>> {
         let vm = match self.idle.pop() {
             Some(vm) => vm,
-            None => Vm::new(self.keyspace.clone())?,
+            None => Vm::new(self.keyspace.clone(), self.record)?,
         };
         Ok(PooledVm {
             vm: Some(vm),

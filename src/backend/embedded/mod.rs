@@ -175,52 +175,52 @@ impl EmbeddedBackend {
             0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
             n => n,
         };
-        let pool =
-            VmPool::new(vms, keyspace.clone()).map_err(|e| EmbeddedError::Lua(e.to_string()))?;
-        let stopper = Arc::new(Stopper::default());
-        let mut threads = Vec::new();
-        let spawn_err = |e: std::io::Error| EmbeddedError::Io {
-            path: PathBuf::from("<thread>"),
-            source: e,
-        };
-        if let Some(aof) = &aof
-            && aof.fsync_policy() != Fsync::No
-        {
-            let aof = aof.clone();
-            threads.push(
-                std::thread::Builder::new()
-                    .name("cg-aof-fsync".into())
-                    .spawn(move || aof.run_syncer())
-                    .map_err(spawn_err)?,
-            );
-        }
-        {
-            let (ks, aof, stop) = (keyspace.clone(), aof.clone(), stopper.clone());
-            let min = cfg.aof_rewrite_min_bytes;
-            threads.push(
-                std::thread::Builder::new()
-                    .name("cg-embedded-maint".into())
-                    .spawn(move || maintenance(&ks, aof.as_deref(), min, &stop))
-                    .map_err(spawn_err)?,
-            );
-        }
+        let pool = VmPool::new(vms, keyspace.clone(), aof.is_some())
+            .map_err(|e| EmbeddedError::Lua(e.to_string()))?;
         let (events, _) = broadcast::channel(1024);
-        Ok(EmbeddedBackend {
+        // Built before its threads start, so an error below stops the ones already running.
+        let mut backend = EmbeddedBackend {
             keyspace,
             pool,
             aof,
             events,
-            stopper,
-            threads,
+            stopper: Arc::new(Stopper::default()),
+            threads: Vec::new(),
             _lock: lock,
-        })
+        };
+        let spawn_err = |e: std::io::Error| EmbeddedError::Io {
+            path: PathBuf::from("<background thread>"),
+            source: e,
+        };
+        if let Some(aof) = &backend.aof
+            && aof.fsync_policy() != Fsync::No
+        {
+            let aof = aof.clone();
+            let t = std::thread::Builder::new()
+                .name("cg-aof-fsync".into())
+                .spawn(move || aof.run_syncer())
+                .map_err(spawn_err)?;
+            backend.threads.push(t);
+        }
+        let (ks, aof, stop) = (
+            backend.keyspace.clone(),
+            backend.aof.clone(),
+            backend.stopper.clone(),
+        );
+        let min = cfg.aof_rewrite_min_bytes;
+        let t = std::thread::Builder::new()
+            .name("cg-embedded-maint".into())
+            .spawn(move || maintenance(&ks, aof.as_deref(), min, &stop))
+            .map_err(spawn_err)?;
+        backend.threads.push(t);
+        Ok(backend)
     }
 
     /// Writes and fsyncs everything logged so far (graceful shutdown).
     pub fn flush(&self) -> Result<(), EmbeddedError> {
         match &self.aof {
             Some(aof) => aof.flush().map_err(|source| EmbeddedError::Io {
-                path: PathBuf::from("<append-only file>"),
+                path: aof.path().to_path_buf(),
                 source,
             }),
             None => Ok(()),
@@ -263,7 +263,7 @@ impl EmbeddedBackend {
             .pool
             .get()
             .map_err(|e| BackendError::Unavailable(format!("lua vm: {e}")))?;
-        Ok(vm.run(code, slot, keys, args, self.aof.as_deref(), now_ms()))
+        Ok(vm.run(code, slot, keys, args, self.aof.as_deref()))
     }
 
     /// Runs `code` and waits until its reply may be released.
@@ -306,7 +306,10 @@ impl Backend for EmbeddedBackend {
         keys: &[&str],
         args: &[&str],
     ) -> Result<Value, BackendError> {
-        self.eval_code(Code::Known(script), keys, args).await
+        let started = std::time::Instant::now();
+        let result = self.eval_code(Code::Known(script), keys, args).await;
+        super::record(script, started, &result);
+        result
     }
 
     async fn publish(&self, message: &str) -> Result<(), BackendError> {

@@ -1106,7 +1106,7 @@ async fn claim_log(b: &impl Backend, s: &Shard, user: &str, rid: &str, maxlog: &
     b.eval(
         Script::Claim,
         &refs(&s.claim_keys()),
-        &[user, rid, maxlog, "b1", &shard],
+        &[user, rid, maxlog, "b1", &shard, &format!("n-{rid}")],
     )
     .await
     .unwrap()
@@ -1132,7 +1132,33 @@ async fn claim_script_end_to_end() {
     // Same request id: the same coupon, replayed, nothing written.
     let replay = claim(&b, &s, "u1", "r1").await;
     assert_eq!(replay[0], int(2));
-    assert_eq!(&replay[1..], &first[1..]);
+    assert_eq!(&replay[1..5], &first[1..]);
+    assert_eq!(
+        replay[5],
+        bulk("n-r1"),
+        "the nonce recorded with the request id"
+    );
+    // replay.lua answers the same without writing; winners.lua lists who claimed.
+    let req = s.k("req");
+    let r = b
+        .eval(Script::Replay, &[&req], &["u1", "r1"])
+        .await
+        .unwrap()
+        .into_array()
+        .unwrap();
+    assert_eq!(r, replay);
+    assert_eq!(
+        b.eval(Script::Replay, &[&req], &["u1", "nope"])
+            .await
+            .unwrap(),
+        arr(vec![int(0), int(-10)])
+    );
+    assert_eq!(
+        b.eval(Script::Winners, &[&s.k("users")], &[])
+            .await
+            .unwrap(),
+        arr(vec![bulk("u1"), bulk("1")])
+    );
     assert_eq!(claim(&b, &s, "u1", "r2").await[0], int(1));
     assert_eq!(
         claim(&b, &s, "u1", "r3").await,
@@ -1412,6 +1438,120 @@ async fn log_read_and_ack_scripts() {
         b.eval(Script::LogRead, &[&log], &["p", "c1", "0", "0"])
             .await,
         Err(BackendError::Script("ERR log_read: bad count".into()))
+    );
+}
+
+#[tokio::test]
+async fn restore_script_rebuilds_a_slot() {
+    let b = mem();
+    let s = Shard::new("b1", 7);
+    setup(&b, &s, 10, 5, 0, OPEN, &[]).await;
+    claim(&b, &s, "u1", "r1").await;
+    claim(&b, &s, "u2", "").await;
+    let keys: Vec<String> = [
+        "meta", "stock", "users", "daily", "req", "deny", "claimed", "xseq", "outbox", "log",
+    ]
+    .iter()
+    .map(|n| s.k(n))
+    .collect();
+    let restore = |args: Vec<&'static str>| {
+        let (b, keys) = (&b, &keys);
+        async move { b.eval(Script::Restore, &refs(keys), &args).await }
+    };
+    // Unpersisted records in the log: refused.
+    assert_eq!(
+        restore(vec!["begin", "1"]).await,
+        Ok(arr(vec![int(-2), int(2)]))
+    );
+    let log = s.k("log");
+    let read = b
+        .eval(Script::LogRead, &[&log], &["p", "c", "10", "0"])
+        .await
+        .unwrap();
+    let ids: Vec<String> = read
+        .into_array()
+        .unwrap()
+        .into_iter()
+        .map(|e| e.into_array().unwrap()[0].as_str().unwrap().to_string())
+        .collect();
+    let mut ack = vec!["p"];
+    ack.extend(ids.iter().map(String::as_str));
+    assert_eq!(b.eval(Script::LogAck, &[&log], &ack).await, Ok(int(2)));
+    assert_eq!(
+        restore(vec!["begin", "0"]).await,
+        Ok(arr(vec![int(-1), int(0)]))
+    );
+    assert_eq!(
+        restore(vec!["begin", "1"]).await,
+        Ok(arr(vec![int(1), int(2)]))
+    );
+    assert_eq!(
+        claim(&b, &s, "u3", "").await,
+        vec![int(0), int(-1)],
+        "not live yet"
+    );
+    assert_eq!(
+        restore(vec!["hset", "users", "u1", "5"]).await,
+        Ok(arr(vec![int(1), int(1)]))
+    );
+    assert_eq!(
+        restore(vec!["hset", "users", "u1", "x"]).await,
+        Err(BackendError::Script("ERR restore: bad user count".into()))
+    );
+    assert_eq!(
+        restore(vec!["deny", "bad"]).await,
+        Ok(arr(vec![int(1), int(1)]))
+    );
+    let finish = vec![
+        "finish",
+        "10",
+        "5",
+        "10",
+        "fp",
+        "fp1",
+        "state",
+        "active",
+        "start",
+        "0",
+        "end",
+        "99999999999999",
+        "limit",
+        "5",
+        "daily",
+        "0",
+        "vdays",
+        "0",
+        "vfrom",
+        "100",
+        "vto",
+        "200",
+        "ver",
+        "1",
+    ];
+    assert_eq!(restore(finish.clone()).await, Ok(arr(vec![int(1), int(5)])));
+    assert_eq!(
+        restore(finish).await,
+        Ok(arr(vec![int(-1), int(0)])),
+        "live now"
+    );
+    assert_eq!(
+        claim(&b, &s, "u1", "").await,
+        vec![int(0), int(-6)],
+        "restored count"
+    );
+    assert_eq!(
+        claim(&b, &s, "bad", "").await,
+        vec![int(0), int(-5)],
+        "restored deny"
+    );
+    assert_eq!(
+        claim(&b, &s, "u3", "").await[1],
+        bulk("b1.7.6"),
+        "counter raised to the floor"
+    );
+    assert_eq!(
+        restore(vec!["nope"]).await,
+        Err(BackendError::Script("ERR restore: unknown op".into()))
     );
 }
 
@@ -1865,4 +2005,76 @@ async fn bench_claim_latency() {
     let cpu = (cpu_ns() - cpu0) as f64 / 1e3 / f64::from(n);
     let wall = start.elapsed().as_secs_f64() * 1e6 / f64::from(n);
     eprintln!("{cpu:.1} us CPU, {wall:.1} us wall per claim (one task)");
+}
+
+/// The child half of `kill9_loses_no_acknowledged_claim`: claims forever, printing every
+/// acknowledged claim. Does nothing unless started by that test.
+#[tokio::test]
+#[ignore]
+async fn kill9_child() {
+    use std::io::Write;
+    let Ok(path) = std::env::var("CG_KILL9_AOF") else {
+        return;
+    };
+    // No fsync at all: surviving a process kill must not depend on it.
+    let b = with_aof(Path::new(&path), Fsync::No);
+    let s = Shard::new("k9", 0);
+    setup(&b, &s, 1_000_000, 1_000_000, 0, OPEN, &[]).await;
+    let mut out = std::io::stdout();
+    for i in 0u64.. {
+        let r = claim(&b, &s, &format!("u{i}"), &format!("r{i}")).await;
+        let line = format!("ACK u{i} r{i} {}\n", r[1].as_str().unwrap());
+        out.write_all(line.as_bytes()).unwrap();
+        out.flush().unwrap();
+    }
+}
+
+/// `kill -9` of a process using the embedded backend loses no claim it acknowledged.
+#[test]
+fn kill9_loses_no_acknowledged_claim() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("k9.aof");
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "backend::embedded::tests::kill9_child",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("CG_KILL9_AOF", &path)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut acked = Vec::new();
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line.unwrap();
+        if let Some(rest) = line.strip_prefix("ACK ") {
+            let parts: Vec<String> = rest.split(' ').map(str::to_string).collect();
+            acked.push(parts);
+            if acked.len() >= 300 {
+                break;
+            }
+        }
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert_eq!(acked.len(), 300, "the child stopped early");
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let b = with_aof(&path, Fsync::No);
+        let s = Shard::new("k9", 0);
+        for a in &acked {
+            let r = claim(&b, &s, &a[0], &a[1]).await;
+            assert_eq!(r[0], int(2), "acknowledged claim {a:?} lost");
+            assert_eq!(r[1], bulk(&a[2]));
+        }
+    });
 }
