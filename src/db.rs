@@ -26,8 +26,8 @@ use thiserror::Error;
 
 use crate::batch::{Batch, Timestamp};
 
-/// Rows per multi-row INSERT on SQLite. Each claim row binds at most 10 values, so a
-/// statement stays under 999 variables, the limit of SQLite builds older than 3.32.
+/// Rows per multi-row INSERT on SQLite. Each claim row binds at most 11 values, so a
+/// statement stays under 999 variables (990), the limit of SQLite builds older than 3.32.
 const SQLITE_ROWS_PER_INSERT: usize = 90;
 /// Rows per multi-row INSERT on PostgreSQL (limit: 65535 bind parameters per statement).
 const PG_ROWS_PER_INSERT: usize = 1000;
@@ -496,15 +496,23 @@ impl Db {
             let file = opts.get_filename();
             if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty())
                 && file != Path::new(":memory:")
+                && !opts_in_memory(url)
             {
                 std::fs::create_dir_all(dir).map_err(|e| {
                     DbError::Config(format!("cannot create {}: {e}", dir.display()))
                 })?;
             }
-            let pool = SqlitePoolOptions::new()
-                .max_connections(max)
-                .acquire_timeout(acquire)
-                .connect_lazy_with(opts);
+            // An in-memory database lives as long as its one connection: never recycle it.
+            let pool = if opts_in_memory(url) {
+                SqlitePoolOptions::new()
+                    .max_connections(1)
+                    .idle_timeout(None)
+                    .max_lifetime(None)
+            } else {
+                SqlitePoolOptions::new().max_connections(max)
+            }
+            .acquire_timeout(acquire)
+            .connect_lazy_with(opts);
             Ok(Db::Sqlite(pool))
         } else {
             Err(DbError::Config(
@@ -926,6 +934,10 @@ impl Db {
     }
 }
 
+fn opts_in_memory(url: &str) -> bool {
+    url.contains(":memory:") || url.contains("mode=memory")
+}
+
 fn parse_batch(id: &str, def: &str) -> Result<Batch, DbError> {
     serde_json::from_str(def)
         .map_err(|e| DbError::Corrupt(format!("definition of batch {id} does not parse: {e}")))
@@ -952,6 +964,64 @@ mod tests {
             updated_at: 0,
             version: 0,
         }
+    }
+
+    fn record(seq: u64, user: &str) -> ClaimRecord {
+        ClaimRecord {
+            coupon_id: format!("b.0.{seq}"),
+            batch_id: "b".into(),
+            shard: 0,
+            seq,
+            user_id: user.into(),
+            request_id: seq.is_multiple_of(2).then(|| format!("r{seq}")),
+            claimed_at: 1,
+            valid_from: 0,
+            valid_to: i64::MAX,
+        }
+    }
+
+    #[tokio::test]
+    async fn claims_are_written_once_in_chunks() {
+        let cfg = DatabaseConfig {
+            url: "sqlite::memory:".into(),
+            ..Default::default()
+        };
+        let db = Db::connect(&cfg).await.unwrap();
+        db.migrate().await.unwrap();
+        db.migrate().await.unwrap();
+        // More rows than one SQLite statement takes, with a duplicate inside the batch.
+        let mut claims: Vec<ClaimRecord> = (1..=250).map(|i| record(i, "u1")).collect();
+        claims.push(record(7, "u1"));
+        assert_eq!(db.write_claims(&claims).await.unwrap(), 250);
+        assert_eq!(db.write_claims(&claims[..10]).await.unwrap(), 0);
+        assert_eq!(db.claim_counts("b").await.unwrap(), (250, 250));
+        let summary = db.claims_summary("b").await.unwrap();
+        assert_eq!(
+            summary,
+            [ShardClaims {
+                shard: 0,
+                count: 250,
+                max_seq: 250
+            }]
+        );
+        let (page, next) = db
+            .user_coupons("u1", Some(CouponState::Unused), 100, None)
+            .await
+            .unwrap();
+        assert_eq!(page.len(), 100);
+        let (rest, none) = db
+            .user_coupons("u1", Some(CouponState::Unused), 500, next.as_deref())
+            .await
+            .unwrap();
+        assert_eq!((rest.len(), none), (150, None));
+        assert!(
+            db.user_coupons("u1", Some(CouponState::Used), 10, None)
+                .await
+                .unwrap()
+                .0
+                .is_empty()
+        );
+        assert_eq!(db.claims_of_shard("b", 0).await.unwrap().len(), 250);
     }
 
     #[test]

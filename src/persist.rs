@@ -545,12 +545,24 @@ impl<B: Backend> Worker<B> {
                 _ = tokio::time::sleep(wait) => {}
             }
         }
-        // Shutdown: finish what was read (bounded by the grace period), then stop.
-        if !self.buffer.is_empty()
-            && let Err(e) = self.write_buffer().await
-        {
-            tracing::warn!(error = %e, left = self.buffer.len(),
-                "persister stopping with unwritten records; they stay pending in Redis");
+        // Shutdown: the gateway has stopped taking claims, so drain what the logs still
+        // hold (every shard, no idle polling), bounded by the grace period; what is left
+        // stays pending in Redis for the next instance.
+        let deadline = Instant::now() + Duration::from_millis(self.cfg.shutdown_grace_ms);
+        self.next_refresh = Instant::now(); // batches created since the last refresh too
+        self.maybe_refresh().await;
+        loop {
+            let got = self.read_pass(true).await;
+            if !self.buffer.is_empty()
+                && let Err(e) = self.write_buffer().await
+            {
+                tracing::warn!(error = %e, left = self.buffer.len(),
+                    "persister stopping with unwritten records; they stay pending in Redis");
+                break;
+            }
+            if (got == 0 && self.buffer.is_empty()) || Instant::now() >= deadline {
+                break;
+            }
         }
         self.retry_acks(true).await;
         self.status.running.store(false, Ordering::Relaxed);

@@ -1,0 +1,1144 @@
+//! Durable persistence end to end: real redis-server processes, real PostgreSQL and SQLite.
+//! Invariant checked here: every claim acknowledged to a client ends up in the database
+//! exactly once (concurrent claims, redelivery, a database outage, a Redis restart with AOF),
+//! and a Redis that lost everything is rebuilt without re-selling stock or lifting limits.
+
+#[path = "support/proxy.rs"]
+mod proxy;
+mod support;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use claimgate::backend::embedded::{EmbeddedBackend, EmbeddedConfig};
+use claimgate::backend::redis::{RedisBackend, RedisConfig};
+use claimgate::backend::{Backend, Script, Value};
+use claimgate::batch::{
+    Batch, BatchState, Discount, Eligibility, Scope, ScopeKind, Timestamp, Validity, Window,
+};
+use claimgate::db::{CouponState, DatabaseConfig, Db, DbError};
+use claimgate::keys::{BatchKeys, SlotKeys, home_shard, parse_coupon_id};
+use claimgate::persist::{Persister, PersisterConfig, ack_log, parse_claim, read_log};
+use claimgate::rebuild::{Difference, RebuildError, rebuild, reconcile};
+use support::{PgDb, RedisServer};
+use tokio_util::sync::CancellationToken;
+
+// ---------------------------------------------------------------------------------------
+// harness
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Claim {
+    New(String),
+    Replay(String),
+    Refused(i64),
+}
+
+fn batch(id: &str, shards: u32, stock: i64, limit: i64, daily: Option<i64>) -> Batch {
+    let now = Timestamp::now().0;
+    Batch {
+        id: id.to_string(),
+        name: "test".to_string(),
+        stock,
+        per_user_limit: limit,
+        per_user_daily_limit: daily,
+        claim_window: Window {
+            start: Timestamp(now - 3_600_000),
+            end: Timestamp(now + 3_600_000),
+        },
+        validity: Validity::Relative {
+            days_after_claim: 7,
+        },
+        discount: Discount::Fixed { amount: 500 },
+        scope: Scope {
+            kind: ScopeKind::All,
+            ids: Vec::new(),
+        },
+        exclusive: false,
+        eligibility: Eligibility::default(),
+        shards,
+        state: BatchState::Active,
+        created_at: Timestamp(now),
+    }
+}
+
+fn meta_args(b: &Batch, pool: bool) -> Vec<String> {
+    let mut pairs: Vec<(String, String)> = b
+        .meta_pairs(1)
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+    pairs.push(("fp".into(), b.fingerprint()));
+    if pool {
+        pairs.push(("total".into(), b.stock.to_string()));
+        pairs.push(("def".into(), serde_json::to_string(b).unwrap()));
+        pairs.push(("soldout".into(), "0".into()));
+    }
+    let mut args = vec![pairs.len().to_string()];
+    for (k, v) in pairs {
+        args.push(k);
+        args.push(v);
+    }
+    args
+}
+
+/// Creates the batch in the database and in Redis: `per_shard` stock in every shard, the
+/// rest of `b.stock` in the pool.
+async fn setup<B: Backend>(backend: &B, db: &Db, b: &Batch, per_shard: i64) -> BatchKeys {
+    db.upsert_batch(b).await.unwrap();
+    let keys = BatchKeys::new(&b.id, b.shards);
+    let pool_stock = b.stock - per_shard * i64::from(b.shards);
+    assert!(pool_stock >= 0);
+    for s in keys.all() {
+        let initial = if s.slot.is_none() {
+            pool_stock
+        } else {
+            per_shard
+        };
+        let mut args = vec![initial.to_string()];
+        args.extend(meta_args(b, s.slot.is_none()));
+        if let Some(i) = s.slot {
+            args.extend(
+                b.eligibility
+                    .deny_users
+                    .iter()
+                    .filter(|u| home_shard(u, b.shards) == i)
+                    .cloned(),
+            );
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let r = backend
+            .eval(Script::Setup, &[&s.meta, &s.stock, &s.deny, &s.xseq], &args)
+            .await
+            .unwrap();
+        assert_eq!(r, Value::Int(1), "setup of {}", s.meta);
+    }
+    keys
+}
+
+async fn claim<B: Backend>(
+    backend: &B,
+    b: &Batch,
+    keys: &BatchKeys,
+    user: &str,
+    rid: &str,
+) -> Result<Claim, claimgate::backend::BackendError> {
+    let shard = home_shard(user, b.shards);
+    let sk = &keys.shards[shard as usize];
+    let shard_s = shard.to_string();
+    let reply = backend
+        .eval(
+            Script::Claim,
+            &sk.claim_keys(),
+            &[user, rid, "0", &b.id, &shard_s, "test"],
+        )
+        .await?;
+    let parts = reply.into_array().expect("claim reply is an array");
+    let code = parts[0].as_int().unwrap();
+    Ok(match code {
+        1 => Claim::New(parts[1].as_str().unwrap().to_string()),
+        2 => Claim::Replay(parts[1].as_str().unwrap().to_string()),
+        _ => Claim::Refused(parts[1].as_int().unwrap()),
+    })
+}
+
+/// Moves `amount` of stock from the pool to shard `to` (what the gateway's refill does).
+async fn refill<B: Backend>(backend: &B, keys: &BatchKeys, to: usize, amount: i64, tid: &str) {
+    let p = &keys.pool;
+    let dest = &keys.shards[to];
+    let moved = backend
+        .eval(
+            Script::TransferOut,
+            &[&p.stock, &p.outbox, &p.xseq],
+            &[tid, &amount.to_string(), &to.to_string(), "0"],
+        )
+        .await
+        .unwrap()
+        .as_int()
+        .unwrap();
+    if moved > 0 {
+        let inbox = dest.inbox(tid);
+        backend
+            .eval(
+                Script::TransferIn,
+                &[&dest.stock, &inbox, &dest.xseq],
+                &[&moved.to_string(), "3600"],
+            )
+            .await
+            .unwrap();
+    }
+    backend
+        .eval(Script::TransferDone, &[&p.outbox], &[tid])
+        .await
+        .unwrap();
+}
+
+async fn probe<B: Backend>(backend: &B, s: &SlotKeys) -> (i64, i64) {
+    let parts = backend
+        .eval(Script::Probe, &s.probe_keys(), &[])
+        .await
+        .unwrap()
+        .into_array()
+        .unwrap();
+    // (claimed counter, log length)
+    (parts[2].as_int().unwrap(), parts[3].as_int().unwrap())
+}
+
+async fn redis(server: &RedisServer) -> Arc<RedisBackend> {
+    let cfg = RedisConfig {
+        url: server.url(),
+        ..Default::default()
+    };
+    Arc::new(RedisBackend::connect(&cfg).await.expect("connect to redis"))
+}
+
+async fn open_db(url: String) -> Db {
+    let db = Db::connect(&DatabaseConfig {
+        url,
+        max_connections: 4,
+        connect_timeout_ms: 1_000,
+        statement_timeout_ms: 3_000,
+    })
+    .await
+    .expect("connect to the database");
+    db.migrate().await.expect("migrate");
+    db
+}
+
+async fn sqlite(dir: &tempfile::TempDir) -> Db {
+    open_db(format!(
+        "sqlite://{}/claims.db?mode=rwc",
+        dir.path().display()
+    ))
+    .await
+}
+
+fn fast(consumer: &str) -> PersisterConfig {
+    PersisterConfig {
+        consumer: Some(consumer.to_string()),
+        flush_interval_ms: 10,
+        batch_refresh_ms: 100,
+        probe_interval_ms: 100,
+        backoff_min_ms: 50,
+        backoff_max_ms: 400,
+        write_timeout_ms: 3_000,
+        shutdown_grace_ms: 3_000,
+        ..Default::default()
+    }
+}
+
+/// Asserts that the database holds exactly `coupons` (coupon -> user), once each.
+async fn assert_persisted(db: &Db, batch: &str, coupons: &HashMap<String, String>) {
+    let (rows, events) = db.claim_counts(batch).await.unwrap();
+    assert_eq!(rows, coupons.len() as u64, "coupon rows");
+    assert_eq!(events, coupons.len() as u64, "claimed events");
+    assert_contains(db, coupons).await;
+}
+
+/// Asserts that every coupon of `coupons` is in the database, with one event.
+async fn assert_contains(db: &Db, coupons: &HashMap<String, String>) {
+    for (coupon, user) in coupons {
+        let row = db
+            .get_coupon(coupon)
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("{coupon} missing"));
+        assert_eq!(&row.user_id, user);
+        let ev = db.coupon_events(coupon).await.unwrap();
+        assert_eq!(ev.len(), 1, "{coupon}: {ev:?}");
+        assert_eq!(ev[0].event_id, format!("{coupon}:claimed"));
+    }
+}
+
+async fn eventually(what: &str, limit: Duration, mut f: impl AsyncFnMut() -> bool) {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{what}: not within {limit:?}");
+}
+
+// ---------------------------------------------------------------------------------------
+// concurrent claims, wallet and TCC, on both databases
+
+async fn concurrent_claims_scenario<B: Backend>(backend: Arc<B>, db: Db) {
+    let b = batch("conc", 4, 400, 3, None);
+    let keys = setup(backend.as_ref(), &db, &b, 100).await;
+    let shutdown = CancellationToken::new();
+    let persister = Persister::spawn(backend.clone(), db.clone(), fast("p1"), shutdown.clone());
+
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let (backend, b, keys) = (backend.clone(), b.clone(), keys.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut won = Vec::new();
+            for i in 0..60 {
+                let user = format!("u{t}-{}", i % 20);
+                let rid = if i % 2 == 0 {
+                    format!("r{i}")
+                } else {
+                    String::new()
+                };
+                match claim(backend.as_ref(), &b, &keys, &user, &rid)
+                    .await
+                    .unwrap()
+                {
+                    Claim::New(c) => won.push((c, user, rid)),
+                    Claim::Replay(c) => panic!("unexpected replay of {c}"),
+                    Claim::Refused(code) => assert_eq!(code, -8),
+                }
+            }
+            won
+        }));
+    }
+    let mut coupons = HashMap::new();
+    let mut with_rid = None;
+    for t in tasks {
+        for (c, u, rid) in t.await.unwrap() {
+            if !rid.is_empty() {
+                with_rid = Some((c.clone(), u.clone(), rid));
+            }
+            assert!(coupons.insert(c, u).is_none(), "coupon issued twice");
+        }
+    }
+    assert!(
+        coupons.len() <= 400 && coupons.len() > 300,
+        "{}",
+        coupons.len()
+    );
+    // A replay answers the same coupon and records nothing new.
+    let (c, u, rid) = with_rid.unwrap();
+    assert_eq!(
+        claim(backend.as_ref(), &b, &keys, &u, &rid).await.unwrap(),
+        Claim::Replay(c)
+    );
+
+    persister.flush().await.unwrap();
+    assert_persisted(&db, "conc", &coupons).await;
+    for s in &keys.shards {
+        assert_eq!(
+            probe(backend.as_ref(), s).await.1,
+            0,
+            "log of {} drained",
+            s.log
+        );
+    }
+    let status = persister.status();
+    eventually(
+        "backlog reported empty",
+        Duration::from_secs(3),
+        async || status.backlog() == 0,
+    )
+    .await;
+    assert!(status.db_ok());
+    assert_eq!(status.rows_written(), coupons.len() as u64);
+    assert!(
+        reconcile(backend.as_ref(), &db, Some("conc"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // Wallet: pagination and filters.
+    let user = coupons.values().next().unwrap().clone();
+    let mine: HashSet<&String> = coupons
+        .iter()
+        .filter(|(_, u)| **u == user)
+        .map(|(c, _)| c)
+        .collect();
+    let mut seen = HashSet::new();
+    let mut cursor = None;
+    loop {
+        let (page, next) = db
+            .user_coupons(&user, None, 1, cursor.as_deref())
+            .await
+            .unwrap();
+        for r in page {
+            assert_eq!(r.state, CouponState::Unused);
+            seen.insert(r.coupon_id);
+        }
+        match next {
+            Some(n) => cursor = Some(n),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), mine.len());
+
+    // TCC: lock / redeem / release, idempotent per order, typed refusals.
+    let ids: Vec<String> = {
+        let mut v: Vec<String> = seen.into_iter().collect();
+        v.sort();
+        v
+    };
+    let a = &ids[0];
+    let long = Duration::from_secs(60);
+    assert_eq!(
+        db.lock(a, "o1", long).await.unwrap().state,
+        CouponState::Locked
+    );
+    assert_eq!(
+        db.lock(a, "o1", long).await.unwrap().state,
+        CouponState::Locked
+    );
+    assert!(matches!(
+        db.lock(a, "o2", long).await,
+        Err(DbError::InvalidState { .. })
+    ));
+    assert!(matches!(
+        db.redeem(a, "o2").await,
+        Err(DbError::InvalidState { .. })
+    ));
+    let (locked, _) = db
+        .user_coupons(&user, Some(CouponState::Locked), 10, None)
+        .await
+        .unwrap();
+    assert_eq!(locked.len(), 1);
+    assert_eq!(db.redeem(a, "o1").await.unwrap().state, CouponState::Used);
+    assert_eq!(db.redeem(a, "o1").await.unwrap().state, CouponState::Used);
+    assert!(matches!(
+        db.release(a, "o1").await,
+        Err(DbError::InvalidState { .. })
+    ));
+    let (used, _) = db
+        .user_coupons(&user, Some(CouponState::Used), 10, None)
+        .await
+        .unwrap();
+    assert_eq!(used.len(), 1);
+    assert!(matches!(
+        db.lock("conc.0.999999", "o1", long).await,
+        Err(DbError::NotFound(_))
+    ));
+    let kinds: Vec<String> = db
+        .coupon_events(a)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(kinds, ["claimed", "locked", "redeemed"]);
+    if let Some(bc) = ids.get(1) {
+        db.lock(bc, "o3", Duration::from_millis(1)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        // The expired lock counts as released: the coupon is unused and another order
+        // may lock it; the original order can no longer redeem.
+        assert_eq!(
+            db.get_coupon(bc).await.unwrap().unwrap().state,
+            CouponState::Unused
+        );
+        assert!(matches!(
+            db.redeem(bc, "o3").await,
+            Err(DbError::InvalidState { .. })
+        ));
+        db.lock(bc, "o4", long).await.unwrap();
+        assert_eq!(
+            db.release(bc, "o4").await.unwrap().state,
+            CouponState::Unused
+        );
+        assert_eq!(
+            db.release(bc, "o4").await.unwrap().state,
+            CouponState::Unused
+        );
+        let kinds: Vec<String> = db
+            .coupon_events(bc)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.kind)
+            .collect();
+        assert_eq!(
+            kinds,
+            ["claimed", "locked", "released", "locked", "released"]
+        );
+    }
+
+    shutdown.cancel();
+    persister.join().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_claims_persist_exactly_once_postgres() {
+    let pg = PgDb::create();
+    let server = RedisServer::start();
+    concurrent_claims_scenario(redis(&server).await, open_db(pg.url.clone()).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_claims_persist_exactly_once_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = RedisServer::start();
+    concurrent_claims_scenario(redis(&server).await, sqlite(&dir).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_claims_persist_exactly_once_embedded() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Arc::new(EmbeddedBackend::open(&EmbeddedConfig::default()).unwrap());
+    concurrent_claims_scenario(backend, sqlite(&dir).await).await;
+}
+
+/// The embedded backend runs restore.lua too: its in-memory keyspace is lost with the
+/// process, and the next one rebuilds from SQLite.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebuild_on_the_embedded_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = sqlite(&dir).await;
+    let b = batch("emb", 2, 50, 1, None);
+    let mut coupons = HashMap::new();
+    let mut by_user = HashMap::new();
+    {
+        let first = Arc::new(EmbeddedBackend::open(&EmbeddedConfig::default()).unwrap());
+        let keys = setup(first.as_ref(), &db, &b, 20).await;
+        for i in 0..20 {
+            let user = format!("u{i}");
+            if let Claim::New(c) = claim(first.as_ref(), &b, &keys, &user, "r1").await.unwrap() {
+                by_user.insert(user.clone(), c.clone());
+                coupons.insert(c, user);
+            }
+        }
+        let shutdown = CancellationToken::new();
+        let p = Persister::spawn(first.clone(), db.clone(), fast("e1"), shutdown.clone());
+        p.flush().await.unwrap();
+        shutdown.cancel();
+        p.join().await;
+    }
+    assert_persisted(&db, "emb", &coupons).await;
+    let second = Arc::new(EmbeddedBackend::open(&EmbeddedConfig::default()).unwrap());
+    let keys = BatchKeys::new("emb", 2);
+    let report = rebuild(second.as_ref(), &db, "emb", false).await.unwrap();
+    assert_eq!(report.claims, coupons.len() as u64);
+    assert_eq!(report.pool_stock, 50 - coupons.len() as i64);
+    let diffs = reconcile(second.as_ref(), &db, None).await.unwrap();
+    assert!(diffs.is_empty(), "{diffs:?}");
+    for (user, c) in &by_user {
+        assert_eq!(
+            claim(second.as_ref(), &b, &keys, user, "r1").await.unwrap(),
+            Claim::Replay(c.clone())
+        );
+        assert_eq!(
+            claim(second.as_ref(), &b, &keys, user, "r2").await.unwrap(),
+            Claim::Refused(-6)
+        );
+    }
+    refill(second.as_ref(), &keys, 0, 100, "t0").await;
+    refill(second.as_ref(), &keys, 1, 100, "t1").await;
+    let mut sold = coupons.len();
+    for i in 0..200 {
+        if let Claim::New(_) = claim(second.as_ref(), &b, &keys, &format!("n{i}"), "")
+            .await
+            .unwrap()
+        {
+            sold += 1;
+        }
+    }
+    assert_eq!(sold, 50, "never more than the stock");
+}
+
+// ---------------------------------------------------------------------------------------
+// redelivery after a crash between commit and ack
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redelivered_records_are_written_once() {
+    let pg = PgDb::create();
+    let db = open_db(pg.url.clone()).await;
+    let server = RedisServer::start();
+    let backend = redis(&server).await;
+    let b = batch("redeliver", 2, 100, 1, None);
+    let keys = setup(backend.as_ref(), &db, &b, 50).await;
+    let mut coupons = HashMap::new();
+    for i in 0..40 {
+        let user = format!("u{i}");
+        if let Claim::New(c) = claim(backend.as_ref(), &b, &keys, &user, "").await.unwrap() {
+            coupons.insert(c, user);
+        }
+    }
+    assert_eq!(coupons.len(), 40);
+
+    // A persister that commits and then dies before acking.
+    let mut written = 0;
+    for s in &keys.shards {
+        let entries = read_log(
+            backend.as_ref(),
+            &s.log,
+            "claimgate",
+            "crashy",
+            1000,
+            30_000,
+        )
+        .await
+        .unwrap();
+        let records: Vec<_> = entries
+            .iter()
+            .map(|e| parse_claim(&b.id, s.slot.unwrap(), e).unwrap())
+            .collect();
+        written += db.write_claims(&records).await.unwrap();
+    }
+    assert_eq!(written, 40);
+    // Writing the same batch again changes nothing.
+    let again = read_log(
+        backend.as_ref(),
+        &keys.shards[0].log,
+        "claimgate",
+        "crashy",
+        1000,
+        0,
+    )
+    .await
+    .unwrap();
+    assert!(!again.is_empty(), "pending entries are redelivered");
+    let records: Vec<_> = again
+        .iter()
+        .map(|e| parse_claim(&b.id, 0, e).unwrap())
+        .collect();
+    assert_eq!(db.write_claims(&records).await.unwrap(), 0);
+
+    // Another instance takes the pending entries over (min idle 0), rewrites, acks.
+    let mut cfg = fast("rescuer");
+    cfg.min_idle_ms = 0;
+    let shutdown = CancellationToken::new();
+    let p = Persister::spawn(backend.clone(), db.clone(), cfg, shutdown.clone());
+    p.flush().await.unwrap();
+    assert_persisted(&db, &b.id, &coupons).await;
+    for s in &keys.shards {
+        assert_eq!(
+            probe(backend.as_ref(), s).await.1,
+            0,
+            "taken-over entries acked"
+        );
+    }
+    assert_eq!(p.status().rows_written(), 0, "nothing new was inserted");
+    // Acking ids that are gone is harmless.
+    let ids = vec!["1-1".to_string()];
+    assert_eq!(
+        ack_log(backend.as_ref(), &keys.shards[0].log, "claimgate", &ids)
+            .await
+            .unwrap(),
+        0
+    );
+    shutdown.cancel();
+    p.join().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// a malformed log record is kept pending, never dropped, never blocks the others
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_records_stay_pending_and_are_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = sqlite(&dir).await;
+    let server = RedisServer::start();
+    let backend = redis(&server).await;
+    let b = batch("poison", 1, 20, 1, None);
+    let keys = setup(backend.as_ref(), &db, &b, 20).await;
+    let log = &keys.shards[0].log;
+    let mut coupons = HashMap::new();
+    if let Claim::New(c) = claim(backend.as_ref(), &b, &keys, "u1", "").await.unwrap() {
+        coupons.insert(c, "u1".to_string());
+    }
+    server.cli(&["XADD", log, "*", "k", "claimed", "c", "garbage", "u", "u9"]);
+    if let Claim::New(c) = claim(backend.as_ref(), &b, &keys, "u2", "").await.unwrap() {
+        coupons.insert(c, "u2".to_string());
+    }
+    let shutdown = CancellationToken::new();
+    let p = Persister::spawn(backend.clone(), db.clone(), fast("p1"), shutdown.clone());
+    p.flush().await.unwrap();
+    assert_persisted(&db, &b.id, &coupons).await;
+    let status = p.status();
+    let err = status.last_error().unwrap_or_default();
+    assert!(err.contains("malformed"), "{err}");
+    assert_eq!(
+        probe(backend.as_ref(), &keys.shards[0]).await.1,
+        1,
+        "kept in the log"
+    );
+    let pending = server.cli(&["XPENDING", log, "claimgate"]);
+    assert!(pending.starts_with('1'), "kept pending: {pending}");
+    shutdown.cancel();
+    p.join().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// database outage: the hot path goes on, the backlog grows, then drains
+
+fn proxied(url: &str, port: u16) -> String {
+    // postgres://user@host:port/db -> postgres://user@127.0.0.1:<port>/db
+    let (scheme, rest) = url.split_once("://").unwrap();
+    let (authority, path) = rest.split_once('/').unwrap();
+    let userinfo = authority
+        .rsplit_once('@')
+        .map(|(u, _)| format!("{u}@"))
+        .unwrap_or_default();
+    format!("{scheme}://{userinfo}127.0.0.1:{port}/{path}")
+}
+
+async fn pg_addr(url: &str) -> std::net::SocketAddr {
+    let rest = url.split_once("://").unwrap().1;
+    let authority = rest.split_once('/').unwrap().0;
+    let host = authority
+        .rsplit_once('@')
+        .map(|(_, h)| h)
+        .unwrap_or(authority);
+    let host = if host.contains(':') {
+        host.to_string()
+    } else {
+        format!("{host}:5432")
+    };
+    tokio::net::lookup_host(host).await.unwrap().next().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_outage_backlog_grows_then_drains() {
+    let pg = PgDb::create();
+    let proxy = proxy::FaultProxy::start(pg_addr(&pg.url).await).await;
+    let db = open_db(proxied(&pg.url, proxy.port)).await;
+    let server = RedisServer::start();
+    let backend = redis(&server).await;
+    let b = batch("outage", 4, 100_000, 1, None);
+    let keys = setup(backend.as_ref(), &db, &b, 25_000).await;
+    let shutdown = CancellationToken::new();
+    let p = Persister::spawn(backend.clone(), db.clone(), fast("p1"), shutdown.clone());
+    let status = p.status();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let during_outage = Arc::new(AtomicU64::new(0));
+    let cut = Arc::new(AtomicBool::new(false));
+    let loader = {
+        let (backend, b, keys) = (backend.clone(), b.clone(), keys.clone());
+        let (stop, during_outage, cut) = (stop.clone(), during_outage.clone(), cut.clone());
+        tokio::spawn(async move {
+            let mut coupons = HashMap::new();
+            let mut slowest = Duration::ZERO;
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let user = format!("u{i}");
+                i += 1;
+                let started = Instant::now();
+                if let Claim::New(c) = claim(backend.as_ref(), &b, &keys, &user, "").await.unwrap()
+                {
+                    coupons.insert(c, user);
+                    if cut.load(Ordering::Relaxed) {
+                        during_outage.fetch_add(1, Ordering::Relaxed);
+                        slowest = slowest.max(started.elapsed());
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            (coupons, slowest)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.cut();
+    cut.store(true, Ordering::Relaxed);
+    eventually(
+        "the persister notices the outage",
+        Duration::from_secs(5),
+        async || !status.db_ok(),
+    )
+    .await;
+    let backlog_early = status.backlog();
+    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    let backlog_late = status.backlog();
+    assert!(
+        backlog_late > backlog_early && backlog_late > 100,
+        "backlog grows during the outage: {backlog_early} -> {backlog_late}"
+    );
+    assert!(status.lag_ms() >= 1_000, "lag {}", status.lag_ms());
+    cut.store(false, Ordering::Relaxed);
+    proxy.restore();
+    stop.store(true, Ordering::Relaxed);
+    let (coupons, slowest) = loader.await.unwrap();
+    assert!(
+        during_outage.load(Ordering::Relaxed) > 100,
+        "claims went on during the outage"
+    );
+    assert!(
+        slowest < Duration::from_millis(500),
+        "claim path slowed: {slowest:?}"
+    );
+
+    tokio::time::timeout(Duration::from_secs(20), p.flush())
+        .await
+        .expect("drained in time")
+        .unwrap();
+    assert_persisted(&db, &b.id, &coupons).await;
+    eventually("backlog back to zero", Duration::from_secs(3), async || {
+        status.backlog() == 0 && status.db_ok()
+    })
+    .await;
+    shutdown.cancel();
+    p.join().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Redis restart with AOF mid-load; a lost consumer group (NOGROUP)
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restart_with_aof_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = sqlite(&dir).await;
+    let mut server = RedisServer::start_with_aof();
+    let backend = redis(&server).await;
+    let b = batch("aof", 4, 100_000, 1, None);
+    let keys = setup(backend.as_ref(), &db, &b, 25_000).await;
+    let shutdown = CancellationToken::new();
+    let p = Persister::spawn(backend.clone(), db.clone(), fast("p1"), shutdown.clone());
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let after_restart = Arc::new(AtomicBool::new(false));
+    let loader = {
+        let (backend, b, keys) = (backend.clone(), b.clone(), keys.clone());
+        let (stop, after_restart) = (stop.clone(), after_restart.clone());
+        tokio::spawn(async move {
+            let mut coupons = HashMap::new();
+            let mut won_after = 0;
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let user = format!("u{i}");
+                // Failed attempts (Redis down) were never acknowledged: the next user goes.
+                if let Ok(Claim::New(c)) = claim(backend.as_ref(), &b, &keys, &user, "").await {
+                    coupons.insert(c, user);
+                    if after_restart.load(Ordering::Relaxed) {
+                        won_after += 1;
+                    }
+                }
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            (coupons, won_after)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    server.restart();
+    after_restart.store(true, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (mut coupons, won_after) = loader.await.unwrap();
+    assert!(
+        won_after > 50,
+        "claims resumed after the restart: {won_after}"
+    );
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if p.flush().await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("flushed after the restart");
+    // Every acknowledged claim is stored. (A claim whose reply was lost in the kill may
+    // be stored too: the client saw an error, Redis had already made it durable.)
+    assert_contains(&db, &coupons).await;
+    shutdown.cancel();
+    p.join().await;
+
+    // The consumer group disappears (as after a restart without it): the next read
+    // recreates it at the start of the log, so records written meanwhile are not skipped.
+    for i in 0..20 {
+        let user = format!("late{i}");
+        if let Claim::New(c) = claim(backend.as_ref(), &b, &keys, &user, "").await.unwrap() {
+            coupons.insert(c, user);
+        }
+    }
+    for s in &keys.shards {
+        server.cli(&["XGROUP", "DESTROY", &s.log, "claimgate"]);
+    }
+    let shutdown = CancellationToken::new();
+    let p = Persister::spawn(backend.clone(), db.clone(), fast("p2"), shutdown.clone());
+    p.flush().await.unwrap();
+    assert_contains(&db, &coupons).await;
+    // Nothing lost: every number the shards handed out is a stored coupon, once.
+    let mut issued = 0;
+    for s in &keys.shards {
+        let (claimed, log) = probe(backend.as_ref(), s).await;
+        issued += claimed;
+        assert_eq!(log, 0);
+    }
+    assert_eq!(
+        db.claim_counts(&b.id).await.unwrap(),
+        (issued as u64, issued as u64)
+    );
+    assert!(issued as usize >= coupons.len());
+    assert!(
+        reconcile(backend.as_ref(), &db, Some("aof"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    shutdown.cancel();
+    p.join().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Redis lost everything: rebuild from the database
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebuild_after_redis_lost_its_data() {
+    let pg = PgDb::create();
+    let db = open_db(pg.url.clone()).await;
+    let mut server = RedisServer::start();
+    let backend = redis(&server).await;
+    let mut b = batch("lost", 4, 200, 2, Some(2));
+    b.eligibility.deny_users = vec!["mallory".to_string()];
+    let keys = setup(backend.as_ref(), &db, &b, 40).await;
+    let mut coupons = HashMap::new();
+    let mut first_of = HashMap::new();
+    for i in 0..30 {
+        let user = format!("u{i}");
+        for rid in ["r1", "r2"] {
+            match claim(backend.as_ref(), &b, &keys, &user, rid)
+                .await
+                .unwrap()
+            {
+                Claim::New(c) => {
+                    if rid == "r1" {
+                        first_of.insert(user.clone(), c.clone());
+                    }
+                    coupons.insert(c, user.clone());
+                }
+                other => panic!("{user}/{rid}: {other:?}"),
+            }
+        }
+    }
+    assert_eq!(coupons.len(), 60);
+    let shutdown = CancellationToken::new();
+    let p = Persister::spawn(backend.clone(), db.clone(), fast("p1"), shutdown.clone());
+    p.flush().await.unwrap();
+    assert_persisted(&db, &b.id, &coupons).await;
+
+    server.restart_empty();
+    eventually(
+        "redis is back (empty)",
+        Duration::from_secs(5),
+        async || {
+            matches!(
+                claim(backend.as_ref(), &b, &keys, "u0", "r9").await,
+                Ok(Claim::Refused(-1))
+            )
+        },
+    )
+    .await;
+    let diffs = reconcile(backend.as_ref(), &db, Some("lost"))
+        .await
+        .unwrap();
+    assert_eq!(
+        diffs,
+        [Difference::MissingInRedis {
+            batch: "lost".into()
+        }]
+    );
+
+    let report = rebuild(backend.as_ref(), &db, "lost", false).await.unwrap();
+    assert_eq!((report.claims, report.issued, report.lost), (60, 60, 0));
+    assert_eq!(report.pool_stock, 140);
+    assert_eq!(report.requests, 60);
+    assert_eq!(report.denied, 1);
+    assert!(report.to_string().contains("60 claims"));
+    assert!(matches!(
+        rebuild(backend.as_ref(), &db, "lost", false).await,
+        Err(RebuildError::Live(_))
+    ));
+    assert!(matches!(
+        rebuild(backend.as_ref(), &db, "nope", false).await,
+        Err(RebuildError::BatchNotFound(_))
+    ));
+    let diffs = reconcile(backend.as_ref(), &db, Some("lost"))
+        .await
+        .unwrap();
+    assert!(diffs.is_empty(), "{diffs:?}");
+
+    // Limits and idempotency survived; the deny list too.
+    for i in 0..30 {
+        let user = format!("u{i}");
+        assert_eq!(
+            claim(backend.as_ref(), &b, &keys, &user, "r1")
+                .await
+                .unwrap(),
+            Claim::Replay(first_of[&user].clone())
+        );
+        assert_eq!(
+            claim(backend.as_ref(), &b, &keys, &user, "r3")
+                .await
+                .unwrap(),
+            Claim::Refused(-6)
+        );
+    }
+    assert_eq!(
+        claim(backend.as_ref(), &b, &keys, "mallory", "")
+            .await
+            .unwrap(),
+        Claim::Refused(-5)
+    );
+    // Stock comes back only from the pool (total - issued); shards start empty.
+    assert_eq!(
+        claim(backend.as_ref(), &b, &keys, "newbie", "")
+            .await
+            .unwrap(),
+        Claim::Refused(-8)
+    );
+    for (i, _) in keys.shards.iter().enumerate() {
+        refill(backend.as_ref(), &keys, i, 40, &format!("t{i}")).await;
+    }
+    let mut fresh = 0;
+    for i in 0..400 {
+        let user = format!("n{i}");
+        match claim(backend.as_ref(), &b, &keys, &user, "").await.unwrap() {
+            Claim::New(c) => {
+                let (_, shard, seq) = parse_coupon_id(&c).unwrap();
+                let old_max = coupons
+                    .keys()
+                    .filter_map(|k| parse_coupon_id(k))
+                    .filter(|(_, s, _)| *s == shard)
+                    .map(|(_, _, q)| q)
+                    .max()
+                    .unwrap_or(0);
+                assert!(seq > old_max, "{c} reuses a sequence number");
+                assert!(coupons.insert(c, user).is_none());
+                fresh += 1;
+            }
+            Claim::Refused(-8) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(fresh, 140, "exactly the unsold stock is sold again");
+    assert_eq!(coupons.len(), 200);
+    p.flush().await.unwrap();
+    assert_persisted(&db, &b.id, &coupons).await;
+    let diffs = reconcile(backend.as_ref(), &db, None).await.unwrap();
+    assert!(diffs.is_empty(), "{diffs:?}");
+    shutdown.cancel();
+    p.join().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// reconcile finds planted differences
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_reports_planted_differences() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = sqlite(&dir).await;
+    let server = RedisServer::start();
+    let backend = redis(&server).await;
+    let b = batch("plant", 2, 100, 1, None);
+    let keys = setup(backend.as_ref(), &db, &b, 40).await;
+    let mut users = Vec::new();
+    for i in 0..10 {
+        let user = format!("u{i}");
+        if let Claim::New(_) = claim(backend.as_ref(), &b, &keys, &user, "").await.unwrap() {
+            users.push(user);
+        }
+    }
+    let shutdown = CancellationToken::new();
+    let p = Persister::spawn(backend.clone(), db.clone(), fast("p1"), shutdown.clone());
+    p.flush().await.unwrap();
+    assert!(
+        reconcile(backend.as_ref(), &db, Some("plant"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        reconcile(backend.as_ref(), &db, None)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // Plant: a user's count reset (limit could be exceeded), stock out of thin air.
+    let victim = &users[0];
+    let shard = home_shard(victim, 2) as usize;
+    server.cli(&["HSET", &keys.shards[shard].users, victim, "0"]);
+    server.cli(&["INCRBY", &keys.shards[1].stock, "5"]);
+    let diffs = reconcile(backend.as_ref(), &db, Some("plant"))
+        .await
+        .unwrap();
+    for d in &diffs {
+        assert!(!d.to_string().contains('\n'));
+    }
+    assert!(
+        diffs.iter().any(
+            |d| matches!(d, Difference::UserCount { user, redis: 0, db: 1, .. } if user == victim)
+        ),
+        "{diffs:?}"
+    );
+    assert!(
+        diffs
+            .iter()
+            .any(|d| matches!(d, Difference::Conservation { .. })),
+        "{diffs:?}"
+    );
+    assert_eq!(diffs.len(), 2, "{diffs:?}");
+
+    // A batch only in the database; an id known nowhere.
+    db.upsert_batch(&batch("dbonly", 1, 10, 1, None))
+        .await
+        .unwrap();
+    assert_eq!(
+        reconcile(backend.as_ref(), &db, Some("dbonly"))
+            .await
+            .unwrap(),
+        [Difference::MissingInRedis {
+            batch: "dbonly".into()
+        }]
+    );
+    assert!(matches!(
+        reconcile(backend.as_ref(), &db, Some("nowhere")).await,
+        Err(RebuildError::BatchNotFound(_))
+    ));
+    shutdown.cancel();
+    p.join().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// reconcile on a live batch: no false differences while claims and persistence run
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_is_quiet_under_live_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = sqlite(&dir).await;
+    let server = RedisServer::start();
+    let backend = redis(&server).await;
+    let b = batch("live", 4, 100_000, 2, None);
+    let keys = setup(backend.as_ref(), &db, &b, 20_000).await;
+    let shutdown = CancellationToken::new();
+    let p = Persister::spawn(backend.clone(), db.clone(), fast("p1"), shutdown.clone());
+    let stop = Arc::new(AtomicBool::new(false));
+    let loader = {
+        let (backend, b, keys, stop) = (backend.clone(), b.clone(), keys.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                claim(backend.as_ref(), &b, &keys, &format!("u{}", i % 500), "")
+                    .await
+                    .unwrap();
+                i += 1;
+                if i.is_multiple_of(20) {
+                    tokio::task::yield_now().await;
+                }
+            }
+            i
+        })
+    };
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let diffs = reconcile(backend.as_ref(), &db, Some("live"))
+            .await
+            .unwrap();
+        assert!(diffs.is_empty(), "{diffs:?}");
+    }
+    stop.store(true, Ordering::Relaxed);
+    assert!(loader.await.unwrap() > 100);
+    p.flush().await.unwrap();
+    assert!(
+        reconcile(backend.as_ref(), &db, None)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    shutdown.cancel();
+    p.join().await;
+}
