@@ -5,16 +5,19 @@
 --   2 stock    string coupons left in this shard
 --   3 users    hash   user -> coupons claimed from this batch (per-user limit)
 --   4 daily    hash   user -> "<utc day>:<count>" (per-user daily limit)
---   5 req      hash   "<user>|<request id>" -> "<coupon>|<valid_from>|<valid_to>|<claimed_at>"
+--   5 req      hash   "<user>|<request id>" -> "<coupon>|<valid_from>|<valid_to>|<claimed_at>|<nonce>"
 --   6 log      stream claim records for the persister
 --   7 deny     set    users of this shard denied by the batch's eligibility rules
 --   8 claimed  string coupons claimed from this shard (also the coupon sequence)
 -- ARGV:
 --   1 user id   2 request id ('' = none)   3 max log length (0 = unbounded)
 --   4 batch id  5 shard index
+--   6 nonce of this HTTP request (recorded with the request id, returned on replay, so a
+--     caller that repeats its own call after a lost reply can tell it minted the coupon)
 -- Returns:
 --   { 1, coupon_id, valid_from_ms, valid_to_ms, claimed_at_ms }   claimed now
---   { 2, coupon_id, valid_from_ms, valid_to_ms, claimed_at_ms }   replay of an earlier request id
+--   { 2, coupon_id, valid_from_ms, valid_to_ms, claimed_at_ms, nonce }   replay of an earlier
+--                                                    request id ('' nonce if none recorded)
 --   { 0, code } refused, nothing written; code:
 --     -1 no such batch in this shard   -2 window not started   -3 window ended
 --     -4 paused   -5 user denied   -6 per-user limit   -7 per-user daily limit
@@ -22,6 +25,9 @@
 --     -9 claim log backlog at its bound (shed, nothing claimed)
 -- Validates everything before the first write: a script that errors half-way keeps its writes.
 
+if #ARGV ~= 6 or not tonumber(ARGV[3]) then
+  return redis.error_reply('ERR claim: expects 6 arguments (user, request id, max log, batch, shard, nonce)')
+end
 local user, rid = ARGV[1], ARGV[2]
 local m = redis.call('HMGET', KEYS[1], 'state', 'start', 'end', 'limit', 'daily', 'vdays', 'vfrom', 'vto')
 if not m[1] then return { 0, -1 } end
@@ -31,8 +37,8 @@ if rid ~= '' then
   reqf = user .. '|' .. rid
   local prev = redis.call('HGET', KEYS[5], reqf)
   if prev then
-    local c, vf, vt, at = string.match(prev, '^([^|]*)|(%d+)|(%d+)|(%d+)$')
-    return { 2, c, tonumber(vf), tonumber(vt), tonumber(at) }
+    local c, vf, vt, at, nonce = string.match(prev, '^([^|]*)|(%d+)|(%d+)|(%d+)|?([^|]*)$')
+    return { 2, c, tonumber(vf), tonumber(vt), tonumber(at), nonce or '' }
   end
 end
 
@@ -83,7 +89,7 @@ if daily > 0 then
   redis.call('HSET', KEYS[4], user, string.format('%d:%d', day, today + 1))
 end
 if reqf then
-  redis.call('HSET', KEYS[5], reqf, coupon .. '|' .. sf .. '|' .. st .. '|' .. sn)
+  redis.call('HSET', KEYS[5], reqf, coupon .. '|' .. sf .. '|' .. st .. '|' .. sn .. '|' .. ARGV[6])
 end
 redis.call('XADD', KEYS[6], '*', 'k', 'claimed', 'c', coupon, 'u', user, 'r', rid,
   'b', ARGV[4], 's', ARGV[5], 't', sn, 'vf', sf, 'vt', st)

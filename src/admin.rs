@@ -26,16 +26,12 @@ pub struct BatchView {
     pub stock: StockView,
 }
 
-fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("invalid body: {e}")))
-}
-
 /// `POST /v1/batches`.
 pub async fn create<B: Backend>(
     app: &App<B>,
     body: &[u8],
 ) -> Result<(StatusCode, Batch), ApiError> {
-    let new: NewBatch = parse_json(body)?;
+    let new: NewBatch = crate::router::parse_object(body, "batch")?;
     let batch = new.validate(&app.cfg.batches.limits())?;
     let fp = batch.fingerprint();
     match app.db.get_batch(&batch.id).await {
@@ -87,7 +83,7 @@ pub async fn get<B: Backend>(app: &App<B>, id: &str) -> Result<BatchView, ApiErr
 
 /// `PATCH /v1/batches/{id}`: pause/resume, move the window end, add stock.
 pub async fn patch<B: Backend>(app: &App<B>, id: &str, body: &[u8]) -> Result<BatchView, ApiError> {
-    let change: BatchPatch = parse_json(body)?;
+    let change: BatchPatch = crate::router::parse_object(body, "batch change")?;
     let entry = app.load_batch(id).await?;
     if entry.is_lost() {
         return Err(app.unavailable(format!("batch {id} is missing from Redis")));

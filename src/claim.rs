@@ -18,7 +18,7 @@ use crate::backend::{Backend, BackendError};
 use crate::batch::Timestamp;
 use crate::cache::LocalRefusal;
 use crate::error::ApiError;
-use crate::outcome::Coupon;
+use crate::outcome::{Coupon, ScriptOutcome};
 use crate::stock::{ClaimResult, StockError};
 
 /// `[A-Za-z0-9._@+-]{1,128}`: user ids and request ids.
@@ -46,8 +46,7 @@ pub struct ClaimRequest {
 
 impl ClaimRequest {
     pub fn parse(body: &[u8]) -> Result<ClaimRequest, ApiError> {
-        let b: ClaimBody = serde_json::from_slice(body)
-            .map_err(|e| ApiError::BadRequest(format!("invalid claim body: {e}")))?;
+        let b: ClaimBody = crate::router::parse_object(body, "claim body")?;
         for (name, v) in [("user_id", &b.user_id), ("request_id", &b.request_id)] {
             if v.as_deref().is_some_and(|v| !valid_ident(v)) {
                 return Err(ApiError::BadRequest(format!(
@@ -191,67 +190,92 @@ async fn claim_inner<B: Backend>(
     let t = stage("admission", t);
 
     // 6. ONE script on the home shard (more only when the shard must be refilled)
+    // A nonce per HTTP request: recorded with the request id, so if our own call is
+    // repeated after a lost reply, the replay says it was this request that minted it.
+    let nonce = format!("{:016x}", rand::random::<u64>());
     let internal;
     let rid = match &req.request_id {
         Some(r) => r.as_str(),
         None => {
-            internal = format!("{INTERNAL_RID}{:016x}", rand::random::<u64>());
+            internal = format!("{INTERNAL_RID}{nonce}");
             internal.as_str()
         }
     };
     let mut result = app
         .stock
-        .claim(&entry.keys, home, &identity.user_id, rid, &app.max_log)
+        .claim(
+            &entry.keys,
+            home,
+            &identity.user_id,
+            rid,
+            &app.max_log,
+            &nonce,
+        )
         .await;
     if let Err(StockError::Backend(BackendError::Unavailable(_))) = &result {
         // The reply may have been lost after the script ran: ask again with the same
         // request id; the script replays instead of minting a second coupon.
         result = app
             .stock
-            .claim(&entry.keys, home, &identity.user_id, rid, &app.max_log)
+            .claim(
+                &entry.keys,
+                home,
+                &identity.user_id,
+                rid,
+                &app.max_log,
+                &nonce,
+            )
             .await;
     }
     stage("backend", t);
     let user = identity.user_id.as_str();
-    match result.map_err(|e| app.stock_error(e))? {
-        ClaimResult::Claimed(c) => Ok((StatusCode::CREATED, ClaimReply::new(&c, batch_id, user))),
-        // Our own repeated call (internal id): the client never saw the first reply.
-        ClaimResult::Replayed(c) if req.request_id.is_none() => {
-            Ok((StatusCode::CREATED, ClaimReply::new(&c, batch_id, user)))
-        }
-        ClaimResult::Replayed(c) => Ok((StatusCode::OK, ClaimReply::new(&c, batch_id, user))),
-        ClaimResult::NoBatch => {
-            app.mark_lost(&entry);
-            Err(app.unavailable(format!("batch {batch_id} is missing from Redis")))
-        }
-        ClaimResult::NotStarted => Err(ApiError::NotStarted),
-        ClaimResult::Ended => Err(ApiError::Ended),
-        ClaimResult::Paused => Err(ApiError::Paused),
-        ClaimResult::Denied => Err(ApiError::NotEligible),
-        ClaimResult::LimitReached => {
-            app.cache.remember_at_limit(batch_id, user, false, now);
-            Err(ApiError::LimitReached)
-        }
-        ClaimResult::DailyLimitReached => {
-            app.cache.remember_at_limit(batch_id, user, true, now);
-            Err(ApiError::DailyLimitReached)
-        }
+    let outcome = match result.map_err(|e| app.stock_error(e))? {
+        ClaimResult::Decided(outcome) => outcome,
         ClaimResult::SoldOut => {
             entry.set_sold_out();
             app.load_winners(&entry);
-            Err(ApiError::SoldOut)
+            return Err(ApiError::SoldOut);
         }
-        ClaimResult::BacklogFull => {
+        ClaimResult::Contended => {
+            return Err(ApiError::Overloaded(
+                "stock is being rebalanced; nothing was claimed".into(),
+                app.retry_after(),
+            ));
+        }
+    };
+    match outcome {
+        ScriptOutcome::Claimed(c) => Ok((StatusCode::CREATED, ClaimReply::new(&c, batch_id, user))),
+        // Our own repeated call minted it: the client never saw the first reply.
+        ScriptOutcome::Replayed(c) if c.minted_by == nonce => {
+            Ok((StatusCode::CREATED, ClaimReply::new(&c, batch_id, user)))
+        }
+        ScriptOutcome::Replayed(c) => Ok((StatusCode::OK, ClaimReply::new(&c, batch_id, user))),
+        ScriptOutcome::NoBatch => {
+            app.mark_lost(&entry);
+            Err(app.unavailable(format!("batch {batch_id} is missing from Redis")))
+        }
+        ScriptOutcome::NotStarted => Err(ApiError::NotStarted),
+        ScriptOutcome::Ended => Err(ApiError::Ended),
+        ScriptOutcome::Paused => Err(ApiError::Paused),
+        ScriptOutcome::Denied => Err(ApiError::NotEligible),
+        ScriptOutcome::LimitReached => {
+            app.cache.remember_at_limit(batch_id, user, false, now);
+            Err(ApiError::LimitReached)
+        }
+        ScriptOutcome::DailyLimitReached => {
+            app.cache.remember_at_limit(batch_id, user, true, now);
+            Err(ApiError::DailyLimitReached)
+        }
+        ScriptOutcome::BacklogFull => {
             metrics::counter!(crate::metrics::SHED, "reason" => "backlog").increment(1);
             Err(ApiError::Overloaded(
                 "persistence backlog at its bound; nothing was claimed".into(),
                 app.retry_after(),
             ))
         }
-        ClaimResult::Contended => Err(ApiError::Overloaded(
-            "stock is being rebalanced; nothing was claimed".into(),
-            app.retry_after(),
-        )),
+        ScriptOutcome::ShardEmpty | ScriptOutcome::NotAReplay => {
+            Err(ApiError::Internal(format!("claim resolved to {outcome:?}")))
+        }
     }
 }
 

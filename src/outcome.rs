@@ -12,6 +12,8 @@ pub struct Coupon {
     pub valid_from_ms: i64,
     pub valid_to_ms: i64,
     pub claimed_at_ms: i64,
+    /// On a replay: the nonce of the request that minted the coupon ('' if unknown).
+    pub minted_by: String,
 }
 
 /// What one run of `claim.lua` decided.
@@ -64,8 +66,8 @@ impl ScriptOutcome {
                 other => return Err(bad(&format!("unknown reason {other}"))),
             });
         }
-        if items.len() != 5 {
-            return Err(bad("coupon reply needs 5 items"));
+        if !(5..=6).contains(&items.len()) {
+            return Err(bad("coupon reply needs 5 or 6 items"));
         }
         let coupon = Coupon {
             coupon_id: items[1]
@@ -76,6 +78,11 @@ impl ScriptOutcome {
             valid_from_ms: items[2].as_int().ok_or_else(|| bad("valid_from"))?,
             valid_to_ms: items[3].as_int().ok_or_else(|| bad("valid_to"))?,
             claimed_at_ms: items[4].as_int().ok_or_else(|| bad("claimed_at"))?,
+            minted_by: items
+                .get(5)
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string(),
         };
         match code {
             1 => Ok(ScriptOutcome::Claimed(coupon)),

@@ -57,6 +57,17 @@ impl Route<'_> {
         }
     }
 
+    /// The methods the route serves (the `Allow` header of a 405).
+    fn allow(&self) -> &'static str {
+        match self {
+            Route::Health | Route::Ready | Route::Metrics | Route::OpenApi => "GET",
+            Route::UserCoupons(_) => "GET",
+            Route::Batch(_) => "GET, PATCH",
+            Route::Batches | Route::Claims(_) | Route::CouponAction(..) => "POST",
+            Route::Unknown => "",
+        }
+    }
+
     fn label(&self) -> &'static str {
         match self {
             Route::Health => "healthz",
@@ -71,6 +82,19 @@ impl Route<'_> {
             Route::Unknown => "unknown",
         }
     }
+}
+
+/// Parses a JSON object body into `T` (serde alone would also accept an array for a struct).
+pub fn parse_object<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+    what: &str,
+) -> Result<T, ApiError> {
+    if body.trim_ascii_start().first() != Some(&b'{') {
+        return Err(ApiError::BadRequest(format!(
+            "{what} must be a JSON object"
+        )));
+    }
+    serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("invalid {what}: {e}")))
 }
 
 /// Reads the whole body, refusing more than `limit` bytes.
@@ -192,7 +216,7 @@ where
             Ok(json_response(StatusCode::OK, &reply))
         }
         Route::Unknown => Err(ApiError::RouteNotFound),
-        _ => Err(ApiError::MethodNotAllowed),
+        _ => Err(ApiError::MethodNotAllowed(route.allow())),
     }
 }
 

@@ -89,17 +89,11 @@ impl TransferKind {
 /// The final answer of a claim after any refills.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClaimResult {
-    Claimed(Coupon),
-    Replayed(Coupon),
-    NoBatch,
-    NotStarted,
-    Ended,
-    Paused,
-    Denied,
-    LimitReached,
-    DailyLimitReached,
+    /// What the claim script decided (never `ShardEmpty` or `NotAReplay`: those are
+    /// resolved here).
+    Decided(ScriptOutcome),
+    /// The pool and every shard are empty.
     SoldOut,
-    BacklogFull,
     /// Stock exists but kept moving away under contention: retry later.
     Contended,
 }
@@ -250,44 +244,39 @@ impl<B: Backend> Stock<B> {
         user: &str,
         request_id: &str,
         max_log: &str,
+        nonce: &str,
     ) -> Result<ClaimResult, StockError> {
         let slot = keys.shards.get(home as usize).ok_or(StockError::NotFound)?;
         let shard_label = home.to_string();
         let batch_id = batch_of(slot);
-        let args = [user, request_id, max_log, batch_id, shard_label.as_str()];
+        let args = [
+            user,
+            request_id,
+            max_log,
+            batch_id,
+            shard_label.as_str(),
+            nonce,
+        ];
         for _round in 0..=self.cfg.max_refill_rounds {
             let reply = self
                 .backend
                 .eval(Script::Claim, &slot.claim_keys(), &args)
                 .await?;
-            let outcome = ScriptOutcome::decode(reply)?;
-            return Ok(match outcome {
-                ScriptOutcome::Claimed(c) => ClaimResult::Claimed(c),
-                ScriptOutcome::Replayed(c) => ClaimResult::Replayed(c),
-                ScriptOutcome::NoBatch => ClaimResult::NoBatch,
-                ScriptOutcome::NotStarted => ClaimResult::NotStarted,
-                ScriptOutcome::Ended => ClaimResult::Ended,
-                ScriptOutcome::Paused => ClaimResult::Paused,
-                ScriptOutcome::Denied => ClaimResult::Denied,
-                ScriptOutcome::LimitReached => ClaimResult::LimitReached,
-                ScriptOutcome::DailyLimitReached => ClaimResult::DailyLimitReached,
-                ScriptOutcome::BacklogFull => ClaimResult::BacklogFull,
+            match ScriptOutcome::decode(reply)? {
+                ScriptOutcome::ShardEmpty => {}
                 ScriptOutcome::NotAReplay => {
                     return Err(StockError::Reply("claim", Value::Int(-10)));
                 }
-                ScriptOutcome::ShardEmpty => {
-                    if self.refill(keys, home).await? > 0 {
-                        continue;
-                    }
-                    if self.sold_out_scan(keys).await? {
-                        ClaimResult::SoldOut
-                    } else {
-                        // Stock is in flight or was just added: look again.
-                        self.sweep(keys, 0).await?;
-                        continue;
-                    }
-                }
-            });
+                decided => return Ok(ClaimResult::Decided(decided)),
+            }
+            if self.refill(keys, home).await? > 0 {
+                continue;
+            }
+            if self.sold_out_scan(keys).await? {
+                return Ok(ClaimResult::SoldOut);
+            }
+            // Stock is in flight or was just added: finish open transfers, look again.
+            self.sweep(keys, 0).await?;
         }
         Ok(ClaimResult::Contended)
     }

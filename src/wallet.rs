@@ -151,8 +151,7 @@ pub async fn act<B: Backend>(
     action: &str,
     body: &[u8],
 ) -> Result<CouponView, ApiError> {
-    let body: OrderBody = serde_json::from_slice(body)
-        .map_err(|e| ApiError::BadRequest(format!("invalid body: {e}")))?;
+    let body: OrderBody = crate::router::parse_object(body, "order body")?;
     if !valid_ident(&body.order_id) {
         return Err(ApiError::BadRequest(
             "order_id must be 1-128 characters of [A-Za-z0-9._@+-]".into(),
@@ -162,13 +161,26 @@ pub async fn act<B: Backend>(
         return Err(ApiError::CouponNotFound);
     }
     if app.auth.user_auth_enabled() {
+        // Authenticate first, then look up: another user's coupon reads as absent, so the
+        // answer never tells whether a coupon id exists.
+        let admin = app.cfg.auth.admin_token.is_some() && app.auth.check_admin(headers).is_ok();
+        let caller = if admin {
+            None
+        } else {
+            Some(app.auth.identify(headers, None)?)
+        };
         let coupon = app
             .db
             .get_coupon(coupon_id)
             .await
-            .map_err(|e| db_error(app, e))?
-            .ok_or(ApiError::CouponNotFound)?;
-        authorize(app, headers, &coupon.user_id)?;
+            .map_err(|e| db_error(app, e))?;
+        match (coupon, caller) {
+            (Some(c), Some(who)) if c.user_id != who.user_id => {
+                return Err(ApiError::CouponNotFound);
+            }
+            (Some(_), _) => {}
+            (None, _) => return Err(ApiError::CouponNotFound),
+        }
     }
     let timeout = std::time::Duration::from_millis(app.cfg.wallet.lock_timeout_ms);
     let row = match action {

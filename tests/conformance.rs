@@ -1,5 +1,5 @@
 //! Conformance suite: the same cases against the `redis` backend (a redis-server of our own
-//! + PostgreSQL) and the `embedded` backend (+ SQLite), through the real router, with real
+//! and PostgreSQL) and the `embedded` backend (+ SQLite), through the real router, with real
 //! concurrency. Any difference between the backends is a bug.
 
 mod support;
@@ -172,6 +172,32 @@ pub mod cases {
         let (s, _) = claim(&g.app, "replay", "p1", Some("req-1")).await;
         assert_eq!(s, 200);
         assert_conserved(g, "replay", 20).await;
+
+        // A call repeated by the gateway itself (after a lost reply) is told apart from a
+        // client's replay by the nonce recorded with the request id.
+        use claimgate::outcome::ScriptOutcome;
+        use claimgate::stock::ClaimResult;
+        let keys = g.app.load_batch("replay").await.unwrap().keys.clone();
+        let home = claimgate::keys::home_shard("nonce-user", keys.shards.len() as u32);
+        let stock = &g.app.stock;
+        let first = stock
+            .claim(&keys, home, "nonce-user", "nr", "0", "n1")
+            .await
+            .unwrap();
+        let ClaimResult::Decided(ScriptOutcome::Claimed(c1)) = first else {
+            panic!("{first:?}")
+        };
+        for (nonce, ours) in [("n1", true), ("n2", false)] {
+            let again = stock
+                .claim(&keys, home, "nonce-user", "nr", "0", nonce)
+                .await
+                .unwrap();
+            let ClaimResult::Decided(ScriptOutcome::Replayed(c)) = again else {
+                panic!("{again:?}")
+            };
+            assert_eq!(c.coupon_id, c1.coupon_id);
+            assert_eq!(c.minted_by == nonce, ours);
+        }
     }
 
     /// A crash between the two halves of a transfer: no stock created, none lost after sweep.
@@ -570,6 +596,23 @@ pub mod cases {
             );
             assert!(v["message"].is_string(), "{v}");
         }
+        assert_conserved(g, "bad", 0).await;
+        // a malformed script call is refused before the script's first write
+        let keys = g.app.load_batch("bad").await.unwrap().keys.clone();
+        let shard = &keys.shards[0];
+        let short = ["u", "r", "0", "bad", "0"];
+        let r = g
+            .backend
+            .eval(
+                claimgate::backend::Script::Claim,
+                &shard.claim_keys(),
+                &short,
+            )
+            .await;
+        assert!(
+            matches!(r, Err(claimgate::backend::BackendError::Script(_))),
+            "{r:?}"
+        );
         assert_conserved(g, "bad", 0).await;
         assert_eq!(
             claim(app, "bad", "good", None).await.0,

@@ -92,6 +92,27 @@ async fn claim_all(
     }
 }
 
+/// Claims for `users` again and again (same request ids) until every one has a final
+/// answer (201/200/410), as a client retrying through a fault would.
+async fn claim_until_settled(
+    http: &Http,
+    batch: &str,
+    users: std::ops::Range<usize>,
+    answers: &Answers,
+) {
+    for _ in 0..20 {
+        claim_all(http, batch, users.clone().collect(), 16, answers, |_| {}).await;
+        let settled = |a: &Option<(u16, Value)>| matches!(a, Some((200 | 201 | 410, _)));
+        if users
+            .clone()
+            .all(|u| answers.lock().unwrap().get(&u).is_some_and(settled))
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 async fn wait_ready(http: &Http) {
     for _ in 0..200 {
         if let Ok((200, _)) = http.send("GET", "/healthz", "").await {
@@ -338,20 +359,7 @@ async fn redis_restarts_with_aof_and_empty() {
     // 1. restart with AOF: scripts and consumer groups come back (or are recreated)
     redis.restart();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let retry: Vec<usize> = (0..200).collect();
-    for _ in 0..20 {
-        claim_all(&http, "rr", retry.clone(), 16, &answers, |_| {}).await;
-        let pending = answers
-            .lock()
-            .unwrap()
-            .values()
-            .filter(|a| !matches!(a, Some((200 | 201 | 410, _))))
-            .count();
-        if pending == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    claim_until_settled(&http, "rr", 0..200, &answers).await;
 
     // wait until everything so far is in PostgreSQL, then lose Redis entirely
     let db = Db::connect(&DatabaseConfig {
@@ -419,20 +427,7 @@ async fn redis_restarts_with_aof_and_empty() {
         String::from_utf8_lossy(&out.stderr)
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let rest: Vec<usize> = (0..600).collect();
-    for _ in 0..20 {
-        claim_all(&http, "rr", rest.clone(), 16, &answers, |_| {}).await;
-        let pending = answers
-            .lock()
-            .unwrap()
-            .values()
-            .filter(|a| !matches!(a, Some((200 | 201 | 410, _))))
-            .count();
-        if pending == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    claim_until_settled(&http, "rr", 0..600, &answers).await;
     check_invariants(&http, &pg.url, "rr", stock, &answers).await;
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_claimgate"))
         .args([
