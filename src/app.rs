@@ -37,6 +37,9 @@ pub struct App<B: Backend> {
     pub max_log: String,
     /// Set when shutdown starts: `/readyz` turns 503 so load balancers drain us.
     pub draining: AtomicBool,
+    /// Stock remaining of the tracked batches (at most `metrics.max_batch_labels`), rendered
+    /// at scrape time so a batch that stops being tracked leaves the exposition at once.
+    pub stock_remaining: parking_lot::Mutex<Vec<(String, i64)>>,
 }
 
 impl<B: Backend> App<B> {
@@ -56,6 +59,7 @@ impl<B: Backend> App<B> {
                 "ADMIN AUTH IS OFF: anyone can create and change batches. Set auth.admin_token."
             );
         }
+        let metrics = crate::metrics::install();
         metrics::gauge!(crate::metrics::BUILD_INFO, "version" => env!("CARGO_PKG_VERSION"),
             "backend" => backend.kind())
         .set(1.0);
@@ -65,7 +69,8 @@ impl<B: Backend> App<B> {
             auth: Auth::new(&cfg.auth),
             limits: RateLimits::new(&cfg.limits),
             admission: Admission::new(&cfg.limits),
-            metrics: crate::metrics::install(),
+            metrics,
+            stock_remaining: parking_lot::Mutex::new(Vec::new()),
             max_log: cfg.persister.max_backlog_per_shard.to_string(),
             draining: AtomicBool::new(false),
             persist_status,
@@ -318,17 +323,30 @@ impl<B: Backend> App<B> {
         }
     }
 
+    /// Tracks the active batches (window open, not lost), newest first, up to the cap.
     async fn export_stock_gauges(&self) {
+        let now = crate::batch::Timestamp::now();
         let mut entries = self.cache.all();
-        entries.retain(|e| !e.is_lost() && !e.is_sold_out());
-        entries.sort_by(|a, b| a.id.cmp(&b.id));
+        entries.retain(|e| !e.is_lost() && e.batch().claim_window.end > now);
+        entries.sort_by_key(|e| std::cmp::Reverse(e.batch().created_at));
         entries.truncate(self.cfg.metrics.max_batch_labels);
+        let mut gauges = Vec::with_capacity(entries.len());
         for e in entries {
             if let Ok(c) = self.stock.conservation(&e.keys).await {
-                metrics::gauge!(crate::metrics::STOCK_REMAINING, "batch" => e.id.clone())
-                    .set((c.total - c.claimed) as f64);
+                gauges.push((e.id.clone(), c.total - c.claimed));
             }
         }
+        gauges.sort();
+        *self.stock_remaining.lock() = gauges;
+    }
+
+    /// The whole Prometheus exposition: the recorder's metrics and the per-batch gauges.
+    pub fn render_metrics(&self) -> String {
+        let mut text = self.metrics.render();
+        text.push_str(&crate::metrics::render_stock_remaining(
+            &self.stock_remaining.lock(),
+        ));
+        text
     }
 
     pub fn is_draining(&self) -> bool {

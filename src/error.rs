@@ -45,8 +45,9 @@ pub enum ApiError {
     BackendUnavailable(String, u64),
     #[error("no such route")]
     RouteNotFound,
+    /// With the methods the route does allow.
     #[error("method not allowed")]
-    MethodNotAllowed,
+    MethodNotAllowed(&'static str),
     #[error("internal error")]
     Internal(String),
 }
@@ -72,7 +73,7 @@ impl ApiError {
             ApiError::Overloaded(..) | ApiError::BackendUnavailable(..) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -96,7 +97,7 @@ impl ApiError {
             ApiError::Overloaded(..) => "overloaded",
             ApiError::BackendUnavailable(..) => "backend_unavailable",
             ApiError::RouteNotFound => "not_found",
-            ApiError::MethodNotAllowed => "method_not_allowed",
+            ApiError::MethodNotAllowed(_) => "method_not_allowed",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -120,9 +121,9 @@ impl ApiError {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(s));
         }
-        if matches!(self, ApiError::MethodNotAllowed) {
+        if let ApiError::MethodNotAllowed(allow) = self {
             resp.headers_mut()
-                .insert(header::ALLOW, HeaderValue::from_static("GET, POST, PATCH"));
+                .insert(header::ALLOW, HeaderValue::from_static(allow));
         }
         resp
     }

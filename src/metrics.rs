@@ -13,7 +13,7 @@ pub const CLAIMS: &str = "claimgate_claims_total";
 pub const CLAIM_SECONDS: &str = "claimgate_claim_duration_seconds";
 /// Latency of each stage of the claim path, by `stage`.
 pub const STAGE_SECONDS: &str = "claimgate_stage_duration_seconds";
-/// HTTP requests by `route` and `status` class.
+/// HTTP requests by `route` and `status` class (2xx..5xx).
 pub const HTTP_REQUESTS: &str = "claimgate_http_requests_total";
 /// Script calls by `script` and `result` (ok, script_error, unavailable, protocol).
 pub const BACKEND_CALLS: &str = "claimgate_backend_calls_total";
@@ -21,13 +21,15 @@ pub const BACKEND_CALLS: &str = "claimgate_backend_calls_total";
 pub const BACKEND_SECONDS: &str = "claimgate_backend_call_duration_seconds";
 /// NOSCRIPT replies that caused a script reload.
 pub const BACKEND_RELOADS: &str = "claimgate_backend_script_reloads_total";
-/// Stock transfers by `kind` (refill, steal, sweep) and `result`.
+/// Stock transfers by `kind` (initial, refill, steal, sweep) and `result` (moved, empty, finished).
 pub const TRANSFERS: &str = "claimgate_stock_transfers_total";
-/// Requests refused by a local rate limit, by `limit` (global, user, ip, batch).
+/// Requests refused by a local rate limit, by `limit` (global, user, ip).
 pub const RATE_LIMITED: &str = "claimgate_rate_limited_total";
-/// Requests shed by admission control, by `reason` (inflight, connections, backlog).
+/// Requests shed by admission control, by `reason` (inflight, backlog). At
+/// `server.max_connections` the server stops accepting instead (the kernel queues).
 pub const SHED: &str = "claimgate_shed_total";
-/// Local hot-key cache answers, by `kind` (sold_out, user_limit, window, paused, denied, meta_hit, meta_miss).
+/// Local hot-key cache answers, by `kind` (sold_out, user_limit, not_started, ended, paused,
+/// not_eligible, meta_hit, meta_miss).
 pub const CACHE: &str = "claimgate_cache_total";
 /// Backend calls in flight.
 pub const INFLIGHT: &str = "claimgate_backend_inflight";
@@ -41,9 +43,10 @@ pub const PERSIST_LAG: &str = "claimgate_persist_lag_seconds";
 pub const PERSIST_ROWS: &str = "claimgate_persist_rows_total";
 /// Persister batch write latency, seconds.
 pub const PERSIST_SECONDS: &str = "claimgate_persist_write_duration_seconds";
-/// Persister failures by `stage` (read, write, ack).
+/// Persister failures by `stage` (read, write, ack, parse, probe, refresh).
 pub const PERSIST_ERRORS: &str = "claimgate_persist_errors_total";
-/// Stock remaining per tracked batch (`batch` label, capped by config).
+/// Stock remaining per tracked batch (`batch` label: active batches only, at most
+/// `metrics.max_batch_labels`). Rendered at scrape time by [`render_stock_remaining`].
 pub const STOCK_REMAINING: &str = "claimgate_stock_remaining";
 /// Batches whose Redis state is missing (claims refused until rebuild).
 pub const BATCHES_LOST: &str = "claimgate_batches_lost";
@@ -74,6 +77,25 @@ pub fn install() -> PrometheusHandle {
             handle
         })
         .clone()
+}
+
+/// The `claimgate_stock_remaining` family in text exposition format.
+pub fn render_stock_remaining(gauges: &[(String, i64)]) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    if gauges.is_empty() {
+        return out;
+    }
+    let _ = writeln!(
+        out,
+        "# HELP {STOCK_REMAINING} Stock remaining per tracked batch."
+    );
+    let _ = writeln!(out, "# TYPE {STOCK_REMAINING} gauge");
+    for (batch, remaining) in gauges {
+        // batch ids are [A-Za-z0-9_-]: nothing to escape
+        let _ = writeln!(out, "{STOCK_REMAINING}{{batch=\"{batch}\"}} {remaining}");
+    }
+    out
 }
 
 fn describe() {
@@ -107,7 +129,6 @@ fn describe() {
         "Persister batch write latency."
     );
     describe_counter!(PERSIST_ERRORS, "Persister failures by stage.");
-    describe_gauge!(STOCK_REMAINING, "Stock remaining per tracked batch.");
     describe_gauge!(BATCHES_LOST, "Batches whose Redis state is missing.");
     describe_gauge!(BUILD_INFO, "Build information.");
 }

@@ -55,7 +55,7 @@ pub async fn ready<B: Backend>(app: &App<B>) -> Response<Full<Bytes>> {
 }
 
 pub fn metrics<B: Backend>(app: &App<B>) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(Bytes::from(app.metrics.render())));
+    let mut resp = Response::new(Full::new(Bytes::from(app.render_metrics())));
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

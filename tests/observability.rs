@@ -1,0 +1,1066 @@
+//! Observability contract: the Grafana dashboard in `grafana/dashboards/claimgate.json` and
+//! the metrics the gateway really exports agree.
+//!
+//! One in-process gateway (embedded backend + SQLite, as `tests/conformance.rs` builds it)
+//! is driven through every outcome the dashboard charts; then `GET /metrics` is checked:
+//! (a) every metric name a dashboard query uses is defined in `src/metrics.rs` and present
+//!     in the exposition; (b) every metric of `src/metrics.rs` is charted by the dashboard;
+//! (c) `promtool check metrics` accepts the exposition (when promtool is installed);
+//! (d) label values stay inside their closed sets, and the `batch` label within
+//!     `metrics.max_batch_labels` while batches sell out and new ones are created.
+//!
+//! The metrics recorder is process-global, so everything runs in ONE test. Every failed check
+//! is collected and reported together, so one run shows every gap at once.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use claimgate::app::App;
+use claimgate::backend::embedded::{EmbeddedBackend, EmbeddedConfig};
+use claimgate::db::Db;
+use claimgate::error::ApiError;
+use claimgate::keys::BatchKeys;
+use claimgate::persist::Persister;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+/// `metrics.max_batch_labels` of this test: fewer than the batches that still have stock.
+const MAX_BATCH_LABELS: usize = 2;
+/// `persister.max_backlog_per_shard`: small, so one batch can fill its shard's log.
+const MAX_BACKLOG: usize = 5;
+
+/// Dashboard metrics that cannot be exported by an in-process gateway on the embedded
+/// backend, with the reason. They are still checked against `src/metrics.rs`.
+const NOT_EXPORTABLE_HERE: &[(&str, &str)] = &[(
+    "claimgate_backend_script_reloads_total",
+    "counted only after Redis answers NOSCRIPT (src/backend/redis.rs); the embedded backend \
+     has no script cache to lose, so the counter is never created in this process",
+)];
+
+/// Metrics of `src/metrics.rs` that the dashboard need not chart, with the reason.
+const NOT_CHARTED: &[(&str, &str)] = &[];
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+// ------------------------------------------------------------------------------------------
+// closed label sets
+
+/// Every `ApiError` code: the `outcome` label besides `claimed` and `replayed`.
+fn api_error_codes() -> BTreeSet<&'static str> {
+    // Exhaustive on purpose: a new variant breaks the build here until it is listed below.
+    fn _exhaustive(e: &ApiError) {
+        match e {
+            ApiError::BadRequest(_)
+            | ApiError::Unauthorized(_)
+            | ApiError::NotEligible
+            | ApiError::BatchNotFound
+            | ApiError::CouponNotFound
+            | ApiError::LimitReached
+            | ApiError::DailyLimitReached
+            | ApiError::NotStarted
+            | ApiError::Ended
+            | ApiError::Paused
+            | ApiError::SoldOut
+            | ApiError::BatchExists
+            | ApiError::InvalidState(_)
+            | ApiError::RateLimited { .. }
+            | ApiError::Overloaded(..)
+            | ApiError::BackendUnavailable(..)
+            | ApiError::RouteNotFound
+            | ApiError::MethodNotAllowed(_)
+            | ApiError::Internal(_) => {}
+        }
+    }
+    [
+        ApiError::BadRequest(String::new()),
+        ApiError::Unauthorized(String::new()),
+        ApiError::NotEligible,
+        ApiError::BatchNotFound,
+        ApiError::CouponNotFound,
+        ApiError::LimitReached,
+        ApiError::DailyLimitReached,
+        ApiError::NotStarted,
+        ApiError::Ended,
+        ApiError::Paused,
+        ApiError::SoldOut,
+        ApiError::BatchExists,
+        ApiError::InvalidState(String::new()),
+        ApiError::RateLimited { retry_after_s: 1 },
+        ApiError::Overloaded(String::new(), 1),
+        ApiError::BackendUnavailable(String::new(), 1),
+        ApiError::RouteNotFound,
+        ApiError::MethodNotAllowed("GET"),
+        ApiError::Internal(String::new()),
+    ]
+    .iter()
+    .map(ApiError::code)
+    .collect()
+}
+
+/// Allowed values of each label of each metric (by base name; `le` is not listed). `None`
+/// means "checked separately" (the `batch` label).
+type LabelSets = BTreeMap<&'static str, BTreeMap<&'static str, Option<BTreeSet<String>>>>;
+
+fn closed_label_sets() -> LabelSets {
+    fn set(values: &[&str]) -> Option<BTreeSet<String>> {
+        Some(values.iter().map(|v| v.to_string()).collect())
+    }
+    let mut outcomes: Vec<&str> = vec!["claimed", "replayed"];
+    outcomes.extend(api_error_codes());
+    let scripts: Vec<&str> = claimgate::backend::Script::ALL
+        .iter()
+        .map(|s| s.name())
+        .collect();
+    let routes = [
+        "healthz",
+        "readyz",
+        "metrics",
+        "openapi",
+        "batches",
+        "batch",
+        "claims",
+        "user_coupons",
+        "coupon_action",
+        "unknown",
+    ];
+    let stages = [
+        "parse",
+        "auth",
+        "ratelimit",
+        "cache",
+        "admission",
+        "backend",
+    ];
+    let m = |pairs: Vec<(&'static str, Option<BTreeSet<String>>)>| {
+        pairs.into_iter().collect::<BTreeMap<_, _>>()
+    };
+    let mut s: LabelSets = BTreeMap::new();
+    s.insert(
+        "claimgate_claims_total",
+        m(vec![("outcome", set(&outcomes))]),
+    );
+    s.insert("claimgate_claim_duration_seconds", m(vec![]));
+    s.insert(
+        "claimgate_stage_duration_seconds",
+        m(vec![("stage", set(&stages))]),
+    );
+    s.insert(
+        "claimgate_http_requests_total",
+        m(vec![
+            ("route", set(&routes)),
+            ("status", set(&["2xx", "3xx", "4xx", "5xx"])),
+        ]),
+    );
+    s.insert(
+        "claimgate_backend_calls_total",
+        m(vec![
+            ("script", set(&scripts)),
+            (
+                "result",
+                set(&["ok", "script_error", "unavailable", "protocol"]),
+            ),
+        ]),
+    );
+    s.insert(
+        "claimgate_backend_call_duration_seconds",
+        m(vec![("script", set(&scripts))]),
+    );
+    s.insert("claimgate_backend_script_reloads_total", m(vec![]));
+    s.insert(
+        "claimgate_stock_transfers_total",
+        m(vec![
+            ("kind", set(&["initial", "refill", "steal", "sweep"])),
+            ("result", set(&["moved", "empty", "finished"])),
+        ]),
+    );
+    s.insert(
+        "claimgate_rate_limited_total",
+        m(vec![("limit", set(&["global", "user", "ip", "batch"]))]),
+    );
+    s.insert(
+        "claimgate_shed_total",
+        m(vec![(
+            "reason",
+            set(&["inflight", "connections", "backlog"]),
+        )]),
+    );
+    s.insert(
+        "claimgate_cache_total",
+        m(vec![(
+            "kind",
+            set(&[
+                "sold_out",
+                "paused",
+                "not_started",
+                "ended",
+                "not_eligible",
+                "user_limit",
+                "meta_hit",
+                "meta_miss",
+            ]),
+        )]),
+    );
+    s.insert("claimgate_backend_inflight", m(vec![]));
+    s.insert("claimgate_connections", m(vec![]));
+    s.insert("claimgate_persist_backlog", m(vec![]));
+    s.insert("claimgate_persist_lag_seconds", m(vec![]));
+    s.insert("claimgate_persist_rows_total", m(vec![]));
+    s.insert("claimgate_persist_write_duration_seconds", m(vec![]));
+    s.insert(
+        "claimgate_persist_errors_total",
+        m(vec![(
+            "stage",
+            set(&["refresh", "probe", "read", "parse", "write", "ack"]),
+        )]),
+    );
+    s.insert("claimgate_stock_remaining", m(vec![("batch", None)]));
+    s.insert("claimgate_batches_lost", m(vec![]));
+    s.insert(
+        "claimgate_build_info",
+        m(vec![
+            ("version", set(&[env!("CARGO_PKG_VERSION")])),
+            ("backend", set(&["embedded", "redis"])),
+        ]),
+    );
+    s
+}
+
+// ------------------------------------------------------------------------------------------
+// parsing: src/metrics.rs, the dashboard, the exposition
+
+/// `pub const NAME: &str = "claimgate_...";` of `src/metrics.rs`: (constant, metric name).
+fn defined_metrics() -> Vec<(String, String)> {
+    let src = std::fs::read_to_string(root().join("src/metrics.rs")).expect("read src/metrics.rs");
+    let mut out = Vec::new();
+    for line in src.lines() {
+        let Some(rest) = line.trim().strip_prefix("pub const ") else {
+            continue;
+        };
+        let Some((name, value)) = rest.split_once(": &str = \"") else {
+            continue;
+        };
+        let Some(value) = value.strip_suffix("\";") else {
+            continue;
+        };
+        out.push((name.to_string(), value.to_string()));
+    }
+    out
+}
+
+/// Identifiers `claimgate_[a-z0-9_]+` in `s`.
+fn metric_idents(s: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let bytes = s.as_bytes();
+    let mut i = 0;
+    while let Some(pos) = s[i..].find("claimgate_") {
+        let start = i + pos;
+        let boundary = start == 0 || {
+            let b = bytes[start - 1];
+            !(b.is_ascii_alphanumeric() || b == b'_' || b == b':')
+        };
+        let mut end = start + "claimgate_".len();
+        while end < bytes.len()
+            && (bytes[end].is_ascii_lowercase()
+                || bytes[end].is_ascii_digit()
+                || bytes[end] == b'_')
+        {
+            end += 1;
+        }
+        if boundary && end > start + "claimgate_".len() {
+            out.insert(s[start..end].to_string());
+        }
+        i = end;
+    }
+    out
+}
+
+/// Every PromQL expression of the dashboard: panel targets (`expr`, in nested rows too) and
+/// query variables (`query` / `definition`).
+fn dashboard_queries(dash: &Value) -> Vec<String> {
+    fn walk(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::Object(map) => {
+                for (k, v) in map {
+                    match (k.as_str(), v) {
+                        ("expr" | "definition", Value::String(s)) => out.push(s.clone()),
+                        ("query", Value::String(s)) if s.contains('(') => out.push(s.clone()),
+                        _ => walk(v, out),
+                    }
+                }
+            }
+            Value::Array(a) => a.iter().for_each(|v| walk(v, out)),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    walk(dash, &mut out);
+    out
+}
+
+/// The dashboard's own shape: schema version, the data source and instance variables, every
+/// panel and target on the data source variable, every panel query filtered by instance.
+fn dashboard_shape(dash: &Value) -> Vec<String> {
+    let mut bad = Vec::new();
+    let schema = dash["schemaVersion"].as_u64().unwrap_or(0);
+    if !(36..=41).contains(&schema) {
+        bad.push(format!(
+            "dashboard: schemaVersion {schema}, expected about 39"
+        ));
+    }
+    let vars = dash["templating"]["list"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let var = |name: &str| vars.iter().find(|v| v["name"] == name).cloned();
+    match var("DS_PROMETHEUS") {
+        Some(v) if v["type"] == "datasource" && v["query"] == "prometheus" => {}
+        other => bad.push(format!(
+            "dashboard: no Prometheus data source variable DS_PROMETHEUS: {other:?}"
+        )),
+    }
+    if var("instance").is_none() {
+        bad.push("dashboard: no `instance` variable".to_string());
+    }
+    fn panels(v: &Value, out: &mut Vec<Value>) {
+        for p in v["panels"].as_array().into_iter().flatten() {
+            out.push(p.clone());
+            panels(p, out);
+        }
+    }
+    let mut all = Vec::new();
+    panels(dash, &mut all);
+    let mut ids = BTreeSet::new();
+    for p in &all {
+        let title = p["title"].as_str().unwrap_or("?");
+        if !ids.insert(p["id"].as_u64().unwrap_or(0)) {
+            bad.push(format!("dashboard: panel {title:?} reuses id {}", p["id"]));
+        }
+        if p["type"] == "row" {
+            continue;
+        }
+        let mut sources = vec![&p["datasource"]];
+        let targets = p["targets"].as_array().cloned().unwrap_or_default();
+        if targets.is_empty() {
+            bad.push(format!("dashboard: panel {title:?} has no query"));
+        }
+        sources.extend(targets.iter().map(|t| &t["datasource"]));
+        for ds in sources {
+            if ds["uid"] != "${DS_PROMETHEUS}" {
+                bad.push(format!(
+                    "dashboard: panel {title:?} uses data source {ds}, not ${{DS_PROMETHEUS}}"
+                ));
+            }
+        }
+        for t in &targets {
+            let expr = t["expr"].as_str().unwrap_or("");
+            if !expr.contains(r#"instance=~"$instance""#) {
+                bad.push(format!(
+                    "dashboard: panel {title:?} query not filtered by $instance: {expr}"
+                ));
+            }
+        }
+    }
+    bad
+}
+
+/// One sample line of the text exposition.
+#[derive(Debug)]
+struct Sample {
+    name: String,
+    labels: Vec<(String, String)>,
+    value: f64,
+}
+
+fn parse_exposition(text: &str) -> Result<Vec<Sample>, String> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let name_end = line
+            .find(['{', ' '])
+            .ok_or_else(|| format!("no value: {line}"))?;
+        let name = line[..name_end].to_string();
+        let mut rest = &line[name_end..];
+        let mut labels = Vec::new();
+        if let Some(body) = rest.strip_prefix('{') {
+            let mut chars = body.char_indices();
+            let mut key = String::new();
+            let mut close = None;
+            while let Some((i, c)) = chars.next() {
+                match c {
+                    '}' => {
+                        close = Some(i);
+                        break;
+                    }
+                    ',' | ' ' => {}
+                    '=' => {
+                        if chars.next().map(|(_, c)| c) != Some('"') {
+                            return Err(format!("unquoted label value: {line}"));
+                        }
+                        let mut value = String::new();
+                        loop {
+                            match chars.next() {
+                                Some((_, '\\')) => match chars.next() {
+                                    Some((_, 'n')) => value.push('\n'),
+                                    Some((_, c)) => value.push(c),
+                                    None => return Err(format!("bad escape: {line}")),
+                                },
+                                Some((_, '"')) => break,
+                                Some((_, c)) => value.push(c),
+                                None => return Err(format!("unterminated label value: {line}")),
+                            }
+                        }
+                        labels.push((std::mem::take(&mut key), value));
+                    }
+                    c => key.push(c),
+                }
+            }
+            let close = close.ok_or_else(|| format!("unterminated labels: {line}"))?;
+            rest = &body[close + 1..];
+        }
+        let value_text = rest
+            .split_whitespace()
+            .next()
+            .ok_or_else(|| format!("no value: {line}"))?;
+        let value = match value_text {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            v => v
+                .parse()
+                .map_err(|e| format!("bad value {v:?} ({e}): {line}"))?,
+        };
+        out.push(Sample {
+            name,
+            labels,
+            value,
+        });
+    }
+    Ok(out)
+}
+
+/// The metric a sample belongs to: the defined name it equals, or that it extends with a
+/// histogram suffix.
+fn base_name<'a>(sample: &str, defined: &'a BTreeSet<String>) -> Option<&'a str> {
+    if let Some(d) = defined.get(sample) {
+        return Some(d);
+    }
+    ["_bucket", "_sum", "_count"]
+        .iter()
+        .filter_map(|suffix| sample.strip_suffix(suffix))
+        .find_map(|b| defined.get(b).map(String::as_str))
+}
+
+// ------------------------------------------------------------------------------------------
+// the gateway
+
+struct Gw {
+    app: Arc<App<EmbeddedBackend>>,
+    backend: Arc<EmbeddedBackend>,
+    db: Db,
+    dir: tempfile::TempDir,
+}
+
+async fn open_db(path: &Path, migrate: bool) -> Db {
+    let cfg = claimgate::db::DatabaseConfig {
+        url: format!("sqlite://{}?mode=rwc", path.display()),
+        ..Default::default()
+    };
+    let db = Db::connect(&cfg).await.expect("database");
+    if migrate {
+        db.migrate().await.expect("migrate");
+    }
+    db
+}
+
+async fn embedded_gw() -> Gw {
+    let dir = tempfile::tempdir().unwrap();
+    let overrides = vec![
+        // one token per second per user: a user's second claim within a second is refused
+        "limits.claim_per_user.per_second=1".to_string(),
+        "limits.claim_per_user.burst=1".to_string(),
+        // one backend slot, short wait: a claim that finds it taken is shed
+        "limits.max_inflight=1".to_string(),
+        "limits.admission_wait_ms=20".to_string(),
+        format!("persister.max_backlog_per_shard={MAX_BACKLOG}"),
+        "persister.probe_interval_ms=20".to_string(),
+        "persister.flush_interval_ms=5".to_string(),
+        "cache.refresh_ms=20".to_string(),
+        format!("metrics.max_batch_labels={MAX_BATCH_LABELS}"),
+        "server.request_timeout_ms=60000".to_string(),
+    ];
+    let cfg = Arc::new(claimgate::config::load(None, Vec::new(), &overrides).expect("config"));
+    let backend = Arc::new(
+        EmbeddedBackend::open(&EmbeddedConfig {
+            aof_path: Some(dir.path().join("obs.aof")),
+            ..EmbeddedConfig::default()
+        })
+        .expect("embedded backend"),
+    );
+    let db = open_db(&dir.path().join("obs.db"), true).await;
+    let app = Arc::new(App::new(cfg, backend.clone(), db.clone(), None));
+    Gw {
+        app,
+        backend,
+        db,
+        dir,
+    }
+}
+
+const PEER: &str = "127.0.0.1:40000";
+
+async fn call(app: &App<EmbeddedBackend>, method: &str, path: &str, body: &str) -> (u16, String) {
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    let peer: SocketAddr = PEER.parse().unwrap();
+    let resp = claimgate::router::handle(app, req, peer).await;
+    let status = resp.status().as_u16();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// A claim; returns (status, error code or "").
+async fn claim(
+    app: &App<EmbeddedBackend>,
+    batch: &str,
+    user: &str,
+    rid: Option<&str>,
+) -> (u16, String) {
+    let body = match rid {
+        Some(r) => json!({"user_id": user, "request_id": r}),
+        None => json!({"user_id": user}),
+    };
+    let (s, text) = call(
+        app,
+        "POST",
+        &format!("/v1/batches/{batch}/claims"),
+        &body.to_string(),
+    )
+    .await;
+    (s, error_code(&text))
+}
+
+fn error_code(text: &str) -> String {
+    serde_json::from_str::<Value>(text)
+        .ok()
+        .and_then(|v| v["error"].as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+async fn create(app: &App<EmbeddedBackend>, id: &str, stock: i64, limit: i64, shards: u32) {
+    let body = json!({
+        "id": id, "name": "observability", "stock": stock, "per_user_limit": limit,
+        "shards": shards,
+        "claim_window": {"start": "2020-01-01T00:00:00Z", "end": "2100-01-01T00:00:00Z"},
+        "validity": {"days_after_claim": 7},
+        "discount": {"kind": "threshold", "threshold": 10000, "amount": 500},
+        "scope": {"kind": "all"}, "exclusive": false,
+        "eligibility": {"deny_users": [], "require_tags": [], "new_users_only": false},
+    });
+    let (s, text) = call(app, "POST", "/v1/batches", &body.to_string()).await;
+    assert_eq!(s, 201, "create {id}: {text}");
+}
+
+/// Polls the exposition until `pred` holds (or `limit` passes); returns whether it held.
+async fn wait_for(
+    app: &App<EmbeddedBackend>,
+    limit: Duration,
+    pred: impl Fn(&str) -> bool,
+) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if pred(&app.render_metrics()) {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// One HTTP/1.1 request over a real socket to the real server; returns the status line.
+fn http_get(addr: SocketAddr, path: &str) -> String {
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to the gateway");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.lines().next().unwrap_or_default().to_string()
+}
+
+/// Expects `got` == (status, code); a mismatch is a failure of the traffic, not of metrics.
+fn expect(what: &str, got: (u16, String), status: u16, code: &str) {
+    assert_eq!(
+        (got.0, got.1.as_str()),
+        (status, code),
+        "{what}: unexpected answer"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_matches_exported_metrics() {
+    let g = embedded_gw().await;
+    let app = &g.app;
+    let stop = CancellationToken::new();
+
+    // ---- batches ------------------------------------------------------------------------
+    // At most MAX_BATCH_LABELS batches get a `batch` label: the active ones, newest first.
+    // The set changes while the gateway runs: obs-a-cap sells out, and obs-0-late is created
+    // after the first gauges were exported; the label count must stay within the cap.
+    create(app, "obs-a-cap", 1, 1, 1).await;
+    create(app, "obs-backlog", 100, 1, 1).await;
+    create(app, "obs-lim", 100, 1, 1).await;
+    create(app, "obs-main", 4, 1, 2).await;
+    create(app, "obs-paused", 10, 1, 1).await;
+    // A batch the database knows but Redis does not: served as lost.
+    let mut lost = g.db.get_batch("obs-lim").await.unwrap().expect("obs-lim");
+    lost.id = "obs-lost".to_string();
+    g.db.upsert_batch(&lost).await.unwrap();
+
+    // The real server on an ephemeral port (open-connections gauge), and the background
+    // loops as `claimgate serve` runs them (warm-up, metadata refresh, stock gauges, sweeper).
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(claimgate::server::serve(
+        app.clone(),
+        listener,
+        stop.clone(),
+    ));
+    let background = app.spawn_background(stop.clone());
+    assert!(
+        wait_for(app, Duration::from_secs(10), |t| t
+            .contains(r#"claimgate_stock_remaining{batch="obs-paused"}"#))
+        .await,
+        "stock gauges were never exported for the newest batch obs-paused"
+    );
+
+    // ---- claim traffic --------------------------------------------------------------------
+    // sell obs-main out (initial fill, refills and steals between its two shards)
+    for i in 0..4 {
+        expect(
+            "obs-main stock",
+            claim(app, "obs-main", &format!("m{i}"), None).await,
+            201,
+            "",
+        );
+    }
+    expect(
+        "obs-main sold out (backend)",
+        claim(app, "obs-main", "m4", None).await,
+        410,
+        "sold_out",
+    );
+    expect(
+        "obs-main sold out (cache)",
+        claim(app, "obs-main", "m5", None).await,
+        410,
+        "sold_out",
+    );
+    let keys = BatchKeys::new("obs-main", 2);
+    let c = app.stock.conservation(&keys).await.unwrap();
+    assert!(c.holds() && c.claimed == 4 && c.total == 4, "{c:?}");
+
+    // obs-a-cap sells out after its stock gauge was exported
+    expect(
+        "obs-a-cap stock",
+        claim(app, "obs-a-cap", "c0", None).await,
+        201,
+        "",
+    );
+    expect(
+        "obs-a-cap sold out",
+        claim(app, "obs-a-cap", "c1", None).await,
+        410,
+        "sold_out",
+    );
+
+    // replay and limits: user `r` with a request id, user `l` without
+    expect(
+        "first claim with a request id",
+        claim(app, "obs-lim", "r", Some("rid-1")).await,
+        201,
+        "",
+    );
+    expect(
+        "l first claim",
+        claim(app, "obs-lim", "l", None).await,
+        201,
+        "",
+    );
+    expect("rl first", claim(app, "obs-lim", "rl", None).await, 201, "");
+    expect(
+        "rl second within the second",
+        claim(app, "obs-lim", "rl", None).await,
+        429,
+        "rate_limited",
+    );
+
+    // bad input, unknown and lost batches, unknown route and method
+    let (s, text) = call(app, "POST", "/v1/batches/obs-lim/claims", "{").await;
+    expect("malformed body", (s, error_code(&text)), 400, "bad_request");
+    let (s, text) = call(
+        app,
+        "POST",
+        "/v1/batches/obs-lim/claims",
+        r#"{"user_id":"a:b"}"#,
+    )
+    .await;
+    expect(
+        "invalid user id",
+        (s, error_code(&text)),
+        400,
+        "bad_request",
+    );
+    expect(
+        "unknown batch",
+        claim(app, "obs-nope", "u1", None).await,
+        404,
+        "batch_not_found",
+    );
+    expect(
+        "lost batch",
+        claim(app, "obs-lost", "u2", None).await,
+        503,
+        "backend_unavailable",
+    );
+    let (s, _) = call(app, "GET", "/no/such/route", "").await;
+    assert_eq!(s, 404);
+    let (s, _) = call(app, "DELETE", "/healthz", "").await;
+    assert_eq!(s, 405);
+    let (s, text) = call(app, "GET", "/v1/batches/obs-lim", "").await;
+    assert_eq!(s, 200, "{text}");
+
+    // paused batch: refused by the local cache
+    let (s, text) = call(
+        app,
+        "PATCH",
+        "/v1/batches/obs-paused",
+        r#"{"state":"paused"}"#,
+    )
+    .await;
+    assert_eq!(s, 200, "pause: {text}");
+    expect(
+        "paused batch",
+        claim(app, "obs-paused", "p1", None).await,
+        409,
+        "paused",
+    );
+
+    // a shard log at its bound: shed (backlog)
+    for i in 0..MAX_BACKLOG {
+        expect(
+            "obs-backlog under the bound",
+            claim(app, "obs-backlog", &format!("b{i}"), None).await,
+            201,
+            "",
+        );
+    }
+    expect(
+        "obs-backlog at the bound",
+        claim(app, "obs-backlog", "b-over", None).await,
+        503,
+        "overloaded",
+    );
+
+    // every backend slot taken: shed (inflight)
+    {
+        let _slot = app.admission.admit().await.expect("the only backend slot");
+        expect(
+            "no backend slot",
+            claim(app, "obs-lim", "s1", None).await,
+            503,
+            "overloaded",
+        );
+    }
+
+    // a transfer cut in half, as by a crash, finished by the sweeper
+    let bk = BatchKeys::new("obs-backlog", 1);
+    let moved = app
+        .stock
+        .transfer_first_half(&bk.pool, &bk.shards[0], "obs-crash", 1, false)
+        .await
+        .unwrap();
+    assert_eq!(moved, 1);
+    assert_eq!(app.stock.sweep(&bk, 0).await.unwrap(), 1);
+
+    // a batch created while the gateway runs, after the first stock gauges were exported
+    create(app, "obs-0-late", 10, 1, 1).await;
+    expect(
+        "obs-0-late stock",
+        claim(app, "obs-0-late", "late1", None).await,
+        201,
+        "",
+    );
+
+    // a request over a real connection
+    let status = tokio::task::spawn_blocking(move || http_get(addr, "/healthz"))
+        .await
+        .unwrap();
+    assert!(status.contains(" 200 "), "GET /healthz: {status}");
+
+    // one token per second per user: wait for the next token between a user's claims
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    expect(
+        "replay of rid-1",
+        claim(app, "obs-lim", "r", Some("rid-1")).await,
+        200,
+        "",
+    );
+    expect(
+        "l over its limit (backend)",
+        claim(app, "obs-lim", "l", None).await,
+        409,
+        "limit_reached",
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    expect(
+        "l over its limit (cache)",
+        claim(app, "obs-lim", "l", None).await,
+        409,
+        "limit_reached",
+    );
+
+    // ---- persister --------------------------------------------------------------------------
+    let pstop = CancellationToken::new();
+    let mut pcfg = app.cfg.persister.clone();
+    pcfg.consumer = Some("obs-persister".to_string());
+    let persister = Persister::spawn(g.backend.clone(), g.db.clone(), pcfg.clone(), pstop.clone());
+    let written = persister.flush().await.expect("persister flush");
+    assert!(written > 0, "the persister wrote nothing");
+    assert!(
+        wait_for(app, Duration::from_secs(10), |t| t
+            .contains("claimgate_persist_backlog ")
+            && t.contains("claimgate_persist_lag_seconds "))
+        .await,
+        "persister never measured backlog and lag"
+    );
+    pstop.cancel();
+    persister.join().await;
+
+    // A persister whose database has no schema: its batch refresh fails (errors by stage).
+    let broken_db = open_db(&g.dir.path().join("unmigrated.db"), false).await;
+    let bstop = CancellationToken::new();
+    pcfg.consumer = Some("obs-broken".to_string());
+    let broken = Persister::spawn(g.backend.clone(), broken_db, pcfg, bstop.clone());
+    let errored = wait_for(app, Duration::from_secs(10), |t| {
+        t.contains("claimgate_persist_errors_total{")
+    })
+    .await;
+    bstop.cancel();
+    broken.join().await;
+    assert!(
+        errored,
+        "a failing database write/refresh was never counted"
+    );
+
+    // stock gauges exported again after the sell-outs and the new batch
+    let late_exported = wait_for(app, Duration::from_secs(10), |t| {
+        t.contains(r#"claimgate_stock_remaining{batch="obs-0-late"}"#)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // ---- the exposition ------------------------------------------------------------------
+    let (s, exposition) = call(app, "GET", "/metrics", "").await;
+    assert_eq!(s, 200);
+    stop.cancel();
+    for t in background {
+        let _ = t.await;
+    }
+    let _ = server.await;
+
+    let mut failures: Vec<String> = Vec::new();
+    let samples = parse_exposition(&exposition).unwrap_or_else(|e| panic!("exposition: {e}"));
+    let exported: BTreeSet<&str> = samples.iter().map(|s| s.name.as_str()).collect();
+    let defined = defined_metrics();
+    let defined_names: BTreeSet<String> = defined.iter().map(|(_, n)| n.clone()).collect();
+    assert!(
+        defined.len() >= 20,
+        "could not read the metric constants of src/metrics.rs: {defined:?}"
+    );
+
+    let dash_text = std::fs::read_to_string(root().join("grafana/dashboards/claimgate.json"))
+        .expect("read grafana/dashboards/claimgate.json");
+    let dash: Value = serde_json::from_str(&dash_text).expect("dashboard is JSON");
+    let queries = dashboard_queries(&dash);
+    assert!(queries.len() >= 20, "dashboard has too few queries");
+    let used: BTreeSet<String> = queries.iter().flat_map(|q| metric_idents(q)).collect();
+    failures.extend(dashboard_shape(&dash));
+
+    // (a) every name a query uses is a metric of src/metrics.rs and is exported
+    for name in &used {
+        if base_name(name, &defined_names).is_none() {
+            failures.push(format!(
+                "(a) dashboard uses {name}, which is not a metric of src/metrics.rs"
+            ));
+            continue;
+        }
+        if exported.contains(name.as_str()) {
+            continue;
+        }
+        match NOT_EXPORTABLE_HERE.iter().find(|(n, _)| n == name) {
+            Some((_, why)) => println!("not checked in the exposition: {name}: {why}"),
+            None => failures.push(format!(
+                "(a) dashboard uses {name}, absent from /metrics after the traffic"
+            )),
+        }
+    }
+
+    // (b) every metric of src/metrics.rs is charted
+    for (constant, name) in &defined {
+        let charted = used
+            .iter()
+            .any(|u| base_name(u, &defined_names) == Some(name.as_str()));
+        if charted {
+            continue;
+        }
+        match NOT_CHARTED.iter().find(|(n, _)| n == name) {
+            Some((_, why)) => println!("not charted: {name}: {why}"),
+            None => failures.push(format!(
+                "(b) {constant} = {name} is not used by any dashboard query"
+            )),
+        }
+    }
+
+    // (c) promtool
+    match std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+    {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            println!("skipped promtool check: promtool not installed");
+        }
+        Err(e) => failures.push(format!("(c) could not run promtool: {e}")),
+        Ok(mut child) => {
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(exposition.as_bytes())
+                .unwrap();
+            let out = child.wait_with_output().unwrap();
+            if out.status.success() {
+                println!("promtool check metrics: ok");
+            } else {
+                failures.push(format!(
+                    "(c) promtool check metrics failed ({}): {}{}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                ));
+            }
+        }
+    }
+
+    // (d) label values inside their closed sets; `batch` within the cap
+    let sets = closed_label_sets();
+    let mut batches: BTreeSet<String> = BTreeSet::new();
+    for s in samples.iter().filter(|s| s.name.starts_with("claimgate_")) {
+        let Some(base) = base_name(&s.name, &defined_names) else {
+            failures.push(format!(
+                "(d) exported {} is not defined in src/metrics.rs",
+                s.name
+            ));
+            continue;
+        };
+        let Some(allowed) = sets.get(base) else {
+            failures.push(format!("(d) no label sets listed in this test for {base}"));
+            continue;
+        };
+        for (k, v) in &s.labels {
+            if k == "le" && s.name.ends_with("_bucket") {
+                continue;
+            }
+            match allowed.get(k.as_str()) {
+                None => failures.push(format!("(d) {}: unexpected label {k}={v:?}", s.name)),
+                Some(Some(values)) if !values.contains(v) => failures.push(format!(
+                    "(d) {}: label {k}={v:?} outside its closed set",
+                    s.name
+                )),
+                Some(_) => {}
+            }
+            if base == "claimgate_stock_remaining" && k == "batch" {
+                batches.insert(v.clone());
+            }
+        }
+    }
+    if batches.len() > MAX_BATCH_LABELS {
+        failures.push(format!(
+            "(d) claimgate_stock_remaining has {} batch labels {batches:?}, above \
+             metrics.max_batch_labels = {MAX_BATCH_LABELS}",
+            batches.len()
+        ));
+    }
+    if !late_exported {
+        failures.push(
+            "(d) claimgate_stock_remaining never exported obs-0-late, a batch with stock \
+             created while the gateway runs"
+                .to_string(),
+        );
+    }
+    for sold_out in ["obs-a-cap", "obs-main"] {
+        let stale = samples.iter().find(|s| {
+            s.name == "claimgate_stock_remaining"
+                && s.labels.iter().any(|(k, v)| k == "batch" && v == sold_out)
+                && s.value > 0.0
+        });
+        if let Some(s) = stale {
+            failures.push(format!(
+                "(d) sold-out batch {sold_out} still exported with stock remaining {}",
+                s.value
+            ));
+        }
+    }
+    // the outcomes this traffic produced are all there
+    for outcome in [
+        "claimed",
+        "replayed",
+        "sold_out",
+        "limit_reached",
+        "rate_limited",
+        "bad_request",
+        "batch_not_found",
+        "backend_unavailable",
+        "overloaded",
+        "paused",
+    ] {
+        let needle = format!("claimgate_claims_total{{outcome=\"{outcome}\"}}");
+        if !exposition.contains(&needle) {
+            failures.push(format!("claims by outcome: {outcome} missing"));
+        }
+    }
+
+    println!(
+        "{} metric names in {} dashboard queries; {} samples exported",
+        used.len(),
+        queries.len(),
+        samples.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} observability check(s) failed:\n  {}\n--- /metrics ---\n{exposition}",
+        failures.len(),
+        failures.join("\n  ")
+    );
+}
