@@ -1,0 +1,737 @@
+//! `docs/openapi.json` against the implementation: the document parses, names exactly the
+//! routes the router serves, documents every error `ApiError` can produce (with its status
+//! and `Retry-After`), is what `/openapi.json` serves, and its response schemas accept the
+//! live answers of the router (checked with a small validator for the schema subset the
+//! document uses).
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use claimgate::app::App;
+use claimgate::backend::embedded::{EmbeddedBackend, EmbeddedConfig};
+use claimgate::db::Db;
+use claimgate::error::ApiError;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use serde_json::{Value, json};
+
+const DOC_PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/openapi.json");
+
+/// Every operation the router serves (src/router.rs), as the document must name it.
+const ROUTES: [(&str, &str); 12] = [
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+    ("GET", "/metrics"),
+    ("GET", "/openapi.json"),
+    ("POST", "/v1/batches"),
+    ("GET", "/v1/batches/{id}"),
+    ("PATCH", "/v1/batches/{id}"),
+    ("POST", "/v1/batches/{id}/claims"),
+    ("GET", "/v1/users/{user_id}/coupons"),
+    ("POST", "/v1/coupons/{coupon_id}/lock"),
+    ("POST", "/v1/coupons/{coupon_id}/redeem"),
+    ("POST", "/v1/coupons/{coupon_id}/release"),
+];
+
+const HTTP_METHODS: [&str; 8] = [
+    "get", "put", "post", "delete", "options", "head", "patch", "trace",
+];
+
+fn doc() -> Value {
+    let text = std::fs::read_to_string(DOC_PATH).expect("docs/openapi.json");
+    serde_json::from_str(&text).expect("docs/openapi.json is JSON")
+}
+
+/// (METHOD, path) of every operation in the document.
+fn operations(doc: &Value) -> BTreeSet<(String, String)> {
+    let mut ops = BTreeSet::new();
+    for (path, item) in doc["paths"].as_object().expect("paths") {
+        for m in HTTP_METHODS {
+            if item.get(m).is_some() {
+                ops.insert((m.to_uppercase(), path.clone()));
+            }
+        }
+    }
+    ops
+}
+
+/// Follows `$ref`s (local ones only) to the object they name.
+fn resolve<'a>(doc: &'a Value, v: &'a Value) -> &'a Value {
+    match v.get("$ref").and_then(Value::as_str) {
+        Some(r) => {
+            let target = r.strip_prefix('#').expect("local $ref");
+            resolve(
+                doc,
+                doc.pointer(target)
+                    .unwrap_or_else(|| panic!("dangling {r}")),
+            )
+        }
+        None => v,
+    }
+}
+
+/// The documented response of an operation (or of `x-unrouted-responses` when `method` is
+/// empty) for a status.
+fn response<'a>(doc: &'a Value, method: &str, path: &str, status: u16) -> Option<&'a Value> {
+    let responses = if method.is_empty() {
+        &doc["x-unrouted-responses"]
+    } else {
+        &doc["paths"][path][method.to_lowercase()]["responses"]
+    };
+    responses.get(status.to_string()).map(|r| resolve(doc, r))
+}
+
+// ---- a small JSON Schema validator: the subset the document uses ----
+
+/// Matches `s` against an anchored pattern made of atoms (`[class]`, `\x`, a literal) with
+/// an optional `{m,n}` or `+` quantifier, matched greedily without backtracking (enough
+/// when consecutive atoms share no character, as in the document's id patterns). Panics on
+/// other syntax, so the document cannot silently outgrow this checker.
+fn pattern_matches(pattern: &str, s: &str) -> bool {
+    let body = pattern
+        .strip_prefix('^')
+        .and_then(|p| p.strip_suffix('$'))
+        .unwrap_or_else(|| panic!("unanchored pattern {pattern}"));
+    let p: Vec<char> = body.chars().collect();
+    let text: Vec<char> = s.chars().collect();
+    let (mut i, mut pos) = (0, 0);
+    while i < p.len() {
+        // the atom: a set of allowed characters
+        let mut allowed: Vec<(char, char)> = Vec::new();
+        match p[i] {
+            '[' => {
+                i += 1;
+                while p[i] != ']' {
+                    if p.get(i + 1) == Some(&'-') && p.get(i + 2).is_some_and(|c| *c != ']') {
+                        allowed.push((p[i], p[i + 2]));
+                        i += 3;
+                    } else {
+                        allowed.push((p[i], p[i]));
+                        i += 1;
+                    }
+                }
+                i += 1;
+            }
+            '\\' => {
+                allowed.push((p[i + 1], p[i + 1]));
+                i += 2;
+            }
+            c if c.is_alphanumeric() || c == '_' || c == '-' => {
+                allowed.push((c, c));
+                i += 1;
+            }
+            c => panic!("unsupported pattern syntax {c:?} in {pattern}"),
+        }
+        // the quantifier
+        let (min, max) = match p.get(i) {
+            Some('+') => {
+                i += 1;
+                (1, usize::MAX)
+            }
+            Some('{') => {
+                let end = i + p[i..].iter().position(|c| *c == '}').expect("}");
+                let spec: String = p[i + 1..end].iter().collect();
+                i = end + 1;
+                let (a, b) = spec.split_once(',').expect("{m,n}");
+                (a.parse().expect("m"), b.parse().expect("n"))
+            }
+            _ => (1, 1),
+        };
+        let mut n = 0;
+        while n < max
+            && text
+                .get(pos)
+                .is_some_and(|c| allowed.iter().any(|(lo, hi)| (lo..=hi).contains(&c)))
+        {
+            n += 1;
+            pos += 1;
+        }
+        if n < min {
+            return false;
+        }
+    }
+    pos == text.len()
+}
+
+fn has_type(v: &Value, t: &str) -> bool {
+    match t {
+        "object" => v.is_object(),
+        "array" => v.is_array(),
+        "string" => v.is_string(),
+        "integer" => v.is_i64() || v.is_u64(),
+        "number" => v.is_number(),
+        "boolean" => v.is_boolean(),
+        "null" => v.is_null(),
+        other => panic!("unknown type {other}"),
+    }
+}
+
+/// Validates `v` against `schema`, collecting errors (with their JSON pointer) in `errs`.
+/// Keywords: $ref, type, const, enum, pattern, format date-time, minimum, maximum,
+/// required, properties, additionalProperties (false or a schema), items, allOf, anyOf,
+/// oneOf. Others (descriptions, discriminator, ...) are annotations here.
+fn check(doc: &Value, schema: &Value, v: &Value, at: &str, errs: &mut Vec<String>) {
+    if schema.get("$ref").is_some() {
+        check(doc, resolve(doc, schema), v, at, errs);
+    }
+    if let Some(t) = schema.get("type") {
+        let types: Vec<&str> = match t {
+            Value::Array(ts) => ts.iter().filter_map(Value::as_str).collect(),
+            t => vec![t.as_str().expect("type")],
+        };
+        if !types.iter().any(|t| has_type(v, t)) {
+            errs.push(format!("{at}: {v} is not of type {t}"));
+            return;
+        }
+    }
+    if let Some(c) = schema.get("const")
+        && c != v
+    {
+        errs.push(format!("{at}: {v} is not {c}"));
+    }
+    if let Some(Value::Array(e)) = schema.get("enum")
+        && !e.contains(v)
+    {
+        errs.push(format!("{at}: {v} is not one of {e:?}"));
+    }
+    if let (Some(p), Some(s)) = (schema.get("pattern").and_then(Value::as_str), v.as_str())
+        && !pattern_matches(p, s)
+    {
+        errs.push(format!("{at}: {s:?} does not match {p}"));
+    }
+    if let (Some("date-time"), Some(s)) = (schema.get("format").and_then(Value::as_str), v.as_str())
+        && claimgate::batch::Timestamp::parse(s).is_none()
+    {
+        errs.push(format!("{at}: {s:?} is not an RFC 3339 date-time"));
+    }
+    if let (Some(m), Some(n)) = (schema.get("minimum").and_then(Value::as_f64), v.as_f64())
+        && n < m
+    {
+        errs.push(format!("{at}: {n} < minimum {m}"));
+    }
+    if let (Some(m), Some(n)) = (schema.get("maximum").and_then(Value::as_f64), v.as_f64())
+        && n > m
+    {
+        errs.push(format!("{at}: {n} > maximum {m}"));
+    }
+    if let Some(obj) = v.as_object() {
+        for r in schema["required"].as_array().into_iter().flatten() {
+            let r = r.as_str().expect("required name");
+            if !obj.contains_key(r) {
+                errs.push(format!("{at}: missing required {r:?}"));
+            }
+        }
+        let props = schema.get("properties").and_then(Value::as_object);
+        for (k, child) in obj {
+            let at = format!("{at}/{k}");
+            match (
+                props.and_then(|p| p.get(k)),
+                schema.get("additionalProperties"),
+            ) {
+                (Some(s), _) => check(doc, s, child, &at, errs),
+                (None, Some(Value::Bool(false))) => errs.push(format!("{at}: not allowed")),
+                (None, Some(s @ Value::Object(_))) => check(doc, s, child, &at, errs),
+                (None, _) => {}
+            }
+        }
+    }
+    if let (Some(items), Some(arr)) = (schema.get("items"), v.as_array()) {
+        for (i, child) in arr.iter().enumerate() {
+            check(doc, items, child, &format!("{at}/{i}"), errs);
+        }
+    }
+    for s in schema["allOf"].as_array().into_iter().flatten() {
+        check(doc, s, v, at, errs);
+    }
+    let passing = |list: &Value| {
+        list.as_array().map(|l| {
+            l.iter()
+                .filter(|s| {
+                    let mut e = Vec::new();
+                    check(doc, s, v, at, &mut e);
+                    e.is_empty()
+                })
+                .count()
+        })
+    };
+    if let Some(n) = passing(&schema["anyOf"])
+        && n == 0
+    {
+        errs.push(format!("{at}: {v} matches none of anyOf"));
+    }
+    if let Some(n) = passing(&schema["oneOf"])
+        && n != 1
+    {
+        errs.push(format!("{at}: {v} matches {n} of oneOf, not exactly 1"));
+    }
+}
+
+fn errors_against(doc: &Value, schema: &Value, v: &Value) -> Vec<String> {
+    let mut errs = Vec::new();
+    check(doc, schema, v, "", &mut errs);
+    errs
+}
+
+fn json_schema(r: &Value) -> &Value {
+    &r["content"]["application/json"]["schema"]
+}
+
+// ---- an app in-process (as tests/conformance.rs `embedded_gw()`) ----
+
+struct Gw {
+    app: Arc<App<EmbeddedBackend>>,
+    _dir: tempfile::TempDir,
+}
+
+async fn gateway() -> Gw {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = Arc::new(claimgate::config::load(None, Vec::new(), &[]).expect("config"));
+    let backend = Arc::new(
+        EmbeddedBackend::open(&EmbeddedConfig {
+            aof_path: Some(dir.path().join("test.aof")),
+            ..Default::default()
+        })
+        .expect("embedded backend"),
+    );
+    let db = Db::connect(&claimgate::db::DatabaseConfig {
+        url: format!("sqlite://{}?mode=rwc", dir.path().join("test.db").display()),
+        ..Default::default()
+    })
+    .await
+    .expect("database");
+    db.migrate().await.expect("migrate");
+    let app = Arc::new(App::new(cfg, backend, db, None));
+    Gw { app, _dir: dir }
+}
+
+struct Answer {
+    status: u16,
+    headers: http::HeaderMap,
+    bytes: Bytes,
+}
+
+impl Answer {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.bytes).unwrap_or(Value::Null)
+    }
+}
+
+async fn call(gw: &Gw, method: &str, path: &str, body: &str) -> Answer {
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    let peer: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+    let resp = claimgate::router::handle(&gw.app, req, peer).await;
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    Answer {
+        status,
+        headers,
+        bytes,
+    }
+}
+
+/// Calls the router and checks the answer against the document's response for
+/// (`method`, `template`, status): documented, JSON body valid, `Retry-After` as documented.
+async fn conforms(
+    gw: &Gw,
+    doc: &Value,
+    method: &str,
+    template: &str,
+    path: &str,
+    body: &str,
+) -> Value {
+    let a = call(gw, method, path, body).await;
+    let r = response(doc, method, template, a.status)
+        .unwrap_or_else(|| panic!("{method} {path}: status {} not documented", a.status));
+    let v = a.json();
+    let errs = errors_against(doc, json_schema(r), &v);
+    assert!(
+        errs.is_empty(),
+        "{method} {path} -> {} {v}: {errs:#?}",
+        a.status
+    );
+    assert_eq!(
+        a.headers.contains_key(http::header::RETRY_AFTER),
+        r["headers"].get("Retry-After").is_some(),
+        "{method} {path} -> {}: Retry-After",
+        a.status
+    );
+    v
+}
+
+// ---- (a) routes ----
+
+#[test]
+fn document_names_exactly_the_routes_of_the_router() {
+    let doc = doc();
+    assert_eq!(doc["openapi"].as_str().map(|v| &v[..4]), Some("3.1."));
+    let expected: BTreeSet<(String, String)> = ROUTES
+        .iter()
+        .map(|(m, p)| (m.to_string(), p.to_string()))
+        .collect();
+    assert_eq!(operations(&doc), expected);
+    // every $ref resolves, every operation has an id and documents its answers
+    fn refs(doc: &Value, v: &Value) {
+        match v {
+            Value::Object(o) => {
+                if o.contains_key("$ref") {
+                    resolve(doc, v);
+                }
+                o.values().for_each(|c| refs(doc, c));
+            }
+            Value::Array(a) => a.iter().for_each(|c| refs(doc, c)),
+            _ => {}
+        }
+    }
+    refs(&doc, &doc);
+    for (m, p) in ROUTES {
+        let op = &doc["paths"][p][m.to_lowercase()];
+        assert!(op["operationId"].is_string(), "{m} {p}");
+        assert!(!op["responses"].as_object().unwrap().is_empty(), "{m} {p}");
+    }
+}
+
+/// The router serves each documented operation and refuses every other method (405).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn router_serves_exactly_the_documented_operations() {
+    let doc = doc();
+    let gw = gateway().await;
+    let ops = operations(&doc);
+    for path in doc["paths"].as_object().unwrap().keys() {
+        let concrete = path
+            .replace("{id}", "b1")
+            .replace("{user_id}", "u1")
+            .replace("{coupon_id}", "b1.0.1");
+        for m in ["GET", "POST", "PATCH", "PUT", "DELETE"] {
+            let a = call(&gw, m, &concrete, "").await;
+            let code = a.json()["error"].as_str().unwrap_or("").to_string();
+            if ops.contains(&(m.to_string(), path.clone())) {
+                assert!(
+                    !matches!(code.as_str(), "not_found" | "method_not_allowed"),
+                    "{m} {concrete}: {code}"
+                );
+                assert!(
+                    response(&doc, m, path, a.status).is_some(),
+                    "{m} {concrete}: {} not documented",
+                    a.status
+                );
+            } else {
+                assert_eq!(
+                    (a.status, code.as_str()),
+                    (405, "method_not_allowed"),
+                    "{m} {concrete}"
+                );
+            }
+        }
+    }
+    // requests that match no operation: as `x-unrouted-responses` documents them
+    for (m, path, status) in [("GET", "/v1/nothing", 404), ("DELETE", "/healthz", 405)] {
+        let a = call(&gw, m, path, "").await;
+        assert_eq!(a.status, status, "{m} {path}");
+        let r = response(&doc, "", "", status).expect("x-unrouted-responses");
+        let errs = errors_against(&doc, json_schema(r), &a.json());
+        assert!(errs.is_empty(), "{m} {path}: {errs:?}");
+        // every header but Content-Type is documented (405: `Allow`)
+        let documented: Vec<String> = r["headers"]
+            .as_object()
+            .map(|o| o.keys().map(|k| k.to_ascii_lowercase()).collect())
+            .unwrap_or_default();
+        for h in a
+            .headers
+            .keys()
+            .filter(|h| *h != http::header::CONTENT_TYPE)
+        {
+            assert!(documented.contains(&h.to_string()), "{m} {path}: {h}");
+        }
+    }
+}
+
+// ---- (b) errors ----
+
+/// One value of every `ApiError` variant.
+fn every_error() -> Vec<ApiError> {
+    vec![
+        ApiError::BadRequest("x".into()),
+        ApiError::Unauthorized("x".into()),
+        ApiError::NotEligible,
+        ApiError::BatchNotFound,
+        ApiError::CouponNotFound,
+        ApiError::LimitReached,
+        ApiError::DailyLimitReached,
+        ApiError::NotStarted,
+        ApiError::Ended,
+        ApiError::Paused,
+        ApiError::SoldOut,
+        ApiError::BatchExists,
+        ApiError::InvalidState("x".into()),
+        ApiError::RateLimited { retry_after_s: 2 },
+        ApiError::Overloaded("x".into(), 1),
+        ApiError::BackendUnavailable("x".into(), 1),
+        ApiError::RouteNotFound,
+        ApiError::MethodNotAllowed("GET"),
+        ApiError::Internal("x".into()),
+    ]
+}
+
+/// Does not compile when a variant is added: then add it to `every_error` too.
+#[allow(dead_code)]
+fn every_error_is_listed(e: &ApiError) {
+    match e {
+        ApiError::BadRequest(_)
+        | ApiError::Unauthorized(_)
+        | ApiError::NotEligible
+        | ApiError::BatchNotFound
+        | ApiError::CouponNotFound
+        | ApiError::LimitReached
+        | ApiError::DailyLimitReached
+        | ApiError::NotStarted
+        | ApiError::Ended
+        | ApiError::Paused
+        | ApiError::SoldOut
+        | ApiError::BatchExists
+        | ApiError::InvalidState(_)
+        | ApiError::RateLimited { .. }
+        | ApiError::Overloaded(..)
+        | ApiError::BackendUnavailable(..)
+        | ApiError::RouteNotFound
+        | ApiError::MethodNotAllowed(_)
+        | ApiError::Internal(_) => {}
+    }
+}
+
+#[tokio::test]
+async fn every_error_is_documented_with_its_status() {
+    let doc = doc();
+    let codes: BTreeSet<&str> = every_error().iter().map(ApiError::code).collect();
+    let documented: BTreeSet<&str> = doc["components"]["schemas"]["ErrorCode"]["enum"]
+        .as_array()
+        .expect("ErrorCode enum")
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        documented, codes,
+        "the ErrorCode enum is exactly the codes ApiError produces"
+    );
+
+    for e in every_error() {
+        let (code, status) = (e.code(), e.status().as_u16());
+        let resp = e.clone().into_response();
+        assert_eq!(resp.status().as_u16(), status);
+        let retry = resp.headers().contains_key(http::header::RETRY_AFTER);
+        let body: Value =
+            serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+        // (operation, response) pairs documenting this status whose schema admits the body
+        let mut places: Vec<(String, String, &Value)> = operations(&doc)
+            .into_iter()
+            .filter_map(|(m, p)| response(&doc, &m, &p, status).map(|r| (m, p, r)))
+            .collect();
+        if matches!(e, ApiError::RouteNotFound | ApiError::MethodNotAllowed(_)) {
+            // not answered by any operation: requests that match none
+            places = vec![(
+                String::new(),
+                "x-unrouted-responses".into(),
+                response(&doc, "", "", status).expect("x-unrouted-responses"),
+            )];
+        }
+        let fitting: Vec<_> = places
+            .iter()
+            .filter(|(_, _, r)| errors_against(&doc, json_schema(r), &body).is_empty())
+            .collect();
+        assert!(
+            !fitting.is_empty(),
+            "{code} ({status}) is documented nowhere: {body}"
+        );
+        for (m, p, r) in fitting {
+            assert_eq!(
+                r["headers"].get("Retry-After").is_some(),
+                retry,
+                "{code} at {m} {p}: Retry-After"
+            );
+        }
+    }
+}
+
+// ---- (c) the served document ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn served_document_is_the_file() {
+    let gw = gateway().await;
+    let a = call(&gw, "GET", "/openapi.json", "").await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.headers[http::header::CONTENT_TYPE], "application/json");
+    assert_eq!(a.bytes, std::fs::read(DOC_PATH).unwrap());
+}
+
+// ---- (d) live answers against the response schemas ----
+
+#[test]
+fn id_patterns_agree_with_the_code() {
+    let doc = doc();
+    let pattern = |name: &str| {
+        doc["components"]["schemas"][name]["pattern"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let (user, batch) = (pattern("UserId"), pattern("BatchId"));
+    let samples = [
+        "u1",
+        "a.b_c@d+e-f",
+        "double11-5off",
+        "",
+        "a b",
+        "a{b}",
+        "a:b",
+        "ü",
+        "~x",
+        "a/b",
+        &"x".repeat(64),
+        &"x".repeat(65),
+        &"x".repeat(128),
+        &"x".repeat(129),
+    ];
+    for s in samples {
+        assert_eq!(
+            pattern_matches(&user, s),
+            claimgate::claim::valid_ident(s),
+            "{s:?}"
+        );
+        assert_eq!(
+            pattern_matches(&batch, s),
+            claimgate::batch::valid_batch_id(s),
+            "{s:?}"
+        );
+    }
+    let coupon = pattern("CouponId");
+    assert!(pattern_matches(&coupon, "double11-5off.3.42"));
+    assert!(!pattern_matches(&coupon, "double11-5off.3"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_answers_match_the_response_schemas() {
+    let doc = doc();
+    let gw = gateway().await;
+    let new_batch = json!({
+        "id": "oa1", "name": "10% off", "stock": 5, "per_user_limit": 1,
+        "claim_window": {"start": "2020-01-01T00:00:00Z", "end": "2100-01-01T00:00:00Z"},
+        "validity": {"start": "2020-01-01T00:00:00Z", "end": "2100-01-01T00:00:00+02:00"},
+        "discount": {"kind": "percent", "percent_off": 10},
+        "scope": {"kind": "products", "ids": ["p1"]},
+    });
+    // the request examples are valid request bodies, and so is this one
+    let request_schema = |p: &str, m: &str| {
+        doc["paths"][p][m]["requestBody"]["content"]["application/json"]["schema"].clone()
+    };
+    let nb = request_schema("/v1/batches", "post");
+    assert!(errors_against(&doc, &nb, &new_batch).is_empty());
+    let example = &resolve(&doc, &nb)["example"];
+    assert!(errors_against(&doc, &nb, example).is_empty());
+    assert!(!errors_against(&doc, &nb, &json!({"name": "x", "bogus": 1})).is_empty());
+
+    let created = conforms(
+        &gw,
+        &doc,
+        "POST",
+        "/v1/batches",
+        "/v1/batches",
+        &new_batch.to_string(),
+    )
+    .await;
+    assert_eq!(created["discount"]["max_off"], Value::Null);
+    let claim = json!({"user_id": "u1", "request_id": "r-1"}).to_string();
+    let claims = "/v1/batches/{id}/claims";
+    let first = conforms(&gw, &doc, "POST", claims, "/v1/batches/oa1/claims", &claim).await;
+    let again = conforms(&gw, &doc, "POST", claims, "/v1/batches/oa1/claims", &claim).await;
+    assert_eq!(first, again);
+    let limit = conforms(
+        &gw,
+        &doc,
+        "POST",
+        claims,
+        "/v1/batches/oa1/claims",
+        r#"{"user_id":"u1"}"#,
+    )
+    .await;
+    assert_eq!(limit["error"], "limit_reached");
+    conforms(
+        &gw,
+        &doc,
+        "POST",
+        claims,
+        "/v1/batches/oa1/claims",
+        r#"{"user_id":"a b"}"#,
+    )
+    .await;
+    conforms(
+        &gw,
+        &doc,
+        "POST",
+        claims,
+        "/v1/batches/nope/claims",
+        r#"{"user_id":"u1"}"#,
+    )
+    .await;
+
+    let view = conforms(&gw, &doc, "GET", "/v1/batches/{id}", "/v1/batches/oa1", "").await;
+    assert_eq!(
+        view["stock"],
+        json!({"total": 5, "claimed": 1, "remaining": 4})
+    );
+    let paused = conforms(
+        &gw,
+        &doc,
+        "PATCH",
+        "/v1/batches/{id}",
+        "/v1/batches/oa1",
+        r#"{"state":"paused","add_stock":1}"#,
+    )
+    .await;
+    assert_eq!(paused["batch"]["state"], "paused");
+    let refused = conforms(
+        &gw,
+        &doc,
+        "POST",
+        claims,
+        "/v1/batches/oa1/claims",
+        r#"{"user_id":"u2"}"#,
+    )
+    .await;
+    assert_eq!(refused["error"], "paused");
+    conforms(&gw, &doc, "GET", "/v1/batches/{id}", "/v1/batches/nope", "").await;
+    conforms(&gw, &doc, "POST", "/v1/batches", "/v1/batches", "{").await;
+
+    // the wallet is read from the database, which no persister feeds here
+    let wallet = "/v1/users/{user_id}/coupons";
+    conforms(
+        &gw,
+        &doc,
+        "GET",
+        wallet,
+        "/v1/users/u1/coupons?status=unused&limit=5",
+        "",
+    )
+    .await;
+    conforms(&gw, &doc, "GET", wallet, "/v1/users/u1/coupons?bogus=1", "").await;
+    let coupon = first["coupon_id"].as_str().unwrap();
+    let lock = "/v1/coupons/{coupon_id}/lock";
+    let missing = conforms(
+        &gw,
+        &doc,
+        "POST",
+        lock,
+        &format!("/v1/coupons/{coupon}/lock"),
+        r#"{"order_id":"o1"}"#,
+    )
+    .await;
+    assert_eq!(missing["error"], "coupon_not_found");
+
+    conforms(&gw, &doc, "GET", "/healthz", "/healthz", "").await;
+    conforms(&gw, &doc, "GET", "/readyz", "/readyz", "").await;
+}
