@@ -11,6 +11,7 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
+command -v curl >/dev/null || missing+=(curl)
 command -v psql >/dev/null && ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || missing+=(postgresql)
 command -v promtool >/dev/null || missing+=(prometheus)
 if [ ${#missing[@]} -gt 0 ]; then
@@ -53,6 +54,21 @@ if ! PGPASSWORD=claimgate_test psql "postgres://claimgate_test@127.0.0.1:5432/po
       END IF; END \$\$;"
 fi
 export CLAIMGATE_TEST_PG="postgres://claimgate_test:claimgate_test@127.0.0.1:5432/postgres"
+
+log "smoke: claimgate-loadtest --verify against an embedded gateway"
+cargo build --workspace --locked --quiet
+smoke=$(mktemp -d)
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+target/debug/claimgate --listen "127.0.0.1:$port" --backend embedded \
+  --database-url "sqlite://$smoke/smoke.db?mode=rwc" --set "embedded.aof_path=\"$smoke/smoke.aof\"" \
+  --set limits.claim_per_user.per_second=0 --set log.level=\"warn\" serve &
+gw=$!
+trap 'kill $gw 2>/dev/null || true; rm -rf "$smoke"' EXIT
+for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$port/healthz" >/dev/null && break; sleep 0.1; done
+target/debug/claimgate-loadtest --url "http://127.0.0.1:$port" -q --scenario flash-sale \
+  --users 2000 --stock 300 --connections 16 --requests 3000 \
+  --verify --database-url "sqlite://$smoke/smoke.db" --drain-timeout 30s
+kill -TERM $gw; wait $gw
 
 log "cargo test (workspace)"
 cargo test --workspace --locked "$@"

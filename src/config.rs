@@ -310,9 +310,14 @@ pub fn load(
         None => toml::Table::new(),
     };
     for (name, value) in env {
+        // Settings are CLAIMGATE_<SECTION>__<KEY> and CLAIMGATE_BACKEND; other CLAIMGATE_*
+        // variables (CLAIMGATE_CONFIG, the test suite's) are not settings.
         let Some(rest) = name.strip_prefix("CLAIMGATE_") else {
             continue;
         };
+        if !rest.contains("__") && rest != "BACKEND" {
+            continue;
+        }
         let path: Vec<String> = rest.split("__").map(|p| p.to_ascii_lowercase()).collect();
         set_path(&mut table, &path, &value);
     }
@@ -430,6 +435,8 @@ mod tests {
             env(&[
                 ("CLAIMGATE_SERVER__MAX_BODY_BYTES", "1024"),
                 ("CLAIMGATE_BACKEND", "redis"),
+                ("CLAIMGATE_CONFIG", "ignored.toml"),
+                ("CLAIMGATE_TEST_PG", "postgres://ignored"),
                 ("OTHER", "x"),
             ]),
             &["server.max_body_bytes=2048".to_string()],

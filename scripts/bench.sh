@@ -1,0 +1,274 @@
+#!/usr/bin/env bash
+# The claimgate benchmark: ONE run on ONE machine, ceilings and gateway side by side.
+#
+#   scripts/bench.sh                 # writes loadtest/results/<UTC date>.md and updates BENCHMARKS.md
+#   BENCH_SECONDS=5 PERSIST_SECONDS=20 scripts/bench.sh   # a shorter run
+#
+# It starts its own redis-server (free port, no persistence) and its own PostgreSQL
+# database (dropped at the end), builds the release binaries, and measures:
+#   1. the ceiling: redis-benchmark running lua/claim.lua by EVALSHA (-P 1 and -P 16), and
+#      GET /healthz through the gateway (the HTTP ceiling);
+#   2. the gateway on the redis backend: max successful claims/s (closed loop), then open
+#      loop at 25/50/75% of that rate (latency from intended send times);
+#   3. the sold-out phase (answers from memory) and its Redis calls;
+#   4. the embedded backend (max claims/s and its HTTP ceiling);
+#   5. persistence: a PERSIST_SECONDS claim run per database with the backlog sampled every
+#      second, the drain time after it, and persister rows/s (PostgreSQL and SQLite);
+# plus CPU seconds per 1,000 claims (gateway, redis-server) and Redis commands per claim.
+# Every load generator run is bounded in time and targets 127.0.0.1 only.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SECS=${BENCH_SECONDS:-10}
+PSECS=${PERSIST_SECONDS:-60}
+CONNS=${BENCH_CONNECTIONS:-50}
+PG_ADMIN=${CLAIMGATE_TEST_PG:-postgres://postgres@127.0.0.1:5432/postgres}
+DATE=$(date -u +%Y-%m-%d)
+OUT_DIR=loadtest/results
+mkdir -p "$OUT_DIR"
+REPORT="$OUT_DIR/$DATE.md"
+WORK=$(mktemp -d)
+PIDS=()
+PGDB="claimgate_bench_$$"
+
+log() { printf '==> %s\n' "$*" >&2; }
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+cleanup() {
+  for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+  psql "$PG_ADMIN" -qtAc "DROP DATABASE IF EXISTS $PGDB WITH (FORCE)" >/dev/null 2>&1 || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+log "building release binaries"
+cargo build --release --locked -p claimgate -p claimgate-loadtest >&2
+BIN=target/release/claimgate
+LT=target/release/claimgate-loadtest
+
+RPORT=$(free_port)
+redis-server --port "$RPORT" --bind 127.0.0.1 --save '' --appendonly no --dir "$WORK" \
+  --logfile "$WORK/redis.log" --daemonize no &
+REDIS_PID=$!
+PIDS+=("$REDIS_PID")
+for _ in $(seq 1 50); do redis-cli -p "$RPORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
+R="redis-cli -p $RPORT"
+psql "$PG_ADMIN" -qtAc "CREATE DATABASE $PGDB" >/dev/null
+PG_URL="${PG_ADMIN%/*}/$PGDB"
+
+cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
+tick_hz=$(getconf CLK_TCK)
+evalsha_calls() { $R info commandstats | tr -d '\r' | awk -F'[=,]' '/^cmdstat_evalsha:/{print $2}' | grep . || echo 0; }
+all_calls() { $R info commandstats | tr -d '\r' | awk -F'[=,]' '/^cmdstat_/{s+=$2} END{print s+0}'; }
+metric() { # metric NAME [LABEL_FILTER] from the gateway on port $GPORT (sum of matching series)
+  curl -s "http://127.0.0.1:$GPORT/metrics" | awk -v n="$1" -v f="${2:-}" \
+    '$1 ~ "^"n"({|$)" && index($1, f) {s+=$2} END{printf "%.0f\n", s+0}'
+}
+jget() { python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2], {}, {'d': d}))" "$1" "$2"; }
+
+start_gateway() { # start_gateway ARGS... ; sets GPID, GPORT
+  GPORT=$(free_port)
+  "$BIN" --listen "127.0.0.1:$GPORT" \
+    --set limits.claim_per_user.per_second=0 --set limits.max_inflight=100000 \
+    --set limits.admission_wait_ms=1000 --set log.level=\"warn\" "$@" serve >"$WORK/gw.log" 2>&1 &
+  GPID=$!
+  PIDS+=("$GPID")
+  for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$GPORT/healthz" >/dev/null && return; sleep 0.1; done
+  echo "gateway did not start:" >&2; cat "$WORK/gw.log" >&2; exit 1
+}
+stop_gateway() { kill -TERM "$GPID"; wait "$GPID" 2>/dev/null || true; }
+lt() { "$LT" --url "http://127.0.0.1:$GPORT" -q "$@"; }
+
+# ---------------------------------------------------------------- 1. ceilings: redis-benchmark
+log "ceiling: redis-benchmark EVALSHA claim.lua"
+SHA=$($R SCRIPT LOAD "$(cat lua/claim.lua)")
+K="cg:{rb:0}"
+$R --eval lua/setup.lua "$K:meta" "$K:stock" "$K:deny" "$K:xseq" , 1000000000 11 \
+  fp bench state active start 0 end 9999999999999 limit 1000000 daily 0 vdays 7 vfrom 0 vto 0 shards 1 ver 1 >/dev/null
+CLAIM_KEYS="8 $K:meta $K:stock $K:users $K:daily $K:req $K:log $K:deny $K:claimed"
+rb() { # rb PIPELINE -> requests/s
+  local n=$(( ${1} == 1 ? 40000 * SECS / 10 * 10 : 150000 * SECS / 10 * 10 ))
+  redis-benchmark -p "$RPORT" -c "$CONNS" -n "$n" -P "$1" -r 100000000 --csv \
+    EVALSHA "$SHA" $CLAIM_KEYS u__rand_int__ r__rand_int__ 0 rb 0 n | tail -n1 | cut -d'"' -f4
+}
+RB_P1=$(rb 1)
+RB_P16=$(rb 16)
+$R del "$K:log" >/dev/null
+RB_CMD="redis-benchmark -c $CONNS -P 1 -r 100000000 EVALSHA <sha of lua/claim.lua> $CLAIM_KEYS u__rand_int__ r__rand_int__ 0 rb 0 n"
+
+# ---------------------------------------------------------------- 2. gateway, redis backend
+log "gateway (redis backend): HTTP ceiling, max claims/s, open loop"
+start_gateway --backend redis --redis-url "redis://127.0.0.1:$RPORT" --database-url "$PG_URL"
+lt --scenario trivial --connections "$CONNS" --duration "${SECS}s" --json "$WORK/trivial.json"
+TRIVIAL=$(jget "$WORK/trivial.json" 'round(d["rps"])')
+
+c0_gw=$(cpu_ticks "$GPID"); c0_rd=$(cpu_ticks "$REDIS_PID"); e0=$(evalsha_calls); a0=$(all_calls)
+lt --scenario flash-sale --seed 11 --users 10000000 --stock 100000000 --connections "$CONNS" \
+  --duration "${SECS}s" --json "$WORK/max.json"
+c1_gw=$(cpu_ticks "$GPID"); c1_rd=$(cpu_ticks "$REDIS_PID"); e1=$(evalsha_calls); a1=$(all_calls)
+MAX=$(jget "$WORK/max.json" 'round(d["claims_per_s"])')
+MAX_OK=$(jget "$WORK/max.json" 'd["claims_ok"]')
+MAX_P99=$(jget "$WORK/max.json" 'd["latency_ms"]["p99"]')
+GW_CPU=$(python3 -c "print(round(($c1_gw-$c0_gw)/$tick_hz/$MAX_OK*1000, 4))")
+RD_CPU=$(python3 -c "print(round(($c1_rd-$c0_rd)/$tick_hz/$MAX_OK*1000, 4))")
+CMDS_PER_CLAIM=$(python3 -c "print(round(($e1-$e0)/$MAX_OK, 4))")
+ALL_PER_CLAIM=$(python3 -c "print(round(($a1-$a0)/$MAX_OK, 4))")
+
+OPEN_ROWS=""
+seed=20
+for pct in 25 50 75; do
+  rate=$(( MAX * pct / 100 ))
+  [ "$rate" -ge 1 ] || rate=1
+  seed=$((seed + 1))
+  lt --scenario flash-sale --seed "$seed" --users 10000000 --stock 100000000 --connections "$CONNS" \
+    --rate "$rate" --duration "${SECS}s" --json "$WORK/open$pct.json"
+  OPEN_ROWS+="| ${pct}% | $rate | $(jget "$WORK/open$pct.json" 'round(d["claims_per_s"])') | $(jget "$WORK/open$pct.json" 'd["latency_ms"]["p50"]') | $(jget "$WORK/open$pct.json" 'd["latency_ms"]["p90"]') | $(jget "$WORK/open$pct.json" 'd["latency_ms"]["p99"]') | $(jget "$WORK/open$pct.json" 'd["latency_ms"]["p999"]') | $(jget "$WORK/open$pct.json" 'd["unsent"]') |"$'\n'
+done
+P99_AT_50=$(jget "$WORK/open50.json" 'd["latency_ms"]["p99"]')
+
+# ---------------------------------------------------------------- 3. sold-out phase
+log "sold-out phase"
+lt --scenario flash-sale --seed 31 --users 200 --stock 20 --connections 8 --requests 400 --json "$WORK/drain.json"
+sleep 1.5   # the sold-out flag and the winners reach this instance
+s0_eval=$(evalsha_calls)
+s0_path=$(( $(metric claimgate_backend_calls_total 'script="claim"') + $(metric claimgate_backend_calls_total 'script="replay"') ))
+lt --scenario sold-out --batch lt-31 --seed 32 --users 100000 --connections "$CONNS" --duration "${SECS}s" \
+  --json "$WORK/soldout.json"
+s1_eval=$(evalsha_calls)
+s1_path=$(( $(metric claimgate_backend_calls_total 'script="claim"') + $(metric claimgate_backend_calls_total 'script="replay"') ))
+SOLD=$(jget "$WORK/soldout.json" 'round(d["rps"])')
+SOLD_410=$(jget "$WORK/soldout.json" 'd["by_outcome"].get("410 sold_out", 0)')
+SOLD_REQ=$(jget "$WORK/soldout.json" 'd["requests"]')
+SOLD_EVAL=$((s1_eval - s0_eval))
+SOLD_PATH=$((s1_path - s0_path))
+stop_gateway
+
+# ---------------------------------------------------------------- 4. embedded backend
+log "gateway (embedded backend)"
+start_gateway --backend embedded --database-url "sqlite://$WORK/emb.db?mode=rwc" \
+  --set "embedded.aof_path=\"$WORK/emb.aof\""
+lt --scenario trivial --connections "$CONNS" --duration "${SECS}s" --json "$WORK/etrivial.json"
+ETRIVIAL=$(jget "$WORK/etrivial.json" 'round(d["rps"])')
+c0=$(cpu_ticks "$GPID")
+lt --scenario flash-sale --seed 41 --users 10000000 --stock 100000000 --connections "$CONNS" \
+  --duration "${SECS}s" --json "$WORK/emax.json"
+c1=$(cpu_ticks "$GPID")
+EMAX=$(jget "$WORK/emax.json" 'round(d["claims_per_s"])')
+EMAX_OK=$(jget "$WORK/emax.json" 'd["claims_ok"]')
+EMAX_P99=$(jget "$WORK/emax.json" 'd["latency_ms"]["p99"]')
+EGW_CPU=$(python3 -c "print(round(($c1-$c0)/$tick_hz/$EMAX_OK*1000, 4))")
+erate=$(( EMAX / 2 ))
+lt --scenario flash-sale --seed 42 --users 10000000 --stock 100000000 --connections "$CONNS" \
+  --rate "$erate" --duration "${SECS}s" --json "$WORK/eopen50.json"
+EP99_AT_50=$(jget "$WORK/eopen50.json" 'd["latency_ms"]["p99"]')
+stop_gateway
+
+# ---------------------------------------------------------------- 5. persistence under load
+persist_run() { # persist_run NAME ARGS... ; appends to PERSIST_ROWS, writes $WORK/backlog-NAME.csv
+  local name=$1; shift
+  start_gateway "$@"
+  local csv="$WORK/backlog-$name.csv"
+  echo "t_s,backlog,rows_total" >"$csv"
+  (
+    t=0
+    while kill -0 "$GPID" 2>/dev/null; do
+      echo "$t,$(metric claimgate_persist_backlog),$(metric claimgate_persist_rows_total)" >>"$csv"
+      sleep 1; t=$((t + 1))
+    done
+  ) &
+  local sampler=$!
+  local r0; r0=$(metric claimgate_persist_rows_total)
+  lt --scenario flash-sale --seed "$RANDOM" --users 10000000 --stock 100000000 --connections "$CONNS" \
+    --duration "${PSECS}s" --json "$WORK/persist-$name.json"
+  local end; end=$(date +%s.%N)
+  local ok; ok=$(jget "$WORK/persist-$name.json" 'd["claims_ok"]')
+  local peak; peak=$(awk -F, 'NR>1 && $2>m {m=$2} END{print m+0}' "$csv")
+  local drained=""
+  for _ in $(seq 1 1200); do
+    if [ "$(metric claimgate_persist_backlog)" = 0 ] && [ "$(( $(metric claimgate_persist_rows_total) - r0 ))" -ge "$ok" ]; then
+      drained=$(python3 -c "print(round($(date +%s.%N) - $end, 2))"); break
+    fi
+    sleep 0.25
+  done
+  local rows=$(( $(metric claimgate_persist_rows_total) - r0 ))
+  local wall; wall=$(python3 -c "print($(date +%s.%N) - $end + $(jget "$WORK/persist-$name.json" 'd["elapsed_s"]'))")
+  PERSIST_ROWS+="| $name | $PSECS | $ok | $(jget "$WORK/persist-$name.json" 'round(d["claims_per_s"])') | $peak | ${drained:-not drained in 300 s} | $rows | $(python3 -c "print(round($rows/$wall))") |"$'\n'
+  stop_gateway
+  kill "$sampler" 2>/dev/null || true
+  cp "$csv" "$OUT_DIR/$DATE-backlog-$name.csv"
+}
+PERSIST_ROWS=""
+log "persistence: PostgreSQL (${PSECS}s)"
+persist_run postgres --backend redis --redis-url "redis://127.0.0.1:$RPORT" --database-url "$PG_URL"
+log "persistence: SQLite (${PSECS}s)"
+persist_run sqlite --backend embedded --database-url "sqlite://$WORK/persist.db?mode=rwc" \
+  --set "embedded.aof_path=\"$WORK/persist.aof\""
+
+# ---------------------------------------------------------------- report
+ratio() { python3 -c "print(round($1/$2, 2) if $2 else 'n/a')"; }
+verdict() { python3 -c "print('met' if $1 else 'MISSED')"; }
+cat >"$REPORT" <<EOF
+# claimgate benchmark, $DATE
+
+Machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB; load generator, gateway and
+redis-server share it. Versions: claimgate $(git rev-parse --short HEAD 2>/dev/null || echo "?"),
+$(rustc --version), $(redis-server --version | cut -d' ' -f1-3), $(psql --version).
+Command: \`BENCH_SECONDS=$SECS PERSIST_SECONDS=$PSECS BENCH_CONNECTIONS=$CONNS scripts/bench.sh\`
+(phases of ${SECS}s, $CONNS connections; release profile with lto = "fat", codegen-units = 1).
+
+## Ceiling and gateway, same run
+
+| measure | figure | ratio |
+|---|---|---|
+| redis-benchmark EVALSHA claim.lua, -P 1, -c $CONNS | $RB_P1 /s | 1.00 |
+| redis-benchmark EVALSHA claim.lua, -P 16, -c $CONNS | $RB_P16 /s | $(ratio "$RB_P16" "$RB_P1") |
+| HTTP ceiling: GET /healthz (redis backend gateway) | $TRIVIAL /s | |
+| **redis backend: successful claims/s (closed loop)** | **$MAX /s** (p99 $MAX_P99 ms) | **$(ratio "$MAX" "$RB_P1") × redis-benchmark -P 1** |
+| redis backend: p99 at 50% of max rate (open loop) | $P99_AT_50 ms | |
+| sold-out answers/s (from memory) | $SOLD /s ($SOLD_410 × 410 of $SOLD_REQ) | **$(ratio "$SOLD" "$TRIVIAL") × trivial endpoint** |
+| embedded backend: successful claims/s | $EMAX /s (p99 $EMAX_P99 ms; p99 at 50% rate $EP99_AT_50 ms) | **$(ratio "$EMAX" "$MAX") × redis backend** |
+| embedded HTTP ceiling: GET /healthz | $ETRIVIAL /s | |
+
+## Targets
+
+| target | figure | verdict |
+|---|---|---|
+| claims/s ≥ 0.8 × redis-benchmark -P 1 -c $CONNS | $(ratio "$MAX" "$RB_P1") | $(verdict "$MAX >= 0.8 * $RB_P1") |
+| p99 ≤ 5 ms at 50% of max rate, open loop | $P99_AT_50 ms | $(verdict "$P99_AT_50 <= 5") |
+| exactly 1 Redis command per successful claim | $CMDS_PER_CLAIM EVALSHA/claim ($ALL_PER_CLAIM commands of any kind/claim, background loops and persister included) | $(verdict "abs($CMDS_PER_CLAIM - 1) < 0.01") |
+| 0 Redis calls for sold-out answers | $SOLD_PATH request-path script calls; $SOLD_EVAL EVALSHA in all during the phase (background refresh/persister included) | $(verdict "$SOLD_PATH == 0") |
+| sold-out answers ≥ 0.8 × trivial endpoint | $(ratio "$SOLD" "$TRIVIAL") | $(verdict "$SOLD >= 0.8 * $TRIVIAL") |
+| embedded ≥ redis backend | $(ratio "$EMAX" "$MAX") | $(verdict "$EMAX >= $MAX") |
+
+## Open loop, redis backend (latency from intended send time, ms)
+
+| share of max | target rate /s | achieved claims/s | p50 | p90 | p99 | p99.9 | unsent |
+|---|---|---|---|---|---|---|---|
+$OPEN_ROWS
+## Cost per claim (redis backend, closed-loop phase)
+
+| | CPU seconds per 1,000 claims |
+|---|---|
+| gateway | $GW_CPU |
+| redis-server | $RD_CPU |
+| gateway, embedded backend (no redis-server) | $EGW_CPU |
+
+## Persistence under sustained load
+
+Backlog sampled every second (files \`$DATE-backlog-<db>.csv\` beside this report); the
+drain time is from the end of the load until the backlog is 0 and every claim is a row.
+
+| database | load s | claims | claims/s | peak backlog | drain s | rows | rows/s (load + drain) |
+|---|---|---|---|---|---|---|---|
+$PERSIST_ROWS
+## Commands
+
+- ceiling: \`$RB_CMD\` (and \`-P 16\`)
+- HTTP ceiling: \`claimgate-loadtest --scenario trivial --connections $CONNS --duration ${SECS}s\`
+- max claims: \`claimgate-loadtest --scenario flash-sale --users 10000000 --stock 100000000 --connections $CONNS --duration ${SECS}s\`
+- open loop: the same with \`--rate <25|50|75% of max>\`
+- sold out: \`claimgate-loadtest --scenario sold-out --batch lt-31 --users 100000 --connections $CONNS --duration ${SECS}s\` after draining lt-31
+- gateway: \`claimgate --backend redis|embedded --set limits.claim_per_user.per_second=0 --set limits.max_inflight=100000 serve\`
+EOF
+cp "$REPORT" BENCHMARKS.md
+log "wrote $REPORT and BENCHMARKS.md"
+cat "$REPORT"
