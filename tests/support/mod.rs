@@ -333,3 +333,118 @@ pub mod http {
         }
     }
 }
+
+/// A Redis Cluster of our own: `n` primaries on free ports, no replicas.
+pub struct RedisCluster {
+    pub ports: Vec<u16>,
+    dir: tempfile::TempDir,
+    children: Vec<Child>,
+}
+
+impl RedisCluster {
+    pub fn start(n: usize) -> RedisCluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let mut children = Vec::new();
+        for p in &ports {
+            let child = Command::new("redis-server")
+                .args([
+                    "--port",
+                    &p.to_string(),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                ])
+                .args(["--appendonly", "no", "--cluster-enabled", "yes"])
+                .args(["--cluster-config-file", &format!("nodes-{p}.conf")])
+                .arg("--dir")
+                .arg(dir.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server");
+            children.push(child);
+        }
+        for p in &ports {
+            wait_for_port(*p, Duration::from_secs(10));
+        }
+        let nodes: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&nodes)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli --cluster create");
+        assert!(
+            out.status.success(),
+            "cluster create: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let c = RedisCluster {
+            ports,
+            dir,
+            children,
+        };
+        let start = Instant::now();
+        while !c.ports.iter().all(|p| {
+            let out = Command::new("redis-cli")
+                .args(["-p", &p.to_string(), "cluster", "info"])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            out.contains("cluster_state:ok")
+        }) {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "cluster never became ok"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        c
+    }
+
+    /// A URL fred reads as a cluster, naming every node.
+    pub fn url(&self) -> String {
+        let rest: Vec<String> = self.ports[1..]
+            .iter()
+            .map(|p| format!("node=127.0.0.1:{p}"))
+            .collect();
+        format!(
+            "redis-cluster://127.0.0.1:{}?{}",
+            self.ports[0],
+            rest.join("&")
+        )
+    }
+
+    /// Keys held by each node.
+    pub fn key_counts(&self) -> Vec<u64> {
+        self.ports
+            .iter()
+            .map(|p| {
+                let out = Command::new("redis-cli")
+                    .args(["-p", &p.to_string(), "dbsize"])
+                    .output()
+                    .expect("redis-cli");
+                String::from_utf8_lossy(&out.stdout)
+                    .trim()
+                    .parse()
+                    .unwrap_or(0)
+            })
+            .collect()
+    }
+
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
