@@ -110,13 +110,13 @@ impl<B: Backend> App<B> {
     /// The batch, from the cache, else from Redis, else from the database (then it is lost).
     pub async fn load_batch(&self, id: &str) -> Result<Arc<CachedBatch>, ApiError> {
         if let Some(e) = self.cache.get(id) {
-            metrics::counter!(crate::metrics::CACHE, "kind" => "meta_hit").increment(1);
+            crate::metrics::cache_answer("meta_hit");
             return Ok(e);
         }
         if !crate::batch::valid_batch_id(id) || self.cache.is_missing(id) {
             return Err(ApiError::BatchNotFound);
         }
-        metrics::counter!(crate::metrics::CACHE, "kind" => "meta_miss").increment(1);
+        crate::metrics::cache_answer("meta_miss");
         match self.read_meta(id).await? {
             Some((batch, ver, sold_out)) => Ok(self
                 .cache
@@ -203,7 +203,7 @@ impl<B: Backend> App<B> {
                 let was_lost = entry.is_lost();
                 entry.update(batch, ver, sold_out);
                 if limits_changed {
-                    self.cache.forget_limits(&entry.id);
+                    self.cache.forget_limits(entry);
                 }
                 if was_lost {
                     self.update_lost_gauge();
@@ -271,6 +271,7 @@ impl<B: Backend> App<B> {
                     app.refresh_batch(&entry).await;
                 }
                 if n.is_multiple_of(5) {
+                    crate::metrics::upkeep();
                     app.export_stock_gauges().await;
                     app.limits.purge();
                 }

@@ -7,7 +7,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
@@ -31,6 +31,9 @@ pub struct CachedBatch {
     /// loaded; cleared when stock is added.
     winners: RwLock<Option<Arc<HashSet<Box<str>>>>>,
     winners_loading: AtomicBool,
+    /// Users known to be at their limit: user -> UTC day it applies to (`i64::MAX` for the
+    /// lifetime limit, which never resets).
+    at_limit: DashMap<Box<str>, i64>,
 }
 
 impl CachedBatch {
@@ -47,6 +50,7 @@ impl CachedBatch {
             lost: AtomicBool::new(false),
             winners: RwLock::new(None),
             winners_loading: AtomicBool::new(false),
+            at_limit: DashMap::new(),
         }
     }
 
@@ -145,17 +149,14 @@ impl LocalRefusal {
     }
 }
 
-/// Key of the "user at limit" cache: (batch, user) -> UTC day it applies to (`i64::MAX` for
-/// the lifetime limit, which never resets).
-type LimitKey = (Arc<str>, Box<str>);
-
 pub struct BatchCache {
     batches: DashMap<String, Arc<CachedBatch>>,
     /// Batch ids recently found to exist nowhere: answered 404 without a backend call.
     missing: DashMap<String, Instant>,
     missing_ttl: Duration,
     max_missing: usize,
-    at_limit: DashMap<LimitKey, i64>,
+    /// Entries in all batches' "at limit" maps, bounded by `max_at_limit`.
+    at_limit_entries: AtomicUsize,
     max_at_limit: usize,
 }
 
@@ -166,7 +167,7 @@ impl BatchCache {
             missing: DashMap::new(),
             missing_ttl: Duration::from_secs(1),
             max_missing: 100_000,
-            at_limit: DashMap::new(),
+            at_limit_entries: AtomicUsize::new(0),
             max_at_limit,
         }
     }
@@ -237,26 +238,22 @@ impl BatchCache {
         {
             return Some(LocalRefusal::NotEligible);
         }
-        if self.user_at_limit(&entry.id, &identity.user_id, now) {
+        if self.user_at_limit(entry, &identity.user_id, now) {
             return Some(LocalRefusal::LimitReached);
         }
         None
     }
 
-    fn user_at_limit(&self, batch: &str, user: &str, now: Timestamp) -> bool {
-        if self.at_limit.is_empty() {
-            return false;
-        }
-        let key: LimitKey = (Arc::from(batch), Box::from(user));
-        match self.at_limit.get(&key) {
+    fn user_at_limit(&self, entry: &CachedBatch, user: &str, now: Timestamp) -> bool {
+        match entry.at_limit.get(user) {
             Some(day) => *day == i64::MAX || *day == now.0.div_euclid(86_400_000),
             None => false,
         }
     }
 
     /// Remembers that `user` reached the lifetime limit (`daily = false`) or today's limit.
-    pub fn remember_at_limit(&self, batch: &str, user: &str, daily: bool, now: Timestamp) {
-        if self.at_limit.len() >= self.max_at_limit {
+    pub fn remember_at_limit(&self, entry: &CachedBatch, user: &str, daily: bool, now: Timestamp) {
+        if self.at_limit_entries.load(Ordering::Relaxed) >= self.max_at_limit {
             return;
         }
         let day = if daily {
@@ -264,13 +261,16 @@ impl BatchCache {
         } else {
             i64::MAX
         };
-        self.at_limit
-            .insert((Arc::from(batch), Box::from(user)), day);
+        if entry.at_limit.insert(Box::from(user), day).is_none() {
+            self.at_limit_entries.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
-    /// Drops "at limit" entries of a batch (its limits changed).
-    pub fn forget_limits(&self, batch: &str) {
-        self.at_limit.retain(|(b, _), _| &**b != batch);
+    /// Drops the "at limit" entries of a batch (its limits changed).
+    pub fn forget_limits(&self, entry: &CachedBatch) {
+        let n = entry.at_limit.len();
+        entry.at_limit.clear();
+        self.at_limit_entries.fetch_sub(n, Ordering::Relaxed);
     }
 }
 
@@ -336,12 +336,12 @@ mod tests {
             cache.refuse(&e, &who("bad"), Timestamp(150)),
             Some(LocalRefusal::NotEligible)
         );
-        cache.remember_at_limit("b", "u", false, Timestamp(150));
+        cache.remember_at_limit(&e, "u", false, Timestamp(150));
         assert_eq!(
             cache.refuse(&e, &who("u"), Timestamp(150)),
             Some(LocalRefusal::LimitReached)
         );
-        cache.forget_limits("b");
+        cache.forget_limits(&e);
         assert_eq!(cache.refuse(&e, &who("u"), Timestamp(150)), None);
         e.set_sold_out();
         assert_eq!(
@@ -358,18 +358,23 @@ mod tests {
     #[test]
     fn daily_limit_entries_expire_with_the_day() {
         let cache = BatchCache::new(10);
+        let e = cache.insert(Arc::new(CachedBatch::new(batch(0, i64::MAX), 1, false)));
         let day = 86_400_000;
-        cache.remember_at_limit("b", "u", true, Timestamp(day + 5));
-        assert!(cache.user_at_limit("b", "u", Timestamp(day + 10)));
-        assert!(!cache.user_at_limit("b", "u", Timestamp(2 * day + 1)));
+        cache.remember_at_limit(&e, "u", true, Timestamp(day + 5));
+        assert!(cache.user_at_limit(&e, "u", Timestamp(day + 10)));
+        assert!(!cache.user_at_limit(&e, "u", Timestamp(2 * day + 1)));
     }
 
     #[test]
     fn bounded() {
         let cache = BatchCache::new(2);
+        let e = cache.insert(Arc::new(CachedBatch::new(batch(0, i64::MAX), 1, false)));
         for u in ["a", "b", "c"] {
-            cache.remember_at_limit("b", u, false, Timestamp(0));
+            cache.remember_at_limit(&e, u, false, Timestamp(0));
         }
-        assert_eq!(cache.at_limit.len(), 2);
+        assert_eq!(e.at_limit.len(), 2);
+        cache.forget_limits(&e);
+        cache.remember_at_limit(&e, "c", false, Timestamp(0));
+        assert_eq!(e.at_limit.len(), 1, "forgetting frees room");
     }
 }

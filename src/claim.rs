@@ -87,8 +87,7 @@ impl ClaimReply {
 
 fn stage(name: &'static str, since: Instant) -> Instant {
     let now = Instant::now();
-    metrics::histogram!(crate::metrics::STAGE_SECONDS, "stage" => name)
-        .record((now - since).as_secs_f64());
+    crate::metrics::stage(name, (now - since).as_secs_f64());
     now
 }
 
@@ -110,8 +109,7 @@ pub async fn claim<B: Backend>(
         Ok(_) => "replayed",
         Err(e) => e.code(),
     };
-    metrics::counter!(crate::metrics::CLAIMS, "outcome" => outcome).increment(1);
-    metrics::histogram!(crate::metrics::CLAIM_SECONDS).record(started.elapsed().as_secs_f64());
+    crate::metrics::claim_answered(outcome, started.elapsed().as_secs_f64());
     result
 }
 
@@ -144,7 +142,7 @@ async fn claim_inner<B: Backend>(
     let now = Timestamp::now();
     let home = crate::keys::home_shard(&identity.user_id, entry.keys.shards.len() as u32);
     if let Some(refusal) = app.cache.refuse(&entry, &identity, now) {
-        metrics::counter!(crate::metrics::CACHE, "kind" => refusal.label()).increment(1);
+        crate::metrics::cache_answer(refusal.label());
         let refused = match refusal {
             LocalRefusal::SoldOut => ApiError::SoldOut,
             LocalRefusal::Paused => ApiError::Paused,
@@ -259,11 +257,11 @@ async fn claim_inner<B: Backend>(
         ScriptOutcome::Paused => Err(ApiError::Paused),
         ScriptOutcome::Denied => Err(ApiError::NotEligible),
         ScriptOutcome::LimitReached => {
-            app.cache.remember_at_limit(batch_id, user, false, now);
+            app.cache.remember_at_limit(&entry, user, false, now);
             Err(ApiError::LimitReached)
         }
         ScriptOutcome::DailyLimitReached => {
-            app.cache.remember_at_limit(batch_id, user, true, now);
+            app.cache.remember_at_limit(&entry, user, true, now);
             Err(ApiError::DailyLimitReached)
         }
         ScriptOutcome::BacklogFull => {

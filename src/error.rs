@@ -111,12 +111,49 @@ impl ApiError {
         }
     }
 
+    /// The body of errors whose message never varies, rendered once: refusals answered
+    /// from memory (sold out, at limit, rate limited) are the hottest responses there are.
+    fn static_body(&self) -> Option<&'static str> {
+        macro_rules! body {
+            ($code:literal, $msg:literal) => {
+                concat!(r#"{"error":""#, $code, r#"","message":""#, $msg, r#""}"#)
+            };
+        }
+        Some(match self {
+            ApiError::NotEligible => body!("not_eligible", "user is not eligible for this batch"),
+            ApiError::BatchNotFound => body!("batch_not_found", "batch not found"),
+            ApiError::CouponNotFound => body!("coupon_not_found", "coupon not found"),
+            ApiError::LimitReached => body!("limit_reached", "per-user limit reached"),
+            ApiError::DailyLimitReached => body!("limit_reached", "per-user daily limit reached"),
+            ApiError::NotStarted => body!("not_started", "the claim window has not started"),
+            ApiError::Ended => body!("ended", "the claim window has ended"),
+            ApiError::Paused => body!("paused", "the batch is paused"),
+            ApiError::SoldOut => body!("sold_out", "sold out"),
+            ApiError::RateLimited { .. } => body!("rate_limited", "rate limited"),
+            ApiError::RouteNotFound => body!("not_found", "no such route"),
+            _ => return None,
+        })
+    }
+
     pub fn into_response(self) -> Response<Full<Bytes>> {
         if let ApiError::Internal(detail) = &self {
             tracing::error!(detail, "internal error");
         }
-        let body = serde_json::json!({ "error": self.code(), "message": self.to_string() });
-        let mut resp = json_response(self.status(), &body);
+        let mut resp = match self.static_body() {
+            Some(body) => {
+                let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+                *r.status_mut() = self.status();
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                r
+            }
+            None => json_response(
+                self.status(),
+                &serde_json::json!({ "error": self.code(), "message": self.to_string() }),
+            ),
+        };
         if let Some(s) = self.retry_after() {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(s));
@@ -173,6 +210,27 @@ impl From<crate::batch::InvalidBatch> for ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn static_bodies_equal_the_rendered_ones() {
+        for e in [
+            ApiError::NotEligible,
+            ApiError::BatchNotFound,
+            ApiError::CouponNotFound,
+            ApiError::LimitReached,
+            ApiError::DailyLimitReached,
+            ApiError::NotStarted,
+            ApiError::Ended,
+            ApiError::Paused,
+            ApiError::SoldOut,
+            ApiError::RateLimited { retry_after_s: 1 },
+            ApiError::RouteNotFound,
+        ] {
+            let fixed: serde_json::Value = serde_json::from_str(e.static_body().unwrap()).unwrap();
+            let rendered = serde_json::json!({ "error": e.code(), "message": e.to_string() });
+            assert_eq!(fixed, rendered, "{e:?}");
+        }
+    }
 
     #[test]
     fn every_error_has_a_status_code_and_body() {

@@ -4,8 +4,13 @@
 //! take values from closed sets (outcome codes, stage names, backend kinds) or from the
 //! bounded set of tracked batches, so cardinality stays bounded whatever the traffic.
 
-use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+use std::collections::HashMap;
+use std::sync::LazyLock;
+
+use metrics::{Counter, Histogram, Unit, describe_counter, describe_gauge, describe_histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::backend::Script;
 
 /// Claims answered, by `outcome` (claimed, replayed, or the API error code).
 pub const CLAIMS: &str = "claimgate_claims_total";
@@ -77,6 +82,178 @@ pub fn install() -> PrometheusHandle {
             handle
         })
         .clone()
+}
+
+/// Drains histogram samples into their buckets. The recorder keeps raw samples until
+/// then, so this must run periodically (the gateway does it every few seconds), scraped or
+/// not; rendering runs it too.
+pub fn upkeep() {
+    install().run_upkeep();
+}
+
+/// Outcome labels of [`CLAIMS`]: "claimed", "replayed" and every API error code.
+const OUTCOMES: &[&str] = &[
+    "claimed",
+    "replayed",
+    "bad_request",
+    "unauthorized",
+    "not_eligible",
+    "batch_not_found",
+    "coupon_not_found",
+    "limit_reached",
+    "not_started",
+    "ended",
+    "paused",
+    "sold_out",
+    "batch_exists",
+    "invalid_state",
+    "rate_limited",
+    "overloaded",
+    "backend_unavailable",
+    "not_found",
+    "method_not_allowed",
+    "internal",
+];
+/// Stage labels of [`STAGE_SECONDS`].
+pub const STAGES: &[&str] = &[
+    "parse",
+    "auth",
+    "ratelimit",
+    "cache",
+    "admission",
+    "backend",
+];
+const ROUTES: &[&str] = &[
+    "healthz",
+    "readyz",
+    "metrics",
+    "openapi",
+    "batches",
+    "batch",
+    "claims",
+    "user_coupons",
+    "coupon_action",
+    "unknown",
+];
+const STATUS_CLASSES: &[&str] = &["2xx", "3xx", "4xx", "5xx"];
+const CACHE_KINDS: &[&str] = &[
+    "sold_out",
+    "user_limit",
+    "not_started",
+    "ended",
+    "paused",
+    "not_eligible",
+    "meta_hit",
+    "meta_miss",
+];
+const BACKEND_RESULTS: &[&str] = &["ok", "script_error", "unavailable", "protocol"];
+
+/// Handles of the metrics recorded on every request, resolved once (a registry lookup per
+/// use showed in profiles). Keys are the closed label sets above; anything else falls back to
+/// an ordinary lookup.
+struct Hot {
+    claims: HashMap<&'static str, Counter>,
+    claim_seconds: Histogram,
+    stages: HashMap<&'static str, Histogram>,
+    http: HashMap<(&'static str, &'static str), Counter>,
+    cache: HashMap<&'static str, Counter>,
+    backend_calls: HashMap<(&'static str, &'static str), Counter>,
+    backend_seconds: HashMap<&'static str, Histogram>,
+}
+
+static HOT: LazyLock<Hot> = LazyLock::new(|| {
+    install(); // handles taken before the recorder exists would record nothing
+    Hot {
+        claims: OUTCOMES
+            .iter()
+            .map(|o| (*o, metrics::counter!(CLAIMS, "outcome" => *o)))
+            .collect(),
+        claim_seconds: metrics::histogram!(CLAIM_SECONDS),
+        stages: STAGES
+            .iter()
+            .map(|s| (*s, metrics::histogram!(STAGE_SECONDS, "stage" => *s)))
+            .collect(),
+        http: ROUTES
+            .iter()
+            .flat_map(|r| STATUS_CLASSES.iter().map(move |c| (*r, *c)))
+            .map(|(r, c)| {
+                (
+                    (r, c),
+                    metrics::counter!(HTTP_REQUESTS, "route" => r, "status" => c),
+                )
+            })
+            .collect(),
+        cache: CACHE_KINDS
+            .iter()
+            .map(|k| (*k, metrics::counter!(CACHE, "kind" => *k)))
+            .collect(),
+        backend_calls: Script::ALL
+            .iter()
+            .flat_map(|s| BACKEND_RESULTS.iter().map(move |r| (s.name(), *r)))
+            .map(|(s, r)| {
+                (
+                    (s, r),
+                    metrics::counter!(BACKEND_CALLS, "script" => s, "result" => r),
+                )
+            })
+            .collect(),
+        backend_seconds: Script::ALL
+            .iter()
+            .map(|s| {
+                (
+                    s.name(),
+                    metrics::histogram!(BACKEND_SECONDS, "script" => s.name()),
+                )
+            })
+            .collect(),
+    }
+});
+
+/// A local hot-key cache answer of `kind`.
+pub fn cache_answer(kind: &'static str) {
+    match HOT.cache.get(kind) {
+        Some(c) => c.increment(1),
+        None => metrics::counter!(CACHE, "kind" => kind).increment(1),
+    }
+}
+
+/// One script call with its result label and latency.
+pub fn backend_call(script: &'static str, result: &'static str, seconds: f64) {
+    match HOT.backend_calls.get(&(script, result)) {
+        Some(c) => c.increment(1),
+        None => {
+            metrics::counter!(BACKEND_CALLS, "script" => script, "result" => result).increment(1)
+        }
+    }
+    match HOT.backend_seconds.get(script) {
+        Some(h) => h.record(seconds),
+        None => metrics::histogram!(BACKEND_SECONDS, "script" => script).record(seconds),
+    }
+}
+
+/// One claim answered with `outcome`, after `seconds`.
+pub fn claim_answered(outcome: &'static str, seconds: f64) {
+    match HOT.claims.get(outcome) {
+        Some(c) => c.increment(1),
+        None => metrics::counter!(CLAIMS, "outcome" => outcome).increment(1),
+    }
+    HOT.claim_seconds.record(seconds);
+}
+
+/// Time spent in one stage of the claim path.
+pub fn stage(stage: &'static str, seconds: f64) {
+    match HOT.stages.get(stage) {
+        Some(h) => h.record(seconds),
+        None => metrics::histogram!(STAGE_SECONDS, "stage" => stage).record(seconds),
+    }
+}
+
+/// One HTTP request answered.
+pub fn http_request(route: &'static str, class: &'static str) {
+    match HOT.http.get(&(route, class)) {
+        Some(c) => c.increment(1),
+        None => metrics::counter!(HTTP_REQUESTS, "route" => route, "status" => class).increment(1),
+    }
 }
 
 /// The `claimgate_stock_remaining` family in text exposition format.

@@ -54,6 +54,16 @@ pub async fn ready<B: Backend>(app: &App<B>) -> Response<Full<Bytes>> {
     json_response(status, &body)
 }
 
+/// `/healthz`: the process serves HTTP.
+pub fn health() -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from_static(br#"{"status":"ok"}"#)));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
 pub fn metrics<B: Backend>(app: &App<B>) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::from(app.render_metrics())));
     resp.headers_mut().insert(

@@ -145,8 +145,7 @@ where
         400..=499 => "4xx",
         _ => "5xx",
     };
-    metrics::counter!(crate::metrics::HTTP_REQUESTS, "route" => label, "status" => class)
-        .increment(1);
+    crate::metrics::http_request(label, class);
     resp
 }
 
@@ -172,10 +171,7 @@ where
         app.limits.check_other(app.limits.client_ip(peer, h))?;
     }
     match route {
-        Route::Health if m == Method::GET => Ok(json_response(
-            StatusCode::OK,
-            &serde_json::json!({"status": "ok"}),
-        )),
+        Route::Health if m == Method::GET => Ok(crate::ops::health()),
         Route::Ready if m == Method::GET => Ok(crate::ops::ready(app).await),
         Route::Metrics if m == Method::GET => Ok(crate::ops::metrics(app)),
         Route::OpenApi if m == Method::GET => Ok(crate::ops::openapi()),

@@ -8,6 +8,11 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+/// mimalloc: the load generator shares the machine with the gateway it measures, so its
+/// own allocation cost matters.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     claimgate_loadtest::app::main(claimgate_loadtest::cli::Cli::parse())
 }

@@ -195,8 +195,5 @@ pub(crate) fn record(
         Err(BackendError::Unavailable(_)) => "unavailable",
         Err(BackendError::Protocol(_)) => "protocol",
     };
-    metrics::counter!(crate::metrics::BACKEND_CALLS, "script" => script.name(), "result" => outcome)
-        .increment(1);
-    metrics::histogram!(crate::metrics::BACKEND_SECONDS, "script" => script.name())
-        .record(started.elapsed().as_secs_f64());
+    crate::metrics::backend_call(script.name(), outcome, started.elapsed().as_secs_f64());
 }
