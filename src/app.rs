@@ -88,12 +88,9 @@ impl<B: Backend> App<B> {
     }
 
     /// A backend failure as the client sees it.
+    /// A backend failure as the client sees it; the cause goes to the log line.
     pub fn unavailable(&self, e: impl std::fmt::Display) -> ApiError {
-        tracing::warn!(error = %e, "backend unavailable");
-        ApiError::BackendUnavailable(
-            "backend unavailable, nothing was claimed".into(),
-            self.retry_after(),
-        )
+        ApiError::BackendUnavailable(e.to_string(), self.retry_after())
     }
 
     pub fn stock_error(&self, e: StockError) -> ApiError {

@@ -41,13 +41,15 @@ pub enum ApiError {
     RateLimited { retry_after_s: u64 },
     #[error("{0}")]
     Overloaded(String, u64),
-    #[error("{0}")]
+    /// With the cause, for the log line; the client is told only that nothing was claimed.
+    #[error("backend unavailable, nothing was claimed")]
     BackendUnavailable(String, u64),
     #[error("no such route")]
     RouteNotFound,
     /// With the methods the route does allow.
     #[error("method not allowed")]
     MethodNotAllowed(&'static str),
+    /// The detail is logged (with the request id), not sent.
     #[error("internal error")]
     Internal(String),
 }
@@ -102,6 +104,14 @@ impl ApiError {
         }
     }
 
+    /// What the log line of this error says (the detail of internal errors included).
+    pub fn log_detail(&self) -> String {
+        match self {
+            ApiError::Internal(detail) | ApiError::BackendUnavailable(detail, _) => detail.clone(),
+            other => other.to_string(),
+        }
+    }
+
     fn retry_after(&self) -> Option<u64> {
         match self {
             ApiError::RateLimited { retry_after_s }
@@ -136,9 +146,6 @@ impl ApiError {
     }
 
     pub fn into_response(self) -> Response<Full<Bytes>> {
-        if let ApiError::Internal(detail) = &self {
-            tracing::error!(detail, "internal error");
-        }
         let mut resp = match self.static_body() {
             Some(body) => {
                 let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));

@@ -97,6 +97,21 @@ pub fn parse_object<T: serde::de::DeserializeOwned>(
     serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("invalid {what}: {e}")))
 }
 
+/// The caller's `X-Request-Id` when it is a sane token (at most 64 of `[A-Za-z0-9._-]`),
+/// else a fresh one; echoed on the response and on the log line of an error.
+fn request_id(headers: &http::HeaderMap) -> String {
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            (1..=64).contains(&v.len())
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        })
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("{:016x}", rand::random::<u64>()))
+}
+
 /// Reads the whole body, refusing more than `limit` bytes.
 async fn read_body<Bd>(body: Bd, limit: usize) -> Result<Bytes, ApiError>
 where
@@ -132,13 +147,32 @@ where
     let (parts, body) = req.into_parts();
     let route = Route::parse(parts.uri.path());
     let label = route.label();
+    let request_id = request_id(&parts.headers);
     let fut = dispatch(app, route, &parts, body, peer);
-    let resp = match tokio::time::timeout(timeout, fut).await {
-        Ok(Ok(resp)) => resp,
-        Ok(Err(e)) => e.into_response(),
-        Err(_) => ApiError::BackendUnavailable("request timed out".into(), app.retry_after())
-            .into_response(),
+    let result = match tokio::time::timeout(timeout, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(ApiError::BackendUnavailable(
+            "request timed out".into(),
+            app.retry_after(),
+        )),
     };
+    let mut resp = match result {
+        Ok(resp) => resp,
+        Err(e) => {
+            // One line per error that is ours to fix (5xx); client errors at debug level.
+            if e.status().is_server_error() {
+                tracing::warn!(%request_id, route = label, status = e.status().as_u16(),
+                    error = e.code(), detail = %e.log_detail(), "request failed");
+            } else {
+                tracing::debug!(%request_id, route = label, status = e.status().as_u16(),
+                    error = e.code(), "request refused");
+            }
+            e.into_response()
+        }
+    };
+    if let Ok(v) = header::HeaderValue::from_str(&request_id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
     let class = match resp.status().as_u16() {
         200..=299 => "2xx",
         300..=399 => "3xx",

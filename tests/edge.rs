@@ -264,3 +264,50 @@ async fn auth_admin_token_and_user_jwt() {
     .await;
     assert_eq!(mismatch.status(), 401);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_fails_closed_then_recovers() {
+    let mut g = redis_gw_on(support::RedisServer::start_with_aof(), &[]).await;
+    create(&g, "down", 50, 1, json!({"shards": 2})).await;
+    assert_eq!(claim(&g.app, "down", "before", None).await.0, 201);
+
+    g.redis.as_mut().unwrap().kill();
+    let req = http::Request::builder()
+        .method("POST")
+        .uri("/v1/batches/down/claims")
+        .header("x-request-id", "trace-me-1")
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(
+            br#"{"user_id":"during"}"#,
+        )))
+        .unwrap();
+    let resp = claimgate::router::handle(&g.app, req, "127.0.0.1:1".parse().unwrap()).await;
+    assert_eq!(resp.status(), 503);
+    assert!(resp.headers().contains_key("retry-after"));
+    assert_eq!(resp.headers()["x-request-id"], "trace-me-1");
+    for i in 0..20 {
+        let (s, v) = claim(&g.app, "down", &format!("d{i}"), None).await;
+        assert_eq!(
+            (s, v["error"].as_str()),
+            (503, Some("backend_unavailable")),
+            "{v}"
+        );
+    }
+
+    // back with its data (AOF) but without scripts: NOSCRIPT is reloaded transparently
+    g.redis.as_mut().unwrap().restart();
+    let mut recovered = false;
+    for _ in 0..100 {
+        if claim(&g.app, "down", "after", None).await.0 == 201 {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(recovered, "claims flow again once Redis is back");
+    let keys = g.app.load_batch("down").await.unwrap().keys.clone();
+    let c = g.app.stock.conservation(&keys).await.unwrap();
+    assert!(
+        c.holds() && c.claimed == 2,
+        "nothing was claimed during the outage: {c:?}"
+    );
+}

@@ -57,7 +57,11 @@ pub async fn redis_gw() -> Gw<RedisBackend> {
 
 /// A redis-backed gateway with extra config overrides.
 pub async fn redis_gw_with(extra: &[String]) -> Gw<RedisBackend> {
-    let redis = RedisServer::start();
+    redis_gw_on(RedisServer::start(), extra).await
+}
+
+/// A redis-backed gateway on a given server (e.g. one with AOF).
+pub async fn redis_gw_on(redis: RedisServer, extra: &[String]) -> Gw<RedisBackend> {
     let pg = PgDb::create();
     let dir = tempfile::tempdir().unwrap();
     let mut o = vec![format!("redis.url=\"{}\"", redis.url())];
