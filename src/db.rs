@@ -29,8 +29,6 @@ use crate::batch::{Batch, Timestamp};
 /// Rows per multi-row INSERT on SQLite. Each claim row binds at most 11 values, so a
 /// statement stays under 999 variables (990), the limit of SQLite builds older than 3.32.
 const SQLITE_ROWS_PER_INSERT: usize = 90;
-/// Rows per multi-row INSERT on PostgreSQL (limit: 65535 bind parameters per statement).
-const PG_ROWS_PER_INSERT: usize = 1000;
 /// How often a coupon transition retries after losing a compare-and-set race.
 const TRANSITION_RETRIES: usize = 8;
 /// Largest page of a wallet listing.
@@ -460,6 +458,70 @@ const INSERT_EVENT: &str = "INSERT INTO coupon_events \
      (event_id, kind, batch_id, shard, user_id, coupon_id, request_id, order_id, at, recorded_at) \
      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (event_id) DO NOTHING";
 
+/// PostgreSQL: each table gets ONE statement per batch, the rows passed as one array per
+/// column (`UNNEST`), so the statement text and plan never change with the batch size and
+/// the server parses 9-11 parameters instead of thousands.
+async fn write_claims_pg(
+    pool: &sqlx::PgPool,
+    rows: &[(&ClaimRecord, i64)],
+    now: i64,
+) -> Result<u64, DbError> {
+    let col = |f: fn(&ClaimRecord) -> String| rows.iter().map(|(c, _)| f(c)).collect::<Vec<_>>();
+    let event_ids = col(|c| c.event_id());
+    let batch_ids = col(|c| c.batch_id.clone());
+    let user_ids = col(|c| c.user_id.clone());
+    let coupon_ids = col(|c| c.coupon_id.clone());
+    let request_ids: Vec<Option<String>> = rows.iter().map(|(c, _)| c.request_id.clone()).collect();
+    let shards: Vec<i64> = rows.iter().map(|(c, _)| i64::from(c.shard)).collect();
+    let seqs: Vec<i64> = rows.iter().map(|(_, s)| *s).collect();
+    let claimed_at: Vec<i64> = rows.iter().map(|(c, _)| c.claimed_at).collect();
+    let valid_from: Vec<i64> = rows.iter().map(|(c, _)| c.valid_from).collect();
+    let valid_to: Vec<i64> = rows.iter().map(|(c, _)| c.valid_to).collect();
+    let mut tx = pool.begin().await?;
+    let inserted = sqlx::query(
+        "INSERT INTO coupon_events (event_id, kind, batch_id, shard, user_id, coupon_id, \
+         request_id, at, recorded_at) \
+         SELECT e, 'claimed', b, s, u, c, r, a, $8 \
+         FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], \
+                     $6::text[], $7::bigint[]) AS t(e, b, s, u, c, r, a) \
+         ON CONFLICT (event_id) DO NOTHING",
+    )
+    .bind(&event_ids)
+    .bind(&batch_ids)
+    .bind(&shards)
+    .bind(&user_ids)
+    .bind(&coupon_ids)
+    .bind(&request_ids)
+    .bind(&claimed_at)
+    .bind(now)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    sqlx::query(
+        "INSERT INTO coupons (coupon_id, batch_id, shard, seq, user_id, request_id, state, \
+         valid_from, valid_to, claimed_at, updated_at) \
+         SELECT c, b, s, q, u, r, 'unused', vf, vt, a, $10 \
+         FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[], \
+                     $6::text[], $7::bigint[], $8::bigint[], $9::bigint[]) \
+              AS t(c, b, s, q, u, r, vf, vt, a) \
+         ON CONFLICT (coupon_id) DO NOTHING",
+    )
+    .bind(&coupon_ids)
+    .bind(&batch_ids)
+    .bind(&shards)
+    .bind(&seqs)
+    .bind(&user_ids)
+    .bind(&request_ids)
+    .bind(&valid_from)
+    .bind(&valid_to)
+    .bind(&claimed_at)
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(inserted)
+}
+
 impl Db {
     /// Connects (and checks the connection) to the configured database. For SQLite the
     /// file's directory is created, and the database runs in WAL mode with full sync so a
@@ -609,10 +671,12 @@ impl Db {
             rows.push((*c, to_i64(c.seq, "seq")?));
         }
         let now = now_ms();
-        let chunk = match self {
-            Db::Postgres(_) => PG_ROWS_PER_INSERT,
-            Db::Sqlite(_) => SQLITE_ROWS_PER_INSERT,
-        };
+        if let Db::Postgres(p) = self {
+            return write_claims_pg(p, &rows, now).await;
+        }
+        // SQLite from here on (PostgreSQL returned above): multi-row VALUES, chunked to
+        // stay under SQLite's bound-variable limit.
+        let chunk = SQLITE_ROWS_PER_INSERT;
         let mut inserted = 0;
         on_pool!(self, p => {
             let mut tx = p.begin().await?;
