@@ -336,8 +336,15 @@ impl Backend for EmbeddedBackend {
     }
 }
 
-/// Takes the exclusive lock `<aof>.lock` next to the log.
+/// Takes the exclusive lock `<aof>.lock` next to the log (creating the directory: a fresh
+/// checkout has no `data/` yet).
 fn lock_file(path: &Path) -> Result<File, EmbeddedError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|source| EmbeddedError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    }
     let mut p = path.as_os_str().to_owned();
     p.push(".lock");
     let lock_path = PathBuf::from(p);

@@ -2078,3 +2078,17 @@ fn kill9_loses_no_acknowledged_claim() {
         }
     });
 }
+
+/// A fresh checkout has no `data/` directory: opening the log creates it.
+#[tokio::test]
+async fn aof_parent_directory_is_created() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("data/nested/claimgate.aof");
+    let b = EmbeddedBackend::open(&EmbeddedConfig {
+        aof_path: Some(path.clone()),
+        ..EmbeddedConfig::default()
+    })
+    .unwrap();
+    drop(b);
+    assert!(path.exists());
+}
