@@ -80,6 +80,13 @@ start_gateway() { # start_gateway ARGS... ; sets GPID, GPORT
   echo "gateway did not start:" >&2; cat "$WORK/gw.log" >&2; exit 1
 }
 stop_gateway() { kill -TERM "$GPID"; wait "$GPID" 2>/dev/null || true; }
+wait_drained() { # phases start quiescent: the persister has written everything so far
+  for _ in $(seq 1 1200); do
+    [ "$(metric claimgate_persist_backlog)" = 0 ] && { sleep 2; return; }
+    sleep 0.25
+  done
+  log "warning: persistence backlog not drained after 300 s"
+}
 lt() { "$LT" --url "http://127.0.0.1:$GPORT" -q "$@"; }
 
 # ---------------------------------------------------------------- 1. ceilings: redis-benchmark
@@ -130,6 +137,7 @@ for pct in 25 50 75; do
   OPEN_ROWS+="| ${pct}% | $rate | $(jget "$WORK/open$pct.json" 'round(d["claims_per_s"])') | $(jget "$WORK/open$pct.json" 'd["latency_ms"]["p50"]') | $(jget "$WORK/open$pct.json" 'd["latency_ms"]["p90"]') | $(jget "$WORK/open$pct.json" 'd["latency_ms"]["p99"]') | $(jget "$WORK/open$pct.json" 'd["latency_ms"]["p999"]') | $(jget "$WORK/open$pct.json" 'd["unsent"]') |"$'\n'
 done
 P99_AT_50=$(jget "$WORK/open50.json" 'd["latency_ms"]["p99"]')
+wait_drained
 
 # ---------------------------------------------------------------- 2b. claim path alone
 # The same gateway with its persister off, as when dedicated persister instances (and the
@@ -154,6 +162,7 @@ start_gateway --backend redis --redis-url "redis://127.0.0.1:$RPORT" --database-
 
 # ---------------------------------------------------------------- 3. sold-out phase
 log "sold-out phase"
+wait_drained   # the persister-off phase left its claims for this instance to persist
 lt --scenario flash-sale --seed 31 --users 200 --stock 20 --connections 8 --requests 400 --json "$WORK/drain.json"
 sleep 1.5   # the sold-out flag and the winners reach this instance
 s0_eval=$(evalsha_calls)
@@ -174,6 +183,7 @@ log "overload: open loop at 3x max with admission control"
 OVER_INFLIGHT=16
 start_gateway --backend redis --redis-url "redis://127.0.0.1:$RPORT" --database-url "$PG_URL" \
   --set limits.max_inflight=$OVER_INFLIGHT --set limits.admission_wait_ms=2
+wait_drained
 rss() { awk '/VmRSS/{print $2}' "/proc/$GPID/status"; }
 lt --scenario flash-sale --seed 35 --users 10000000 --stock 100000000 --connections 100 \
   --rate "$(( MAX * 3 ))" --duration "${SECS}s" --timeout-ms 3000 >/dev/null

@@ -80,6 +80,33 @@ impl ApiError {
         }
     }
 
+    /// One of each variant, for documentation checks and closed label sets. The match in
+    /// [`ApiError::code`] is exhaustive, so a new variant is a compile error there; add it
+    /// here too (a test checks every code appears).
+    pub fn examples() -> Vec<ApiError> {
+        vec![
+            ApiError::BadRequest("example".into()),
+            ApiError::Unauthorized("example".into()),
+            ApiError::NotEligible,
+            ApiError::BatchNotFound,
+            ApiError::CouponNotFound,
+            ApiError::LimitReached,
+            ApiError::DailyLimitReached,
+            ApiError::NotStarted,
+            ApiError::Ended,
+            ApiError::Paused,
+            ApiError::SoldOut,
+            ApiError::BatchExists,
+            ApiError::InvalidState("example".into()),
+            ApiError::RateLimited { retry_after_s: 1 },
+            ApiError::Overloaded("example".into(), 1),
+            ApiError::BackendUnavailable("example".into(), 1),
+            ApiError::RouteNotFound,
+            ApiError::MethodNotAllowed("GET"),
+            ApiError::Internal("example".into()),
+        ]
+    }
+
     /// The machine-readable code of API.md (also the `outcome` label of claim metrics).
     pub fn code(&self) -> &'static str {
         match self {
@@ -217,6 +244,39 @@ impl From<crate::batch::InvalidBatch> for ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Does not compile when a variant is added: then add it to `ApiError::examples` too.
+    #[allow(dead_code)]
+    fn every_variant_has_an_example(e: &ApiError) {
+        match e {
+            ApiError::BadRequest(_)
+            | ApiError::Unauthorized(_)
+            | ApiError::NotEligible
+            | ApiError::BatchNotFound
+            | ApiError::CouponNotFound
+            | ApiError::LimitReached
+            | ApiError::DailyLimitReached
+            | ApiError::NotStarted
+            | ApiError::Ended
+            | ApiError::Paused
+            | ApiError::SoldOut
+            | ApiError::BatchExists
+            | ApiError::InvalidState(_)
+            | ApiError::RateLimited { .. }
+            | ApiError::Overloaded(..)
+            | ApiError::BackendUnavailable(..)
+            | ApiError::RouteNotFound
+            | ApiError::MethodNotAllowed(_)
+            | ApiError::Internal(_) => {}
+        }
+    }
+
+    #[test]
+    fn examples_cover_every_code() {
+        let codes: std::collections::BTreeSet<_> =
+            ApiError::examples().iter().map(ApiError::code).collect();
+        assert_eq!(codes.len(), 18, "{codes:?}");
+    }
 
     #[test]
     fn static_bodies_equal_the_rendered_ones() {

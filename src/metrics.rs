@@ -91,29 +91,8 @@ pub fn upkeep() {
     install().run_upkeep();
 }
 
-/// Outcome labels of [`CLAIMS`]: "claimed", "replayed" and every API error code.
-const OUTCOMES: &[&str] = &[
-    "claimed",
-    "replayed",
-    "bad_request",
-    "unauthorized",
-    "not_eligible",
-    "batch_not_found",
-    "coupon_not_found",
-    "limit_reached",
-    "not_started",
-    "ended",
-    "paused",
-    "sold_out",
-    "batch_exists",
-    "invalid_state",
-    "rate_limited",
-    "overloaded",
-    "backend_unavailable",
-    "not_found",
-    "method_not_allowed",
-    "internal",
-];
+/// Outcome labels of [`CLAIMS`]: these and every API error code.
+const SUCCESS_OUTCOMES: &[&str] = &["claimed", "replayed"];
 /// Stage labels of [`STAGE_SECONDS`].
 pub const STAGES: &[&str] = &[
     "parse",
@@ -164,9 +143,11 @@ struct Hot {
 static HOT: LazyLock<Hot> = LazyLock::new(|| {
     install(); // handles taken before the recorder exists would record nothing
     Hot {
-        claims: OUTCOMES
+        claims: SUCCESS_OUTCOMES
             .iter()
-            .map(|o| (*o, metrics::counter!(CLAIMS, "outcome" => *o)))
+            .copied()
+            .chain(crate::error::ApiError::examples().iter().map(|e| e.code()))
+            .map(|o| (o, metrics::counter!(CLAIMS, "outcome" => o)))
             .collect(),
         claim_seconds: metrics::histogram!(CLAIM_SECONDS),
         stages: STAGES

@@ -25,6 +25,24 @@ fn batch_body(id: &str, stock: i64) -> String {
     .to_string()
 }
 
+/// Arguments of an embedded gateway keeping its log and SQLite database in `dir`.
+fn embedded_args(dir: &std::path::Path, name: &str) -> (Vec<String>, String) {
+    let db_url = format!(
+        "sqlite://{}?mode=rwc",
+        dir.join(format!("{name}.db")).display()
+    );
+    let aof = dir.join(format!("{name}.aof"));
+    let args = common_args(&[
+        "--backend".into(),
+        "embedded".into(),
+        "--database-url".into(),
+        db_url.clone(),
+        "--set".into(),
+        format!("embedded.aof_path=\"{}\"", aof.display()),
+    ]);
+    (args, db_url)
+}
+
 fn common_args(extra: &[String]) -> Vec<String> {
     let mut a: Vec<String> = [
         "--set",
@@ -230,18 +248,7 @@ async fn kill9_mid_sale(args: Vec<String>, db_url: String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn embedded_kill9_and_restart_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let db_url = format!("sqlite://{}?mode=rwc", dir.path().join("k9.db").display());
-    let args = common_args(&[
-        "--backend".into(),
-        "embedded".into(),
-        "--database-url".into(),
-        db_url.clone(),
-        "--set".into(),
-        format!(
-            "embedded.aof_path=\"{}\"",
-            dir.path().join("k9.aof").display()
-        ),
-    ]);
+    let (args, db_url) = embedded_args(dir.path(), "k9");
     kill9_mid_sale(args, db_url).await;
 }
 
@@ -265,18 +272,7 @@ async fn redis_kill9_and_restart_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_drains_and_flushes() {
     let dir = tempfile::tempdir().unwrap();
-    let db_url = format!("sqlite://{}?mode=rwc", dir.path().join("term.db").display());
-    let args = common_args(&[
-        "--backend".into(),
-        "embedded".into(),
-        "--database-url".into(),
-        db_url.clone(),
-        "--set".into(),
-        format!(
-            "embedded.aof_path=\"{}\"",
-            dir.path().join("term.aof").display()
-        ),
-    ]);
+    let (args, db_url) = embedded_args(dir.path(), "term");
     let gw = Arc::new(Mutex::new(Gateway::start(&args)));
     let http = Http::new(&gw.lock().unwrap().base());
     wait_ready(&http).await;
