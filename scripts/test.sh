@@ -71,4 +71,13 @@ target/debug/claimgate-loadtest --url "http://127.0.0.1:$port" -q --scenario fla
 kill -TERM $gw; wait $gw
 
 log "cargo test (workspace)"
-cargo test --workspace --locked "$@"
+results=$(mktemp)
+set +e
+cargo test --workspace --locked "$@" 2>&1 | tee "$results"
+status=${PIPESTATUS[0]}
+set -e
+# one closing line for the whole suite (cargo's own last lines are doc-test summaries)
+awk '/^test result:/ { for (i = 2; i <= NF; i++) { if ($i == "passed;") p += $(i-1); if ($i == "failed;") f += $(i-1) } }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$results"
+rm -f "$results"
+exit "$status"
