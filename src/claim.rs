@@ -199,9 +199,8 @@ async fn claim_inner<B: Backend>(
             internal.as_str()
         }
     };
-    let mut result = app
-        .stock
-        .claim(
+    let claim_once = || {
+        app.stock.claim(
             &entry.keys,
             home,
             &identity.user_id,
@@ -209,21 +208,12 @@ async fn claim_inner<B: Backend>(
             &app.max_log,
             &nonce,
         )
-        .await;
+    };
+    let mut result = claim_once().await;
     if let Err(StockError::Backend(BackendError::Unavailable(_))) = &result {
         // The reply may have been lost after the script ran: ask again with the same
         // request id; the script replays instead of minting a second coupon.
-        result = app
-            .stock
-            .claim(
-                &entry.keys,
-                home,
-                &identity.user_id,
-                rid,
-                &app.max_log,
-                &nonce,
-            )
-            .await;
+        result = claim_once().await;
     }
     stage("backend", t);
     let user = identity.user_id.as_str();

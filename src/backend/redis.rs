@@ -94,8 +94,18 @@ fn classify(e: &FredError) -> BackendError {
         {
             BackendError::Unavailable(e.details().to_string())
         }
-        _ => BackendError::Script(e.details().to_string()),
+        // A reply from the server starts with its error code (ERR, NOSCRIPT, WRONGTYPE...);
+        // anything else is the client failing to get the command there ("Failed to route
+        // command." while reconnecting): unavailable, fail closed.
+        _ if is_server_error_reply(e.details()) => BackendError::Script(e.details().to_string()),
+        _ => BackendError::Unavailable(e.details().to_string()),
     }
+}
+
+/// `ERR ...`, `NOSCRIPT ...`, `WRONGTYPE ...`: an error code of capitals first.
+fn is_server_error_reply(details: &str) -> bool {
+    let code = details.split(' ').next().unwrap_or("");
+    code.len() >= 2 && code.bytes().all(|b| b.is_ascii_uppercase())
 }
 
 fn convert(v: FredValue) -> Result<Value, BackendError> {
@@ -330,5 +340,35 @@ impl Backend for RedisBackend {
 impl Drop for RedisBackend {
     fn drop(&mut self) {
         self._subscriber_task.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_side_failures_are_unavailable_server_replies_are_script_errors() {
+        let unknown = |d: &str| classify(&FredError::new(ErrorKind::Unknown, d.to_string()));
+        assert!(matches!(
+            unknown("Failed to route command."),
+            BackendError::Unavailable(_)
+        ));
+        assert!(matches!(
+            unknown("ERR claim: expects 6 arguments"),
+            BackendError::Script(_)
+        ));
+        assert!(matches!(
+            unknown("WRONGTYPE Operation against a key"),
+            BackendError::Script(_)
+        ));
+        assert!(matches!(
+            classify(&FredError::new(ErrorKind::IO, "Connection closed.")),
+            BackendError::Unavailable(_)
+        ));
+        assert!(matches!(
+            unknown("LOADING Redis is loading"),
+            BackendError::Unavailable(_)
+        ));
     }
 }
