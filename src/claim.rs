@@ -19,7 +19,7 @@ use crate::batch::Timestamp;
 use crate::cache::LocalRefusal;
 use crate::error::ApiError;
 use crate::outcome::{Coupon, ScriptOutcome};
-use crate::stock::{ClaimResult, StockError};
+use crate::stock::{ClaimArgs, ClaimResult, StockError};
 
 /// `[A-Za-z0-9._@+-]{1,128}`: user ids and request ids.
 pub fn valid_ident(s: &str) -> bool {
@@ -199,16 +199,14 @@ async fn claim_inner<B: Backend>(
             internal.as_str()
         }
     };
-    let claim_once = || {
-        app.stock.claim(
-            &entry.keys,
-            home,
-            &identity.user_id,
-            rid,
-            &app.max_log,
-            &nonce,
-        )
+    let args = ClaimArgs {
+        user: &identity.user_id,
+        request_id: rid,
+        max_log: &app.max_log,
+        nonce: &nonce,
+        total: entry.batch().stock,
     };
+    let claim_once = || app.stock.claim(&entry.keys, home, &args);
     let mut result = claim_once().await;
     if let Err(StockError::Backend(BackendError::Unavailable(_))) = &result {
         // The reply may have been lost after the script ran: ask again with the same

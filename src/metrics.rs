@@ -102,7 +102,8 @@ pub const STAGES: &[&str] = &[
     "admission",
     "backend",
 ];
-const ROUTES: &[&str] = &[
+/// `route` labels of [`HTTP_REQUESTS`].
+pub const ROUTES: &[&str] = &[
     "healthz",
     "readyz",
     "metrics",

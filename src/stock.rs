@@ -86,6 +86,20 @@ impl TransferKind {
     }
 }
 
+/// One claim's arguments besides the batch and home shard.
+#[derive(Debug, Clone, Copy)]
+pub struct ClaimArgs<'a> {
+    pub user: &'a str,
+    /// The client's request id, or an internal one (never empty).
+    pub request_id: &'a str,
+    /// `persister.max_backlog_per_shard`, formatted.
+    pub max_log: &'a str,
+    /// This HTTP request's nonce (see `lua/claim.lua`, ARGV 6).
+    pub nonce: &'a str,
+    /// The batch's total stock as cached: sizes refill chunks (no extra round trip).
+    pub total: i64,
+}
+
 /// The final answer of a claim after any refills.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClaimResult {
@@ -241,21 +255,18 @@ impl<B: Backend> Stock<B> {
         &self,
         keys: &BatchKeys,
         home: u32,
-        user: &str,
-        request_id: &str,
-        max_log: &str,
-        nonce: &str,
+        a: &ClaimArgs<'_>,
     ) -> Result<ClaimResult, StockError> {
         let slot = keys.shards.get(home as usize).ok_or(StockError::NotFound)?;
         let shard_label = home.to_string();
         let batch_id = batch_of(slot);
         let args = [
-            user,
-            request_id,
-            max_log,
+            a.user,
+            a.request_id,
+            a.max_log,
             batch_id,
             shard_label.as_str(),
-            nonce,
+            a.nonce,
         ];
         for _round in 0..=self.cfg.max_refill_rounds {
             let reply = self
@@ -269,7 +280,7 @@ impl<B: Backend> Stock<B> {
                 }
                 decided => return Ok(ClaimResult::Decided(decided)),
             }
-            if self.refill(keys, home).await? > 0 {
+            if self.refill(keys, home, a.total).await? > 0 {
                 continue;
             }
             if self.sold_out_scan(keys).await? {
@@ -327,10 +338,10 @@ impl<B: Backend> Stock<B> {
     }
 
     /// Moves stock into shard `home`: from the pool first, then from siblings (at most half
-    /// of what each holds). Returns the amount moved.
-    pub async fn refill(&self, keys: &BatchKeys, home: u32) -> Result<i64, StockError> {
+    /// of what each holds). `total` (the batch's stock, as the caller knows it) only sizes
+    /// the chunk. Returns the amount moved.
+    pub async fn refill(&self, keys: &BatchKeys, home: u32, total: i64) -> Result<i64, StockError> {
         let dst = &keys.shards[home as usize];
-        let total = self.total(keys).await?;
         let n = keys.shards.len() as i64;
         let chunk = (total / (n * i64::from(self.cfg.refill_divisor.max(1)))).max(1);
         let moved = self

@@ -180,18 +180,19 @@ pub mod cases {
         let keys = g.app.load_batch("replay").await.unwrap().keys.clone();
         let home = claimgate::keys::home_shard("nonce-user", keys.shards.len() as u32);
         let stock = &g.app.stock;
-        let first = stock
-            .claim(&keys, home, "nonce-user", "nr", "0", "n1")
-            .await
-            .unwrap();
+        let args = |nonce| claimgate::stock::ClaimArgs {
+            user: "nonce-user",
+            request_id: "nr",
+            max_log: "0",
+            nonce,
+            total: 1000,
+        };
+        let first = stock.claim(&keys, home, &args("n1")).await.unwrap();
         let ClaimResult::Decided(ScriptOutcome::Claimed(c1)) = first else {
             panic!("{first:?}")
         };
         for (nonce, ours) in [("n1", true), ("n2", false)] {
-            let again = stock
-                .claim(&keys, home, "nonce-user", "nr", "0", nonce)
-                .await
-                .unwrap();
+            let again = stock.claim(&keys, home, &args(nonce)).await.unwrap();
             let ClaimResult::Decided(ScriptOutcome::Replayed(c)) = again else {
                 panic!("{again:?}")
             };

@@ -73,26 +73,8 @@ fn closed_label_sets() -> LabelSets {
         .iter()
         .map(|s| s.name())
         .collect();
-    let routes = [
-        "healthz",
-        "readyz",
-        "metrics",
-        "openapi",
-        "batches",
-        "batch",
-        "claims",
-        "user_coupons",
-        "coupon_action",
-        "unknown",
-    ];
-    let stages = [
-        "parse",
-        "auth",
-        "ratelimit",
-        "cache",
-        "admission",
-        "backend",
-    ];
+    let routes = claimgate::metrics::ROUTES;
+    let stages = claimgate::metrics::STAGES;
     let m = |pairs: Vec<(&'static str, Option<BTreeSet<String>>)>| {
         pairs.into_iter().collect::<BTreeMap<_, _>>()
     };
@@ -104,12 +86,12 @@ fn closed_label_sets() -> LabelSets {
     s.insert("claimgate_claim_duration_seconds", m(vec![]));
     s.insert(
         "claimgate_stage_duration_seconds",
-        m(vec![("stage", set(&stages))]),
+        m(vec![("stage", set(stages))]),
     );
     s.insert(
         "claimgate_http_requests_total",
         m(vec![
-            ("route", set(&routes)),
+            ("route", set(routes)),
             ("status", set(&["2xx", "3xx", "4xx", "5xx"])),
         ]),
     );
