@@ -65,7 +65,11 @@ impl<B: Backend> App<B> {
         .set(1.0);
         App {
             stock: Arc::new(Stock::new(backend, cfg.stock.clone())),
-            cache: BatchCache::new(cfg.cache.max_users_at_limit),
+            cache: BatchCache::new(
+                cfg.cache.max_users_at_limit,
+                Duration::from_millis(cfg.cache.missing_ttl_ms),
+                cfg.cache.max_missing,
+            ),
             auth: Auth::new(&cfg.auth),
             limits: RateLimits::new(&cfg.limits),
             admission: Admission::new(&cfg.limits),

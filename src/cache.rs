@@ -161,23 +161,25 @@ pub struct BatchCache {
 }
 
 impl BatchCache {
-    pub fn new(max_at_limit: usize) -> BatchCache {
+    pub fn new(max_at_limit: usize, missing_ttl: Duration, max_missing: usize) -> BatchCache {
         BatchCache {
             batches: DashMap::new(),
             missing: DashMap::new(),
-            missing_ttl: Duration::from_secs(1),
-            max_missing: 100_000,
+            missing_ttl,
+            max_missing,
             at_limit_entries: AtomicUsize::new(0),
             max_at_limit,
         }
     }
 
     pub fn get(&self, id: &str) -> Option<Arc<CachedBatch>> {
+        #[allow(clippy::disallowed_methods)] // guard dropped at the end of the expression
         self.batches.get(id).map(|e| e.value().clone())
     }
 
     pub fn insert(&self, entry: Arc<CachedBatch>) -> Arc<CachedBatch> {
         self.missing.remove(&entry.id);
+        #[allow(clippy::disallowed_methods)] // guard dropped at the end of the expression
         self.batches
             .entry(entry.id.clone())
             .or_insert(entry)
@@ -186,18 +188,33 @@ impl BatchCache {
     }
 
     pub fn all(&self) -> Vec<Arc<CachedBatch>> {
+        #[allow(clippy::disallowed_methods)] // guards only read, dropped by the collect
         self.batches.iter().map(|e| e.value().clone()).collect()
     }
 
+    /// Was `id` found to exist nowhere less than `missing_ttl` ago?
+    ///
+    /// Never holds a map guard while mutating the map: a `get()` guard alive during a
+    /// `remove()` of the same key deadlocks the thread (dashmap shard lock), which is how a
+    /// second request for an unknown batch once hung a worker for good.
     pub fn is_missing(&self, id: &str) -> bool {
-        match self.missing.get(id) {
-            Some(at) if at.elapsed() < self.missing_ttl => true,
-            Some(_) => {
-                self.missing.remove(id);
+        let ttl = self.missing_ttl;
+        #[allow(clippy::disallowed_methods)] // guard dropped at the end of the statement
+        let fresh = self.missing.get(id).map(|at| at.elapsed() < ttl);
+        match fresh {
+            Some(true) => true,
+            Some(false) => {
+                // Atomic check-and-remove: a newer mark set meanwhile is kept.
+                self.missing.remove_if(id, |_, at| at.elapsed() >= ttl);
                 false
             }
             None => false,
         }
+    }
+
+    /// Forgets that `id` was missing (it was just created, here or on another instance).
+    pub fn clear_missing(&self, id: &str) {
+        self.missing.remove(id);
     }
 
     pub fn set_missing(&self, id: &str) {
@@ -245,10 +262,9 @@ impl BatchCache {
     }
 
     fn user_at_limit(&self, entry: &CachedBatch, user: &str, now: Timestamp) -> bool {
-        match entry.at_limit.get(user) {
-            Some(day) => *day == i64::MAX || *day == now.0.div_euclid(86_400_000),
-            None => false,
-        }
+        #[allow(clippy::disallowed_methods)] // guard dropped at the end of the statement
+        let day = entry.at_limit.get(user).map(|d| *d);
+        day.is_some_and(|day| day == i64::MAX || day == now.0.div_euclid(86_400_000))
     }
 
     /// Remembers that `user` reached the lifetime limit (`daily = false`) or today's limit.
@@ -321,7 +337,7 @@ mod tests {
 
     #[test]
     fn refuses_only_what_it_knows() {
-        let cache = BatchCache::new(10);
+        let cache = BatchCache::new(10, Duration::from_secs(1), 100);
         let e = cache.insert(Arc::new(CachedBatch::new(batch(100, 200), 1, false)));
         assert_eq!(cache.refuse(&e, &who("u"), Timestamp(150)), None);
         assert_eq!(
@@ -357,7 +373,7 @@ mod tests {
 
     #[test]
     fn daily_limit_entries_expire_with_the_day() {
-        let cache = BatchCache::new(10);
+        let cache = BatchCache::new(10, Duration::from_secs(1), 100);
         let e = cache.insert(Arc::new(CachedBatch::new(batch(0, i64::MAX), 1, false)));
         let day = 86_400_000;
         cache.remember_at_limit(&e, "u", true, Timestamp(day + 5));
@@ -365,9 +381,33 @@ mod tests {
         assert!(!cache.user_at_limit(&e, "u", Timestamp(2 * day + 1)));
     }
 
+    /// Regression: the second lookup of an expired "missing" mark deadlocked its thread
+    /// (a dashmap read guard held across a `remove` of the same shard).
+    #[test]
+    fn an_expired_missing_mark_does_not_deadlock() {
+        let cache = Arc::new(BatchCache::new(10, Duration::from_millis(1), 100));
+        cache.set_missing("nope");
+        std::thread::sleep(Duration::from_millis(5));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let c = cache.clone();
+        std::thread::spawn(move || {
+            let first = c.is_missing("nope");
+            let again = c.is_missing("nope");
+            let _ = tx.send((first, again));
+        });
+        let got = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("is_missing deadlocked on an expired mark");
+        assert_eq!(got, (false, false));
+        cache.set_missing("nope");
+        assert!(cache.is_missing("nope"));
+        cache.clear_missing("nope");
+        assert!(!cache.is_missing("nope"));
+    }
+
     #[test]
     fn bounded() {
-        let cache = BatchCache::new(2);
+        let cache = BatchCache::new(2, Duration::from_secs(1), 100);
         let e = cache.insert(Arc::new(CachedBatch::new(batch(0, i64::MAX), 1, false)));
         for u in ["a", "b", "c"] {
             cache.remember_at_limit(&e, u, false, Timestamp(0));

@@ -223,6 +223,10 @@ pub struct CacheConfig {
     pub refresh_ms: u64,
     /// Users remembered as "at limit", per instance.
     pub max_users_at_limit: usize,
+    /// How long a batch id found to exist nowhere is answered 404 from memory.
+    pub missing_ttl_ms: u64,
+    /// Unknown batch ids remembered at most (a flood of random ids cannot grow memory).
+    pub max_missing: usize,
 }
 
 impl Default for CacheConfig {
@@ -230,6 +234,8 @@ impl Default for CacheConfig {
         CacheConfig {
             refresh_ms: 1_000,
             max_users_at_limit: 1_000_000,
+            missing_ttl_ms: 1_000,
+            max_missing: 100_000,
         }
     }
 }

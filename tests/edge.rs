@@ -311,3 +311,23 @@ async fn redis_down_fails_closed_then_recovers() {
         "nothing was claimed during the outage: {c:?}"
     );
 }
+
+/// Regression (hardening item 1): a second request for a batch that does not exist, after
+/// its "missing" mark expired, deadlocked the worker thread for good (a dashmap read guard
+/// held across a remove). Under a watchdog: a hang fails the test instead of stalling CI.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_batch_asked_again_after_the_negative_ttl_does_not_hang() {
+    let _wd = support::watchdog::Watchdog::arm(Duration::from_secs(60));
+    let g = embedded_gw_with(&["cache.missing_ttl_ms=1".to_string()]).await;
+    for round in 0..3 {
+        support::watchdog::step(format!("round {round}: claim and GET an unknown batch"));
+        let (s, v) = claim(&g.app, "no-such-batch", "u1", None).await;
+        assert_eq!((s, v["error"].as_str()), (404, Some("batch_not_found")));
+        let (s, _) = call(&g.app, "GET", "/v1/batches/no-such-batch", "").await;
+        assert_eq!(s, 404);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    support::watchdog::step("healthz after the unknown batches");
+    let (s, _) = call(&g.app, "GET", "/healthz", "").await;
+    assert_eq!(s, 200);
+}

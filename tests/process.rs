@@ -294,7 +294,8 @@ async fn sigterm_drains_and_flushes() {
     })
     .await;
     let (status, took) = loop {
-        if let Some(r) = *exit.lock().unwrap() {
+        let exited = *exit.lock().unwrap();
+        if let Some(r) = exited {
             break r;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod gw;
+pub mod watchdog;
 
 use std::net::TcpListener;
 use std::path::PathBuf;
