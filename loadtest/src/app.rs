@@ -1,6 +1,8 @@
-//! Orchestration of one invocation: check the flags, prepare the batch, drain it (sold-out
-//! scenario), run the measured phase with live progress, write the table / JSON / history
-//! and run `--verify`. Also maps the result to the process exit status.
+//! Orchestration of one invocation: check the flags, prepare the batch (a fresh one when
+//! the seed's batch was already claimed from), drain it (sold-out scenario), run the
+//! measured phase with live progress (and `/readyz` backlog sampling for `--report`),
+//! write the table / JSON / history / report and run `--verify`. Also maps the result to
+//! the process exit status.
 
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -12,16 +14,19 @@ use anyhow::Context as _;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::admin::{self, BatchSpec};
+use crate::admin;
 use crate::auth::TokenSigner;
 use crate::cli::{self, Cli, ScenarioKind};
 use crate::client::{Api, Connection};
 use crate::db;
 use crate::driver::{self, DriverConfig, Mode, RunContext};
 use crate::history::{self, ClaimRecord, Phase};
+use crate::outcome::Expectations;
+use crate::plot::{self, ReportData};
 use crate::progress::{self, Live};
-use crate::report::{RunInfo, Summary};
+use crate::report::{RunInfo, SellOut, Summary};
 use crate::scenario::{self, Plan, PlanParams};
+use crate::timeline::{self, BacklogSeries, Timeline};
 use crate::verify::{self, Check, Verdict, VerifySummary};
 
 /// Exit status when every check passed (or none was asked for).
@@ -33,6 +38,9 @@ pub const EXIT_USAGE: u8 = 2;
 /// Exit status when the run could not be carried out (gateway unreachable, batch could
 /// not be created, ...).
 pub const EXIT_RUNTIME: u8 = 3;
+/// Exit status with `--fail-on-unexpected` when some outcome was unexpected (and every
+/// `--verify` check passed).
+pub const EXIT_UNEXPECTED: u8 = 4;
 
 /// The sold-out drain stops after this long even if `--duration` is shorter.
 const MIN_DRAIN_TIME: Duration = Duration::from_secs(60);
@@ -51,6 +59,19 @@ pub struct Outcome {
     pub summary: Summary,
     /// Checks that failed (0 without `--verify`).
     pub failed_checks: u64,
+    /// `--fail-on-unexpected` was given.
+    pub fail_on_unexpected: bool,
+}
+
+/// The process exit status of an invocation's result.
+pub fn exit_status(result: &anyhow::Result<Outcome>) -> u8 {
+    match result {
+        Ok(o) if o.failed_checks > 0 => EXIT_VERIFY_FAILED,
+        Ok(o) if o.fail_on_unexpected && o.summary.unexpected > 0 => EXIT_UNEXPECTED,
+        Ok(_) => EXIT_OK,
+        Err(e) if e.downcast_ref::<UsageError>().is_some() => EXIT_USAGE,
+        Err(_) => EXIT_RUNTIME,
+    }
 }
 
 /// `error: cause: cause...` on one line.
@@ -98,18 +119,16 @@ pub fn main(cli: Cli) -> ExitCode {
         let mut out = std::io::stdout();
         execute(cli, cancel_rx, &mut out).await
     });
-    match result {
-        Ok(o) if o.failed_checks > 0 => ExitCode::from(EXIT_VERIFY_FAILED),
-        Ok(_) => ExitCode::from(EXIT_OK),
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            if e.downcast_ref::<UsageError>().is_some() {
-                ExitCode::from(EXIT_USAGE)
-            } else {
-                ExitCode::from(EXIT_RUNTIME)
-            }
-        }
+    if let Err(e) = &result {
+        eprintln!("error: {e:#}");
     }
+    ExitCode::from(exit_status(&result))
+}
+
+/// Prints a warning on stderr now and keeps it for the summary.
+fn warn(warnings: &mut Vec<String>, text: String) {
+    eprintln!("warning: {text}");
+    warnings.push(text);
 }
 
 /// Carries out one invocation, printing the table and check lines to `out` and progress
@@ -131,21 +150,20 @@ pub async fn execute(
         .await
         .with_context(|| format!("cannot connect to the gateway at {}", cli.url))?;
 
-    let batch_id = scenario.claims().then(|| {
+    let mut batch_id = scenario.claims().then(|| {
         cli.batch
             .clone()
             .unwrap_or_else(|| scenario::default_batch_id(cli.seed))
     });
     let signer = cli.user_token_secret.as_deref().map(TokenSigner::new);
-    let api = Arc::new(
-        Api::new(
-            Arc::clone(&target),
-            batch_id.as_deref().unwrap_or(""),
-            cli.admin_token.as_deref(),
-            signer,
-        )
-        .map_err(|e| UsageError(error_chain(&e)))?,
-    );
+    let mut api = Api::new(
+        Arc::clone(&target),
+        batch_id.as_deref().unwrap_or(""),
+        cli.admin_token.as_deref(),
+        signer,
+    )
+    .map_err(|e| UsageError(error_chain(&e)))?;
+    let mut warnings = Vec::new();
 
     if scenario == ScenarioKind::Retries && u64::from(cli.connections) < cli.copies {
         eprintln!(
@@ -157,19 +175,29 @@ pub async fn execute(
     let sole_client = cli.batch.is_none();
     let mut per_user_limit = cli.per_user_limit;
     let mut available = cli.stock.unwrap_or(scenario.default_stock());
-    if let Some(id) = &batch_id {
+    if let Some(id) = batch_id.clone() {
         if cli.batch.is_none() {
-            let spec = BatchSpec {
-                id: id.clone(),
-                stock: available,
+            let own = admin::create_own_batch(
+                &mut admin_conn,
+                &api,
+                &id,
+                available,
                 per_user_limit,
-            };
-            admin::create_batch(&mut admin_conn, &api, &spec, timeout)
-                .await
-                .with_context(|| format!("creating batch {id}"))?;
-            eprintln!("created batch {id}: stock {available}, per-user limit {per_user_limit}");
+                timeout,
+            )
+            .await
+            .with_context(|| format!("creating batch {id}"))?;
+            if let Some(w) = admin::fresh_batch_warning(&own, cli.seed) {
+                warn(&mut warnings, w);
+            }
+            eprintln!(
+                "created batch {}: stock {available}, per-user limit {per_user_limit}",
+                own.id
+            );
+            batch_id = Some(own.id);
+            api = own.api;
         } else {
-            let (facts, limit) = admin::get_batch(&mut admin_conn, &api, id, timeout)
+            let (facts, limit) = admin::get_batch(&mut admin_conn, &api, &id, timeout)
                 .await
                 .with_context(|| format!("reading batch {id}"))?;
             per_user_limit = limit.unwrap_or(per_user_limit);
@@ -181,8 +209,21 @@ pub async fn execute(
                  {per_user_limit}",
                 facts.total, facts.claimed
             );
+            if scenario != ScenarioKind::SoldOut
+                && let Some(w) = admin::drained_batch_warning(&id, &facts)
+            {
+                warn(&mut warnings, w);
+            }
         }
     }
+    let api = Arc::new(api);
+    let expect = |phase| Expectations {
+        scenario,
+        phase,
+        shedding: cli.expect_shedding,
+        foreign_batch: cli.batch.is_some(),
+    };
+    let mut sell_out: Option<SellOut> = None;
 
     let record = cli.verify || cli.history.is_some();
     let mut history: Vec<ClaimRecord> = Vec::new();
@@ -199,6 +240,8 @@ pub async fn execute(
             record_history: record,
             stop_on_sold_out: true,
             phase: Phase::Drain,
+            expect: expect(Phase::Drain),
+            timeline: false,
         };
         let ctx = RunContext {
             plan: Arc::new(Plan::drain(cli.seed)),
@@ -225,6 +268,9 @@ pub async fn execute(
             r.stats.claims_ok,
             r.elapsed.as_secs_f64()
         );
+        sell_out = r
+            .sold_out_after
+            .map(|after| SellOut::new(Phase::Drain, after, r.stats.claims_ok));
     }
 
     let cfg = DriverConfig {
@@ -239,6 +285,8 @@ pub async fn execute(
         record_history: record,
         stop_on_sold_out: false,
         phase: Phase::Measure,
+        expect: expect(Phase::Measure),
+        timeline: cli.report.is_some(),
     };
     let params = PlanParams {
         seed: cli.seed,
@@ -259,9 +307,19 @@ pub async fn execute(
     };
     let (progress_tx, progress_rx) = watch::channel(false);
     let mut progress = None;
+    let mut sampler = None;
     let run = driver::run(&cfg, &ctx, connect, |t0| {
         if !cli.quiet {
-            progress = Some(progress::spawn(live, t0, progress_rx));
+            progress = Some(progress::spawn(live, t0, progress_rx.clone()));
+        }
+        if cli.report.is_some() {
+            sampler = Some(timeline::spawn_backlog_sampler(
+                Connection::new(Arc::clone(&target)),
+                Arc::clone(&api),
+                t0,
+                timeout,
+                progress_rx,
+            ));
         }
     })
     .await;
@@ -270,8 +328,20 @@ pub async fn execute(
         // The progress task only prints; if it failed there is nothing to recover.
         let _ = p.await;
     }
+    let backlog = match sampler {
+        Some(s) => s.await.unwrap_or_else(|e| BacklogSeries {
+            note: Some(format!("the backlog sampler failed: {e}")),
+            ..BacklogSeries::default()
+        }),
+        None => BacklogSeries::default(),
+    };
     let r = run?;
     history.extend(r.history);
+    if scenario != ScenarioKind::SoldOut {
+        sell_out = r
+            .sold_out_after
+            .map(|after| SellOut::new(Phase::Measure, after, r.stats.claims_ok));
+    }
 
     let mut summary = Summary::new(
         RunInfo {
@@ -284,6 +354,9 @@ pub async fn execute(
             elapsed: r.elapsed,
             unsent: r.unsent,
             interrupted: r.interrupted,
+            expect: cfg.expect,
+            sell_out,
+            warnings,
         },
         &r.stats,
     );
@@ -339,9 +412,23 @@ pub async fn execute(
         std::fs::write(path, text + "\n")
             .with_context(|| format!("writing --json {}", path.display()))?;
     }
+    if let Some(path) = &cli.report {
+        let empty = Timeline::default();
+        plot::write(
+            path,
+            &ReportData {
+                summary: &summary,
+                timeline: r.timeline.as_ref().unwrap_or(&empty),
+                elapsed: r.elapsed,
+                backlog: &backlog,
+            },
+        )
+        .with_context(|| format!("writing --report {}", path.display()))?;
+    }
     let failed_checks = summary.verify.as_ref().map_or(0, |v| v.failed);
     Ok(Outcome {
         summary,
         failed_checks,
+        fail_on_unexpected: cli.fail_on_unexpected,
     })
 }

@@ -69,17 +69,21 @@ pub struct Cli {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub per_user_limit: u32,
 
-    /// Use this existing batch instead of creating `lt-<seed>`.
+    /// Use this existing batch instead of creating `lt-<seed>`. Without it, a run whose
+    /// `lt-<seed>` already holds claims (an earlier run with the same seed) creates a fresh
+    /// batch `lt-<seed>-<n>` instead, with a warning.
     #[arg(long)]
     pub batch: Option<String>,
 
-    /// Admin bearer token for POST/GET /v1/batches.
-    #[arg(long)]
+    /// Admin bearer token for POST/GET /v1/batches. Prefer the environment variable: a
+    /// value on the command line is visible to every user of the machine (`ps`).
+    #[arg(long, env = "CLAIMGATE_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
 
     /// HS256 secret: when given, every claim carries `Authorization: Bearer <JWT>` with
-    /// `sub` = the user id (tokens are deterministic: fixed `exp`).
-    #[arg(long)]
+    /// `sub` = the user id (tokens are deterministic: fixed `exp`). Prefer the
+    /// environment variable, as for the admin token.
+    #[arg(long, env = "CLAIMGATE_USER_TOKEN_SECRET", hide_env_values = true)]
     pub user_token_secret: Option<String>,
 
     /// hot-users: fraction of requests sent by bots (each bot is one user id that keeps
@@ -111,6 +115,24 @@ pub struct Cli {
     /// Write one JSON line per claim attempt to this file.
     #[arg(long)]
     pub history: Option<PathBuf>,
+
+    /// Write charts of the measured phase to this file: throughput, latency percentiles
+    /// and the persistence backlog (sampled from /readyz) over time. `.svg` writes one
+    /// SVG image; `.html` (or `.htm`) a page with a summary table and the charts inline.
+    #[arg(long, value_name = "FILE")]
+    pub report: Option<PathBuf>,
+
+    /// The run is meant to overload the gateway: count `429 rate_limited` and
+    /// `503 overloaded` answers as expected (they are unexpected otherwise, except
+    /// `429 rate_limited` in hot-users).
+    #[arg(long)]
+    pub expect_shedding: bool,
+
+    /// Exit with status 4 when any outcome was unexpected (a 5xx other than expected
+    /// shedding, a transport error or timeout, an unknown code). Without it, outcomes do
+    /// not change the exit status.
+    #[arg(long)]
+    pub fail_on_unexpected: bool,
 
     /// After the run, check the invariants through the admin API (and the database when
     /// `--database-url` is given). Exit status 1 when any check fails.
@@ -333,6 +355,14 @@ pub fn validate(cli: &Cli) -> Result<(), String> {
             return Err("--batch is meaningless for the trivial scenario".into());
         }
     }
+    if let Some(path) = &cli.report
+        && ReportFormat::of(path).is_none()
+    {
+        return Err(format!(
+            "--report {} must end in .html, .htm or .svg",
+            path.display()
+        ));
+    }
     if let Some(db) = &cli.database_url
         && !(db.starts_with("postgres://")
             || db.starts_with("postgresql://")
@@ -341,6 +371,24 @@ pub fn validate(cli: &Cli) -> Result<(), String> {
         return Err("--database-url must start with postgres:// or sqlite:".into());
     }
     Ok(())
+}
+
+/// What `--report` writes, from the file's extension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReportFormat {
+    Html,
+    Svg,
+}
+
+impl ReportFormat {
+    pub fn of(path: &std::path::Path) -> Option<Self> {
+        let ext = path.extension()?.to_str()?.to_ascii_lowercase();
+        match ext.as_str() {
+            "html" | "htm" => Some(Self::Html),
+            "svg" => Some(Self::Svg),
+            _ => None,
+        }
+    }
 }
 
 /// Batch ids accepted by the gateway: `[A-Za-z0-9_-]{1,64}`.
@@ -451,6 +499,44 @@ mod tests {
             Cli::try_parse_from(["claimgate-loadtest", "--database-url", "sqlite://x"]).is_err(),
             "--database-url requires --verify"
         );
+
+        for ok in ["r.html", "r.HTM", "dir/r.svg"] {
+            let c = Cli::parse_from(["claimgate-loadtest", "--report", ok]);
+            assert_eq!(validate(&c), Ok(()), "{ok}");
+        }
+        for bad in ["r.png", "report", "r.html.txt"] {
+            let c = Cli::parse_from(["claimgate-loadtest", "--report", bad]);
+            let e = validate(&c).expect_err(bad);
+            assert!(e.contains(".html, .htm or .svg"), "{e}");
+        }
+        assert_eq!(
+            ReportFormat::of(std::path::Path::new("x.svg")),
+            Some(ReportFormat::Svg)
+        );
+    }
+
+    #[test]
+    fn secrets_come_from_the_environment_without_showing_in_help() {
+        use clap::CommandFactory;
+        let cmd = Cli::command();
+        let admin = cmd
+            .get_arguments()
+            .find(|a| a.get_id() == "admin_token")
+            .expect("--admin-token");
+        assert_eq!(
+            admin.get_env().and_then(|e| e.to_str()),
+            Some("CLAIMGATE_ADMIN_TOKEN")
+        );
+        assert!(admin.is_hide_env_values_set());
+        let user = cmd
+            .get_arguments()
+            .find(|a| a.get_id() == "user_token_secret")
+            .expect("--user-token-secret");
+        assert_eq!(
+            user.get_env().and_then(|e| e.to_str()),
+            Some("CLAIMGATE_USER_TOKEN_SECRET")
+        );
+        assert!(user.is_hide_env_values_set());
     }
 
     #[test]

@@ -179,6 +179,7 @@ pub struct Api {
     batch_path: String,
     claims_path: String,
     health_path: String,
+    ready_path: String,
     admin_auth: Option<HeaderValue>,
     signer: Option<TokenSigner>,
 }
@@ -217,6 +218,7 @@ impl Api {
             batch_path: target.path(&format!("/v1/batches/{batch_id}")),
             claims_path: target.path(&format!("/v1/batches/{batch_id}/claims")),
             health_path: target.path("/healthz"),
+            ready_path: target.path("/readyz"),
             target,
             admin_auth,
             signer,
@@ -248,6 +250,20 @@ impl Api {
     /// `GET /v1/batches/{id}` with the admin token.
     pub fn get_batch(&self) -> Result<HttpRequest, BuildError> {
         self.get(&self.batch_path, self.admin_auth.clone())
+    }
+
+    /// `GET /readyz` (the persistence backlog, for `--report`).
+    pub fn readyz(&self) -> Result<HttpRequest, BuildError> {
+        self.get(&self.ready_path, None)
+    }
+
+    /// The same API for another batch id (a fresh batch instead of a reused one).
+    pub fn for_batch(&self, batch_id: &str) -> Self {
+        Self {
+            batch_path: self.target.path(&format!("/v1/batches/{batch_id}")),
+            claims_path: self.target.path(&format!("/v1/batches/{batch_id}/claims")),
+            ..self.clone()
+        }
     }
 
     /// `POST /v1/batches` with the admin token.
@@ -373,6 +389,25 @@ mod tests {
         let h = api.build(&scenario::Request::Health).expect("health");
         assert_eq!(h.uri(), "/gw/healthz");
         assert!(h.headers().get(header::AUTHORIZATION).is_none());
+        let r = api.readyz().expect("readyz");
+        assert_eq!(r.uri(), "/gw/readyz");
+        assert!(r.headers().get(header::AUTHORIZATION).is_none());
+        let other = api.for_batch("lt-1-2");
+        assert_eq!(
+            other.get_batch().expect("get").uri(),
+            "/gw/v1/batches/lt-1-2"
+        );
+        let c = other
+            .build(&scenario::Request::Claim(scenario::Claim {
+                user_id: "u1".into(),
+                request_id: "r1".into(),
+            }))
+            .expect("claim");
+        assert_eq!(c.uri(), "/gw/v1/batches/lt-1-2/claims");
+        assert_eq!(
+            other.get_batch().expect("get").headers()[header::AUTHORIZATION],
+            "Bearer adm"
+        );
 
         let bad = Api::new(
             Arc::new(crate::cli::parse_target("http://127.0.0.1").expect("t")),

@@ -1,11 +1,13 @@
 //! The load driver: runs a plan over many connections in closed loop (each connection
 //! sends its next request when the previous answer arrives) or open loop (requests at
 //! fixed intended times `t0 + i/R`, latency measured from the intended time so that a
-//! slow server cannot hide its queueing delay: no coordinated omission).
+//! slow server cannot hide its queueing delay: no coordinated omission). It classes every
+//! outcome (expected or unexpected), notes when the first `410 sold_out` arrived, and can
+//! keep a bounded per-interval timeline for `--report`.
 
 use std::future::Future;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -15,9 +17,11 @@ use tokio::time::Instant;
 
 use crate::client::{self, Api, HttpRequest, Reply, TransportError};
 use crate::history::{ClaimRecord, Phase};
+use crate::outcome::{Class, Expectations};
 use crate::progress::Live;
 use crate::report::{Endpoint, Stats};
 use crate::scenario::{Plan, Request};
+use crate::timeline::{self, Recorder, Timeline};
 
 /// An open-loop request whose intended time is at most this far ahead is sent at once
 /// (tokio timers have millisecond granularity and round up). Early sends measure their
@@ -51,6 +55,10 @@ pub struct DriverConfig {
     /// Stop as soon as a claim is answered `410 sold_out` (used to drain a batch).
     pub stop_on_sold_out: bool,
     pub phase: Phase,
+    /// What counts as an expected outcome in this phase.
+    pub expect: Expectations,
+    /// Keep a per-interval timeline (for `--report`).
+    pub timeline: bool,
 }
 
 /// A connection the driver can send requests on.
@@ -116,6 +124,10 @@ pub struct RunResult {
     pub unsent: u64,
     pub interrupted: bool,
     pub sold_out_seen: bool,
+    /// From `t0` to the first claim answered `410 sold_out`.
+    pub sold_out_after: Option<Duration>,
+    /// The per-interval timeline, when asked for.
+    pub timeline: Option<Timeline>,
 }
 
 /// The intended send times of an open-loop run: request `i` at `t0 + i/rate`, computed
@@ -179,7 +191,9 @@ pub fn latency_origin(intended: Option<Instant>, started: Instant) -> Instant {
 struct Shared {
     next: AtomicU64,
     stop: AtomicBool,
-    sold_out: AtomicBool,
+    /// Arrival of the first `410 sold_out`, ns since `t0`; `u64::MAX` until one came.
+    first_sold_out_ns: AtomicU64,
+    timeline: Option<Arc<Mutex<Timeline>>>,
 }
 
 /// Limits computed once per phase.
@@ -223,14 +237,17 @@ where
     let shared = Arc::new(Shared {
         next: AtomicU64::new(0),
         stop: AtomicBool::new(false),
-        sold_out: AtomicBool::new(false),
+        first_sold_out_ns: AtomicU64::new(u64::MAX),
+        timeline: cfg
+            .timeline
+            .then(|| Arc::new(Mutex::new(Timeline::default()))),
     });
     let mut set = JoinSet::new();
     for conn in conns {
         let cfg = cfg.clone();
         let ctx = ctx.clone();
         let shared = Arc::clone(&shared);
-        set.spawn(worker(conn, cfg, ctx, shared, bounds));
+        set.spawn(worker(conn, cfg, ctx, shared, bounds, t0));
     }
 
     let mut stats = Stats::new();
@@ -269,6 +286,10 @@ where
         // up reports exactly the target rate.
         elapsed = elapsed.max(s.offset(planned));
     }
+    let sold_out_after = match shared.first_sold_out_ns.load(Ordering::Relaxed) {
+        u64::MAX => None,
+        ns => Some(Duration::from_nanos(ns)),
+    };
     Ok(RunResult {
         stats,
         history,
@@ -276,7 +297,9 @@ where
         elapsed,
         unsent,
         interrupted,
-        sold_out_seen: shared.sold_out.load(Ordering::Relaxed),
+        sold_out_seen: sold_out_after.is_some(),
+        sold_out_after,
+        timeline: shared.timeline.as_deref().map(timeline::snapshot),
     })
 }
 
@@ -348,7 +371,12 @@ async fn worker<C: Exchange>(
     ctx: RunContext,
     shared: Arc<Shared>,
     b: Bounds,
+    t0: Instant,
 ) -> anyhow::Result<WorkerOutput> {
+    let mut recorder = shared
+        .timeline
+        .as_ref()
+        .map(|t| Recorder::new(Arc::clone(t), t0));
     let mut stats = Stats::new();
     let mut history = Vec::new();
     let mut last_done = None;
@@ -397,29 +425,48 @@ async fn worker<C: Exchange>(
         last_done = Some(done);
         let latency = done.saturating_duration_since(latency_origin(intended, started));
 
-        let (status, error, coupon_id) = match result {
+        let (status, error, coupon_id, class) = match result {
             Ok(reply) => {
                 let parsed = if ep == Endpoint::Claim || reply.status >= 400 {
                     client::parse_body(&reply.body)
                 } else {
                     client::Parsed::default()
                 };
-                ctx.live.answered(reply.status);
-                if cfg.stop_on_sold_out
+                let class = cfg
+                    .expect
+                    .classify(ep, Some(reply.status), parsed.error.as_deref());
+                ctx.live.answered(reply.status, class);
+                if ep == Endpoint::Claim
                     && reply.status == 410
                     && parsed.error.as_deref() == Some("sold_out")
                 {
-                    shared.sold_out.store(true, Ordering::Relaxed);
-                    shared.stop.store(true, Ordering::Relaxed);
+                    let ns = u64::try_from(done.saturating_duration_since(t0).as_nanos())
+                        .unwrap_or(u64::MAX - 1);
+                    shared.first_sold_out_ns.fetch_min(ns, Ordering::Relaxed);
+                    if cfg.stop_on_sold_out {
+                        shared.stop.store(true, Ordering::Relaxed);
+                    }
+                }
+                if let Some(r) = recorder.as_mut() {
+                    let ok = ep == Endpoint::Claim && reply.status == 201;
+                    r.record(done, Some(latency), ok, class);
                 }
                 let recorded = cfg.record_history.then(|| parsed.error.clone()).flatten();
                 stats.record_reply(ep, reply.status, parsed.error, latency);
-                (Some(reply.status), recorded, parsed.coupon_id)
+                (Some(reply.status), recorded, parsed.coupon_id, class)
             }
             Err(e) => {
                 ctx.live.failed();
+                if let Some(r) = recorder.as_mut() {
+                    r.record(done, None, false, Class::Unexpected);
+                }
                 stats.record_transport(ep, e.kind());
-                (None, Some(format!("transport:{}", e.kind())), None)
+                (
+                    None,
+                    Some(format!("transport:{}", e.kind())),
+                    None,
+                    Class::Unexpected,
+                )
             }
         };
         if cfg.record_history
@@ -432,6 +479,7 @@ async fn worker<C: Exchange>(
                 status,
                 error,
                 coupon_id,
+                class,
                 intended_us: intended.map(|t| micros_since(ctx.epoch, t)),
                 send_us: micros_since(ctx.epoch, started),
                 recv_us: micros_since(ctx.epoch, done),
@@ -440,6 +488,9 @@ async fn worker<C: Exchange>(
     }
     stats.connections_opened = conn.opened();
     stats.reconnects = conn.opened().saturating_sub(1);
+    if let Some(r) = recorder {
+        r.finish();
+    }
     Ok(WorkerOutput {
         stats,
         history,
@@ -575,6 +626,13 @@ mod tests {
             record_history: false,
             stop_on_sold_out: false,
             phase: Phase::Measure,
+            expect: Expectations {
+                scenario: ScenarioKind::Trivial,
+                phase: Phase::Measure,
+                shedding: false,
+                foreign_batch: false,
+            },
+            timeline: false,
         }
     }
 
@@ -730,6 +788,126 @@ mod tests {
         assert!((r.stats.latency_ms().max - 10.0).abs() < 0.02);
         assert_eq!(r.stats.connections_opened, 3);
         assert_eq!(r.stats.by_outcome()["GET healthz 200"], 30);
+    }
+
+    /// A connection to a batch of `stock` coupons shared by all connections: 201 while
+    /// stock lasts, then `410 sold_out`, each after a fixed service time.
+    struct Seller {
+        service: Duration,
+        left: Arc<AtomicU64>,
+    }
+
+    impl Exchange for Seller {
+        fn send(
+            &mut self,
+            _req: HttpRequest,
+            _timeout: Duration,
+        ) -> impl Future<Output = Result<Reply, TransportError>> + Send {
+            let service = self.service;
+            let left = Arc::clone(&self.left);
+            async move {
+                tokio::time::sleep(service).await;
+                let took = left
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                    .is_ok();
+                Ok(if took {
+                    Reply {
+                        status: 201,
+                        body: Bytes::from_static(br#"{"coupon_id":"c"}"#),
+                    }
+                } else {
+                    Reply {
+                        status: 410,
+                        body: Bytes::from_static(br#"{"error":"sold_out"}"#),
+                    }
+                })
+            }
+        }
+
+        async fn warm_up(&mut self, _timeout: Duration) -> Result<(), TransportError> {
+            Ok(())
+        }
+
+        fn opened(&self) -> u64 {
+            1
+        }
+    }
+
+    fn claims_ctx() -> (RunContext, watch::Sender<bool>) {
+        let (mut ctx, tx) = ctx();
+        let params = PlanParams {
+            seed: 1,
+            users: 1000,
+            bot_fraction: 0.0,
+            bots: 1,
+            zipf_exponent: 1.0,
+            copies: 1,
+            read_fraction: 0.0,
+        };
+        ctx.plan = Arc::new(Plan::for_scenario(ScenarioKind::FlashSale, &params));
+        (ctx, tx)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn time_to_sell_out_is_the_first_sold_out_answer() {
+        // 2 connections, 10 ms per answer, stock 10: five rounds of two 201s (10..50 ms),
+        // then the first sold_out answers arrive at 60 ms; the run goes on to 300 ms.
+        let (ctx, _tx) = claims_ctx();
+        let left = Arc::new(AtomicU64::new(10));
+        let mut cfg = config(Mode::Closed, 2);
+        cfg.requests = None;
+        cfg.duration = Some(Duration::from_millis(300));
+        cfg.timeline = true;
+        cfg.expect.scenario = ScenarioKind::FlashSale;
+        let r = run(
+            &cfg,
+            &ctx,
+            move || Seller {
+                service: Duration::from_millis(10),
+                left: Arc::clone(&left),
+            },
+            |_| {},
+        )
+        .await
+        .expect("run");
+        assert_eq!(r.stats.claims_ok, 10);
+        assert_eq!(r.sold_out_after, Some(Duration::from_millis(60)));
+        assert!(r.sold_out_seen);
+        assert_eq!(r.elapsed, Duration::from_millis(300));
+        assert_eq!(r.stats.by_outcome()["410 sold_out"], 50);
+        // Nothing unexpected: the progress counters agree with the classes.
+        let live = ctx.live.snapshot();
+        assert_eq!((live.expected, live.unexpected), (60, 0));
+        // The timeline holds the sale: 100 ms intervals, 201s only in the first one.
+        let t = r.timeline.expect("timeline");
+        let p = t.points(r.elapsed);
+        assert_eq!(p.len(), 3);
+        assert!((p[0].claims_ok_per_s - 100.0).abs() < 1e-6, "{p:?}");
+        assert_eq!(p[1].claims_ok_per_s, 0.0);
+        assert!((p[1].requests_per_s - 200.0).abs() < 1e-6, "{p:?}");
+        assert!((p[1].p50_ms.expect("p50") - 10.0).abs() < 0.1, "{p:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_sold_out_no_sell_out_time() {
+        let (ctx, _tx) = claims_ctx();
+        let left = Arc::new(AtomicU64::new(1000));
+        let mut cfg = config(Mode::Closed, 2);
+        cfg.requests = Some(20);
+        let r = run(
+            &cfg,
+            &ctx,
+            move || Seller {
+                service: Duration::from_millis(1),
+                left: Arc::clone(&left),
+            },
+            |_| {},
+        )
+        .await
+        .expect("run");
+        assert_eq!(r.stats.claims_ok, 20);
+        assert_eq!(r.sold_out_after, None);
+        assert!(r.timeline.is_none(), "not asked for");
     }
 
     #[tokio::test(start_paused = true)]

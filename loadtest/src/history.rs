@@ -6,6 +6,8 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::outcome::Class;
+
 /// Which part of the run a claim belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -28,6 +30,8 @@ pub struct ClaimRecord {
     pub error: Option<String>,
     /// `coupon_id` of a 200/201 answer.
     pub coupon_id: Option<String>,
+    /// Whether the outcome is a correct answer under the run's workload.
+    pub class: Class,
     /// Open loop only: the intended send time, µs since the start of the run.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub intended_us: Option<u64>,
@@ -80,6 +84,7 @@ mod tests {
             status,
             error: error.map(str::to_owned),
             coupon_id: None,
+            class: Class::Expected,
             intended_us: None,
             send_us: 1,
             recv_us: 2,
@@ -107,7 +112,8 @@ mod tests {
         ));
         let mut a = rec(Some(201), None);
         a.coupon_id = Some("c-1".into());
-        let b = rec(None, Some("transport:timeout"));
+        let mut b = rec(None, Some("transport:timeout"));
+        b.class = Class::Unexpected;
         write_jsonl(&path, &[a.clone(), b.clone()]).expect("write");
         let text = std::fs::read_to_string(&path).expect("read");
         let _ = std::fs::remove_file(&path);
@@ -118,6 +124,9 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(lines[1]).expect("json");
         assert_eq!(v["status"], serde_json::Value::Null);
         assert_eq!(v["error"], "transport:timeout");
+        assert_eq!(v["class"], "unexpected");
+        let first: serde_json::Value = serde_json::from_str(lines[0]).expect("json");
+        assert_eq!(first["class"], "expected");
         assert!(v.get("intended_us").is_none());
         assert_eq!(v["send_us"], 1);
         assert_eq!(v["phase"], "measure");

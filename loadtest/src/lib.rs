@@ -1,6 +1,7 @@
 //! claimgate-loadtest library: everything behind the `claimgate-loadtest` binary, split
-//! by job (flags, workloads, HTTP client, load driver, reports, invariant checks), so
-//! that the pieces can be tested on their own and against an in-process fake gateway.
+//! by job (flags, workloads, HTTP client, load driver, outcome classes, reports and
+//! charts, invariant checks), so that the pieces can be tested on their own and against
+//! an in-process fake gateway.
 
 #![forbid(unsafe_code)]
 
@@ -12,9 +13,12 @@ pub mod client;
 pub mod db;
 pub mod driver;
 pub mod history;
+pub mod outcome;
+pub mod plot;
 pub mod progress;
 pub mod report;
 pub mod scenario;
+pub mod timeline;
 pub mod verify;
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! Live progress: shared atomic counters bumped by the connections, and a task that prints
-//! one line per second on stderr (req/s, 201/s, errors over the last second).
+//! one line per second on stderr (req/s, 201/s, expected and unexpected outcomes over the
+//! last second). A `410 sold_out` is an expected answer, not an error.
 
 use std::io::{IsTerminal, Write};
 use std::sync::Arc;
@@ -10,13 +11,16 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 
+use crate::outcome::Class;
+
 /// Counters shared by all connections of a run.
 #[derive(Debug, Default)]
 pub struct Live {
     pub requests: AtomicU64,
     pub created: AtomicU64,
-    pub client_errors: AtomicU64,
-    pub server_errors: AtomicU64,
+    pub expected: AtomicU64,
+    pub unexpected: AtomicU64,
+    /// Requests without an answer (all of them unexpected).
     pub transport: AtomicU64,
 }
 
@@ -25,41 +29,42 @@ pub struct Live {
 pub struct Snapshot {
     pub requests: u64,
     pub created: u64,
-    pub client_errors: u64,
-    pub server_errors: u64,
+    pub expected: u64,
+    pub unexpected: u64,
     pub transport: u64,
 }
 
 impl Live {
-    /// Counts an HTTP answer.
-    pub fn answered(&self, status: u16) {
+    /// Counts an HTTP answer of the given class.
+    pub fn answered(&self, status: u16, class: Class) {
         self.requests.fetch_add(1, Ordering::Relaxed);
-        match status {
-            201 => {
-                self.created.fetch_add(1, Ordering::Relaxed);
-            }
-            400..=499 => {
-                self.client_errors.fetch_add(1, Ordering::Relaxed);
-            }
-            500.. => {
-                self.server_errors.fetch_add(1, Ordering::Relaxed);
-            }
-            _ => {}
+        if status == 201 {
+            self.created.fetch_add(1, Ordering::Relaxed);
         }
+        self.count(class);
     }
 
     /// Counts a request that got no answer.
     pub fn failed(&self) {
         self.requests.fetch_add(1, Ordering::Relaxed);
         self.transport.fetch_add(1, Ordering::Relaxed);
+        self.count(Class::Unexpected);
+    }
+
+    fn count(&self, class: Class) {
+        let counter = match class {
+            Class::Expected => &self.expected,
+            Class::Unexpected => &self.unexpected,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn snapshot(&self) -> Snapshot {
         Snapshot {
             requests: self.requests.load(Ordering::Relaxed),
             created: self.created.load(Ordering::Relaxed),
-            client_errors: self.client_errors.load(Ordering::Relaxed),
-            server_errors: self.server_errors.load(Ordering::Relaxed),
+            expected: self.expected.load(Ordering::Relaxed),
+            unexpected: self.unexpected.load(Ordering::Relaxed),
             transport: self.transport.load(Ordering::Relaxed),
         }
     }
@@ -70,14 +75,15 @@ pub fn line(elapsed: Duration, prev: Snapshot, now: Snapshot, interval: Duration
     let secs = interval.as_secs_f64().max(1e-9);
     let rate = |a: u64, b: u64| b.saturating_sub(a) as f64 / secs;
     format!(
-        "[{:>5.0}s] {:>9.0} req/s {:>8.0} 201/s | errors/s 4xx {:.0} 5xx {:.0} transport {:.0} | total {}",
+        "[{:>5.0}s] {:>9.0} req/s {:>8.0} 201/s | expected {:.0}/s | unexpected {:.0}/s (transport {:.0}/s) | total {}, unexpected {}",
         elapsed.as_secs_f64(),
         rate(prev.requests, now.requests),
         rate(prev.created, now.created),
-        rate(prev.client_errors, now.client_errors),
-        rate(prev.server_errors, now.server_errors),
+        rate(prev.expected, now.expected),
+        rate(prev.unexpected, now.unexpected),
         rate(prev.transport, now.transport),
         now.requests,
+        now.unexpected,
     )
 }
 
@@ -126,19 +132,20 @@ mod tests {
     #[test]
     fn counts_and_formats() {
         let live = Live::default();
-        live.answered(201);
-        live.answered(200);
-        live.answered(409);
-        live.answered(503);
+        live.answered(201, Class::Expected);
+        live.answered(200, Class::Expected);
+        live.answered(410, Class::Expected);
+        live.answered(409, Class::Expected);
+        live.answered(503, Class::Unexpected);
         live.failed();
         let s = live.snapshot();
         assert_eq!(
             s,
             Snapshot {
-                requests: 5,
+                requests: 6,
                 created: 1,
-                client_errors: 1,
-                server_errors: 1,
+                expected: 4,
+                unexpected: 2,
                 transport: 1
             }
         );
@@ -148,8 +155,11 @@ mod tests {
             s,
             Duration::from_millis(500),
         );
-        assert!(text.contains("10 req/s"), "{text}");
+        assert!(text.contains("12 req/s"), "{text}");
         assert!(text.contains("2 201/s"), "{text}");
-        assert!(text.contains("transport 2"), "{text}");
+        // The sold-out and limit answers are expected, not errors.
+        assert!(text.contains("expected 8/s"), "{text}");
+        assert!(text.contains("unexpected 4/s (transport 2/s)"), "{text}");
+        assert!(!text.contains("error"), "{text}");
     }
 }

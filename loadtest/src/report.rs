@@ -1,6 +1,8 @@
 //! Measurements and their presentation: per-connection statistics (an HDR latency
 //! histogram with microsecond precision plus outcome counters), merging them at the end
-//! of a run, and rendering the summary as a table or as JSON.
+//! of a run, and rendering the summary as a table or as JSON. Every outcome appears under
+//! exactly one class (expected or unexpected, see `outcome.rs`), so the two class totals
+//! add up to the requests attempted.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
@@ -9,6 +11,8 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use crate::history::Phase;
+use crate::outcome::{Class, Expectations};
 use crate::verify::VerifySummary;
 
 /// Largest latency the histogram tracks (larger values are clamped): one hour in µs.
@@ -124,16 +128,26 @@ impl Stats {
     pub fn by_outcome(&self) -> BTreeMap<String, u64> {
         let mut out = BTreeMap::new();
         for ((endpoint, status, code), n) in &self.outcomes {
-            let prefix = match endpoint {
-                Endpoint::Claim => "",
-                Endpoint::GetBatch => "GET batch ",
-                Endpoint::Health => "GET healthz ",
-            };
-            let key = match code {
-                Some(c) => format!("{prefix}{status} {c}"),
-                None => format!("{prefix}{status}"),
-            };
-            *out.entry(key).or_default() += n;
+            *out.entry(outcome_key(*endpoint, *status, code.as_deref()))
+                .or_default() += n;
+        }
+        out
+    }
+
+    /// Outcome counts split by class: the answers keyed as in [`Stats::by_outcome`], and
+    /// the requests without an answer keyed `"transport:<kind>"` (always unexpected).
+    pub fn by_class(&self, expect: &Expectations) -> ByClass {
+        let mut out = ByClass::default();
+        for ((endpoint, status, code), n) in &self.outcomes {
+            let class = expect.classify(*endpoint, Some(*status), code.as_deref());
+            *out.get_mut(class)
+                .entry(outcome_key(*endpoint, *status, code.as_deref()))
+                .or_default() += n;
+        }
+        for (kind, n) in &self.transport {
+            *out.unexpected
+                .entry(format!("transport:{kind}"))
+                .or_default() += n;
         }
         out
     }
@@ -152,6 +166,77 @@ impl Stats {
             p999: q(0.999),
             max: us_to_ms(h.max()),
             mean: h.mean().round() / 1000.0,
+        }
+    }
+}
+
+/// `"<status>"` or `"<status> <code>"`, prefixed `"GET batch "` / `"GET healthz "` for
+/// the endpoints other than claims.
+pub fn outcome_key(endpoint: Endpoint, status: u16, code: Option<&str>) -> String {
+    let prefix = match endpoint {
+        Endpoint::Claim => "",
+        Endpoint::GetBatch => "GET batch ",
+        Endpoint::Health => "GET healthz ",
+    };
+    match code {
+        Some(c) => format!("{prefix}{status} {c}"),
+        None => format!("{prefix}{status}"),
+    }
+}
+
+/// Outcome counts of each class.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ByClass {
+    pub expected: BTreeMap<String, u64>,
+    pub unexpected: BTreeMap<String, u64>,
+}
+
+impl ByClass {
+    fn get_mut(&mut self, class: Class) -> &mut BTreeMap<String, u64> {
+        match class {
+            Class::Expected => &mut self.expected,
+            Class::Unexpected => &mut self.unexpected,
+        }
+    }
+
+    /// Total count of one class.
+    pub fn total(&self, class: Class) -> u64 {
+        match class {
+            Class::Expected => self.expected.values().sum(),
+            Class::Unexpected => self.unexpected.values().sum(),
+        }
+    }
+}
+
+/// When the batch sold out, and how fast it sold until then.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct SellOut {
+    /// The phase in which the first `410 sold_out` came: `measure`, or `drain` for the
+    /// sold-out scenario (whose measured phase starts sold out).
+    pub phase: Phase,
+    /// Seconds from the start of that phase (its first request) to the first
+    /// `410 sold_out` answer.
+    pub after_s: f64,
+    /// Claims answered 201 in that phase. The gateway declares "sold out" only once every
+    /// unit is taken, so each of them was decided before the first `sold_out` answer, even
+    /// one whose answer arrived a little after it.
+    pub claims_ok: u64,
+    /// `claims_ok / after_s`: successful claims per second while the stock lasted.
+    pub claims_per_s: f64,
+}
+
+impl SellOut {
+    pub fn new(phase: Phase, after: Duration, claims_ok: u64) -> Self {
+        let secs = after.as_secs_f64();
+        Self {
+            phase,
+            after_s: round6(secs),
+            claims_ok,
+            claims_per_s: if secs > 0.0 {
+                round3(claims_ok as f64 / secs)
+            } else {
+                0.0
+            },
         }
     }
 }
@@ -206,10 +291,21 @@ pub struct Summary {
     pub rps: f64,
     /// 201 answers to claims.
     pub claims_ok: u64,
-    /// `claims_ok / elapsed_s`.
+    /// `claims_ok / elapsed_s`: averaged over the whole run, however early the batch sold
+    /// out (see `sell_out` for the rate while the stock lasted).
     pub claims_per_s: f64,
+    /// When the batch sold out, or `None` if no claim was answered `410 sold_out`.
+    pub sell_out: Option<SellOut>,
     /// Answers by status and error code (see README).
     pub by_outcome: BTreeMap<String, u64>,
+    /// Requests whose outcome is a correct answer under this workload.
+    pub expected: u64,
+    /// Requests with any other outcome: to look into.
+    pub unexpected: u64,
+    /// The outcomes of each class (transport errors as `transport:<kind>`).
+    pub by_class: ByClass,
+    /// `--expect-shedding`: 429 `rate_limited` and 503 `overloaded` counted as expected.
+    pub expect_shedding: bool,
     /// Latency of answered requests.
     pub latency_ms: LatencyMs,
     /// Requests that got no HTTP answer (sum of `transport_errors`).
@@ -223,6 +319,9 @@ pub struct Summary {
     pub unsent: u64,
     /// The run was cut short by Ctrl-C.
     pub interrupted: bool,
+    /// Things the operator should know about the run (a fresh batch instead of a reused
+    /// one, a batch without stock, ...), also printed on stderr as they happen.
+    pub warnings: Vec<String>,
     /// `--verify` results, when requested.
     pub verify: Option<VerifySummary>,
 }
@@ -239,10 +338,15 @@ pub struct RunInfo {
     pub elapsed: Duration,
     pub unsent: u64,
     pub interrupted: bool,
+    /// What counts as expected in the measured phase.
+    pub expect: Expectations,
+    pub sell_out: Option<SellOut>,
+    pub warnings: Vec<String>,
 }
 
 impl Summary {
     pub fn new(info: RunInfo, stats: &Stats) -> Self {
+        let by_class = stats.by_class(&info.expect);
         let secs = info.elapsed.as_secs_f64();
         let per_s = |n: u64| {
             if secs > 0.0 {
@@ -269,7 +373,12 @@ impl Summary {
             rps: per_s(stats.requests),
             claims_ok: stats.claims_ok,
             claims_per_s: per_s(stats.claims_ok),
+            sell_out: info.sell_out,
             by_outcome: stats.by_outcome(),
+            expected: by_class.total(Class::Expected),
+            unexpected: by_class.total(Class::Unexpected),
+            by_class,
+            expect_shedding: info.expect.shedding,
             latency_ms: stats.latency_ms(),
             errors: stats.transport_errors(),
             transport_errors: stats
@@ -281,6 +390,7 @@ impl Summary {
             reconnects: stats.reconnects,
             unsent: info.unsent,
             interrupted: info.interrupted,
+            warnings: info.warnings,
             verify: None,
         }
     }
@@ -312,13 +422,41 @@ impl Summary {
         row(&mut s, "requests/s", format!("{:.1}", self.rps));
         row(&mut s, "claims sent", self.claims.to_string());
         row(&mut s, "claims ok (201)", self.claims_ok.to_string());
-        row(&mut s, "claims ok/s", format!("{:.1}", self.claims_per_s));
-        let _ = writeln!(s, "  outcomes");
-        if self.by_outcome.is_empty() {
-            let _ = writeln!(s, "    (none)");
+        row(
+            &mut s,
+            "claims ok/s",
+            format!("{:.1} (whole run)", self.claims_per_s),
+        );
+        if let Some(so) = &self.sell_out {
+            let phase = match so.phase {
+                Phase::Drain => " (drain phase)",
+                Phase::Measure => "",
+            };
+            row(
+                &mut s,
+                "sold out after",
+                format!(
+                    "{:.3} s{phase}: {} claims ok, {:.1} claims/s while stock lasted",
+                    so.after_s, so.claims_ok, so.claims_per_s
+                ),
+            );
         }
-        for (k, v) in &self.by_outcome {
-            let _ = writeln!(s, "    {k:<28}{v:>12}");
+        row(
+            &mut s,
+            "outcomes",
+            format!("{} expected, {} unexpected", self.expected, self.unexpected),
+        );
+        for (name, map) in [
+            ("expected", &self.by_class.expected),
+            ("unexpected", &self.by_class.unexpected),
+        ] {
+            let _ = writeln!(s, "    {name}");
+            if map.is_empty() {
+                let _ = writeln!(s, "      (none)");
+            }
+            for (k, v) in map {
+                let _ = writeln!(s, "      {k:<26}{v:>12}");
+            }
         }
         let l = &self.latency_ms;
         let _ = writeln!(s, "  latency (ms)");
@@ -361,12 +499,19 @@ impl Summary {
         if self.interrupted {
             row(&mut s, "interrupted", "yes (Ctrl-C)".to_string());
         }
+        for w in &self.warnings {
+            let _ = writeln!(s, "  warning: {w}");
+        }
         s
     }
 }
 
 fn round3(v: f64) -> f64 {
     (v * 1000.0).round() / 1000.0
+}
+
+fn round6(v: f64) -> f64 {
+    (v * 1_000_000.0).round() / 1_000_000.0
 }
 
 #[cfg(test)]
@@ -467,6 +612,9 @@ mod tests {
                 elapsed: Duration::from_secs(2),
                 unsent: 0,
                 interrupted: false,
+                expect: flash_sale(),
+                sell_out: None,
+                warnings: Vec::new(),
             },
             &st,
         );
@@ -498,5 +646,134 @@ mod tests {
         assert!(t.contains("409 limit_reached"), "{t}");
         assert!(t.contains("p99.9"), "{t}");
         assert!(t.contains("transport errors      1 (timeout 1)"), "{t}");
+        assert!(!t.contains("sold out after"), "{t}");
+    }
+
+    fn flash_sale() -> Expectations {
+        Expectations {
+            scenario: crate::cli::ScenarioKind::FlashSale,
+            phase: Phase::Measure,
+            shedding: false,
+            foreign_batch: false,
+        }
+    }
+
+    fn info(expect: Expectations, sell_out: Option<SellOut>) -> RunInfo {
+        RunInfo {
+            scenario: "flash-sale".into(),
+            target_rate: None,
+            connections: 4,
+            url: "http://127.0.0.1:8080".into(),
+            batch_id: Some("lt-1".into()),
+            seed: 1,
+            elapsed: Duration::from_secs(10),
+            unsent: 0,
+            interrupted: false,
+            expect,
+            sell_out,
+            warnings: vec!["batch lt-1 already exists".into()],
+        }
+    }
+
+    /// Regression: `410 sold_out` was counted among the errors. Every outcome now lands
+    /// in exactly one class, and sold-out answers are expected.
+    #[test]
+    fn outcomes_are_split_into_classes() {
+        let mut st = Stats::new();
+        for _ in 0..20 {
+            st.record_reply(Endpoint::Claim, 201, None, ms(1));
+        }
+        for _ in 0..70 {
+            st.record_reply(Endpoint::Claim, 410, Some("sold_out".into()), ms(1));
+        }
+        for _ in 0..5 {
+            st.record_reply(Endpoint::Claim, 409, Some("limit_reached".into()), ms(1));
+        }
+        st.record_reply(Endpoint::Claim, 503, Some("overloaded".into()), ms(1));
+        st.record_reply(Endpoint::Claim, 500, Some("internal".into()), ms(1));
+        st.record_reply(Endpoint::GetBatch, 200, None, ms(1));
+        st.record_transport(Endpoint::Claim, "timeout");
+        st.record_transport(Endpoint::Claim, "connect");
+
+        let sum = Summary::new(info(flash_sale(), None), &st);
+        assert_eq!(sum.expected, 96);
+        assert_eq!(sum.unexpected, 4);
+        assert_eq!(sum.expected + sum.unexpected, sum.requests);
+        assert_eq!(sum.by_class.expected["410 sold_out"], 70);
+        assert_eq!(sum.by_class.expected["409 limit_reached"], 5);
+        assert_eq!(sum.by_class.expected["GET batch 200"], 1);
+        assert_eq!(sum.by_class.unexpected["503 overloaded"], 1);
+        assert_eq!(sum.by_class.unexpected["500 internal"], 1);
+        assert_eq!(sum.by_class.unexpected["transport:timeout"], 1);
+        assert!(!sum.by_class.unexpected.contains_key("410 sold_out"));
+
+        let v = serde_json::to_value(&sum).expect("json");
+        assert_eq!(v["expected"], 96);
+        assert_eq!(v["unexpected"], 4);
+        assert_eq!(v["by_class"]["expected"]["410 sold_out"], 70);
+        assert_eq!(v["by_class"]["unexpected"]["transport:connect"], 1);
+        assert_eq!(v["expect_shedding"], false);
+        assert_eq!(v["warnings"][0], "batch lt-1 already exists");
+
+        let t = sum.table();
+        assert!(
+            t.contains("outcomes              96 expected, 4 unexpected"),
+            "{t}"
+        );
+        let unexpected_part = t.split("    unexpected").nth(1).expect("section");
+        assert!(unexpected_part.contains("500 internal"), "{t}");
+        assert!(!unexpected_part.contains("sold_out"), "{t}");
+        assert!(t.contains("  warning: batch lt-1 already exists"), "{t}");
+
+        // With --expect-shedding the overload answer is expected; the 500 never is.
+        let shed = Summary::new(
+            info(
+                Expectations {
+                    shedding: true,
+                    ..flash_sale()
+                },
+                None,
+            ),
+            &st,
+        );
+        assert_eq!(shed.unexpected, 3);
+        assert_eq!(shed.by_class.expected["503 overloaded"], 1);
+    }
+
+    /// Regression: the only claims/s figure was averaged over the whole run, even when the
+    /// batch sold out in its first second.
+    #[test]
+    fn time_to_sell_out_and_rate_while_stock_lasted() {
+        let mut st = Stats::new();
+        for _ in 0..1000 {
+            st.record_reply(Endpoint::Claim, 201, None, ms(1));
+        }
+        for _ in 0..9000 {
+            st.record_reply(Endpoint::Claim, 410, Some("sold_out".into()), ms(1));
+        }
+        let so = SellOut::new(Phase::Measure, ms(400), st.claims_ok);
+        assert_eq!(so.after_s, 0.4);
+        assert_eq!(so.claims_ok, 1000);
+        assert_eq!(so.claims_per_s, 2500.0);
+        let sum = Summary::new(info(flash_sale(), Some(so)), &st);
+        // The whole-run average over 10 s says 100/s; the sale itself ran at 2500/s.
+        assert_eq!(sum.claims_per_s, 100.0);
+        let v = serde_json::to_value(&sum).expect("json");
+        assert_eq!(v["sell_out"]["after_s"], 0.4);
+        assert_eq!(v["sell_out"]["claims_per_s"], 2500.0);
+        assert_eq!(v["sell_out"]["phase"], "measure");
+        let t = sum.table();
+        assert!(
+            t.contains(
+                "sold out after        0.400 s: 1000 claims ok, 2500.0 claims/s while stock lasted"
+            ),
+            "{t}"
+        );
+        assert!(t.contains("claims ok/s           100.0 (whole run)"), "{t}");
+
+        let drained = SellOut::new(Phase::Drain, Duration::ZERO, 0);
+        assert_eq!(drained.claims_per_s, 0.0);
+        let sum = Summary::new(info(flash_sale(), Some(drained)), &st);
+        assert!(sum.table().contains("s (drain phase): 0 claims ok"));
     }
 }

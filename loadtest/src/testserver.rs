@@ -1,7 +1,11 @@
 //! Test-only fake gateway: a small hyper server on 127.0.0.1:0 that implements the parts
-//! of the claimgate API the load tester uses (health, batch create/read, claims with
-//! stock, per-user limit and idempotent replays), with knobs to misbehave (delays,
-//! connection closes, overselling, replaying the wrong coupon, requiring tokens).
+//! of the claimgate API the load tester uses (health, readiness with the persistence
+//! backlog, batch create/read, claims with stock, per-user limit and idempotent replays),
+//! with knobs to misbehave (delays, connection closes, overselling, replaying the wrong
+//! coupon, requiring tokens, answering some claims with an error).
+//!
+//! Like the real gateway, it answers the re-create of a batch with the same definition
+//! 201 (keeping its stock figures) and a different definition under a taken id 409.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -39,10 +43,18 @@ pub struct Options {
     pub db: Option<SqlitePool>,
     /// Bug: the first coupon of each batch never reaches the database.
     pub lose_first_coupon: bool,
+    /// Every k-th claim (counted over all batches) is answered with this status and
+    /// error code instead (`None`: no `error` field), before anything is claimed.
+    pub fail_every: Option<(u64, u16, Option<&'static str>)>,
+    /// `/readyz` reports a persister whose backlog is the number of coupons issued so far
+    /// (`false`: `"persister": null`, as with the persister off).
+    pub persister: bool,
 }
 
 #[derive(Default)]
 struct Batch {
+    /// The body it was created with (its definition).
+    definition: Value,
     stock: u64,
     per_user_limit: u64,
     claimed: u64,
@@ -54,6 +66,8 @@ struct Batch {
 #[derive(Default)]
 struct State {
     batches: HashMap<String, Batch>,
+    /// Claims received (for `fail_every`).
+    claims_seen: u64,
 }
 
 /// A running fake gateway; stops when dropped.
@@ -155,6 +169,19 @@ async fn handle(
     let admin_ok = opts.admin_token.is_none() || token == opts.admin_token;
     match (&method, parts.as_slice()) {
         (&Method::GET, ["healthz"]) => reply(200, json!({"status": "ok"})),
+        (&Method::GET, ["readyz"]) => {
+            let st = state.lock().expect("state");
+            let issued: u64 = st.batches.values().map(|b| b.claimed).sum();
+            let persister = if opts.persister {
+                json!({"running": true, "db_ok": true, "backlog": issued, "lag_ms": 5})
+            } else {
+                Value::Null
+            };
+            reply(
+                200,
+                json!({"ready": true, "draining": false, "persister": persister}),
+            )
+        }
         (&Method::POST, ["v1", "batches"]) => {
             if !admin_ok {
                 return error(401, "unauthorized");
@@ -170,12 +197,17 @@ async fn handle(
                 return error(400, "bad_request");
             };
             let mut st = state.lock().expect("state");
-            if st.batches.contains_key(id) {
+            if let Some(existing) = st.batches.get(id) {
+                // Idempotent re-create: the same definition is harmless, another is not.
+                if existing.definition == v {
+                    return reply(201, v);
+                }
                 return error(409, "batch_exists");
             }
             st.batches.insert(
                 id.to_string(),
                 Batch {
+                    definition: v.clone(),
                     stock,
                     per_user_limit: limit,
                     ..Batch::default()
@@ -222,6 +254,15 @@ async fn handle(
             }
             let issued = {
                 let mut st = state.lock().expect("state");
+                st.claims_seen += 1;
+                if let Some((k, status, code)) = opts.fail_every
+                    && st.claims_seen.is_multiple_of(k)
+                {
+                    return match code {
+                        Some(c) => error(status, c),
+                        None => reply(status, json!({"oops": true})),
+                    };
+                }
                 let Some(b) = st.batches.get_mut(*id) else {
                     return error(404, "batch_not_found");
                 };

@@ -405,6 +405,7 @@ mod tests {
             status,
             error: err.map(str::to_owned),
             coupon_id: coupon.map(str::to_owned),
+            class: crate::outcome::Class::Expected,
             intended_us: None,
             send_us: 0,
             recv_us: 1,
