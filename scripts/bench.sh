@@ -17,6 +17,9 @@
 #   5. persistence: a PERSIST_SECONDS claim run per database with the backlog sampled every
 #      second, the drain time after it, and persister rows/s (PostgreSQL and SQLite);
 # plus CPU seconds per 1,000 claims (gateway, redis-server) and Redis commands per claim.
+# The main load generator runs also draw charts (claimgate-loadtest --report: throughput,
+# latency percentiles and the persistence backlog over time), kept beside the results as
+# loadtest/results/<date>-<run>.svg and shown in the report.
 # Every load generator run is bounded in time and targets 127.0.0.1 only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -88,6 +91,11 @@ wait_drained() { # phases start quiescent: the persister has written everything 
   log "warning: persistence backlog not drained after 300 s"
 }
 lt() { "$LT" --url "http://127.0.0.1:$GPORT" -q "$@"; }
+CHARTS=""
+chart() { # chart NAME CAPTION: sets CHART to the run's SVG (kept in $OUT_DIR) and lists it in the report
+  CHART="$OUT_DIR/$DATE-$1.svg"
+  CHARTS+="### $2"$'\n\n'"![$2]($DATE-$1.svg)"$'\n\n'
+}
 
 # ---------------------------------------------------------------- 1. ceilings: redis-benchmark
 log "ceiling: redis-benchmark EVALSHA claim.lua"
@@ -115,8 +123,9 @@ lt --scenario trivial --threads 2 --connections "$CONNS" --duration "${SECS}s" -
 TRIVIAL=$(jget "$WORK/trivial.json" 'round(d["rps"])')
 
 c0_gw=$(cpu_ticks "$GPID"); c0_rd=$(cpu_ticks "$REDIS_PID"); e0=$(evalsha_calls); a0=$(all_calls)
+chart max 'redis backend, persister on: max claims/s (closed loop)'
 lt --scenario flash-sale --seed 11 --users 10000000 --stock 100000000 --connections "$CONNS" \
-  --duration "${SECS}s" --json "$WORK/max.json"
+  --duration "${SECS}s" --json "$WORK/max.json" --report "$CHART"
 c1_gw=$(cpu_ticks "$GPID"); c1_rd=$(cpu_ticks "$REDIS_PID"); e1=$(evalsha_calls); a1=$(all_calls)
 MAX=$(jget "$WORK/max.json" 'round(d["claims_per_s"])')
 MAX_OK=$(jget "$WORK/max.json" 'd["claims_ok"]')
@@ -132,8 +141,13 @@ for pct in 25 50 75; do
   rate=$(( MAX * pct / 100 ))
   [ "$rate" -ge 1 ] || rate=1
   seed=$((seed + 1))
+  report_args=()
+  if [ "$pct" = 50 ]; then
+    chart open50 'redis backend, persister on: open loop at 50% of max'
+    report_args=(--report "$CHART")
+  fi
   lt --scenario flash-sale --seed "$seed" --users 10000000 --stock 100000000 --connections "$CONNS" \
-    --rate "$rate" --duration "${SECS}s" --json "$WORK/open$pct.json"
+    --rate "$rate" --duration "${SECS}s" --json "$WORK/open$pct.json" "${report_args[@]}"
   OPEN_ROWS+="| ${pct}% | $rate | $(jget "$WORK/open$pct.json" 'round(d["claims_per_s"])') | $(jget "$WORK/open$pct.json" 'd["latency_ms"]["p50"]') | $(jget "$WORK/open$pct.json" 'd["latency_ms"]["p90"]') | $(jget "$WORK/open$pct.json" 'd["latency_ms"]["p99"]') | $(jget "$WORK/open$pct.json" 'd["latency_ms"]["p999"]') | $(jget "$WORK/open$pct.json" 'd["unsent"]') |"$'\n'
 done
 P99_AT_50=$(jget "$WORK/open50.json" 'd["latency_ms"]["p99"]')
@@ -147,8 +161,9 @@ stop_gateway
 start_gateway --backend redis --redis-url "redis://127.0.0.1:$RPORT" --database-url "$PG_URL" \
   --set persister.enabled=false
 e0=$(evalsha_calls)
+chart np-max 'redis backend, persister off: max claims/s (closed loop)'
 lt --scenario flash-sale --seed 12 --users 10000000 --stock 100000000 --connections "$CONNS" \
-  --duration "${SECS}s" --json "$WORK/np-max.json"
+  --duration "${SECS}s" --json "$WORK/np-max.json" --report "$CHART"
 e1=$(evalsha_calls)
 NP_MAX=$(jget "$WORK/np-max.json" 'round(d["claims_per_s"])')
 NP_P99=$(jget "$WORK/np-max.json" 'd["latency_ms"]["p99"]')
@@ -167,8 +182,9 @@ lt --scenario flash-sale --seed 31 --users 200 --stock 20 --connections 8 --requ
 sleep 1.5   # the sold-out flag and the winners reach this instance
 s0_eval=$(evalsha_calls)
 s0_path=$(( $(metric claimgate_backend_calls_total 'script="claim"') + $(metric claimgate_backend_calls_total 'script="replay"') ))
+chart soldout 'sold-out answers (from memory)'
 lt --scenario sold-out --threads 2 --batch lt-31 --seed 32 --users 100000 --connections "$CONNS" --duration "${SECS}s" \
-  --json "$WORK/soldout.json"
+  --json "$WORK/soldout.json" --report "$CHART"
 s1_eval=$(evalsha_calls)
 s1_path=$(( $(metric claimgate_backend_calls_total 'script="claim"') + $(metric claimgate_backend_calls_total 'script="replay"') ))
 SOLD=$(jget "$WORK/soldout.json" 'round(d["rps"])')
@@ -186,11 +202,12 @@ start_gateway --backend redis --redis-url "redis://127.0.0.1:$RPORT" --database-
 wait_drained
 rss() { awk '/VmRSS/{print $2}' "/proc/$GPID/status"; }
 lt --scenario flash-sale --seed 35 --users 10000000 --stock 100000000 --connections 100 \
-  --rate "$(( MAX * 3 ))" --duration "${SECS}s" --timeout-ms 3000 >/dev/null
+  --rate "$(( MAX * 3 ))" --duration "${SECS}s" --timeout-ms 3000 --expect-shedding >/dev/null
 RSS0=$(rss)
+chart overload '3x overload with admission control (503 overloaded expected)'
 lt --scenario flash-sale --seed 36 --users 10000000 --stock 100000000 --connections 100 \
-  --rate "$(( MAX * 3 ))" --duration "${SECS}s" --timeout-ms 3000 \
-  --json "$WORK/over.json" --history "$WORK/over.jsonl"
+  --rate "$(( MAX * 3 ))" --duration "${SECS}s" --timeout-ms 3000 --expect-shedding \
+  --json "$WORK/over.json" --history "$WORK/over.jsonl" --report "$CHART"
 RSS1=$(rss)
 read -r OVER_ADMITTED OVER_SHED OVER_P99 OVER_P999 OVER_P99_SEND < <(python3 - "$WORK/over.jsonl" <<'PY'
 import json, sys
@@ -222,8 +239,9 @@ start_gateway --backend embedded --database-url "sqlite://$WORK/emb.db?mode=rwc"
 lt --scenario trivial --connections "$CONNS" --duration "${SECS}s" --json "$WORK/etrivial.json"
 ETRIVIAL=$(jget "$WORK/etrivial.json" 'round(d["rps"])')
 c0=$(cpu_ticks "$GPID")
+chart emax 'embedded backend: max claims/s (closed loop)'
 lt --scenario flash-sale --seed 41 --users 10000000 --stock 100000000 --connections "$CONNS" \
-  --duration "${SECS}s" --json "$WORK/emax.json"
+  --duration "${SECS}s" --json "$WORK/emax.json" --report "$CHART"
 c1=$(cpu_ticks "$GPID")
 EMAX=$(jget "$WORK/emax.json" 'round(d["claims_per_s"])')
 EMAX_OK=$(jget "$WORK/emax.json" 'd["claims_ok"]')
@@ -251,8 +269,10 @@ persist_run() { # persist_run NAME ARGS... ; appends to PERSIST_ROWS, writes $WO
   ) &
   local sampler=$!
   local r0; r0=$(metric claimgate_persist_rows_total)
+  chart "persist-$name" "persistence under load: $name (backlog from /readyz)"
   lt --scenario flash-sale --seed "$RANDOM" --users 10000000 --stock 100000000 --connections "$CONNS" \
-    --duration "${PSECS}s" --json "$WORK/persist-$name.json"
+    --duration "${PSECS}s" --json "$WORK/persist-$name.json" \
+    --report "$CHART"
   local end; end=$(date +%s.%N)
   local ok; ok=$(jget "$WORK/persist-$name.json" 'd["claims_ok"]')
   local peak; peak=$(awk -F, 'NR>1 && $2>m {m=$2} END{print m+0}' "$csv")
@@ -352,6 +372,13 @@ drain time is from the end of the load until the backlog is 0 and every claim is
 | database | load s | claims | claims/s | peak backlog | drain s | rows | rows/s (load + drain) | rows/s while draining (no claim load) |
 |---|---|---|---|---|---|---|---|---|
 $PERSIST_ROWS
+## Charts
+
+Throughput, latency percentiles (p50/p90/p99 per interval) and the persistence backlog over
+each run's measured phase, drawn by \`claimgate-loadtest --report\` (files
+\`$DATE-<run>.svg\` beside this report).
+
+$CHARTS
 ## Commands
 
 - ceiling: \`$RB_CMD\` (and \`-P 16\`)
@@ -362,6 +389,7 @@ $PERSIST_ROWS
 - claim phases use one generator thread (measured: two threads leave less CPU to the gateway and Redis and lower the figure)
 - gateway: \`claimgate --backend redis|embedded --set limits.claim_per_user.per_second=0 --set limits.max_inflight=100000 serve\`
 EOF
-cp "$REPORT" BENCHMARKS.md
+# BENCHMARKS.md lives at the top of the tree: point its chart links into $OUT_DIR.
+sed "s#]($DATE-#]($OUT_DIR/$DATE-#g" "$REPORT" >BENCHMARKS.md
 log "wrote $REPORT and BENCHMARKS.md"
 cat "$REPORT"
