@@ -352,6 +352,7 @@ fn draw_throughput(
         .configure_mesh()
         .x_desc("seconds since the start of the measured phase")
         .y_desc("per second")
+        .y_label_formatter(&|v| format!("{v:.0}"))
         .draw()?;
     draw_line(
         &mut chart,

@@ -164,8 +164,9 @@ impl Timeline {
 
     /// The intervals as rates and percentiles; `elapsed` (the phase's length) trims the
     /// last interval so that a partial interval's rate is not understated. A last interval
-    /// shorter than a quarter of the width (the in-flight tail of a closed-loop run) is
-    /// folded into the one before, where a handful of answers cannot make a spike.
+    /// shorter than half the width (typically the in-flight tail of a closed-loop run,
+    /// after which nothing new is sent) is folded into the one before, so that a handful
+    /// of answers over a few milliseconds makes neither a spike nor a cliff.
     pub fn points(&self, elapsed: Duration) -> Vec<Point> {
         let width = self.interval().as_secs_f64();
         let end_of_run = elapsed.as_secs_f64();
@@ -173,7 +174,7 @@ impl Timeline {
         let tail_start = self
             .interval()
             .saturating_mul(u32::try_from(n.saturating_sub(1)).unwrap_or(u32::MAX));
-        let fold = n >= 2 && elapsed.saturating_sub(tail_start) < self.interval() / 4;
+        let fold = n >= 2 && elapsed.saturating_sub(tail_start) < self.interval() / 2;
         let last = if fold { n - 1 } else { n };
         let mut out = Vec::with_capacity(last);
         for (i, b) in self.buckets.iter().take(last).enumerate() {
@@ -467,12 +468,12 @@ mod tests {
     fn a_partial_last_interval_is_not_understated() {
         let mut t = Timeline::default();
         t.add(0, &bucket(100, 0, 0, &[]));
-        t.add(1, &bucket(25, 0, 0, &[]));
-        // The run ended 25 ms into the second interval.
-        let p = t.points(Duration::from_millis(125));
+        t.add(1, &bucket(60, 0, 0, &[]));
+        // The run ended 60 ms into the second interval.
+        let p = t.points(Duration::from_millis(160));
         assert!((p[0].requests_per_s - 1000.0).abs() < 1e-6);
         assert!((p[1].requests_per_s - 1000.0).abs() < 1e-6, "{:?}", p[1]);
-        assert!((p[1].t_s - 0.1125).abs() < 1e-9);
+        assert!((p[1].t_s - 0.13).abs() < 1e-9);
     }
 
     #[test]
@@ -481,11 +482,12 @@ mod tests {
         t.add(0, &bucket(100, 0, 0, &[]));
         t.add(1, &bucket(100, 0, 0, &[1000]));
         t.add(2, &bucket(3, 0, 0, &[9000]));
-        // The run ended 1 ms into the third interval: 3 answers in 1 ms are no 3000/s.
-        let p = t.points(Duration::from_millis(201));
+        // The run ended 40 ms into the third interval: the 3 answers of the in-flight
+        // tail are no cliff down to 75/s.
+        let p = t.points(Duration::from_millis(240));
         assert_eq!(p.len(), 2);
         assert!(
-            (p[1].requests_per_s - 103.0 / 0.101).abs() < 1e-6,
+            (p[1].requests_per_s - 103.0 / 0.14).abs() < 1e-6,
             "{:?}",
             p[1]
         );
