@@ -153,7 +153,7 @@ pub struct AuthConfig {
     /// When set, users are identified by an HS256 JWT (`sub`, `exp`) signed with this secret;
     /// when unset, by `user_id` in the body (development only: a warning is logged).
     pub user_token_secret: Option<String>,
-    /// Clock skew tolerated on `exp`, seconds.
+    /// Clock skew tolerated on a token's `exp` and `nbf`, seconds (at most 300).
     pub user_token_leeway_s: u64,
 }
 
@@ -403,6 +403,9 @@ impl Config {
         }
         if self.auth.admin_token.as_ref().is_some_and(|t| t.len() < 16) {
             return bad("auth.admin_token", "must be at least 16 characters");
+        }
+        if self.auth.user_token_leeway_s > 300 {
+            return bad("auth.user_token_leeway_s", "must be 0..=300");
         }
         if self
             .auth
