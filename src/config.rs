@@ -196,7 +196,9 @@ pub struct LimitsConfig {
     pub admission_wait_ms: u64,
     /// `Retry-After` seconds sent with 429 and 503 answers.
     pub retry_after_s: u64,
-    /// Keys tracked by each keyed rate limiter before idle ones are purged.
+    /// Keys each keyed rate limiter (per user, per IP) tracks at most. When full, keys whose
+    /// bucket has refilled are dropped, and if that frees too little, all are forgotten
+    /// (their buckets refill: errs towards admitting).
     pub max_tracked_keys: usize,
 }
 
@@ -394,6 +396,9 @@ impl Config {
         }
         if self.stock.max_refill_rounds == 0 {
             return bad("stock.max_refill_rounds", "must be at least 1");
+        }
+        if self.limits.max_tracked_keys == 0 {
+            return bad("limits.max_tracked_keys", "must be at least 1");
         }
         if self.limits.max_inflight == 0 {
             return bad("limits.max_inflight", "must be at least 1");
