@@ -448,6 +448,37 @@ async fn respond<B: Backend>(
 mod tests {
     use super::*;
 
+    #[tokio::test(start_paused = true)]
+    async fn an_http2_connection_is_idle_only_with_no_open_stream() {
+        let bound = Duration::from_secs(1);
+        let streams = Arc::new(Streams::new());
+        let opened = Instant::now();
+        assert_eq!(streams.idle_deadline(bound), opened + bound);
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let a = streams.open();
+        let b = streams.open();
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(
+            streams.idle_deadline(bound),
+            Instant::now() + bound,
+            "busy: looked at again later"
+        );
+        drop(a);
+        assert!(
+            streams.idle_deadline(bound) > Instant::now(),
+            "one still open"
+        );
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let closed_at = Instant::now();
+        drop(b);
+        let deadline = streams.idle_deadline(bound);
+        assert!(
+            deadline >= closed_at + bound - Duration::from_millis(1),
+            "{deadline:?}"
+        );
+        assert!(deadline <= closed_at + bound);
+    }
+
     #[tokio::test]
     async fn prefixed_replays_the_sniffed_bytes_first() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
