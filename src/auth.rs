@@ -2,7 +2,8 @@
 //! (a verified HS256 JWT when a secret is configured, the body's `user_id` in development).
 //!
 //! Invariant kept here: with user auth on, the user a claim is made for is exactly the
-//! verified token's `sub`; a disagreeing `user_id` in the body is rejected, never used.
+//! verified token's `sub`, of a token inside its lifetime (`nbf` ..= `exp`, give or take
+//! `auth.user_token_leeway_s`); a disagreeing `user_id` in the body is rejected, never used.
 
 use http::HeaderMap;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
@@ -19,6 +20,8 @@ pub enum AuthError {
     InvalidToken,
     #[error("token has expired")]
     Expired,
+    #[error("token is not valid yet (nbf)")]
+    NotYetValid,
     #[error("user_id does not match the token's subject")]
     UserMismatch,
     #[error("user_id is required")]
@@ -69,8 +72,10 @@ impl Auth {
     pub fn new(cfg: &AuthConfig) -> Auth {
         let user = cfg.user_token_secret.as_ref().map(|secret| {
             let mut v = Validation::new(Algorithm::HS256);
+            // One clock-skew allowance for both ends of the token's lifetime.
             v.leeway = cfg.user_token_leeway_s;
             v.validate_exp = true;
+            v.validate_nbf = true;
             v.set_required_spec_claims(&["exp", "sub"]);
             (DecodingKey::from_secret(secret.as_bytes()), v)
         });
@@ -130,6 +135,7 @@ impl Auth {
         let data =
             jsonwebtoken::decode::<Claims>(token, key, validation).map_err(|e| match e.kind() {
                 jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
+                jsonwebtoken::errors::ErrorKind::ImmatureSignature => AuthError::NotYetValid,
                 _ => AuthError::InvalidToken,
             })?;
         let claims = data.claims;
@@ -214,6 +220,55 @@ mod tests {
         assert_eq!(
             a.identify(&headers(&format!("Bearer {}", token("a b", 60))), None),
             Err(AuthError::BadSubject)
+        );
+    }
+
+    fn token_with_nbf(nbf: serde_json::Value) -> String {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let claims = serde_json::json!({ "sub": "u1", "exp": now + 3600, "nbf": nbf });
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap()
+    }
+
+    /// Regression (hardening item 9): `nbf` was ignored, so a token not yet valid was
+    /// accepted. It is honoured with the configured leeway.
+    #[test]
+    fn item9_nbf_is_honoured_with_the_leeway() {
+        let a = Auth::new(&AuthConfig {
+            user_token_secret: Some(SECRET.into()),
+            user_token_leeway_s: 30,
+            ..AuthConfig::default()
+        });
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let id = |nbf: serde_json::Value| {
+            a.identify(&headers(&format!("Bearer {}", token_with_nbf(nbf))), None)
+        };
+        assert_eq!(
+            id(serde_json::json!(now + 3600)),
+            Err(AuthError::NotYetValid)
+        );
+        assert_eq!(id(serde_json::json!(now + 60)), Err(AuthError::NotYetValid));
+        assert!(id(serde_json::json!(now + 20)).is_ok(), "inside the leeway");
+        assert!(id(serde_json::json!(now)).is_ok());
+        assert!(id(serde_json::json!(now - 3600)).is_ok());
+        assert_eq!(
+            id(serde_json::json!("tomorrow")),
+            Err(AuthError::InvalidToken),
+            "a malformed nbf is refused"
+        );
+        let strict = Auth::new(&AuthConfig {
+            user_token_secret: Some(SECRET.into()),
+            ..AuthConfig::default()
+        });
+        let t = token_with_nbf(serde_json::json!(now + 20));
+        assert_eq!(
+            strict.identify(&headers(&format!("Bearer {t}")), None),
+            Err(AuthError::NotYetValid),
+            "no leeway configured"
         );
     }
 

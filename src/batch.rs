@@ -2,8 +2,9 @@
 //! each slot's metadata hash.
 //!
 //! Invariant kept here: a batch that passes [`NewBatch::validate`] has a well-formed id,
-//! positive stock, limits >= 1, a window with start < end and a coherent validity, so no
-//! script ever sees metadata it cannot interpret.
+//! positive stock, limits >= 1, a window with start < end and a coherent validity, every
+//! timestamp within [`Timestamp::MIN`]..=[`Timestamp::MAX`] (so no script ever sees
+//! metadata it cannot interpret, and every time formats back to RFC 3339).
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -32,6 +33,12 @@ pub fn valid_batch_id(id: &str) -> bool {
 pub struct Timestamp(pub i64);
 
 impl Timestamp {
+    /// The Unix epoch, the earliest time a batch may name: the scripts record times as
+    /// unsigned decimal milliseconds (`(%d+)` matches no minus sign).
+    pub const MIN: Timestamp = Timestamp(0);
+    /// 9999-12-31T23:59:59.999Z, the latest time RFC 3339 can write (a four-digit year).
+    pub const MAX: Timestamp = Timestamp(253_402_300_799_999);
+
     pub fn now() -> Timestamp {
         Timestamp((OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64)
     }
@@ -207,8 +214,14 @@ impl NewBatch {
         if self.per_user_daily_limit.is_some_and(|d| d < 1) {
             return invalid("per_user_daily_limit must be >= 1 or null");
         }
+        in_range("claim_window.start", self.claim_window.start)?;
+        in_range("claim_window.end", self.claim_window.end)?;
         if self.claim_window.start >= self.claim_window.end {
             return invalid("claim_window.start must be before claim_window.end");
+        }
+        if let Validity::Fixed { start, end } = self.validity {
+            in_range("validity.start", start)?;
+            in_range("validity.end", end)?;
         }
         match self.validity {
             Validity::Relative { days_after_claim } if !(1..=3650).contains(&days_after_claim) => {
@@ -279,6 +292,17 @@ impl NewBatch {
     }
 }
 
+/// Refuses a time outside [`Timestamp::MIN`]..=[`Timestamp::MAX`] (UTC), naming the field.
+fn in_range(field: &str, t: Timestamp) -> Result<(), InvalidBatch> {
+    if (Timestamp::MIN..=Timestamp::MAX).contains(&t) {
+        Ok(())
+    } else {
+        invalid(format!(
+            "{field} must be between 1970-01-01T00:00:00Z and 9999-12-31T23:59:59.999Z (UTC)"
+        ))
+    }
+}
+
 fn generate_id() -> String {
     use rand::Rng;
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
@@ -321,6 +345,9 @@ impl BatchPatch {
         }
         if self.claim_window.is_some() && self.claim_window_end.is_some() {
             return invalid("give the window end once");
+        }
+        if let Some(end) = self.new_end() {
+            in_range("claim_window.end", end)?;
         }
         if self
             .new_end()
@@ -434,6 +461,74 @@ mod tests {
         let bad_window = body("").replace("2026-11-12", "2026-11-10");
         let nb: NewBatch = serde_json::from_str(&bad_window).unwrap();
         assert!(nb.validate(&LIMITS).is_err());
+    }
+
+    /// Regression (hardening item 7): a fixed validity before 1970 was accepted (then every
+    /// replay of its claims failed with 500). Every timestamp must lie in what the scripts
+    /// and RFC 3339 can carry, whatever UTC offset it was written with.
+    #[test]
+    fn item7_timestamps_outside_1970_to_9999_are_rejected() {
+        let with = |window: (&str, &str), validity: (&str, &str)| {
+            body("")
+                .replace(
+                    r#""start":"2026-11-11T00:00:00Z","end":"2026-11-12T00:00:00Z""#,
+                    &format!(r#""start":"{}","end":"{}""#, window.0, window.1),
+                )
+                .replace(
+                    r#"{"days_after_claim":7}"#,
+                    &format!(r#"{{"start":"{}","end":"{}"}}"#, validity.0, validity.1),
+                )
+        };
+        let ok_window = ("2026-11-11T00:00:00Z", "2026-11-12T00:00:00Z");
+        let ok_validity = ("2026-11-11T00:00:00Z", "2027-11-12T00:00:00Z");
+        for (window, validity) in [
+            (
+                ok_window,
+                ("1969-12-31T23:59:59.999Z", "2027-01-01T00:00:00Z"),
+            ),
+            (ok_window, ("1960-01-01T00:00:00Z", "1961-01-01T00:00:00Z")),
+            (
+                ok_window,
+                ("1970-01-01T00:30:00+01:00", "2027-01-01T00:00:00Z"),
+            ),
+            (
+                ok_window,
+                ("2026-01-01T00:00:00Z", "9999-12-31T23:59:59-00:01"),
+            ),
+            (
+                ("1969-01-01T00:00:00Z", "2026-11-12T00:00:00Z"),
+                ok_validity,
+            ),
+            (
+                ("2026-01-01T00:00:00Z", "9999-12-31T23:00:00-05:00"),
+                ok_validity,
+            ),
+            (
+                ("0000-01-01T00:00:00+01:00", "2026-11-12T00:00:00Z"),
+                ok_validity,
+            ),
+        ] {
+            let json = with(window, validity);
+            let nb: NewBatch = serde_json::from_str(&json).unwrap();
+            assert!(nb.validate(&LIMITS).is_err(), "{window:?} {validity:?}");
+        }
+        // the edges themselves are fine
+        let nb: NewBatch = serde_json::from_str(&with(
+            ("1970-01-01T00:00:00Z", "9999-12-31T23:59:59.999Z"),
+            ("1970-01-01T00:00:00Z", "9999-12-31T23:59:59.999Z"),
+        ))
+        .unwrap();
+        let b = nb.validate(&LIMITS).unwrap();
+        assert_eq!(b.claim_window.start, Timestamp::MIN);
+        assert_eq!(b.claim_window.end, Timestamp::MAX);
+        assert_eq!(Timestamp::MAX.to_rfc3339(), "9999-12-31T23:59:59.999Z");
+        assert_eq!(Timestamp::MIN.to_rfc3339(), "1970-01-01T00:00:00Z");
+        // a patch cannot move the window end out of range
+        for end in ["9999-12-31T23:59:59-01:00", "1969-12-31T00:00:00Z"] {
+            let p: BatchPatch =
+                serde_json::from_str(&format!(r#"{{"claim_window":{{"end":"{end}"}}}}"#)).unwrap();
+            assert!(p.validate(&b, &LIMITS).is_err(), "{end}");
+        }
     }
 
     #[test]

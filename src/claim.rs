@@ -152,9 +152,10 @@ async fn claim_inner<B: Backend>(
             LocalRefusal::LimitReached => ApiError::LimitReached,
         };
         // The same user + request id always gets the same answer: a request id that won
-        // earlier still replays its coupon (one read). Without a request id: no backend call.
+        // earlier still replays its coupon (one read), whatever the user's eligibility is
+        // now (tags and the new-user flag come with each request and may have changed since
+        // the claim). Without a request id: no backend call.
         let replayable = match refusal {
-            LocalRefusal::NotEligible => false,
             // sold out and the user won nothing: this cannot be a replay of a success
             LocalRefusal::SoldOut => {
                 app.load_winners(&entry);

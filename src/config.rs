@@ -88,12 +88,24 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// Open client connections at most; further connections wait in the accept queue.
     pub max_connections: usize,
-    /// Time allowed to receive a request's headers (also bounds idle keep-alive).
+    /// Time allowed for a new connection's first bytes, then for each request's headers;
+    /// also closes idle keep-alive connections (HTTP/2: no open stream) after this long.
     pub header_read_timeout_ms: u64,
     /// Time allowed for a whole request, body included.
     pub request_timeout_ms: u64,
     /// Serve HTTP/2 (prior knowledge / h2c) besides HTTP/1.1.
     pub http2: bool,
+    /// HTTP/2: ping a peer silent this long; close it if the ping is not answered within
+    /// `http2_keep_alive_timeout_ms`.
+    pub http2_keep_alive_interval_ms: u64,
+    pub http2_keep_alive_timeout_ms: u64,
+    /// HTTP/2: requests in flight at once on one connection.
+    pub http2_max_concurrent_streams: u32,
+    /// Closing a connection whose client may still be sending (e.g. an oversized body): its
+    /// input is read and dropped for at most this long and this many bytes, so the client
+    /// can read our response instead of getting a reset. 0 ms closes at once.
+    pub linger_ms: u64,
+    pub linger_max_bytes: usize,
     /// On SIGTERM/SIGINT: stop accepting, finish in-flight requests, flush, exit within this.
     pub shutdown_grace_ms: u64,
 }
@@ -107,6 +119,11 @@ impl Default for ServerConfig {
             header_read_timeout_ms: 10_000,
             request_timeout_ms: 10_000,
             http2: true,
+            http2_keep_alive_interval_ms: 20_000,
+            http2_keep_alive_timeout_ms: 10_000,
+            http2_max_concurrent_streams: 256,
+            linger_ms: 2_000,
+            linger_max_bytes: 1024 * 1024,
             shutdown_grace_ms: 10_000,
         }
     }
@@ -153,7 +170,7 @@ pub struct AuthConfig {
     /// When set, users are identified by an HS256 JWT (`sub`, `exp`) signed with this secret;
     /// when unset, by `user_id` in the body (development only: a warning is logged).
     pub user_token_secret: Option<String>,
-    /// Clock skew tolerated on `exp`, seconds.
+    /// Clock skew tolerated on a token's `exp` and `nbf`, seconds (at most 300).
     pub user_token_leeway_s: u64,
 }
 
@@ -196,7 +213,9 @@ pub struct LimitsConfig {
     pub admission_wait_ms: u64,
     /// `Retry-After` seconds sent with 429 and 503 answers.
     pub retry_after_s: u64,
-    /// Keys tracked by each keyed rate limiter before idle ones are purged.
+    /// Keys each keyed rate limiter (per user, per IP) tracks at most. When full, keys whose
+    /// bucket has refilled are dropped, and if that frees too little, all are forgotten
+    /// (their buckets refill: errs towards admitting).
     pub max_tracked_keys: usize,
 }
 
@@ -385,6 +404,31 @@ impl Config {
         if self.server.max_connections == 0 {
             return bad("server.max_connections", "must be at least 1");
         }
+        for (key, ms) in [
+            (
+                "server.header_read_timeout_ms",
+                self.server.header_read_timeout_ms,
+            ),
+            ("server.request_timeout_ms", self.server.request_timeout_ms),
+            (
+                "server.http2_keep_alive_interval_ms",
+                self.server.http2_keep_alive_interval_ms,
+            ),
+            (
+                "server.http2_keep_alive_timeout_ms",
+                self.server.http2_keep_alive_timeout_ms,
+            ),
+        ] {
+            if !(1..=3_600_000).contains(&ms) {
+                return bad(key, "must be 1..=3600000 (ms)");
+            }
+        }
+        if self.server.http2_max_concurrent_streams == 0 {
+            return bad("server.http2_max_concurrent_streams", "must be at least 1");
+        }
+        if self.server.linger_ms > 60_000 {
+            return bad("server.linger_ms", "must be 0..=60000");
+        }
         if self.batches.default_shards == 0 || self.batches.default_shards > self.batches.max_shards
         {
             return bad("batches.default_shards", "must be 1..=batches.max_shards");
@@ -395,6 +439,9 @@ impl Config {
         if self.stock.max_refill_rounds == 0 {
             return bad("stock.max_refill_rounds", "must be at least 1");
         }
+        if self.limits.max_tracked_keys == 0 {
+            return bad("limits.max_tracked_keys", "must be at least 1");
+        }
         if self.limits.max_inflight == 0 {
             return bad("limits.max_inflight", "must be at least 1");
         }
@@ -403,6 +450,9 @@ impl Config {
         }
         if self.auth.admin_token.as_ref().is_some_and(|t| t.len() < 16) {
             return bad("auth.admin_token", "must be at least 16 characters");
+        }
+        if self.auth.user_token_leeway_s > 300 {
+            return bad("auth.user_token_leeway_s", "must be 0..=300");
         }
         if self
             .auth

@@ -6,6 +6,7 @@
 //! is changed; no input reaches a handler unvalidated.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -112,23 +113,29 @@ fn request_id(headers: &http::HeaderMap) -> String {
         .unwrap_or_else(|| format!("{:016x}", rand::random::<u64>()))
 }
 
-/// Reads the whole body, refusing more than `limit` bytes.
-async fn read_body<Bd>(body: Bd, limit: usize) -> Result<Bytes, ApiError>
+/// Reads the whole body, refusing more than `limit` bytes. A refused body is left unread
+/// and `cut` is set: the answer then says `Connection: close`, and the server drains what
+/// the client still sends before closing (see `server::linger`), so the client reads the
+/// 400 instead of a reset.
+async fn read_body<Bd>(body: Bd, limit: usize, cut: &AtomicBool) -> Result<Bytes, ApiError>
 where
     Bd: Body<Data = Bytes>,
     Bd::Error: std::error::Error + Send + Sync + 'static,
 {
+    let too_large = || {
+        cut.store(true, Ordering::Relaxed);
+        ApiError::BadRequest(format!("body larger than {limit} bytes"))
+    };
     if body.size_hint().lower() > limit as u64 {
-        return Err(ApiError::BadRequest(format!(
-            "body larger than {limit} bytes"
-        )));
+        return Err(too_large());
     }
     match Limited::new(body, limit).collect().await {
         Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::BadRequest(format!(
-            "body larger than {limit} bytes"
-        ))),
-        Err(e) => Err(ApiError::BadRequest(format!("could not read body: {e}"))),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Err(e) => {
+            cut.store(true, Ordering::Relaxed);
+            Err(ApiError::BadRequest(format!("could not read body: {e}")))
+        }
     }
 }
 
@@ -148,7 +155,8 @@ where
     let route = Route::parse(parts.uri.path());
     let label = route.label();
     let request_id = request_id(&parts.headers);
-    let fut = dispatch(app, route, &parts, body, peer);
+    let body_cut = AtomicBool::new(false);
+    let fut = dispatch(app, route, &parts, body, peer, &body_cut);
     let result = match tokio::time::timeout(timeout, fut).await {
         Ok(r) => r,
         Err(_) => Err(ApiError::BackendUnavailable(
@@ -173,6 +181,9 @@ where
     if let Ok(v) = header::HeaderValue::from_str(&request_id) {
         resp.headers_mut().insert("x-request-id", v);
     }
+    if body_cut.load(Ordering::Relaxed) {
+        resp = closing(resp);
+    }
     let class = match resp.status().as_u16() {
         200..=299 => "2xx",
         300..=399 => "3xx",
@@ -189,6 +200,7 @@ async fn dispatch<B, Bd>(
     parts: &http::request::Parts,
     body: Bd,
     peer: SocketAddr,
+    body_cut: &AtomicBool,
 ) -> Result<Response<Full<Bytes>>, ApiError>
 where
     B: Backend,
@@ -211,7 +223,7 @@ where
         Route::OpenApi if m == Method::GET => Ok(crate::ops::openapi()),
         Route::Batches if m == Method::POST => {
             app.auth.check_admin(h)?;
-            let body = read_body(body, limit).await?;
+            let body = read_body(body, limit, body_cut).await?;
             let (status, batch) = crate::admin::create(app, &body).await?;
             Ok(json_response(status, &batch))
         }
@@ -224,14 +236,14 @@ where
         }
         Route::Batch(id) if m == Method::PATCH => {
             app.auth.check_admin(h)?;
-            let body = read_body(body, limit).await?;
+            let body = read_body(body, limit, body_cut).await?;
             Ok(json_response(
                 StatusCode::OK,
                 &crate::admin::patch(app, id, &body).await?,
             ))
         }
         Route::Claims(id) if m == Method::POST => {
-            let body = read_body(body, limit).await?;
+            let body = read_body(body, limit, body_cut).await?;
             let (status, reply) = crate::claim::claim(app, id, h, peer, &body).await?;
             Ok(json_response(status, &reply))
         }
@@ -241,7 +253,7 @@ where
             Ok(json_response(StatusCode::OK, &page))
         }
         Route::CouponAction(coupon, action) if m == Method::POST => {
-            let body = read_body(body, limit).await?;
+            let body = read_body(body, limit, body_cut).await?;
             let reply = crate::wallet::act(app, h, coupon, action, &body).await?;
             Ok(json_response(StatusCode::OK, &reply))
         }
@@ -250,7 +262,8 @@ where
     }
 }
 
-/// Adds `Connection: close` while draining, so keep-alive clients move elsewhere.
+/// Adds `Connection: close` (while draining, so keep-alive clients move elsewhere; after a
+/// body left unread).
 pub fn closing(mut resp: Response<Full<Bytes>>) -> Response<Full<Bytes>> {
     resp.headers_mut().insert(
         header::CONNECTION,
