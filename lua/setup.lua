@@ -1,4 +1,7 @@
 -- setup.lua: create one slot of a batch (the pool or one shard). Idempotent.
+-- A slot created here starts a fresh claim counter (coupon ids from .1), so the caller runs
+-- it only for a batch whose setup never completed (the database records that): a batch
+-- Redis lost is restored by restore.lua (rebuild), never set up again.
 --
 -- KEYS (one hash tag: {<batch>:pool} or {<batch>:<shard>}):
 --   1 meta   hash   batch metadata (fields from ARGV), including 'fp', the definition fingerprint

@@ -1,8 +1,22 @@
 //! Admin routes: create, read and change batches.
 //!
-//! Invariant kept here: a batch is recorded in the database before it becomes claimable in
-//! Redis (so the persister always knows where its claims go), and creating the same batch
-//! twice is harmless while a different batch under the same id is refused (409).
+//! Invariants kept here:
+//! - the database is the arbiter of a batch's definition: a create inserts the row only if
+//!   the id is free and goes on with the row it reads back, so concurrent creates of
+//!   different definitions have ONE winner (the others get 409 `batch_exists`), and Redis is
+//!   always set up with the stored definition;
+//! - a batch is recorded in the database before it becomes claimable in Redis (so the
+//!   persister always knows where its claims go), and a batch that was live once (its setup
+//!   completed, or the database holds claims of it) is never set up again: when Redis lost
+//!   it, a create answers like a claim does (503, batch lost) until `claimgate rebuild`, so
+//!   no stock is re-sold and no coupon id is minted twice;
+//! - a change (PATCH) is a compare-and-set on the row's version, validated against the fresh
+//!   definition (`batches.max_stock` included), then applied to Redis at that version by an
+//!   idempotent, order-independent script: concurrent changes apply exactly once, in order,
+//!   and a change interrupted on its way to Redis is finished by [`heal_definitions`].
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use http::StatusCode;
 use serde::Serialize;
@@ -10,8 +24,16 @@ use serde::Serialize;
 use crate::app::App;
 use crate::backend::Backend;
 use crate::batch::{Batch, BatchPatch, NewBatch};
+use crate::cache::CachedBatch;
 use crate::error::ApiError;
+use crate::keys::BatchKeys;
 use crate::stock::StockError;
+
+/// How often a PATCH re-reads the definition and retries after losing the compare-and-set
+/// race to a concurrent change, before answering 503 (nothing changed).
+const CHANGE_ATTEMPTS: u32 = 64;
+/// Upper bound of the (jittered) pause between two of those attempts.
+const CHANGE_BACKOFF_MAX: Duration = Duration::from_millis(5);
 
 #[derive(Debug, Serialize)]
 pub struct StockView {
@@ -32,27 +54,93 @@ pub async fn create<B: Backend>(
     body: &[u8],
 ) -> Result<(StatusCode, Batch), ApiError> {
     let new: NewBatch = crate::router::parse_object(body, "batch")?;
-    let batch = new.validate(&app.cfg.batches.limits())?;
-    let fp = batch.fingerprint();
-    match app.db.get_batch(&batch.id).await {
-        Ok(Some(existing)) if existing.fingerprint() != fp => return Err(ApiError::BatchExists),
-        Ok(_) => {}
-        Err(e) => return Err(app.unavailable(e)),
-    }
-    app.db
-        .upsert_batch(&batch)
+    let proposed = new.validate(&app.cfg.batches.limits())?;
+    let (stored, inserted) = app
+        .db
+        .insert_batch(&proposed)
         .await
         .map_err(|e| app.unavailable(e))?;
-    let keys = crate::keys::BatchKeys::new(&batch.id, batch.shards);
-    match app.stock.create(&batch, &keys).await {
-        Ok(_) => {}
-        Err(StockError::Conflict) => return Err(ApiError::BatchExists),
-        Err(e) => return Err(app.stock_error(e)),
+    if stored.batch.fingerprint() != proposed.fingerprint() {
+        return Err(ApiError::BatchExists);
     }
+    let batch = stored.batch;
+    let keys = BatchKeys::new(&batch.id, batch.shards);
+    let was_live = stored.setup_done
+        || app
+            .db
+            .has_claims(&batch.id)
+            .await
+            .map_err(|e| app.unavailable(e))?;
+    if was_live {
+        confirm_setup(app, &batch, &keys, stored.setup_done).await?;
+    } else {
+        match app.stock.create(&batch, &keys, stored.version).await {
+            Ok(_) => {}
+            Err(StockError::Conflict) => {
+                tracing::error!(batch = %batch.id,
+                    "Redis holds a different batch under this id than the database; \
+                     create refused");
+                if inserted && let Err(e) = app.db.delete_unset_batch(&batch.id).await {
+                    tracing::warn!(batch = %batch.id, error = %e,
+                        "could not remove the refused batch's row");
+                }
+                return Err(ApiError::BatchExists);
+            }
+            Err(e) => return Err(app.stock_error(e)),
+        }
+        app.db
+            .mark_setup_done(&batch.id)
+            .await
+            .map_err(|e| app.unavailable(e))?;
+    }
+    app.cache.clear_missing(&batch.id);
     if let Some(entry) = app.cache.get(&batch.id) {
         app.refresh_batch(&entry).await;
     }
+    app.stock.announce_change(&batch.id).await;
     Ok((StatusCode::CREATED, batch))
+}
+
+/// A create of a batch that was live once: never set it up again. Every slot present: a
+/// repeated create (201). A slot missing: Redis lost the batch, and it stays lost (503, as
+/// its claims answer) until `claimgate rebuild` restores it from the database.
+async fn confirm_setup<B: Backend>(
+    app: &App<B>,
+    batch: &Batch,
+    keys: &BatchKeys,
+    setup_done: bool,
+) -> Result<(), ApiError> {
+    let fps = app
+        .stock
+        .slot_fingerprints(keys)
+        .await
+        .map_err(|e| app.stock_error(e))?;
+    if fps.iter().any(Option::is_none) {
+        let entry = app
+            .cache
+            .insert(Arc::new(CachedBatch::new(batch.clone(), 0, false)));
+        app.mark_lost(&entry);
+        return Err(app.unavailable(format!(
+            "batch {} is known to the database but missing from Redis: not set up again \
+             (that would re-sell its stock); run `claimgate rebuild --batch {}`",
+            batch.id, batch.id
+        )));
+    }
+    if !setup_done {
+        // A create that crashed after its Redis setup, before recording it: the slots must
+        // hold this very definition (no change is possible before the setup is recorded).
+        let fp = batch.fingerprint();
+        if fps.iter().any(|f| f.as_deref() != Some(fp.as_str())) {
+            tracing::error!(batch = %batch.id,
+                "Redis holds a different batch under this id than the database");
+            return Err(ApiError::BatchExists);
+        }
+        app.db
+            .mark_setup_done(&batch.id)
+            .await
+            .map_err(|e| app.unavailable(e))?;
+    }
+    Ok(())
 }
 
 /// `GET /v1/batches/{id}`.
@@ -81,39 +169,117 @@ pub async fn get<B: Backend>(app: &App<B>, id: &str) -> Result<BatchView, ApiErr
     })
 }
 
-/// `PATCH /v1/batches/{id}`: pause/resume, move the window end, add stock.
+/// `PATCH /v1/batches/{id}`: pause/resume, move the window end, add stock. Applied exactly
+/// once, in version order (see the module documentation).
 pub async fn patch<B: Backend>(app: &App<B>, id: &str, body: &[u8]) -> Result<BatchView, ApiError> {
     let change: BatchPatch = crate::router::parse_object(body, "batch change")?;
     let entry = app.load_batch(id).await?;
     if entry.is_lost() {
         return Err(app.unavailable(format!("batch {id} is missing from Redis")));
     }
-    let Some((mut batch, _, _)) = app.read_meta(id).await? else {
-        return Err(ApiError::BatchNotFound);
+    // Versions in Redis only grow, and a change must be newer than what Redis holds (a
+    // rebuild, or a change made before versions lived in the database, may be ahead).
+    let Some((_, redis_version, _)) = app.read_meta(id).await? else {
+        app.mark_lost(&entry);
+        return Err(app.unavailable(format!("batch {id} is missing from Redis")));
     };
-    change.validate(&batch, &app.cfg.batches.limits())?;
-    change.apply(&mut batch);
-    let mut pairs = Vec::new();
-    if let Some(state) = change.state {
-        pairs.push(("state", state.as_str().to_string()));
-    }
-    if let Some(end) = change.new_end() {
-        pairs.push(("end", end.0.to_string()));
-    }
-    let def = serde_json::to_string(&batch).map_err(|e| ApiError::Internal(e.to_string()))?;
-    app.db
-        .upsert_batch(&batch)
+    let (batch, version) = change_definition(app, id, &change, redis_version).await?;
+    match app
+        .stock
+        .apply_definition(&entry.keys, &batch, version)
         .await
-        .map_err(|e| app.unavailable(e))?;
-    app.stock
-        .patch(
-            &entry.keys,
-            &pairs,
-            &[("def", def)],
-            change.add_stock.unwrap_or(0),
-        )
-        .await
-        .map_err(|e| app.stock_error(e))?;
+    {
+        Ok(()) => {}
+        Err(StockError::NotFound) => {
+            app.mark_lost(&entry);
+            return Err(app.unavailable(format!(
+                "batch {id} is missing from Redis; change version {version} is recorded and \
+                 applies with its rebuild"
+            )));
+        }
+        // Recorded in the database: the periodic check applies it once Redis answers.
+        Err(e) => return Err(app.stock_error(e)),
+    }
     app.refresh_batch(&entry).await;
     get(app, id).await
+}
+
+/// The compare-and-set on the database row: validates and applies the change to the fresh
+/// definition, writes it with the next version if nobody changed the row meanwhile, and
+/// retries (bounded) otherwise. Returns the new definition and its version.
+async fn change_definition<B: Backend>(
+    app: &App<B>,
+    id: &str,
+    change: &BatchPatch,
+    floor: i64,
+) -> Result<(Batch, i64), ApiError> {
+    let limits = app.cfg.batches.limits();
+    for attempt in 0..CHANGE_ATTEMPTS {
+        let row = app.db.batch_row(id).await.map_err(|e| app.unavailable(e))?;
+        let Some(row) = row.filter(|r| r.setup_done) else {
+            return Err(ApiError::BatchNotFound);
+        };
+        let mut batch = row.batch;
+        change.validate(&batch, &limits)?;
+        change.apply(&mut batch);
+        let version = row.version.max(floor) + 1;
+        let applied = app
+            .db
+            .update_batch(&batch, row.version, version)
+            .await
+            .map_err(|e| app.unavailable(e))?;
+        if applied {
+            return Ok((batch, version));
+        }
+        let cap = (CHANGE_BACKOFF_MAX.as_micros() as u64).min(100 * (u64::from(attempt) + 1));
+        let pause = Duration::from_micros(rand::random::<u64>() % cap.max(1));
+        tokio::time::sleep(pause).await;
+    }
+    Err(app.unavailable(format!(
+        "batch {id} changed concurrently {CHANGE_ATTEMPTS} times in a row; nothing was changed"
+    )))
+}
+
+/// Finishes changes Redis lags behind: for every cached batch whose pool version is older
+/// than the database's, re-applies the stored definition (idempotent; harmless when a PATCH
+/// is applying it right now). Covers a gateway that died between the database commit of a
+/// change and its Redis apply, and an apply that failed. Called from the refresh loop.
+pub async fn heal_definitions<B: Backend>(app: &App<B>) {
+    let versions = match app.db.batch_versions().await {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::debug!(error = %e, "definition check: listing versions failed");
+            return;
+        }
+    };
+    for (id, version) in versions {
+        let Some(entry) = app.cache.get(&id) else {
+            continue;
+        };
+        if entry.is_lost() || entry.version() >= version {
+            continue;
+        }
+        // The cached version may lag one refresh: look at Redis before acting.
+        let redis_version = match app.read_meta(&id).await {
+            Ok(Some((_, v, _))) => v,
+            _ => continue,
+        };
+        let row = match app.db.batch_row(&id).await {
+            Ok(Some(row)) if row.version > redis_version => row,
+            _ => continue,
+        };
+        match app
+            .stock
+            .apply_definition(&entry.keys, &row.batch, row.version)
+            .await
+        {
+            Ok(()) => {
+                tracing::warn!(batch = %id, redis = redis_version, database = row.version,
+                    "Redis lagged behind the stored definition; re-applied it");
+                app.refresh_batch(&entry).await;
+            }
+            Err(e) => tracing::warn!(batch = %id, error = %e,
+                "re-applying the stored definition failed; retrying on the next check"),
+        }
+    }
 }

@@ -1,8 +1,10 @@
 //! The gateway's shared state and its background loops (pub/sub events, metadata refresh,
 //! transfer sweeper, limiter purge).
 //!
-//! Invariant kept here: a batch that the database knows but Redis has lost is served as
-//! "lost" (503, nothing claimed) until it is rebuilt, never re-created with fresh stock.
+//! Invariants kept here: a batch that the database knows but Redis has lost is served as
+//! "lost" (503, nothing claimed) until it is rebuilt, never re-created with fresh stock; a
+//! batch's create (on this instance, or on another one by pub/sub) clears the "not found"
+//! mark of its id at once, and a lookup that began before the create cannot set it again.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -108,7 +110,9 @@ impl<B: Backend> App<B> {
         }
     }
 
-    /// The batch, from the cache, else from Redis, else from the database (then it is lost).
+    /// The batch, from the cache, else from Redis, else from the database: a batch whose
+    /// setup completed but which Redis does not have is lost; one whose create has not
+    /// finished its setup yet is not found (and not remembered as missing).
     pub async fn load_batch(&self, id: &str) -> Result<Arc<CachedBatch>, ApiError> {
         if let Some(e) = self.cache.get(id) {
             crate::metrics::cache_answer("meta_hit");
@@ -118,25 +122,38 @@ impl<B: Backend> App<B> {
             return Err(ApiError::BatchNotFound);
         }
         crate::metrics::cache_answer("meta_miss");
-        match self.read_meta(id).await? {
-            Some((batch, ver, sold_out)) => Ok(self
-                .cache
-                .insert(Arc::new(CachedBatch::new(batch, ver, sold_out)))),
-            None => match self.db.get_batch(id).await {
-                Ok(Some(batch)) => {
-                    let entry = self
-                        .cache
-                        .insert(Arc::new(CachedBatch::new(batch, 0, false)));
-                    self.mark_lost(&entry);
-                    Ok(entry)
-                }
-                Ok(None) => {
-                    self.cache.set_missing(id);
-                    Err(ApiError::BatchNotFound)
-                }
-                Err(e) => Err(self.unavailable(e)),
-            },
+        let epoch = self.cache.missing_epoch();
+        if let Some(entry) = self.cache_meta(id).await? {
+            return Ok(entry);
         }
+        match self.db.batch_row(id).await {
+            Ok(Some(row)) if row.setup_done => {
+                // The setup may have completed between the Redis read and the database
+                // read: look again before declaring the batch lost.
+                if let Some(entry) = self.cache_meta(id).await? {
+                    return Ok(entry);
+                }
+                let entry = self
+                    .cache
+                    .insert(Arc::new(CachedBatch::new(row.batch, 0, false)));
+                self.mark_lost(&entry);
+                Ok(entry)
+            }
+            Ok(Some(_)) => Err(ApiError::BatchNotFound), // being created
+            Ok(None) => {
+                self.cache.set_missing_since(id, epoch);
+                Err(ApiError::BatchNotFound)
+            }
+            Err(e) => Err(self.unavailable(e)),
+        }
+    }
+
+    /// Caches the batch as Redis has it, if it does.
+    async fn cache_meta(&self, id: &str) -> Result<Option<Arc<CachedBatch>>, ApiError> {
+        Ok(self.read_meta(id).await?.map(|(batch, ver, sold_out)| {
+            self.cache
+                .insert(Arc::new(CachedBatch::new(batch, ver, sold_out)))
+        }))
     }
 
     /// The pool metadata of a batch: (definition, version, sold out), or `None` if absent.
@@ -272,6 +289,7 @@ impl<B: Backend> App<B> {
                     app.refresh_batch(&entry).await;
                 }
                 if n.is_multiple_of(5) {
+                    crate::admin::heal_definitions(&app).await;
                     crate::metrics::upkeep();
                     app.export_stock_gauges().await;
                     app.limits.purge();
@@ -312,6 +330,10 @@ impl<B: Backend> App<B> {
         let Some((kind, batch)) = msg.split_once(' ') else {
             return;
         };
+        if kind == "changed" {
+            // Created or changed: a "not found" mark of it is wrong now, cached or not.
+            self.cache.clear_missing(batch);
+        }
         let Some(entry) = self.cache.get(batch) else {
             return;
         };

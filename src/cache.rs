@@ -7,7 +7,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
@@ -153,6 +153,10 @@ pub struct BatchCache {
     batches: DashMap<String, Arc<CachedBatch>>,
     /// Batch ids recently found to exist nowhere: answered 404 without a backend call.
     missing: DashMap<String, Instant>,
+    /// Bumped by every [`BatchCache::clear_missing`], so a lookup that began before a
+    /// create cleared its id does not set a stale "missing" mark after it (see
+    /// [`BatchCache::set_missing_since`]).
+    missing_clears: AtomicU64,
     missing_ttl: Duration,
     max_missing: usize,
     /// Entries in all batches' "at limit" maps, bounded by `max_at_limit`.
@@ -165,6 +169,7 @@ impl BatchCache {
         BatchCache {
             batches: DashMap::new(),
             missing: DashMap::new(),
+            missing_clears: AtomicU64::new(0),
             missing_ttl,
             max_missing,
             at_limit_entries: AtomicUsize::new(0),
@@ -214,7 +219,14 @@ impl BatchCache {
 
     /// Forgets that `id` was missing (it was just created, here or on another instance).
     pub fn clear_missing(&self, id: &str) {
+        self.missing_clears.fetch_add(1, Ordering::AcqRel);
         self.missing.remove(id);
+    }
+
+    /// Taken before looking a batch up in Redis and the database; handed to
+    /// [`BatchCache::set_missing_since`] when the lookup found nothing.
+    pub fn missing_epoch(&self) -> u64 {
+        self.missing_clears.load(Ordering::Acquire)
     }
 
     pub fn set_missing(&self, id: &str) {
@@ -226,6 +238,18 @@ impl BatchCache {
             }
         }
         self.missing.insert(id.to_string(), Instant::now());
+    }
+
+    /// Marks `id` missing unless a create cleared a mark since `epoch` was taken (the
+    /// lookup that found nothing may predate the create): then the mark is taken back.
+    pub fn set_missing_since(&self, id: &str, epoch: u64) {
+        if self.missing_epoch() != epoch {
+            return;
+        }
+        self.set_missing(id);
+        if self.missing_epoch() != epoch {
+            self.missing.remove(id);
+        }
     }
 
     /// Checks everything the cache can refuse locally, cheapest first.
@@ -403,6 +427,20 @@ mod tests {
         assert!(cache.is_missing("nope"));
         cache.clear_missing("nope");
         assert!(!cache.is_missing("nope"));
+    }
+
+    /// A lookup that found nothing before a create cleared the id must not mark it missing
+    /// after the create.
+    #[test]
+    fn a_clear_beats_a_lookup_that_began_before_it() {
+        let cache = BatchCache::new(10, Duration::from_secs(60), 100);
+        let epoch = cache.missing_epoch();
+        cache.clear_missing("new"); // the create's broadcast arrives mid-lookup
+        cache.set_missing_since("new", epoch);
+        assert!(!cache.is_missing("new"));
+        let epoch = cache.missing_epoch();
+        cache.set_missing_since("other", epoch);
+        assert!(cache.is_missing("other"));
     }
 
     #[test]

@@ -8,7 +8,13 @@
 //! - every coupon state change (lock / redeem / release) is a compare-and-set on the row's
 //!   `version` and appends its event row in the same transaction, so the log and the
 //!   materialised state never disagree and concurrent transitions cannot both win;
-//! - times are milliseconds since the Unix epoch everywhere (the unit Redis stamps claims with).
+//! - times are milliseconds since the Unix epoch everywhere (the unit Redis stamps claims with);
+//! - the `batches` row is the arbiter of a batch's definition: it is inserted only if absent
+//!   (the first create wins), changed only by a compare-and-set on its `version`, and records
+//!   whether the batch's Redis setup ever completed (`setup_done_at`);
+//! - a claim whose coupon id the database already holds for a different claim (another user,
+//!   request id or time: a coupon id minted twice) is never dropped silently: it is recorded
+//!   in `coupon_conflicts`, once per distinct claim, and returned to the caller.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -200,6 +206,56 @@ pub struct EventRow {
     pub order_id: Option<String>,
     pub at: i64,
     pub recorded_at: i64,
+}
+
+/// A batch as the database holds it: the definition (the arbiter of what the batch is), its
+/// version (bumped by every change) and whether its Redis setup ever completed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredBatch {
+    pub batch: Batch,
+    pub version: i64,
+    pub setup_done: bool,
+}
+
+/// A coupon id the persister met again with a different claim: the database keeps the
+/// claim it holds (`stored_*`); the other one is recorded here in full.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CouponConflict {
+    pub coupon_id: String,
+    pub batch_id: String,
+    pub shard: u32,
+    pub stored_user_id: String,
+    pub stored_request_id: Option<String>,
+    pub stored_claimed_at: i64,
+    pub user_id: String,
+    pub request_id: Option<String>,
+    pub claimed_at: i64,
+    pub valid_from: i64,
+    pub valid_to: i64,
+    pub detected_at: i64,
+}
+
+impl CouponConflict {
+    /// One conflicting claim, whatever how often it is delivered.
+    fn key(&self) -> String {
+        format!(
+            "{}|{}|{}|{}",
+            self.coupon_id,
+            self.user_id,
+            self.request_id.as_deref().unwrap_or(""),
+            self.claimed_at
+        )
+    }
+}
+
+/// What [`Db::write_claims_report`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClaimsWritten {
+    /// Claims newly recorded.
+    pub inserted: u64,
+    /// Conflicting claims recorded now for the first time (a redelivered conflict is not
+    /// repeated here; it stays recorded once).
+    pub conflicts: Vec<CouponConflict>,
 }
 
 /// Claims of one shard of a batch in the database.
@@ -444,11 +500,56 @@ const COUPON_BY_ID: &str = "SELECT coupon_id, batch_id, shard, seq, user_id, req
      FROM coupons WHERE coupon_id = $1";
 
 const UPSERT_BATCH: &str = "INSERT INTO batches \
-     (id, definition, shards, stock, state, created_at, updated_at) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7) \
+     (id, definition, shards, stock, state, created_at, updated_at, version, setup_done_at) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, 1, $7) \
      ON CONFLICT (id) DO UPDATE SET definition = excluded.definition, \
      shards = excluded.shards, stock = excluded.stock, state = excluded.state, \
-     updated_at = excluded.updated_at";
+     updated_at = excluded.updated_at, version = batches.version + 1, \
+     setup_done_at = COALESCE(batches.setup_done_at, excluded.setup_done_at)";
+
+/// The first create of an id wins; later ones change nothing (and read the winner back).
+const INSERT_BATCH: &str = "INSERT INTO batches \
+     (id, definition, shards, stock, state, created_at, updated_at, version, setup_done_at) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, 1, NULL) ON CONFLICT (id) DO NOTHING";
+
+/// A change of the definition: applied only on top of the version it was computed from.
+const UPDATE_BATCH: &str = "UPDATE batches SET definition = $2, shards = $3, stock = $4, \
+     state = $5, updated_at = $6, version = $7 WHERE id = $1 AND version = $8";
+
+const BATCH_ROW: &str = "SELECT id, definition, version, setup_done_at FROM batches WHERE id = $1";
+
+const INSERT_CONFLICT: &str = "INSERT INTO coupon_conflicts (conflict_key, coupon_id, \
+     batch_id, shard, stored_user_id, stored_request_id, stored_claimed_at, user_id, \
+     request_id, claimed_at, valid_from, valid_to, detected_at) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
+     ON CONFLICT (conflict_key) DO NOTHING";
+
+/// Coupon ids per lookup of stored claims on SQLite (one bound variable each).
+const SQLITE_IDS_PER_SELECT: usize = 500;
+
+/// A claim as the `coupons` table holds it: what tells one claim from another.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct StoredClaim {
+    user_id: String,
+    request_id: Option<String>,
+    claimed_at: i64,
+    valid_from: i64,
+    valid_to: i64,
+}
+
+impl StoredClaim {
+    fn of(c: &ClaimRecord) -> StoredClaim {
+        StoredClaim {
+            user_id: c.user_id.clone(),
+            request_id: c.request_id.clone(),
+            claimed_at: c.claimed_at,
+            valid_from: c.valid_from,
+            valid_to: c.valid_to,
+        }
+    }
+}
+
+type StoredClaimRow = (String, String, Option<String>, i64, i64, i64);
 
 const UPDATE_COUPON: &str = "UPDATE coupons SET state = $1, order_id = $2, \
      lock_expires_at = $3, updated_at = $4, version = version + 1 \
@@ -461,11 +562,12 @@ const INSERT_EVENT: &str = "INSERT INTO coupon_events \
 /// PostgreSQL: each table gets ONE statement per batch, the rows passed as one array per
 /// column (`UNNEST`), so the statement text and plan never change with the batch size and
 /// the server parses 9-11 parameters instead of thousands.
+/// Returns (claimed events inserted, coupon rows inserted).
 async fn write_claims_pg(
     pool: &sqlx::PgPool,
     rows: &[(&ClaimRecord, i64)],
     now: i64,
-) -> Result<u64, DbError> {
+) -> Result<(u64, u64), DbError> {
     let col = |f: fn(&ClaimRecord) -> String| rows.iter().map(|(c, _)| f(c)).collect::<Vec<_>>();
     let event_ids = col(|c| c.event_id());
     let batch_ids = col(|c| c.batch_id.clone());
@@ -497,7 +599,7 @@ async fn write_claims_pg(
     .execute(&mut *tx)
     .await?
     .rows_affected();
-    sqlx::query(
+    let coupons = sqlx::query(
         "INSERT INTO coupons (coupon_id, batch_id, shard, seq, user_id, request_id, state, \
          valid_from, valid_to, claimed_at, updated_at) \
          SELECT c, b, s, q, u, r, 'unused', vf, vt, a, $10 \
@@ -517,9 +619,10 @@ async fn write_claims_pg(
     .bind(&claimed_at)
     .bind(now)
     .execute(&mut *tx)
-    .await?;
+    .await?
+    .rows_affected();
     tx.commit().await?;
-    Ok(inserted)
+    Ok((inserted, coupons))
 }
 
 impl Db {
@@ -614,7 +717,9 @@ impl Db {
         on_pool!(self, p => p.close().await)
     }
 
-    /// Inserts the batch, or replaces its definition if it exists.
+    /// Inserts the batch (recorded as set up), or replaces its definition if it exists
+    /// (bumping its version). For tools and tests that set a batch up in Redis by hand; the
+    /// API creates with [`Db::insert_batch`] and changes with [`Db::update_batch`].
     pub async fn upsert_batch(&self, batch: &Batch) -> Result<(), DbError> {
         let def = serde_json::to_string(batch)
             .map_err(|e| DbError::Corrupt(format!("batch {} does not serialize: {e}", batch.id)))?;
@@ -632,6 +737,180 @@ impl Db {
                 .await?;
         });
         Ok(())
+    }
+
+    /// Inserts the batch at version 1, not yet set up, unless the id exists; then reads the
+    /// row back. Returns the stored batch (the winner of concurrent creates: compare its
+    /// fingerprint) and whether this call inserted it.
+    pub async fn insert_batch(&self, batch: &Batch) -> Result<(StoredBatch, bool), DbError> {
+        let def = serde_json::to_string(batch)
+            .map_err(|e| DbError::Corrupt(format!("batch {} does not serialize: {e}", batch.id)))?;
+        let now = now_ms();
+        let inserted = on_pool!(self, p => {
+            sqlx::query(INSERT_BATCH)
+                .bind(&batch.id)
+                .bind(&def)
+                .bind(i64::from(batch.shards))
+                .bind(batch.stock)
+                .bind(batch.state.as_str())
+                .bind(batch.created_at.0)
+                .bind(now)
+                .execute(p)
+                .await?
+                .rows_affected()
+        });
+        let stored = self.batch_row(&batch.id).await?.ok_or_else(|| {
+            DbError::Corrupt(format!(
+                "batch {} vanished right after its insert",
+                batch.id
+            ))
+        })?;
+        Ok((stored, inserted == 1))
+    }
+
+    /// The batch with its version and setup state.
+    pub async fn batch_row(&self, id: &str) -> Result<Option<StoredBatch>, DbError> {
+        let row: Option<(String, String, i64, Option<i64>)> = on_pool!(self, p => {
+            sqlx::query_as(BATCH_ROW).bind(id).fetch_optional(p).await?
+        });
+        row.map(stored_batch).transpose()
+    }
+
+    /// Every batch with its version and setup state, by id.
+    pub async fn batch_rows(&self) -> Result<Vec<StoredBatch>, DbError> {
+        let rows: Vec<(String, String, i64, Option<i64>)> = on_pool!(self, p => {
+            sqlx::query_as(
+                "SELECT id, definition, version, setup_done_at FROM batches ORDER BY id",
+            )
+            .fetch_all(p)
+            .await?
+        });
+        rows.into_iter().map(stored_batch).collect()
+    }
+
+    /// (id, version) of every batch whose setup completed: what the periodic check compares
+    /// with the versions Redis holds.
+    pub async fn batch_versions(&self) -> Result<Vec<(String, i64)>, DbError> {
+        Ok(on_pool!(self, p => {
+            sqlx::query_as(
+                "SELECT id, version FROM batches WHERE setup_done_at IS NOT NULL ORDER BY id",
+            )
+            .fetch_all(p)
+            .await?
+        }))
+    }
+
+    /// Records that the batch's Redis setup completed (keeps the first time).
+    pub async fn mark_setup_done(&self, id: &str) -> Result<(), DbError> {
+        on_pool!(self, p => {
+            sqlx::query(
+                "UPDATE batches SET setup_done_at = COALESCE(setup_done_at, $2) WHERE id = $1",
+            )
+            .bind(id)
+            .bind(now_ms())
+            .execute(p)
+            .await?;
+        });
+        Ok(())
+    }
+
+    /// Removes a batch whose setup never completed (its create lost to a different batch
+    /// Redis already holds under the id). Returns whether a row was removed.
+    pub async fn delete_unset_batch(&self, id: &str) -> Result<bool, DbError> {
+        let n = on_pool!(self, p => {
+            sqlx::query("DELETE FROM batches WHERE id = $1 AND setup_done_at IS NULL")
+                .bind(id)
+                .execute(p)
+                .await?
+                .rows_affected()
+        });
+        Ok(n == 1)
+    }
+
+    /// Replaces the definition if the row is still at `expected` (compare-and-set), giving it
+    /// version `new_version` (> `expected`). Returns whether it was applied; `false` means a
+    /// concurrent change won: re-read and retry.
+    pub async fn update_batch(
+        &self,
+        batch: &Batch,
+        expected: i64,
+        new_version: i64,
+    ) -> Result<bool, DbError> {
+        let def = serde_json::to_string(batch)
+            .map_err(|e| DbError::Corrupt(format!("batch {} does not serialize: {e}", batch.id)))?;
+        let n = on_pool!(self, p => {
+            sqlx::query(UPDATE_BATCH)
+                .bind(&batch.id)
+                .bind(&def)
+                .bind(i64::from(batch.shards))
+                .bind(batch.stock)
+                .bind(batch.state.as_str())
+                .bind(now_ms())
+                .bind(new_version)
+                .bind(expected)
+                .execute(p)
+                .await?
+                .rows_affected()
+        });
+        Ok(n == 1)
+    }
+
+    /// Does the database hold any claim of the batch?
+    pub async fn has_claims(&self, batch_id: &str) -> Result<bool, DbError> {
+        let n: i64 = on_pool!(self, p => {
+            sqlx::query_scalar(
+                "SELECT COUNT(*) FROM (SELECT 1 FROM coupons WHERE batch_id = $1 LIMIT 1) t",
+            )
+            .bind(batch_id)
+            .fetch_one(p)
+            .await?
+        });
+        Ok(n > 0)
+    }
+
+    /// The conflicting claims recorded for a batch, oldest first.
+    pub async fn coupon_conflicts(&self, batch_id: &str) -> Result<Vec<CouponConflict>, DbError> {
+        type Row = (
+            String,
+            i64,
+            String,
+            Option<String>,
+            i64,
+            String,
+            Option<String>,
+            i64,
+            i64,
+            i64,
+            i64,
+        );
+        let rows: Vec<Row> = on_pool!(self, p => {
+            sqlx::query_as(
+                "SELECT coupon_id, shard, stored_user_id, stored_request_id, stored_claimed_at, \
+                 user_id, request_id, claimed_at, valid_from, valid_to, detected_at \
+                 FROM coupon_conflicts WHERE batch_id = $1 ORDER BY seq",
+            )
+            .bind(batch_id)
+            .fetch_all(p)
+            .await?
+        });
+        rows.into_iter()
+            .map(|r| {
+                Ok(CouponConflict {
+                    coupon_id: r.0,
+                    batch_id: batch_id.to_string(),
+                    shard: to_u32(r.1, "shard")?,
+                    stored_user_id: r.2,
+                    stored_request_id: r.3,
+                    stored_claimed_at: r.4,
+                    user_id: r.5,
+                    request_id: r.6,
+                    claimed_at: r.7,
+                    valid_from: r.8,
+                    valid_to: r.9,
+                    detected_at: r.10,
+                })
+            })
+            .collect()
     }
 
     pub async fn get_batch(&self, id: &str) -> Result<Option<Batch>, DbError> {
@@ -654,30 +933,166 @@ impl Db {
         rows.iter().map(|(id, d)| parse_batch(id, d)).collect()
     }
 
+    /// Records claims (see [`Db::write_claims_report`]); returns how many were new.
+    /// Conflicting claims are still recorded in `coupon_conflicts` (and reported by
+    /// `reconcile`); the persister uses [`Db::write_claims_report`] to count and log them.
+    pub async fn write_claims(&self, claims: &[ClaimRecord]) -> Result<u64, DbError> {
+        Ok(self.write_claims_report(claims).await?.inserted)
+    }
+
     /// Records claims: one `claimed` event and one `unused` coupon row each, in ONE
     /// transaction; claims already recorded are skipped (`ON CONFLICT DO NOTHING`), so a
-    /// redelivered batch is harmless. Returns how many events were newly inserted.
-    pub async fn write_claims(&self, claims: &[ClaimRecord]) -> Result<u64, DbError> {
+    /// redelivered batch is harmless. A claim whose coupon id the database holds for a
+    /// DIFFERENT claim (user, request id, time or validity differ: the id was minted twice)
+    /// is recorded in `coupon_conflicts` (once) and returned, never dropped silently. That
+    /// check costs one more query only when some coupon id was already there.
+    pub async fn write_claims_report(
+        &self,
+        claims: &[ClaimRecord],
+    ) -> Result<ClaimsWritten, DbError> {
         let mut seen = HashSet::with_capacity(claims.len());
         let unique: Vec<&ClaimRecord> = claims
             .iter()
             .filter(|c| seen.insert(c.coupon_id.as_str()))
             .collect();
         if unique.is_empty() {
-            return Ok(0);
+            return Ok(ClaimsWritten::default());
         }
         let mut rows = Vec::with_capacity(unique.len());
         for c in &unique {
             rows.push((*c, to_i64(c.seq, "seq")?));
         }
         let now = now_ms();
-        if let Db::Postgres(p) = self {
-            return write_claims_pg(p, &rows, now).await;
+        let (inserted, coupons) = match self {
+            Db::Postgres(p) => write_claims_pg(p, &rows, now).await?,
+            Db::Sqlite(_) => self.write_claims_sqlite(&rows, now).await?,
+        };
+        let conflicts = if coupons < claims.len() as u64 {
+            self.record_conflicts(claims, now).await?
+        } else {
+            Vec::new()
+        };
+        Ok(ClaimsWritten {
+            inserted,
+            conflicts,
+        })
+    }
+
+    /// Compares every claim with the claim stored under its coupon id and records the ones
+    /// that differ. Returns those recorded now for the first time.
+    async fn record_conflicts(
+        &self,
+        claims: &[ClaimRecord],
+        now: i64,
+    ) -> Result<Vec<CouponConflict>, DbError> {
+        let mut ids: Vec<&str> = claims.iter().map(|c| c.coupon_id.as_str()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let mut stored: Vec<StoredClaimRow> = Vec::with_capacity(ids.len());
+        match self {
+            Db::Postgres(p) => {
+                stored = sqlx::query_as(
+                    "SELECT coupon_id, user_id, request_id, claimed_at, valid_from, valid_to \
+                     FROM coupons WHERE coupon_id = ANY($1)",
+                )
+                .bind(&ids)
+                .fetch_all(p)
+                .await?;
+            }
+            Db::Sqlite(p) => {
+                for part in ids.chunks(SQLITE_IDS_PER_SELECT) {
+                    let mut q = QueryBuilder::new(
+                        "SELECT coupon_id, user_id, request_id, claimed_at, valid_from, \
+                         valid_to FROM coupons WHERE coupon_id IN (",
+                    );
+                    let mut list = q.separated(", ");
+                    for id in part {
+                        list.push_bind(*id);
+                    }
+                    q.push(")");
+                    let full = part.len() == SQLITE_IDS_PER_SELECT;
+                    stored.extend(
+                        q.build_query_as::<StoredClaimRow>()
+                            .persistent(full)
+                            .fetch_all(p)
+                            .await?,
+                    );
+                }
+            }
         }
-        // SQLite from here on (PostgreSQL returned above): multi-row VALUES, chunked to
-        // stay under SQLite's bound-variable limit.
+        let stored: std::collections::HashMap<String, StoredClaim> = stored
+            .into_iter()
+            .map(
+                |(id, user_id, request_id, claimed_at, valid_from, valid_to)| {
+                    let claim = StoredClaim {
+                        user_id,
+                        request_id,
+                        claimed_at,
+                        valid_from,
+                        valid_to,
+                    };
+                    (id, claim)
+                },
+            )
+            .collect();
+        let mut recorded = Vec::new();
+        for c in claims {
+            let Some(s) = stored.get(&c.coupon_id) else {
+                continue;
+            };
+            if *s == StoredClaim::of(c) {
+                continue; // the same claim delivered again
+            }
+            let conflict = CouponConflict {
+                coupon_id: c.coupon_id.clone(),
+                batch_id: c.batch_id.clone(),
+                shard: c.shard,
+                stored_user_id: s.user_id.clone(),
+                stored_request_id: s.request_id.clone(),
+                stored_claimed_at: s.claimed_at,
+                user_id: c.user_id.clone(),
+                request_id: c.request_id.clone(),
+                claimed_at: c.claimed_at,
+                valid_from: c.valid_from,
+                valid_to: c.valid_to,
+                detected_at: now,
+            };
+            let n = on_pool!(self, p => {
+                sqlx::query(INSERT_CONFLICT)
+                    .bind(conflict.key())
+                    .bind(&conflict.coupon_id)
+                    .bind(&conflict.batch_id)
+                    .bind(i64::from(conflict.shard))
+                    .bind(&conflict.stored_user_id)
+                    .bind(conflict.stored_request_id.as_deref())
+                    .bind(conflict.stored_claimed_at)
+                    .bind(&conflict.user_id)
+                    .bind(conflict.request_id.as_deref())
+                    .bind(conflict.claimed_at)
+                    .bind(conflict.valid_from)
+                    .bind(conflict.valid_to)
+                    .bind(now)
+                    .execute(p)
+                    .await?
+                    .rows_affected()
+            });
+            if n == 1 {
+                recorded.push(conflict);
+            }
+        }
+        Ok(recorded)
+    }
+
+    /// SQLite: multi-row VALUES, chunked to stay under SQLite's bound-variable limit.
+    /// Returns (claimed events inserted, coupon rows inserted).
+    async fn write_claims_sqlite(
+        &self,
+        rows: &[(&ClaimRecord, i64)],
+        now: i64,
+    ) -> Result<(u64, u64), DbError> {
         let chunk = SQLITE_ROWS_PER_INSERT;
         let mut inserted = 0;
+        let mut coupons = 0;
         on_pool!(self, p => {
             let mut tx = p.begin().await?;
             for part in rows.chunks(chunk) {
@@ -718,11 +1133,11 @@ impl Db {
                         .push_bind(now);
                 });
                 q.push(" ON CONFLICT (coupon_id) DO NOTHING");
-                q.build().persistent(full).execute(&mut *tx).await?;
+                coupons += q.build().persistent(full).execute(&mut *tx).await?.rows_affected();
             }
             tx.commit().await?;
         });
-        Ok(inserted)
+        Ok((inserted, coupons))
     }
 
     /// A user's coupons with the given effective state (all when `None`), ordered by coupon
@@ -1002,6 +1417,16 @@ fn opts_in_memory(url: &str) -> bool {
     url.contains(":memory:") || url.contains("mode=memory")
 }
 
+fn stored_batch(
+    (id, def, version, setup_done_at): (String, String, i64, Option<i64>),
+) -> Result<StoredBatch, DbError> {
+    Ok(StoredBatch {
+        batch: parse_batch(&id, &def)?,
+        version,
+        setup_done: setup_done_at.is_some(),
+    })
+}
+
 fn parse_batch(id: &str, def: &str) -> Result<Batch, DbError> {
     serde_json::from_str(def)
         .map_err(|e| DbError::Corrupt(format!("definition of batch {id} does not parse: {e}")))
@@ -1086,6 +1511,130 @@ mod tests {
                 .is_empty()
         );
         assert_eq!(db.claims_of_shard("b", 0).await.unwrap().len(), 250);
+    }
+
+    async fn memory_db() -> Db {
+        let db = Db::connect(&DatabaseConfig {
+            url: "sqlite::memory:".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        db.migrate().await.unwrap();
+        db
+    }
+
+    fn a_batch(id: &str, stock: i64) -> Batch {
+        use crate::batch::*;
+        Batch {
+            id: id.into(),
+            name: "n".into(),
+            stock,
+            per_user_limit: 1,
+            per_user_daily_limit: None,
+            claim_window: Window {
+                start: Timestamp(0),
+                end: Timestamp(1_000),
+            },
+            validity: Validity::Relative {
+                days_after_claim: 1,
+            },
+            discount: Discount::Fixed { amount: 1 },
+            scope: Scope {
+                kind: ScopeKind::All,
+                ids: vec![],
+            },
+            exclusive: false,
+            eligibility: Eligibility::default(),
+            shards: 2,
+            state: BatchState::Active,
+            created_at: Timestamp(5),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_first_create_wins_and_changes_are_compare_and_set() {
+        let db = memory_db().await;
+        let (row, inserted) = db.insert_batch(&a_batch("b", 10)).await.unwrap();
+        assert!(inserted);
+        assert_eq!(
+            (row.version, row.setup_done, row.batch.stock),
+            (1, false, 10)
+        );
+        // a second, different create changes nothing and reads the winner back
+        let (row2, inserted) = db.insert_batch(&a_batch("b", 99)).await.unwrap();
+        assert!(!inserted);
+        assert_eq!(row2, row);
+        assert_eq!(db.batch_versions().await.unwrap(), vec![]);
+        db.mark_setup_done("b").await.unwrap();
+        assert!(!db.delete_unset_batch("b").await.unwrap(), "set up: kept");
+        assert_eq!(db.batch_versions().await.unwrap(), vec![("b".into(), 1)]);
+        let mut changed = row.batch.clone();
+        changed.stock = 20;
+        assert!(db.update_batch(&changed, 1, 2).await.unwrap());
+        changed.stock = 30;
+        assert!(
+            !db.update_batch(&changed, 1, 2).await.unwrap(),
+            "a change computed from version 1 loses once version 2 is stored"
+        );
+        let now = db.batch_row("b").await.unwrap().unwrap();
+        assert_eq!(
+            (now.version, now.setup_done, now.batch.stock),
+            (2, true, 20)
+        );
+        assert!(db.batch_row("nope").await.unwrap().is_none());
+        db.insert_batch(&a_batch("c", 1)).await.unwrap();
+        assert!(db.delete_unset_batch("c").await.unwrap());
+        assert_eq!(db.batch_rows().await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_coupon_id_met_with_another_claim_is_recorded_once() {
+        let db = memory_db().await;
+        let first = record(1, "u1");
+        let w = db
+            .write_claims_report(&[first.clone(), record(2, "u2")])
+            .await
+            .unwrap();
+        assert_eq!((w.inserted, w.conflicts.len()), (2, 0));
+        assert!(db.has_claims("b").await.unwrap());
+        assert!(!db.has_claims("other").await.unwrap());
+        // the same claims again: harmless, no conflict
+        let w = db
+            .write_claims_report(std::slice::from_ref(&first))
+            .await
+            .unwrap();
+        assert_eq!(w, ClaimsWritten::default());
+        // b.0.1 minted again for u9; b.0.3 is new, with a conflicting twin in the same batch
+        let mut again = record(1, "u9");
+        again.claimed_at = 77;
+        let mut twin = record(3, "u4");
+        twin.user_id = "u5".into();
+        let w = db
+            .write_claims_report(&[again.clone(), record(3, "u4"), twin])
+            .await
+            .unwrap();
+        assert_eq!(w.inserted, 1);
+        let got: Vec<(&str, &str, &str)> = w
+            .conflicts
+            .iter()
+            .map(|c| {
+                (
+                    c.coupon_id.as_str(),
+                    c.stored_user_id.as_str(),
+                    c.user_id.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(got, [("b.0.1", "u1", "u9"), ("b.0.3", "u4", "u5")]);
+        assert_eq!(w.conflicts[0].claimed_at, 77);
+        // redelivered: recorded once
+        let w = db.write_claims_report(&[again]).await.unwrap();
+        assert_eq!(w, ClaimsWritten::default());
+        let stored = db.coupon_conflicts("b").await.unwrap();
+        assert_eq!(stored.len(), 2);
+        assert_eq!(stored[0].stored_user_id, "u1");
+        assert_eq!(db.get_coupon("b.0.1").await.unwrap().unwrap().user_id, "u1");
     }
 
     #[test]

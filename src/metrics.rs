@@ -50,6 +50,9 @@ pub const PERSIST_ROWS: &str = "claimgate_persist_rows_total";
 pub const PERSIST_SECONDS: &str = "claimgate_persist_write_duration_seconds";
 /// Persister failures by `stage` (read, write, ack, parse, probe, refresh).
 pub const PERSIST_ERRORS: &str = "claimgate_persist_errors_total";
+/// Claims whose coupon id the database already held for a different claim (a coupon id
+/// minted twice), each recorded in `coupon_conflicts`. Anything above 0 is an alarm.
+pub const COUPON_CONFLICTS: &str = "claimgate_coupon_conflicts_total";
 /// Stock remaining per tracked batch (`batch` label: active batches only, at most
 /// `metrics.max_batch_labels`). Rendered at scrape time by [`render_stock_remaining`].
 pub const STOCK_REMAINING: &str = "claimgate_stock_remaining";
@@ -288,6 +291,12 @@ fn describe() {
         "Persister batch write latency."
     );
     describe_counter!(PERSIST_ERRORS, "Persister failures by stage.");
+    describe_counter!(
+        COUPON_CONFLICTS,
+        "Coupon ids met with a different claim than the stored one (minted twice)."
+    );
+    // Exported from the start (at 0), so an alert on any increase works on every instance.
+    metrics::counter!(COUPON_CONFLICTS).increment(0);
     describe_gauge!(BATCHES_LOST, "Batches whose Redis state is missing.");
     describe_gauge!(BUILD_INFO, "Build information.");
 }

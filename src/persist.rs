@@ -349,6 +349,31 @@ fn stream_id_ms(id: &str) -> Option<i64> {
     id.split('-').next()?.parse().ok()
 }
 
+/// A coupon id met with a different claim than the one stored (minted twice): the database
+/// recorded it in `coupon_conflicts` (and `reconcile` reports it); here it is counted and
+/// logged loudly, every one of them. The record itself is acked: it is not lost, and leaving
+/// it pending would only stall its shard's log.
+fn report_conflicts(conflicts: &[crate::db::CouponConflict]) {
+    if conflicts.is_empty() {
+        return;
+    }
+    metrics::counter!(m::COUPON_CONFLICTS).increment(conflicts.len() as u64);
+    for c in conflicts {
+        tracing::error!(
+            coupon = %c.coupon_id,
+            batch = %c.batch_id,
+            stored_user = %c.stored_user_id,
+            stored_request = c.stored_request_id.as_deref().unwrap_or(""),
+            stored_claimed_at = c.stored_claimed_at,
+            user = %c.user_id,
+            request = c.request_id.as_deref().unwrap_or(""),
+            claimed_at = c.claimed_at,
+            "COUPON ID MINTED TWICE: the database holds this coupon for another claim; the \
+             new claim is recorded in coupon_conflicts and its owner does not have it"
+        );
+    }
+}
+
 /// Starts persisters.
 pub struct Persister;
 
@@ -818,13 +843,16 @@ impl<B: Backend> Worker<B> {
         let limit = Duration::from_millis(self.cfg.write_timeout_ms.max(1));
         loop {
             let started = Instant::now();
-            let result = match tokio::time::timeout(limit, self.db.write_claims(&records)).await {
-                Ok(Ok(n)) => Ok(n),
+            let write = self.db.write_claims_report(&records);
+            let result = match tokio::time::timeout(limit, write).await {
+                Ok(Ok(w)) => Ok(w),
                 Ok(Err(e)) => Err(PersistError::Db(e)),
                 Err(_) => Err(PersistError::Timeout(limit)),
             };
             match result {
-                Ok(inserted) => {
+                Ok(written) => {
+                    report_conflicts(&written.conflicts);
+                    let inserted = written.inserted;
                     metrics::histogram!(m::PERSIST_SECONDS).record(started.elapsed().as_secs_f64());
                     metrics::counter!(m::PERSIST_ROWS).increment(inserted);
                     self.status.rows.fetch_add(inserted, Ordering::Relaxed);

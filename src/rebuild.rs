@@ -9,7 +9,13 @@
 //!   back, so new coupon ids never collide with old ones;
 //! - a rebuild refuses while a shard log still holds claims the database does not have yet;
 //! - a slot goes live only once complete: its meta is written last (`lua/restore.lua`), and
-//!   the pool (which makes the batch visible) after every shard.
+//!   the pool (which makes the batch visible) after every shard;
+//! - the restored definition is the database's, at a version no older than the database's
+//!   (so later changes, versioned by the database, apply on top of it), and the batch is
+//!   recorded as set up: a create never sets it up again.
+//!
+//! `reconcile` reports, besides stock and claims, every slot whose definition lags behind
+//! or differs from the database's, and every coupon id the persister met twice.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -18,7 +24,7 @@ use thiserror::Error;
 
 use crate::backend::{Backend, BackendError, Script, Value};
 use crate::batch::Batch;
-use crate::db::{Db, DbError, now_ms};
+use crate::db::{Db, DbError, StoredBatch, now_ms};
 use crate::keys::{BatchKeys, SlotKeys, home_shard};
 
 /// Field/value pairs (or set members) per `restore.lua` call: bounds each call's size.
@@ -107,10 +113,11 @@ pub async fn rebuild<B: Backend>(
     batch_id: &str,
     force: bool,
 ) -> Result<RebuildReport, RebuildError> {
-    let batch = db
-        .get_batch(batch_id)
+    let stored = db
+        .batch_row(batch_id)
         .await?
         .ok_or_else(|| RebuildError::BatchNotFound(batch_id.to_string()))?;
+    let batch = stored.batch;
     let keys = BatchKeys::new(&batch.id, batch.shards);
     if !force && !hgetall(backend, &keys.pool.meta).await?.is_empty() {
         return Err(RebuildError::Live(batch.id.clone()));
@@ -122,7 +129,11 @@ pub async fn rebuild<B: Backend>(
             return Err(unpersisted(&batch, s, p.log_len));
         }
     }
-    let version = u64::try_from(now_ms()).unwrap_or(1).max(1);
+    // Above any version gateways may have cached from the Redis that was lost, and never
+    // below the database's (changes are versioned by the database).
+    let version = u64::try_from(now_ms().max(stored.version))
+        .unwrap_or(1)
+        .max(1);
     let mut report = RebuildReport {
         batch_id: batch.id.clone(),
         version,
@@ -216,7 +227,12 @@ pub async fn rebuild<B: Backend>(
     ]);
     let pool_stock = u64::try_from(report.pool_stock).unwrap_or(0);
     finish(backend, &batch, &keys.pool, pool_stock, 0, &pool_meta).await?;
+    db.mark_setup_done(&batch.id).await?;
     tracing::info!(batch = %batch.id, "{report}");
+    // Gateways serving the batch as lost re-read it now rather than at their next refresh.
+    if let Err(e) = backend.publish(&format!("changed {}", batch.id)).await {
+        tracing::warn!(batch = %batch.id, error = %e, "change broadcast failed");
+    }
     Ok(report)
 }
 
@@ -460,6 +476,37 @@ pub enum Difference {
         coupons: u64,
         events: u64,
     },
+    /// The batch's create has not recorded a completed Redis setup (in progress, or it
+    /// crashed part-way: repeat the identical create).
+    SetupIncomplete { batch: String },
+    /// A slot holds an older version of the definition than the database (a change not
+    /// applied yet; gateways re-apply the stored definition within a few refreshes).
+    VersionBehind {
+        batch: String,
+        slot: String,
+        redis: i64,
+        db: i64,
+    },
+    /// A slot's metadata disagrees with the database's definition at its version.
+    DefinitionDiffers {
+        batch: String,
+        slot: String,
+        field: String,
+        redis: String,
+        db: String,
+    },
+    /// A coupon id the persister met again with a different claim (minted twice). The
+    /// database keeps the stored claim; the other one is in `coupon_conflicts`.
+    CouponConflict {
+        batch: String,
+        coupon: String,
+        stored_user: String,
+        user: String,
+        request: Option<String>,
+        claimed_at: i64,
+    },
+    /// More coupon conflicts in the batch than listed.
+    MoreCouponConflicts { batch: String, more: usize },
 }
 
 impl fmt::Display for Difference {
@@ -553,6 +600,47 @@ impl fmt::Display for Difference {
                 f,
                 "batch {batch}: {coupons} coupon rows but {events} claimed events"
             ),
+            Difference::SetupIncomplete { batch } => write!(
+                f,
+                "batch {batch}: its Redis setup never completed (repeat the identical create)"
+            ),
+            Difference::VersionBehind {
+                batch,
+                slot,
+                redis,
+                db,
+            } => write!(
+                f,
+                "batch {batch} slot {slot}: definition version {redis} in Redis, {db} in the \
+                 database (change not applied yet)"
+            ),
+            Difference::DefinitionDiffers {
+                batch,
+                slot,
+                field,
+                redis,
+                db,
+            } => write!(
+                f,
+                "batch {batch} slot {slot}: {field} is {redis:?} in Redis, {db:?} in the database"
+            ),
+            Difference::CouponConflict {
+                batch,
+                coupon,
+                stored_user,
+                user,
+                request,
+                claimed_at,
+            } => write!(
+                f,
+                "batch {batch}: coupon {coupon} minted twice: the database holds it for user \
+                 {stored_user}; the claim of user {user} (request {}, at {claimed_at}) is in \
+                 coupon_conflicts",
+                request.as_deref().unwrap_or("-")
+            ),
+            Difference::MoreCouponConflicts { batch, more } => {
+                write!(f, "batch {batch}: {more} more coupon conflicts not listed")
+            }
         }
     }
 }
@@ -568,7 +656,7 @@ pub async fn reconcile<B: Backend>(
     let mut diffs = Vec::new();
     match batch {
         Some(id) => {
-            let stored = db.get_batch(id).await?;
+            let stored = db.batch_row(id).await?;
             let pool = SlotKeys::new(id, None);
             let meta = hgetall(backend, &pool.meta).await?;
             match (stored, meta.is_empty()) {
@@ -580,7 +668,7 @@ pub async fn reconcile<B: Backend>(
             }
         }
         None => {
-            for b in db.list_batches().await? {
+            for b in db.batch_rows().await? {
                 reconcile_batch(backend, db, &b, &mut diffs).await?;
             }
         }
@@ -591,16 +679,24 @@ pub async fn reconcile<B: Backend>(
 async fn reconcile_batch<B: Backend>(
     backend: &B,
     db: &Db,
-    batch: &Batch,
+    stored: &StoredBatch,
     diffs: &mut Vec<Difference>,
 ) -> Result<(), RebuildError> {
+    let batch = &stored.batch;
     let id = batch.id.clone();
     let keys = BatchKeys::new(&batch.id, batch.shards);
     let meta = hgetall(backend, &keys.pool.meta).await?;
+    if !stored.setup_done {
+        diffs.push(Difference::SetupIncomplete { batch: id.clone() });
+    }
+    coupon_conflicts(db, &id, diffs).await?;
     if meta.is_empty() {
-        diffs.push(Difference::MissingInRedis { batch: id });
+        if stored.setup_done {
+            diffs.push(Difference::MissingInRedis { batch: id });
+        }
         return Ok(());
     }
+    definition(backend, db, stored, &keys, diffs).await?;
     let total: i64 = meta.get("total").and_then(|t| t.parse().ok()).unwrap_or(0);
     if total != batch.stock {
         diffs.push(Difference::TotalStock {
@@ -719,6 +815,132 @@ async fn reconcile_batch<B: Backend>(
         });
     }
     Ok(())
+}
+
+/// Lists the batch's recorded coupon conflicts.
+async fn coupon_conflicts(
+    db: &Db,
+    batch: &str,
+    diffs: &mut Vec<Difference>,
+) -> Result<(), RebuildError> {
+    let conflicts = db.coupon_conflicts(batch).await?;
+    let more = conflicts.len().saturating_sub(MAX_USER_DIFFERENCES);
+    for c in conflicts.into_iter().take(MAX_USER_DIFFERENCES) {
+        diffs.push(Difference::CouponConflict {
+            batch: batch.to_string(),
+            coupon: c.coupon_id,
+            stored_user: c.stored_user_id,
+            user: c.user_id,
+            request: c.request_id,
+            claimed_at: c.claimed_at,
+        });
+    }
+    if more > 0 {
+        diffs.push(Difference::MoreCouponConflicts {
+            batch: batch.to_string(),
+            more,
+        });
+    }
+    Ok(())
+}
+
+/// Compares every slot's metadata with the database's definition. The row is read before
+/// and after the slots, and the comparison made only when no change committed in between
+/// (else a live PATCH would show as a false difference).
+async fn definition<B: Backend>(
+    backend: &B,
+    db: &Db,
+    stored: &StoredBatch,
+    keys: &BatchKeys,
+    diffs: &mut Vec<Difference>,
+) -> Result<(), RebuildError> {
+    let id = &stored.batch.id;
+    let mut row = stored.clone();
+    for _ in 0..SNAPSHOT_ATTEMPTS {
+        let mut metas = Vec::with_capacity(keys.shards.len() + 1);
+        for slot in keys.all() {
+            metas.push(hgetall(backend, &slot.meta).await?);
+        }
+        let Some(after) = db.batch_row(id).await? else {
+            return Ok(()); // deleted meanwhile (a refused create): nothing to compare
+        };
+        if after.version != row.version {
+            row = after;
+            continue;
+        }
+        for (slot, meta) in keys.all().zip(&metas) {
+            compare_slot(&row, slot, meta, diffs);
+        }
+        return Ok(());
+    }
+    diffs.push(Difference::Unsettled { batch: id.clone() });
+    Ok(())
+}
+
+fn compare_slot(
+    row: &StoredBatch,
+    slot: &SlotKeys,
+    meta: &HashMap<String, String>,
+    diffs: &mut Vec<Difference>,
+) {
+    if meta.is_empty() {
+        return; // reported as a missing slot
+    }
+    let batch = &row.batch;
+    let label = slot.label();
+    let redis_version: i64 = meta.get("ver").and_then(|v| v.parse().ok()).unwrap_or(0);
+    if redis_version < row.version {
+        diffs.push(Difference::VersionBehind {
+            batch: batch.id.clone(),
+            slot: label,
+            redis: redis_version,
+            db: row.version,
+        });
+        return;
+    }
+    let mut differ = |field: String, redis: String, db: String| {
+        diffs.push(Difference::DefinitionDiffers {
+            batch: batch.id.clone(),
+            slot: label.clone(),
+            field,
+            redis,
+            db,
+        });
+    };
+    for (field, want) in batch.meta_pairs(0) {
+        if field == "ver" {
+            continue;
+        }
+        let got = meta.get(field).cloned().unwrap_or_default();
+        if got != want {
+            differ(field.to_string(), got, want);
+        }
+    }
+    if slot.slot.is_none() {
+        let want = serde_json::to_value(batch).unwrap_or_default();
+        let got: serde_json::Value = meta
+            .get("def")
+            .and_then(|d| serde_json::from_str(d).ok())
+            .unwrap_or_default();
+        if got != want {
+            let empty = serde_json::Map::new();
+            let (g, w) = (
+                got.as_object().unwrap_or(&empty),
+                want.as_object().unwrap_or(&empty),
+            );
+            let mut keys: Vec<&String> = g.keys().chain(w.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            for k in keys {
+                if g.get(k) != w.get(k) {
+                    let show = |v: Option<&serde_json::Value>| {
+                        v.map_or_else(|| "(none)".to_string(), ToString::to_string)
+                    };
+                    differ(format!("def.{k}"), show(g.get(k)), show(w.get(k)));
+                }
+            }
+        }
+    }
 }
 
 /// Checks total == pool + Σ shard stock + in flight + Σ claimed on a consistent snapshot:

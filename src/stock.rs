@@ -7,7 +7,10 @@
 //!   the halves never creates stock and the sweeper always finishes it;
 //! - conservation: pool + Σ shard stock + in-flight transfers + Σ claimed == total;
 //! - "sold out" is recorded only after two scans of every slot that saw no stock, no
-//!   in-flight transfer and no movement (transfer sequence numbers unchanged) in between.
+//!   in-flight transfer and no movement (transfer sequence numbers unchanged) in between;
+//! - a definition change reaches a slot only at a version newer than the slot's (versions
+//!   come from the database), with the absolute total, shards first and the pool last: a
+//!   pool at version v proves every shard is at v or newer.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -175,15 +178,26 @@ impl<B: Backend> Stock<B> {
         &self.cfg
     }
 
-    /// Creates the batch in Redis: the pool with all the stock, every shard empty, then the
-    /// initial fill through ordinary (crash-safe) transfers. Retrying after a crash part-way
-    /// finishes the job; a different batch with the same id is a [`StockError::Conflict`].
-    /// Returns `true` if the pool was created now, `false` for a repeated creation.
-    pub async fn create(&self, batch: &Batch, keys: &BatchKeys) -> Result<bool, StockError> {
+    /// Creates the batch in Redis at `version` of its stored definition: the pool with all
+    /// the stock, every shard empty, then the initial fill through ordinary (crash-safe)
+    /// transfers. Retrying after a crash part-way finishes the job; a different batch with
+    /// the same id is a [`StockError::Conflict`]. Returns `true` if the pool was created now,
+    /// `false` for a repeated creation.
+    ///
+    /// Only for a batch whose setup never completed: a slot that is missing is created with
+    /// a fresh claim counter, so the caller (the create handler, which asks the database)
+    /// must never run this for a batch that was ever live.
+    pub async fn create(
+        &self,
+        batch: &Batch,
+        keys: &BatchKeys,
+        version: i64,
+    ) -> Result<bool, StockError> {
+        let version = u64::try_from(version).unwrap_or(1).max(1);
         let fp = batch.fingerprint();
         let def = serde_json::to_string(batch).unwrap_or_default();
         let total = batch.stock.to_string();
-        let mut pool_pairs = batch.meta_pairs(1);
+        let mut pool_pairs = batch.meta_pairs(version);
         pool_pairs.push(("total", total.clone()));
         pool_pairs.push(("soldout", "0".to_string()));
         pool_pairs.push(("def", def));
@@ -191,7 +205,7 @@ impl<B: Backend> Stock<B> {
             .setup_slot(&keys.pool, &total, &pool_pairs, &fp, &[])
             .await?;
 
-        let shard_pairs = batch.meta_pairs(1);
+        let shard_pairs = batch.meta_pairs(version);
         let mut deny: Vec<Vec<&str>> = vec![Vec::new(); keys.shards.len()];
         for u in &batch.eligibility.deny_users {
             let home = crate::keys::home_shard(u, batch.shards) as usize;
@@ -610,61 +624,82 @@ impl<B: Backend> Stock<B> {
         Ok(c)
     }
 
-    /// Applies a metadata change to the pool (which assigns the version) and then to every
-    /// shard. `add_stock` goes to the pool and clears "sold out". Returns the new version.
-    /// `pool_pairs` are written to the pool only (e.g. the full definition).
-    pub async fn patch(
+    /// The fingerprint each slot of the batch holds, pool first (`None`: the slot is missing).
+    pub async fn slot_fingerprints(
         &self,
         keys: &BatchKeys,
-        pairs: &[(&'static str, String)],
-        pool_pairs: &[(&'static str, String)],
-        add_stock: i64,
-    ) -> Result<i64, StockError> {
-        let add = add_stock.max(0).to_string();
-        let mut args: Vec<&str> = vec!["+", &add];
-        for (k, v) in pairs {
+    ) -> Result<Vec<Option<String>>, StockError> {
+        let mut out = Vec::with_capacity(keys.shards.len() + 1);
+        for slot in keys.all() {
+            let meta = self.meta(slot).await?;
+            out.push(meta.into_iter().find(|(k, _)| k == "fp").map(|(_, v)| v));
+        }
+        Ok(out)
+    }
+
+    /// Brings every slot to `version` of the batch's definition (`lua/patch.lua`): the full
+    /// metadata and, on the pool, the absolute total (the stock added is the difference).
+    /// Idempotent and order-independent: a slot at this version or a newer one is left
+    /// alone, so concurrent or repeated calls converge on the newest version.
+    ///
+    /// Shards first, the pool LAST: the pool's version (which the refresh reads anyway)
+    /// then proves every shard has that version too, so a change interrupted part-way shows
+    /// as "pool behind the database" and the periodic check re-applies it.
+    /// A missing slot is [`StockError::NotFound`] (Redis lost the batch).
+    pub async fn apply_definition(
+        &self,
+        keys: &BatchKeys,
+        batch: &Batch,
+        version: i64,
+    ) -> Result<(), StockError> {
+        let ver = version.to_string();
+        let pairs: Vec<(&'static str, String)> = batch
+            .meta_pairs(u64::try_from(version).unwrap_or(0))
+            .into_iter()
+            .filter(|(k, _)| *k != "ver")
+            .collect();
+        let mut args: Vec<&str> = Vec::with_capacity(4 + 2 * pairs.len());
+        args.push(&ver);
+        args.push("");
+        for (k, v) in &pairs {
             args.push(k);
             args.push(v);
         }
-        let shard_args_len = args.len();
-        for (k, v) in pool_pairs {
-            args.push(k);
-            args.push(v);
+        for shard in &keys.shards {
+            self.patch_slot(shard, &args).await?;
         }
-        let pool = &keys.pool;
+        let total = batch.stock.to_string();
+        let def = serde_json::to_string(batch).unwrap_or_default();
+        args[1] = &total;
+        args.push("def");
+        args.push(&def);
+        self.patch_slot(&keys.pool, &args).await?;
+        self.announce_change(batch_of(&keys.pool)).await;
+        Ok(())
+    }
+
+    async fn patch_slot(&self, slot: &SlotKeys, args: &[&str]) -> Result<(), StockError> {
         let r = self
             .backend
-            .eval(Script::Patch, &[&pool.meta, &pool.stock, &pool.xseq], &args)
+            .eval(Script::Patch, &[&slot.meta, &slot.stock, &slot.xseq], args)
             .await?;
-        args.truncate(shard_args_len);
         let items = r
             .clone()
             .into_array()
-            .ok_or(StockError::Reply("patch", r))?;
-        let (status, version) = (
-            items.first().and_then(Value::as_int).unwrap_or(-1),
-            items.get(1).and_then(Value::as_int).unwrap_or(0),
-        );
-        if status < 0 {
-            return Err(StockError::NotFound);
+            .ok_or_else(|| StockError::Reply("patch", r.clone()))?;
+        match items.first().and_then(Value::as_int) {
+            Some(1 | 0) => Ok(()),
+            Some(-1) => Err(StockError::NotFound),
+            _ => Err(StockError::Reply("patch", r)),
         }
-        let ver = version.to_string();
-        args[0] = &ver;
-        args[1] = "0";
-        for shard in &keys.shards {
-            self.backend
-                .eval(
-                    Script::Patch,
-                    &[&shard.meta, &shard.stock, &shard.xseq],
-                    &args,
-                )
-                .await?;
-        }
-        let batch = batch_of(pool);
+    }
+
+    /// Tells every instance (pub/sub) that the batch was created or changed: they forget a
+    /// "not found" mark and re-read its metadata. A lost message is caught by the refresh.
+    pub async fn announce_change(&self, batch: &str) {
         if let Err(e) = self.backend.publish(&format!("changed {batch}")).await {
             tracing::warn!(batch, error = %e, "change broadcast failed; refresh will catch up");
         }
-        Ok(version)
     }
 }
 

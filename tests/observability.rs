@@ -157,6 +157,7 @@ fn closed_label_sets() -> LabelSets {
             set(&["refresh", "probe", "read", "parse", "write", "ack"]),
         )]),
     );
+    s.insert("claimgate_coupon_conflicts_total", m(vec![]));
     s.insert("claimgate_stock_remaining", m(vec![("batch", None)]));
     s.insert("claimgate_batches_lost", m(vec![]));
     s.insert(

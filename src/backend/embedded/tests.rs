@@ -1220,25 +1220,48 @@ async fn claim_script_end_to_end() {
         .map(|s| s.to_string())
         .collect::<Vec<_>>();
     let r = b
-        .eval(Script::Patch, &refs(&pk), &["+", "0", "state", "paused"])
+        .eval(Script::Patch, &refs(&pk), &["2", "", "state", "paused"])
         .await
         .unwrap();
     assert_eq!(r, arr(vec![int(1), int(2)]));
     assert_eq!(claim(&b, &s4, "u3", "").await, vec![int(0), int(-4)]);
     assert_eq!(
-        b.eval(Script::Patch, &refs(&pk), &["2", "0"])
-            .await
-            .unwrap(),
-        arr(vec![int(0), int(2)])
+        b.eval(Script::Patch, &refs(&pk), &["2", ""]).await.unwrap(),
+        arr(vec![int(0), int(2)]),
+        "a repeated version is a no-op"
     );
     let r = b
-        .eval(Script::Patch, &refs(&pk), &["5", "7", "state", "active"])
+        .eval(Script::Patch, &refs(&pk), &["5", "", "state", "active"])
         .await
         .unwrap();
     assert_eq!(r, arr(vec![int(1), int(5)]));
     assert_eq!(
-        b.eval(Script::Patch, &refs(&pk), &["+", "-1"]).await,
-        Err(BackendError::Script("ERR patch: bad stock".into()))
+        b.eval(Script::Patch, &refs(&pk), &["4", "", "state", "paused"])
+            .await
+            .unwrap(),
+        arr(vec![int(0), int(5)]),
+        "an older version arriving late is a no-op"
+    );
+    assert_eq!(
+        b.eval(Script::Patch, &refs(&pk), &["6", "-1"]).await,
+        Err(BackendError::Script("ERR patch: bad total".into()))
+    );
+    assert_eq!(
+        b.eval(Script::Patch, &refs(&pk), &["+", ""]).await,
+        Err(BackendError::Script("ERR patch: bad version".into()))
+    );
+    assert_eq!(
+        b.eval(Script::Patch, &refs(&pk), &["6", "", "ver", "9"])
+            .await,
+        Err(BackendError::Script(
+            "ERR patch: field ver is not settable".into()
+        ))
+    );
+    assert_eq!(
+        b.eval(Script::Patch, &refs(&pk), &["6", "7"]).await,
+        Err(BackendError::Script(
+            "ERR patch: this slot holds no total".into()
+        ))
     );
     let meta = b
         .eval(Script::MetaGet, &[&s4.k("meta")], &[])
@@ -1246,11 +1269,15 @@ async fn claim_script_end_to_end() {
         .unwrap()
         .into_array()
         .unwrap();
-    let total = meta
-        .chunks(2)
-        .find(|p| p[0] == bulk("total"))
-        .map(|p| p[1].clone());
-    assert_eq!(total, Some(bulk("7")));
+    let field = |name: &str| {
+        meta.chunks(2)
+            .find(|p| p[0] == bulk(name))
+            .map(|p| p[1].clone())
+    };
+    assert_eq!(
+        (field("state"), field("ver")),
+        (Some(bulk("active")), Some(bulk("5")))
+    );
     assert_eq!(
         b.eval(Script::MetaGet, &[&Shard::new("zz", 0).k("meta")], &[])
             .await
