@@ -58,7 +58,7 @@ FROM debian:${DEBIAN_RELEASE}-slim AS runtime
 # release, which would break every later build.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates curl \
+    && apt-get install -y --no-install-recommends curl \
     && rm -rf /var/lib/apt/lists/*
 
 RUN groupadd --system --gid 10001 claimgate \
