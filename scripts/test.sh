@@ -70,6 +70,11 @@ target/debug/claimgate-loadtest --url "http://127.0.0.1:$port" -q --scenario fla
   --verify --database-url "sqlite://$smoke/smoke.db" --drain-timeout 30s
 kill -TERM $gw; wait $gw
 
+# Static checks of Dockerfile, docker-compose.yml, Grafana provisioning and the systemd
+# unit (about a second; no network: a tool that is not installed is skipped, saying so).
+log "packaging checks"
+scripts/check-packaging.sh
+
 log "cargo test (workspace)"
 results=$(mktemp)
 set +e
