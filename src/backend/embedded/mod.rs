@@ -28,7 +28,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use parking_lot::{Condvar, Mutex};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio::sync::broadcast;
 
@@ -39,7 +39,7 @@ pub use self::slot::key_slot;
 use crate::backend::{Backend, BackendError, Script, Value};
 
 /// When the append-only file is fsynced.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Fsync {
     /// Before every reply (group commit: one fsync serves every waiting script).
@@ -53,7 +53,7 @@ pub enum Fsync {
 }
 
 /// `[embedded]` section of the config.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EmbeddedConfig {
     /// Append-only file; `None` = purely in memory (lost on exit).

@@ -1,0 +1,213 @@
+//! Operations and configuration (issue "Hardening"), against the real
+//! binary:
+//! - `check-config` prints TOML that loads again, with every secret redacted, and exits
+//!   quietly when its reader goes away; no error or log line carries a password;
+
+mod support;
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use support::http::Http;
+use support::watchdog::{Watchdog, step};
+use support::{PgDb, RedisServer, free_port};
+
+const BIN: &str = env!("CARGO_BIN_EXE_claimgate");
+
+/// The binary, run in `cwd`, with no `CLAIMGATE_*` setting inherited from the test's
+/// environment (a bare run must see only the built-in defaults).
+fn claimgate(cwd: &Path) -> Command {
+    let mut c = Command::new(BIN);
+    c.current_dir(cwd).env_remove("RUST_BACKTRACE");
+    for (k, _) in std::env::vars() {
+        if k.starts_with("CLAIMGATE_") {
+            c.env_remove(k);
+        }
+    }
+    c
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "status {:?}\n--- stdout\n{}\n--- stderr\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+const ADMIN: &str = "admin-token-LEAKCHECK-0123456789";
+const PG_URL: &str = "postgres://app:PGLEAKCHECK@db.internal:5432/claims";
+
+/// Item 10: the dump is TOML without a secret in it; it loads again with `--config` once the
+/// secrets are given (and is refused, naming the key, until then), printing the same text.
+#[test]
+fn check_config_prints_reloadable_toml_without_secrets() {
+    let _wd = Watchdog::arm(Duration::from_secs(60));
+    let dir = tempfile::tempdir().unwrap();
+    let out = claimgate(dir.path())
+        .args(["--database-url", PG_URL, "--set"])
+        .arg(format!("auth.admin_token=\"{ADMIN}\""))
+        .args(["--set", "limits.claim_per_ip={per_second=9, burst=3}"])
+        .arg("check-config")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let dump = String::from_utf8(out.stdout.clone()).unwrap();
+    assert!(!dump.contains("LEAKCHECK"), "secret in the dump:\n{dump}");
+    let parsed: toml::Table = dump.parse().expect("the dump is TOML");
+    assert_eq!(parsed["auth"]["admin_token"].as_str(), Some("<redacted>"));
+    assert_eq!(
+        parsed["database"]["url"].as_str(),
+        Some("postgres://app:<redacted>@db.internal:5432/claims")
+    );
+    assert_eq!(
+        parsed["limits"]["claim_per_ip"]["per_second"].as_integer(),
+        Some(9)
+    );
+
+    let file = dir.path().join("dump.toml");
+    std::fs::write(&file, &dump).unwrap();
+    let refused = claimgate(dir.path())
+        .arg("--config")
+        .arg(&file)
+        .arg("check-config")
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(64), "{}", text(&refused));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("auth.admin_token"),
+        "{}",
+        text(&refused)
+    );
+    let again = claimgate(dir.path())
+        .arg("--config")
+        .arg(&file)
+        .env("CLAIMGATE_AUTH__ADMIN_TOKEN", ADMIN)
+        .env("CLAIMGATE_DATABASE__URL", PG_URL)
+        .arg("check-config")
+        .output()
+        .unwrap();
+    assert!(again.status.success(), "{}", text(&again));
+    assert_eq!(String::from_utf8(again.stdout).unwrap(), dump);
+}
+
+/// Item 10: a reader that has gone before anything is written (EPIPE on the first write)
+/// ends the output quietly with status 0; before, the process panicked (status 101).
+#[test]
+fn output_into_a_closed_pipe_exits_quietly() {
+    let _wd = Watchdog::arm(Duration::from_secs(60));
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}?mode=rwc", dir.path().join("p.db").display());
+    for args in [
+        vec!["check-config".to_string()],
+        vec!["--database-url".into(), db.clone(), "migrate".into()],
+    ] {
+        step(format!("{args:?} into a closed pipe"));
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader); // the reader is gone before the process starts
+        let out = claimgate(dir.path())
+            .args(&args)
+            .stdout(writer)
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {}", text(&out));
+        assert!(out.stderr.is_empty(), "{args:?}: {}", text(&out));
+    }
+    step("check-config | head -1");
+    let out = Command::new("bash")
+        .current_dir(dir.path())
+        .args(["-c", "set -o pipefail; \"$0\" check-config | head -1", BIN])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).lines().count(),
+        1,
+        "{}",
+        text(&out)
+    );
+    assert!(out.stderr.is_empty(), "{}", text(&out));
+}
+
+/// Item 10: errors and the startup log name URLs with the password redacted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_password_in_errors_or_logs() {
+    let _wd = Watchdog::arm(Duration::from_secs(90));
+    let dir = tempfile::tempdir().unwrap();
+    let closed = free_port();
+    step("redis unreachable");
+    let out = claimgate(dir.path())
+        .args(["--backend", "redis", "--redis-url"])
+        .arg(format!("redis://user:RDLEAKCHECK@127.0.0.1:{closed}/0"))
+        .args(["--set", "redis.connect_timeout_ms=500", "migrate"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(69), "{}", text(&out));
+    let all = text(&out);
+    assert!(!all.contains("RDLEAKCHECK"), "{all}");
+    assert!(
+        all.contains(&format!("redis://user:<redacted>@127.0.0.1:{closed}/0")),
+        "{all}"
+    );
+    step("bad redis url");
+    let out = claimgate(dir.path())
+        .args(["--backend", "redis", "--redis-url"])
+        .arg("redis://user:RDLEAKCHECK@127.0.0.1:notaport")
+        .arg("migrate")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(69), "{}", text(&out));
+    assert!(!text(&out).contains("RDLEAKCHECK"), "{}", text(&out));
+    step("database unreachable");
+    let out = claimgate(dir.path())
+        .arg("--database-url")
+        .arg(format!("postgres://u:PGLEAKCHECK@127.0.0.1:{closed}/db"))
+        .args(["--set", "database.connect_timeout_ms=500", "migrate"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(69), "{}", text(&out));
+    assert!(!text(&out).contains("PGLEAKCHECK"), "{}", text(&out));
+
+    step("startup log against PostgreSQL with a password");
+    let redis = RedisServer::start();
+    let pg = PgDb::create();
+    let password = pg
+        .url
+        .split_once("://")
+        .and_then(|(_, rest)| rest.split_once('@'))
+        .and_then(|(userinfo, _)| userinfo.split_once(':'))
+        .map(|(_, pw)| pw.to_string())
+        .expect("CLAIMGATE_TEST_PG has a password");
+    let port = free_port();
+    let mut child = claimgate(dir.path())
+        .args(["--backend", "redis", "--redis-url", &redis.url()])
+        .args(["--database-url", &pg.url, "--listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("serve")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let http = Http::new(&format!("http://127.0.0.1:{port}"));
+    wait_healthy(&http).await;
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    let all = text(&out);
+    assert!(all.contains("claimgate serving"), "{all}");
+    assert!(all.contains(":<redacted>@"), "{all}");
+    assert!(!all.contains(&format!(":{password}@")), "{all}");
+}
+
+async fn wait_healthy(http: &Http) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let Ok((200, _)) = http.send("GET", "/healthz", "").await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("gateway not healthy after 30 s");
+}
