@@ -5,6 +5,10 @@
 //! key is known and every value is in range; anything else is a [`ConfigError`] that names
 //! the offending key (the binary exits with status 64, EX_USAGE).
 //!
+//! The built-in defaults ([`Config::default`] and every section's `Default`) are exactly
+//! `config/claimgate.toml`: the durable embedded setup (append-only log and SQLite under
+//! `data/`). A test compares the two key by key.
+//!
 //! [`Config::to_toml`] is the effective configuration as TOML (what `check-config` prints),
 //! with every secret and URL password replaced by [`crate::secret::REDACTED`]. Loading that
 //! text again gives the same configuration, except that a redacted secret or URL is rejected
@@ -571,13 +575,91 @@ mod tests {
         assert!(load(None, env(&[]), &["nonsense".into()]).is_err());
     }
 
+    fn as_value(c: &Config) -> toml::Value {
+        toml::Value::try_from(c).expect("config serializes")
+    }
+
+    /// Dotted keys whose values differ between `a` and `b`.
+    fn diff(prefix: &str, a: &toml::Value, b: &toml::Value, out: &mut Vec<String>) {
+        match (a, b) {
+            (toml::Value::Table(x), toml::Value::Table(y)) => {
+                let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+                for k in keys {
+                    let p = format!("{prefix}{k}");
+                    match (x.get(k), y.get(k)) {
+                        (Some(va), Some(vb)) => diff(&format!("{p}."), va, vb, out),
+                        (va, vb) => out.push(format!("{p}: {va:?} != {vb:?}")),
+                    }
+                }
+            }
+            _ if a != b => out.push(format!("{}: {a} != {b}", prefix.trim_end_matches('.'))),
+            _ => {}
+        }
+    }
+
     fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
         let p = dir.join(name);
         std::fs::write(&p, text).unwrap();
         p
     }
 
-    /// The dump loads again into the same configuration, non-default values included.
+    /// The built-in defaults are exactly `config/claimgate.toml` (item 12 of "Hardening":
+    /// they had drifted to an in-memory keyspace over a durable SQLite).
+    #[test]
+    fn builtin_defaults_equal_the_shipped_embedded_config() {
+        let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/claimgate.toml");
+        let shipped = load(Some(&file), env(&[]), &[]).unwrap();
+        let builtin = load(None, env(&[]), &[]).unwrap();
+        let mut d = Vec::new();
+        diff("", &as_value(&builtin), &as_value(&shipped), &mut d);
+        assert!(
+            d.is_empty(),
+            "built-in != config/claimgate.toml:\n{}",
+            d.join("\n")
+        );
+        assert_eq!(as_value(&Config::default()), as_value(&builtin));
+        assert_eq!(
+            builtin.embedded.aof_path.as_deref(),
+            Some(Path::new("data/claimgate.aof"))
+        );
+        assert_eq!(builtin.database.url, "sqlite://data/claimgate.db?mode=rwc");
+    }
+
+    /// A section present with only some keys takes the others from the section's own
+    /// `Default`, which must equal the top-level default (an `[embedded]` with only
+    /// `lua_vms` must not silently lose the append-only file).
+    #[test]
+    fn partial_sections_keep_the_builtin_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let sections = [
+            "server",
+            "redis",
+            "embedded",
+            "database",
+            "persister",
+            "stock",
+            "batches",
+            "auth",
+            "limits",
+            "cache",
+            "metrics",
+            "wallet",
+            "log",
+        ];
+        let text: String = sections.iter().map(|s| format!("[{s}]\n")).collect();
+        let f = write(dir.path(), "empty-sections.toml", &text);
+        let c = load(Some(&f), env(&[]), &[]).unwrap();
+        assert_eq!(as_value(&c), as_value(&Config::default()));
+        let f = write(dir.path(), "partial.toml", "[embedded]\nlua_vms = 3\n");
+        let c = load(Some(&f), env(&[]), &[]).unwrap();
+        assert_eq!(
+            c.embedded.aof_path.as_deref(),
+            Some(Path::new("data/claimgate.aof"))
+        );
+    }
+
+    /// The dump loads again into the same configuration, non-default values included
+    /// (an in-memory keyspace is `aof_path = ""`).
     #[test]
     fn dump_round_trips() {
         let dir = tempfile::tempdir().unwrap();
@@ -586,6 +668,7 @@ mod tests {
             env(&[("CLAIMGATE_PERSISTER__CONSUMER", "gw-7")]),
             &[
                 "backend=\"redis\"".into(),
+                "embedded.aof_path=\"\"".into(),
                 "embedded.fsync=\"always\"".into(),
                 "metrics.admin_listen=\"127.0.0.1:9100\"".into(),
                 "limits.trusted_proxies=[\"10.0.0.1\", \"::1\"]".into(),
@@ -595,9 +678,11 @@ mod tests {
             ],
         )
         .unwrap();
+        assert_eq!(c.embedded.aof_path, None);
         let text = c.to_toml().unwrap();
         let f = write(dir.path(), "dump.toml", &text);
         let again = load(Some(&f), env(&[]), &[]).unwrap();
+        assert_eq!(again.embedded.aof_path, None, "{text}");
         assert_eq!(again.persister.consumer.as_deref(), Some("gw-7"));
         assert_eq!(again.stock.sweep_interval_ms, 1234);
         assert_eq!(again.to_toml().unwrap(), text);

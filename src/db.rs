@@ -49,11 +49,12 @@ pub struct DatabaseConfig {
     pub statement_timeout_ms: u64,
 }
 
+/// The built-in database, as in `config/claimgate.toml`: SQLite under `data/`.
 impl Default for DatabaseConfig {
     fn default() -> Self {
         DatabaseConfig {
             url: "sqlite://data/claimgate.db?mode=rwc".to_string(),
-            max_connections: 8,
+            max_connections: 4,
             connect_timeout_ms: 5_000,
             statement_timeout_ms: 5_000,
         }

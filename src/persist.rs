@@ -87,7 +87,7 @@ impl Default for PersisterConfig {
             group: "claimgate".to_string(),
             consumer: None,
             batch_size: 500,
-            flush_interval_ms: 50,
+            flush_interval_ms: 20,
             min_idle_ms: 30_000,
             backoff_min_ms: 100,
             backoff_max_ms: 5_000,
