@@ -493,6 +493,14 @@ impl Config {
         if self.redis.url.contains(REDACTED) {
             return bad("redis.url", &marker);
         }
+        if self.persister.stall_ms != 0
+            && self.persister.stall_ms <= self.persister.flush_interval_ms
+        {
+            return bad(
+                "persister.stall_ms",
+                "must be 0 (off) or more than persister.flush_interval_ms",
+            );
+        }
         if self.server.max_body_bytes < 64 {
             return bad("server.max_body_bytes", "must be at least 64");
         }
@@ -674,6 +682,7 @@ mod tests {
                 "limits.trusted_proxies=[\"10.0.0.1\", \"::1\"]".into(),
                 "limits.claim_global={per_second=5, burst=7}".into(),
                 "stock.sweep_interval_ms=1234".into(),
+                "persister.stall_ms=0".into(),
                 "log.json=true".into(),
             ],
         )
@@ -801,6 +810,22 @@ mod tests {
         .to_string();
         assert!(!err.contains("12345678901234567"), "{err}");
         assert!(err.contains("admin_token"), "{err}");
+    }
+
+    #[test]
+    fn stall_threshold_is_checked() {
+        let err = load(
+            None,
+            env(&[]),
+            &[
+                "persister.stall_ms=10".into(),
+                "persister.flush_interval_ms=10".into(),
+            ],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("persister.stall_ms"), "{err}");
+        assert!(load(None, env(&[]), &["persister.stall_ms=0".into()]).is_ok());
     }
 
     #[test]

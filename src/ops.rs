@@ -1,7 +1,9 @@
 //! Operations endpoints: `/readyz` (with detail), `/metrics`, `/openapi.json`.
 //!
 //! Invariant kept here: `/readyz` answers 200 only when the backend is reachable with its
-//! scripts loaded, the database answers, and the instance is not draining.
+//! scripts loaded, the database answers, this instance's persister (if it runs one) is not
+//! stalled (records waiting, no progress for `persister.stall_ms`), and the instance is not
+//! draining.
 
 use std::time::Duration;
 
@@ -37,13 +39,15 @@ pub async fn ready<B: Backend>(app: &App<B>) -> Response<Full<Bytes>> {
         .filter(|b| b.is_lost())
         .map(|b| b.id.clone())
         .collect();
-    let ok = backend.is_ok() && database.is_ok() && !draining;
+    let persister = app.persist_status.as_ref().map(|s| s.snapshot());
+    let stalled = persister.as_ref().is_some_and(|p| p.stalled);
+    let ok = backend.is_ok() && database.is_ok() && !stalled && !draining;
     let body = json!({
         "ready": ok,
         "draining": draining,
         "backend": { "kind": app.backend().kind(), "ok": backend.is_ok(), "error": backend.err() },
         "database": { "kind": app.db.kind(), "ok": database.is_ok(), "error": database.err() },
-        "persister": app.persist_status.as_ref().map(|s| s.snapshot()),
+        "persister": persister,
         "lost_batches": lost,
     });
     let status = if ok {

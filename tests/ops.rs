@@ -1,7 +1,10 @@
 //! Operations and configuration (issue "Hardening", items 10 to 12), against the real
-//! binary:
+//! binary where it is about the process and against a real database held locked where it
+//! is about readiness:
 //! - `check-config` prints TOML that loads again, with every secret redacted, and exits
 //!   quietly when its reader goes away; no error or log line carries a password;
+//! - `/readyz` turns 503 with `persister.stalled` and a non-zero backlog while the database
+//!   is locked against the persister's writes, and 200 again once they drain (both backends);
 //! - the bare `claimgate serve` (no `--config`) is durable: it keeps an append-only log, and
 //!   a kill -9 after acknowledged claims loses none of them.
 
@@ -9,13 +12,23 @@ mod support;
 
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
+use std::str::FromStr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use claimgate::app::App;
+use claimgate::backend::Backend;
+use claimgate::backend::embedded::{EmbeddedBackend, EmbeddedConfig};
+use claimgate::backend::redis::{RedisBackend, RedisConfig};
 use claimgate::db::{DatabaseConfig, Db};
-use serde_json::json;
+use claimgate::persist::Persister;
+use serde_json::{Value, json};
+use sqlx::Connection;
+use support::gw::{batch_json, call, claim, open_db};
 use support::http::Http;
 use support::watchdog::{Watchdog, step};
 use support::{PgDb, RedisServer, free_port};
+use tokio_util::sync::CancellationToken;
 
 const BIN: &str = env!("CARGO_BIN_EXE_claimgate");
 
@@ -218,6 +231,190 @@ async fn wait_healthy(http: &Http) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("gateway not healthy after 30 s");
+}
+
+/// What holds the database locked against the persister's writes.
+enum Lock {
+    Sqlite(sqlx::SqliteConnection),
+    Pg(sqlx::PgConnection),
+}
+
+impl Lock {
+    async fn take(url: &str) -> Lock {
+        if url.starts_with("sqlite:") {
+            let opts = sqlx::sqlite::SqliteConnectOptions::from_str(url).unwrap();
+            let mut c = sqlx::SqliteConnection::connect_with(&opts).await.unwrap();
+            sqlx::query("BEGIN EXCLUSIVE")
+                .execute(&mut c)
+                .await
+                .unwrap();
+            Lock::Sqlite(c)
+        } else {
+            let mut c = sqlx::PgConnection::connect(url).await.unwrap();
+            sqlx::query("BEGIN").execute(&mut c).await.unwrap();
+            sqlx::query("LOCK TABLE coupon_events IN ACCESS EXCLUSIVE MODE")
+                .execute(&mut c)
+                .await
+                .unwrap();
+            Lock::Pg(c)
+        }
+    }
+
+    async fn release(self) {
+        match self {
+            Lock::Sqlite(mut c) => {
+                sqlx::query("ROLLBACK").execute(&mut c).await.unwrap();
+                c.close().await.unwrap();
+            }
+            Lock::Pg(mut c) => {
+                sqlx::query("ROLLBACK").execute(&mut c).await.unwrap();
+                c.close().await.unwrap();
+            }
+        }
+    }
+}
+
+/// Polls `/readyz` until `want` holds for its (status, body); panics after `limit`.
+async fn readyz_until<B: Backend>(
+    app: &App<B>,
+    limit: Duration,
+    what: &str,
+    want: impl Fn(u16, &Value) -> bool,
+) -> (u16, Value) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let (s, v) = call(app, "GET", "/readyz", "").await;
+        if want(s, &v) {
+            return (s, v);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} within {limit:?}: {s} {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Item 11: while another connection holds the database locked, the persister's write
+/// blocks (or fails and retries); after `persister.stall_ms` `/readyz` answers 503 with
+/// `stalled` and a backlog measured while the write was blocked. Claims go on meanwhile.
+/// Once the lock is released, everything drains and `/readyz` is 200 again.
+async fn stall_scenario<B: Backend>(backend: Arc<B>, db_url: String) {
+    step("start the gateway with a persister");
+    let cfg = Arc::new(support::gw::config(&[
+        "persister.stall_ms=1000".into(),
+        "persister.probe_interval_ms=100".into(),
+        "persister.backoff_max_ms=300".into(),
+    ]));
+    let db = open_db(&db_url).await;
+    let shutdown = CancellationToken::new();
+    let p = Persister::spawn(
+        backend.clone(),
+        db.clone(),
+        cfg.persister.clone(),
+        shutdown.child_token(),
+    );
+    let app = Arc::new(App::new(
+        cfg.clone(),
+        backend.clone(),
+        db.clone(),
+        Some(p.status()),
+    ));
+    let (s, v) = call(
+        &app,
+        "POST",
+        "/v1/batches",
+        batch_json("stall", 100, 1, json!({"shards": 4})),
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    for i in 0..5 {
+        let (s, v) = claim(&app, "stall", &format!("a{i}"), Some("r")).await;
+        assert_eq!(s, 201, "{v}");
+    }
+    step("drained before the lock");
+    readyz_until(
+        &app,
+        Duration::from_secs(20),
+        "ready and drained",
+        |s, v| s == 200 && v["persister"]["backlog"] == 0 && v["persister"]["rows_written"] == 5,
+    )
+    .await;
+
+    step("lock the database, claim on");
+    let lock = Lock::take(&db_url).await;
+    let locked_at = Instant::now();
+    for i in 0..5 {
+        let (s, v) = claim(&app, "stall", &format!("b{i}"), Some("r")).await;
+        assert_eq!(s, 201, "claims do not wait for the database: {v}");
+    }
+    step("wait for /readyz to show the stall");
+    let (_, v) = readyz_until(&app, Duration::from_secs(15), "503 stalled", |s, _| {
+        s == 503
+    })
+    .await;
+    let p_detail = &v["persister"];
+    assert_eq!(p_detail["stalled"], true, "{v}");
+    assert_eq!(v["ready"], false, "{v}");
+    assert_eq!(v["database"]["ok"], true, "the database answers pings: {v}");
+    assert!(p_detail["backlog"].as_u64().unwrap() >= 5, "{v}");
+    assert!(
+        p_detail["since_progress_ms"].as_u64().unwrap() > 1000,
+        "{v}"
+    );
+    assert!(locked_at.elapsed() >= Duration::from_secs(1));
+
+    step("release the lock");
+    lock.release().await;
+    readyz_until(
+        &app,
+        Duration::from_secs(30),
+        "ready and drained again",
+        |s, v| {
+            s == 200
+                && v["persister"]["stalled"] == false
+                && v["persister"]["backlog"] == 0
+                && v["persister"]["rows_written"] == 10
+        },
+    )
+    .await;
+    assert_eq!(db.claim_counts("stall").await.unwrap(), (10, 10));
+    shutdown.cancel();
+    p.join().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_shows_a_persister_stalled_on_a_locked_sqlite() {
+    let _wd = Watchdog::arm(Duration::from_secs(120));
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Arc::new(
+        EmbeddedBackend::open(&EmbeddedConfig {
+            aof_path: Some(dir.path().join("stall.aof")),
+            ..EmbeddedConfig::default()
+        })
+        .unwrap(),
+    );
+    let url = format!(
+        "sqlite://{}?mode=rwc",
+        dir.path().join("stall.db").display()
+    );
+    stall_scenario(backend, url).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_shows_a_persister_stalled_on_a_locked_postgres() {
+    let _wd = Watchdog::arm(Duration::from_secs(120));
+    let redis = RedisServer::start();
+    let pg = PgDb::create();
+    let backend = Arc::new(
+        RedisBackend::connect(&RedisConfig {
+            url: redis.url(),
+            ..RedisConfig::default()
+        })
+        .await
+        .unwrap(),
+    );
+    stall_scenario(backend, pg.url.clone()).await;
 }
 
 /// Item 12: `claimgate serve` without `--config` (only `--listen`, in an empty working
