@@ -15,20 +15,22 @@ use serde_json::json;
 use crate::app::App;
 use crate::backend::Backend;
 use crate::error::json_response;
+use crate::secret::redact_text;
 
 /// The API contract, kept in the tree and served as is.
 pub const OPENAPI: &str = include_str!("../docs/openapi.json");
 
 pub async fn ready<B: Backend>(app: &App<B>) -> Response<Full<Bytes>> {
     let limit = Duration::from_millis(app.cfg.redis.command_timeout_ms.max(100));
+    // Error texts are served unauthenticated: any URL in them loses its password.
     let backend = match tokio::time::timeout(limit, app.backend().ready()).await {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(e.to_string()),
+        Ok(Err(e)) => Err(redact_text(&e.to_string()).into_owned()),
         Err(_) => Err("timed out".to_string()),
     };
     let database = match tokio::time::timeout(limit, app.db.ping()).await {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(e.to_string()),
+        Ok(Err(e)) => Err(redact_text(&e.to_string()).into_owned()),
         Err(_) => Err("timed out".to_string()),
     };
     let draining = app.is_draining();
@@ -39,7 +41,11 @@ pub async fn ready<B: Backend>(app: &App<B>) -> Response<Full<Bytes>> {
         .filter(|b| b.is_lost())
         .map(|b| b.id.clone())
         .collect();
-    let persister = app.persist_status.as_ref().map(|s| s.snapshot());
+    let persister = app.persist_status.as_ref().map(|s| {
+        let mut p = s.snapshot();
+        p.last_error = p.last_error.map(|e| redact_text(&e).into_owned());
+        p
+    });
     let stalled = persister.as_ref().is_some_and(|p| p.stalled);
     let ok = backend.is_ok() && database.is_ok() && !stalled && !draining;
     let body = json!({
