@@ -6,6 +6,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Bounds, so that the suite itself can never hang (each test also arms its own watchdog).
+# The whole `cargo test` run: generous (a full run takes a few minutes on 2 cores), finite.
+TEST_TIMEOUT="${CLAIMGATE_TEST_TIMEOUT:-40m}"
+# After TERM at a bound, KILL whatever is still running this much later.
+KILL_AFTER=60s
+# The smoke gateway must answer /healthz within this many seconds, and exit this long
+# after SIGTERM; the load test against it is bounded too.
+SMOKE_READY_S=30
+SMOKE_STOP_S=30
+SMOKE_LOADTEST_TIMEOUT=5m
+
 log() { printf '==> %s\n' "$*"; }
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
@@ -63,12 +74,30 @@ target/debug/claimgate --listen "127.0.0.1:$port" --backend embedded \
   --database-url "sqlite://$smoke/smoke.db?mode=rwc" --set "embedded.aof_path=\"$smoke/smoke.aof\"" \
   --set limits.claim_per_user.per_second=0 --set log.level=\"warn\" serve &
 gw=$!
-trap 'kill $gw 2>/dev/null || true; rm -rf "$smoke"' EXIT
-for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$port/healthz" >/dev/null && break; sleep 0.1; done
-target/debug/claimgate-loadtest --url "http://127.0.0.1:$port" -q --scenario flash-sale \
+trap 'kill -9 $gw 2>/dev/null || true; rm -rf "$smoke"' EXIT
+# Bounded wait for the gateway: each probe has its own time limit, the whole wait too.
+ready=0
+deadline=$((SECONDS + SMOKE_READY_S))
+while [ "$SECONDS" -lt "$deadline" ]; do
+  if curl -sf --max-time 2 "http://127.0.0.1:$port/healthz" >/dev/null; then ready=1; break; fi
+  kill -0 $gw 2>/dev/null || { echo "smoke gateway exited before it was healthy" >&2; exit 1; }
+  sleep 0.1
+done
+[ "$ready" = 1 ] || { echo "smoke gateway not healthy within ${SMOKE_READY_S}s" >&2; exit 1; }
+timeout --kill-after="$KILL_AFTER" "$SMOKE_LOADTEST_TIMEOUT" \
+  target/debug/claimgate-loadtest --url "http://127.0.0.1:$port" -q --scenario flash-sale \
   --users 2000 --stock 300 --connections 16 --requests 3000 \
   --verify --database-url "sqlite://$smoke/smoke.db" --drain-timeout 30s
-kill -TERM $gw; wait $gw
+# Bounded stop: SIGTERM, then SIGKILL (and a failure) if it has not exited in time.
+kill -TERM $gw
+deadline=$((SECONDS + SMOKE_STOP_S))
+while kill -0 $gw 2>/dev/null && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.1; done
+if kill -0 $gw 2>/dev/null; then
+  kill -9 $gw 2>/dev/null || true
+  echo "smoke gateway did not exit within ${SMOKE_STOP_S}s of SIGTERM" >&2
+  exit 1
+fi
+wait $gw
 
 # Static checks of Dockerfile, docker-compose.yml, Grafana provisioning and the systemd
 # unit (about a second; no network: a tool that is not installed is skipped, saying so).
@@ -78,9 +107,15 @@ scripts/check-packaging.sh
 log "cargo test (workspace)"
 results=$(mktemp)
 set +e
-cargo test --workspace --locked "$@" 2>&1 | tee "$results"
+# timeout signals its whole process group: cargo, the test binaries and the servers they
+# started (redis-server) all stop at the bound.
+timeout --kill-after="$KILL_AFTER" "$TEST_TIMEOUT" \
+  cargo test --workspace --locked "$@" 2>&1 | tee "$results"
 status=${PIPESTATUS[0]}
 set -e
+if [ "$status" = 124 ] || [ "$status" = 137 ]; then
+  echo "cargo test did not finish within $TEST_TIMEOUT (CLAIMGATE_TEST_TIMEOUT): stopped" >&2
+fi
 # one closing line for the whole suite (cargo's own last lines are doc-test summaries)
 awk '/^test result:/ { for (i = 2; i <= NF; i++) { if ($i == "passed;") p += $(i-1); if ($i == "failed;") f += $(i-1) } }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$results"

@@ -1,8 +1,15 @@
 //! Command line: `serve` (the default), `migrate`, `rebuild`, `reconcile`, `check-config`.
 //!
-//! Invariant kept here: configuration problems end the process with exit status 64 and a
-//! message naming the bad key, before anything is started or changed.
+//! Invariants kept here: configuration problems end the process with exit status 64 and a
+//! message naming the bad key, before anything is started or changed; no message this
+//! module prints or logs carries a secret (tokens and URL passwords are redacted, see
+//! [`crate::secret`]); and a reader that closes our stdout early (`claimgate check-config |
+//! head -1`) ends the output quietly: no panic, the command's own exit status (0 for
+//! `check-config`), nothing on stderr. Status 0 rather than 141 (a SIGPIPE death) because
+//! whether a short output is written before the reader exits is a race: the status must
+//! not depend on it.
 
+use std::io::{ErrorKind, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -15,11 +22,33 @@ use crate::backend::Backend;
 use crate::backend::embedded::EmbeddedBackend;
 use crate::backend::redis::RedisBackend;
 use crate::config::{BackendKind, Config};
+use crate::secret::{redact_text, redact_url};
 
 /// EX_USAGE: bad configuration or arguments.
 pub const EXIT_CONFIG: u8 = 64;
 /// EX_UNAVAILABLE: a required service (Redis, the database) cannot be used.
 pub const EXIT_UNAVAILABLE: u8 = 69;
+/// EX_IOERR: standard output could not be written (other than a closed pipe).
+pub const EXIT_IOERR: u8 = 74;
+
+/// Writes `text` to stdout. `Ok(false)` when the reader has gone (EPIPE): stop printing
+/// and exit as if it had all been read.
+fn emit(text: &str) -> std::io::Result<bool> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// A line of a command's report on stdout; a closed pipe is ignored, another write error
+/// is said on stderr (the command's exit status stays what its work decided).
+fn say(line: &str) {
+    if let Err(e) = emit(&format!("{line}\n")) {
+        eprintln!("claimgate: cannot write to stdout: {e}");
+    }
+}
 
 #[derive(Debug, Parser)]
 #[command(
@@ -122,7 +151,7 @@ pub fn main() -> ExitCode {
     let cfg = match cli.common.load() {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("claimgate: {e}");
+            eprintln!("claimgate: {}", redact_text(&e.to_string()));
             return ExitCode::from(EXIT_CONFIG);
         }
     };
@@ -140,25 +169,49 @@ pub fn main() -> ExitCode {
     runtime.block_on(run(cli.command.unwrap_or(Command::Serve), cfg))
 }
 
+/// `check-config`: the effective configuration as TOML, secrets redacted
+/// ([`Config::to_toml`]); the output loads again with `--config` once secrets are given.
+fn check_config(cfg: &Config) -> ExitCode {
+    let text = match cfg.to_toml() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("claimgate: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match emit(&text) {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("claimgate: cannot write to stdout: {e}");
+            ExitCode::from(EXIT_IOERR)
+        }
+    }
+}
+
 async fn run(cmd: Command, cfg: Config) -> ExitCode {
     if let Command::CheckConfig = cmd {
-        println!("{cfg:#?}");
-        return ExitCode::SUCCESS;
+        return check_config(&cfg);
     }
     let cfg = Arc::new(cfg);
     match cfg.backend {
         BackendKind::Embedded => match EmbeddedBackend::open(&cfg.embedded) {
             Ok(b) => run_with(cmd, cfg, Arc::new(b)).await,
-            Err(e) => fail(format!("embedded backend: {e}")),
+            Err(e) => fail(&cfg, format!("embedded backend: {e}")),
         },
         BackendKind::Redis => match RedisBackend::connect(&cfg.redis).await {
             Ok(b) => run_with(cmd, cfg, Arc::new(b)).await,
-            Err(e) => fail(format!("redis at {}: {e}", cfg.redis.url)),
+            Err(e) => fail(
+                &cfg,
+                format!("redis at {}: {e}", redact_url(&cfg.redis.url)),
+            ),
         },
     }
 }
 
-fn fail(msg: String) -> ExitCode {
+/// Logs and prints `msg` with every secret of `cfg` and every URL password redacted
+/// (library errors may quote a URL), and returns EX_UNAVAILABLE.
+fn fail(cfg: &Config, msg: String) -> ExitCode {
+    let msg = cfg.scrub(&msg);
     tracing::error!("{msg}");
     eprintln!("claimgate: {msg}");
     ExitCode::from(EXIT_UNAVAILABLE)
@@ -167,39 +220,38 @@ fn fail(msg: String) -> ExitCode {
 async fn run_with<B: Backend>(cmd: Command, cfg: Arc<Config>, backend: Arc<B>) -> ExitCode {
     let db = match crate::db::Db::connect(&cfg.database).await {
         Ok(db) => db,
-        Err(e) => return fail(format!("database: {e}")),
+        Err(e) => return fail(&cfg, format!("database: {e}")),
     };
     if let Err(e) = db.migrate().await {
-        return fail(format!("database migration: {e}"));
+        return fail(&cfg, format!("database migration: {e}"));
     }
     match cmd {
         Command::Migrate | Command::CheckConfig => {
-            println!("migrations applied ({})", db.kind());
+            say(&format!("migrations applied ({})", db.kind()));
             ExitCode::SUCCESS
         }
         Command::Rebuild { batch, force } => {
             match crate::rebuild::rebuild(backend.as_ref(), &db, &batch, force).await {
                 Ok(report) => {
-                    println!("{report}");
+                    say(&report.to_string());
                     ExitCode::SUCCESS
                 }
-                Err(e) => fail(format!("rebuild of {batch}: {e}")),
+                Err(e) => fail(&cfg, format!("rebuild of {batch}: {e}")),
             }
         }
         Command::Reconcile { batch } => {
             match crate::rebuild::reconcile(backend.as_ref(), &db, batch.as_deref()).await {
                 Ok(diffs) if diffs.is_empty() => {
-                    println!("Redis and the database agree");
+                    say("Redis and the database agree");
                     ExitCode::SUCCESS
                 }
                 Ok(diffs) => {
-                    for d in &diffs {
-                        println!("{d}");
-                    }
-                    println!("{} difference(s)", diffs.len());
+                    let mut text: String = diffs.iter().map(|d| format!("{d}\n")).collect();
+                    text.push_str(&format!("{} difference(s)", diffs.len()));
+                    say(&text);
                     ExitCode::FAILURE
                 }
-                Err(e) => fail(format!("reconcile: {e}")),
+                Err(e) => fail(&cfg, format!("reconcile: {e}")),
             }
         }
         Command::Serve => serve(cfg, backend, db).await,
@@ -231,7 +283,9 @@ async fn signal() {
 async fn serve<B: Backend>(cfg: Arc<Config>, backend: Arc<B>, db: crate::db::Db) -> ExitCode {
     let listener = match tokio::net::TcpListener::bind(cfg.server.listen).await {
         Ok(l) => l,
-        Err(e) => return fail(format!("cannot listen on {}: {e}", cfg.server.listen)),
+        Err(e) => {
+            return fail(&cfg, format!("cannot listen on {}: {e}", cfg.server.listen));
+        }
     };
     let shutdown = CancellationToken::new();
     let persister = cfg.persister.enabled.then(|| {
@@ -259,10 +313,26 @@ async fn serve<B: Backend>(cfg: Arc<Config>, backend: Arc<B>, db: crate::db::Db)
                     shutdown.child_token(),
                 )))
             }
-            Err(e) => return fail(format!("cannot listen on {addr}: {e}")),
+            Err(e) => return fail(&cfg, format!("cannot listen on {addr}: {e}")),
         }
     }
-    tracing::info!(listen = %cfg.server.listen, backend = backend.kind(), database = db.kind(), "claimgate serving");
+    if cfg.backend == BackendKind::Embedded && cfg.embedded.aof_path.is_none() {
+        tracing::warn!(
+            "embedded.aof_path is empty: the keyspace lives in memory only. After a restart \
+             every batch reads as lost until `claimgate rebuild`, and a crash loses \
+             acknowledged claims the persister had not written yet"
+        );
+    }
+    let store = match cfg.backend {
+        BackendKind::Embedded => cfg
+            .embedded
+            .aof_path
+            .as_ref()
+            .map_or_else(|| "memory".to_string(), |p| p.display().to_string()),
+        BackendKind::Redis => redact_url(&cfg.redis.url).into_owned(),
+    };
+    tracing::info!(listen = %cfg.server.listen, backend = backend.kind(), store = %store,
+        database = %redact_url(&cfg.database.url), "claimgate serving");
 
     let stop = shutdown.clone();
     tokio::spawn(async move {

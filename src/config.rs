@@ -4,17 +4,29 @@
 //! Invariant kept here: the gateway only ever starts from a configuration in which every
 //! key is known and every value is in range; anything else is a [`ConfigError`] that names
 //! the offending key (the binary exits with status 64, EX_USAGE).
+//!
+//! The built-in defaults ([`Config::default`] and every section's `Default`) are exactly
+//! `config/claimgate.toml`: the durable embedded setup (append-only log and SQLite under
+//! `data/`). A test compares the two key by key.
+//!
+//! [`Config::to_toml`] is the effective configuration as TOML (what `check-config` prints),
+//! with every secret and URL password replaced by [`crate::secret::REDACTED`]. Loading that
+//! text again gives the same configuration, except that a redacted secret or URL is rejected
+//! (naming its key) until the real value is given, e.g. by `CLAIMGATE_AUTH__ADMIN_TOKEN`.
 
 use std::net::SocketAddr;
 use std::path::Path;
 
-use serde::Deserialize;
+use serde::ser::SerializeStruct;
+use serde::{Deserialize, Serialize, Serializer};
 use thiserror::Error;
 
 use crate::backend::embedded::EmbeddedConfig;
 use crate::backend::redis::RedisConfig;
 use crate::db::DatabaseConfig;
 use crate::persist::PersisterConfig;
+pub use crate::secret::Secret;
+use crate::secret::{REDACTED, url_passwords};
 use crate::stock::StockConfig;
 
 #[derive(Debug, Error)]
@@ -32,14 +44,14 @@ pub enum ConfigError {
     Override(String),
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendKind {
     Embedded,
     Redis,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Which backend runs the scripts: `embedded` (in-process, default) or `redis`.
@@ -49,6 +61,7 @@ pub struct Config {
     pub embedded: EmbeddedConfig,
     pub database: DatabaseConfig,
     pub persister: PersisterConfig,
+    #[serde(serialize_with = "serialize_stock")]
     pub stock: StockConfig,
     pub batches: BatchesConfig,
     pub auth: AuthConfig,
@@ -80,7 +93,7 @@ impl Default for Config {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
@@ -129,7 +142,7 @@ impl Default for ServerConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BatchesConfig {
     /// Shards of a batch created without `shards`.
@@ -162,19 +175,19 @@ impl BatchesConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     /// When set, admin routes need `Authorization: Bearer <admin_token>`.
-    pub admin_token: Option<String>,
+    pub admin_token: Option<Secret>,
     /// When set, users are identified by an HS256 JWT (`sub`, `exp`) signed with this secret;
     /// when unset, by `user_id` in the body (development only: a warning is logged).
-    pub user_token_secret: Option<String>,
+    pub user_token_secret: Option<Secret>,
     /// Clock skew tolerated on a token's `exp` and `nbf`, seconds (at most 300).
     pub user_token_leeway_s: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RateLimit {
     /// Sustained requests per second (0 = no limit).
@@ -195,7 +208,7 @@ impl Default for RateLimit {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     /// Claims per second this instance accepts in all.
@@ -235,7 +248,7 @@ impl Default for LimitsConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CacheConfig {
     /// Batch metadata is re-read from the backend this often (fallback for missed events).
@@ -259,7 +272,7 @@ impl Default for CacheConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
     /// Serve `/metrics` (and health) on this separate admin address too.
@@ -277,7 +290,7 @@ impl Default for MetricsConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WalletConfig {
     /// How long a `lock` holds a coupon for an order before it counts as released.
@@ -297,7 +310,7 @@ impl Default for WalletConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
     /// `tracing` filter, e.g. `info` or `claimgate=debug,info`.
@@ -329,8 +342,10 @@ pub fn load(
                 path: path.display().to_string(),
                 source,
             })?;
-            text.parse::<toml::Table>()
-                .map_err(|e| ConfigError::Parse(format!("{}: {e}", path.display())))?
+            text.parse::<toml::Table>().map_err(|e| {
+                // The message quotes the offending line, which may hold a secret.
+                ConfigError::Parse(redact_quoted_lines(&format!("{}: {e}", path.display())))
+            })?
         }
         None => toml::Table::new(),
     };
@@ -362,6 +377,46 @@ pub fn load(
     Ok(config)
 }
 
+/// Keys whose values are secrets, as they appear in a TOML line.
+const SECRET_KEYS: &[&str] = &["admin_token", "user_token_secret"];
+
+/// `message` with the value of any `<secret key> = ...` line cut, and URLs redacted: a TOML
+/// parse error quotes the line it failed on.
+fn redact_quoted_lines(message: &str) -> String {
+    message
+        .lines()
+        .map(|line| match line.split_once('=') {
+            Some((head, _)) if SECRET_KEYS.iter().any(|k| head.contains(k)) => {
+                format!("{head}= {REDACTED}")
+            }
+            _ => crate::secret::redact_text(line).into_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Serializes the `[stock]` section (its type lives in `stock.rs` and derives only
+/// `Deserialize`). The destructuring names every field, so a new field is a compile error
+/// here until it is dumped too.
+fn serialize_stock<S: Serializer>(c: &StockConfig, s: S) -> Result<S::Ok, S::Error> {
+    let StockConfig {
+        initial_fill_percent,
+        refill_divisor,
+        max_refill_rounds,
+        transfer_marker_ttl_s,
+        sweep_min_age_ms,
+        sweep_interval_ms,
+    } = c;
+    let mut st = s.serialize_struct("StockConfig", 6)?;
+    st.serialize_field("initial_fill_percent", initial_fill_percent)?;
+    st.serialize_field("refill_divisor", refill_divisor)?;
+    st.serialize_field("max_refill_rounds", max_refill_rounds)?;
+    st.serialize_field("transfer_marker_ttl_s", transfer_marker_ttl_s)?;
+    st.serialize_field("sweep_min_age_ms", sweep_min_age_ms)?;
+    st.serialize_field("sweep_interval_ms", sweep_interval_ms)?;
+    st.end()
+}
+
 /// Sets `a.b.c = value`, reading `value` as a TOML value when it is one (numbers, booleans,
 /// arrays) and as a string otherwise.
 fn set_path(table: &mut toml::Table, path: &[String], value: &str) {
@@ -389,7 +444,40 @@ fn set_path(table: &mut toml::Table, path: &[String], value: &str) {
     t.insert(last.clone(), parsed);
 }
 
+/// First line of [`Config::to_toml`].
+const DUMP_HEADER: &str = "\
+# claimgate effective configuration (claimgate check-config).
+# Secrets and URL passwords are printed as \"<redacted>\": this file loads again once they
+# are given, e.g. CLAIMGATE_AUTH__ADMIN_TOKEN=..., CLAIMGATE_DATABASE__URL=... or --set.
+";
+
 impl Config {
+    /// The configuration as TOML, secrets redacted (see the module documentation).
+    pub fn to_toml(&self) -> Result<String, ConfigError> {
+        let body = toml::to_string_pretty(self)
+            .map_err(|e| ConfigError::Parse(format!("cannot print the configuration: {e}")))?;
+        Ok(format!("{DUMP_HEADER}\n{body}"))
+    }
+
+    /// Every secret value of this configuration (tokens, URL passwords raw and decoded), for
+    /// [`crate::secret::scrub`] of messages that may quote one.
+    pub fn secret_values(&self) -> Vec<String> {
+        let mut v: Vec<String> = [&self.auth.admin_token, &self.auth.user_token_secret]
+            .into_iter()
+            .flatten()
+            .map(|s| s.expose().to_string())
+            .collect();
+        v.extend(url_passwords(&self.database.url));
+        v.extend(url_passwords(&self.redis.url));
+        v
+    }
+
+    /// `text` with every secret of this configuration and every URL password redacted.
+    pub fn scrub(&self, text: &str) -> String {
+        let secrets = self.secret_values();
+        crate::secret::scrub(text, secrets.iter().map(String::as_str))
+    }
+
     /// Range checks serde cannot express.
     fn check(&self) -> Result<(), ConfigError> {
         let bad = |key: &'static str, message: &str| {
@@ -398,6 +486,40 @@ impl Config {
                 message: message.to_string(),
             })
         };
+        let marker = format!(
+            "is the redaction marker {REDACTED} from a check-config dump, not the real value: \
+             give it (e.g. CLAIMGATE_SECTION__KEY=... or --set)"
+        );
+        if self
+            .auth
+            .admin_token
+            .as_ref()
+            .is_some_and(Secret::is_redaction_marker)
+        {
+            return bad("auth.admin_token", &marker);
+        }
+        if self
+            .auth
+            .user_token_secret
+            .as_ref()
+            .is_some_and(Secret::is_redaction_marker)
+        {
+            return bad("auth.user_token_secret", &marker);
+        }
+        if self.database.url.contains(REDACTED) {
+            return bad("database.url", &marker);
+        }
+        if self.redis.url.contains(REDACTED) {
+            return bad("redis.url", &marker);
+        }
+        if self.persister.stall_ms != 0
+            && self.persister.stall_ms <= self.persister.flush_interval_ms
+        {
+            return bad(
+                "persister.stall_ms",
+                "must be 0 (off) or more than persister.flush_interval_ms",
+            );
+        }
         if self.server.max_body_bytes < 64 {
             return bad("server.max_body_bytes", "must be at least 64");
         }
@@ -509,6 +631,251 @@ mod tests {
         let err = load(None, env(&[]), &["server.max_body_bytes=1".into()]).unwrap_err();
         assert!(err.to_string().contains("server.max_body_bytes"), "{err}");
         assert!(load(None, env(&[]), &["nonsense".into()]).is_err());
+    }
+
+    fn as_value(c: &Config) -> toml::Value {
+        toml::Value::try_from(c).expect("config serializes")
+    }
+
+    /// Dotted keys whose values differ between `a` and `b`.
+    fn diff(prefix: &str, a: &toml::Value, b: &toml::Value, out: &mut Vec<String>) {
+        match (a, b) {
+            (toml::Value::Table(x), toml::Value::Table(y)) => {
+                let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+                for k in keys {
+                    let p = format!("{prefix}{k}");
+                    match (x.get(k), y.get(k)) {
+                        (Some(va), Some(vb)) => diff(&format!("{p}."), va, vb, out),
+                        (va, vb) => out.push(format!("{p}: {va:?} != {vb:?}")),
+                    }
+                }
+            }
+            _ if a != b => out.push(format!("{}: {a} != {b}", prefix.trim_end_matches('.'))),
+            _ => {}
+        }
+    }
+
+    fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    /// The built-in defaults are exactly `config/claimgate.toml` (item 12 of "Hardening":
+    /// they had drifted to an in-memory keyspace over a durable SQLite).
+    #[test]
+    fn builtin_defaults_equal_the_shipped_embedded_config() {
+        let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/claimgate.toml");
+        let shipped = load(Some(&file), env(&[]), &[]).unwrap();
+        let builtin = load(None, env(&[]), &[]).unwrap();
+        let mut d = Vec::new();
+        diff("", &as_value(&builtin), &as_value(&shipped), &mut d);
+        assert!(
+            d.is_empty(),
+            "built-in != config/claimgate.toml:\n{}",
+            d.join("\n")
+        );
+        assert_eq!(as_value(&Config::default()), as_value(&builtin));
+        assert_eq!(
+            builtin.embedded.aof_path.as_deref(),
+            Some(Path::new("data/claimgate.aof"))
+        );
+        assert_eq!(builtin.database.url, "sqlite://data/claimgate.db?mode=rwc");
+    }
+
+    /// A section present with only some keys takes the others from the section's own
+    /// `Default`, which must equal the top-level default (an `[embedded]` with only
+    /// `lua_vms` must not silently lose the append-only file).
+    #[test]
+    fn partial_sections_keep_the_builtin_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let sections = [
+            "server",
+            "redis",
+            "embedded",
+            "database",
+            "persister",
+            "stock",
+            "batches",
+            "auth",
+            "limits",
+            "cache",
+            "metrics",
+            "wallet",
+            "log",
+        ];
+        let text: String = sections.iter().map(|s| format!("[{s}]\n")).collect();
+        let f = write(dir.path(), "empty-sections.toml", &text);
+        let c = load(Some(&f), env(&[]), &[]).unwrap();
+        assert_eq!(as_value(&c), as_value(&Config::default()));
+        let f = write(dir.path(), "partial.toml", "[embedded]\nlua_vms = 3\n");
+        let c = load(Some(&f), env(&[]), &[]).unwrap();
+        assert_eq!(
+            c.embedded.aof_path.as_deref(),
+            Some(Path::new("data/claimgate.aof"))
+        );
+    }
+
+    /// The dump loads again into the same configuration, non-default values included
+    /// (an in-memory keyspace is `aof_path = ""`).
+    #[test]
+    fn dump_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = load(
+            None,
+            env(&[("CLAIMGATE_PERSISTER__CONSUMER", "gw-7")]),
+            &[
+                "backend=\"redis\"".into(),
+                "embedded.aof_path=\"\"".into(),
+                "embedded.fsync=\"always\"".into(),
+                "metrics.admin_listen=\"127.0.0.1:9100\"".into(),
+                "limits.trusted_proxies=[\"10.0.0.1\", \"::1\"]".into(),
+                "limits.claim_global={per_second=5, burst=7}".into(),
+                "stock.sweep_interval_ms=1234".into(),
+                "persister.stall_ms=0".into(),
+                "log.json=true".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.embedded.aof_path, None);
+        let text = c.to_toml().unwrap();
+        let f = write(dir.path(), "dump.toml", &text);
+        let again = load(Some(&f), env(&[]), &[]).unwrap();
+        assert_eq!(again.embedded.aof_path, None, "{text}");
+        assert_eq!(again.persister.consumer.as_deref(), Some("gw-7"));
+        assert_eq!(again.stock.sweep_interval_ms, 1234);
+        assert_eq!(again.to_toml().unwrap(), text);
+        // and the defaults' dump too
+        let d = Config::default().to_toml().unwrap();
+        let f = write(dir.path(), "defaults.toml", &d);
+        assert_eq!(load(Some(&f), env(&[]), &[]).unwrap().to_toml().unwrap(), d);
+    }
+
+    const ADMIN: &str = "admin-token-0123456789-SECRET";
+    const USER: &str = "user-token-secret-0123456789-0123456789-SECRET";
+
+    /// Item 10: secrets and URL passwords never reach the dump or `Debug`; the redacted
+    /// dump is refused (naming the key) until the real values are given again.
+    #[test]
+    fn dump_and_debug_redact_secrets() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = load(
+            None,
+            env(&[
+                ("CLAIMGATE_AUTH__ADMIN_TOKEN", ADMIN),
+                ("CLAIMGATE_AUTH__USER_TOKEN_SECRET", USER),
+            ]),
+            &[
+                "database.url=\"postgres://app:PG-PASS-SECRET@db:5432/claims\"".into(),
+                "redis.url=\"redis://default:REDIS-PASS-SECRET@cache:6379/0\"".into(),
+            ],
+        )
+        .unwrap();
+        let text = c.to_toml().unwrap();
+        let debug = format!("{c:?} {c:#?}");
+        for out in [&text, &debug] {
+            assert!(!out.contains("SECRET"), "a secret leaked:\n{out}");
+            assert!(out.contains(crate::secret::REDACTED), "{out}");
+        }
+        assert!(
+            text.contains("postgres://app:<redacted>@db:5432/claims"),
+            "{text}"
+        );
+        assert!(
+            text.contains("redis://default:<redacted>@cache:6379/0"),
+            "{text}"
+        );
+        let scrubbed = c.scrub(&format!(
+            "auth with {ADMIN} to redis://x:y@z failed, pw PG-PASS-SECRET"
+        ));
+        assert!(
+            !scrubbed.contains("SECRET") && !scrubbed.contains(":y@"),
+            "{scrubbed}"
+        );
+
+        let f = write(dir.path(), "dump.toml", &text);
+        let err = load(Some(&f), env(&[]), &[]).unwrap_err().to_string();
+        assert!(err.contains("auth.admin_token"), "{err}");
+        let err = load(
+            Some(&f),
+            env(&[
+                ("CLAIMGATE_AUTH__ADMIN_TOKEN", ADMIN),
+                ("CLAIMGATE_AUTH__USER_TOKEN_SECRET", USER),
+            ]),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("database.url"), "{err}");
+        let again = load(
+            Some(&f),
+            env(&[
+                ("CLAIMGATE_AUTH__ADMIN_TOKEN", ADMIN),
+                ("CLAIMGATE_AUTH__USER_TOKEN_SECRET", USER),
+                (
+                    "CLAIMGATE_DATABASE__URL",
+                    "postgres://app:PG-PASS-SECRET@db:5432/claims",
+                ),
+                (
+                    "CLAIMGATE_REDIS__URL",
+                    "redis://default:REDIS-PASS-SECRET@cache:6379/0",
+                ),
+            ]),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            again.auth.admin_token.as_ref().map(Secret::expose),
+            Some(ADMIN)
+        );
+        assert_eq!(again.to_toml().unwrap(), text);
+    }
+
+    /// A TOML syntax error quotes its line: a secret on it is cut, a URL redacted. A
+    /// non-string secret is refused without echoing it.
+    #[test]
+    fn config_errors_do_not_quote_secrets() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = write(
+            dir.path(),
+            "broken.toml",
+            "[auth]\nadmin_token = \"admin-token-SECRET-0123456789\n",
+        );
+        let err = load(Some(&f), env(&[]), &[]).unwrap_err().to_string();
+        assert!(!err.contains("SECRET"), "{err}");
+        assert!(err.contains("admin_token"), "{err}");
+        let f = write(
+            dir.path(),
+            "broken-url.toml",
+            "[database]\nurl = \"postgres://u:SECRET@h/db\" x\n",
+        );
+        let err = load(Some(&f), env(&[]), &[]).unwrap_err().to_string();
+        assert!(!err.contains("SECRET"), "{err}");
+        let err = load(
+            None,
+            env(&[("CLAIMGATE_AUTH__ADMIN_TOKEN", "12345678901234567")]),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(!err.contains("12345678901234567"), "{err}");
+        assert!(err.contains("admin_token"), "{err}");
+    }
+
+    #[test]
+    fn stall_threshold_is_checked() {
+        let err = load(
+            None,
+            env(&[]),
+            &[
+                "persister.stall_ms=10".into(),
+                "persister.flush_interval_ms=10".into(),
+            ],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("persister.stall_ms"), "{err}");
+        assert!(load(None, env(&[]), &["persister.stall_ms=0".into()]).is_ok());
     }
 
     #[test]

@@ -40,11 +40,13 @@ const TRANSITION_RETRIES: usize = 8;
 /// Largest page of a wallet listing.
 pub const MAX_PAGE: u32 = 500;
 
-/// `[database]` section of the configuration.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// `[database]` section of the configuration. Its password (in `url`) never reaches
+/// `Debug` or a serialized dump: both redact it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DatabaseConfig {
     /// `postgres://user:pass@host:port/db` or `sqlite://path?mode=rwc`.
+    #[serde(serialize_with = "crate::secret::serialize_url")]
     pub url: String,
     pub max_connections: u32,
     /// Longest wait for a connection (connect included), milliseconds.
@@ -53,14 +55,33 @@ pub struct DatabaseConfig {
     pub statement_timeout_ms: u64,
 }
 
+/// The built-in database, as in `config/claimgate.toml`: SQLite under `data/`.
 impl Default for DatabaseConfig {
     fn default() -> Self {
         DatabaseConfig {
             url: "sqlite://data/claimgate.db?mode=rwc".to_string(),
-            max_connections: 8,
+            max_connections: 4,
             connect_timeout_ms: 5_000,
             statement_timeout_ms: 5_000,
         }
+    }
+}
+
+impl fmt::Debug for DatabaseConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Destructured so that a new field cannot be forgotten here.
+        let DatabaseConfig {
+            url,
+            max_connections,
+            connect_timeout_ms,
+            statement_timeout_ms,
+        } = self;
+        f.debug_struct("DatabaseConfig")
+            .field("url", &crate::secret::redact_url(url))
+            .field("max_connections", max_connections)
+            .field("connect_timeout_ms", connect_timeout_ms)
+            .field("statement_timeout_ms", statement_timeout_ms)
+            .finish()
     }
 }
 
@@ -644,7 +665,10 @@ impl Db {
         let url = cfg.url.as_str();
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let opts = PgConnectOptions::from_str(url)
-                .map_err(|e| DbError::Config(format!("bad PostgreSQL url: {e}")))?
+                .map_err(|e| {
+                    let e = crate::secret::redact_text(&e.to_string()).into_owned();
+                    DbError::Config(format!("bad PostgreSQL url: {e}"))
+                })?
                 .options([("statement_timeout", statement.as_millis().to_string())])
                 .application_name("claimgate");
             let pool = PgPoolOptions::new()

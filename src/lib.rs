@@ -26,6 +26,7 @@ pub mod outcome;
 pub mod persist;
 pub mod rebuild;
 pub mod router;
+pub mod secret;
 pub mod server;
 pub mod stock;
 pub mod wallet;

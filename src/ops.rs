@@ -1,7 +1,9 @@
 //! Operations endpoints: `/readyz` (with detail), `/metrics`, `/openapi.json`.
 //!
 //! Invariant kept here: `/readyz` answers 200 only when the backend is reachable with its
-//! scripts loaded, the database answers, and the instance is not draining.
+//! scripts loaded, the database answers, this instance's persister (if it runs one) is not
+//! stalled (records waiting, no progress for `persister.stall_ms`), and the instance is not
+//! draining.
 
 use std::time::Duration;
 
@@ -13,20 +15,22 @@ use serde_json::json;
 use crate::app::App;
 use crate::backend::Backend;
 use crate::error::json_response;
+use crate::secret::redact_text;
 
 /// The API contract, kept in the tree and served as is.
 pub const OPENAPI: &str = include_str!("../docs/openapi.json");
 
 pub async fn ready<B: Backend>(app: &App<B>) -> Response<Full<Bytes>> {
     let limit = Duration::from_millis(app.cfg.redis.command_timeout_ms.max(100));
+    // Error texts are served unauthenticated: any URL in them loses its password.
     let backend = match tokio::time::timeout(limit, app.backend().ready()).await {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(e.to_string()),
+        Ok(Err(e)) => Err(redact_text(&e.to_string()).into_owned()),
         Err(_) => Err("timed out".to_string()),
     };
     let database = match tokio::time::timeout(limit, app.db.ping()).await {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(e.to_string()),
+        Ok(Err(e)) => Err(redact_text(&e.to_string()).into_owned()),
         Err(_) => Err("timed out".to_string()),
     };
     let draining = app.is_draining();
@@ -37,13 +41,19 @@ pub async fn ready<B: Backend>(app: &App<B>) -> Response<Full<Bytes>> {
         .filter(|b| b.is_lost())
         .map(|b| b.id.clone())
         .collect();
-    let ok = backend.is_ok() && database.is_ok() && !draining;
+    let persister = app.persist_status.as_ref().map(|s| {
+        let mut p = s.snapshot();
+        p.last_error = p.last_error.map(|e| redact_text(&e).into_owned());
+        p
+    });
+    let stalled = persister.as_ref().is_some_and(|p| p.stalled);
+    let ok = backend.is_ok() && database.is_ok() && !stalled && !draining;
     let body = json!({
         "ready": ok,
         "draining": draining,
         "backend": { "kind": app.backend().kind(), "ok": backend.is_ok(), "error": backend.err() },
         "database": { "kind": app.db.kind(), "ok": database.is_ok(), "error": database.err() },
-        "persister": app.persist_status.as_ref().map(|s| s.snapshot()),
+        "persister": persister,
         "lost_batches": lost,
     });
     let status = if ok {

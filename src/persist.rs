@@ -78,6 +78,10 @@ pub struct PersisterConfig {
     /// On shutdown, how long to keep retrying the write of records already read. Past it
     /// they stay pending in Redis, where another instance takes them over.
     pub shutdown_grace_ms: u64,
+    /// The persister counts as stalled (and `/readyz` answers 503) when records wait and it
+    /// has made no progress (a committed write, or a read pass that left nothing to write)
+    /// for longer than this. 0 = never report a stall. Must exceed `flush_interval_ms`.
+    pub stall_ms: u64,
 }
 
 impl Default for PersisterConfig {
@@ -87,7 +91,7 @@ impl Default for PersisterConfig {
             group: "claimgate".to_string(),
             consumer: None,
             batch_size: 500,
-            flush_interval_ms: 50,
+            flush_interval_ms: 20,
             min_idle_ms: 30_000,
             backoff_min_ms: 100,
             backoff_max_ms: 5_000,
@@ -96,6 +100,7 @@ impl Default for PersisterConfig {
             probe_interval_ms: 1_000,
             write_timeout_ms: 10_000,
             shutdown_grace_ms: 10_000,
+            stall_ms: 5_000,
         }
     }
 }
@@ -129,6 +134,12 @@ pub enum PersistError {
 }
 
 /// Shared, lock-free view of the persister for `/readyz` and operators.
+///
+/// Backlog and lag are measured by a probe task of their own, so they stay fresh while the
+/// persister's loop is blocked (e.g. in a database write waiting for a lock). Whether the
+/// persister is stalled is derived from time, not from the loop reporting it: records wait
+/// (`buffered` or `backlog` non-zero) and neither a write committed nor a read pass left
+/// nothing to write for longer than `persister.stall_ms`.
 #[derive(Debug, Default)]
 pub struct PersistStatus {
     running: AtomicBool,
@@ -138,6 +149,10 @@ pub struct PersistStatus {
     rows: AtomicU64,
     buffered: AtomicU64,
     last_write_ms: AtomicI64,
+    /// Last read pass that left nothing to write (or the start), epoch milliseconds.
+    caught_up_ms: AtomicI64,
+    /// `persister.stall_ms` (0 = never stalled).
+    stall_ms: AtomicU64,
     last_error: Mutex<Option<(i64, String)>>,
 }
 
@@ -157,6 +172,11 @@ pub struct PersistSnapshot {
     pub last_write_ms: Option<i64>,
     pub last_error: Option<String>,
     pub last_error_ms: Option<i64>,
+    /// Milliseconds since the persister last made progress: a committed write, or a read
+    /// pass that left it nothing to write.
+    pub since_progress_ms: u64,
+    /// Records wait and there was no progress for longer than `persister.stall_ms`.
+    pub stalled: bool,
 }
 
 impl PersistStatus {
@@ -183,10 +203,34 @@ impl PersistStatus {
         self.last_error.lock().as_ref().map(|(_, e)| e.clone())
     }
 
+    /// Milliseconds since the last progress (see [`PersistSnapshot::since_progress_ms`]).
+    pub fn since_progress_ms(&self) -> u64 {
+        let last = self
+            .last_write_ms
+            .load(Ordering::Relaxed)
+            .max(self.caught_up_ms.load(Ordering::Relaxed));
+        if last <= 0 {
+            return 0; // never started
+        }
+        u64::try_from(now_ms() - last).unwrap_or(0)
+    }
+
+    /// Records wait (read and unwritten, or in the logs) and the persister has made no
+    /// progress for longer than `persister.stall_ms`.
+    pub fn stalled(&self) -> bool {
+        let limit = self.stall_ms.load(Ordering::Relaxed);
+        limit > 0
+            && self.running()
+            && (self.buffered() > 0 || self.backlog() > 0)
+            && self.since_progress_ms() > limit
+    }
+
     pub fn snapshot(&self) -> PersistSnapshot {
         let err = self.last_error.lock().clone();
         let last_write = self.last_write_ms.load(Ordering::Relaxed);
         PersistSnapshot {
+            since_progress_ms: self.since_progress_ms(),
+            stalled: self.stalled(),
             running: self.running(),
             db_ok: self.db_ok(),
             backlog: self.backlog(),
@@ -201,6 +245,93 @@ impl PersistStatus {
 
     fn set_error(&self, msg: String) {
         *self.last_error.lock() = Some((now_ms(), msg));
+    }
+
+    /// The loop holds nothing to write: it is caught up with what it can read.
+    fn caught_up(&self) {
+        self.caught_up_ms.store(now_ms(), Ordering::Relaxed);
+    }
+}
+
+/// A shard as the probe task sees it: its keys, and a flag telling the loop it has work.
+struct ProbeTarget {
+    keys: Arc<SlotKeys>,
+    has_work: Arc<AtomicBool>,
+}
+
+/// The shards to probe, republished by the loop on every batch refresh.
+type ProbeTargets = Arc<Mutex<Arc<Vec<ProbeTarget>>>>;
+
+/// Measures backlog (total log length) and lag (age of the oldest entry) of every shard,
+/// every `probe_interval_ms`, in a task of its own: a blocked database write cannot freeze
+/// the figures `/readyz` and the metrics show.
+struct Prober<B> {
+    backend: Arc<B>,
+    status: Arc<PersistStatus>,
+    targets: ProbeTargets,
+    interval: Duration,
+    shutdown: CancellationToken,
+    last_logged: Option<(Instant, String)>,
+}
+
+impl<B: Backend> Prober<B> {
+    async fn run(mut self) {
+        loop {
+            self.probe().await;
+            tokio::select! {
+                _ = self.shutdown.cancelled() => break,
+                _ = tokio::time::sleep(self.interval) => {}
+            }
+        }
+    }
+
+    async fn probe(&mut self) {
+        let targets = self.targets.lock().clone();
+        let mut backlog = 0u64;
+        let mut oldest: Option<i64> = None;
+        for t in targets.iter() {
+            let reply = match self
+                .backend
+                .eval(Script::Probe, &t.keys.probe_keys(), &[])
+                .await
+            {
+                Ok(r) => r,
+                Err(e) => return self.note_error(e.to_string()),
+            };
+            let Some(parts) = reply.into_array() else {
+                return self.note_error("probe: not an array".to_string());
+            };
+            let len = parts
+                .get(3)
+                .and_then(Value::as_int)
+                .and_then(|n| u64::try_from(n).ok())
+                .unwrap_or(0);
+            backlog += len;
+            if let Some(ms) = parts.get(4).and_then(Value::as_str).and_then(stream_id_ms) {
+                oldest = Some(oldest.map_or(ms, |o| o.min(ms)));
+            }
+            if len > 0 {
+                t.has_work.store(true, Ordering::Relaxed); // poll it on the next pass
+            }
+        }
+        let lag_ms = oldest.map_or(0, |o| u64::try_from(now_ms() - o).unwrap_or(0));
+        self.status.backlog.store(backlog, Ordering::Relaxed);
+        self.status.lag_ms.store(lag_ms, Ordering::Relaxed);
+        metrics::gauge!(m::PERSIST_BACKLOG).set(backlog as f64);
+        metrics::gauge!(m::PERSIST_LAG).set(lag_ms as f64 / 1000.0);
+    }
+
+    fn note_error(&mut self, msg: String) {
+        metrics::counter!(m::PERSIST_ERRORS, "stage" => "probe").increment(1);
+        let repeat = self
+            .last_logged
+            .as_ref()
+            .is_some_and(|(t, last)| *last == msg && t.elapsed() < LOG_REPEAT);
+        if !repeat {
+            tracing::warn!(stage = "probe", error = %msg, "persister error");
+            self.last_logged = Some((Instant::now(), msg.clone()));
+        }
+        self.status.set_error(format!("probe: {msg}"));
     }
 }
 
@@ -398,6 +529,20 @@ impl Persister {
         }
         status.running.store(true, Ordering::Relaxed);
         status.db_ok.store(true, Ordering::Relaxed);
+        status.stall_ms.store(cfg.stall_ms, Ordering::Relaxed);
+        status.caught_up();
+        let targets = ProbeTargets::default();
+        tokio::spawn(
+            Prober {
+                backend: backend.clone(),
+                status: status.clone(),
+                targets: targets.clone(),
+                interval: Duration::from_millis(cfg.probe_interval_ms.max(1)),
+                shutdown: shutdown.clone(),
+                last_logged: None,
+            }
+            .run(),
+        );
         let now = Instant::now();
         let worker = Worker {
             consumer: cfg.consumer_name(),
@@ -412,7 +557,7 @@ impl Persister {
             shards: Vec::new(),
             rr: 0,
             next_refresh: now,
-            next_probe: now,
+            probe_targets: targets,
             buffer: Vec::new(),
             held: HashSet::new(),
             first_buffered: None,
@@ -471,7 +616,9 @@ enum Command {
 struct ShardState {
     batch: Arc<str>,
     shard: u32,
-    keys: SlotKeys,
+    keys: Arc<SlotKeys>,
+    /// Set by the probe task when the shard's log holds entries: poll it on the next pass.
+    has_work: Arc<AtomicBool>,
     log: Arc<str>,
     next_poll: Instant,
     idle_streak: u32,
@@ -505,7 +652,8 @@ struct Worker<B> {
     /// Round-robin start of the next read pass.
     rr: usize,
     next_refresh: Instant,
-    next_probe: Instant,
+    /// The shard list shared with the probe task.
+    probe_targets: ProbeTargets,
     /// Records read, not yet committed: kept across failed writes (never re-read).
     buffer: Vec<Buffered>,
     /// (log, entry id) of the buffer, so a redelivery while buffered is not taken twice.
@@ -529,7 +677,6 @@ impl<B: Backend> Worker<B> {
         let flush_interval = Duration::from_millis(self.cfg.flush_interval_ms.max(1));
         while !self.shutdown.is_cancelled() {
             self.maybe_refresh().await;
-            self.maybe_probe().await;
             self.retry_acks(false).await;
             while let Ok(cmd) = self.commands.try_recv() {
                 self.handle(cmd).await;
@@ -675,7 +822,8 @@ impl<B: Backend> Worker<B> {
                         batch: id.clone(),
                         shard: i,
                         log: Arc::from(keys.log.as_str()),
-                        keys,
+                        keys: Arc::new(keys),
+                        has_work: Arc::default(),
                         next_poll: now,
                         idle_streak: 0,
                         recover: RECOVERY_READS,
@@ -684,53 +832,15 @@ impl<B: Backend> Worker<B> {
                 self.shards.push(state);
             }
         }
-    }
-
-    /// Measures backlog (total log length) and lag (age of the oldest entry) of every shard.
-    async fn maybe_probe(&mut self) {
-        let now = Instant::now();
-        if now < self.next_probe {
-            return;
-        }
-        self.next_probe = now + Duration::from_millis(self.cfg.probe_interval_ms.max(1));
-        let mut backlog = 0u64;
-        let mut oldest: Option<i64> = None;
-        let mut failed = None;
-        for s in &mut self.shards {
-            let keys = s.keys.probe_keys();
-            let reply = match self.backend.eval(Script::Probe, &keys, &[]).await {
-                Ok(r) => r,
-                Err(e) => {
-                    failed = Some(e);
-                    break;
-                }
-            };
-            let Some(parts) = reply.into_array() else {
-                failed = Some(BackendError::Protocol("probe: not an array".into()));
-                break;
-            };
-            let len = parts
-                .get(3)
-                .and_then(Value::as_int)
-                .and_then(|n| u64::try_from(n).ok())
-                .unwrap_or(0);
-            backlog += len;
-            if let Some(ms) = parts.get(4).and_then(Value::as_str).and_then(stream_id_ms) {
-                oldest = Some(oldest.map_or(ms, |o| o.min(ms)));
-            }
-            if len > 0 && s.next_poll > now {
-                s.next_poll = now; // it has work: poll it on the next pass
-            }
-        }
-        if let Some(e) = failed {
-            self.note_error("probe", e.to_string());
-            return;
-        }
-        let lag_ms = oldest.map_or(0, |o| u64::try_from(now_ms() - o).unwrap_or(0));
-        self.status.backlog.store(backlog, Ordering::Relaxed);
-        self.status.lag_ms.store(lag_ms, Ordering::Relaxed);
-        metrics::gauge!(m::PERSIST_BACKLOG).set(backlog as f64);
-        metrics::gauge!(m::PERSIST_LAG).set(lag_ms as f64 / 1000.0);
+        let targets = self
+            .shards
+            .iter()
+            .map(|s| ProbeTarget {
+                keys: s.keys.clone(),
+                has_work: s.has_work.clone(),
+            })
+            .collect();
+        *self.probe_targets.lock() = Arc::new(targets);
     }
 
     /// One round-robin pass over the shards that are due (all with `force`), reading until
@@ -753,7 +863,8 @@ impl<B: Backend> Worker<B> {
             if room == 0 {
                 break;
             }
-            if !force && self.shards[i].next_poll > now {
+            let hinted = self.shards[i].has_work.swap(false, Ordering::Relaxed);
+            if !force && !hinted && self.shards[i].next_poll > now {
                 continue;
             }
             let min_idle = if self.shards[i].recover > 0 {
@@ -833,6 +944,9 @@ impl<B: Backend> Worker<B> {
         self.status
             .buffered
             .store(self.buffer.len() as u64, Ordering::Relaxed);
+        if self.buffer.is_empty() {
+            self.status.caught_up();
+        }
         got
     }
 
@@ -882,8 +996,6 @@ impl<B: Backend> Worker<B> {
                             _ = tokio::time::sleep(wait) => {}
                         }
                     }
-                    // Keep backlog and lag fresh while the database is away.
-                    self.maybe_probe().await;
                 }
             }
         }

@@ -476,7 +476,7 @@ async fn concurrent_claims_persist_exactly_once_sqlite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_claims_persist_exactly_once_embedded() {
     let dir = tempfile::tempdir().unwrap();
-    let backend = Arc::new(EmbeddedBackend::open(&EmbeddedConfig::default()).unwrap());
+    let backend = Arc::new(EmbeddedBackend::open(&EmbeddedConfig::in_memory()).unwrap());
     concurrent_claims_scenario(backend, sqlite(&dir).await).await;
 }
 
@@ -490,7 +490,7 @@ async fn rebuild_on_the_embedded_backend() {
     let mut coupons = HashMap::new();
     let mut by_user = HashMap::new();
     {
-        let first = Arc::new(EmbeddedBackend::open(&EmbeddedConfig::default()).unwrap());
+        let first = Arc::new(EmbeddedBackend::open(&EmbeddedConfig::in_memory()).unwrap());
         let keys = setup(first.as_ref(), &db, &b, 20).await;
         for i in 0..20 {
             let user = format!("u{i}");
@@ -506,7 +506,7 @@ async fn rebuild_on_the_embedded_backend() {
         p.join().await;
     }
     assert_persisted(&db, "emb", &coupons).await;
-    let second = Arc::new(EmbeddedBackend::open(&EmbeddedConfig::default()).unwrap());
+    let second = Arc::new(EmbeddedBackend::open(&EmbeddedConfig::in_memory()).unwrap());
     let keys = BatchKeys::new("emb", 2);
     let report = rebuild(second.as_ref(), &db, "emb", false).await.unwrap();
     assert_eq!(report.claims, coupons.len() as u64);

@@ -18,16 +18,20 @@ use fred::prelude::{
     PubsubInterface, ReconnectPolicy, ServerConfig, Value as FredValue,
 };
 use fred::types::Builder;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use super::{Backend, BackendError, EVENTS_CHANNEL, Script, Value};
+use crate::secret::{redact_text, redact_url};
 
-/// `[redis]` section of the config.
-#[derive(Debug, Clone, Deserialize)]
+/// `[redis]` section of the config. Its password (in `url`) never reaches `Debug` or a
+/// serialized dump: both redact it.
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
-    /// `redis://host:port[/db]`; with `cluster = true`, any node of the cluster.
+    /// `redis://[user:password@]host:port[/db]`; with `cluster = true`, any node of the
+    /// cluster.
+    #[serde(serialize_with = "crate::secret::serialize_url")]
     pub url: String,
     /// Connect to a Redis Cluster (`redis-cluster://` URLs imply it too).
     pub cluster: bool,
@@ -51,6 +55,28 @@ impl Default for RedisConfig {
             connect_timeout_ms: 2000,
             event_buffer: 1024,
         }
+    }
+}
+
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Destructured so that a new field cannot be forgotten here.
+        let RedisConfig {
+            url,
+            cluster,
+            pool_size,
+            command_timeout_ms,
+            connect_timeout_ms,
+            event_buffer,
+        } = self;
+        f.debug_struct("RedisConfig")
+            .field("url", &redact_url(url))
+            .field("cluster", cluster)
+            .field("pool_size", pool_size)
+            .field("command_timeout_ms", command_timeout_ms)
+            .field("connect_timeout_ms", connect_timeout_ms)
+            .field("event_buffer", event_buffer)
+            .finish()
     }
 }
 
@@ -135,7 +161,10 @@ impl RedisBackend {
         } else {
             Config::from_url(&cfg.url)
         }
-        .map_err(|e| BackendError::Unavailable(format!("bad redis url: {e}")))?;
+        .map_err(|e| {
+            // The caller names the (redacted) URL; the parser's text might quote it.
+            BackendError::Unavailable(format!("bad redis url: {}", redact_text(&e.to_string())))
+        })?;
         if cluster && !matches!(config.server, ServerConfig::Clustered { .. }) {
             return Err(BackendError::Unavailable(
                 "cluster = true needs a cluster url".to_string(),

@@ -548,7 +548,7 @@ async fn differential_against_redis_server() {
     };
     let emb = EmbeddedBackend::open(&EmbeddedConfig {
         lua_vms: 1,
-        ..EmbeddedConfig::default()
+        ..EmbeddedConfig::in_memory()
     })
     .unwrap();
     let mut pair = Pair {

@@ -12,7 +12,7 @@ use crate::backend::{Backend, BackendError, Script, Value};
 fn mem() -> EmbeddedBackend {
     EmbeddedBackend::open(&EmbeddedConfig {
         lua_vms: 2,
-        ..EmbeddedConfig::default()
+        ..EmbeddedConfig::in_memory()
     })
     .unwrap()
 }
