@@ -66,7 +66,7 @@ where
 ///
 /// Each key's state is its theoretical arrival time (nanoseconds since the store's start,
 /// 0 = fresh), updated by compare-and-swap as governor's own stores do. A new key first
-/// reserves room in `count`, which is always >= the number of entries (it rises before an
+/// reserves room in `count` (never above `max`), which is always >= the number of entries (it rises before an
 /// insert and falls after a removal), so the map never holds more than `max` keys, even
 /// under concurrent inserts. When the store is full, one caller makes room: it drops the
 /// keys whose bucket is full again (indistinguishable from fresh, so nothing changes for
@@ -99,9 +99,11 @@ impl<K: Hash + Eq + Clone, C: Clock> BoundedStore<K, C> {
         }
     }
 
-    /// Keys tracked now.
+    /// Keys tracked now, counting inserts under way (the reservation count: an upper bound
+    /// on the entries that is read atomically; `DashMap::len` sums its shards one after the
+    /// other and can over-count while keys are removed and inserted concurrently).
     pub fn tracked(&self) -> usize {
-        self.map.len()
+        self.count.load(Ordering::Acquire)
     }
 
     /// Removes the keys `keep` refuses; returns how many.
@@ -128,11 +130,17 @@ impl<K: Hash + Eq + Clone, C: Clock> BoundedStore<K, C> {
     /// Reserves room for one new key; `false` if the store is full and someone else is
     /// making room.
     fn reserve(&self) -> bool {
+        let max = self.max;
         for _ in 0..2 {
-            if self.count.fetch_add(1, Ordering::AcqRel) < self.max {
+            // Never past the bound, not even for a moment: `count` <= max at all times.
+            let reserved = self
+                .count
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| {
+                    (c < max).then_some(c + 1)
+                });
+            if reserved.is_ok() {
                 return true;
             }
-            self.count.fetch_sub(1, Ordering::AcqRel);
             let Some(_room) = self.making_room.try_lock() else {
                 return false;
             };
@@ -209,11 +217,11 @@ impl<K: Hash + Eq + Clone, C: Clock> ShrinkableKeyedStateStore<K> for BoundedSto
     }
 
     fn len(&self) -> usize {
-        self.map.len()
+        self.tracked()
     }
 
     fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.tracked() == 0
     }
 }
 
