@@ -54,7 +54,7 @@ pub async fn create<B: Backend>(
     body: &[u8],
 ) -> Result<(StatusCode, Batch), ApiError> {
     let new: NewBatch = crate::router::parse_object(body, "batch")?;
-    let proposed = new.validate(&app.cfg.batches.limits())?;
+    let proposed = new.validate(&app.cfg.batches)?;
     let (stored, inserted) = app
         .db
         .insert_batch(&proposed)
@@ -213,14 +213,14 @@ async fn change_definition<B: Backend>(
     change: &BatchPatch,
     floor: i64,
 ) -> Result<(Batch, i64), ApiError> {
-    let limits = app.cfg.batches.limits();
+    let limits = &app.cfg.batches;
     for attempt in 0..CHANGE_ATTEMPTS {
         let row = app.db.batch_row(id).await.map_err(|e| app.unavailable(e))?;
         let Some(row) = row.filter(|r| r.setup_done) else {
             return Err(ApiError::BatchNotFound);
         };
         let mut batch = row.batch;
-        change.validate(&batch, &limits)?;
+        change.validate(&batch, limits)?;
         change.apply(&mut batch);
         let version = row.version.max(floor) + 1;
         let applied = app

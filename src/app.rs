@@ -22,6 +22,7 @@ use crate::db::Db;
 use crate::error::ApiError;
 use crate::keys::SlotKeys;
 use crate::limits::{Admission, RateLimits};
+use crate::obs::events::{BatchLost, BatchRestored, CacheAnswered, Started};
 use crate::persist::PersistStatus;
 use crate::stock::{Stock, StockError};
 
@@ -61,10 +62,12 @@ impl<B: Backend> App<B> {
                 "ADMIN AUTH IS OFF: anyone can create and change batches. Set auth.admin_token."
             );
         }
-        let metrics = crate::metrics::install();
-        metrics::gauge!(crate::metrics::BUILD_INFO, "version" => env!("CARGO_PKG_VERSION"),
-            "backend" => backend.kind())
-        .set(1.0);
+        let metrics = crate::obs::metrics::install();
+        Started {
+            version: env!("CARGO_PKG_VERSION"),
+            backend: backend.kind(),
+        }
+        .emit();
         App {
             stock: Arc::new(Stock::new(backend, cfg.stock.clone())),
             cache: BatchCache::new(
@@ -115,13 +118,13 @@ impl<B: Backend> App<B> {
     /// finished its setup yet is not found (and not remembered as missing).
     pub async fn load_batch(&self, id: &str) -> Result<Arc<CachedBatch>, ApiError> {
         if let Some(e) = self.cache.get(id) {
-            crate::metrics::cache_answer("meta_hit");
+            CacheAnswered { kind: "meta_hit" }.emit();
             return Ok(e);
         }
         if !crate::batch::valid_batch_id(id) || self.cache.is_missing(id) {
             return Err(ApiError::BatchNotFound);
         }
-        crate::metrics::cache_answer("meta_miss");
+        CacheAnswered { kind: "meta_miss" }.emit();
         let epoch = self.cache.missing_epoch();
         if let Some(entry) = self.cache_meta(id).await? {
             return Ok(entry);
@@ -198,15 +201,17 @@ impl<B: Backend> App<B> {
 
     pub fn mark_lost(&self, entry: &CachedBatch) {
         if !entry.is_lost() {
-            tracing::error!(batch = %entry.id, "Redis has lost this batch: claims refused until `claimgate rebuild --batch {}`", entry.id);
             entry.set_lost(true);
-            self.update_lost_gauge();
+            BatchLost {
+                batch: &entry.id,
+                lost: self.lost_count(),
+            }
+            .emit();
         }
     }
 
-    fn update_lost_gauge(&self) {
-        let lost = self.cache.all().iter().filter(|b| b.is_lost()).count();
-        metrics::gauge!(crate::metrics::BATCHES_LOST).set(lost as f64);
+    fn lost_count(&self) -> usize {
+        self.cache.all().iter().filter(|b| b.is_lost()).count()
     }
 
     /// Re-reads one batch's metadata (after an event, or periodically).
@@ -224,7 +229,11 @@ impl<B: Backend> App<B> {
                     self.cache.forget_limits(entry);
                 }
                 if was_lost {
-                    self.update_lost_gauge();
+                    BatchRestored {
+                        batch: &entry.id,
+                        lost: self.lost_count(),
+                    }
+                    .emit();
                 }
             }
             Ok(None) => self.mark_lost(entry),
@@ -276,7 +285,7 @@ impl<B: Backend> App<B> {
         let app = self.clone();
         let stop = shutdown.clone();
         tasks.push(tokio::spawn(async move {
-            let every = Duration::from_millis(app.cfg.cache.refresh_ms.max(10));
+            let every = Duration::from_millis(app.cfg.cache.refresh_ms);
             let mut tick = tokio::time::interval(every);
             let mut n: u64 = 0;
             app.warm().await;
@@ -290,7 +299,7 @@ impl<B: Backend> App<B> {
                 }
                 if n.is_multiple_of(5) {
                     crate::admin::heal_definitions(&app).await;
-                    crate::metrics::upkeep();
+                    crate::obs::metrics::upkeep();
                     app.export_stock_gauges().await;
                     app.limits.purge();
                 }
@@ -302,7 +311,7 @@ impl<B: Backend> App<B> {
         let app = self.clone();
         let stop = shutdown;
         tasks.push(tokio::spawn(async move {
-            let every = Duration::from_millis(app.cfg.stock.sweep_interval_ms.max(10));
+            let every = Duration::from_millis(app.cfg.stock.sweep_interval_ms);
             let mut tick = tokio::time::interval(every);
             loop {
                 tokio::select! {
@@ -367,7 +376,7 @@ impl<B: Backend> App<B> {
     /// The whole Prometheus exposition: the recorder's metrics and the per-batch gauges.
     pub fn render_metrics(&self) -> String {
         let mut text = self.metrics.render();
-        text.push_str(&crate::metrics::render_stock_remaining(
+        text.push_str(&crate::obs::metrics::render_stock_remaining(
             &self.stock_remaining.lock(),
         ));
         text

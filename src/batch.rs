@@ -11,6 +11,8 @@ use thiserror::Error;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
+use crate::config::BatchesConfig;
+
 /// Why a batch definition or patch is rejected (always a 400 `bad_request`).
 #[derive(Debug, Error, PartialEq, Eq)]
 #[error("{0}")]
@@ -183,20 +185,11 @@ pub struct Batch {
     pub created_at: Timestamp,
 }
 
-/// Limits on what a batch definition may ask for (from config).
-#[derive(Debug, Clone, Copy)]
-pub struct BatchLimits {
-    pub default_shards: u32,
-    pub max_shards: u32,
-    pub max_stock: i64,
-    pub max_list_items: usize,
-}
-
 const MAX_NAME: usize = 256;
 
 impl NewBatch {
     /// Checks every field and produces the stored batch (with `id` generated if absent).
-    pub fn validate(self, limits: &BatchLimits) -> Result<Batch, InvalidBatch> {
+    pub fn validate(self, limits: &BatchesConfig) -> Result<Batch, InvalidBatch> {
         let id = match self.id {
             Some(id) if valid_batch_id(&id) => id,
             Some(_) => return invalid("id must be 1-64 characters of [A-Za-z0-9_-]"),
@@ -339,7 +332,7 @@ impl BatchPatch {
             .or(self.claim_window_end)
     }
 
-    pub fn validate(&self, batch: &Batch, limits: &BatchLimits) -> Result<(), InvalidBatch> {
+    pub fn validate(&self, batch: &Batch, limits: &BatchesConfig) -> Result<(), InvalidBatch> {
         if self.state.is_none() && self.new_end().is_none() && self.add_stock.is_none() {
             return invalid("nothing to change: give state, claim_window.end or add_stock");
         }
@@ -415,7 +408,7 @@ impl Batch {
 mod tests {
     use super::*;
 
-    const LIMITS: BatchLimits = BatchLimits {
+    const LIMITS: BatchesConfig = BatchesConfig {
         default_shards: 16,
         max_shards: 1024,
         max_stock: 1_000_000_000,

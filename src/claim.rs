@@ -18,6 +18,7 @@ use crate::backend::{Backend, BackendError};
 use crate::batch::Timestamp;
 use crate::cache::LocalRefusal;
 use crate::error::ApiError;
+use crate::obs::events::{CacheAnswered, ClaimAnswered, Shed, StageTimed};
 use crate::outcome::{Coupon, ScriptOutcome};
 use crate::stock::{ClaimArgs, ClaimResult, StockError};
 
@@ -87,7 +88,11 @@ impl ClaimReply {
 
 fn stage(name: &'static str, since: Instant) -> Instant {
     let now = Instant::now();
-    crate::metrics::stage(name, (now - since).as_secs_f64());
+    StageTimed {
+        stage: name,
+        seconds: (now - since).as_secs_f64(),
+    }
+    .emit();
     now
 }
 
@@ -109,7 +114,11 @@ pub async fn claim<B: Backend>(
         Ok(_) => "replayed",
         Err(e) => e.code(),
     };
-    crate::metrics::claim_answered(outcome, started.elapsed().as_secs_f64());
+    ClaimAnswered {
+        outcome,
+        seconds: started.elapsed().as_secs_f64(),
+    }
+    .emit();
     result
 }
 
@@ -142,7 +151,10 @@ async fn claim_inner<B: Backend>(
     let now = Timestamp::now();
     let home = crate::keys::home_shard(&identity.user_id, entry.keys.shards.len() as u32);
     if let Some(refusal) = app.cache.refuse(&entry, &identity, now) {
-        crate::metrics::cache_answer(refusal.label());
+        CacheAnswered {
+            kind: refusal.label(),
+        }
+        .emit();
         let refused = match refusal {
             LocalRefusal::SoldOut => ApiError::SoldOut,
             LocalRefusal::Paused => ApiError::Paused,
@@ -254,7 +266,7 @@ async fn claim_inner<B: Backend>(
             Err(ApiError::DailyLimitReached)
         }
         ScriptOutcome::BacklogFull => {
-            metrics::counter!(crate::metrics::SHED, "reason" => "backlog").increment(1);
+            Shed { reason: "backlog" }.emit();
             Err(ApiError::Overloaded(
                 "persistence backlog at its bound; nothing was claimed".into(),
                 app.retry_after(),

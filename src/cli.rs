@@ -21,8 +21,8 @@ use tokio_util::sync::CancellationToken;
 use crate::backend::Backend;
 use crate::backend::embedded::EmbeddedBackend;
 use crate::backend::redis::RedisBackend;
+use crate::config::secret::{redact_text, redact_url};
 use crate::config::{BackendKind, Config};
-use crate::secret::{redact_text, redact_url};
 
 /// EX_USAGE: bad configuration or arguments.
 pub const EXIT_CONFIG: u8 = 64;

@@ -31,6 +31,7 @@ use sqlx::{QueryBuilder, Row};
 use thiserror::Error;
 
 use crate::batch::{Batch, Timestamp};
+use crate::config::DatabaseConfig;
 
 /// Rows per multi-row INSERT on SQLite. Each claim row binds at most 11 values, so a
 /// statement stays under 999 variables (990), the limit of SQLite builds older than 3.32.
@@ -39,51 +40,6 @@ const SQLITE_ROWS_PER_INSERT: usize = 90;
 const TRANSITION_RETRIES: usize = 8;
 /// Largest page of a wallet listing.
 pub const MAX_PAGE: u32 = 500;
-
-/// `[database]` section of the configuration. Its password (in `url`) never reaches
-/// `Debug` or a serialized dump: both redact it.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct DatabaseConfig {
-    /// `postgres://user:pass@host:port/db` or `sqlite://path?mode=rwc`.
-    #[serde(serialize_with = "crate::secret::serialize_url")]
-    pub url: String,
-    pub max_connections: u32,
-    /// Longest wait for a connection (connect included), milliseconds.
-    pub connect_timeout_ms: u64,
-    /// PostgreSQL `statement_timeout`; on SQLite the busy timeout (wait for the write lock).
-    pub statement_timeout_ms: u64,
-}
-
-/// The built-in database, as in `config/claimgate.toml`: SQLite under `data/`.
-impl Default for DatabaseConfig {
-    fn default() -> Self {
-        DatabaseConfig {
-            url: "sqlite://data/claimgate.db?mode=rwc".to_string(),
-            max_connections: 4,
-            connect_timeout_ms: 5_000,
-            statement_timeout_ms: 5_000,
-        }
-    }
-}
-
-impl fmt::Debug for DatabaseConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // Destructured so that a new field cannot be forgotten here.
-        let DatabaseConfig {
-            url,
-            max_connections,
-            connect_timeout_ms,
-            statement_timeout_ms,
-        } = self;
-        f.debug_struct("DatabaseConfig")
-            .field("url", &crate::secret::redact_url(url))
-            .field("max_connections", max_connections)
-            .field("connect_timeout_ms", connect_timeout_ms)
-            .field("statement_timeout_ms", statement_timeout_ms)
-            .finish()
-    }
-}
 
 #[derive(Debug, Error)]
 pub enum DbError {
@@ -659,14 +615,14 @@ impl Db {
     /// Like [`Db::connect`] but without touching the server: connections are made on first
     /// use, so a gateway can start while its database is down (the backlog waits in Redis).
     pub fn connect_lazy(cfg: &DatabaseConfig) -> Result<Db, DbError> {
-        let acquire = Duration::from_millis(cfg.connect_timeout_ms.max(1));
-        let statement = Duration::from_millis(cfg.statement_timeout_ms.max(1));
-        let max = cfg.max_connections.max(1);
+        let acquire = Duration::from_millis(cfg.connect_timeout_ms);
+        let statement = Duration::from_millis(cfg.statement_timeout_ms);
+        let max = cfg.max_connections;
         let url = cfg.url.as_str();
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let opts = PgConnectOptions::from_str(url)
                 .map_err(|e| {
-                    let e = crate::secret::redact_text(&e.to_string()).into_owned();
+                    let e = crate::config::secret::redact_text(&e.to_string()).into_owned();
                     DbError::Config(format!("bad PostgreSQL url: {e}"))
                 })?
                 .options([("statement_timeout", statement.as_millis().to_string())])

@@ -143,7 +143,7 @@ impl ApiError {
         match self {
             ApiError::RateLimited { retry_after_s }
             | ApiError::Overloaded(_, retry_after_s)
-            | ApiError::BackendUnavailable(_, retry_after_s) => Some((*retry_after_s).max(1)),
+            | ApiError::BackendUnavailable(_, retry_after_s) => Some(*retry_after_s),
             _ => None,
         }
     }
@@ -276,6 +276,20 @@ mod tests {
         let codes: std::collections::BTreeSet<_> =
             ApiError::examples().iter().map(ApiError::code).collect();
         assert_eq!(codes.len(), 18, "{codes:?}");
+    }
+
+    /// The `outcome` label set of the claims metric is exactly the success outcomes and
+    /// every code (`obs` cannot ask this type: it sits below it).
+    #[test]
+    fn the_claim_outcome_labels_are_the_codes() {
+        let mut want: std::collections::BTreeSet<&str> =
+            ApiError::examples().iter().map(ApiError::code).collect();
+        want.extend(["claimed", "replayed"]);
+        let listed: std::collections::BTreeSet<&str> = crate::obs::metrics::CLAIM_OUTCOMES
+            .iter()
+            .copied()
+            .collect();
+        assert_eq!(listed, want);
     }
 
     #[test]

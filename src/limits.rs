@@ -26,6 +26,7 @@ use thiserror::Error;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::{LimitsConfig, RateLimit};
+use crate::obs::events::{BackendSlotReleased, BackendSlotTaken, RateLimited, Shed};
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum LimitError {
@@ -249,10 +250,10 @@ impl<C: Clock + Clone> RateLimits<C> {
     }
 
     fn refusal(&self, limit: &'static str, wait: Duration) -> LimitError {
-        metrics::counter!(crate::metrics::RATE_LIMITED, "limit" => limit).increment(1);
+        RateLimited { limit }.emit();
         LimitError::RateLimited {
             limit,
-            retry_after_s: wait.as_secs().max(self.retry_after_s).max(1),
+            retry_after_s: wait.as_secs().max(self.retry_after_s),
         }
     }
 
@@ -362,11 +363,11 @@ impl Admission {
                 .ok()
                 .and_then(Result::ok)
                 .ok_or_else(|| {
-                    metrics::counter!(crate::metrics::SHED, "reason" => "inflight").increment(1);
+                    Shed { reason: "inflight" }.emit();
                     LimitError::Overloaded(self.wait, self.retry_after_s)
                 })?,
         };
-        metrics::gauge!(crate::metrics::INFLIGHT).increment(1.0);
+        BackendSlotTaken.emit();
         Ok(InflightPermit { _permit: permit })
     }
 
@@ -382,7 +383,7 @@ pub struct InflightPermit {
 
 impl Drop for InflightPermit {
     fn drop(&mut self) {
-        metrics::gauge!(crate::metrics::INFLIGHT).decrement(1.0);
+        BackendSlotReleased.emit();
     }
 }
 

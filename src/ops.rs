@@ -14,14 +14,18 @@ use serde_json::json;
 
 use crate::app::App;
 use crate::backend::Backend;
+use crate::config::secret::redact_text;
 use crate::error::json_response;
-use crate::secret::redact_text;
+
+/// `/readyz` gives each dependency at least this long to answer, even under a tighter
+/// `redis.command_timeout_ms` (a readiness probe is not a claim; a slow answer is no outage).
+const READY_MIN_WAIT: Duration = Duration::from_millis(100);
 
 /// The API contract, kept in the tree and served as is.
 pub const OPENAPI: &str = include_str!("../docs/openapi.json");
 
 pub async fn ready<B: Backend>(app: &App<B>) -> Response<Full<Bytes>> {
-    let limit = Duration::from_millis(app.cfg.redis.command_timeout_ms.max(100));
+    let limit = Duration::from_millis(app.cfg.redis.command_timeout_ms).max(READY_MIN_WAIT);
     // Error texts are served unauthenticated: any URL in them loses its password.
     let backend = match tokio::time::timeout(limit, app.backend().ready()).await {
         Ok(Ok(())) => Ok(()),

@@ -18,16 +18,19 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::{Backend, BackendError, Script, Value};
+use crate::config::PersisterConfig;
 use crate::db::{ClaimRecord, Db, DbError, now_ms};
 use crate::keys::{SlotKeys, parse_coupon_id};
-use crate::metrics as m;
+use crate::obs::events::{
+    BacklogMeasured, CouponConflict, PersistFailed, PersistWritten, RepeatFilter,
+};
 
 /// Entry ids per `log_ack.lua` call.
 const ACK_CHUNK: usize = 1000;
@@ -42,84 +45,6 @@ const IDLE_POLL_MAX: Duration = Duration::from_millis(1000);
 const RECOVERY_READS: u32 = 3;
 /// Same error logged again at most this often (the metric counts every occurrence).
 const LOG_REPEAT: Duration = Duration::from_secs(5);
-
-/// `[persister]` section of the configuration.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct PersisterConfig {
-    /// Run the persister in this instance (at least one instance must).
-    pub enabled: bool,
-    /// Consumer group on every shard log.
-    pub group: String,
-    /// Consumer name in the group; default `<hostname>-<pid>`. Must differ between
-    /// running instances.
-    pub consumer: Option<String>,
-    /// Most records per database transaction.
-    pub batch_size: usize,
-    /// Longest a read record waits in memory for more to share its transaction, and the
-    /// pause between polls when the logs are idle.
-    pub flush_interval_ms: u64,
-    /// Records pending this long with another consumer are taken over (its instance is
-    /// presumed dead).
-    pub min_idle_ms: u64,
-    /// Retry delay after a failed database write: doubles from min up to max.
-    pub backoff_min_ms: u64,
-    pub backoff_max_ms: u64,
-    /// Bound on a shard's log length, given to the claim script (ARGV[3]): at the bound,
-    /// claims are shed (503) rather than letting Redis memory grow without end during a
-    /// long database outage. 0 = unbounded.
-    pub max_backlog_per_shard: u64,
-    /// How often the list of batches is re-read from the database.
-    pub batch_refresh_ms: u64,
-    /// How often backlog and lag are measured.
-    pub probe_interval_ms: u64,
-    /// Longest a database write may take before it counts as failed.
-    pub write_timeout_ms: u64,
-    /// On shutdown, how long to keep retrying the write of records already read. Past it
-    /// they stay pending in Redis, where another instance takes them over.
-    pub shutdown_grace_ms: u64,
-    /// The persister counts as stalled (and `/readyz` answers 503) when records wait and it
-    /// has made no progress (a committed write, or a read pass that left nothing to write)
-    /// for longer than this. 0 = never report a stall. Must exceed `flush_interval_ms`.
-    pub stall_ms: u64,
-}
-
-impl Default for PersisterConfig {
-    fn default() -> Self {
-        PersisterConfig {
-            enabled: true,
-            group: "claimgate".to_string(),
-            consumer: None,
-            batch_size: 500,
-            flush_interval_ms: 20,
-            min_idle_ms: 30_000,
-            backoff_min_ms: 100,
-            backoff_max_ms: 5_000,
-            max_backlog_per_shard: 1_000_000,
-            batch_refresh_ms: 2_000,
-            probe_interval_ms: 1_000,
-            write_timeout_ms: 10_000,
-            shutdown_grace_ms: 10_000,
-            stall_ms: 5_000,
-        }
-    }
-}
-
-impl PersisterConfig {
-    /// The consumer name: configured, or `<hostname>-<pid>`.
-    pub fn consumer_name(&self) -> String {
-        if let Some(c) = self.consumer.as_ref().filter(|c| !c.is_empty()) {
-            return c.clone();
-        }
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .ok()
-            .or_else(|| std::env::var("HOSTNAME").ok())
-            .map(|h| h.trim().to_string())
-            .filter(|h| !h.is_empty())
-            .unwrap_or_else(|| "claimgate".to_string());
-        format!("{host}-{}", std::process::id())
-    }
-}
 
 #[derive(Debug, Error)]
 pub enum PersistError {
@@ -271,7 +196,7 @@ struct Prober<B> {
     targets: ProbeTargets,
     interval: Duration,
     shutdown: CancellationToken,
-    last_logged: Option<(Instant, String)>,
+    log_filter: RepeatFilter,
 }
 
 impl<B: Backend> Prober<B> {
@@ -317,20 +242,15 @@ impl<B: Backend> Prober<B> {
         let lag_ms = oldest.map_or(0, |o| u64::try_from(now_ms() - o).unwrap_or(0));
         self.status.backlog.store(backlog, Ordering::Relaxed);
         self.status.lag_ms.store(lag_ms, Ordering::Relaxed);
-        metrics::gauge!(m::PERSIST_BACKLOG).set(backlog as f64);
-        metrics::gauge!(m::PERSIST_LAG).set(lag_ms as f64 / 1000.0);
+        BacklogMeasured { backlog, lag_ms }.emit();
     }
 
     fn note_error(&mut self, msg: String) {
-        metrics::counter!(m::PERSIST_ERRORS, "stage" => "probe").increment(1);
-        let repeat = self
-            .last_logged
-            .as_ref()
-            .is_some_and(|(t, last)| *last == msg && t.elapsed() < LOG_REPEAT);
-        if !repeat {
-            tracing::warn!(stage = "probe", error = %msg, "persister error");
-            self.last_logged = Some((Instant::now(), msg.clone()));
+        PersistFailed {
+            stage: "probe",
+            message: &msg,
         }
+        .emit(&mut self.log_filter);
         self.status.set_error(format!("probe: {msg}"));
     }
 }
@@ -485,23 +405,18 @@ fn stream_id_ms(id: &str) -> Option<i64> {
 /// logged loudly, every one of them. The record itself is acked: it is not lost, and leaving
 /// it pending would only stall its shard's log.
 fn report_conflicts(conflicts: &[crate::db::CouponConflict]) {
-    if conflicts.is_empty() {
-        return;
-    }
-    metrics::counter!(m::COUPON_CONFLICTS).increment(conflicts.len() as u64);
     for c in conflicts {
-        tracing::error!(
-            coupon = %c.coupon_id,
-            batch = %c.batch_id,
-            stored_user = %c.stored_user_id,
-            stored_request = c.stored_request_id.as_deref().unwrap_or(""),
-            stored_claimed_at = c.stored_claimed_at,
-            user = %c.user_id,
-            request = c.request_id.as_deref().unwrap_or(""),
-            claimed_at = c.claimed_at,
-            "COUPON ID MINTED TWICE: the database holds this coupon for another claim; the \
-             new claim is recorded in coupon_conflicts and its owner does not have it"
-        );
+        CouponConflict {
+            coupon: &c.coupon_id,
+            batch: &c.batch_id,
+            stored_user: &c.stored_user_id,
+            stored_request: c.stored_request_id.as_deref().unwrap_or(""),
+            stored_claimed_at: c.stored_claimed_at,
+            user: &c.user_id,
+            request: c.request_id.as_deref().unwrap_or(""),
+            claimed_at: c.claimed_at,
+        }
+        .emit();
     }
 }
 
@@ -537,17 +452,17 @@ impl Persister {
                 backend: backend.clone(),
                 status: status.clone(),
                 targets: targets.clone(),
-                interval: Duration::from_millis(cfg.probe_interval_ms.max(1)),
+                interval: Duration::from_millis(cfg.probe_interval_ms),
                 shutdown: shutdown.clone(),
-                last_logged: None,
+                log_filter: RepeatFilter::new(LOG_REPEAT),
             }
             .run(),
         );
         let now = Instant::now();
         let worker = Worker {
             consumer: cfg.consumer_name(),
-            backoff: Duration::from_millis(cfg.backoff_min_ms.max(1)),
-            read_backoff: Duration::from_millis(cfg.backoff_min_ms.max(1)),
+            backoff: Duration::from_millis(cfg.backoff_min_ms),
+            read_backoff: Duration::from_millis(cfg.backoff_min_ms),
             backend,
             db,
             cfg,
@@ -564,7 +479,7 @@ impl Persister {
             unacked: Vec::new(),
             pass_error: None,
             grace_deadline: None,
-            last_logged: None,
+            log_filter: RepeatFilter::new(LOG_REPEAT),
         };
         let task = tokio::spawn(worker.run());
         PersisterHandle {
@@ -668,13 +583,13 @@ struct Worker<B> {
     /// The backend error that cut the last read pass short.
     pass_error: Option<BackendError>,
     grace_deadline: Option<Instant>,
-    last_logged: Option<(Instant, String)>,
+    log_filter: RepeatFilter,
 }
 
 impl<B: Backend> Worker<B> {
     async fn run(mut self) {
         tracing::info!(consumer = %self.consumer, group = %self.cfg.group, "persister started");
-        let flush_interval = Duration::from_millis(self.cfg.flush_interval_ms.max(1));
+        let flush_interval = Duration::from_millis(self.cfg.flush_interval_ms);
         while !self.shutdown.is_cancelled() {
             self.maybe_refresh().await;
             self.retry_acks(false).await;
@@ -682,7 +597,7 @@ impl<B: Backend> Worker<B> {
                 self.handle(cmd).await;
             }
             let got = self.read_pass(false).await;
-            let full = self.buffer.len() >= self.cfg.batch_size.max(1);
+            let full = self.buffer.len() >= self.cfg.batch_size;
             let waited = self.first_buffered.map(|t| t.elapsed()).unwrap_or_default();
             if !self.buffer.is_empty() && (full || waited >= flush_interval) {
                 // A failure leaves the records buffered; the next iteration retries.
@@ -742,24 +657,20 @@ impl<B: Backend> Worker<B> {
     }
 
     fn backoff_min(&self) -> Duration {
-        Duration::from_millis(self.cfg.backoff_min_ms.max(1))
+        Duration::from_millis(self.cfg.backoff_min_ms)
     }
 
     fn backoff_max(&self) -> Duration {
-        Duration::from_millis(self.cfg.backoff_max_ms.max(self.cfg.backoff_min_ms).max(1))
+        Duration::from_millis(self.cfg.backoff_max_ms)
     }
 
     /// Counts and records an error; logs it unless the same one was logged just now.
     fn note_error(&mut self, stage: &'static str, msg: String) {
-        metrics::counter!(m::PERSIST_ERRORS, "stage" => stage).increment(1);
-        let repeat = self
-            .last_logged
-            .as_ref()
-            .is_some_and(|(t, last)| *last == msg && t.elapsed() < LOG_REPEAT);
-        if !repeat {
-            tracing::warn!(stage, error = %msg, "persister error");
-            self.last_logged = Some((Instant::now(), msg.clone()));
+        PersistFailed {
+            stage,
+            message: &msg,
         }
+        .emit(&mut self.log_filter);
         self.status.set_error(format!("{stage}: {msg}"));
     }
 
@@ -796,7 +707,7 @@ impl<B: Backend> Worker<B> {
         if now < self.next_refresh {
             return;
         }
-        self.next_refresh = now + Duration::from_millis(self.cfg.batch_refresh_ms.max(1));
+        self.next_refresh = now + Duration::from_millis(self.cfg.batch_refresh_ms);
         let batches = match self.db.list_batches().await {
             Ok(b) => {
                 self.status.db_ok.store(true, Ordering::Relaxed);
@@ -850,9 +761,9 @@ impl<B: Backend> Worker<B> {
         if n == 0 {
             return 0;
         }
-        let batch_size = self.cfg.batch_size.max(1);
+        let batch_size = self.cfg.batch_size;
         let now = Instant::now();
-        let flush = Duration::from_millis(self.cfg.flush_interval_ms.max(1));
+        let flush = Duration::from_millis(self.cfg.flush_interval_ms);
         let idle_max = IDLE_POLL_MAX.max(flush);
         let mut got = 0;
         let start = self.rr % n;
@@ -954,7 +865,7 @@ impl<B: Backend> Worker<B> {
     /// commits (or, on shutdown, until the grace period ends); then acks it.
     async fn write_buffer(&mut self) -> Result<u64, PersistError> {
         let records: Vec<ClaimRecord> = self.buffer.iter().map(|b| b.record.clone()).collect();
-        let limit = Duration::from_millis(self.cfg.write_timeout_ms.max(1));
+        let limit = Duration::from_millis(self.cfg.write_timeout_ms);
         loop {
             let started = Instant::now();
             let write = self.db.write_claims_report(&records);
@@ -967,8 +878,11 @@ impl<B: Backend> Worker<B> {
                 Ok(written) => {
                     report_conflicts(&written.conflicts);
                     let inserted = written.inserted;
-                    metrics::histogram!(m::PERSIST_SECONDS).record(started.elapsed().as_secs_f64());
-                    metrics::counter!(m::PERSIST_ROWS).increment(inserted);
+                    PersistWritten {
+                        rows: inserted,
+                        seconds: started.elapsed().as_secs_f64(),
+                    }
+                    .emit();
                     self.status.rows.fetch_add(inserted, Ordering::Relaxed);
                     self.status.last_write_ms.store(now_ms(), Ordering::Relaxed);
                     self.status.db_ok.store(true, Ordering::Relaxed);
@@ -1127,14 +1041,5 @@ mod tests {
         assert!(e[1].fields.is_empty());
         assert!(parse_entries(Value::Int(3)).is_err());
         assert_eq!(stream_id_ms("1700-3"), Some(1700));
-    }
-
-    #[test]
-    fn config_defaults_and_rejects_unknown_fields() {
-        let c: PersisterConfig = toml::from_str("batch_size = 10").unwrap();
-        assert_eq!(c.batch_size, 10);
-        assert_eq!(c.group, "claimgate");
-        assert!(toml::from_str::<PersisterConfig>("bogus = 1").is_err());
-        assert!(!c.consumer_name().is_empty());
     }
 }

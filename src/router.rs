@@ -17,6 +17,7 @@ use hyper::body::Body;
 use crate::app::App;
 use crate::backend::Backend;
 use crate::error::{ApiError, json_response};
+use crate::obs::events::{Failure, HttpAnswered};
 
 /// The routes, a closed set (the `route` label of HTTP metrics).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,7 +151,7 @@ where
     Bd: Body<Data = Bytes>,
     Bd::Error: std::error::Error + Send + Sync + 'static,
 {
-    let timeout = Duration::from_millis(app.cfg.server.request_timeout_ms.max(1));
+    let timeout = Duration::from_millis(app.cfg.server.request_timeout_ms);
     let (parts, body) = req.into_parts();
     let route = Route::parse(parts.uri.path());
     let label = route.label();
@@ -164,18 +165,11 @@ where
             app.retry_after(),
         )),
     };
-    let mut resp = match result {
-        Ok(resp) => resp,
+    let (mut resp, failure) = match result {
+        Ok(resp) => (resp, None),
         Err(e) => {
-            // One line per error that is ours to fix (5xx); client errors at debug level.
-            if e.status().is_server_error() {
-                tracing::warn!(%request_id, route = label, status = e.status().as_u16(),
-                    error = e.code(), detail = %e.log_detail(), "request failed");
-            } else {
-                tracing::debug!(%request_id, route = label, status = e.status().as_u16(),
-                    error = e.code(), "request refused");
-            }
-            e.into_response()
+            let failure = (e.status().as_u16(), e.code(), e.log_detail());
+            (e.into_response(), Some(failure))
         }
     };
     if let Ok(v) = header::HeaderValue::from_str(&request_id) {
@@ -190,7 +184,17 @@ where
         400..=499 => "4xx",
         _ => "5xx",
     };
-    crate::metrics::http_request(label, class);
+    HttpAnswered {
+        route: label,
+        class,
+        request_id: &request_id,
+        failure: failure.as_ref().map(|(status, code, detail)| Failure {
+            status: *status,
+            code,
+            detail,
+        }),
+    }
+    .emit();
     resp
 }
 

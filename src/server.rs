@@ -42,6 +42,11 @@ use tokio_util::task::TaskTracker;
 use crate::app::App;
 use crate::backend::Backend;
 use crate::config::ServerConfig;
+use crate::obs::events::{ConnectionClosed, ConnectionOpened};
+
+/// Smallest read buffer hyper's HTTP/1 connection accepts (it panics below): the buffer is
+/// sized for the largest body plus headers, never below this.
+const HYPER_MIN_BUF: usize = 8192;
 
 /// What an HTTP/2 client sends first (RFC 9113, 3.4).
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -61,19 +66,17 @@ struct ConnSettings {
 
 impl ConnSettings {
     fn new(cfg: &ServerConfig) -> ConnSettings {
-        let header_timeout = Duration::from_millis(cfg.header_read_timeout_ms.max(1));
+        let header_timeout = Duration::from_millis(cfg.header_read_timeout_ms);
         let mut h1 = http1::Builder::new();
         h1.timer(TokioTimer::new())
             .header_read_timeout(header_timeout)
             .keep_alive(true)
-            .max_buf_size(cfg.max_body_bytes.max(8192) + 16 * 1024);
-        let keep_alive_timeout = Duration::from_millis(cfg.http2_keep_alive_timeout_ms.max(1));
+            .max_buf_size(cfg.max_body_bytes.max(HYPER_MIN_BUF) + 16 * 1024);
+        let keep_alive_timeout = Duration::from_millis(cfg.http2_keep_alive_timeout_ms);
         let mut h2 = http2::Builder::new(TokioExecutor::new());
         h2.timer(TokioTimer::new())
             .max_concurrent_streams(cfg.http2_max_concurrent_streams)
-            .keep_alive_interval(Duration::from_millis(
-                cfg.http2_keep_alive_interval_ms.max(1),
-            ))
+            .keep_alive_interval(Duration::from_millis(cfg.http2_keep_alive_interval_ms))
             .keep_alive_timeout(keep_alive_timeout);
         ConnSettings {
             http1: h1,
@@ -121,10 +124,10 @@ pub async fn serve<B: Backend>(
         };
         let _ = stream.set_nodelay(true);
         let (app, settings, drain) = (app.clone(), settings.clone(), drain.clone());
-        metrics::gauge!(crate::metrics::CONNECTIONS).increment(1.0);
+        ConnectionOpened.emit();
         connections.spawn(async move {
             serve_connection(app, stream, peer, &settings, &drain).await;
-            metrics::gauge!(crate::metrics::CONNECTIONS).decrement(1.0);
+            ConnectionClosed.emit();
             drop(permit);
         });
     }

@@ -16,46 +16,14 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use serde::Deserialize;
 use thiserror::Error;
 
 use crate::backend::{Backend, BackendError, Script, Value};
 use crate::batch::Batch;
+use crate::config::StockConfig;
 use crate::keys::{BatchKeys, SlotKeys};
+use crate::obs::events::{SweepFinished, TransferMade};
 use crate::outcome::{Coupon, ScriptOutcome};
-
-/// `[stock]` section of the config.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct StockConfig {
-    /// Percent of a new batch's stock handed to the shards at creation; the rest stays in
-    /// the pool and moves to shards as they run dry.
-    pub initial_fill_percent: u8,
-    /// Stock moved per refill is `total / (shards * refill_divisor)` (at least 1).
-    pub refill_divisor: u32,
-    /// How many refill rounds one claim may trigger before giving up with `overloaded`.
-    pub max_refill_rounds: u32,
-    /// Lifetime of a "transfer credited" marker. Must exceed any possible delay between the
-    /// two halves of a transfer (the sweeper runs every `sweep_interval_ms`).
-    pub transfer_marker_ttl_s: u64,
-    /// Outbox entries older than this are finished by the sweeper.
-    pub sweep_min_age_ms: u64,
-    /// How often the sweeper runs.
-    pub sweep_interval_ms: u64,
-}
-
-impl Default for StockConfig {
-    fn default() -> Self {
-        StockConfig {
-            initial_fill_percent: 50,
-            refill_divisor: 8,
-            max_refill_rounds: 8,
-            transfer_marker_ttl_s: 7 * 86_400,
-            sweep_min_age_ms: 2_000,
-            sweep_interval_ms: 1_000,
-        }
-    }
-}
 
 #[derive(Debug, Error)]
 pub enum StockError {
@@ -215,7 +183,7 @@ impl<B: Backend> Stock<B> {
             self.setup_slot(shard, "0", &shard_pairs, &fp, deny).await?;
         }
         if created {
-            let per_shard = batch.stock * i64::from(self.cfg.initial_fill_percent.min(100))
+            let per_shard = batch.stock * i64::from(self.cfg.initial_fill_percent)
                 / 100
                 / i64::from(batch.shards.max(1));
             if per_shard > 0 {
@@ -357,7 +325,7 @@ impl<B: Backend> Stock<B> {
     pub async fn refill(&self, keys: &BatchKeys, home: u32, total: i64) -> Result<i64, StockError> {
         let dst = &keys.shards[home as usize];
         let n = keys.shards.len() as i64;
-        let chunk = (total / (n * i64::from(self.cfg.refill_divisor.max(1)))).max(1);
+        let chunk = (total / (n * i64::from(self.cfg.refill_divisor))).max(1);
         let moved = self
             .transfer(keys, &keys.pool, dst, chunk, false, TransferKind::Refill)
             .await?;
@@ -428,9 +396,12 @@ impl<B: Backend> Stock<B> {
             self.finish_transfer(keys, src, &tid, &dst.label(), moved)
                 .await?;
         }
-        metrics::counter!(crate::metrics::TRANSFERS, "kind" => kind.label(),
-            "result" => if moved > 0 { "moved" } else { "empty" })
-        .increment(1);
+        TransferMade {
+            batch: batch_of(src),
+            kind: kind.label(),
+            amount: moved,
+        }
+        .emit();
         Ok(moved)
     }
 
@@ -472,7 +443,7 @@ impl<B: Backend> Stock<B> {
             .ok_or(StockError::Reply("outbox destination", Value::Nil))?;
         let inbox = dst.inbox(tid);
         let amount = amount.to_string();
-        let ttl = self.cfg.transfer_marker_ttl_s.max(1).to_string();
+        let ttl = self.cfg.transfer_marker_ttl_s.to_string();
         self.backend
             .eval(
                 Script::TransferIn,
@@ -554,9 +525,12 @@ impl<B: Backend> Stock<B> {
                     continue;
                 }
                 self.finish_transfer(keys, slot, &tid, &dst, amount).await?;
-                metrics::counter!(crate::metrics::TRANSFERS, "kind" => TransferKind::Sweep.label(),
-                    "result" => "finished")
-                .increment(1);
+                SweepFinished {
+                    batch: batch_of(slot),
+                    transfer: &tid,
+                    amount,
+                }
+                .emit();
                 finished += 1;
             }
         }

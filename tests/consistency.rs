@@ -20,9 +20,11 @@ use std::time::{Duration, Instant};
 
 use claimgate::app::App;
 use claimgate::backend::Backend;
-use claimgate::backend::embedded::{EmbeddedBackend, EmbeddedConfig};
-use claimgate::backend::redis::{RedisBackend, RedisConfig};
+use claimgate::backend::embedded::EmbeddedBackend;
+use claimgate::backend::redis::RedisBackend;
 use claimgate::config::Config;
+use claimgate::config::EmbeddedConfig;
+use claimgate::config::RedisConfig;
 use claimgate::db::{ClaimRecord, Db};
 use claimgate::keys::{BatchKeys, SlotKeys};
 use claimgate::persist::Persister;
@@ -632,7 +634,7 @@ async fn item4_interrupted_change_is_healed_embedded() {
 
 fn batch_of(body: &str) -> claimgate::batch::Batch {
     let new: claimgate::batch::NewBatch = serde_json::from_str(body).unwrap();
-    new.validate(&claimgate::config::BatchesConfig::default().limits())
+    new.validate(&claimgate::config::BatchesConfig::default())
         .unwrap()
 }
 

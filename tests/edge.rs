@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use claimgate::app::App;
-use claimgate::backend::redis::{RedisBackend, RedisConfig};
+use claimgate::backend::redis::RedisBackend;
+use claimgate::config::RedisConfig;
 use serde_json::json;
 use support::gw::*;
 use tokio_util::sync::CancellationToken;

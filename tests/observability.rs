@@ -3,8 +3,8 @@
 //!
 //! One in-process gateway (embedded backend + SQLite, as `tests/conformance.rs` builds it)
 //! is driven through every outcome the dashboard charts; then `GET /metrics` is checked:
-//! (a) every metric name a dashboard query uses is defined in `src/metrics.rs` and present
-//!     in the exposition; (b) every metric of `src/metrics.rs` is charted by the dashboard;
+//! (a) every metric name a dashboard query uses is defined in `src/obs/metrics.rs` and present
+//!     in the exposition; (b) every metric of `src/obs/metrics.rs` is charted by the dashboard;
 //! (c) `promtool check metrics` accepts the exposition (when promtool is installed);
 //! (d) label values stay inside their closed sets, and the `batch` label within
 //!     `metrics.max_batch_labels` while batches sell out and new ones are created.
@@ -21,7 +21,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use claimgate::app::App;
-use claimgate::backend::embedded::{EmbeddedBackend, EmbeddedConfig};
+use claimgate::backend::embedded::EmbeddedBackend;
+use claimgate::config::EmbeddedConfig;
 use claimgate::db::Db;
 use claimgate::error::ApiError;
 use claimgate::keys::BatchKeys;
@@ -37,14 +38,14 @@ const MAX_BATCH_LABELS: usize = 2;
 const MAX_BACKLOG: usize = 5;
 
 /// Dashboard metrics that cannot be exported by an in-process gateway on the embedded
-/// backend, with the reason. They are still checked against `src/metrics.rs`.
+/// backend, with the reason. They are still checked against `src/obs/metrics.rs`.
 const NOT_EXPORTABLE_HERE: &[(&str, &str)] = &[(
     "claimgate_backend_script_reloads_total",
     "counted only after Redis answers NOSCRIPT (src/backend/redis.rs); the embedded backend \
      has no script cache to lose, so the counter is never created in this process",
 )];
 
-/// Metrics of `src/metrics.rs` that the dashboard need not chart, with the reason.
+/// Metrics of `src/obs/metrics.rs` that the dashboard need not chart, with the reason.
 const NOT_CHARTED: &[(&str, &str)] = &[];
 
 fn root() -> PathBuf {
@@ -73,8 +74,8 @@ fn closed_label_sets() -> LabelSets {
         .iter()
         .map(|s| s.name())
         .collect();
-    let routes = claimgate::metrics::ROUTES;
-    let stages = claimgate::metrics::STAGES;
+    let routes = claimgate::obs::metrics::ROUTES;
+    let stages = claimgate::obs::metrics::STAGES;
     let m = |pairs: Vec<(&'static str, Option<BTreeSet<String>>)>| {
         pairs.into_iter().collect::<BTreeMap<_, _>>()
     };
@@ -171,11 +172,12 @@ fn closed_label_sets() -> LabelSets {
 }
 
 // ------------------------------------------------------------------------------------------
-// parsing: src/metrics.rs, the dashboard, the exposition
+// parsing: src/obs/metrics.rs, the dashboard, the exposition
 
-/// `pub const NAME: &str = "claimgate_...";` of `src/metrics.rs`: (constant, metric name).
+/// `pub const NAME: &str = "claimgate_...";` of `src/obs/metrics.rs`: (constant, metric name).
 fn defined_metrics() -> Vec<(String, String)> {
-    let src = std::fs::read_to_string(root().join("src/metrics.rs")).expect("read src/metrics.rs");
+    let src = std::fs::read_to_string(root().join("src/obs/metrics.rs"))
+        .expect("read src/obs/metrics.rs");
     let mut out = Vec::new();
     for line in src.lines() {
         let Some(rest) = line.trim().strip_prefix("pub const ") else {
@@ -408,7 +410,7 @@ struct Gw {
 }
 
 async fn open_db(path: &Path, migrate: bool) -> Db {
-    let cfg = claimgate::db::DatabaseConfig {
+    let cfg = claimgate::config::DatabaseConfig {
         url: format!("sqlite://{}?mode=rwc", path.display()),
         ..Default::default()
     };
@@ -830,7 +832,7 @@ async fn dashboard_matches_exported_metrics() {
     let defined_names: BTreeSet<String> = defined.iter().map(|(_, n)| n.clone()).collect();
     assert!(
         defined.len() >= 20,
-        "could not read the metric constants of src/metrics.rs: {defined:?}"
+        "could not read the metric constants of src/obs/metrics.rs: {defined:?}"
     );
 
     let dash_text = std::fs::read_to_string(root().join("grafana/dashboards/claimgate.json"))
@@ -841,11 +843,11 @@ async fn dashboard_matches_exported_metrics() {
     let used: BTreeSet<String> = queries.iter().flat_map(|q| metric_idents(q)).collect();
     failures.extend(dashboard_shape(&dash));
 
-    // (a) every name a query uses is a metric of src/metrics.rs and is exported
+    // (a) every name a query uses is a metric of src/obs/metrics.rs and is exported
     for name in &used {
         if base_name(name, &defined_names).is_none() {
             failures.push(format!(
-                "(a) dashboard uses {name}, which is not a metric of src/metrics.rs"
+                "(a) dashboard uses {name}, which is not a metric of src/obs/metrics.rs"
             ));
             continue;
         }
@@ -860,7 +862,7 @@ async fn dashboard_matches_exported_metrics() {
         }
     }
 
-    // (b) every metric of src/metrics.rs is charted
+    // (b) every metric of src/obs/metrics.rs is charted
     for (constant, name) in &defined {
         let charted = used
             .iter()
@@ -915,7 +917,7 @@ async fn dashboard_matches_exported_metrics() {
     for s in samples.iter().filter(|s| s.name.starts_with("claimgate_")) {
         let Some(base) = base_name(&s.name, &defined_names) else {
             failures.push(format!(
-                "(d) exported {} is not defined in src/metrics.rs",
+                "(d) exported {} is not defined in src/obs/metrics.rs",
                 s.name
             ));
             continue;

@@ -10,7 +10,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use claimgate::app::App;
-use claimgate::backend::embedded::{EmbeddedBackend, EmbeddedConfig};
+use claimgate::backend::embedded::EmbeddedBackend;
+use claimgate::config::EmbeddedConfig;
 use claimgate::db::Db;
 use claimgate::error::ApiError;
 use http::Request;
@@ -295,7 +296,7 @@ async fn gateway() -> Gw {
         })
         .expect("embedded backend"),
     );
-    let db = Db::connect(&claimgate::db::DatabaseConfig {
+    let db = Db::connect(&claimgate::config::DatabaseConfig {
         url: format!("sqlite://{}?mode=rwc", dir.path().join("test.db").display()),
         ..Default::default()
     })

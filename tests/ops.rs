@@ -18,9 +18,12 @@ use std::time::{Duration, Instant};
 
 use claimgate::app::App;
 use claimgate::backend::Backend;
-use claimgate::backend::embedded::{EmbeddedBackend, EmbeddedConfig};
-use claimgate::backend::redis::{RedisBackend, RedisConfig};
-use claimgate::db::{DatabaseConfig, Db};
+use claimgate::backend::embedded::EmbeddedBackend;
+use claimgate::backend::redis::RedisBackend;
+use claimgate::config::DatabaseConfig;
+use claimgate::config::EmbeddedConfig;
+use claimgate::config::RedisConfig;
+use claimgate::db::Db;
 use claimgate::persist::Persister;
 use serde_json::{Value, json};
 use sqlx::Connection;

@@ -12,15 +12,19 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use claimgate::backend::embedded::{EmbeddedBackend, EmbeddedConfig};
-use claimgate::backend::redis::{RedisBackend, RedisConfig};
+use claimgate::backend::embedded::EmbeddedBackend;
+use claimgate::backend::redis::RedisBackend;
 use claimgate::backend::{Backend, Script, Value};
 use claimgate::batch::{
     Batch, BatchState, Discount, Eligibility, Scope, ScopeKind, Timestamp, Validity, Window,
 };
-use claimgate::db::{CouponState, DatabaseConfig, Db, DbError};
+use claimgate::config::DatabaseConfig;
+use claimgate::config::EmbeddedConfig;
+use claimgate::config::PersisterConfig;
+use claimgate::config::RedisConfig;
+use claimgate::db::{CouponState, Db, DbError};
 use claimgate::keys::{BatchKeys, SlotKeys, home_shard, parse_coupon_id};
-use claimgate::persist::{Persister, PersisterConfig, ack_log, parse_claim, read_log};
+use claimgate::persist::{Persister, ack_log, parse_claim, read_log};
 use claimgate::rebuild::{Difference, RebuildError, rebuild, reconcile};
 use support::{PgDb, RedisServer};
 use tokio_util::sync::CancellationToken;

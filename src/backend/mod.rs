@@ -195,5 +195,22 @@ pub(crate) fn record(
         Err(BackendError::Unavailable(_)) => "unavailable",
         Err(BackendError::Protocol(_)) => "protocol",
     };
-    crate::metrics::backend_call(script.name(), outcome, started.elapsed().as_secs_f64());
+    crate::obs::events::BackendCalled {
+        script: script.name(),
+        result: outcome,
+        seconds: started.elapsed().as_secs_f64(),
+    }
+    .emit();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The `script` label set of the backend metrics is exactly the registry's names.
+    #[test]
+    fn the_script_labels_are_the_registry() {
+        let names: Vec<&str> = Script::ALL.iter().map(|s| s.name()).collect();
+        assert_eq!(names, crate::obs::metrics::SCRIPTS);
+    }
 }

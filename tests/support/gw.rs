@@ -7,9 +7,11 @@ use std::sync::Arc;
 use bytes::Bytes;
 use claimgate::app::App;
 use claimgate::backend::Backend;
-use claimgate::backend::embedded::{EmbeddedBackend, EmbeddedConfig};
-use claimgate::backend::redis::{RedisBackend, RedisConfig};
+use claimgate::backend::embedded::EmbeddedBackend;
+use claimgate::backend::redis::RedisBackend;
 use claimgate::config::Config;
+use claimgate::config::EmbeddedConfig;
+use claimgate::config::RedisConfig;
 use claimgate::db::Db;
 use http::Request;
 use http_body_util::{BodyExt, Full};
@@ -41,7 +43,7 @@ pub fn config(extra: &[String]) -> Config {
 }
 
 pub async fn open_db(url: &str) -> Db {
-    let db = Db::connect(&claimgate::db::DatabaseConfig {
+    let db = Db::connect(&claimgate::config::DatabaseConfig {
         url: url.to_string(),
         ..Default::default()
     })

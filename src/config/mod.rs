@@ -1,5 +1,7 @@
 //! Configuration: one typed struct, loaded from TOML, overridden by `CLAIMGATE_*`
-//! environment variables and CLI flags.
+//! environment variables and CLI flags. A leaf of the crate: it imports nothing of it, and
+//! every module takes its own section from here ([`sections`], [`stores`]; secrets and
+//! their redaction in [`secret`]).
 //!
 //! Invariant kept here: the gateway only ever starts from a configuration in which every
 //! key is known and every value is in range; anything else is a [`ConfigError`] that names
@@ -10,24 +12,26 @@
 //! `data/`). A test compares the two key by key.
 //!
 //! [`Config::to_toml`] is the effective configuration as TOML (what `check-config` prints),
-//! with every secret and URL password replaced by [`crate::secret::REDACTED`]. Loading that
+//! with every secret and URL password replaced by [`secret::REDACTED`]. Loading that
 //! text again gives the same configuration, except that a redacted secret or URL is rejected
 //! (naming its key) until the real value is given, e.g. by `CLAIMGATE_AUTH__ADMIN_TOKEN`.
 
-use std::net::SocketAddr;
+pub mod secret;
+mod sections;
+mod stores;
+
 use std::path::Path;
 
-use serde::ser::SerializeStruct;
-use serde::{Deserialize, Serialize, Serializer};
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::backend::embedded::EmbeddedConfig;
-use crate::backend::redis::RedisConfig;
-use crate::db::DatabaseConfig;
-use crate::persist::PersisterConfig;
-pub use crate::secret::Secret;
-use crate::secret::{REDACTED, url_passwords};
-use crate::stock::StockConfig;
+pub use self::secret::Secret;
+use self::secret::{REDACTED, url_passwords};
+pub use self::sections::{
+    AuthConfig, BatchesConfig, CacheConfig, LimitsConfig, LogConfig, MetricsConfig,
+    PersisterConfig, RateLimit, ServerConfig, StockConfig, WalletConfig,
+};
+pub use self::stores::{DEFAULT_AOF_PATH, DatabaseConfig, EmbeddedConfig, Fsync, RedisConfig};
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -61,7 +65,6 @@ pub struct Config {
     pub embedded: EmbeddedConfig,
     pub database: DatabaseConfig,
     pub persister: PersisterConfig,
-    #[serde(serialize_with = "serialize_stock")]
     pub stock: StockConfig,
     pub batches: BatchesConfig,
     pub auth: AuthConfig,
@@ -89,241 +92,6 @@ impl Default for Config {
             metrics: MetricsConfig::default(),
             wallet: WalletConfig::default(),
             log: LogConfig::default(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ServerConfig {
-    pub listen: SocketAddr,
-    /// Largest request body accepted; larger is 400 `bad_request`.
-    pub max_body_bytes: usize,
-    /// Open client connections at most; further connections wait in the accept queue.
-    pub max_connections: usize,
-    /// Time allowed for a new connection's first bytes, then for each request's headers;
-    /// also closes idle keep-alive connections (HTTP/2: no open stream) after this long.
-    pub header_read_timeout_ms: u64,
-    /// Time allowed for a whole request, body included.
-    pub request_timeout_ms: u64,
-    /// Serve HTTP/2 (prior knowledge / h2c) besides HTTP/1.1.
-    pub http2: bool,
-    /// HTTP/2: ping a peer silent this long; close it if the ping is not answered within
-    /// `http2_keep_alive_timeout_ms`.
-    pub http2_keep_alive_interval_ms: u64,
-    pub http2_keep_alive_timeout_ms: u64,
-    /// HTTP/2: requests in flight at once on one connection.
-    pub http2_max_concurrent_streams: u32,
-    /// Closing a connection whose client may still be sending (e.g. an oversized body): its
-    /// input is read and dropped for at most this long and this many bytes, so the client
-    /// can read our response instead of getting a reset. 0 ms closes at once.
-    pub linger_ms: u64,
-    pub linger_max_bytes: usize,
-    /// On SIGTERM/SIGINT: stop accepting, finish in-flight requests, flush, exit within this.
-    pub shutdown_grace_ms: u64,
-}
-
-impl Default for ServerConfig {
-    fn default() -> Self {
-        ServerConfig {
-            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            max_body_bytes: 16 * 1024,
-            max_connections: 20_000,
-            header_read_timeout_ms: 10_000,
-            request_timeout_ms: 10_000,
-            http2: true,
-            http2_keep_alive_interval_ms: 20_000,
-            http2_keep_alive_timeout_ms: 10_000,
-            http2_max_concurrent_streams: 256,
-            linger_ms: 2_000,
-            linger_max_bytes: 1024 * 1024,
-            shutdown_grace_ms: 10_000,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct BatchesConfig {
-    /// Shards of a batch created without `shards`.
-    pub default_shards: u32,
-    pub max_shards: u32,
-    pub max_stock: i64,
-    /// Longest `scope.ids`, `deny_users`, `require_tags` list.
-    pub max_list_items: usize,
-}
-
-impl Default for BatchesConfig {
-    fn default() -> Self {
-        BatchesConfig {
-            default_shards: 16,
-            max_shards: 1024,
-            max_stock: 1_000_000_000,
-            max_list_items: 100_000,
-        }
-    }
-}
-
-impl BatchesConfig {
-    pub fn limits(&self) -> crate::batch::BatchLimits {
-        crate::batch::BatchLimits {
-            default_shards: self.default_shards,
-            max_shards: self.max_shards,
-            max_stock: self.max_stock,
-            max_list_items: self.max_list_items,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AuthConfig {
-    /// When set, admin routes need `Authorization: Bearer <admin_token>`.
-    pub admin_token: Option<Secret>,
-    /// When set, users are identified by an HS256 JWT (`sub`, `exp`) signed with this secret;
-    /// when unset, by `user_id` in the body (development only: a warning is logged).
-    pub user_token_secret: Option<Secret>,
-    /// Clock skew tolerated on a token's `exp` and `nbf`, seconds (at most 300).
-    pub user_token_leeway_s: u64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RateLimit {
-    /// Sustained requests per second (0 = no limit).
-    pub per_second: u32,
-    /// Burst allowance on top of the rate.
-    pub burst: u32,
-}
-
-impl RateLimit {
-    pub const fn new(per_second: u32, burst: u32) -> RateLimit {
-        RateLimit { per_second, burst }
-    }
-}
-
-impl Default for RateLimit {
-    fn default() -> Self {
-        RateLimit::new(0, 0)
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LimitsConfig {
-    /// Claims per second this instance accepts in all.
-    pub claim_global: RateLimit,
-    /// Claims per second per user.
-    pub claim_per_user: RateLimit,
-    /// Claims per second per client IP.
-    pub claim_per_ip: RateLimit,
-    /// Admin and read routes per second per client IP.
-    pub other_per_ip: RateLimit,
-    /// Proxies whose `X-Forwarded-For` is trusted for the client IP.
-    pub trusted_proxies: Vec<std::net::IpAddr>,
-    /// Backend calls in flight at most; more wait up to `admission_wait_ms`, then 503.
-    pub max_inflight: usize,
-    pub admission_wait_ms: u64,
-    /// `Retry-After` seconds sent with 429 and 503 answers.
-    pub retry_after_s: u64,
-    /// Keys each keyed rate limiter (per user, per IP) tracks at most. When full, keys whose
-    /// bucket has refilled are dropped, and if that frees too little, all are forgotten
-    /// (their buckets refill: errs towards admitting).
-    pub max_tracked_keys: usize,
-}
-
-impl Default for LimitsConfig {
-    fn default() -> Self {
-        LimitsConfig {
-            claim_global: RateLimit::default(),
-            claim_per_user: RateLimit::new(20, 20),
-            claim_per_ip: RateLimit::default(),
-            other_per_ip: RateLimit::default(),
-            trusted_proxies: Vec::new(),
-            max_inflight: 4096,
-            admission_wait_ms: 50,
-            retry_after_s: 1,
-            max_tracked_keys: 1_000_000,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct CacheConfig {
-    /// Batch metadata is re-read from the backend this often (fallback for missed events).
-    pub refresh_ms: u64,
-    /// Users remembered as "at limit", per instance.
-    pub max_users_at_limit: usize,
-    /// How long a batch id found to exist nowhere is answered 404 from memory.
-    pub missing_ttl_ms: u64,
-    /// Unknown batch ids remembered at most (a flood of random ids cannot grow memory).
-    pub max_missing: usize,
-}
-
-impl Default for CacheConfig {
-    fn default() -> Self {
-        CacheConfig {
-            refresh_ms: 1_000,
-            max_users_at_limit: 1_000_000,
-            missing_ttl_ms: 1_000,
-            max_missing: 100_000,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct MetricsConfig {
-    /// Serve `/metrics` (and health) on this separate admin address too.
-    pub admin_listen: Option<SocketAddr>,
-    /// Batches with their own `batch` label at most (stock remaining gauges).
-    pub max_batch_labels: usize,
-}
-
-impl Default for MetricsConfig {
-    fn default() -> Self {
-        MetricsConfig {
-            admin_listen: None,
-            max_batch_labels: 50,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct WalletConfig {
-    /// How long a `lock` holds a coupon for an order before it counts as released.
-    pub lock_timeout_ms: u64,
-    /// Coupons per wallet page when `limit` is not given, and the largest `limit`.
-    pub default_page: u32,
-    pub max_page: u32,
-}
-
-impl Default for WalletConfig {
-    fn default() -> Self {
-        WalletConfig {
-            lock_timeout_ms: 15 * 60 * 1000,
-            default_page: 20,
-            max_page: 100,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LogConfig {
-    /// `tracing` filter, e.g. `info` or `claimgate=debug,info`.
-    pub level: String,
-    /// One JSON object per line instead of text.
-    pub json: bool,
-}
-
-impl Default for LogConfig {
-    fn default() -> Self {
-        LogConfig {
-            level: "info".to_string(),
-            json: false,
         }
     }
 }
@@ -389,32 +157,10 @@ fn redact_quoted_lines(message: &str) -> String {
             Some((head, _)) if SECRET_KEYS.iter().any(|k| head.contains(k)) => {
                 format!("{head}= {REDACTED}")
             }
-            _ => crate::secret::redact_text(line).into_owned(),
+            _ => secret::redact_text(line).into_owned(),
         })
         .collect::<Vec<_>>()
         .join("\n")
-}
-
-/// Serializes the `[stock]` section (its type lives in `stock.rs` and derives only
-/// `Deserialize`). The destructuring names every field, so a new field is a compile error
-/// here until it is dumped too.
-fn serialize_stock<S: Serializer>(c: &StockConfig, s: S) -> Result<S::Ok, S::Error> {
-    let StockConfig {
-        initial_fill_percent,
-        refill_divisor,
-        max_refill_rounds,
-        transfer_marker_ttl_s,
-        sweep_min_age_ms,
-        sweep_interval_ms,
-    } = c;
-    let mut st = s.serialize_struct("StockConfig", 6)?;
-    st.serialize_field("initial_fill_percent", initial_fill_percent)?;
-    st.serialize_field("refill_divisor", refill_divisor)?;
-    st.serialize_field("max_refill_rounds", max_refill_rounds)?;
-    st.serialize_field("transfer_marker_ttl_s", transfer_marker_ttl_s)?;
-    st.serialize_field("sweep_min_age_ms", sweep_min_age_ms)?;
-    st.serialize_field("sweep_interval_ms", sweep_interval_ms)?;
-    st.end()
 }
 
 /// Sets `a.b.c = value`, reading `value` as a TOML value when it is one (numbers, booleans,
@@ -444,6 +190,9 @@ fn set_path(table: &mut toml::Table, path: &[String], value: &str) {
     t.insert(last.clone(), parsed);
 }
 
+/// Largest `wallet.max_page`: the database answers at most this many coupons per page.
+pub const WALLET_MAX_PAGE: u64 = 500;
+
 /// First line of [`Config::to_toml`].
 const DUMP_HEADER: &str = "\
 # claimgate effective configuration (claimgate check-config).
@@ -460,7 +209,7 @@ impl Config {
     }
 
     /// Every secret value of this configuration (tokens, URL passwords raw and decoded), for
-    /// [`crate::secret::scrub`] of messages that may quote one.
+    /// [`secret::scrub`] of messages that may quote one.
     pub fn secret_values(&self) -> Vec<String> {
         let mut v: Vec<String> = [&self.auth.admin_token, &self.auth.user_token_secret]
             .into_iter()
@@ -475,7 +224,7 @@ impl Config {
     /// `text` with every secret of this configuration and every URL password redacted.
     pub fn scrub(&self, text: &str) -> String {
         let secrets = self.secret_values();
-        crate::secret::scrub(text, secrets.iter().map(String::as_str))
+        secret::scrub(text, secrets.iter().map(String::as_str))
     }
 
     /// Range checks serde cannot express.
@@ -520,55 +269,198 @@ impl Config {
                 "must be 0 (off) or more than persister.flush_interval_ms",
             );
         }
-        if self.server.max_body_bytes < 64 {
-            return bad("server.max_body_bytes", "must be at least 64");
-        }
-        if self.server.max_connections == 0 {
-            return bad("server.max_connections", "must be at least 1");
-        }
-        for (key, ms) in [
+        // Every bound a module relies on is checked here, naming the key: no module clamps
+        // a configured value on its own (`x.max(1)`), so what is configured is what runs.
+        const HOUR_MS: u64 = 3_600_000;
+        let ranges: [(&'static str, u64, u64, u64); 32] = [
+            (
+                "server.max_body_bytes",
+                self.server.max_body_bytes as u64,
+                64,
+                u64::MAX,
+            ),
+            (
+                "server.max_connections",
+                self.server.max_connections as u64,
+                1,
+                u64::MAX,
+            ),
             (
                 "server.header_read_timeout_ms",
                 self.server.header_read_timeout_ms,
+                1,
+                HOUR_MS,
             ),
-            ("server.request_timeout_ms", self.server.request_timeout_ms),
+            (
+                "server.request_timeout_ms",
+                self.server.request_timeout_ms,
+                1,
+                HOUR_MS,
+            ),
             (
                 "server.http2_keep_alive_interval_ms",
                 self.server.http2_keep_alive_interval_ms,
+                1,
+                HOUR_MS,
             ),
             (
                 "server.http2_keep_alive_timeout_ms",
                 self.server.http2_keep_alive_timeout_ms,
+                1,
+                HOUR_MS,
             ),
-        ] {
-            if !(1..=3_600_000).contains(&ms) {
-                return bad(key, "must be 1..=3600000 (ms)");
+            (
+                "server.http2_max_concurrent_streams",
+                u64::from(self.server.http2_max_concurrent_streams),
+                1,
+                u64::MAX,
+            ),
+            ("server.linger_ms", self.server.linger_ms, 0, 60_000),
+            ("redis.pool_size", self.redis.pool_size as u64, 1, u64::MAX),
+            (
+                "redis.command_timeout_ms",
+                self.redis.command_timeout_ms,
+                1,
+                HOUR_MS,
+            ),
+            (
+                "redis.connect_timeout_ms",
+                self.redis.connect_timeout_ms,
+                1,
+                HOUR_MS,
+            ),
+            (
+                "redis.event_buffer",
+                self.redis.event_buffer as u64,
+                16,
+                u64::MAX,
+            ),
+            (
+                "database.max_connections",
+                u64::from(self.database.max_connections),
+                1,
+                u64::MAX,
+            ),
+            (
+                "database.connect_timeout_ms",
+                self.database.connect_timeout_ms,
+                1,
+                HOUR_MS,
+            ),
+            (
+                "database.statement_timeout_ms",
+                self.database.statement_timeout_ms,
+                1,
+                HOUR_MS,
+            ),
+            (
+                "persister.batch_size",
+                self.persister.batch_size as u64,
+                1,
+                u64::MAX,
+            ),
+            (
+                "persister.flush_interval_ms",
+                self.persister.flush_interval_ms,
+                1,
+                HOUR_MS,
+            ),
+            (
+                "persister.backoff_min_ms",
+                self.persister.backoff_min_ms,
+                1,
+                HOUR_MS,
+            ),
+            (
+                "persister.backoff_max_ms",
+                self.persister.backoff_max_ms,
+                self.persister.backoff_min_ms,
+                HOUR_MS,
+            ),
+            (
+                "persister.batch_refresh_ms",
+                self.persister.batch_refresh_ms,
+                1,
+                HOUR_MS,
+            ),
+            (
+                "persister.probe_interval_ms",
+                self.persister.probe_interval_ms,
+                1,
+                HOUR_MS,
+            ),
+            (
+                "persister.write_timeout_ms",
+                self.persister.write_timeout_ms,
+                1,
+                HOUR_MS,
+            ),
+            (
+                "stock.initial_fill_percent",
+                u64::from(self.stock.initial_fill_percent),
+                0,
+                100,
+            ),
+            (
+                "stock.refill_divisor",
+                u64::from(self.stock.refill_divisor),
+                1,
+                u64::MAX,
+            ),
+            (
+                "stock.max_refill_rounds",
+                u64::from(self.stock.max_refill_rounds),
+                1,
+                u64::MAX,
+            ),
+            (
+                "stock.transfer_marker_ttl_s",
+                self.stock.transfer_marker_ttl_s,
+                1,
+                u64::MAX,
+            ),
+            (
+                "stock.sweep_interval_ms",
+                self.stock.sweep_interval_ms,
+                10,
+                HOUR_MS,
+            ),
+            ("cache.refresh_ms", self.cache.refresh_ms, 10, HOUR_MS),
+            (
+                "limits.max_tracked_keys",
+                self.limits.max_tracked_keys as u64,
+                1,
+                u64::MAX,
+            ),
+            (
+                "limits.max_inflight",
+                self.limits.max_inflight as u64,
+                1,
+                u64::MAX,
+            ),
+            ("limits.retry_after_s", self.limits.retry_after_s, 1, 86_400),
+            (
+                "wallet.max_page",
+                u64::from(self.wallet.max_page),
+                1,
+                WALLET_MAX_PAGE,
+            ),
+        ];
+        for (key, value, lo, hi) in ranges {
+            if !(lo..=hi).contains(&value) {
+                let message = match (lo, hi) {
+                    (lo, u64::MAX) => format!("must be at least {lo}"),
+                    (lo, hi) => format!("must be {lo}..={hi}"),
+                };
+                return Err(ConfigError::Invalid { key, message });
             }
         }
-        if self.server.http2_max_concurrent_streams == 0 {
-            return bad("server.http2_max_concurrent_streams", "must be at least 1");
-        }
-        if self.server.linger_ms > 60_000 {
-            return bad("server.linger_ms", "must be 0..=60000");
+        if self.wallet.default_page == 0 || self.wallet.default_page > self.wallet.max_page {
+            return bad("wallet.default_page", "must be 1..=wallet.max_page");
         }
         if self.batches.default_shards == 0 || self.batches.default_shards > self.batches.max_shards
         {
             return bad("batches.default_shards", "must be 1..=batches.max_shards");
-        }
-        if self.stock.initial_fill_percent > 100 {
-            return bad("stock.initial_fill_percent", "must be 0..=100");
-        }
-        if self.stock.max_refill_rounds == 0 {
-            return bad("stock.max_refill_rounds", "must be at least 1");
-        }
-        if self.limits.max_tracked_keys == 0 {
-            return bad("limits.max_tracked_keys", "must be at least 1");
-        }
-        if self.limits.max_inflight == 0 {
-            return bad("limits.max_inflight", "must be at least 1");
-        }
-        if self.redis.pool_size == 0 {
-            return bad("redis.pool_size", "must be at least 1");
         }
         if self.auth.admin_token.as_ref().is_some_and(|t| t.len() < 16) {
             return bad("auth.admin_token", "must be at least 16 characters");
@@ -775,7 +667,7 @@ mod tests {
         let debug = format!("{c:?} {c:#?}");
         for out in [&text, &debug] {
             assert!(!out.contains("SECRET"), "a secret leaked:\n{out}");
-            assert!(out.contains(crate::secret::REDACTED), "{out}");
+            assert!(out.contains(secret::REDACTED), "{out}");
         }
         assert!(
             text.contains("postgres://app:<redacted>@db:5432/claims"),
@@ -876,6 +768,66 @@ mod tests {
         .to_string();
         assert!(err.contains("persister.stall_ms"), "{err}");
         assert!(load(None, env(&[]), &["persister.stall_ms=0".into()]).is_ok());
+    }
+
+    /// Values that modules used to clamp silently (`x.max(1)`, `x.max(10)`, `x.min(100)`)
+    /// are rejected at load, naming the key (before, each of these loaded and ran as
+    /// something else than configured).
+    #[test]
+    fn values_once_clamped_are_rejected_naming_the_key() {
+        for (set, key) in [
+            ("stock.refill_divisor=0", "stock.refill_divisor"),
+            (
+                "stock.transfer_marker_ttl_s=0",
+                "stock.transfer_marker_ttl_s",
+            ),
+            ("stock.sweep_interval_ms=1", "stock.sweep_interval_ms"),
+            ("cache.refresh_ms=5", "cache.refresh_ms"),
+            ("persister.batch_size=0", "persister.batch_size"),
+            (
+                "persister.flush_interval_ms=0",
+                "persister.flush_interval_ms",
+            ),
+            ("persister.backoff_min_ms=0", "persister.backoff_min_ms"),
+            ("persister.backoff_max_ms=50", "persister.backoff_max_ms"),
+            ("persister.batch_refresh_ms=0", "persister.batch_refresh_ms"),
+            (
+                "persister.probe_interval_ms=0",
+                "persister.probe_interval_ms",
+            ),
+            ("persister.write_timeout_ms=0", "persister.write_timeout_ms"),
+            ("redis.command_timeout_ms=0", "redis.command_timeout_ms"),
+            ("redis.connect_timeout_ms=0", "redis.connect_timeout_ms"),
+            ("redis.event_buffer=1", "redis.event_buffer"),
+            ("database.max_connections=0", "database.max_connections"),
+            (
+                "database.connect_timeout_ms=0",
+                "database.connect_timeout_ms",
+            ),
+            (
+                "database.statement_timeout_ms=0",
+                "database.statement_timeout_ms",
+            ),
+            ("limits.retry_after_s=0", "limits.retry_after_s"),
+            ("wallet.max_page=1000", "wallet.max_page"),
+            ("wallet.default_page=0", "wallet.default_page"),
+        ] {
+            let err = load(None, env(&[]), &[set.to_string()])
+                .expect_err(set)
+                .to_string();
+            assert!(err.contains(&format!("`{key}`")), "{set}: {err}");
+        }
+        // the edges themselves load
+        for ok in [
+            "stock.refill_divisor=1",
+            "stock.sweep_interval_ms=10",
+            "cache.refresh_ms=10",
+            "persister.backoff_max_ms=100",
+            "redis.event_buffer=16",
+            "wallet.max_page=500",
+        ] {
+            load(None, env(&[]), &[ok.to_string()]).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
     }
 
     #[test]

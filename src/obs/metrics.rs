@@ -1,16 +1,18 @@
-//! Every metric the gateway exports: names, help texts and the recorder.
+//! Every metric the gateway exports: names, help texts, closed label sets, the recorder and
+//! the handles resolved once for the hot path. Recording happens through the event structs
+//! of [`super::events`], never directly.
 //!
 //! Invariant kept here: metric names and label sets are defined only in this module, labels
-//! take values from closed sets (outcome codes, stage names, backend kinds) or from the
-//! bounded set of tracked batches, so cardinality stays bounded whatever the traffic.
+//! take values from closed sets (outcome codes, stage names, script names, backend kinds) or
+//! from the bounded set of tracked batches, so cardinality stays bounded whatever the
+//! traffic. The owners of those closed sets (`ApiError`, the script registry) test that
+//! their values are the ones listed here.
 
 use std::collections::HashMap;
 use std::sync::LazyLock;
 
 use metrics::{Counter, Histogram, Unit, describe_counter, describe_gauge, describe_histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-
-use crate::backend::Script;
 
 /// Claims answered, by `outcome` (claimed, replayed, or the API error code).
 pub const CLAIMS: &str = "claimgate_claims_total";
@@ -94,8 +96,49 @@ pub fn upkeep() {
     install().run_upkeep();
 }
 
-/// Outcome labels of [`CLAIMS`]: these and every API error code.
-const SUCCESS_OUTCOMES: &[&str] = &["claimed", "replayed"];
+/// `outcome` labels of [`CLAIMS`]: `claimed`, `replayed` and every API error code (the
+/// `http::error` tests check that every code of `ApiError` is listed).
+pub const CLAIM_OUTCOMES: &[&str] = &[
+    "claimed",
+    "replayed",
+    "bad_request",
+    "unauthorized",
+    "not_eligible",
+    "batch_not_found",
+    "coupon_not_found",
+    "limit_reached",
+    "not_started",
+    "ended",
+    "paused",
+    "sold_out",
+    "batch_exists",
+    "invalid_state",
+    "rate_limited",
+    "overloaded",
+    "backend_unavailable",
+    "not_found",
+    "method_not_allowed",
+    "internal",
+];
+/// `script` labels of [`BACKEND_CALLS`] and [`BACKEND_SECONDS`]: the name of every script
+/// in `lua/` (the script registry's tests check that they are these).
+pub const SCRIPTS: &[&str] = &[
+    "claim",
+    "setup",
+    "patch",
+    "transfer_out",
+    "transfer_in",
+    "transfer_done",
+    "probe",
+    "inbox_check",
+    "mark_soldout",
+    "meta_get",
+    "log_read",
+    "log_ack",
+    "restore",
+    "replay",
+    "winners",
+];
 /// Stage labels of [`STAGE_SECONDS`].
 pub const STAGES: &[&str] = &[
     "parse",
@@ -119,7 +162,8 @@ pub const ROUTES: &[&str] = &[
     "unknown",
 ];
 const STATUS_CLASSES: &[&str] = &["2xx", "3xx", "4xx", "5xx"];
-const CACHE_KINDS: &[&str] = &[
+/// `kind` labels of [`CACHE`].
+pub const CACHE_KINDS: &[&str] = &[
     "sold_out",
     "user_limit",
     "not_started",
@@ -129,7 +173,8 @@ const CACHE_KINDS: &[&str] = &[
     "meta_hit",
     "meta_miss",
 ];
-const BACKEND_RESULTS: &[&str] = &["ok", "script_error", "unavailable", "protocol"];
+/// `result` labels of [`BACKEND_CALLS`].
+pub const BACKEND_RESULTS: &[&str] = &["ok", "script_error", "unavailable", "protocol"];
 
 /// Handles of the metrics recorded on every request, resolved once (a registry lookup per
 /// use showed in profiles). Keys are the closed label sets above; anything else falls back to
@@ -147,11 +192,9 @@ struct Hot {
 static HOT: LazyLock<Hot> = LazyLock::new(|| {
     install(); // handles taken before the recorder exists would record nothing
     Hot {
-        claims: SUCCESS_OUTCOMES
+        claims: CLAIM_OUTCOMES
             .iter()
-            .copied()
-            .chain(crate::error::ApiError::examples().iter().map(|e| e.code()))
-            .map(|o| (o, metrics::counter!(CLAIMS, "outcome" => o)))
+            .map(|o| (*o, metrics::counter!(CLAIMS, "outcome" => *o)))
             .collect(),
         claim_seconds: metrics::histogram!(CLAIM_SECONDS),
         stages: STAGES
@@ -172,9 +215,9 @@ static HOT: LazyLock<Hot> = LazyLock::new(|| {
             .iter()
             .map(|k| (*k, metrics::counter!(CACHE, "kind" => *k)))
             .collect(),
-        backend_calls: Script::ALL
+        backend_calls: SCRIPTS
             .iter()
-            .flat_map(|s| BACKEND_RESULTS.iter().map(move |r| (s.name(), *r)))
+            .flat_map(|s| BACKEND_RESULTS.iter().map(move |r| (*s, *r)))
             .map(|(s, r)| {
                 (
                     (s, r),
@@ -182,20 +225,15 @@ static HOT: LazyLock<Hot> = LazyLock::new(|| {
                 )
             })
             .collect(),
-        backend_seconds: Script::ALL
+        backend_seconds: SCRIPTS
             .iter()
-            .map(|s| {
-                (
-                    s.name(),
-                    metrics::histogram!(BACKEND_SECONDS, "script" => s.name()),
-                )
-            })
+            .map(|s| (*s, metrics::histogram!(BACKEND_SECONDS, "script" => *s)))
             .collect(),
     }
 });
 
 /// A local hot-key cache answer of `kind`.
-pub fn cache_answer(kind: &'static str) {
+pub(super) fn cache_answer(kind: &'static str) {
     match HOT.cache.get(kind) {
         Some(c) => c.increment(1),
         None => metrics::counter!(CACHE, "kind" => kind).increment(1),
@@ -203,7 +241,7 @@ pub fn cache_answer(kind: &'static str) {
 }
 
 /// One script call with its result label and latency.
-pub fn backend_call(script: &'static str, result: &'static str, seconds: f64) {
+pub(super) fn backend_call(script: &'static str, result: &'static str, seconds: f64) {
     match HOT.backend_calls.get(&(script, result)) {
         Some(c) => c.increment(1),
         None => {
@@ -217,7 +255,7 @@ pub fn backend_call(script: &'static str, result: &'static str, seconds: f64) {
 }
 
 /// One claim answered with `outcome`, after `seconds`.
-pub fn claim_answered(outcome: &'static str, seconds: f64) {
+pub(super) fn claim_answered(outcome: &'static str, seconds: f64) {
     match HOT.claims.get(outcome) {
         Some(c) => c.increment(1),
         None => metrics::counter!(CLAIMS, "outcome" => outcome).increment(1),
@@ -226,7 +264,7 @@ pub fn claim_answered(outcome: &'static str, seconds: f64) {
 }
 
 /// Time spent in one stage of the claim path.
-pub fn stage(stage: &'static str, seconds: f64) {
+pub(super) fn stage(stage: &'static str, seconds: f64) {
     match HOT.stages.get(stage) {
         Some(h) => h.record(seconds),
         None => metrics::histogram!(STAGE_SECONDS, "stage" => stage).record(seconds),
@@ -234,7 +272,7 @@ pub fn stage(stage: &'static str, seconds: f64) {
 }
 
 /// One HTTP request answered.
-pub fn http_request(route: &'static str, class: &'static str) {
+pub(super) fn http_request(route: &'static str, class: &'static str) {
     match HOT.http.get(&(route, class)) {
         Some(c) => c.increment(1),
         None => metrics::counter!(HTTP_REQUESTS, "route" => route, "status" => class).increment(1),
