@@ -23,8 +23,8 @@ use serde::Serialize;
 
 use crate::app::App;
 use crate::backend::Backend;
-use crate::batch::{Batch, BatchPatch, NewBatch};
 use crate::cache::CachedBatch;
+use crate::domain::batch::{Batch, BatchPatch, NewBatch};
 use crate::error::ApiError;
 use crate::keys::BatchKeys;
 use crate::stock::StockError;

@@ -13,15 +13,15 @@ use std::time::Duration;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::Auth;
 use crate::backend::Backend;
-use crate::batch::Batch;
 use crate::cache::{BatchCache, CachedBatch};
 use crate::config::Config;
 use crate::db::Db;
+use crate::domain::auth::Auth;
+use crate::domain::batch::Batch;
+use crate::domain::limits::{Admission, RateLimits};
 use crate::error::ApiError;
 use crate::keys::SlotKeys;
-use crate::limits::{Admission, RateLimits};
 use crate::obs::events::{BatchLost, BatchRestored, CacheAnswered, Started};
 use crate::persist::PersistStatus;
 use crate::stock::{Stock, StockError};
@@ -121,7 +121,7 @@ impl<B: Backend> App<B> {
             CacheAnswered { kind: "meta_hit" }.emit();
             return Ok(e);
         }
-        if !crate::batch::valid_batch_id(id) || self.cache.is_missing(id) {
+        if !crate::domain::ids::valid_batch_id(id) || self.cache.is_missing(id) {
             return Err(ApiError::BatchNotFound);
         }
         CacheAnswered { kind: "meta_miss" }.emit();
@@ -358,7 +358,7 @@ impl<B: Backend> App<B> {
 
     /// Tracks the active batches (window open, not lost), newest first, up to the cap.
     async fn export_stock_gauges(&self) {
-        let now = crate::batch::Timestamp::now();
+        let now = crate::domain::time::Timestamp::now();
         let mut entries = self.cache.all();
         entries.retain(|e| !e.is_lost() && e.batch().claim_window.end > now);
         entries.sort_by_key(|e| std::cmp::Reverse(e.batch().created_at));

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 use parking_lot::RwLock;
 
-use crate::batch::{Batch, BatchState, Timestamp};
+use crate::domain::batch::{Batch, BatchState, Timestamp};
 use crate::keys::BatchKeys;
 
 /// One batch as this instance knows it.
@@ -256,7 +256,7 @@ impl BatchCache {
     pub fn refuse(
         &self,
         entry: &CachedBatch,
-        identity: &crate::auth::Identity,
+        identity: &crate::domain::auth::Identity,
         now: Timestamp,
     ) -> Option<LocalRefusal> {
         if entry.is_sold_out() {
@@ -317,8 +317,8 @@ impl BatchCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::Identity;
-    use crate::batch::*;
+    use crate::domain::auth::Identity;
+    use crate::domain::batch::*;
 
     fn batch(start: i64, end: i64) -> Batch {
         Batch {

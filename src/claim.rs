@@ -13,21 +13,15 @@ use http::{HeaderMap, StatusCode};
 use serde::{Deserialize, Serialize};
 
 use crate::app::App;
-use crate::auth::Identity;
 use crate::backend::{Backend, BackendError};
-use crate::batch::Timestamp;
 use crate::cache::LocalRefusal;
+use crate::domain::auth::Identity;
+use crate::domain::ids::valid_ident;
+use crate::domain::time::Timestamp;
 use crate::error::ApiError;
 use crate::obs::events::{CacheAnswered, ClaimAnswered, Shed, StageTimed};
 use crate::outcome::{Coupon, ScriptOutcome};
 use crate::stock::{ClaimArgs, ClaimResult, StockError};
-
-/// `[A-Za-z0-9._@+-]{1,128}`: user ids and request ids.
-pub fn valid_ident(s: &str) -> bool {
-    (1..=128).contains(&s.len())
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'@' | b'+' | b'-'))
-}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -149,7 +143,7 @@ async fn claim_inner<B: Backend>(
         return Err(app.unavailable(format!("batch {batch_id} is missing from Redis")));
     }
     let now = Timestamp::now();
-    let home = crate::keys::home_shard(&identity.user_id, entry.keys.shards.len() as u32);
+    let home = crate::domain::ids::home_shard(&identity.user_id, entry.keys.shards.len() as u32);
     if let Some(refusal) = app.cache.refuse(&entry, &identity, now) {
         CacheAnswered {
             kind: refusal.label(),
@@ -281,25 +275,6 @@ async fn claim_inner<B: Backend>(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn identifiers() {
-        for ok in ["u1", "a.b_c@d+e-f", &"x".repeat(128)] {
-            assert!(valid_ident(ok), "{ok}");
-        }
-        for bad in [
-            "",
-            "a b",
-            "a{b}",
-            "a:b",
-            "a\nb",
-            "ü",
-            &"x".repeat(129),
-            "~x",
-        ] {
-            assert!(!valid_ident(bad), "{bad:?}");
-        }
-    }
 
     #[test]
     fn bodies() {

@@ -30,8 +30,10 @@ use sqlx::sqlite::{
 use sqlx::{QueryBuilder, Row};
 use thiserror::Error;
 
-use crate::batch::{Batch, Timestamp};
 use crate::config::DatabaseConfig;
+use crate::domain::batch::Batch;
+pub use crate::domain::claim::ClaimRecord;
+pub use crate::domain::time::now_ms;
 
 /// Rows per multi-row INSERT on SQLite. Each claim row binds at most 11 values, so a
 /// statement stays under 999 variables (990), the limit of SQLite builds older than 3.32.
@@ -126,28 +128,6 @@ impl EventKind {
             EventKind::Released => "released",
             EventKind::Expired => "expired",
         }
-    }
-}
-
-/// One successful claim, as the claim script recorded it in the shard's log.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ClaimRecord {
-    pub coupon_id: String,
-    pub batch_id: String,
-    pub shard: u32,
-    pub seq: u64,
-    pub user_id: String,
-    /// `None` when the client sent no request id.
-    pub request_id: Option<String>,
-    pub claimed_at: i64,
-    pub valid_from: i64,
-    pub valid_to: i64,
-}
-
-impl ClaimRecord {
-    /// The claim's unique event id in the transaction log.
-    pub fn event_id(&self) -> String {
-        format!("{}:claimed", self.coupon_id)
     }
 }
 
@@ -325,9 +305,9 @@ fn to_i64(v: u64, what: &str) -> Result<i64, DbError> {
     i64::try_from(v).map_err(|_| DbError::Corrupt(format!("{what} out of range: {v}")))
 }
 
-/// Current time, milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    Timestamp::now().0
+/// The unique event id of a claim in the transaction log.
+pub fn claim_event_id(c: &ClaimRecord) -> String {
+    format!("{}:claimed", c.coupon_id)
 }
 
 /// A coupon transition (the TCC steps of a checkout).
@@ -546,7 +526,7 @@ async fn write_claims_pg(
     now: i64,
 ) -> Result<(u64, u64), DbError> {
     let col = |f: fn(&ClaimRecord) -> String| rows.iter().map(|(c, _)| f(c)).collect::<Vec<_>>();
-    let event_ids = col(|c| c.event_id());
+    let event_ids = col(claim_event_id);
     let batch_ids = col(|c| c.batch_id.clone());
     let user_ids = col(|c| c.user_id.clone());
     let coupon_ids = col(|c| c.coupon_id.clone());
@@ -1081,7 +1061,7 @@ impl Db {
                      coupon_id, request_id, at, recorded_at) ",
                 );
                 q.push_values(part, |mut b, (c, _)| {
-                    b.push_bind(c.event_id())
+                    b.push_bind(claim_event_id(c))
                         .push_bind(EventKind::Claimed.as_str())
                         .push_bind(c.batch_id.as_str())
                         .push_bind(i64::from(c.shard))
@@ -1505,7 +1485,7 @@ mod tests {
     }
 
     fn a_batch(id: &str, stock: i64) -> Batch {
-        use crate::batch::*;
+        use crate::domain::batch::*;
         Batch {
             id: id.into(),
             name: "n".into(),

@@ -212,31 +212,33 @@ pub fn json_response(status: StatusCode, body: &impl serde::Serialize) -> Respon
     resp
 }
 
-impl From<crate::auth::AuthError> for ApiError {
-    fn from(e: crate::auth::AuthError) -> Self {
+impl From<crate::domain::auth::AuthError> for ApiError {
+    fn from(e: crate::domain::auth::AuthError) -> Self {
         match e {
-            crate::auth::AuthError::MissingUser => ApiError::BadRequest(e.to_string()),
+            crate::domain::auth::AuthError::MissingUser => ApiError::BadRequest(e.to_string()),
             _ => ApiError::Unauthorized(e.to_string()),
         }
     }
 }
 
-impl From<crate::limits::LimitError> for ApiError {
-    fn from(e: crate::limits::LimitError) -> Self {
+impl From<crate::domain::limits::LimitError> for ApiError {
+    fn from(e: crate::domain::limits::LimitError) -> Self {
         match e {
-            crate::limits::LimitError::RateLimited { retry_after_s, .. } => {
+            crate::domain::limits::LimitError::RateLimited { retry_after_s, .. } => {
                 ApiError::RateLimited { retry_after_s }
             }
-            crate::limits::LimitError::Overloaded(_, retry_after_s) => ApiError::Overloaded(
-                "too many claims in flight; nothing was claimed".into(),
-                retry_after_s,
-            ),
+            crate::domain::limits::LimitError::Overloaded(_, retry_after_s) => {
+                ApiError::Overloaded(
+                    "too many claims in flight; nothing was claimed".into(),
+                    retry_after_s,
+                )
+            }
         }
     }
 }
 
-impl From<crate::batch::InvalidBatch> for ApiError {
-    fn from(e: crate::batch::InvalidBatch) -> Self {
+impl From<crate::domain::batch::InvalidBatch> for ApiError {
+    fn from(e: crate::domain::batch::InvalidBatch) -> Self {
         ApiError::BadRequest(e.0)
     }
 }

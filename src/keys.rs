@@ -118,29 +118,6 @@ impl BatchKeys {
     }
 }
 
-/// Home shard of a user: a stable hash (FNV-1a 64) of the user id mod the shard count.
-/// Stable across processes, versions and machines; never change it (it routes live data).
-pub fn home_shard(user_id: &str, shards: u32) -> u32 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in user_id.as_bytes() {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    (h % u64::from(shards.max(1))) as u32
-}
-
-/// Splits a coupon id `<batch>.<shard>.<seq>` into its batch and shard.
-pub fn parse_coupon_id(coupon_id: &str) -> Option<(&str, u32, u64)> {
-    let mut it = coupon_id.rsplitn(3, '.');
-    let seq = it.next()?.parse().ok()?;
-    let shard = it.next()?.parse().ok()?;
-    let batch = it.next()?;
-    if batch.is_empty() {
-        return None;
-    }
-    Some((batch, shard, seq))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -153,32 +130,5 @@ mod tests {
         }
         assert_eq!(k.inbox("t9"), "cg:{b1:3}:in:t9");
         assert_eq!(SlotKeys::new("b1", None).meta, "cg:{b1:pool}:meta");
-    }
-
-    #[test]
-    fn home_shard_is_stable_and_in_range() {
-        // Fixed values: changing the hash would re-route live users.
-        assert_eq!(home_shard("u1", 16), home_shard("u1", 16));
-        assert_eq!(home_shard("", 16), (0xcbf2_9ce4_8422_2325u64 % 16) as u32);
-        for i in 0..1000 {
-            assert!(home_shard(&format!("user{i}"), 7) < 7);
-        }
-        let mut counts = [0u32; 8];
-        for i in 0..8000 {
-            counts[home_shard(&format!("user{i}"), 8) as usize] += 1;
-        }
-        assert!(counts.iter().all(|&c| c > 800), "{counts:?}");
-    }
-
-    #[test]
-    fn coupon_ids_round_trip() {
-        assert_eq!(
-            parse_coupon_id("double11-5off.3.42"),
-            Some(("double11-5off", 3, 42))
-        );
-        assert_eq!(parse_coupon_id("a_b.0.1"), Some(("a_b", 0, 1)));
-        assert_eq!(parse_coupon_id(".0.1"), None);
-        assert_eq!(parse_coupon_id("x.y.1"), None);
-        assert_eq!(parse_coupon_id("x.1"), None);
     }
 }

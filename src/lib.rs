@@ -9,17 +9,15 @@
 
 pub mod admin;
 pub mod app;
-pub mod auth;
 pub mod backend;
-pub mod batch;
 pub mod cache;
 pub mod claim;
 pub mod cli;
 pub mod config;
 pub mod db;
+pub mod domain;
 pub mod error;
 pub mod keys;
-pub mod limits;
 pub mod obs;
 pub mod ops;
 pub mod outcome;

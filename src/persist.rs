@@ -27,7 +27,8 @@ use tokio_util::sync::CancellationToken;
 use crate::backend::{Backend, BackendError, Script, Value};
 use crate::config::PersisterConfig;
 use crate::db::{ClaimRecord, Db, DbError, now_ms};
-use crate::keys::{SlotKeys, parse_coupon_id};
+use crate::domain::ids::parse_coupon_id;
+use crate::keys::SlotKeys;
 use crate::obs::events::{
     BacklogMeasured, CouponConflict, PersistFailed, PersistWritten, RepeatFilter,
 };
@@ -1009,7 +1010,7 @@ mod tests {
         assert_eq!(r.coupon_id, "b1.2.7");
         assert_eq!((r.shard, r.seq, r.request_id.as_deref()), (2, 7, None));
         assert_eq!((r.claimed_at, r.valid_from, r.valid_to), (100, 100, 200));
-        assert_eq!(r.event_id(), "b1.2.7:claimed");
+        assert_eq!(crate::db::claim_event_id(&r), "b1.2.7:claimed");
     }
 
     #[test]

@@ -23,9 +23,10 @@ use std::fmt;
 use thiserror::Error;
 
 use crate::backend::{Backend, BackendError, Script, Value};
-use crate::batch::Batch;
 use crate::db::{Db, DbError, StoredBatch, now_ms};
-use crate::keys::{BatchKeys, SlotKeys, home_shard};
+use crate::domain::batch::Batch;
+use crate::domain::ids::home_shard;
+use crate::keys::{BatchKeys, SlotKeys};
 
 /// Field/value pairs (or set members) per `restore.lua` call: bounds each call's size.
 pub const RESTORE_CHUNK: usize = 500;

@@ -19,8 +19,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use thiserror::Error;
 
 use crate::backend::{Backend, BackendError, Script, Value};
-use crate::batch::Batch;
 use crate::config::StockConfig;
+use crate::domain::batch::Batch;
 use crate::keys::{BatchKeys, SlotKeys};
 use crate::obs::events::{SweepFinished, TransferMade};
 use crate::outcome::{Coupon, ScriptOutcome};
@@ -176,7 +176,7 @@ impl<B: Backend> Stock<B> {
         let shard_pairs = batch.meta_pairs(version);
         let mut deny: Vec<Vec<&str>> = vec![Vec::new(); keys.shards.len()];
         for u in &batch.eligibility.deny_users {
-            let home = crate::keys::home_shard(u, batch.shards) as usize;
+            let home = crate::domain::ids::home_shard(u, batch.shards) as usize;
             deny[home].push(u.as_str());
         }
         for (shard, deny) in keys.shards.iter().zip(&deny) {
@@ -516,7 +516,7 @@ impl<B: Backend> Stock<B> {
     /// Finishes every transfer whose outbox entry is older than `min_age_ms` (0 = all).
     /// Safe to run at any time, on any number of instances at once.
     pub async fn sweep(&self, keys: &BatchKeys, min_age_ms: u64) -> Result<usize, StockError> {
-        let now = crate::batch::Timestamp::now().0;
+        let now = crate::domain::time::Timestamp::now().0;
         let mut finished = 0;
         for slot in keys.all() {
             let probe = self.probe(slot).await?;

@@ -10,9 +10,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::app::App;
 use crate::backend::Backend;
-use crate::batch::Timestamp;
-use crate::claim::valid_ident;
 use crate::db::{CouponRow, CouponState, DbError};
+use crate::domain::ids::valid_ident;
+use crate::domain::time::Timestamp;
 use crate::error::ApiError;
 
 #[derive(Debug, Serialize)]
@@ -120,7 +120,7 @@ pub async fn list<B: Backend>(
                     })?
             }
             "cursor" => {
-                if crate::keys::parse_coupon_id(v).is_none() {
+                if crate::domain::ids::parse_coupon_id(v).is_none() {
                     return Err(ApiError::BadRequest("invalid cursor".into()));
                 }
                 cursor = Some(v.to_string());
@@ -157,7 +157,7 @@ pub async fn act<B: Backend>(
             "order_id must be 1-128 characters of [A-Za-z0-9._@+-]".into(),
         ));
     }
-    if crate::keys::parse_coupon_id(coupon_id).is_none() {
+    if crate::domain::ids::parse_coupon_id(coupon_id).is_none() {
         return Err(ApiError::CouponNotFound);
     }
     if app.auth.user_auth_enabled() {

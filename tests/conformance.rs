@@ -178,7 +178,7 @@ pub mod cases {
         use claimgate::outcome::ScriptOutcome;
         use claimgate::stock::ClaimResult;
         let keys = g.app.load_batch("replay").await.unwrap().keys.clone();
-        let home = claimgate::keys::home_shard("nonce-user", keys.shards.len() as u32);
+        let home = claimgate::domain::ids::home_shard("nonce-user", keys.shards.len() as u32);
         let stock = &g.app.stock;
         let args = |nonce| claimgate::stock::ClaimArgs {
             user: "nonce-user",

@@ -25,7 +25,8 @@ use claimgate::backend::redis::RedisBackend;
 use claimgate::config::Config;
 use claimgate::config::EmbeddedConfig;
 use claimgate::config::RedisConfig;
-use claimgate::db::{ClaimRecord, Db};
+use claimgate::db::Db;
+use claimgate::domain::claim::ClaimRecord;
 use claimgate::keys::{BatchKeys, SlotKeys};
 use claimgate::persist::Persister;
 use claimgate::rebuild::{rebuild, reconcile};
@@ -582,7 +583,7 @@ async fn item4_interrupted_change_case<B: Backend>(g: &Gw<B>) {
     let row = g.db.batch_row("heal4").await.unwrap().unwrap();
     let mut changed = row.batch.clone();
     changed.stock += 25;
-    changed.state = claimgate::batch::BatchState::Paused;
+    changed.state = claimgate::domain::batch::BatchState::Paused;
     assert!(
         g.db.update_batch(&changed, row.version, row.version + 1)
             .await
@@ -632,8 +633,8 @@ async fn item4_interrupted_change_is_healed_embedded() {
 // ---------------------------------------------------------------------------------------
 // a create retried after a crash part-way
 
-fn batch_of(body: &str) -> claimgate::batch::Batch {
-    let new: claimgate::batch::NewBatch = serde_json::from_str(body).unwrap();
+fn batch_of(body: &str) -> claimgate::domain::batch::Batch {
+    let new: claimgate::domain::batch::NewBatch = serde_json::from_str(body).unwrap();
     new.validate(&claimgate::config::BatchesConfig::default())
         .unwrap()
 }

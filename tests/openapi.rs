@@ -203,7 +203,7 @@ fn check(doc: &Value, schema: &Value, v: &Value, at: &str, errs: &mut Vec<String
         errs.push(format!("{at}: {s:?} does not match {p}"));
     }
     if let (Some("date-time"), Some(s)) = (schema.get("format").and_then(Value::as_str), v.as_str())
-        && claimgate::batch::Timestamp::parse(s).is_none()
+        && claimgate::domain::time::Timestamp::parse(s).is_none()
     {
         errs.push(format!("{at}: {s:?} is not an RFC 3339 date-time"));
     }
@@ -555,12 +555,12 @@ fn id_patterns_agree_with_the_code() {
     for s in samples {
         assert_eq!(
             pattern_matches(&user, s),
-            claimgate::claim::valid_ident(s),
+            claimgate::domain::ids::valid_ident(s),
             "{s:?}"
         );
         assert_eq!(
             pattern_matches(&batch, s),
-            claimgate::batch::valid_batch_id(s),
+            claimgate::domain::ids::valid_batch_id(s),
             "{s:?}"
         );
     }

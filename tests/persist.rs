@@ -15,15 +15,16 @@ use std::time::{Duration, Instant};
 use claimgate::backend::embedded::EmbeddedBackend;
 use claimgate::backend::redis::RedisBackend;
 use claimgate::backend::{Backend, Script, Value};
-use claimgate::batch::{
-    Batch, BatchState, Discount, Eligibility, Scope, ScopeKind, Timestamp, Validity, Window,
-};
 use claimgate::config::DatabaseConfig;
 use claimgate::config::EmbeddedConfig;
 use claimgate::config::PersisterConfig;
 use claimgate::config::RedisConfig;
 use claimgate::db::{CouponState, Db, DbError};
-use claimgate::keys::{BatchKeys, SlotKeys, home_shard, parse_coupon_id};
+use claimgate::domain::batch::{
+    Batch, BatchState, Discount, Eligibility, Scope, ScopeKind, Timestamp, Validity, Window,
+};
+use claimgate::domain::ids::{home_shard, parse_coupon_id};
+use claimgate::keys::{BatchKeys, SlotKeys};
 use claimgate::persist::{Persister, ack_log, parse_claim, read_log};
 use claimgate::rebuild::{Difference, RebuildError, rebuild, reconcile};
 use support::{PgDb, RedisServer};

@@ -8,9 +8,9 @@
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
-use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
 
+use super::ids::{valid_batch_id, valid_ident};
+pub use super::time::Timestamp;
 use crate::config::BatchesConfig;
 
 /// Why a batch definition or patch is rejected (always a 400 `bad_request`).
@@ -20,57 +20,6 @@ pub struct InvalidBatch(pub String);
 
 fn invalid<T>(msg: impl Into<String>) -> Result<T, InvalidBatch> {
     Err(InvalidBatch(msg.into()))
-}
-
-/// `[A-Za-z0-9_-]{1,64}`.
-pub fn valid_batch_id(id: &str) -> bool {
-    (1..=64).contains(&id.len())
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-}
-
-/// Milliseconds since the Unix epoch, serialized as RFC 3339 UTC.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Timestamp(pub i64);
-
-impl Timestamp {
-    /// The Unix epoch, the earliest time a batch may name: the scripts record times as
-    /// unsigned decimal milliseconds (`(%d+)` matches no minus sign).
-    pub const MIN: Timestamp = Timestamp(0);
-    /// 9999-12-31T23:59:59.999Z, the latest time RFC 3339 can write (a four-digit year).
-    pub const MAX: Timestamp = Timestamp(253_402_300_799_999);
-
-    pub fn now() -> Timestamp {
-        Timestamp((OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64)
-    }
-
-    pub fn to_rfc3339(self) -> String {
-        let nanos = i128::from(self.0) * 1_000_000;
-        OffsetDateTime::from_unix_timestamp_nanos(nanos)
-            .ok()
-            .and_then(|t| t.format(&Rfc3339).ok())
-            .unwrap_or_else(|| "1970-01-01T00:00:00Z".to_string())
-    }
-
-    pub fn parse(s: &str) -> Option<Timestamp> {
-        let t = OffsetDateTime::parse(s, &Rfc3339).ok()?;
-        Some(Timestamp((t.unix_timestamp_nanos() / 1_000_000) as i64))
-    }
-}
-
-impl Serialize for Timestamp {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.to_rfc3339())
-    }
-}
-
-impl<'de> Deserialize<'de> for Timestamp {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        Timestamp::parse(&s)
-            .ok_or_else(|| serde::de::Error::custom(format!("invalid RFC 3339 time: {s:?}")))
-    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -254,12 +203,7 @@ impl NewBatch {
                 limits.max_list_items
             ));
         }
-        if self
-            .eligibility
-            .deny_users
-            .iter()
-            .any(|u| !crate::claim::valid_ident(u))
-        {
+        if self.eligibility.deny_users.iter().any(|u| !valid_ident(u)) {
             return invalid("deny_users must be user ids (1-128 of [A-Za-z0-9._@+-])");
         }
         let shards = self.shards.unwrap_or(limits.default_shards);

@@ -139,7 +139,7 @@ impl Auth {
                 _ => AuthError::InvalidToken,
             })?;
         let claims = data.claims;
-        if !crate::claim::valid_ident(&claims.sub) {
+        if !crate::domain::ids::valid_ident(&claims.sub) {
             return Err(AuthError::BadSubject);
         }
         if body_user.is_some_and(|u| u != claims.sub) {
