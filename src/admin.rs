@@ -24,9 +24,9 @@ use serde::Serialize;
 use crate::app::App;
 use crate::backend::Backend;
 use crate::cache::CachedBatch;
+use crate::contract::keys::BatchKeys;
 use crate::domain::batch::{Batch, BatchPatch, NewBatch};
 use crate::error::ApiError;
-use crate::keys::BatchKeys;
 use crate::stock::StockError;
 
 /// How often a PATCH re-reads the definition and retries after losing the compare-and-set

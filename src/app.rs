@@ -16,12 +16,13 @@ use tokio_util::sync::CancellationToken;
 use crate::backend::Backend;
 use crate::cache::{BatchCache, CachedBatch};
 use crate::config::Config;
+use crate::contract::events::Event;
+use crate::contract::keys::SlotKeys;
 use crate::db::Db;
 use crate::domain::auth::Auth;
 use crate::domain::batch::Batch;
 use crate::domain::limits::{Admission, RateLimits};
 use crate::error::ApiError;
-use crate::keys::SlotKeys;
 use crate::obs::events::{BatchLost, BatchRestored, CacheAnswered, Started};
 use crate::persist::PersistStatus;
 use crate::stock::{Stock, StockError};
@@ -166,18 +167,12 @@ impl<B: Backend> App<B> {
             .meta(&SlotKeys::new(id, None))
             .await
             .map_err(|e| self.stock_error(e))?;
-        let field = |name: &str| {
-            meta.iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.as_str())
-        };
-        let Some(def) = field("def") else {
+        let Some(def) = meta.definition() else {
             return Ok(None);
         };
-        let batch: Batch = serde_json::from_str(def)
-            .map_err(|e| ApiError::Internal(format!("batch {id} definition: {e}")))?;
-        let ver = field("ver").and_then(|v| v.parse().ok()).unwrap_or(0);
-        Ok(Some((batch, ver, field("soldout") == Some("1"))))
+        let batch: Batch =
+            def.map_err(|e| ApiError::Internal(format!("batch {id} definition: {e}")))?;
+        Ok(Some((batch, meta.version(), meta.sold_out())))
     }
 
     /// Once a batch is sold out, loads (in the background, once) the users who won, so that
@@ -336,23 +331,21 @@ impl<B: Backend> App<B> {
     }
 
     async fn on_event(&self, msg: &str) {
-        let Some((kind, batch)) = msg.split_once(' ') else {
-            return;
-        };
-        if kind == "changed" {
-            // Created or changed: a "not found" mark of it is wrong now, cached or not.
-            self.cache.clear_missing(batch);
-        }
-        let Some(entry) = self.cache.get(batch) else {
-            return;
-        };
-        match kind {
-            "soldout" => {
-                entry.set_sold_out();
-                self.load_winners(&entry);
+        match Event::parse(msg) {
+            Some(Event::SoldOut(batch)) => {
+                if let Some(entry) = self.cache.get(&batch) {
+                    entry.set_sold_out();
+                    self.load_winners(&entry);
+                }
             }
-            "changed" => self.refresh_batch(&entry).await,
-            _ => {}
+            Some(Event::Changed(batch)) => {
+                // Created or changed: a "not found" mark of it is wrong now, cached or not.
+                self.cache.clear_missing(&batch);
+                if let Some(entry) = self.cache.get(&batch) {
+                    self.refresh_batch(&entry).await;
+                }
+            }
+            None => {}
         }
     }
 

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 use parking_lot::RwLock;
 
+use crate::contract::keys::BatchKeys;
 use crate::domain::batch::{Batch, BatchState, Timestamp};
-use crate::keys::BatchKeys;
 
 /// One batch as this instance knows it.
 pub struct CachedBatch {

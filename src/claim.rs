@@ -15,12 +15,12 @@ use serde::{Deserialize, Serialize};
 use crate::app::App;
 use crate::backend::{Backend, BackendError};
 use crate::cache::LocalRefusal;
+use crate::contract::claim::{Coupon, Outcome};
 use crate::domain::auth::Identity;
 use crate::domain::ids::valid_ident;
 use crate::domain::time::Timestamp;
 use crate::error::ApiError;
 use crate::obs::events::{CacheAnswered, ClaimAnswered, Shed, StageTimed};
-use crate::outcome::{Coupon, ScriptOutcome};
 use crate::stock::{ClaimArgs, ClaimResult, StockError};
 
 #[derive(Debug, Deserialize)]
@@ -237,38 +237,36 @@ async fn claim_inner<B: Backend>(
         }
     };
     match outcome {
-        ScriptOutcome::Claimed(c) => Ok((StatusCode::CREATED, ClaimReply::new(&c, batch_id, user))),
+        Outcome::Claimed(c) => Ok((StatusCode::CREATED, ClaimReply::new(&c, batch_id, user))),
         // Our own repeated call minted it: the client never saw the first reply.
-        ScriptOutcome::Replayed(c) if c.minted_by == nonce => {
+        Outcome::Replayed(c) if c.minted_by == nonce => {
             Ok((StatusCode::CREATED, ClaimReply::new(&c, batch_id, user)))
         }
-        ScriptOutcome::Replayed(c) => Ok((StatusCode::OK, ClaimReply::new(&c, batch_id, user))),
-        ScriptOutcome::NoBatch => {
+        Outcome::Replayed(c) => Ok((StatusCode::OK, ClaimReply::new(&c, batch_id, user))),
+        Outcome::NoBatch => {
             app.mark_lost(&entry);
             Err(app.unavailable(format!("batch {batch_id} is missing from Redis")))
         }
-        ScriptOutcome::NotStarted => Err(ApiError::NotStarted),
-        ScriptOutcome::Ended => Err(ApiError::Ended),
-        ScriptOutcome::Paused => Err(ApiError::Paused),
-        ScriptOutcome::Denied => Err(ApiError::NotEligible),
-        ScriptOutcome::LimitReached => {
+        Outcome::NotStarted => Err(ApiError::NotStarted),
+        Outcome::Ended => Err(ApiError::Ended),
+        Outcome::Paused => Err(ApiError::Paused),
+        Outcome::Denied => Err(ApiError::NotEligible),
+        Outcome::LimitReached => {
             app.cache.remember_at_limit(&entry, user, false, now);
             Err(ApiError::LimitReached)
         }
-        ScriptOutcome::DailyLimitReached => {
+        Outcome::DailyLimitReached => {
             app.cache.remember_at_limit(&entry, user, true, now);
             Err(ApiError::DailyLimitReached)
         }
-        ScriptOutcome::BacklogFull => {
+        Outcome::BacklogFull => {
             Shed { reason: "backlog" }.emit();
             Err(ApiError::Overloaded(
                 "persistence backlog at its bound; nothing was claimed".into(),
                 app.retry_after(),
             ))
         }
-        ScriptOutcome::ShardEmpty | ScriptOutcome::NotAReplay => {
-            Err(ApiError::Internal(format!("claim resolved to {outcome:?}")))
-        }
+        Outcome::ShardEmpty => Err(ApiError::Internal(format!("claim resolved to {outcome:?}"))),
     }
 }
 

@@ -231,7 +231,7 @@ async fn run_with<B: Backend>(cmd: Command, cfg: Arc<Config>, backend: Arc<B>) -
             ExitCode::SUCCESS
         }
         Command::Rebuild { batch, force } => {
-            match crate::rebuild::rebuild(backend.as_ref(), &db, &batch, force).await {
+            match crate::recovery::rebuild(backend.as_ref(), &db, &batch, force).await {
                 Ok(report) => {
                     say(&report.to_string());
                     ExitCode::SUCCESS
@@ -240,7 +240,7 @@ async fn run_with<B: Backend>(cmd: Command, cfg: Arc<Config>, backend: Arc<B>) -
             }
         }
         Command::Reconcile { batch } => {
-            match crate::rebuild::reconcile(backend.as_ref(), &db, batch.as_deref()).await {
+            match crate::recovery::reconcile(backend.as_ref(), &db, batch.as_deref()).await {
                 Ok(diffs) if diffs.is_empty() => {
                     say("Redis and the database agree");
                     ExitCode::SUCCESS

@@ -175,7 +175,7 @@ pub mod cases {
 
         // A call repeated by the gateway itself (after a lost reply) is told apart from a
         // client's replay by the nonce recorded with the request id.
-        use claimgate::outcome::ScriptOutcome;
+        use claimgate::contract::claim::Outcome as ScriptOutcome;
         use claimgate::stock::ClaimResult;
         let keys = g.app.load_batch("replay").await.unwrap().keys.clone();
         let home = claimgate::domain::ids::home_shard("nonce-user", keys.shards.len() as u32);
@@ -606,7 +606,7 @@ pub mod cases {
             .backend
             .eval(
                 claimgate::backend::Script::Claim,
-                &shard.claim_keys(),
+                &claimgate::contract::claim::keys(shard),
                 &short,
             )
             .await;

@@ -25,11 +25,11 @@ use claimgate::backend::redis::RedisBackend;
 use claimgate::config::Config;
 use claimgate::config::EmbeddedConfig;
 use claimgate::config::RedisConfig;
+use claimgate::contract::keys::{BatchKeys, SlotKeys};
 use claimgate::db::Db;
 use claimgate::domain::claim::ClaimRecord;
-use claimgate::keys::{BatchKeys, SlotKeys};
 use claimgate::persist::Persister;
-use claimgate::rebuild::{rebuild, reconcile};
+use claimgate::recovery::{rebuild, reconcile};
 use serde_json::{Value, json};
 use support::gw::*;
 use support::watchdog::{Watchdog, step};
@@ -90,9 +90,8 @@ async fn meta_field<B: Backend>(app: &App<B>, slot: &SlotKeys, field: &str) -> O
         .meta(slot)
         .await
         .unwrap()
-        .into_iter()
-        .find(|(k, _)| k == field)
-        .map(|(_, v)| v)
+        .get(field)
+        .map(str::to_string)
 }
 
 async fn assert_reconciled<B: Backend>(backend: &B, db: &Db, batch: &str) {
@@ -595,7 +594,7 @@ async fn item4_interrupted_change_case<B: Backend>(g: &Gw<B>) {
     assert!(
         diffs.iter().any(|d| matches!(
             d,
-            claimgate::rebuild::Difference::VersionBehind { slot, .. } if slot == "pool"
+            claimgate::recovery::Difference::VersionBehind { slot, .. } if slot == "pool"
         )),
         "{diffs:?}"
     );
@@ -657,7 +656,7 @@ async fn crash_mid_setup_case<B: Backend>(g: &Gw<B>) {
         .unwrap();
     assert_eq!(
         diffs,
-        [claimgate::rebuild::Difference::SetupIncomplete {
+        [claimgate::recovery::Difference::SetupIncomplete {
             batch: "crash1".into()
         }]
     );
