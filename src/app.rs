@@ -18,7 +18,6 @@ use crate::cache::{BatchCache, CachedBatch};
 use crate::config::Config;
 use crate::contract::events::Event;
 use crate::contract::keys::SlotKeys;
-use crate::db::Db;
 use crate::domain::auth::Auth;
 use crate::domain::batch::Batch;
 use crate::domain::limits::{Admission, RateLimits};
@@ -26,6 +25,7 @@ use crate::error::ApiError;
 use crate::obs::events::{BatchLost, BatchRestored, CacheAnswered, Started};
 use crate::persist::PersistStatus;
 use crate::stock::{Stock, StockError};
+use crate::store::Db;
 
 pub struct App<B: Backend> {
     pub cfg: Arc<Config>,

@@ -218,7 +218,7 @@ fn fail(cfg: &Config, msg: String) -> ExitCode {
 }
 
 async fn run_with<B: Backend>(cmd: Command, cfg: Arc<Config>, backend: Arc<B>) -> ExitCode {
-    let db = match crate::db::Db::connect(&cfg.database).await {
+    let db = match crate::store::Db::connect(&cfg.database).await {
         Ok(db) => db,
         Err(e) => return fail(&cfg, format!("database: {e}")),
     };
@@ -280,7 +280,7 @@ async fn signal() {
     let _ = ctrl_c.await;
 }
 
-async fn serve<B: Backend>(cfg: Arc<Config>, backend: Arc<B>, db: crate::db::Db) -> ExitCode {
+async fn serve<B: Backend>(cfg: Arc<Config>, backend: Arc<B>, db: crate::store::Db) -> ExitCode {
     let listener = match tokio::net::TcpListener::bind(cfg.server.listen).await {
         Ok(l) => l,
         Err(e) => {

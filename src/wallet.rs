@@ -10,10 +10,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::app::App;
 use crate::backend::Backend;
-use crate::db::{CouponRow, CouponState, DbError};
 use crate::domain::ids::valid_ident;
 use crate::domain::time::Timestamp;
 use crate::error::ApiError;
+use crate::store::{CouponRow, CouponState, DbError};
 
 #[derive(Debug, Serialize)]
 pub struct CouponView {

@@ -23,13 +23,13 @@ use claimgate::contract::claim_record::parse as parse_claim;
 use claimgate::contract::keys::{BatchKeys, SlotKeys};
 use claimgate::contract::log_ack::call as ack_log;
 use claimgate::contract::log_read::{self, LogEntry};
-use claimgate::db::{CouponState, Db, DbError};
 use claimgate::domain::batch::{
     Batch, BatchState, Discount, Eligibility, Scope, ScopeKind, Timestamp, Validity, Window,
 };
 use claimgate::domain::ids::{home_shard, parse_coupon_id};
 use claimgate::persist::Persister;
 use claimgate::recovery::{Difference, RebuildError, rebuild, reconcile};
+use claimgate::store::{CouponState, Db, DbError};
 use support::{PgDb, RedisServer};
 use tokio_util::sync::CancellationToken;
 

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use claimgate::config::DatabaseConfig;
-use claimgate::db::Db;
+use claimgate::store::Db;
 use serde_json::{Value, json};
 use support::http::Http;
 use support::{Gateway, PgDb, RedisServer};

@@ -35,8 +35,8 @@ pub use self::status::{PersistSnapshot, PersistStatus};
 use self::worker::Worker;
 use crate::backend::{Backend, BackendError};
 use crate::config::PersisterConfig;
-use crate::db::{Db, DbError};
 use crate::obs::events::RepeatFilter;
+use crate::store::{Db, DbError};
 
 /// Shortest time a failed ack of committed records is retried before they are left to
 /// redelivery (harmless: idempotent). The retry window is `max(min_idle_ms, this)`.

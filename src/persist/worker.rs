@@ -20,9 +20,9 @@ use crate::backend::{Backend, BackendError};
 use crate::config::PersisterConfig;
 use crate::contract::keys::SlotKeys;
 use crate::contract::{claim_record, log_ack, log_read};
-use crate::db::{ClaimRecord, Db};
 use crate::domain::time::now_ms;
 use crate::obs::events::{CouponConflict, PersistFailed, PersistWritten, RepeatFilter};
+use crate::store::{ClaimRecord, Db};
 
 pub(super) struct ShardState {
     batch: Arc<str>,
@@ -507,7 +507,7 @@ impl<B: Backend> Worker<B> {
 /// recorded it in `coupon_conflicts` (and `reconcile` reports it); here it is counted and
 /// logged loudly, every one of them. The record itself is acked: it is not lost, and leaving
 /// it pending would only stall its shard's log.
-fn report_conflicts(conflicts: &[crate::db::CouponConflict]) {
+fn report_conflicts(conflicts: &[crate::store::CouponConflict]) {
     for c in conflicts {
         CouponConflict {
             coupon: &c.coupon_id,

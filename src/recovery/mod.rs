@@ -15,8 +15,8 @@ pub use self::difference::Difference;
 pub use self::rebuild::{RebuildReport, rebuild};
 pub use self::reconcile::reconcile;
 use crate::backend::BackendError;
-use crate::db::DbError;
 use crate::stock::StockError;
+use crate::store::DbError;
 
 /// Per shard, at most this many per-user differences are listed (then a count of the rest).
 pub const MAX_USER_DIFFERENCES: usize = 50;

@@ -22,10 +22,10 @@ use crate::contract::events::{self, Event};
 use crate::contract::keys::{BatchKeys, SlotKeys};
 use crate::contract::restore::{self, Step, Target};
 use crate::contract::{claim, meta, meta_get, probe};
-use crate::db::Db;
 use crate::domain::batch::Batch;
 use crate::domain::ids::home_shard;
 use crate::domain::time::now_ms;
+use crate::store::Db;
 
 /// What a rebuild restored.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

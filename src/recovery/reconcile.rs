@@ -14,8 +14,8 @@ use crate::backend::Backend;
 use crate::contract::keys::{BatchKeys, SlotKeys};
 use crate::contract::meta::{self, SlotMeta};
 use crate::contract::{meta_get, probe, winners};
-use crate::db::{Db, StoredBatch};
 use crate::stock::census;
+use crate::store::{Db, StoredBatch};
 
 /// Compares Redis and the database for one batch (or every batch in the database) and
 /// returns every difference found (empty: they agree). Claims still in a shard log count as

@@ -12,7 +12,7 @@ use claimgate::backend::redis::RedisBackend;
 use claimgate::config::Config;
 use claimgate::config::EmbeddedConfig;
 use claimgate::config::RedisConfig;
-use claimgate::db::Db;
+use claimgate::store::Db;
 use http::Request;
 use http_body_util::{BodyExt, Full};
 use serde_json::{Value, json};
