@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use claimgate::app::App;
 use claimgate::backend::Backend;
+use claimgate::http::App;
 use claimgate::persist::Persister;
 use serde_json::{Value, json};
 use support::gw::*;
@@ -43,8 +43,8 @@ async fn storm<B: Backend>(
 }
 
 async fn assert_conserved<B: Backend>(g: &Gw<B>, batch: &str, claimed: i64) {
-    let keys = g.app.load_batch(batch).await.unwrap().keys.clone();
-    let c = g.app.stock.conservation(&keys).await.unwrap();
+    let keys = g.app.catalog().load(batch).await.unwrap().keys.clone();
+    let c = g.app.stock().conservation(&keys).await.unwrap();
     assert!(c.holds(), "conservation broken: {c:?}");
     assert_eq!(c.claimed, claimed, "{c:?}");
 }
@@ -177,9 +177,9 @@ pub mod cases {
         // client's replay by the nonce recorded with the request id.
         use claimgate::contract::claim::Outcome as ScriptOutcome;
         use claimgate::stock::ClaimResult;
-        let keys = g.app.load_batch("replay").await.unwrap().keys.clone();
+        let keys = g.app.catalog().load("replay").await.unwrap().keys.clone();
         let home = claimgate::domain::ids::home_shard("nonce-user", keys.shards.len() as u32);
-        let stock = &g.app.stock;
+        let stock = g.app.stock();
         let args = |nonce| claimgate::stock::ClaimArgs {
             user: "nonce-user",
             request_id: "nr",
@@ -204,8 +204,8 @@ pub mod cases {
     /// A crash between the two halves of a transfer: no stock created, none lost after sweep.
     pub async fn transfer_crash<B: Backend>(g: &Gw<B>) {
         create(g, "xfer", 50, 5, json!({"shards": 4})).await;
-        let keys = g.app.load_batch("xfer").await.unwrap().keys.clone();
-        let stock = &g.app.stock;
+        let keys = g.app.catalog().load("xfer").await.unwrap().keys.clone();
+        let stock = g.app.stock();
         let before = stock.conservation(&keys).await.unwrap();
         assert!(before.holds() && before.in_flight == 0, "{before:?}");
         // first half only, as if the gateway died right after it
@@ -599,7 +599,7 @@ pub mod cases {
         }
         assert_conserved(g, "bad", 0).await;
         // a malformed script call is refused before the script's first write
-        let keys = g.app.load_batch("bad").await.unwrap().keys.clone();
+        let keys = g.app.catalog().load("bad").await.unwrap().keys.clone();
         let shard = &keys.shards[0];
         let short = ["u", "r", "0", "bad", "0"];
         let r = g

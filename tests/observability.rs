@@ -20,11 +20,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use claimgate::app::App;
+use claimgate::api::ApiError;
 use claimgate::backend::embedded::EmbeddedBackend;
 use claimgate::config::EmbeddedConfig;
 use claimgate::contract::keys::BatchKeys;
-use claimgate::error::ApiError;
+use claimgate::http::App;
 use claimgate::persist::Persister;
 use claimgate::store::Db;
 use http::Request;
@@ -446,7 +446,7 @@ async fn embedded_gw() -> Gw {
         .expect("embedded backend"),
     );
     let db = open_db(&dir.path().join("obs.db"), true).await;
-    let app = Arc::new(App::new(cfg, backend.clone(), db.clone(), None));
+    let app = claimgate::gateway::assemble(cfg, backend.clone(), db.clone(), None);
     Gw {
         app,
         backend,
@@ -464,7 +464,7 @@ async fn call(app: &App<EmbeddedBackend>, method: &str, path: &str, body: &str) 
         .body(Full::new(Bytes::from(body.to_string())))
         .unwrap();
     let peer: SocketAddr = PEER.parse().unwrap();
-    let resp = claimgate::router::handle(app, req, peer).await;
+    let resp = claimgate::http::router::handle(app, req, peer).await;
     let status = resp.status().as_u16();
     let bytes = resp.into_body().collect().await.unwrap().to_bytes();
     (status, String::from_utf8_lossy(&bytes).into_owned())
@@ -577,12 +577,12 @@ async fn dashboard_matches_exported_metrics() {
     // loops as `claimgate serve` runs them (warm-up, metadata refresh, stock gauges, sweeper).
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(claimgate::server::serve(
+    let server = tokio::spawn(claimgate::http::server::serve(
         app.clone(),
         listener,
         stop.clone(),
     ));
-    let background = app.spawn_background(stop.clone());
+    let background = claimgate::gateway::spawn_background(app, stop.clone());
     assert!(
         wait_for(app, Duration::from_secs(10), |t| t
             .contains(r#"claimgate_stock_remaining{batch="obs-paused"}"#))
@@ -613,7 +613,7 @@ async fn dashboard_matches_exported_metrics() {
         "sold_out",
     );
     let keys = BatchKeys::new("obs-main", 2);
-    let c = app.stock.conservation(&keys).await.unwrap();
+    let c = app.stock().conservation(&keys).await.unwrap();
     assert!(c.holds() && c.claimed == 4 && c.total == 4, "{c:?}");
 
     // obs-a-cap sells out after its stock gauge was exported
@@ -720,7 +720,12 @@ async fn dashboard_matches_exported_metrics() {
 
     // every backend slot taken: shed (inflight)
     {
-        let _slot = app.admission.admit().await.expect("the only backend slot");
+        let _slot = app
+            .api()
+            .admission()
+            .admit()
+            .await
+            .expect("the only backend slot");
         expect(
             "no backend slot",
             claim(app, "obs-lim", "s1", None).await,
@@ -732,12 +737,12 @@ async fn dashboard_matches_exported_metrics() {
     // a transfer cut in half, as by a crash, finished by the sweeper
     let bk = BatchKeys::new("obs-backlog", 1);
     let moved = app
-        .stock
+        .stock()
         .transfer_first_half(&bk.pool, &bk.shards[0], "obs-crash", 1, false)
         .await
         .unwrap();
     assert_eq!(moved, 1);
-    assert_eq!(app.stock.sweep(&bk, 0).await.unwrap(), 1);
+    assert_eq!(app.stock().sweep(&bk, 0).await.unwrap(), 1);
 
     // a batch created while the gateway runs, after the first stock gauges were exported
     create(app, "obs-0-late", 10, 1, 1).await;
@@ -778,7 +783,7 @@ async fn dashboard_matches_exported_metrics() {
 
     // ---- persister --------------------------------------------------------------------------
     let pstop = CancellationToken::new();
-    let mut pcfg = app.cfg.persister.clone();
+    let mut pcfg = app.config().persister.clone();
     pcfg.consumer = Some("obs-persister".to_string());
     let persister = Persister::spawn(g.backend.clone(), g.db.clone(), pcfg.clone(), pstop.clone());
     let written = persister.flush().await.expect("persister flush");

@@ -9,10 +9,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use claimgate::app::App;
+use claimgate::api::ApiError;
 use claimgate::backend::embedded::EmbeddedBackend;
 use claimgate::config::EmbeddedConfig;
-use claimgate::error::ApiError;
+use claimgate::http::App;
 use claimgate::store::Db;
 use http::Request;
 use http_body_util::{BodyExt, Full};
@@ -303,7 +303,7 @@ async fn gateway() -> Gw {
     .await
     .expect("database");
     db.migrate().await.expect("migrate");
-    let app = Arc::new(App::new(cfg, backend, db, None));
+    let app = claimgate::gateway::assemble(cfg, backend, db, None);
     Gw { app, _dir: dir }
 }
 
@@ -326,7 +326,7 @@ async fn call(gw: &Gw, method: &str, path: &str, body: &str) -> Answer {
         .body(Full::new(Bytes::from(body.to_string())))
         .unwrap();
     let peer: SocketAddr = "127.0.0.1:40000".parse().unwrap();
-    let resp = claimgate::router::handle(&gw.app, req, peer).await;
+    let resp = claimgate::http::router::handle(&gw.app, req, peer).await;
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();
     let bytes = resp.into_body().collect().await.unwrap().to_bytes();
@@ -477,7 +477,7 @@ async fn every_error_is_documented_with_its_status() {
 
     for e in every_error() {
         let (code, status) = (e.code(), e.status().as_u16());
-        let resp = e.clone().into_response();
+        let resp = e.clone().into_response(1);
         assert_eq!(resp.status().as_u16(), status);
         let retry = resp.headers().contains_key(http::header::RETRY_AFTER);
         let body: Value =

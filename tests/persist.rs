@@ -72,8 +72,7 @@ fn batch(id: &str, shards: u32, stock: i64, limit: i64, daily: Option<i64>) -> B
 }
 
 fn meta_args(b: &Batch, pool: bool) -> Vec<String> {
-    let mut pairs: Vec<(String, String)> = b
-        .meta_pairs(1)
+    let mut pairs: Vec<(String, String)> = claimgate::contract::meta::fields(b, 1)
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();

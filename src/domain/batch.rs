@@ -1,5 +1,6 @@
-//! The batch model: what an admin creates, how it is validated, and how it is written to
-//! each slot's metadata hash.
+//! The batch model: what an admin creates, how it is validated, and the fingerprint that
+//! tells a retried create from a clash (how it is written to each slot's metadata hash is
+//! `crate::contract::meta`'s).
 //!
 //! Invariant kept here: a batch that passes [`NewBatch::validate`] has a well-formed id,
 //! positive stock, limits >= 1, a window with start < end and a coherent validity, every
@@ -319,26 +320,6 @@ impl BatchPatch {
 }
 
 impl Batch {
-    /// The metadata fields every slot's `meta` hash holds (see `lua/claim.lua`).
-    pub fn meta_pairs(&self, version: u64) -> Vec<(&'static str, String)> {
-        let (vdays, vfrom, vto) = match self.validity {
-            Validity::Relative { days_after_claim } => (i64::from(days_after_claim), 0, 0),
-            Validity::Fixed { start, end } => (0, start.0, end.0),
-        };
-        vec![
-            ("state", self.state.as_str().to_string()),
-            ("start", self.claim_window.start.0.to_string()),
-            ("end", self.claim_window.end.0.to_string()),
-            ("limit", self.per_user_limit.to_string()),
-            ("daily", self.per_user_daily_limit.unwrap_or(0).to_string()),
-            ("vdays", vdays.to_string()),
-            ("vfrom", vfrom.to_string()),
-            ("vto", vto.to_string()),
-            ("shards", self.shards.to_string()),
-            ("ver", version.to_string()),
-        ]
-    }
-
     /// Fingerprint of the definition, so a retried create is told apart from a clash.
     pub fn fingerprint(&self) -> String {
         let mut clone = self.clone();

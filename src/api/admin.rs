@@ -13,7 +13,8 @@
 //! - a change (PATCH) is a compare-and-set on the row's version, validated against the fresh
 //!   definition (`batches.max_stock` included), then applied to Redis at that version by an
 //!   idempotent, order-independent script: concurrent changes apply exactly once, in order,
-//!   and a change interrupted on its way to Redis is finished by [`heal_definitions`].
+//!   and a change interrupted on its way to Redis is finished by the catalog's
+//!   `heal_definitions`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,12 +22,12 @@ use std::time::Duration;
 use http::StatusCode;
 use serde::Serialize;
 
-use crate::app::App;
+use super::{Api, ApiError, parse_object};
 use crate::backend::Backend;
-use crate::cache::CachedBatch;
+use crate::catalog::CatalogError;
+use crate::catalog::cache::CachedBatch;
 use crate::contract::keys::BatchKeys;
 use crate::domain::batch::{Batch, BatchPatch, NewBatch};
-use crate::error::ApiError;
 use crate::stock::StockError;
 
 /// How often a PATCH re-reads the definition and retries after losing the compare-and-set
@@ -50,54 +51,44 @@ pub struct BatchView {
 
 /// `POST /v1/batches`.
 pub async fn create<B: Backend>(
-    app: &App<B>,
+    api: &Api<B>,
     body: &[u8],
 ) -> Result<(StatusCode, Batch), ApiError> {
-    let new: NewBatch = crate::router::parse_object(body, "batch")?;
-    let proposed = new.validate(&app.cfg.batches)?;
-    let (stored, inserted) = app
-        .db
-        .insert_batch(&proposed)
-        .await
-        .map_err(|e| app.unavailable(e))?;
+    let new: NewBatch = parse_object(body, "batch")?;
+    let proposed = new.validate(&api.config().batches)?;
+    let store = api.store();
+    let (stored, inserted) = store.insert_batch(&proposed).await?;
     if stored.batch.fingerprint() != proposed.fingerprint() {
         return Err(ApiError::BatchExists);
     }
     let batch = stored.batch;
     let keys = BatchKeys::new(&batch.id, batch.shards);
-    let was_live = stored.setup_done
-        || app
-            .db
-            .has_claims(&batch.id)
-            .await
-            .map_err(|e| app.unavailable(e))?;
+    let was_live = stored.setup_done || store.has_claims(&batch.id).await?;
     if was_live {
-        confirm_setup(app, &batch, &keys, stored.setup_done).await?;
+        confirm_setup(api, &batch, &keys, stored.setup_done).await?;
     } else {
-        match app.stock.create(&batch, &keys, stored.version).await {
+        match api.stock().create(&batch, &keys, stored.version).await {
             Ok(_) => {}
             Err(StockError::Conflict) => {
                 tracing::error!(batch = %batch.id,
                     "Redis holds a different batch under this id than the database; \
                      create refused");
-                if inserted && let Err(e) = app.db.delete_unset_batch(&batch.id).await {
+                if inserted && let Err(e) = store.delete_unset_batch(&batch.id).await {
                     tracing::warn!(batch = %batch.id, error = %e,
                         "could not remove the refused batch's row");
                 }
                 return Err(ApiError::BatchExists);
             }
-            Err(e) => return Err(app.stock_error(e)),
+            Err(e) => return Err(e.into()),
         }
-        app.db
-            .mark_setup_done(&batch.id)
-            .await
-            .map_err(|e| app.unavailable(e))?;
+        store.mark_setup_done(&batch.id).await?;
     }
-    app.cache.clear_missing(&batch.id);
-    if let Some(entry) = app.cache.get(&batch.id) {
-        app.refresh_batch(&entry).await;
+    let catalog = api.catalog();
+    catalog.cache().clear_missing(&batch.id);
+    if let Some(entry) = catalog.cache().get(&batch.id) {
+        catalog.refresh(&entry).await;
     }
-    app.stock.announce_change(&batch.id).await;
+    api.stock().announce_change(&batch.id).await;
     Ok((StatusCode::CREATED, batch))
 }
 
@@ -105,22 +96,19 @@ pub async fn create<B: Backend>(
 /// repeated create (201). A slot missing: Redis lost the batch, and it stays lost (503, as
 /// its claims answer) until `claimgate rebuild` restores it from the database.
 async fn confirm_setup<B: Backend>(
-    app: &App<B>,
+    api: &Api<B>,
     batch: &Batch,
     keys: &BatchKeys,
     setup_done: bool,
 ) -> Result<(), ApiError> {
-    let fps = app
-        .stock
-        .slot_fingerprints(keys)
-        .await
-        .map_err(|e| app.stock_error(e))?;
+    let fps = api.stock().slot_fingerprints(keys).await?;
     if fps.iter().any(Option::is_none) {
-        let entry = app
-            .cache
+        let catalog = api.catalog();
+        let entry = catalog
+            .cache()
             .insert(Arc::new(CachedBatch::new(batch.clone(), 0, false)));
-        app.mark_lost(&entry);
-        return Err(app.unavailable(format!(
+        catalog.mark_lost(&entry);
+        return Err(ApiError::unavailable(format!(
             "batch {} is known to the database but missing from Redis: not set up again \
              (that would re-sell its stock); run `claimgate rebuild --batch {}`",
             batch.id, batch.id
@@ -135,28 +123,19 @@ async fn confirm_setup<B: Backend>(
                 "Redis holds a different batch under this id than the database");
             return Err(ApiError::BatchExists);
         }
-        app.db
-            .mark_setup_done(&batch.id)
-            .await
-            .map_err(|e| app.unavailable(e))?;
+        api.store().mark_setup_done(&batch.id).await?;
     }
     Ok(())
 }
 
 /// `GET /v1/batches/{id}`.
-pub async fn get<B: Backend>(app: &App<B>, id: &str) -> Result<BatchView, ApiError> {
-    let entry = app.load_batch(id).await?;
-    if entry.is_lost() {
-        return Err(app.unavailable(format!("batch {id} is missing from Redis")));
-    }
-    let c = app
-        .stock
-        .conservation(&entry.keys)
-        .await
-        .map_err(|e| app.stock_error(e))?;
+pub async fn get<B: Backend>(api: &Api<B>, id: &str) -> Result<BatchView, ApiError> {
+    let catalog = api.catalog();
+    let entry = catalog.load_live(id).await?;
+    let c = api.stock().conservation(&entry.keys).await?;
     // the definition as Redis has it now (the cache may lag by one refresh)
-    let batch = match app.read_meta(id).await? {
-        Some((b, _, _)) => b,
+    let batch = match catalog.read_meta(id).await? {
+        Some(m) => m.batch,
         None => (*entry.batch()).clone(),
     };
     Ok(BatchView {
@@ -171,51 +150,50 @@ pub async fn get<B: Backend>(app: &App<B>, id: &str) -> Result<BatchView, ApiErr
 
 /// `PATCH /v1/batches/{id}`: pause/resume, move the window end, add stock. Applied exactly
 /// once, in version order (see the module documentation).
-pub async fn patch<B: Backend>(app: &App<B>, id: &str, body: &[u8]) -> Result<BatchView, ApiError> {
-    let change: BatchPatch = crate::router::parse_object(body, "batch change")?;
-    let entry = app.load_batch(id).await?;
-    if entry.is_lost() {
-        return Err(app.unavailable(format!("batch {id} is missing from Redis")));
-    }
+pub async fn patch<B: Backend>(api: &Api<B>, id: &str, body: &[u8]) -> Result<BatchView, ApiError> {
+    let change: BatchPatch = parse_object(body, "batch change")?;
+    let catalog = api.catalog();
+    let entry = catalog.load_live(id).await?;
     // Versions in Redis only grow, and a change must be newer than what Redis holds (a
     // rebuild, or a change made before versions lived in the database, may be ahead).
-    let Some((_, redis_version, _)) = app.read_meta(id).await? else {
-        app.mark_lost(&entry);
-        return Err(app.unavailable(format!("batch {id} is missing from Redis")));
+    let Some(meta) = catalog.read_meta(id).await? else {
+        catalog.mark_lost(&entry);
+        return Err(CatalogError::Lost(id.to_string()).into());
     };
-    let (batch, version) = change_definition(app, id, &change, redis_version).await?;
-    match app
-        .stock
+    let (batch, version) = change_definition(api, id, &change, meta.version).await?;
+    match api
+        .stock()
         .apply_definition(&entry.keys, &batch, version)
         .await
     {
         Ok(()) => {}
         Err(StockError::NotFound) => {
-            app.mark_lost(&entry);
-            return Err(app.unavailable(format!(
+            catalog.mark_lost(&entry);
+            return Err(ApiError::unavailable(format!(
                 "batch {id} is missing from Redis; change version {version} is recorded and \
                  applies with its rebuild"
             )));
         }
         // Recorded in the database: the periodic check applies it once Redis answers.
-        Err(e) => return Err(app.stock_error(e)),
+        Err(e) => return Err(e.into()),
     }
-    app.refresh_batch(&entry).await;
-    get(app, id).await
+    catalog.refresh(&entry).await;
+    get(api, id).await
 }
 
 /// The compare-and-set on the database row: validates and applies the change to the fresh
 /// definition, writes it with the next version if nobody changed the row meanwhile, and
 /// retries (bounded) otherwise. Returns the new definition and its version.
 async fn change_definition<B: Backend>(
-    app: &App<B>,
+    api: &Api<B>,
     id: &str,
     change: &BatchPatch,
     floor: i64,
 ) -> Result<(Batch, i64), ApiError> {
-    let limits = &app.cfg.batches;
+    let limits = &api.config().batches;
+    let store = api.store();
     for attempt in 0..CHANGE_ATTEMPTS {
-        let row = app.db.batch_row(id).await.map_err(|e| app.unavailable(e))?;
+        let row = store.batch_row(id).await?;
         let Some(row) = row.filter(|r| r.setup_done) else {
             return Err(ApiError::BatchNotFound);
         };
@@ -223,11 +201,7 @@ async fn change_definition<B: Backend>(
         change.validate(&batch, limits)?;
         change.apply(&mut batch);
         let version = row.version.max(floor) + 1;
-        let applied = app
-            .db
-            .update_batch(&batch, row.version, version)
-            .await
-            .map_err(|e| app.unavailable(e))?;
+        let applied = store.update_batch(&batch, row.version, version).await?;
         if applied {
             return Ok((batch, version));
         }
@@ -235,51 +209,7 @@ async fn change_definition<B: Backend>(
         let pause = Duration::from_micros(rand::random::<u64>() % cap.max(1));
         tokio::time::sleep(pause).await;
     }
-    Err(app.unavailable(format!(
+    Err(ApiError::unavailable(format!(
         "batch {id} changed concurrently {CHANGE_ATTEMPTS} times in a row; nothing was changed"
     )))
-}
-
-/// Finishes changes Redis lags behind: for every cached batch whose pool version is older
-/// than the database's, re-applies the stored definition (idempotent; harmless when a PATCH
-/// is applying it right now). Covers a gateway that died between the database commit of a
-/// change and its Redis apply, and an apply that failed. Called from the refresh loop.
-pub async fn heal_definitions<B: Backend>(app: &App<B>) {
-    let versions = match app.db.batch_versions().await {
-        Ok(v) => v,
-        Err(e) => {
-            tracing::debug!(error = %e, "definition check: listing versions failed");
-            return;
-        }
-    };
-    for (id, version) in versions {
-        let Some(entry) = app.cache.get(&id) else {
-            continue;
-        };
-        if entry.is_lost() || entry.version() >= version {
-            continue;
-        }
-        // The cached version may lag one refresh: look at Redis before acting.
-        let redis_version = match app.read_meta(&id).await {
-            Ok(Some((_, v, _))) => v,
-            _ => continue,
-        };
-        let row = match app.db.batch_row(&id).await {
-            Ok(Some(row)) if row.version > redis_version => row,
-            _ => continue,
-        };
-        match app
-            .stock
-            .apply_definition(&entry.keys, &row.batch, row.version)
-            .await
-        {
-            Ok(()) => {
-                tracing::warn!(batch = %id, redis = redis_version, database = row.version,
-                    "Redis lagged behind the stored definition; re-applied it");
-                app.refresh_batch(&entry).await;
-            }
-            Err(e) => tracing::warn!(batch = %id, error = %e,
-                "re-applying the stored definition failed; retrying on the next check"),
-        }
-    }
 }

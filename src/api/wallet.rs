@@ -8,12 +8,11 @@
 use http::HeaderMap;
 use serde::{Deserialize, Serialize};
 
-use crate::app::App;
+use super::{Api, ApiError, parse_object};
 use crate::backend::Backend;
-use crate::domain::ids::valid_ident;
+use crate::domain::ids::{parse_coupon_id, valid_ident};
 use crate::domain::time::Timestamp;
-use crate::error::ApiError;
-use crate::store::{CouponRow, CouponState, DbError};
+use crate::store::{CouponRow, CouponState};
 
 #[derive(Debug, Serialize)]
 pub struct CouponView {
@@ -58,24 +57,16 @@ struct OrderBody {
     order_id: String,
 }
 
-fn db_error<B: Backend>(app: &App<B>, e: DbError) -> ApiError {
-    match e {
-        DbError::NotFound(_) => ApiError::CouponNotFound,
-        DbError::InvalidState { .. } => ApiError::InvalidState(e.to_string()),
-        DbError::Contended(_) => ApiError::Overloaded(e.to_string(), app.retry_after()),
-        other => app.unavailable(other),
-    }
-}
-
 /// With user auth on, the caller must be `owner` (or hold the admin token).
-fn authorize<B: Backend>(app: &App<B>, headers: &HeaderMap, owner: &str) -> Result<(), ApiError> {
-    if !app.auth.user_auth_enabled() {
+fn authorize<B: Backend>(api: &Api<B>, headers: &HeaderMap, owner: &str) -> Result<(), ApiError> {
+    let auth = api.auth();
+    if !auth.user_auth_enabled() {
         return Ok(());
     }
-    if app.cfg.auth.admin_token.is_some() && app.auth.check_admin(headers).is_ok() {
+    if api.config().auth.admin_token.is_some() && auth.check_admin(headers).is_ok() {
         return Ok(());
     }
-    let who = app.auth.identify(headers, None)?;
+    let who = auth.identify(headers, None)?;
     if who.user_id == owner {
         Ok(())
     } else {
@@ -87,7 +78,7 @@ fn authorize<B: Backend>(app: &App<B>, headers: &HeaderMap, owner: &str) -> Resu
 
 /// `GET /v1/users/{user_id}/coupons?status=&limit=&cursor=`.
 pub async fn list<B: Backend>(
-    app: &App<B>,
+    api: &Api<B>,
     headers: &HeaderMap,
     user: &str,
     query: &str,
@@ -97,8 +88,9 @@ pub async fn list<B: Backend>(
             "user_id must be 1-128 characters of [A-Za-z0-9._@+-]".into(),
         ));
     }
-    authorize(app, headers, user)?;
-    let (mut state, mut limit, mut cursor) = (None, app.cfg.wallet.default_page, None);
+    authorize(api, headers, user)?;
+    let wallet = &api.config().wallet;
+    let (mut state, mut limit, mut cursor) = (None, wallet.default_page, None);
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         match k {
@@ -111,16 +103,13 @@ pub async fn list<B: Backend>(
                 limit = v
                     .parse::<u32>()
                     .ok()
-                    .filter(|l| (1..=app.cfg.wallet.max_page).contains(l))
+                    .filter(|l| (1..=wallet.max_page).contains(l))
                     .ok_or_else(|| {
-                        ApiError::BadRequest(format!(
-                            "limit must be 1..={}",
-                            app.cfg.wallet.max_page
-                        ))
+                        ApiError::BadRequest(format!("limit must be 1..={}", wallet.max_page))
                     })?
             }
             "cursor" => {
-                if crate::domain::ids::parse_coupon_id(v).is_none() {
+                if parse_coupon_id(v).is_none() {
                     return Err(ApiError::BadRequest("invalid cursor".into()));
                 }
                 cursor = Some(v.to_string());
@@ -132,11 +121,10 @@ pub async fn list<B: Backend>(
             }
         }
     }
-    let (rows, next_cursor) = app
-        .db
+    let (rows, next_cursor) = api
+        .store()
         .user_coupons(user, state, limit, cursor.as_deref())
-        .await
-        .map_err(|e| db_error(app, e))?;
+        .await?;
     Ok(Page {
         coupons: rows.into_iter().map(CouponView::from).collect(),
         next_cursor,
@@ -145,35 +133,32 @@ pub async fn list<B: Backend>(
 
 /// `POST /v1/coupons/{coupon_id}/{lock|redeem|release}` with `{"order_id"}`.
 pub async fn act<B: Backend>(
-    app: &App<B>,
+    api: &Api<B>,
     headers: &HeaderMap,
     coupon_id: &str,
     action: &str,
     body: &[u8],
 ) -> Result<CouponView, ApiError> {
-    let body: OrderBody = crate::router::parse_object(body, "order body")?;
+    let body: OrderBody = parse_object(body, "order body")?;
     if !valid_ident(&body.order_id) {
         return Err(ApiError::BadRequest(
             "order_id must be 1-128 characters of [A-Za-z0-9._@+-]".into(),
         ));
     }
-    if crate::domain::ids::parse_coupon_id(coupon_id).is_none() {
+    if parse_coupon_id(coupon_id).is_none() {
         return Err(ApiError::CouponNotFound);
     }
-    if app.auth.user_auth_enabled() {
+    let (auth, store) = (api.auth(), api.store());
+    if auth.user_auth_enabled() {
         // Authenticate first, then look up: another user's coupon reads as absent, so the
         // answer never tells whether a coupon id exists.
-        let admin = app.cfg.auth.admin_token.is_some() && app.auth.check_admin(headers).is_ok();
+        let admin = api.config().auth.admin_token.is_some() && auth.check_admin(headers).is_ok();
         let caller = if admin {
             None
         } else {
-            Some(app.auth.identify(headers, None)?)
+            Some(auth.identify(headers, None)?)
         };
-        let coupon = app
-            .db
-            .get_coupon(coupon_id)
-            .await
-            .map_err(|e| db_error(app, e))?;
+        let coupon = store.get_coupon(coupon_id).await?;
         match (coupon, caller) {
             (Some(c), Some(who)) if c.user_id != who.user_id => {
                 return Err(ApiError::CouponNotFound);
@@ -182,12 +167,11 @@ pub async fn act<B: Backend>(
             (None, _) => return Err(ApiError::CouponNotFound),
         }
     }
-    let timeout = std::time::Duration::from_millis(app.cfg.wallet.lock_timeout_ms);
+    let timeout = std::time::Duration::from_millis(api.config().wallet.lock_timeout_ms);
     let row = match action {
-        "lock" => app.db.lock(coupon_id, &body.order_id, timeout).await,
-        "redeem" => app.db.redeem(coupon_id, &body.order_id).await,
-        _ => app.db.release(coupon_id, &body.order_id).await,
-    }
-    .map_err(|e| db_error(app, e))?;
+        "lock" => store.lock(coupon_id, &body.order_id, timeout).await,
+        "redeem" => store.redeem(coupon_id, &body.order_id).await,
+        _ => store.release(coupon_id, &body.order_id).await,
+    }?;
     Ok(row.into())
 }

@@ -39,7 +39,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::app::App;
+use super::App;
 use crate::backend::Backend;
 use crate::config::ServerConfig;
 use crate::obs::events::{ConnectionClosed, ConnectionOpened};
@@ -98,9 +98,10 @@ pub async fn serve<B: Backend>(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) {
-    let settings = Arc::new(ConnSettings::new(&app.cfg.server));
-    let slots = Arc::new(Semaphore::new(app.cfg.server.max_connections));
-    let grace = Duration::from_millis(app.cfg.server.shutdown_grace_ms);
+    let cfg = &app.config().server;
+    let settings = Arc::new(ConnSettings::new(cfg));
+    let slots = Arc::new(Semaphore::new(cfg.max_connections));
+    let grace = Duration::from_millis(cfg.shutdown_grace_ms);
     let drain = CancellationToken::new();
     let connections = TaskTracker::new();
 
@@ -133,7 +134,7 @@ pub async fn serve<B: Backend>(
     }
 
     drop(listener);
-    app.draining.store(true, Ordering::Release);
+    app.start_draining();
     drain.cancel();
     connections.close();
     tracing::info!(grace_ms = grace.as_millis() as u64, "draining connections");
@@ -439,9 +440,9 @@ async fn respond<B: Backend>(
     req: hyper::Request<Incoming>,
     peer: SocketAddr,
 ) -> hyper::Response<Full<Bytes>> {
-    let resp = crate::router::handle(app, req, peer).await;
+    let resp = super::router::handle(app, req, peer).await;
     if app.is_draining() {
-        crate::router::closing(resp)
+        super::router::closing(resp)
     } else {
         resp
     }

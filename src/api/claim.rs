@@ -12,14 +12,13 @@ use std::time::Instant;
 use http::{HeaderMap, StatusCode};
 use serde::{Deserialize, Serialize};
 
-use crate::app::App;
+use super::{Api, ApiError, parse_object};
 use crate::backend::{Backend, BackendError};
-use crate::cache::LocalRefusal;
+use crate::catalog::cache::LocalRefusal;
 use crate::contract::claim::{Coupon, Outcome};
 use crate::domain::auth::Identity;
-use crate::domain::ids::valid_ident;
+use crate::domain::ids::{home_shard, valid_ident};
 use crate::domain::time::Timestamp;
-use crate::error::ApiError;
 use crate::obs::events::{CacheAnswered, ClaimAnswered, Shed, StageTimed};
 use crate::stock::{ClaimArgs, ClaimResult, StockError};
 
@@ -41,7 +40,7 @@ pub struct ClaimRequest {
 
 impl ClaimRequest {
     pub fn parse(body: &[u8]) -> Result<ClaimRequest, ApiError> {
-        let b: ClaimBody = crate::router::parse_object(body, "claim body")?;
+        let b: ClaimBody = parse_object(body, "claim body")?;
         for (name, v) in [("user_id", &b.user_id), ("request_id", &b.request_id)] {
             if v.as_deref().is_some_and(|v| !valid_ident(v)) {
                 return Err(ApiError::BadRequest(format!(
@@ -95,14 +94,14 @@ const INTERNAL_RID: char = '~';
 
 /// Handles `POST /v1/batches/{id}/claims`. Returns the status (201 or 200) and body.
 pub async fn claim<B: Backend>(
-    app: &App<B>,
+    api: &Api<B>,
     batch_id: &str,
     headers: &HeaderMap,
     peer: SocketAddr,
     body: &[u8],
 ) -> Result<(StatusCode, ClaimReply), ApiError> {
     let started = Instant::now();
-    let result = claim_inner(app, batch_id, headers, peer, body, started).await;
+    let result = claim_inner(api, batch_id, headers, peer, body, started).await;
     let outcome = match &result {
         Ok((StatusCode::CREATED, _)) => "claimed",
         Ok(_) => "replayed",
@@ -117,7 +116,7 @@ pub async fn claim<B: Backend>(
 }
 
 async fn claim_inner<B: Backend>(
-    app: &App<B>,
+    api: &Api<B>,
     batch_id: &str,
     headers: &HeaderMap,
     peer: SocketAddr,
@@ -129,22 +128,20 @@ async fn claim_inner<B: Backend>(
     let t = stage("parse", started);
 
     // 2. identify the user
-    let identity: Identity = app.auth.identify(headers, req.user_id.as_deref())?;
+    let identity: Identity = api.auth().identify(headers, req.user_id.as_deref())?;
     let t = stage("auth", t);
 
     // 3. local rate limits
-    let ip = app.limits.client_ip(peer, headers);
-    app.limits.check_claim(ip, &identity.user_id)?;
+    let ip = api.limits().client_ip(peer, headers);
+    api.limits().check_claim(ip, &identity.user_id)?;
     let t = stage("ratelimit", t);
 
     // 4. local hot-key cache: only negative answers
-    let entry = app.load_batch(batch_id).await?;
-    if entry.is_lost() {
-        return Err(app.unavailable(format!("batch {batch_id} is missing from Redis")));
-    }
+    let catalog = api.catalog();
+    let entry = catalog.load_live(batch_id).await?;
     let now = Timestamp::now();
-    let home = crate::domain::ids::home_shard(&identity.user_id, entry.keys.shards.len() as u32);
-    if let Some(refusal) = app.cache.refuse(&entry, &identity, now) {
+    let home = home_shard(&identity.user_id, entry.keys.shards.len() as u32);
+    if let Some(refusal) = catalog.cache().refuse(&entry, &identity, now) {
         CacheAnswered {
             kind: refusal.label(),
         }
@@ -164,18 +161,17 @@ async fn claim_inner<B: Backend>(
         let replayable = match refusal {
             // sold out and the user won nothing: this cannot be a replay of a success
             LocalRefusal::SoldOut => {
-                app.load_winners(&entry);
+                catalog.load_winners(&entry);
                 entry.is_winner(&identity.user_id) != Some(false)
             }
             _ => true,
         };
         if let (Some(rid), true) = (&req.request_id, replayable) {
-            let _permit = app.admission.admit().await?;
-            let found = app
-                .stock
+            let _permit = api.admission().admit().await?;
+            let found = api
+                .stock()
                 .replay(&entry.keys, home, &identity.user_id, rid)
-                .await
-                .map_err(|e| app.stock_error(e))?;
+                .await?;
             stage("cache", t);
             if let Some(c) = found {
                 return Ok((
@@ -191,7 +187,7 @@ async fn claim_inner<B: Backend>(
     let t = stage("cache", t);
 
     // 5. admission: bounded backend calls in flight
-    let _permit = app.admission.admit().await?;
+    let _permit = api.admission().admit().await?;
     let t = stage("admission", t);
 
     // 6. ONE script on the home shard (more only when the shard must be refilled)
@@ -209,11 +205,11 @@ async fn claim_inner<B: Backend>(
     let args = ClaimArgs {
         user: &identity.user_id,
         request_id: rid,
-        max_log: &app.max_log,
+        max_log: &api.max_log,
         nonce: &nonce,
         total: entry.batch().stock,
     };
-    let claim_once = || app.stock.claim(&entry.keys, home, &args);
+    let claim_once = || api.stock().claim(&entry.keys, home, &args);
     let mut result = claim_once().await;
     if let Err(StockError::Backend(BackendError::Unavailable(_))) = &result {
         // The reply may have been lost after the script ran: ask again with the same
@@ -222,17 +218,16 @@ async fn claim_inner<B: Backend>(
     }
     stage("backend", t);
     let user = identity.user_id.as_str();
-    let outcome = match result.map_err(|e| app.stock_error(e))? {
+    let outcome = match result? {
         ClaimResult::Decided(outcome) => outcome,
         ClaimResult::SoldOut => {
             entry.set_sold_out();
-            app.load_winners(&entry);
+            catalog.load_winners(&entry);
             return Err(ApiError::SoldOut);
         }
         ClaimResult::Contended => {
             return Err(ApiError::Overloaded(
                 "stock is being rebalanced; nothing was claimed".into(),
-                app.retry_after(),
             ));
         }
     };
@@ -244,26 +239,27 @@ async fn claim_inner<B: Backend>(
         }
         Outcome::Replayed(c) => Ok((StatusCode::OK, ClaimReply::new(&c, batch_id, user))),
         Outcome::NoBatch => {
-            app.mark_lost(&entry);
-            Err(app.unavailable(format!("batch {batch_id} is missing from Redis")))
+            catalog.mark_lost(&entry);
+            Err(ApiError::unavailable(format!(
+                "batch {batch_id} is missing from Redis"
+            )))
         }
         Outcome::NotStarted => Err(ApiError::NotStarted),
         Outcome::Ended => Err(ApiError::Ended),
         Outcome::Paused => Err(ApiError::Paused),
         Outcome::Denied => Err(ApiError::NotEligible),
         Outcome::LimitReached => {
-            app.cache.remember_at_limit(&entry, user, false, now);
+            catalog.cache().remember_at_limit(&entry, user, false, now);
             Err(ApiError::LimitReached)
         }
         Outcome::DailyLimitReached => {
-            app.cache.remember_at_limit(&entry, user, true, now);
+            catalog.cache().remember_at_limit(&entry, user, true, now);
             Err(ApiError::DailyLimitReached)
         }
         Outcome::BacklogFull => {
             Shed { reason: "backlog" }.emit();
             Err(ApiError::Overloaded(
                 "persistence backlog at its bound; nothing was claimed".into(),
-                app.retry_after(),
             ))
         }
         Outcome::ShardEmpty => Err(ApiError::Internal(format!("claim resolved to {outcome:?}"))),

@@ -1,5 +1,5 @@
-//! Request routing: method + path to handler, body limits, and the conversion of every
-//! handler result into a response.
+//! Request routing: method + path to handler, the request deadline, and the conversion of
+//! every handler result into a response (with its metric and, for an error, its log line).
 //!
 //! Invariant kept here: whatever a client sends (unknown route, wrong method, oversized or
 //! malformed body, invalid ids), the answer is a JSON response with a 4xx code and nothing
@@ -11,12 +11,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::body::Body;
 
-use crate::app::App;
+use super::body::read_body;
+use super::error::{ApiError, json_response};
+use super::{App, ops};
+use crate::api::{admin, claim, wallet};
 use crate::backend::Backend;
-use crate::error::{ApiError, json_response};
 use crate::obs::events::{Failure, HttpAnswered};
 
 /// The routes, a closed set (the `route` label of HTTP metrics).
@@ -86,19 +88,6 @@ impl Route<'_> {
     }
 }
 
-/// Parses a JSON object body into `T` (serde alone would also accept an array for a struct).
-pub fn parse_object<T: serde::de::DeserializeOwned>(
-    body: &[u8],
-    what: &str,
-) -> Result<T, ApiError> {
-    if body.trim_ascii_start().first() != Some(&b'{') {
-        return Err(ApiError::BadRequest(format!(
-            "{what} must be a JSON object"
-        )));
-    }
-    serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("invalid {what}: {e}")))
-}
-
 /// The caller's `X-Request-Id` when it is a sane token (at most 64 of `[A-Za-z0-9._-]`),
 /// else a fresh one; echoed on the response and on the log line of an error.
 fn request_id(headers: &http::HeaderMap) -> String {
@@ -114,32 +103,6 @@ fn request_id(headers: &http::HeaderMap) -> String {
         .unwrap_or_else(|| format!("{:016x}", rand::random::<u64>()))
 }
 
-/// Reads the whole body, refusing more than `limit` bytes. A refused body is left unread
-/// and `cut` is set: the answer then says `Connection: close`, and the server drains what
-/// the client still sends before closing (see `server::linger`), so the client reads the
-/// 400 instead of a reset.
-async fn read_body<Bd>(body: Bd, limit: usize, cut: &AtomicBool) -> Result<Bytes, ApiError>
-where
-    Bd: Body<Data = Bytes>,
-    Bd::Error: std::error::Error + Send + Sync + 'static,
-{
-    let too_large = || {
-        cut.store(true, Ordering::Relaxed);
-        ApiError::BadRequest(format!("body larger than {limit} bytes"))
-    };
-    if body.size_hint().lower() > limit as u64 {
-        return Err(too_large());
-    }
-    match Limited::new(body, limit).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Err(e) => {
-            cut.store(true, Ordering::Relaxed);
-            Err(ApiError::BadRequest(format!("could not read body: {e}")))
-        }
-    }
-}
-
 /// Handles one request. Never panics on input; every error is a JSON response.
 pub async fn handle<B, Bd>(
     app: &App<B>,
@@ -151,7 +114,7 @@ where
     Bd: Body<Data = Bytes>,
     Bd::Error: std::error::Error + Send + Sync + 'static,
 {
-    let timeout = Duration::from_millis(app.cfg.server.request_timeout_ms);
+    let timeout = Duration::from_millis(app.config().server.request_timeout_ms);
     let (parts, body) = req.into_parts();
     let route = Route::parse(parts.uri.path());
     let label = route.label();
@@ -160,16 +123,13 @@ where
     let fut = dispatch(app, route, &parts, body, peer, &body_cut);
     let result = match tokio::time::timeout(timeout, fut).await {
         Ok(r) => r,
-        Err(_) => Err(ApiError::BackendUnavailable(
-            "request timed out".into(),
-            app.retry_after(),
-        )),
+        Err(_) => Err(ApiError::BackendUnavailable("request timed out".into())),
     };
     let (mut resp, failure) = match result {
         Ok(resp) => (resp, None),
         Err(e) => {
             let failure = (e.status().as_u16(), e.code(), e.log_detail());
-            (e.into_response(), Some(failure))
+            (e.into_response(app.retry_after()), Some(failure))
         }
     };
     if let Ok(v) = header::HeaderValue::from_str(&request_id) {
@@ -211,54 +171,52 @@ where
     Bd: Body<Data = Bytes>,
     Bd::Error: std::error::Error + Send + Sync + 'static,
 {
-    let limit = app.cfg.server.max_body_bytes;
+    let limit = app.config().server.max_body_bytes;
+    let api = app.api();
     let m = &parts.method;
     let h = &parts.headers;
     if !matches!(
         route,
         Route::Claims(_) | Route::Health | Route::Ready | Route::Metrics
     ) {
-        app.limits.check_other(app.limits.client_ip(peer, h))?;
+        api.limits().check_other(api.limits().client_ip(peer, h))?;
     }
     match route {
-        Route::Health if m == Method::GET => Ok(crate::ops::health()),
-        Route::Ready if m == Method::GET => Ok(crate::ops::ready(app).await),
-        Route::Metrics if m == Method::GET => Ok(crate::ops::metrics(app)),
-        Route::OpenApi if m == Method::GET => Ok(crate::ops::openapi()),
+        Route::Health if m == Method::GET => Ok(ops::health()),
+        Route::Ready if m == Method::GET => Ok(ops::ready(app).await),
+        Route::Metrics if m == Method::GET => Ok(ops::metrics(app)),
+        Route::OpenApi if m == Method::GET => Ok(ops::openapi()),
         Route::Batches if m == Method::POST => {
-            app.auth.check_admin(h)?;
+            api.auth().check_admin(h)?;
             let body = read_body(body, limit, body_cut).await?;
-            let (status, batch) = crate::admin::create(app, &body).await?;
+            let (status, batch) = admin::create(api, &body).await?;
             Ok(json_response(status, &batch))
         }
         Route::Batch(id) if m == Method::GET => {
-            app.auth.check_admin(h)?;
-            Ok(json_response(
-                StatusCode::OK,
-                &crate::admin::get(app, id).await?,
-            ))
+            api.auth().check_admin(h)?;
+            Ok(json_response(StatusCode::OK, &admin::get(api, id).await?))
         }
         Route::Batch(id) if m == Method::PATCH => {
-            app.auth.check_admin(h)?;
+            api.auth().check_admin(h)?;
             let body = read_body(body, limit, body_cut).await?;
             Ok(json_response(
                 StatusCode::OK,
-                &crate::admin::patch(app, id, &body).await?,
+                &admin::patch(api, id, &body).await?,
             ))
         }
         Route::Claims(id) if m == Method::POST => {
             let body = read_body(body, limit, body_cut).await?;
-            let (status, reply) = crate::claim::claim(app, id, h, peer, &body).await?;
+            let (status, reply) = claim::claim(api, id, h, peer, &body).await?;
             Ok(json_response(status, &reply))
         }
         Route::UserCoupons(user) if m == Method::GET => {
             let query = parts.uri.query().unwrap_or("");
-            let page = crate::wallet::list(app, h, user, query).await?;
+            let page = wallet::list(api, h, user, query).await?;
             Ok(json_response(StatusCode::OK, &page))
         }
         Route::CouponAction(coupon, action) if m == Method::POST => {
             let body = read_body(body, limit, body_cut).await?;
-            let reply = crate::wallet::act(app, h, coupon, action, &body).await?;
+            let reply = wallet::act(api, h, coupon, action, &body).await?;
             Ok(json_response(StatusCode::OK, &reply))
         }
         Route::Unknown => Err(ApiError::RouteNotFound),

@@ -12,40 +12,34 @@ use http::{HeaderValue, Response, StatusCode, header};
 use http_body_util::Full;
 use serde_json::json;
 
-use crate::app::App;
+use super::App;
+use super::error::json_response;
 use crate::backend::Backend;
 use crate::config::secret::redact_text;
-use crate::error::json_response;
 
 /// `/readyz` gives each dependency at least this long to answer, even under a tighter
 /// `redis.command_timeout_ms` (a readiness probe is not a claim; a slow answer is no outage).
 const READY_MIN_WAIT: Duration = Duration::from_millis(100);
 
 /// The API contract, kept in the tree and served as is.
-pub const OPENAPI: &str = include_str!("../docs/openapi.json");
+pub const OPENAPI: &str = include_str!("../../docs/openapi.json");
 
 pub async fn ready<B: Backend>(app: &App<B>) -> Response<Full<Bytes>> {
-    let limit = Duration::from_millis(app.cfg.redis.command_timeout_ms).max(READY_MIN_WAIT);
+    let limit = Duration::from_millis(app.config().redis.command_timeout_ms).max(READY_MIN_WAIT);
     // Error texts are served unauthenticated: any URL in them loses its password.
     let backend = match tokio::time::timeout(limit, app.backend().ready()).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(redact_text(&e.to_string()).into_owned()),
         Err(_) => Err("timed out".to_string()),
     };
-    let database = match tokio::time::timeout(limit, app.db.ping()).await {
+    let database = match tokio::time::timeout(limit, app.store().ping()).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(redact_text(&e.to_string()).into_owned()),
         Err(_) => Err("timed out".to_string()),
     };
     let draining = app.is_draining();
-    let lost: Vec<String> = app
-        .cache
-        .all()
-        .iter()
-        .filter(|b| b.is_lost())
-        .map(|b| b.id.clone())
-        .collect();
-    let persister = app.persist_status.as_ref().map(|s| {
+    let lost = app.catalog().lost();
+    let persister = app.persist_status().map(|s| {
         let mut p = s.snapshot();
         p.last_error = p.last_error.map(|e| redact_text(&e).into_owned());
         p
@@ -56,7 +50,7 @@ pub async fn ready<B: Backend>(app: &App<B>) -> Response<Full<Bytes>> {
         "ready": ok,
         "draining": draining,
         "backend": { "kind": app.backend().kind(), "ok": backend.is_ok(), "error": backend.err() },
-        "database": { "kind": app.db.kind(), "ok": database.is_ok(), "error": database.err() },
+        "database": { "kind": app.store().kind(), "ok": database.is_ok(), "error": database.err() },
         "persister": persister,
         "lost_batches": lost,
     });
