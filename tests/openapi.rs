@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 
 const DOC_PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/openapi.json");
 
-/// Every operation the router serves (src/router.rs), as the document must name it.
+/// Every operation the router serves (src/http/router.rs), as the document must name it.
 const ROUTES: [(&str, &str); 12] = [
     ("GET", "/healthz"),
     ("GET", "/readyz"),
