@@ -75,9 +75,15 @@ where
 /// buckets refill: this errs towards admitting, and a flood of distinct keys costs O(1)
 /// amortised per key). A new key that finds the store full while another caller is making
 /// room is decided as a fresh key and not remembered.
+///
+/// How many keys are tracked is counted in `entries` (raised under the shard lock of the
+/// insert, lowered after a removal), not read from the map: `DashMap::len` adds up its
+/// shards one after the other, so while one caller clears the map and others insert, it
+/// can report more keys than the map ever held at once.
 pub struct BoundedStore<K, C: Clock> {
     map: DashMap<K, AtomicU64>,
     count: AtomicUsize,
+    entries: AtomicUsize,
     max: usize,
     making_room: parking_lot::Mutex<()>,
     clock: C,
@@ -92,6 +98,7 @@ impl<K: Hash + Eq + Clone, C: Clock> BoundedStore<K, C> {
         BoundedStore {
             map: DashMap::new(),
             count: AtomicUsize::new(0),
+            entries: AtomicUsize::new(0),
             max,
             making_room: parking_lot::Mutex::new(()),
             start: clock.now(),
@@ -102,7 +109,7 @@ impl<K: Hash + Eq + Clone, C: Clock> BoundedStore<K, C> {
 
     /// Keys tracked now.
     pub fn tracked(&self) -> usize {
-        self.map.len()
+        self.entries.load(Ordering::Acquire)
     }
 
     /// Removes the keys `keep` refuses; returns how many.
@@ -115,6 +122,7 @@ impl<K: Hash + Eq + Clone, C: Clock> BoundedStore<K, C> {
             }
             k
         });
+        self.entries.fetch_sub(removed, Ordering::AcqRel);
         self.count.fetch_sub(removed, Ordering::AcqRel);
         removed
     }
@@ -194,7 +202,13 @@ impl<K: Hash + Eq + Clone, C: Clock> StateStore for BoundedStore<K, C> {
                 self.count.fetch_sub(1, Ordering::AcqRel);
                 measure_and_replace_one(e.get(), f)
             }
-            Entry::Vacant(e) => measure_and_replace_one(&e.insert(AtomicU64::new(0)), f),
+            Entry::Vacant(e) => {
+                let state = e.insert(AtomicU64::new(0));
+                // counted while the shard is still locked: a removal cannot see the key
+                // before it is counted
+                self.entries.fetch_add(1, Ordering::AcqRel);
+                measure_and_replace_one(&state, f)
+            }
         }
     }
 }
@@ -210,11 +224,11 @@ impl<K: Hash + Eq + Clone, C: Clock> ShrinkableKeyedStateStore<K> for BoundedSto
     }
 
     fn len(&self) -> usize {
-        self.map.len()
+        self.tracked()
     }
 
     fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.tracked() == 0
     }
 }
 
