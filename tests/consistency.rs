@@ -260,7 +260,7 @@ async fn item2_recreate_after_redis_lost_never_resells_embedded() {
     step("sell out");
     let sold = item2_sell_out(&g).await;
     step("restart without the append-only file: a fresh keyspace");
-    let fresh = Arc::new(EmbeddedBackend::open(&EmbeddedConfig::default()).unwrap());
+    let fresh = Arc::new(EmbeddedBackend::open(&EmbeddedConfig::in_memory()).unwrap());
     item2_after_loss(&g, fresh, sold).await;
 }
 
