@@ -622,6 +622,38 @@ pub mod cases {
         );
     }
 
+    /// An outbox entry naming a slot the batch does not have (no gateway writes one; a
+    /// damaged Redis can hold one): the ONE census counts its stock as in flight, so the
+    /// API's view, the gauges and reconcile's snapshot agree, and the sweeper reports it
+    /// instead of guessing where the stock goes. (The gateway's conservation check used to
+    /// fail on it while reconcile's own copy counted it in flight.)
+    pub async fn transfer_to_a_missing_slot<B: Backend>(g: &Gw<B>) {
+        use claimgate::contract::keys::SlotKeys;
+        use claimgate::stock::StockError;
+        create(g, "ghost", 20, 5, json!({"shards": 2})).await;
+        let keys = g.app.catalog().load("ghost").await.unwrap().keys.clone();
+        let stock = g.app.stock();
+        let before = stock.conservation(&keys).await.unwrap();
+        let nowhere = SlotKeys::new("ghost", Some(7));
+        let moved = stock
+            .transfer_first_half(&keys.pool, &nowhere, "ghost-1", 3, false)
+            .await
+            .unwrap();
+        assert!(moved > 0);
+        let c = stock.conservation(&keys).await.unwrap();
+        assert!(c.holds(), "{c:?}");
+        assert_eq!((c.in_flight, c.pool), (moved, before.pool - moved));
+        let settled = claimgate::stock::census::settled(g.backend.as_ref(), &keys, 5)
+            .await
+            .unwrap();
+        assert_eq!(settled.as_ref(), Some(&c), "reconcile's snapshot agrees");
+        let err = stock.sweep(&keys, 0).await.unwrap_err();
+        assert!(matches!(err, StockError::Inconsistent(_)), "{err}");
+        assert_eq!(stock.conservation(&keys).await.unwrap(), c, "nothing moved");
+        let (s, v) = call(&g.app, "GET", "/v1/batches/ghost", "").await;
+        assert_eq!((s, v["stock"]["total"].as_i64()), (200, Some(20)), "{v}");
+    }
+
     /// Wallet and TCC redemption after persistence.
     pub async fn wallet<B: Backend>(g: &Gw<B>) {
         create(g, "wal", 5, 2, json!({})).await;
@@ -695,7 +727,8 @@ on_both_backends!(
     transfer_crash,
     rules,
     bad_input,
-    wallet
+    wallet,
+    transfer_to_a_missing_slot
 );
 
 /// Random operation sequences give identical answers on both backends.
