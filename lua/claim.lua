@@ -24,6 +24,11 @@
 --     -8 shard has no stock (the caller refills or declares sold out)
 --     -9 claim log backlog at its bound (shed, nothing claimed)
 -- Validates everything before the first write: a script that errors half-way keeps its writes.
+-- Coupon id: '<batch>.<shard>.<seq>' (ARGV[4], ARGV[5], and KEYS[8] after INCR: 1, 2, ...;
+--   the claim counter never goes back, so an id is never minted twice).
+-- Claim record: one XADD to KEYS[6] per coupon minted, these fields in this order:
+--   k 'claimed'   c coupon id   u user id   r request id ('' = none)   b batch id
+--   s shard index   t claimed at (ms)   vf valid from (ms)   vt valid to (ms)
 
 if #ARGV ~= 6 or not tonumber(ARGV[3]) then
   return redis.error_reply('ERR claim: expects 6 arguments (user, request id, max log, batch, shard, nonce)')

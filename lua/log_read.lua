@@ -5,7 +5,8 @@
 --
 -- KEYS: 1 log stream
 -- ARGV: 1 group   2 consumer   3 count (> 0)   4 min idle ms before taking over
--- Returns: { { id, { field, value, ... } }, ... } (taken-over entries first)
+-- Returns: { { id, { field, value, ... } }, ... } (taken-over entries first); the fields are
+--   claim.lua's claim record (see its header).
 
 local count = tonumber(ARGV[3])
 if not count or count <= 0 then return redis.error_reply('ERR log_read: bad count') end

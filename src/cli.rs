@@ -13,16 +13,14 @@ use std::io::{ErrorKind, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use tokio_util::sync::CancellationToken;
 
 use crate::backend::Backend;
 use crate::backend::embedded::EmbeddedBackend;
 use crate::backend::redis::RedisBackend;
+use crate::config::secret::{redact_text, redact_url};
 use crate::config::{BackendKind, Config};
-use crate::secret::{redact_text, redact_url};
 
 /// EX_USAGE: bad configuration or arguments.
 pub const EXIT_CONFIG: u8 = 64;
@@ -189,22 +187,25 @@ fn check_config(cfg: &Config) -> ExitCode {
 }
 
 async fn run(cmd: Command, cfg: Config) -> ExitCode {
-    if let Command::CheckConfig = cmd {
-        return check_config(&cfg);
-    }
-    let cfg = Arc::new(cfg);
-    match cfg.backend {
-        BackendKind::Embedded => match EmbeddedBackend::open(&cfg.embedded) {
-            Ok(b) => run_with(cmd, cfg, Arc::new(b)).await,
-            Err(e) => fail(&cfg, format!("embedded backend: {e}")),
-        },
-        BackendKind::Redis => match RedisBackend::connect(&cfg.redis).await {
-            Ok(b) => run_with(cmd, cfg, Arc::new(b)).await,
-            Err(e) => fail(
-                &cfg,
-                format!("redis at {}: {e}", redact_url(&cfg.redis.url)),
-            ),
-        },
+    match cmd {
+        Command::CheckConfig => check_config(&cfg),
+        Command::Serve => serve(cfg).await,
+        cmd => {
+            let cfg = Arc::new(cfg);
+            match cfg.backend {
+                BackendKind::Embedded => match EmbeddedBackend::open(&cfg.embedded) {
+                    Ok(b) => operate(cmd, cfg, Arc::new(b)).await,
+                    Err(e) => fail(&cfg, format!("embedded backend: {e}")),
+                },
+                BackendKind::Redis => match RedisBackend::connect(&cfg.redis).await {
+                    Ok(b) => operate(cmd, cfg, Arc::new(b)).await,
+                    Err(e) => fail(
+                        &cfg,
+                        format!("redis at {}: {e}", redact_url(&cfg.redis.url)),
+                    ),
+                },
+            }
+        }
     }
 }
 
@@ -217,21 +218,19 @@ fn fail(cfg: &Config, msg: String) -> ExitCode {
     ExitCode::from(EXIT_UNAVAILABLE)
 }
 
-async fn run_with<B: Backend>(cmd: Command, cfg: Arc<Config>, backend: Arc<B>) -> ExitCode {
-    let db = match crate::db::Db::connect(&cfg.database).await {
+/// The operator commands: `migrate`, `rebuild`, `reconcile`.
+async fn operate<B: Backend>(cmd: Command, cfg: Arc<Config>, backend: Arc<B>) -> ExitCode {
+    let db = match crate::gateway::open_store(&cfg).await {
         Ok(db) => db,
-        Err(e) => return fail(&cfg, format!("database: {e}")),
+        Err(e) => return fail(&cfg, e.to_string()),
     };
-    if let Err(e) = db.migrate().await {
-        return fail(&cfg, format!("database migration: {e}"));
-    }
     match cmd {
-        Command::Migrate | Command::CheckConfig => {
+        Command::Migrate | Command::CheckConfig | Command::Serve => {
             say(&format!("migrations applied ({})", db.kind()));
             ExitCode::SUCCESS
         }
         Command::Rebuild { batch, force } => {
-            match crate::rebuild::rebuild(backend.as_ref(), &db, &batch, force).await {
+            match crate::recovery::rebuild(backend.as_ref(), &db, &batch, force).await {
                 Ok(report) => {
                     say(&report.to_string());
                     ExitCode::SUCCESS
@@ -240,7 +239,7 @@ async fn run_with<B: Backend>(cmd: Command, cfg: Arc<Config>, backend: Arc<B>) -
             }
         }
         Command::Reconcile { batch } => {
-            match crate::rebuild::reconcile(backend.as_ref(), &db, batch.as_deref()).await {
+            match crate::recovery::reconcile(backend.as_ref(), &db, batch.as_deref()).await {
                 Ok(diffs) if diffs.is_empty() => {
                     say("Redis and the database agree");
                     ExitCode::SUCCESS
@@ -254,7 +253,6 @@ async fn run_with<B: Backend>(cmd: Command, cfg: Arc<Config>, backend: Arc<B>) -
                 Err(e) => fail(&cfg, format!("reconcile: {e}")),
             }
         }
-        Command::Serve => serve(cfg, backend, db).await,
     }
 }
 
@@ -280,91 +278,19 @@ async fn signal() {
     let _ = ctrl_c.await;
 }
 
-async fn serve<B: Backend>(cfg: Arc<Config>, backend: Arc<B>, db: crate::db::Db) -> ExitCode {
-    let listener = match tokio::net::TcpListener::bind(cfg.server.listen).await {
-        Ok(l) => l,
-        Err(e) => {
-            return fail(&cfg, format!("cannot listen on {}: {e}", cfg.server.listen));
-        }
+/// `serve`: the gateway of the composition root, until SIGTERM or SIGINT.
+async fn serve(cfg: Config) -> ExitCode {
+    let scrub = cfg.clone();
+    let gateway = match crate::gateway::start(cfg).await {
+        Ok(g) => g,
+        Err(e) => return fail(&scrub, e.to_string()),
     };
-    let shutdown = CancellationToken::new();
-    let persister = cfg.persister.enabled.then(|| {
-        crate::persist::Persister::spawn(
-            backend.clone(),
-            db.clone(),
-            cfg.persister.clone(),
-            shutdown.child_token(),
-        )
-    });
-    let app = Arc::new(crate::app::App::new(
-        cfg.clone(),
-        backend.clone(),
-        db.clone(),
-        persister.as_ref().map(|p| p.status()),
-    ));
-    let background = app.spawn_background(shutdown.child_token());
-    let mut admin = None;
-    if let Some(addr) = cfg.metrics.admin_listen {
-        match tokio::net::TcpListener::bind(addr).await {
-            Ok(l) => {
-                admin = Some(tokio::spawn(crate::server::serve(
-                    app.clone(),
-                    l,
-                    shutdown.child_token(),
-                )))
-            }
-            Err(e) => return fail(&cfg, format!("cannot listen on {addr}: {e}")),
-        }
-    }
-    if cfg.backend == BackendKind::Embedded && cfg.embedded.aof_path.is_none() {
-        tracing::warn!(
-            "embedded.aof_path is empty: the keyspace lives in memory only. After a restart \
-             every batch reads as lost until `claimgate rebuild`, and a crash loses \
-             acknowledged claims the persister had not written yet"
-        );
-    }
-    let store = match cfg.backend {
-        BackendKind::Embedded => cfg
-            .embedded
-            .aof_path
-            .as_ref()
-            .map_or_else(|| "memory".to_string(), |p| p.display().to_string()),
-        BackendKind::Redis => redact_url(&cfg.redis.url).into_owned(),
-    };
-    tracing::info!(listen = %cfg.server.listen, backend = backend.kind(), store = %store,
-        database = %redact_url(&cfg.database.url), "claimgate serving");
-
-    let stop = shutdown.clone();
+    let stop = gateway.shutdown_token();
     tokio::spawn(async move {
         signal().await;
         tracing::info!("shutdown requested");
         stop.cancel();
     });
-    let started = std::time::Instant::now();
-    let grace = Duration::from_millis(cfg.server.shutdown_grace_ms);
-    crate::server::serve(app.clone(), listener, shutdown.clone()).await;
-    if let Some(a) = admin {
-        let _ = a.await;
-    }
-    // In-flight claims are done: flush the persister's batch, then the embedded log.
-    shutdown.cancel();
-    for t in background {
-        t.abort();
-    }
-    if let Some(p) = persister {
-        let left = grace
-            .saturating_sub(started.elapsed())
-            .max(Duration::from_millis(500));
-        if tokio::time::timeout(left, p.join()).await.is_err() {
-            tracing::warn!(
-                "persister did not finish within the grace period; Redis keeps the rest"
-            );
-        }
-    }
-    if let Err(e) = backend.flush().await {
-        tracing::warn!(error = %e, "final flush failed");
-    }
-    db.close().await;
-    tracing::info!("bye");
+    gateway.run().await;
     ExitCode::SUCCESS
 }

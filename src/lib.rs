@@ -1,32 +1,42 @@
 #![forbid(unsafe_code)]
 //! claimgate: a Redis-native, high-concurrency coupon claim gateway.
 //!
-//! The claim path, one module per stage: [`router`] (parse) -> [`claim`] (validate and
-//! orchestrate) -> [`auth`] (identify) -> [`limits`] (rate limits, admission) -> [`cache`]
-//! (hot keys) -> [`stock`] (one Lua script on the home shard, via a [`backend`]) -> reply
-//! ([`outcome`] decodes the script, [`error`] maps to HTTP). Off the request path:
-//! [`persist`] (Redis log -> database), [`rebuild`] (database -> Redis), [`app`] loops.
+//! # Layout
+//!
+//! The modules are layers; a module imports only from layers below it (`tests/layering.rs`
+//! checks every `crate::` path). Top to bottom:
+//!
+//! | layer | modules | job |
+//! |-------|---------|-----|
+//! | root | [`cli`], [`gateway`] | the command line; the composition root: wiring, startup, the one shutdown sequence, the background loops |
+//! | http | [`http`] | server, router, request bodies, ops endpoints, errors as HTTP |
+//! | api | [`api`] | the claim, admin and wallet handlers (orchestration only), `ApiError` and the one conversion of each domain error |
+//! | off the request path | [`persist`], [`recovery`] | Redis logs -> database; rebuild and reconcile |
+//! | services | [`catalog`], [`stock`] | what an instance knows of batches (cache + loader); sharded stock: claim + refill, transfers + sweeper, the census |
+//! | contracts | [`contract`], [`store`] | the typed Lua API (one module per script, key layout, claim-record codec); the database |
+//! | backend | [`backend`] | raw script calls: Redis (fred) and embedded (mlua + an in-memory keyspace) |
+//! | domain | [`domain`] | batch model and validation, ids, time, the claim record, auth, edge limits |
+//! | leaves | [`config`], [`obs`] | configuration (every section, checked at load); metric names and one struct per counted event |
+//!
+//! The request path of a claim: [`http::server`] -> [`http::router`] -> [`api::claim`] ->
+//! [`domain::auth`], [`domain::limits`] -> [`catalog`] (cache) -> [`stock::claim`] ->
+//! [`contract::claim`] -> [`backend`] -> `lua/claim.lua`. The record path:
+//! `lua/claim.lua` (stream entry) -> [`persist`] ([`contract::log_read`],
+//! [`contract::claim_record`]) -> [`store`] -> [`contract::log_ack`].
+//! `docs/ARCHITECTURE.md` has the map, with every invariant and where it is kept and
+//! tested.
 
-pub mod admin;
-pub mod app;
-pub mod auth;
+pub mod api;
 pub mod backend;
-pub mod batch;
-pub mod cache;
-pub mod claim;
+pub mod catalog;
 pub mod cli;
 pub mod config;
-pub mod db;
-pub mod error;
-pub mod keys;
-pub mod limits;
-pub mod metrics;
-pub mod ops;
-pub mod outcome;
+pub mod contract;
+pub mod domain;
+pub mod gateway;
+pub mod http;
+pub mod obs;
 pub mod persist;
-pub mod rebuild;
-pub mod router;
-pub mod secret;
-pub mod server;
+pub mod recovery;
 pub mod stock;
-pub mod wallet;
+pub mod store;

@@ -7,8 +7,9 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use claimgate::app::App;
-use claimgate::backend::redis::{RedisBackend, RedisConfig};
+use claimgate::backend::redis::RedisBackend;
+use claimgate::config::RedisConfig;
+use claimgate::http::App;
 use serde_json::json;
 use support::RedisCluster;
 use support::gw::*;
@@ -25,12 +26,7 @@ async fn cluster_app(
     })
     .await
     .expect("connect to the cluster");
-    Arc::new(App::new(
-        g.cfg.clone(),
-        Arc::new(backend),
-        g.db.clone(),
-        None,
-    ))
+    claimgate::gateway::assemble(g.cfg.clone(), Arc::new(backend), g.db.clone(), None)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -41,7 +37,7 @@ async fn flash_sale_on_redis_cluster() {
     let a = cluster_app(&cluster, &host).await;
     let b = cluster_app(&cluster, &host).await;
     let stop = CancellationToken::new();
-    b.spawn_background(stop.child_token());
+    claimgate::gateway::spawn_background(&b, stop.child_token());
 
     let body = batch_json("cl", 100, 1, json!({"shards": 16}));
     let (s, v) = call(&a, "POST", "/v1/batches", body).await;
@@ -64,14 +60,14 @@ async fn flash_sale_on_redis_cluster() {
         }
     }
     assert_eq!((ok, gone), (99, 901), "100 stock, one taken by the warm-up");
-    let keys = a.load_batch("cl").await.unwrap().keys.clone();
-    let c = a.stock.conservation(&keys).await.unwrap();
+    let keys = a.catalog().load("cl").await.unwrap().keys.clone();
+    let c = a.stock().conservation(&keys).await.unwrap();
     assert!(c.holds() && c.claimed == 100, "{c:?}");
     // the batch really is spread over the cluster
     let counts = cluster.key_counts();
     assert!(counts.iter().all(|&n| n > 0), "keys per node: {counts:?}");
     // sold out reached the other instance through cluster pub/sub
-    let entry = b.load_batch("cl").await.unwrap();
+    let entry = b.catalog().load("cl").await.unwrap();
     for _ in 0..200 {
         if entry.is_sold_out() {
             break;

@@ -18,15 +18,18 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use claimgate::app::App;
 use claimgate::backend::Backend;
-use claimgate::backend::embedded::{EmbeddedBackend, EmbeddedConfig};
-use claimgate::backend::redis::{RedisBackend, RedisConfig};
+use claimgate::backend::embedded::EmbeddedBackend;
+use claimgate::backend::redis::RedisBackend;
 use claimgate::config::Config;
-use claimgate::db::{ClaimRecord, Db};
-use claimgate::keys::{BatchKeys, SlotKeys};
+use claimgate::config::EmbeddedConfig;
+use claimgate::config::RedisConfig;
+use claimgate::contract::keys::{BatchKeys, SlotKeys};
+use claimgate::domain::claim::ClaimRecord;
+use claimgate::http::App;
 use claimgate::persist::Persister;
-use claimgate::rebuild::{rebuild, reconcile};
+use claimgate::recovery::{rebuild, reconcile};
+use claimgate::store::Db;
 use serde_json::{Value, json};
 use support::gw::*;
 use support::watchdog::{Watchdog, step};
@@ -83,13 +86,12 @@ fn counter(exposition: &str, name: &str) -> f64 {
 
 /// A field of a slot's meta hash in Redis.
 async fn meta_field<B: Backend>(app: &App<B>, slot: &SlotKeys, field: &str) -> Option<String> {
-    app.stock
+    app.stock()
         .meta(slot)
         .await
         .unwrap()
-        .into_iter()
-        .find(|(k, _)| k == field)
-        .map(|(_, v)| v)
+        .get(field)
+        .map(str::to_string)
 }
 
 async fn assert_reconciled<B: Backend>(backend: &B, db: &Db, batch: &str) {
@@ -128,16 +130,11 @@ async fn second_redis_instance(g: &Gw<RedisBackend>) -> Arc<App<RedisBackend>> {
         .await
         .unwrap(),
     );
-    Arc::new(App::new(g.cfg.clone(), backend, g.db.clone(), None))
+    claimgate::gateway::assemble(g.cfg.clone(), backend, g.db.clone(), None)
 }
 
 fn second_embedded_instance(g: &Gw<EmbeddedBackend>) -> Arc<App<EmbeddedBackend>> {
-    Arc::new(App::new(
-        g.cfg.clone(),
-        g.backend.clone(),
-        g.db.clone(),
-        None,
-    ))
+    claimgate::gateway::assemble(g.cfg.clone(), g.backend.clone(), g.db.clone(), None)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -170,7 +167,7 @@ async fn item2_sell_out<B: Backend>(g: &Gw<B>) -> HashMap<String, String> {
 /// re-sold.
 async fn item2_after_loss<B: Backend>(g: &Gw<B>, fresh: Arc<B>, sold: HashMap<String, String>) {
     // A gateway (re)started on the Redis that lost everything.
-    let app = Arc::new(App::new(g.cfg.clone(), fresh.clone(), g.db.clone(), None));
+    let app = claimgate::gateway::assemble(g.cfg.clone(), fresh.clone(), g.db.clone(), None);
     step("claims on the lost batch");
     let (s, v) = claim(&app, "resell", "u-new", None).await;
     assert_eq!((s, code(&v)), (503, "backend_unavailable"), "{v}");
@@ -186,7 +183,7 @@ async fn item2_after_loss<B: Backend>(g: &Gw<B>, fresh: Arc<B>, sold: HashMap<St
     // nothing was minted: no slot of the batch exists, no claim counter moved
     let keys = BatchKeys::new("resell", RESELL_SHARDS);
     for slot in keys.all() {
-        let p = app.stock.probe(slot).await.unwrap();
+        let p = app.stock().probe(slot).await.unwrap();
         assert_eq!(
             (p.stock, p.claimed, p.log_len),
             (0, 0, 0),
@@ -194,7 +191,7 @@ async fn item2_after_loss<B: Backend>(g: &Gw<B>, fresh: Arc<B>, sold: HashMap<St
             slot.meta
         );
         assert!(
-            app.stock.meta(slot).await.unwrap().is_empty(),
+            app.stock().meta(slot).await.unwrap().is_empty(),
             "{}",
             slot.meta
         );
@@ -207,8 +204,8 @@ async fn item2_after_loss<B: Backend>(g: &Gw<B>, fresh: Arc<B>, sold: HashMap<St
         .unwrap();
     assert_eq!((report.claims, report.pool_stock), (10, 0), "{report}");
     assert_reconciled(fresh.as_ref(), &g.db, "resell").await;
-    let entry = app.load_batch("resell").await.unwrap();
-    app.refresh_batch(&entry).await;
+    let entry = app.catalog().load("resell").await.unwrap();
+    app.catalog().refresh(&entry).await;
     assert!(!entry.is_lost());
 
     step("the sale goes on, nothing re-sold");
@@ -263,7 +260,7 @@ async fn item2_recreate_after_redis_lost_never_resells_embedded() {
     step("sell out");
     let sold = item2_sell_out(&g).await;
     step("restart without the append-only file: a fresh keyspace");
-    let fresh = Arc::new(EmbeddedBackend::open(&EmbeddedConfig::default()).unwrap());
+    let fresh = Arc::new(EmbeddedBackend::open(&EmbeddedConfig::in_memory()).unwrap());
     item2_after_loss(&g, fresh, sold).await;
 }
 
@@ -307,7 +304,7 @@ async fn item2_conflict_case<B: Backend>(g: &Gw<B>) {
     p.flush().await.unwrap();
     let shard = SlotKeys::new("dup", Some(0));
     assert_eq!(
-        g.app.stock.probe(&shard).await.unwrap().log_len,
+        g.app.stock().probe(&shard).await.unwrap().log_len,
         0,
         "the conflicting record must not block the log"
     );
@@ -403,7 +400,14 @@ async fn item3_case<B: Backend>(g: &Gw<B>) {
 
         step(format!("{id}: one definition everywhere"));
         let stored = g.db.get_batch(&id).await.unwrap().expect("in the database");
-        let (in_redis, _, _) = g.app.read_meta(&id).await.unwrap().expect("in Redis");
+        let in_redis = g
+            .app
+            .catalog()
+            .read_meta(&id)
+            .await
+            .unwrap()
+            .expect("in Redis")
+            .batch;
         assert_eq!(in_redis, stored, "{id}: Redis and the database disagree");
         assert_eq!(
             (json!(stored.shards), json!(stored.stock)),
@@ -428,7 +432,7 @@ async fn item3_case<B: Backend>(g: &Gw<B>) {
         }
         let beyond = SlotKeys::new(&id, Some(stored.shards));
         assert!(
-            g.app.stock.meta(&beyond).await.unwrap().is_empty(),
+            g.app.stock().meta(&beyond).await.unwrap().is_empty(),
             "{id}: a loser's shard {} exists",
             stored.shards
         );
@@ -497,7 +501,7 @@ async fn assert_total<B: Backend>(g: &Gw<B>, id: &str, want: i64) {
         "database"
     );
     let keys = BatchKeys::new(id, 4);
-    let c = g.app.stock.conservation(&keys).await.unwrap();
+    let c = g.app.stock().conservation(&keys).await.unwrap();
     assert!(c.holds() && c.total == want, "{c:?}");
 }
 
@@ -580,7 +584,7 @@ async fn item4_interrupted_change_case<B: Backend>(g: &Gw<B>) {
     let row = g.db.batch_row("heal4").await.unwrap().unwrap();
     let mut changed = row.batch.clone();
     changed.stock += 25;
-    changed.state = claimgate::batch::BatchState::Paused;
+    changed.state = claimgate::domain::batch::BatchState::Paused;
     assert!(
         g.db.update_batch(&changed, row.version, row.version + 1)
             .await
@@ -592,26 +596,26 @@ async fn item4_interrupted_change_case<B: Backend>(g: &Gw<B>) {
     assert!(
         diffs.iter().any(|d| matches!(
             d,
-            claimgate::rebuild::Difference::VersionBehind { slot, .. } if slot == "pool"
+            claimgate::recovery::Difference::VersionBehind { slot, .. } if slot == "pool"
         )),
         "{diffs:?}"
     );
-    let entry = g.app.load_batch("heal4").await.unwrap();
-    claimgate::admin::heal_definitions(&g.app).await;
+    let entry = g.app.catalog().load("heal4").await.unwrap();
+    g.app.catalog().heal_definitions().await;
     assert_eq!(entry.version(), row.version + 1);
     assert_state_everywhere(g, "heal4", "paused").await;
     let keys = BatchKeys::new("heal4", 3);
-    let c = g.app.stock.conservation(&keys).await.unwrap();
+    let c = g.app.stock().conservation(&keys).await.unwrap();
     assert!(c.holds() && c.total == 75, "{c:?}");
     assert_reconciled(g.backend.as_ref(), &g.db, "heal4").await;
     // the older version again (a late PATCH): nothing moves
     g.app
-        .stock
+        .stock()
         .apply_definition(&keys, &row.batch, row.version)
         .await
         .unwrap();
     assert_state_everywhere(g, "heal4", "paused").await;
-    assert_eq!(g.app.stock.conservation(&keys).await.unwrap(), c);
+    assert_eq!(g.app.stock().conservation(&keys).await.unwrap(), c);
     assert_reconciled(g.backend.as_ref(), &g.db, "heal4").await;
 }
 
@@ -630,9 +634,9 @@ async fn item4_interrupted_change_is_healed_embedded() {
 // ---------------------------------------------------------------------------------------
 // a create retried after a crash part-way
 
-fn batch_of(body: &str) -> claimgate::batch::Batch {
-    let new: claimgate::batch::NewBatch = serde_json::from_str(body).unwrap();
-    new.validate(&claimgate::config::BatchesConfig::default().limits())
+fn batch_of(body: &str) -> claimgate::domain::batch::Batch {
+    let new: claimgate::domain::batch::NewBatch = serde_json::from_str(body).unwrap();
+    new.validate(&claimgate::config::BatchesConfig::default())
         .unwrap()
 }
 
@@ -654,7 +658,7 @@ async fn crash_mid_setup_case<B: Backend>(g: &Gw<B>) {
         .unwrap();
     assert_eq!(
         diffs,
-        [claimgate::rebuild::Difference::SetupIncomplete {
+        [claimgate::recovery::Difference::SetupIncomplete {
             batch: "crash1".into()
         }]
     );
@@ -669,7 +673,7 @@ async fn crash_mid_setup_case<B: Backend>(g: &Gw<B>) {
     let (row, _) = g.db.insert_batch(&batch_of(&body)).await.unwrap();
     let keys = BatchKeys::new("crash2", 2);
     g.app
-        .stock
+        .stock()
         .create(&row.batch, &keys, row.version)
         .await
         .unwrap();
@@ -680,12 +684,12 @@ async fn crash_mid_setup_case<B: Backend>(g: &Gw<B>) {
         held.insert(coupon(&v));
     }
     drain(&g.backend, &g.db, &g.cfg, "crash2", 4).await;
-    let before = g.app.stock.conservation(&keys).await.unwrap();
+    let before = g.app.stock().conservation(&keys).await.unwrap();
     let (s, v) = call(&g.app, "POST", "/v1/batches", body.clone()).await;
     assert_eq!(s, 201, "{v}");
     assert!(g.db.batch_row("crash2").await.unwrap().unwrap().setup_done);
     assert_eq!(
-        g.app.stock.conservation(&keys).await.unwrap(),
+        g.app.stock().conservation(&keys).await.unwrap(),
         before,
         "set up again"
     );
@@ -718,7 +722,7 @@ async fn create_retried_after_crash_and_redis_loss_stays_lost() {
     let (row, _) = g.db.insert_batch(&batch_of(&body)).await.unwrap();
     let keys = BatchKeys::new("crash3", 2);
     g.app
-        .stock
+        .stock()
         .create(&row.batch, &keys, row.version)
         .await
         .unwrap();
@@ -727,17 +731,12 @@ async fn create_retried_after_crash_and_redis_loss_stays_lost() {
     }
     drain(&g.backend, &g.db, &g.cfg, "crash3", 3).await;
     g.redis.as_ref().unwrap().cli(&["FLUSHALL"]);
-    let app = Arc::new(App::new(
-        g.cfg.clone(),
-        g.backend.clone(),
-        g.db.clone(),
-        None,
-    ));
+    let app = claimgate::gateway::assemble(g.cfg.clone(), g.backend.clone(), g.db.clone(), None);
     let (s, v) = call(&app, "POST", "/v1/batches", body).await;
     assert_eq!((s, code(&v)), (503, "backend_unavailable"), "{v}");
     for slot in keys.all() {
         assert!(
-            app.stock.meta(slot).await.unwrap().is_empty(),
+            app.stock().meta(slot).await.unwrap().is_empty(),
             "{}",
             slot.meta
         );
@@ -772,7 +771,7 @@ async fn item8_same_instance_case<B: Backend>(g: &Gw<B>) {
 /// `other` asked for the batch before it existed; `g` creates it.
 async fn item8_other_instance_case<B: Backend>(g: &Gw<B>, other: Arc<App<B>>) {
     let stop = CancellationToken::new();
-    other.spawn_background(stop.child_token());
+    claimgate::gateway::spawn_background(&other, stop.child_token());
     let (s, v) = claim(&other, "late8b", "early", None).await;
     assert_eq!((s, code(&v)), (404, "batch_not_found"));
     tokio::time::sleep(Duration::from_millis(200)).await; // its subscriber is up

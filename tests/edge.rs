@@ -7,8 +7,9 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use claimgate::app::App;
-use claimgate::backend::redis::{RedisBackend, RedisConfig};
+use claimgate::backend::redis::RedisBackend;
+use claimgate::config::RedisConfig;
+use claimgate::http::App;
 use serde_json::json;
 use support::gw::*;
 use tokio_util::sync::CancellationToken;
@@ -34,7 +35,7 @@ async fn second_instance(g: &Gw<RedisBackend>) -> Arc<App<RedisBackend>> {
         .await
         .unwrap(),
     );
-    Arc::new(App::new(g.cfg.clone(), backend, g.db.clone(), None))
+    claimgate::gateway::assemble(g.cfg.clone(), backend, g.db.clone(), None)
 }
 
 async fn eventually(what: &str, f: impl Fn() -> bool) {
@@ -52,8 +53,8 @@ async fn sold_out_reaches_every_instance_and_then_costs_no_redis_call() {
     let a = redis_gw().await;
     let b = second_instance(&a).await;
     let stop = CancellationToken::new();
-    a.app.spawn_background(stop.child_token());
-    b.spawn_background(stop.child_token());
+    claimgate::gateway::spawn_background(&a.app, stop.child_token());
+    claimgate::gateway::spawn_background(&b, stop.child_token());
     create(&a, "bc", 5, 1, json!({"shards": 2})).await;
     // B serves the batch once, so it caches it
     assert_eq!(claim(&b, "bc", "b-user", Some("b-r1")).await.0, 201);
@@ -61,7 +62,7 @@ async fn sold_out_reaches_every_instance_and_then_costs_no_redis_call() {
         claim(&a.app, "bc", &format!("a{i}"), None).await;
     }
     assert_eq!(claim(&a.app, "bc", "late", None).await.0, 410);
-    let entry = b.load_batch("bc").await.unwrap();
+    let entry = b.catalog().load("bc").await.unwrap();
     eventually("B learns sold out by pub/sub", || entry.is_sold_out()).await;
     eventually("B loads the winners", || entry.is_winner("x").is_some()).await;
 
@@ -136,8 +137,8 @@ async fn the_cache_never_grants() {
         }
     }
     assert_eq!(ok, 39, "40 stock, 1 taken by the warm-up claim");
-    let keys = a.app.load_batch("stale").await.unwrap().keys.clone();
-    let c = a.app.stock.conservation(&keys).await.unwrap();
+    let keys = a.app.catalog().load("stale").await.unwrap().keys.clone();
+    let c = a.app.stock().conservation(&keys).await.unwrap();
     assert!(c.holds() && c.claimed == 40, "{c:?}");
 }
 
@@ -165,8 +166,8 @@ async fn rate_limits_answer_429_with_retry_after() {
         "limits are per user"
     );
     // the limited claims never reached the backend
-    let keys = g.app.load_batch("rl").await.unwrap().keys.clone();
-    assert_eq!(g.app.stock.conservation(&keys).await.unwrap().claimed, 3);
+    let keys = g.app.catalog().load("rl").await.unwrap().keys.clone();
+    assert_eq!(g.app.stock().conservation(&keys).await.unwrap().claimed, 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -199,9 +200,9 @@ async fn admission_sheds_with_503_and_claims_nothing_for_shed_requests() {
         shed > 0,
         "300 concurrent claims through 2 slots with no wait must shed some"
     );
-    let keys = g.app.load_batch("adm").await.unwrap().keys.clone();
+    let keys = g.app.catalog().load("adm").await.unwrap().keys.clone();
     assert_eq!(
-        g.app.stock.conservation(&keys).await.unwrap().claimed,
+        g.app.stock().conservation(&keys).await.unwrap().claimed,
         ok,
         "shed requests claimed nothing"
     );
@@ -229,7 +230,7 @@ async fn auth_admin_token_and_user_jwt() {
             .unwrap()
     };
     let peer = "127.0.0.1:1".parse().unwrap();
-    let r = claimgate::router::handle(
+    let r = claimgate::http::router::handle(
         &g.app,
         req("/v1/batches", body, "admin-token-0123456789"),
         peer,
@@ -245,14 +246,14 @@ async fn auth_admin_token_and_user_jwt() {
         .unwrap()
     };
     assert_eq!(claim(&g.app, "au", "u1", None).await.0, 401, "no token");
-    let ok = claimgate::router::handle(
+    let ok = claimgate::http::router::handle(
         &g.app,
         req("/v1/batches/au/claims", "{}".into(), &token("u1")),
         peer,
     )
     .await;
     assert_eq!(ok.status(), 201);
-    let mismatch = claimgate::router::handle(
+    let mismatch = claimgate::http::router::handle(
         &g.app,
         req(
             "/v1/batches/au/claims",
@@ -280,7 +281,7 @@ async fn redis_down_fails_closed_then_recovers() {
             br#"{"user_id":"during"}"#,
         )))
         .unwrap();
-    let resp = claimgate::router::handle(&g.app, req, "127.0.0.1:1".parse().unwrap()).await;
+    let resp = claimgate::http::router::handle(&g.app, req, "127.0.0.1:1".parse().unwrap()).await;
     assert_eq!(resp.status(), 503);
     assert!(resp.headers().contains_key("retry-after"));
     assert_eq!(resp.headers()["x-request-id"], "trace-me-1");
@@ -304,8 +305,8 @@ async fn redis_down_fails_closed_then_recovers() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(recovered, "claims flow again once Redis is back");
-    let keys = g.app.load_batch("down").await.unwrap().keys.clone();
-    let c = g.app.stock.conservation(&keys).await.unwrap();
+    let keys = g.app.catalog().load("down").await.unwrap().keys.clone();
+    let c = g.app.stock().conservation(&keys).await.unwrap();
     assert!(
         c.holds() && c.claimed == 2,
         "nothing was claimed during the outage: {c:?}"

@@ -3,7 +3,7 @@
 //! scripts cannot carry, not-yet-valid tokens, an oversized body written whole before the
 //! reply is read, and a flood of distinct rate-limit keys.
 //!
-//! Socket tests run the real server (`claimgate::server::serve`) on a real loopback listener;
+//! Socket tests run the real server (`claimgate::http::server::serve`) on a real loopback listener;
 //! the others go through the real router, on both backends where the behaviour is the
 //! backend's.
 
@@ -15,8 +15,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use claimgate::app::App;
 use claimgate::backend::Backend;
+use claimgate::http::App;
 use http_body_util::{BodyExt, Full};
 use serde_json::{Value, json};
 use support::gw::*;
@@ -29,7 +29,7 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 async fn listen<B: Backend>(app: &Arc<App<B>>, stop: &CancellationToken) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(claimgate::server::serve(
+    tokio::spawn(claimgate::http::server::serve(
         app.clone(),
         listener,
         stop.clone(),
@@ -133,7 +133,7 @@ async fn request<B: Backend>(
         b = b.header(*k, v);
     }
     let req = b.body(Full::new(body.into())).unwrap();
-    let resp = claimgate::router::handle(app, req, "127.0.0.1:40000".parse().unwrap()).await;
+    let resp = claimgate::http::router::handle(app, req, "127.0.0.1:40000".parse().unwrap()).await;
     let status = resp.status().as_u16();
     let bytes = resp.into_body().collect().await.unwrap().to_bytes();
     (
@@ -432,8 +432,8 @@ async fn replay_after_eligibility_changed<B: Backend>(g: &Gw<B>) {
     let (s, v) = request(&g.app, "POST", path, &[], body("r2")).await;
     assert_eq!((s, v["error"].as_str()), (403, Some("not_eligible")), "{v}");
     // and nothing more was claimed
-    let keys = g.app.load_batch("elig").await.unwrap().keys.clone();
-    assert_eq!(g.app.stock.conservation(&keys).await.unwrap().claimed, 1);
+    let keys = g.app.catalog().load("elig").await.unwrap().keys.clone();
+    assert_eq!(g.app.stock().conservation(&keys).await.unwrap().claimed, 1);
 }
 
 /// Regression (hardening item 6): a replay of a request id answered 403 `not_eligible` once
@@ -653,7 +653,7 @@ async fn item14_a_flood_of_distinct_keys_stays_within_max_tracked_keys() {
                 assert_eq!(s, 201, "{v}");
                 let (s, _) = request(&app, "GET", "/v1/batches/flood", &headers, "").await;
                 assert_eq!(s, 200);
-                let t = app.limits.tracked_keys();
+                let t = app.api().limits().tracked_keys();
                 worst = worst.max(t.user).max(t.ip).max(t.other_ip);
             }
             worst
@@ -664,7 +664,7 @@ async fn item14_a_flood_of_distinct_keys_stays_within_max_tracked_keys() {
     for t in tasks {
         worst = worst.max(t.await.unwrap());
     }
-    let t = g.app.limits.tracked_keys();
+    let t = g.app.api().limits().tracked_keys();
     assert!(
         worst <= 64 && t.user <= 64 && t.ip <= 64 && t.other_ip <= 64,
         "tracked keys went over the bound of 64: worst {worst}, now {t:?}"

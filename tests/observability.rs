@@ -3,8 +3,8 @@
 //!
 //! One in-process gateway (embedded backend + SQLite, as `tests/conformance.rs` builds it)
 //! is driven through every outcome the dashboard charts; then `GET /metrics` is checked:
-//! (a) every metric name a dashboard query uses is defined in `src/metrics.rs` and present
-//!     in the exposition; (b) every metric of `src/metrics.rs` is charted by the dashboard;
+//! (a) every metric name a dashboard query uses is defined in `src/obs/metrics.rs` and present
+//!     in the exposition; (b) every metric of `src/obs/metrics.rs` is charted by the dashboard;
 //! (c) `promtool check metrics` accepts the exposition (when promtool is installed);
 //! (d) label values stay inside their closed sets, and the `batch` label within
 //!     `metrics.max_batch_labels` while batches sell out and new ones are created.
@@ -20,12 +20,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use claimgate::app::App;
-use claimgate::backend::embedded::{EmbeddedBackend, EmbeddedConfig};
-use claimgate::db::Db;
-use claimgate::error::ApiError;
-use claimgate::keys::BatchKeys;
+use claimgate::api::ApiError;
+use claimgate::backend::embedded::EmbeddedBackend;
+use claimgate::config::EmbeddedConfig;
+use claimgate::contract::keys::BatchKeys;
+use claimgate::http::App;
 use claimgate::persist::Persister;
+use claimgate::store::Db;
 use http::Request;
 use http_body_util::{BodyExt, Full};
 use serde_json::{Value, json};
@@ -37,14 +38,14 @@ const MAX_BATCH_LABELS: usize = 2;
 const MAX_BACKLOG: usize = 5;
 
 /// Dashboard metrics that cannot be exported by an in-process gateway on the embedded
-/// backend, with the reason. They are still checked against `src/metrics.rs`.
+/// backend, with the reason. They are still checked against `src/obs/metrics.rs`.
 const NOT_EXPORTABLE_HERE: &[(&str, &str)] = &[(
     "claimgate_backend_script_reloads_total",
     "counted only after Redis answers NOSCRIPT (src/backend/redis.rs); the embedded backend \
      has no script cache to lose, so the counter is never created in this process",
 )];
 
-/// Metrics of `src/metrics.rs` that the dashboard need not chart, with the reason.
+/// Metrics of `src/obs/metrics.rs` that the dashboard need not chart, with the reason.
 const NOT_CHARTED: &[(&str, &str)] = &[];
 
 fn root() -> PathBuf {
@@ -73,8 +74,8 @@ fn closed_label_sets() -> LabelSets {
         .iter()
         .map(|s| s.name())
         .collect();
-    let routes = claimgate::metrics::ROUTES;
-    let stages = claimgate::metrics::STAGES;
+    let routes = claimgate::obs::metrics::ROUTES;
+    let stages = claimgate::obs::metrics::STAGES;
     let m = |pairs: Vec<(&'static str, Option<BTreeSet<String>>)>| {
         pairs.into_iter().collect::<BTreeMap<_, _>>()
     };
@@ -171,11 +172,12 @@ fn closed_label_sets() -> LabelSets {
 }
 
 // ------------------------------------------------------------------------------------------
-// parsing: src/metrics.rs, the dashboard, the exposition
+// parsing: src/obs/metrics.rs, the dashboard, the exposition
 
-/// `pub const NAME: &str = "claimgate_...";` of `src/metrics.rs`: (constant, metric name).
+/// `pub const NAME: &str = "claimgate_...";` of `src/obs/metrics.rs`: (constant, metric name).
 fn defined_metrics() -> Vec<(String, String)> {
-    let src = std::fs::read_to_string(root().join("src/metrics.rs")).expect("read src/metrics.rs");
+    let src = std::fs::read_to_string(root().join("src/obs/metrics.rs"))
+        .expect("read src/obs/metrics.rs");
     let mut out = Vec::new();
     for line in src.lines() {
         let Some(rest) = line.trim().strip_prefix("pub const ") else {
@@ -408,7 +410,7 @@ struct Gw {
 }
 
 async fn open_db(path: &Path, migrate: bool) -> Db {
-    let cfg = claimgate::db::DatabaseConfig {
+    let cfg = claimgate::config::DatabaseConfig {
         url: format!("sqlite://{}?mode=rwc", path.display()),
         ..Default::default()
     };
@@ -444,7 +446,7 @@ async fn embedded_gw() -> Gw {
         .expect("embedded backend"),
     );
     let db = open_db(&dir.path().join("obs.db"), true).await;
-    let app = Arc::new(App::new(cfg, backend.clone(), db.clone(), None));
+    let app = claimgate::gateway::assemble(cfg, backend.clone(), db.clone(), None);
     Gw {
         app,
         backend,
@@ -462,7 +464,7 @@ async fn call(app: &App<EmbeddedBackend>, method: &str, path: &str, body: &str) 
         .body(Full::new(Bytes::from(body.to_string())))
         .unwrap();
     let peer: SocketAddr = PEER.parse().unwrap();
-    let resp = claimgate::router::handle(app, req, peer).await;
+    let resp = claimgate::http::router::handle(app, req, peer).await;
     let status = resp.status().as_u16();
     let bytes = resp.into_body().collect().await.unwrap().to_bytes();
     (status, String::from_utf8_lossy(&bytes).into_owned())
@@ -575,12 +577,12 @@ async fn dashboard_matches_exported_metrics() {
     // loops as `claimgate serve` runs them (warm-up, metadata refresh, stock gauges, sweeper).
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(claimgate::server::serve(
+    let server = tokio::spawn(claimgate::http::server::serve(
         app.clone(),
         listener,
         stop.clone(),
     ));
-    let background = app.spawn_background(stop.clone());
+    let background = claimgate::gateway::spawn_background(app, stop.clone());
     assert!(
         wait_for(app, Duration::from_secs(10), |t| t
             .contains(r#"claimgate_stock_remaining{batch="obs-paused"}"#))
@@ -611,7 +613,7 @@ async fn dashboard_matches_exported_metrics() {
         "sold_out",
     );
     let keys = BatchKeys::new("obs-main", 2);
-    let c = app.stock.conservation(&keys).await.unwrap();
+    let c = app.stock().conservation(&keys).await.unwrap();
     assert!(c.holds() && c.claimed == 4 && c.total == 4, "{c:?}");
 
     // obs-a-cap sells out after its stock gauge was exported
@@ -718,7 +720,12 @@ async fn dashboard_matches_exported_metrics() {
 
     // every backend slot taken: shed (inflight)
     {
-        let _slot = app.admission.admit().await.expect("the only backend slot");
+        let _slot = app
+            .api()
+            .admission()
+            .admit()
+            .await
+            .expect("the only backend slot");
         expect(
             "no backend slot",
             claim(app, "obs-lim", "s1", None).await,
@@ -730,12 +737,12 @@ async fn dashboard_matches_exported_metrics() {
     // a transfer cut in half, as by a crash, finished by the sweeper
     let bk = BatchKeys::new("obs-backlog", 1);
     let moved = app
-        .stock
+        .stock()
         .transfer_first_half(&bk.pool, &bk.shards[0], "obs-crash", 1, false)
         .await
         .unwrap();
     assert_eq!(moved, 1);
-    assert_eq!(app.stock.sweep(&bk, 0).await.unwrap(), 1);
+    assert_eq!(app.stock().sweep(&bk, 0).await.unwrap(), 1);
 
     // a batch created while the gateway runs, after the first stock gauges were exported
     create(app, "obs-0-late", 10, 1, 1).await;
@@ -776,7 +783,7 @@ async fn dashboard_matches_exported_metrics() {
 
     // ---- persister --------------------------------------------------------------------------
     let pstop = CancellationToken::new();
-    let mut pcfg = app.cfg.persister.clone();
+    let mut pcfg = app.config().persister.clone();
     pcfg.consumer = Some("obs-persister".to_string());
     let persister = Persister::spawn(g.backend.clone(), g.db.clone(), pcfg.clone(), pstop.clone());
     let written = persister.flush().await.expect("persister flush");
@@ -830,7 +837,7 @@ async fn dashboard_matches_exported_metrics() {
     let defined_names: BTreeSet<String> = defined.iter().map(|(_, n)| n.clone()).collect();
     assert!(
         defined.len() >= 20,
-        "could not read the metric constants of src/metrics.rs: {defined:?}"
+        "could not read the metric constants of src/obs/metrics.rs: {defined:?}"
     );
 
     let dash_text = std::fs::read_to_string(root().join("grafana/dashboards/claimgate.json"))
@@ -841,11 +848,11 @@ async fn dashboard_matches_exported_metrics() {
     let used: BTreeSet<String> = queries.iter().flat_map(|q| metric_idents(q)).collect();
     failures.extend(dashboard_shape(&dash));
 
-    // (a) every name a query uses is a metric of src/metrics.rs and is exported
+    // (a) every name a query uses is a metric of src/obs/metrics.rs and is exported
     for name in &used {
         if base_name(name, &defined_names).is_none() {
             failures.push(format!(
-                "(a) dashboard uses {name}, which is not a metric of src/metrics.rs"
+                "(a) dashboard uses {name}, which is not a metric of src/obs/metrics.rs"
             ));
             continue;
         }
@@ -860,7 +867,7 @@ async fn dashboard_matches_exported_metrics() {
         }
     }
 
-    // (b) every metric of src/metrics.rs is charted
+    // (b) every metric of src/obs/metrics.rs is charted
     for (constant, name) in &defined {
         let charted = used
             .iter()
@@ -915,7 +922,7 @@ async fn dashboard_matches_exported_metrics() {
     for s in samples.iter().filter(|s| s.name.starts_with("claimgate_")) {
         let Some(base) = base_name(&s.name, &defined_names) else {
             failures.push(format!(
-                "(d) exported {} is not defined in src/metrics.rs",
+                "(d) exported {} is not defined in src/obs/metrics.rs",
                 s.name
             ));
             continue;

@@ -9,17 +9,18 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use claimgate::app::App;
-use claimgate::backend::embedded::{EmbeddedBackend, EmbeddedConfig};
-use claimgate::db::Db;
-use claimgate::error::ApiError;
+use claimgate::api::ApiError;
+use claimgate::backend::embedded::EmbeddedBackend;
+use claimgate::config::EmbeddedConfig;
+use claimgate::http::App;
+use claimgate::store::Db;
 use http::Request;
 use http_body_util::{BodyExt, Full};
 use serde_json::{Value, json};
 
 const DOC_PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/openapi.json");
 
-/// Every operation the router serves (src/router.rs), as the document must name it.
+/// Every operation the router serves (src/http/router.rs), as the document must name it.
 const ROUTES: [(&str, &str); 12] = [
     ("GET", "/healthz"),
     ("GET", "/readyz"),
@@ -202,7 +203,7 @@ fn check(doc: &Value, schema: &Value, v: &Value, at: &str, errs: &mut Vec<String
         errs.push(format!("{at}: {s:?} does not match {p}"));
     }
     if let (Some("date-time"), Some(s)) = (schema.get("format").and_then(Value::as_str), v.as_str())
-        && claimgate::batch::Timestamp::parse(s).is_none()
+        && claimgate::domain::time::Timestamp::parse(s).is_none()
     {
         errs.push(format!("{at}: {s:?} is not an RFC 3339 date-time"));
     }
@@ -295,14 +296,14 @@ async fn gateway() -> Gw {
         })
         .expect("embedded backend"),
     );
-    let db = Db::connect(&claimgate::db::DatabaseConfig {
+    let db = Db::connect(&claimgate::config::DatabaseConfig {
         url: format!("sqlite://{}?mode=rwc", dir.path().join("test.db").display()),
         ..Default::default()
     })
     .await
     .expect("database");
     db.migrate().await.expect("migrate");
-    let app = Arc::new(App::new(cfg, backend, db, None));
+    let app = claimgate::gateway::assemble(cfg, backend, db, None);
     Gw { app, _dir: dir }
 }
 
@@ -325,7 +326,7 @@ async fn call(gw: &Gw, method: &str, path: &str, body: &str) -> Answer {
         .body(Full::new(Bytes::from(body.to_string())))
         .unwrap();
     let peer: SocketAddr = "127.0.0.1:40000".parse().unwrap();
-    let resp = claimgate::router::handle(&gw.app, req, peer).await;
+    let resp = claimgate::http::router::handle(&gw.app, req, peer).await;
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();
     let bytes = resp.into_body().collect().await.unwrap().to_bytes();
@@ -476,7 +477,7 @@ async fn every_error_is_documented_with_its_status() {
 
     for e in every_error() {
         let (code, status) = (e.code(), e.status().as_u16());
-        let resp = e.clone().into_response();
+        let resp = e.clone().into_response(1);
         assert_eq!(resp.status().as_u16(), status);
         let retry = resp.headers().contains_key(http::header::RETRY_AFTER);
         let body: Value =
@@ -554,12 +555,12 @@ fn id_patterns_agree_with_the_code() {
     for s in samples {
         assert_eq!(
             pattern_matches(&user, s),
-            claimgate::claim::valid_ident(s),
+            claimgate::domain::ids::valid_ident(s),
             "{s:?}"
         );
         assert_eq!(
             pattern_matches(&batch, s),
-            claimgate::batch::valid_batch_id(s),
+            claimgate::domain::ids::valid_batch_id(s),
             "{s:?}"
         );
     }

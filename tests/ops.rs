@@ -16,12 +16,15 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use claimgate::app::App;
 use claimgate::backend::Backend;
-use claimgate::backend::embedded::{EmbeddedBackend, EmbeddedConfig};
-use claimgate::backend::redis::{RedisBackend, RedisConfig};
-use claimgate::db::{DatabaseConfig, Db};
+use claimgate::backend::embedded::EmbeddedBackend;
+use claimgate::backend::redis::RedisBackend;
+use claimgate::config::DatabaseConfig;
+use claimgate::config::EmbeddedConfig;
+use claimgate::config::RedisConfig;
+use claimgate::http::App;
 use claimgate::persist::Persister;
+use claimgate::store::Db;
 use serde_json::{Value, json};
 use sqlx::Connection;
 use support::gw::{batch_json, call, claim, open_db};
@@ -314,12 +317,8 @@ async fn stall_scenario<B: Backend>(backend: Arc<B>, db_url: String) {
         cfg.persister.clone(),
         shutdown.child_token(),
     );
-    let app = Arc::new(App::new(
-        cfg.clone(),
-        backend.clone(),
-        db.clone(),
-        Some(p.status()),
-    ));
+    let app =
+        claimgate::gateway::assemble(cfg.clone(), backend.clone(), db.clone(), Some(p.status()));
     let (s, v) = call(
         &app,
         "POST",

@@ -12,16 +12,24 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use claimgate::backend::embedded::{EmbeddedBackend, EmbeddedConfig};
-use claimgate::backend::redis::{RedisBackend, RedisConfig};
-use claimgate::backend::{Backend, Script, Value};
-use claimgate::batch::{
+use claimgate::backend::embedded::EmbeddedBackend;
+use claimgate::backend::redis::RedisBackend;
+use claimgate::backend::{Backend, BackendError, Script, Value};
+use claimgate::config::DatabaseConfig;
+use claimgate::config::EmbeddedConfig;
+use claimgate::config::PersisterConfig;
+use claimgate::config::RedisConfig;
+use claimgate::contract::claim_record::parse as parse_claim;
+use claimgate::contract::keys::{BatchKeys, SlotKeys};
+use claimgate::contract::log_ack::call as ack_log;
+use claimgate::contract::log_read::{self, LogEntry};
+use claimgate::domain::batch::{
     Batch, BatchState, Discount, Eligibility, Scope, ScopeKind, Timestamp, Validity, Window,
 };
-use claimgate::db::{CouponState, DatabaseConfig, Db, DbError};
-use claimgate::keys::{BatchKeys, SlotKeys, home_shard, parse_coupon_id};
-use claimgate::persist::{Persister, PersisterConfig, ack_log, parse_claim, read_log};
-use claimgate::rebuild::{Difference, RebuildError, rebuild, reconcile};
+use claimgate::domain::ids::{home_shard, parse_coupon_id};
+use claimgate::persist::Persister;
+use claimgate::recovery::{Difference, RebuildError, rebuild, reconcile};
+use claimgate::store::{CouponState, Db, DbError};
 use support::{PgDb, RedisServer};
 use tokio_util::sync::CancellationToken;
 
@@ -64,8 +72,7 @@ fn batch(id: &str, shards: u32, stock: i64, limit: i64, daily: Option<i64>) -> B
 }
 
 fn meta_args(b: &Batch, pool: bool) -> Vec<String> {
-    let mut pairs: Vec<(String, String)> = b
-        .meta_pairs(1)
+    let mut pairs: Vec<(String, String)> = claimgate::contract::meta::fields(b, 1)
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
@@ -123,14 +130,14 @@ async fn claim<B: Backend>(
     keys: &BatchKeys,
     user: &str,
     rid: &str,
-) -> Result<Claim, claimgate::backend::BackendError> {
+) -> Result<Claim, BackendError> {
     let shard = home_shard(user, b.shards);
     let sk = &keys.shards[shard as usize];
     let shard_s = shard.to_string();
     let reply = backend
         .eval(
             Script::Claim,
-            &sk.claim_keys(),
+            &claimgate::contract::claim::keys(sk),
             &[user, rid, "0", &b.id, &shard_s, "test"],
         )
         .await?;
@@ -176,13 +183,31 @@ async fn refill<B: Backend>(backend: &B, keys: &BatchKeys, to: usize, amount: i6
 
 async fn probe<B: Backend>(backend: &B, s: &SlotKeys) -> (i64, i64) {
     let parts = backend
-        .eval(Script::Probe, &s.probe_keys(), &[])
+        .eval(Script::Probe, &claimgate::contract::probe::keys(s), &[])
         .await
         .unwrap()
         .into_array()
         .unwrap();
     // (claimed counter, log length)
     (parts[2].as_int().unwrap(), parts[3].as_int().unwrap())
+}
+
+/// Reads a shard log as the persister does (`lua/log_read.lua`).
+async fn read_log<B: Backend>(
+    backend: &B,
+    log: &str,
+    group: &str,
+    consumer: &str,
+    count: usize,
+    min_idle_ms: u64,
+) -> Result<Vec<LogEntry>, BackendError> {
+    let read = log_read::Read {
+        group,
+        consumer,
+        count,
+        min_idle_ms,
+    };
+    log_read::call(backend, log, &read).await
 }
 
 async fn redis(server: &RedisServer) -> Arc<RedisBackend> {

@@ -10,7 +10,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use claimgate::db::{DatabaseConfig, Db};
+use claimgate::config::DatabaseConfig;
+use claimgate::store::Db;
 use serde_json::{Value, json};
 use support::http::Http;
 use support::{Gateway, PgDb, RedisServer};

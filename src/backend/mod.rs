@@ -1,13 +1,20 @@
-//! Script backends: the one place claimgate talks to its keyspace.
+//! Script backends: the one place claimgate talks to its keyspace, as raw script calls.
 //!
-//! Every stateful operation is one of the Lua scripts in `lua/`, run atomically against
-//! keys of a single hash slot. Two backends run the very same script text: [`redis`]
-//! (fred, against a real Redis or Redis Cluster) and [`embedded`] (mlua, in process).
+//! Every stateful operation is one of the Lua scripts in `lua/` ([`Script`], the registry
+//! of their texts), run atomically against keys of a single hash slot. Two backends run the
+//! very same script text: [`redis`] (fred, against a real Redis or Redis Cluster) and
+//! [`embedded`] (mlua, in process). What a script's KEYS, ARGV and reply mean is not this
+//! layer's business: `crate::contract` holds one typed module per script, and only it
+//! calls [`Backend::eval`].
+//!
 //! Invariant kept here: callers cannot run anything but a registered script, so both
 //! backends are driven through exactly the same operations and stay interchangeable.
 
 pub mod embedded;
 pub mod redis;
+mod script;
+
+pub use self::script::Script;
 
 use std::future::Future;
 
@@ -64,91 +71,6 @@ pub enum BackendError {
     Protocol(String),
 }
 
-/// The scripts in `lua/`, closed set. The text is compiled into the binary.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Script {
-    Claim,
-    Setup,
-    Patch,
-    TransferOut,
-    TransferIn,
-    TransferDone,
-    Probe,
-    InboxCheck,
-    MarkSoldout,
-    MetaGet,
-    LogRead,
-    LogAck,
-    Restore,
-    Replay,
-    Winners,
-}
-
-impl Script {
-    pub const ALL: [Script; 15] = [
-        Script::Claim,
-        Script::Setup,
-        Script::Patch,
-        Script::TransferOut,
-        Script::TransferIn,
-        Script::TransferDone,
-        Script::Probe,
-        Script::InboxCheck,
-        Script::MarkSoldout,
-        Script::MetaGet,
-        Script::LogRead,
-        Script::LogAck,
-        Script::Restore,
-        Script::Replay,
-        Script::Winners,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Script::Claim => "claim",
-            Script::Setup => "setup",
-            Script::Patch => "patch",
-            Script::TransferOut => "transfer_out",
-            Script::TransferIn => "transfer_in",
-            Script::TransferDone => "transfer_done",
-            Script::Probe => "probe",
-            Script::InboxCheck => "inbox_check",
-            Script::MarkSoldout => "mark_soldout",
-            Script::MetaGet => "meta_get",
-            Script::LogRead => "log_read",
-            Script::LogAck => "log_ack",
-            Script::Restore => "restore",
-            Script::Replay => "replay",
-            Script::Winners => "winners",
-        }
-    }
-
-    pub fn source(self) -> &'static str {
-        match self {
-            Script::Claim => include_str!("../../lua/claim.lua"),
-            Script::Setup => include_str!("../../lua/setup.lua"),
-            Script::Patch => include_str!("../../lua/patch.lua"),
-            Script::TransferOut => include_str!("../../lua/transfer_out.lua"),
-            Script::TransferIn => include_str!("../../lua/transfer_in.lua"),
-            Script::TransferDone => include_str!("../../lua/transfer_done.lua"),
-            Script::Probe => include_str!("../../lua/probe.lua"),
-            Script::InboxCheck => include_str!("../../lua/inbox_check.lua"),
-            Script::MarkSoldout => include_str!("../../lua/mark_soldout.lua"),
-            Script::MetaGet => include_str!("../../lua/meta_get.lua"),
-            Script::LogRead => include_str!("../../lua/log_read.lua"),
-            Script::LogAck => include_str!("../../lua/log_ack.lua"),
-            Script::Restore => include_str!("../../lua/restore.lua"),
-            Script::Replay => include_str!("../../lua/replay.lua"),
-            Script::Winners => include_str!("../../lua/winners.lua"),
-        }
-    }
-
-    /// SHA1 of the script text, as `SCRIPT LOAD` returns it.
-    pub fn sha1(self) -> String {
-        sha1_smol::Sha1::from(self.source()).digest().to_string()
-    }
-}
-
 /// A backend event broadcast to every gateway instance (Redis pub/sub channel
 /// [`EVENTS_CHANNEL`]; an in-process broadcast for the embedded backend).
 pub const EVENTS_CHANNEL: &str = "cg:events";
@@ -195,5 +117,22 @@ pub(crate) fn record(
         Err(BackendError::Unavailable(_)) => "unavailable",
         Err(BackendError::Protocol(_)) => "protocol",
     };
-    crate::metrics::backend_call(script.name(), outcome, started.elapsed().as_secs_f64());
+    crate::obs::events::BackendCalled {
+        script: script.name(),
+        result: outcome,
+        seconds: started.elapsed().as_secs_f64(),
+    }
+    .emit();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The `script` label set of the backend metrics is exactly the registry's names.
+    #[test]
+    fn the_script_labels_are_the_registry() {
+        let names: Vec<&str> = Script::ALL.iter().map(|s| s.name()).collect();
+        assert_eq!(names, crate::obs::metrics::SCRIPTS);
+    }
 }

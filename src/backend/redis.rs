@@ -18,67 +18,12 @@ use fred::prelude::{
     PubsubInterface, ReconnectPolicy, ServerConfig, Value as FredValue,
 };
 use fred::types::Builder;
-use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use super::{Backend, BackendError, EVENTS_CHANNEL, Script, Value};
-use crate::secret::{redact_text, redact_url};
-
-/// `[redis]` section of the config. Its password (in `url`) never reaches `Debug` or a
-/// serialized dump: both redact it.
-#[derive(Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RedisConfig {
-    /// `redis://[user:password@]host:port[/db]`; with `cluster = true`, any node of the
-    /// cluster.
-    #[serde(serialize_with = "crate::secret::serialize_url")]
-    pub url: String,
-    /// Connect to a Redis Cluster (`redis-cluster://` URLs imply it too).
-    pub cluster: bool,
-    /// Connections in the pool (each multiplexes many in-flight commands).
-    pub pool_size: usize,
-    /// Upper bound on one script call, including a NOSCRIPT reload.
-    pub command_timeout_ms: u64,
-    /// Upper bound on establishing a connection.
-    pub connect_timeout_ms: u64,
-    /// Capacity of the in-process event fan-out (pub/sub messages buffered per subscriber).
-    pub event_buffer: usize,
-}
-
-impl Default for RedisConfig {
-    fn default() -> Self {
-        RedisConfig {
-            url: "redis://127.0.0.1:6379".to_string(),
-            cluster: false,
-            pool_size: 4,
-            command_timeout_ms: 1000,
-            connect_timeout_ms: 2000,
-            event_buffer: 1024,
-        }
-    }
-}
-
-impl std::fmt::Debug for RedisConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Destructured so that a new field cannot be forgotten here.
-        let RedisConfig {
-            url,
-            cluster,
-            pool_size,
-            command_timeout_ms,
-            connect_timeout_ms,
-            event_buffer,
-        } = self;
-        f.debug_struct("RedisConfig")
-            .field("url", &redact_url(url))
-            .field("cluster", cluster)
-            .field("pool_size", pool_size)
-            .field("command_timeout_ms", command_timeout_ms)
-            .field("connect_timeout_ms", connect_timeout_ms)
-            .field("event_buffer", event_buffer)
-            .finish()
-    }
-}
+use crate::config::RedisConfig;
+use crate::config::secret::redact_text;
+use crate::obs::events::ScriptsReloaded;
 
 /// Scripts with their SHA1, precomputed once.
 struct Loaded {
@@ -171,13 +116,13 @@ impl RedisBackend {
             ));
         }
         config.fail_fast = true;
-        let timeout = Duration::from_millis(cfg.command_timeout_ms.max(1));
-        let connect_timeout = Duration::from_millis(cfg.connect_timeout_ms.max(1));
+        let timeout = Duration::from_millis(cfg.command_timeout_ms);
+        let connect_timeout = Duration::from_millis(cfg.connect_timeout_ms);
         let mut builder = Builder::from_config(config);
         builder
             .with_performance_config(|p| {
                 p.default_command_timeout = timeout;
-                p.broadcast_channel_capacity = cfg.event_buffer.max(16);
+                p.broadcast_channel_capacity = cfg.event_buffer;
             })
             .with_connection_config(|c| {
                 c.connection_timeout = connect_timeout;
@@ -188,7 +133,7 @@ impl RedisBackend {
             })
             .set_policy(ReconnectPolicy::new_exponential(0, 50, 2000, 2));
         let pool = builder
-            .build_pool(cfg.pool_size.max(1))
+            .build_pool(cfg.pool_size)
             .map_err(|e| classify(&e))?;
         tokio::time::timeout(connect_timeout, pool.init())
             .await
@@ -207,7 +152,7 @@ impl RedisBackend {
             .await
             .map_err(|e| classify(&e))?;
         let _resubscribe = subscriber.manage_subscriptions();
-        let (events, _) = broadcast::channel(cfg.event_buffer.max(16));
+        let (events, _) = broadcast::channel(cfg.event_buffer);
         let tx = events.clone();
         let mut rx = subscriber.message_rx();
         let subscriber_task = tokio::spawn(async move {
@@ -297,8 +242,10 @@ impl RedisBackend {
         let started = std::time::Instant::now();
         let reply = match self.evalsha_once(script, keys, args).await {
             Err(e) if e.details().starts_with("NOSCRIPT") => {
-                metrics::counter!(crate::metrics::BACKEND_RELOADS).increment(1);
-                tracing::warn!(script = script.name(), "NOSCRIPT: reloading scripts");
+                ScriptsReloaded {
+                    script: script.name(),
+                }
+                .emit();
                 self.load_scripts().await?;
                 self.evalsha_once(script, keys, args).await
             }

@@ -5,12 +5,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use claimgate::app::App;
 use claimgate::backend::Backend;
-use claimgate::backend::embedded::{EmbeddedBackend, EmbeddedConfig};
-use claimgate::backend::redis::{RedisBackend, RedisConfig};
+use claimgate::backend::embedded::EmbeddedBackend;
+use claimgate::backend::redis::RedisBackend;
 use claimgate::config::Config;
-use claimgate::db::Db;
+use claimgate::config::EmbeddedConfig;
+use claimgate::config::RedisConfig;
+use claimgate::http::App;
+use claimgate::store::Db;
 use http::Request;
 use http_body_util::{BodyExt, Full};
 use serde_json::{Value, json};
@@ -41,7 +43,7 @@ pub fn config(extra: &[String]) -> Config {
 }
 
 pub async fn open_db(url: &str) -> Db {
-    let db = Db::connect(&claimgate::db::DatabaseConfig {
+    let db = Db::connect(&claimgate::config::DatabaseConfig {
         url: url.to_string(),
         ..Default::default()
     })
@@ -76,7 +78,7 @@ pub async fn redis_gw_on(redis: RedisServer, extra: &[String]) -> Gw<RedisBacken
         .expect("redis backend"),
     );
     let db = open_db(&pg.url).await;
-    let app = Arc::new(App::new(cfg.clone(), backend.clone(), db.clone(), None));
+    let app = claimgate::gateway::assemble(cfg.clone(), backend.clone(), db.clone(), None);
     Gw {
         app,
         backend,
@@ -105,7 +107,7 @@ pub async fn embedded_gw_with(extra: &[String]) -> Gw<EmbeddedBackend> {
     );
     let url = format!("sqlite://{}?mode=rwc", dir.path().join("test.db").display());
     let db = open_db(&url).await;
-    let app = Arc::new(App::new(cfg.clone(), backend.clone(), db.clone(), None));
+    let app = claimgate::gateway::assemble(cfg.clone(), backend.clone(), db.clone(), None);
     Gw {
         app,
         backend,
@@ -132,7 +134,7 @@ pub async fn call<B: Backend>(
         .body(Full::new(body.into()))
         .unwrap();
     let peer: SocketAddr = PEER.parse().unwrap();
-    let resp = claimgate::router::handle(app, req, peer).await;
+    let resp = claimgate::http::router::handle(app, req, peer).await;
     let status = resp.status().as_u16();
     let bytes = resp.into_body().collect().await.unwrap().to_bytes();
     let v = serde_json::from_slice(&bytes).unwrap_or(Value::Null);

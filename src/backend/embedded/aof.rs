@@ -2,7 +2,7 @@
 //! a client survives `kill -9` of the gateway.
 //!
 //! File format: the 8-byte magic [`MAGIC`], then records `len: u32 LE | crc32: u32 LE |
-//! payload[len]`, each payload the ops of one script execution (see `keyspace.rs`) or a
+//! payload[len]`, each payload the ops of one script execution (see `keyspace`) or a
 //! chunk of a snapshot. A torn record at the tail (crash mid-write) is detected by length
 //! and CRC and dropped on load; damage anywhere else refuses to load.
 //!

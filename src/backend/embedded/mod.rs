@@ -28,7 +28,6 @@ use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use parking_lot::{Condvar, Mutex};
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use thiserror::Error;
 use tokio::sync::broadcast;
 
@@ -37,81 +36,7 @@ use self::keyspace::{Keyspace, Recorder};
 use self::lua::{Code, VmPool};
 pub use self::slot::key_slot;
 use crate::backend::{Backend, BackendError, Script, Value};
-
-/// When the append-only file is fsynced.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Fsync {
-    /// Before every reply (group commit: one fsync serves every waiting script).
-    Always,
-    /// Once a second in the background; a reply is in the OS page cache (survives a
-    /// process kill, not a power loss of the last second).
-    #[default]
-    Everysec,
-    /// Left to the OS.
-    No,
-}
-
-/// Where the built-in configuration keeps the append-only file (relative to the working
-/// directory), as `config/claimgate.toml` does.
-pub const DEFAULT_AOF_PATH: &str = "data/claimgate.aof";
-
-/// `[embedded]` section of the config. The default is durable: an append-only file at
-/// [`DEFAULT_AOF_PATH`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct EmbeddedConfig {
-    /// Append-only file; `None` (`aof_path = ""` in TOML) = purely in memory: the keyspace
-    /// is lost on exit, so batches read as lost until `claimgate rebuild` and acknowledged
-    /// claims not yet in the database are lost with a crash. Tests and benchmarks only.
-    #[serde(
-        serialize_with = "serialize_aof_path",
-        deserialize_with = "deserialize_aof_path"
-    )]
-    pub aof_path: Option<PathBuf>,
-    pub fsync: Fsync,
-    /// Lua VMs kept ready; 0 = number of CPUs. More are built on demand under load.
-    pub lua_vms: usize,
-    /// The log is rewritten in the background once it is this big and has doubled since
-    /// the last rewrite.
-    pub aof_rewrite_min_bytes: u64,
-}
-
-impl Default for EmbeddedConfig {
-    fn default() -> Self {
-        EmbeddedConfig {
-            aof_path: Some(PathBuf::from(DEFAULT_AOF_PATH)),
-            fsync: Fsync::Everysec,
-            lua_vms: 0,
-            aof_rewrite_min_bytes: 64 << 20,
-        }
-    }
-}
-
-impl EmbeddedConfig {
-    /// The defaults without an append-only file: nothing survives the process (tests).
-    pub fn in_memory() -> EmbeddedConfig {
-        EmbeddedConfig {
-            aof_path: None,
-            ..EmbeddedConfig::default()
-        }
-    }
-}
-
-/// `None` is written as `""` (TOML has no null, and leaving the key out would mean the
-/// default file), so a dumped in-memory configuration loads back as in-memory.
-fn serialize_aof_path<S: Serializer>(p: &Option<PathBuf>, s: S) -> Result<S::Ok, S::Error> {
-    match p {
-        Some(p) => p.serialize(s),
-        None => s.serialize_str(""),
-    }
-}
-
-/// `""` is `None` (in memory).
-fn deserialize_aof_path<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
-    let p = PathBuf::deserialize(d)?;
-    Ok((!p.as_os_str().is_empty()).then_some(p))
-}
+use crate::config::{EmbeddedConfig, Fsync};
 
 #[derive(Debug, Error)]
 pub enum EmbeddedError {

@@ -1,0 +1,287 @@
+//! The API's errors: the closed set of answers a request can get besides success, each with
+//! the machine-readable code of API.md, and the ONE conversion of every domain error into
+//! it (one `From` impl each). How an error is written as HTTP (status, body, headers) is
+//! `crate::http::error`'s job.
+//!
+//! Invariant kept here: bad input maps to a code of a 4xx; only a failing backend or
+//! database maps to a 5xx code; a domain error becomes an `ApiError` in exactly one place
+//! (its `From` impl below), so the same failure always gets the same answer.
+
+use thiserror::Error;
+
+use crate::backend::BackendError;
+use crate::catalog::CatalogError;
+use crate::domain::auth::AuthError;
+use crate::domain::batch::InvalidBatch;
+use crate::domain::limits::LimitError;
+use crate::stock::StockError;
+use crate::store::DbError;
+
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("user is not eligible for this batch")]
+    NotEligible,
+    #[error("batch not found")]
+    BatchNotFound,
+    #[error("coupon not found")]
+    CouponNotFound,
+    #[error("per-user limit reached")]
+    LimitReached,
+    #[error("per-user daily limit reached")]
+    DailyLimitReached,
+    #[error("the claim window has not started")]
+    NotStarted,
+    #[error("the claim window has ended")]
+    Ended,
+    #[error("the batch is paused")]
+    Paused,
+    #[error("sold out")]
+    SoldOut,
+    #[error("a different batch already uses this id")]
+    BatchExists,
+    #[error("{0}")]
+    InvalidState(String),
+    /// With the wait the limiter computed (the `Retry-After` of this answer).
+    #[error("rate limited")]
+    RateLimited { retry_after_s: u64 },
+    /// Shed or contended: nothing was done; retry after `limits.retry_after_s`.
+    #[error("{0}")]
+    Overloaded(String),
+    /// With the cause, for the log line; the client is told only that nothing was claimed.
+    #[error("backend unavailable, nothing was claimed")]
+    BackendUnavailable(String),
+    #[error("no such route")]
+    RouteNotFound,
+    /// With the methods the route does allow.
+    #[error("method not allowed")]
+    MethodNotAllowed(&'static str),
+    /// The detail is logged (with the request id), not sent.
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// One of each variant, for documentation checks and closed label sets. The match in
+    /// [`ApiError::code`] is exhaustive, so a new variant is a compile error there; add it
+    /// here too (a test checks every code appears).
+    pub fn examples() -> Vec<ApiError> {
+        vec![
+            ApiError::BadRequest("example".into()),
+            ApiError::Unauthorized("example".into()),
+            ApiError::NotEligible,
+            ApiError::BatchNotFound,
+            ApiError::CouponNotFound,
+            ApiError::LimitReached,
+            ApiError::DailyLimitReached,
+            ApiError::NotStarted,
+            ApiError::Ended,
+            ApiError::Paused,
+            ApiError::SoldOut,
+            ApiError::BatchExists,
+            ApiError::InvalidState("example".into()),
+            ApiError::RateLimited { retry_after_s: 1 },
+            ApiError::Overloaded("example".into()),
+            ApiError::BackendUnavailable("example".into()),
+            ApiError::RouteNotFound,
+            ApiError::MethodNotAllowed("GET"),
+            ApiError::Internal("example".into()),
+        ]
+    }
+
+    /// The machine-readable code of API.md (also the `outcome` label of claim metrics).
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::BadRequest(_) => "bad_request",
+            ApiError::Unauthorized(_) => "unauthorized",
+            ApiError::NotEligible => "not_eligible",
+            ApiError::BatchNotFound => "batch_not_found",
+            ApiError::CouponNotFound => "coupon_not_found",
+            ApiError::LimitReached | ApiError::DailyLimitReached => "limit_reached",
+            ApiError::NotStarted => "not_started",
+            ApiError::Ended => "ended",
+            ApiError::Paused => "paused",
+            ApiError::SoldOut => "sold_out",
+            ApiError::BatchExists => "batch_exists",
+            ApiError::InvalidState(_) => "invalid_state",
+            ApiError::RateLimited { .. } => "rate_limited",
+            ApiError::Overloaded(_) => "overloaded",
+            ApiError::BackendUnavailable(_) => "backend_unavailable",
+            ApiError::RouteNotFound => "not_found",
+            ApiError::MethodNotAllowed(_) => "method_not_allowed",
+            ApiError::Internal(_) => "internal",
+        }
+    }
+
+    /// What the log line of this error says (the detail of internal errors included).
+    pub fn log_detail(&self) -> String {
+        match self {
+            ApiError::Internal(detail) | ApiError::BackendUnavailable(detail) => detail.clone(),
+            other => other.to_string(),
+        }
+    }
+
+    /// A backend or database failure as the client sees it; the cause goes to the log line.
+    pub fn unavailable(cause: impl std::fmt::Display) -> ApiError {
+        ApiError::BackendUnavailable(cause.to_string())
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The one conversion of each domain error.
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        match e {
+            AuthError::MissingUser => ApiError::BadRequest(e.to_string()),
+            _ => ApiError::Unauthorized(e.to_string()),
+        }
+    }
+}
+
+impl From<LimitError> for ApiError {
+    fn from(e: LimitError) -> Self {
+        match e {
+            LimitError::RateLimited { retry_after_s, .. } => {
+                ApiError::RateLimited { retry_after_s }
+            }
+            LimitError::Overloaded(..) => {
+                ApiError::Overloaded("too many claims in flight; nothing was claimed".into())
+            }
+        }
+    }
+}
+
+impl From<InvalidBatch> for ApiError {
+    fn from(e: InvalidBatch) -> Self {
+        ApiError::BadRequest(e.0)
+    }
+}
+
+impl From<BackendError> for ApiError {
+    fn from(e: BackendError) -> Self {
+        match e {
+            BackendError::Unavailable(m) => ApiError::BackendUnavailable(m),
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<StockError> for ApiError {
+    fn from(e: StockError) -> Self {
+        match e {
+            StockError::NotFound => ApiError::BatchNotFound,
+            StockError::Conflict => ApiError::BatchExists,
+            StockError::Backend(b) => b.into(),
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<CatalogError> for ApiError {
+    fn from(e: CatalogError) -> Self {
+        match e {
+            CatalogError::NotFound => ApiError::BatchNotFound,
+            CatalogError::Lost(_) => ApiError::BackendUnavailable(e.to_string()),
+            CatalogError::Stock(s) => s.into(),
+            CatalogError::Store(d) => ApiError::BackendUnavailable(d.to_string()),
+            CatalogError::Corrupt(_) => ApiError::Internal(e.to_string()),
+        }
+    }
+}
+
+/// The database as the wallet and the admin routes meet it: a coupon transition's refusals
+/// are the client's; anything else is the database failing (503, nothing changed).
+impl From<DbError> for ApiError {
+    fn from(e: DbError) -> Self {
+        match e {
+            DbError::NotFound(_) => ApiError::CouponNotFound,
+            DbError::InvalidState { .. } => ApiError::InvalidState(e.to_string()),
+            DbError::Contended(_) => ApiError::Overloaded(e.to_string()),
+            other => ApiError::BackendUnavailable(other.to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Does not compile when a variant is added: then add it to `ApiError::examples` too.
+    #[allow(dead_code)]
+    fn every_variant_has_an_example(e: &ApiError) {
+        match e {
+            ApiError::BadRequest(_)
+            | ApiError::Unauthorized(_)
+            | ApiError::NotEligible
+            | ApiError::BatchNotFound
+            | ApiError::CouponNotFound
+            | ApiError::LimitReached
+            | ApiError::DailyLimitReached
+            | ApiError::NotStarted
+            | ApiError::Ended
+            | ApiError::Paused
+            | ApiError::SoldOut
+            | ApiError::BatchExists
+            | ApiError::InvalidState(_)
+            | ApiError::RateLimited { .. }
+            | ApiError::Overloaded(_)
+            | ApiError::BackendUnavailable(_)
+            | ApiError::RouteNotFound
+            | ApiError::MethodNotAllowed(_)
+            | ApiError::Internal(_) => {}
+        }
+    }
+
+    #[test]
+    fn examples_cover_every_code() {
+        let codes: std::collections::BTreeSet<_> =
+            ApiError::examples().iter().map(ApiError::code).collect();
+        assert_eq!(codes.len(), 18, "{codes:?}");
+    }
+
+    /// The `outcome` label set of the claims metric is exactly the success outcomes and
+    /// every code (`obs` cannot ask this type: it sits below it).
+    #[test]
+    fn the_claim_outcome_labels_are_the_codes() {
+        let mut want: std::collections::BTreeSet<&str> =
+            ApiError::examples().iter().map(ApiError::code).collect();
+        want.extend(["claimed", "replayed"]);
+        let listed: std::collections::BTreeSet<&str> = crate::obs::metrics::CLAIM_OUTCOMES
+            .iter()
+            .copied()
+            .collect();
+        assert_eq!(listed, want);
+    }
+
+    #[test]
+    fn each_domain_error_has_its_answer() {
+        let unavailable = BackendError::Unavailable("down".into());
+        for (from, code) in [
+            (ApiError::from(StockError::NotFound), "batch_not_found"),
+            (StockError::Conflict.into(), "batch_exists"),
+            (
+                StockError::Backend(unavailable.clone()).into(),
+                "backend_unavailable",
+            ),
+            (
+                StockError::Backend(BackendError::Protocol("x".into())).into(),
+                "internal",
+            ),
+            (StockError::Inconsistent("x".into()).into(), "internal"),
+            (CatalogError::NotFound.into(), "batch_not_found"),
+            (CatalogError::Lost("b".into()).into(), "backend_unavailable"),
+            (DbError::NotFound("c".into()).into(), "coupon_not_found"),
+            (DbError::Contended("c".into()).into(), "overloaded"),
+            (DbError::Corrupt("x".into()).into(), "backend_unavailable"),
+            (AuthError::MissingUser.into(), "bad_request"),
+            (AuthError::Expired.into(), "unauthorized"),
+            (InvalidBatch("x".into()).into(), "bad_request"),
+        ] {
+            assert_eq!(from.code(), code, "{from:?}");
+        }
+    }
+}

@@ -1,0 +1,99 @@
+//! The API's handlers, orchestration only: [`claim`] (the claim path), [`admin`] (create,
+//! read and change batches), [`wallet`] (a user's coupons and their checkout transitions).
+//! Each takes the request's parts and the [`Api`] (the services it orchestrates), and
+//! answers a typed reply or an [`ApiError`] (the one mapping of domain errors, [`error`]).
+//!
+//! Invariant kept here: a handler decides nothing a lower layer owns: validation is the
+//! domain's, a coupon is granted only by the claim script (through `stock`), a batch
+//! definition's arbiter is the database (through `store`), and every error reaches the
+//! client through its one `From` impl.
+
+pub mod admin;
+pub mod claim;
+pub mod error;
+pub mod wallet;
+
+use std::sync::Arc;
+
+pub use self::error::ApiError;
+use crate::backend::Backend;
+use crate::catalog::Catalog;
+use crate::config::Config;
+use crate::domain::auth::Auth;
+use crate::domain::limits::{Admission, RateLimits};
+use crate::stock::Stock;
+use crate::store::Db;
+
+/// The services the handlers orchestrate, wired once by the composition root.
+pub struct Api<B: Backend> {
+    cfg: Arc<Config>,
+    catalog: Arc<Catalog<B>>,
+    stock: Arc<Stock<B>>,
+    store: Db,
+    auth: Auth,
+    limits: RateLimits,
+    admission: Admission,
+    /// `persister.max_backlog_per_shard`, formatted once for the claim script.
+    max_log: String,
+}
+
+impl<B: Backend> Api<B> {
+    pub fn new(
+        cfg: Arc<Config>,
+        catalog: Arc<Catalog<B>>,
+        stock: Arc<Stock<B>>,
+        store: Db,
+    ) -> Api<B> {
+        Api {
+            auth: Auth::new(&cfg.auth),
+            limits: RateLimits::new(&cfg.limits),
+            admission: Admission::new(&cfg.limits),
+            max_log: cfg.persister.max_backlog_per_shard.to_string(),
+            cfg,
+            catalog,
+            stock,
+            store,
+        }
+    }
+
+    pub fn config(&self) -> &Arc<Config> {
+        &self.cfg
+    }
+
+    pub fn catalog(&self) -> &Arc<Catalog<B>> {
+        &self.catalog
+    }
+
+    pub fn stock(&self) -> &Arc<Stock<B>> {
+        &self.stock
+    }
+
+    pub fn store(&self) -> &Db {
+        &self.store
+    }
+
+    pub fn auth(&self) -> &Auth {
+        &self.auth
+    }
+
+    pub fn limits(&self) -> &RateLimits {
+        &self.limits
+    }
+
+    pub fn admission(&self) -> &Admission {
+        &self.admission
+    }
+}
+
+/// Parses a JSON object body into `T` (serde alone would also accept an array for a struct).
+pub fn parse_object<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+    what: &str,
+) -> Result<T, ApiError> {
+    if body.trim_ascii_start().first() != Some(&b'{') {
+        return Err(ApiError::BadRequest(format!(
+            "{what} must be a JSON object"
+        )));
+    }
+    serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("invalid {what}: {e}")))
+}

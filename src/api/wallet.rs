@@ -1,0 +1,177 @@
+//! Wallet and redemption (TCC: lock = try, redeem = confirm, release = cancel) on the
+//! database's materialised coupons.
+//!
+//! Invariant kept here: a coupon changes state only through the database transition for
+//! the right order id (idempotent for the same order); with user auth on, only the coupon's
+//! owner (or the admin token) can see or change it.
+
+use http::HeaderMap;
+use serde::{Deserialize, Serialize};
+
+use super::{Api, ApiError, parse_object};
+use crate::backend::Backend;
+use crate::domain::ids::{parse_coupon_id, valid_ident};
+use crate::domain::time::Timestamp;
+use crate::store::{CouponRow, CouponState};
+
+#[derive(Debug, Serialize)]
+pub struct CouponView {
+    pub coupon_id: String,
+    pub batch_id: String,
+    pub user_id: String,
+    pub state: CouponState,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub order_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lock_expires_at: Option<String>,
+    pub valid_from: String,
+    pub valid_to: String,
+    pub claimed_at: String,
+}
+
+impl From<CouponRow> for CouponView {
+    fn from(c: CouponRow) -> Self {
+        CouponView {
+            coupon_id: c.coupon_id,
+            batch_id: c.batch_id,
+            user_id: c.user_id,
+            state: c.state,
+            order_id: c.order_id,
+            lock_expires_at: c.lock_expires_at.map(|t| Timestamp(t).to_rfc3339()),
+            valid_from: Timestamp(c.valid_from).to_rfc3339(),
+            valid_to: Timestamp(c.valid_to).to_rfc3339(),
+            claimed_at: Timestamp(c.claimed_at).to_rfc3339(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct Page {
+    pub coupons: Vec<CouponView>,
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OrderBody {
+    order_id: String,
+}
+
+/// With user auth on, the caller must be `owner` (or hold the admin token).
+fn authorize<B: Backend>(api: &Api<B>, headers: &HeaderMap, owner: &str) -> Result<(), ApiError> {
+    let auth = api.auth();
+    if !auth.user_auth_enabled() {
+        return Ok(());
+    }
+    if api.config().auth.admin_token.is_some() && auth.check_admin(headers).is_ok() {
+        return Ok(());
+    }
+    let who = auth.identify(headers, None)?;
+    if who.user_id == owner {
+        Ok(())
+    } else {
+        Err(ApiError::Unauthorized(
+            "token does not belong to this user".into(),
+        ))
+    }
+}
+
+/// `GET /v1/users/{user_id}/coupons?status=&limit=&cursor=`.
+pub async fn list<B: Backend>(
+    api: &Api<B>,
+    headers: &HeaderMap,
+    user: &str,
+    query: &str,
+) -> Result<Page, ApiError> {
+    if !valid_ident(user) {
+        return Err(ApiError::BadRequest(
+            "user_id must be 1-128 characters of [A-Za-z0-9._@+-]".into(),
+        ));
+    }
+    authorize(api, headers, user)?;
+    let wallet = &api.config().wallet;
+    let (mut state, mut limit, mut cursor) = (None, wallet.default_page, None);
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        match k {
+            "status" => {
+                state = Some(CouponState::parse(v).ok_or_else(|| {
+                    ApiError::BadRequest("status must be unused, locked, used or expired".into())
+                })?)
+            }
+            "limit" => {
+                limit = v
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|l| (1..=wallet.max_page).contains(l))
+                    .ok_or_else(|| {
+                        ApiError::BadRequest(format!("limit must be 1..={}", wallet.max_page))
+                    })?
+            }
+            "cursor" => {
+                if parse_coupon_id(v).is_none() {
+                    return Err(ApiError::BadRequest("invalid cursor".into()));
+                }
+                cursor = Some(v.to_string());
+            }
+            other => {
+                return Err(ApiError::BadRequest(format!(
+                    "unknown query parameter {other:?}"
+                )));
+            }
+        }
+    }
+    let (rows, next_cursor) = api
+        .store()
+        .user_coupons(user, state, limit, cursor.as_deref())
+        .await?;
+    Ok(Page {
+        coupons: rows.into_iter().map(CouponView::from).collect(),
+        next_cursor,
+    })
+}
+
+/// `POST /v1/coupons/{coupon_id}/{lock|redeem|release}` with `{"order_id"}`.
+pub async fn act<B: Backend>(
+    api: &Api<B>,
+    headers: &HeaderMap,
+    coupon_id: &str,
+    action: &str,
+    body: &[u8],
+) -> Result<CouponView, ApiError> {
+    let body: OrderBody = parse_object(body, "order body")?;
+    if !valid_ident(&body.order_id) {
+        return Err(ApiError::BadRequest(
+            "order_id must be 1-128 characters of [A-Za-z0-9._@+-]".into(),
+        ));
+    }
+    if parse_coupon_id(coupon_id).is_none() {
+        return Err(ApiError::CouponNotFound);
+    }
+    let (auth, store) = (api.auth(), api.store());
+    if auth.user_auth_enabled() {
+        // Authenticate first, then look up: another user's coupon reads as absent, so the
+        // answer never tells whether a coupon id exists.
+        let admin = api.config().auth.admin_token.is_some() && auth.check_admin(headers).is_ok();
+        let caller = if admin {
+            None
+        } else {
+            Some(auth.identify(headers, None)?)
+        };
+        let coupon = store.get_coupon(coupon_id).await?;
+        match (coupon, caller) {
+            (Some(c), Some(who)) if c.user_id != who.user_id => {
+                return Err(ApiError::CouponNotFound);
+            }
+            (Some(_), _) => {}
+            (None, _) => return Err(ApiError::CouponNotFound),
+        }
+    }
+    let timeout = std::time::Duration::from_millis(api.config().wallet.lock_timeout_ms);
+    let row = match action {
+        "lock" => store.lock(coupon_id, &body.order_id, timeout).await,
+        "redeem" => store.redeem(coupon_id, &body.order_id).await,
+        _ => store.release(coupon_id, &body.order_id).await,
+    }?;
+    Ok(row.into())
+}

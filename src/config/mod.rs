@@ -1,0 +1,840 @@
+//! Configuration: one typed struct, loaded from TOML, overridden by `CLAIMGATE_*`
+//! environment variables and CLI flags. A leaf of the crate: it imports nothing of it, and
+//! every module takes its own section from here ([`sections`], [`stores`]; secrets and
+//! their redaction in [`secret`]).
+//!
+//! Invariant kept here: the gateway only ever starts from a configuration in which every
+//! key is known and every value is in range; anything else is a [`ConfigError`] that names
+//! the offending key (the binary exits with status 64, EX_USAGE).
+//!
+//! The built-in defaults ([`Config::default`] and every section's `Default`) are exactly
+//! `config/claimgate.toml`: the durable embedded setup (append-only log and SQLite under
+//! `data/`). A test compares the two key by key.
+//!
+//! [`Config::to_toml`] is the effective configuration as TOML (what `check-config` prints),
+//! with every secret and URL password replaced by [`secret::REDACTED`]. Loading that
+//! text again gives the same configuration, except that a redacted secret or URL is rejected
+//! (naming its key) until the real value is given, e.g. by `CLAIMGATE_AUTH__ADMIN_TOKEN`.
+
+pub mod secret;
+mod sections;
+mod stores;
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+pub use self::secret::Secret;
+use self::secret::{REDACTED, url_passwords};
+pub use self::sections::{
+    AuthConfig, BatchesConfig, CacheConfig, LimitsConfig, LogConfig, MetricsConfig,
+    PersisterConfig, RateLimit, ServerConfig, StockConfig, WalletConfig,
+};
+pub use self::stores::{DEFAULT_AOF_PATH, DatabaseConfig, EmbeddedConfig, Fsync, RedisConfig};
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("invalid config: {0}")]
+    Parse(String),
+    #[error("invalid config: `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+    #[error("invalid override `{0}`: expected section.key=value")]
+    Override(String),
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    Embedded,
+    Redis,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Which backend runs the scripts: `embedded` (in-process, default) or `redis`.
+    pub backend: BackendKind,
+    pub server: ServerConfig,
+    pub redis: RedisConfig,
+    pub embedded: EmbeddedConfig,
+    pub database: DatabaseConfig,
+    pub persister: PersisterConfig,
+    pub stock: StockConfig,
+    pub batches: BatchesConfig,
+    pub auth: AuthConfig,
+    pub limits: LimitsConfig,
+    pub cache: CacheConfig,
+    pub metrics: MetricsConfig,
+    pub wallet: WalletConfig,
+    pub log: LogConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            backend: BackendKind::Embedded,
+            server: ServerConfig::default(),
+            redis: RedisConfig::default(),
+            embedded: EmbeddedConfig::default(),
+            database: DatabaseConfig::default(),
+            persister: PersisterConfig::default(),
+            stock: StockConfig::default(),
+            batches: BatchesConfig::default(),
+            auth: AuthConfig::default(),
+            limits: LimitsConfig::default(),
+            cache: CacheConfig::default(),
+            metrics: MetricsConfig::default(),
+            wallet: WalletConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+/// Where configuration comes from, lowest precedence first: defaults, the file, the
+/// environment (`CLAIMGATE_SECTION__KEY=value`, e.g. `CLAIMGATE_SERVER__LISTEN`), and
+/// `section.key=value` overrides (the CLI's `--set` and dedicated flags).
+pub fn load(
+    file: Option<&Path>,
+    env: impl IntoIterator<Item = (String, String)>,
+    overrides: &[String],
+) -> Result<Config, ConfigError> {
+    let mut table = match file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.display().to_string(),
+                source,
+            })?;
+            text.parse::<toml::Table>().map_err(|e| {
+                // The message quotes the offending line, which may hold a secret.
+                ConfigError::Parse(redact_quoted_lines(&format!("{}: {e}", path.display())))
+            })?
+        }
+        None => toml::Table::new(),
+    };
+    for (name, value) in env {
+        // Settings are CLAIMGATE_<SECTION>__<KEY> and CLAIMGATE_BACKEND; other CLAIMGATE_*
+        // variables (CLAIMGATE_CONFIG, the test suite's) are not settings.
+        let Some(rest) = name.strip_prefix("CLAIMGATE_") else {
+            continue;
+        };
+        if !rest.contains("__") && rest != "BACKEND" {
+            continue;
+        }
+        let path: Vec<String> = rest.split("__").map(|p| p.to_ascii_lowercase()).collect();
+        set_path(&mut table, &path, &value);
+    }
+    for o in overrides {
+        let (key, value) = o
+            .split_once('=')
+            .ok_or_else(|| ConfigError::Override(o.clone()))?;
+        let path: Vec<String> = key.split('.').map(str::to_string).collect();
+        if path.iter().any(String::is_empty) {
+            return Err(ConfigError::Override(o.clone()));
+        }
+        set_path(&mut table, &path, value);
+    }
+    let config: Config = Config::deserialize(toml::Value::Table(table))
+        .map_err(|e| ConfigError::Parse(e.to_string()))?;
+    config.check()?;
+    Ok(config)
+}
+
+/// Keys whose values are secrets, as they appear in a TOML line.
+const SECRET_KEYS: &[&str] = &["admin_token", "user_token_secret"];
+
+/// `message` with the value of any `<secret key> = ...` line cut, and URLs redacted: a TOML
+/// parse error quotes the line it failed on.
+fn redact_quoted_lines(message: &str) -> String {
+    message
+        .lines()
+        .map(|line| match line.split_once('=') {
+            Some((head, _)) if SECRET_KEYS.iter().any(|k| head.contains(k)) => {
+                format!("{head}= {REDACTED}")
+            }
+            _ => secret::redact_text(line).into_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Sets `a.b.c = value`, reading `value` as a TOML value when it is one (numbers, booleans,
+/// arrays) and as a string otherwise.
+fn set_path(table: &mut toml::Table, path: &[String], value: &str) {
+    let Some((last, parents)) = path.split_last() else {
+        return;
+    };
+    let mut t = table;
+    for p in parents {
+        let entry = t
+            .entry(p.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if !entry.is_table() {
+            *entry = toml::Value::Table(toml::Table::new());
+        }
+        let Some(next) = entry.as_table_mut() else {
+            return;
+        };
+        t = next;
+    }
+    let parsed = format!("v = {value}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(value.to_string()));
+    t.insert(last.clone(), parsed);
+}
+
+/// Largest `wallet.max_page`: the database answers at most this many coupons per page.
+pub const WALLET_MAX_PAGE: u64 = 500;
+
+/// First line of [`Config::to_toml`].
+const DUMP_HEADER: &str = "\
+# claimgate effective configuration (claimgate check-config).
+# Secrets and URL passwords are printed as \"<redacted>\": this file loads again once they
+# are given, e.g. CLAIMGATE_AUTH__ADMIN_TOKEN=..., CLAIMGATE_DATABASE__URL=... or --set.
+";
+
+impl Config {
+    /// The configuration as TOML, secrets redacted (see the module documentation).
+    pub fn to_toml(&self) -> Result<String, ConfigError> {
+        let body = toml::to_string_pretty(self)
+            .map_err(|e| ConfigError::Parse(format!("cannot print the configuration: {e}")))?;
+        Ok(format!("{DUMP_HEADER}\n{body}"))
+    }
+
+    /// Every secret value of this configuration (tokens, URL passwords raw and decoded), for
+    /// [`secret::scrub`] of messages that may quote one.
+    pub fn secret_values(&self) -> Vec<String> {
+        let mut v: Vec<String> = [&self.auth.admin_token, &self.auth.user_token_secret]
+            .into_iter()
+            .flatten()
+            .map(|s| s.expose().to_string())
+            .collect();
+        v.extend(url_passwords(&self.database.url));
+        v.extend(url_passwords(&self.redis.url));
+        v
+    }
+
+    /// `text` with every secret of this configuration and every URL password redacted.
+    pub fn scrub(&self, text: &str) -> String {
+        let secrets = self.secret_values();
+        secret::scrub(text, secrets.iter().map(String::as_str))
+    }
+
+    /// Range checks serde cannot express.
+    fn check(&self) -> Result<(), ConfigError> {
+        let bad = |key: &'static str, message: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                message: message.to_string(),
+            })
+        };
+        let marker = format!(
+            "is the redaction marker {REDACTED} from a check-config dump, not the real value: \
+             give it (e.g. CLAIMGATE_SECTION__KEY=... or --set)"
+        );
+        if self
+            .auth
+            .admin_token
+            .as_ref()
+            .is_some_and(Secret::is_redaction_marker)
+        {
+            return bad("auth.admin_token", &marker);
+        }
+        if self
+            .auth
+            .user_token_secret
+            .as_ref()
+            .is_some_and(Secret::is_redaction_marker)
+        {
+            return bad("auth.user_token_secret", &marker);
+        }
+        if self.database.url.contains(REDACTED) {
+            return bad("database.url", &marker);
+        }
+        if self.redis.url.contains(REDACTED) {
+            return bad("redis.url", &marker);
+        }
+        if self.persister.stall_ms != 0
+            && self.persister.stall_ms <= self.persister.flush_interval_ms
+        {
+            return bad(
+                "persister.stall_ms",
+                "must be 0 (off) or more than persister.flush_interval_ms",
+            );
+        }
+        // Every bound a module relies on is checked here, naming the key: no module clamps
+        // a configured value on its own (`x.max(1)`), so what is configured is what runs.
+        const HOUR_MS: u64 = 3_600_000;
+        let ranges: [(&'static str, u64, u64, u64); 32] = [
+            (
+                "server.max_body_bytes",
+                self.server.max_body_bytes as u64,
+                64,
+                u64::MAX,
+            ),
+            (
+                "server.max_connections",
+                self.server.max_connections as u64,
+                1,
+                u64::MAX,
+            ),
+            (
+                "server.header_read_timeout_ms",
+                self.server.header_read_timeout_ms,
+                1,
+                HOUR_MS,
+            ),
+            (
+                "server.request_timeout_ms",
+                self.server.request_timeout_ms,
+                1,
+                HOUR_MS,
+            ),
+            (
+                "server.http2_keep_alive_interval_ms",
+                self.server.http2_keep_alive_interval_ms,
+                1,
+                HOUR_MS,
+            ),
+            (
+                "server.http2_keep_alive_timeout_ms",
+                self.server.http2_keep_alive_timeout_ms,
+                1,
+                HOUR_MS,
+            ),
+            (
+                "server.http2_max_concurrent_streams",
+                u64::from(self.server.http2_max_concurrent_streams),
+                1,
+                u64::MAX,
+            ),
+            ("server.linger_ms", self.server.linger_ms, 0, 60_000),
+            ("redis.pool_size", self.redis.pool_size as u64, 1, u64::MAX),
+            (
+                "redis.command_timeout_ms",
+                self.redis.command_timeout_ms,
+                1,
+                HOUR_MS,
+            ),
+            (
+                "redis.connect_timeout_ms",
+                self.redis.connect_timeout_ms,
+                1,
+                HOUR_MS,
+            ),
+            (
+                "redis.event_buffer",
+                self.redis.event_buffer as u64,
+                16,
+                u64::MAX,
+            ),
+            (
+                "database.max_connections",
+                u64::from(self.database.max_connections),
+                1,
+                u64::MAX,
+            ),
+            (
+                "database.connect_timeout_ms",
+                self.database.connect_timeout_ms,
+                1,
+                HOUR_MS,
+            ),
+            (
+                "database.statement_timeout_ms",
+                self.database.statement_timeout_ms,
+                1,
+                HOUR_MS,
+            ),
+            (
+                "persister.batch_size",
+                self.persister.batch_size as u64,
+                1,
+                u64::MAX,
+            ),
+            (
+                "persister.flush_interval_ms",
+                self.persister.flush_interval_ms,
+                1,
+                HOUR_MS,
+            ),
+            (
+                "persister.backoff_min_ms",
+                self.persister.backoff_min_ms,
+                1,
+                HOUR_MS,
+            ),
+            (
+                "persister.backoff_max_ms",
+                self.persister.backoff_max_ms,
+                self.persister.backoff_min_ms,
+                HOUR_MS,
+            ),
+            (
+                "persister.batch_refresh_ms",
+                self.persister.batch_refresh_ms,
+                1,
+                HOUR_MS,
+            ),
+            (
+                "persister.probe_interval_ms",
+                self.persister.probe_interval_ms,
+                1,
+                HOUR_MS,
+            ),
+            (
+                "persister.write_timeout_ms",
+                self.persister.write_timeout_ms,
+                1,
+                HOUR_MS,
+            ),
+            (
+                "stock.initial_fill_percent",
+                u64::from(self.stock.initial_fill_percent),
+                0,
+                100,
+            ),
+            (
+                "stock.refill_divisor",
+                u64::from(self.stock.refill_divisor),
+                1,
+                u64::MAX,
+            ),
+            (
+                "stock.max_refill_rounds",
+                u64::from(self.stock.max_refill_rounds),
+                1,
+                u64::MAX,
+            ),
+            (
+                "stock.transfer_marker_ttl_s",
+                self.stock.transfer_marker_ttl_s,
+                1,
+                u64::MAX,
+            ),
+            (
+                "stock.sweep_interval_ms",
+                self.stock.sweep_interval_ms,
+                10,
+                HOUR_MS,
+            ),
+            ("cache.refresh_ms", self.cache.refresh_ms, 10, HOUR_MS),
+            (
+                "limits.max_tracked_keys",
+                self.limits.max_tracked_keys as u64,
+                1,
+                u64::MAX,
+            ),
+            (
+                "limits.max_inflight",
+                self.limits.max_inflight as u64,
+                1,
+                u64::MAX,
+            ),
+            ("limits.retry_after_s", self.limits.retry_after_s, 1, 86_400),
+            (
+                "wallet.max_page",
+                u64::from(self.wallet.max_page),
+                1,
+                WALLET_MAX_PAGE,
+            ),
+        ];
+        for (key, value, lo, hi) in ranges {
+            if !(lo..=hi).contains(&value) {
+                let message = match (lo, hi) {
+                    (lo, u64::MAX) => format!("must be at least {lo}"),
+                    (lo, hi) => format!("must be {lo}..={hi}"),
+                };
+                return Err(ConfigError::Invalid { key, message });
+            }
+        }
+        if self.wallet.default_page == 0 || self.wallet.default_page > self.wallet.max_page {
+            return bad("wallet.default_page", "must be 1..=wallet.max_page");
+        }
+        if self.batches.default_shards == 0 || self.batches.default_shards > self.batches.max_shards
+        {
+            return bad("batches.default_shards", "must be 1..=batches.max_shards");
+        }
+        if self.auth.admin_token.as_ref().is_some_and(|t| t.len() < 16) {
+            return bad("auth.admin_token", "must be at least 16 characters");
+        }
+        if self.auth.user_token_leeway_s > 300 {
+            return bad("auth.user_token_leeway_s", "must be 0..=300");
+        }
+        if self
+            .auth
+            .user_token_secret
+            .as_ref()
+            .is_some_and(|s| s.len() < 32)
+        {
+            return bad("auth.user_token_secret", "must be at least 32 bytes");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = load(None, env(&[]), &[]).unwrap();
+        assert_eq!(c.backend, BackendKind::Embedded);
+        assert_eq!(c.server.listen.port(), 8080);
+    }
+
+    #[test]
+    fn env_and_overrides_apply_in_order() {
+        let c = load(
+            None,
+            env(&[
+                ("CLAIMGATE_SERVER__MAX_BODY_BYTES", "1024"),
+                ("CLAIMGATE_BACKEND", "redis"),
+                ("CLAIMGATE_CONFIG", "ignored.toml"),
+                ("CLAIMGATE_TEST_PG", "postgres://ignored"),
+                ("OTHER", "x"),
+            ]),
+            &["server.max_body_bytes=2048".to_string()],
+        )
+        .unwrap();
+        assert_eq!(c.server.max_body_bytes, 2048);
+        assert_eq!(c.backend, BackendKind::Redis);
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let err = load(None, env(&[("CLAIMGATE_SERVER__LISTN", "x")]), &[]).unwrap_err();
+        assert!(err.to_string().contains("listn"), "{err}");
+        let err = load(None, env(&[]), &["server.max_body_bytes=1".into()]).unwrap_err();
+        assert!(err.to_string().contains("server.max_body_bytes"), "{err}");
+        assert!(load(None, env(&[]), &["nonsense".into()]).is_err());
+    }
+
+    fn as_value(c: &Config) -> toml::Value {
+        toml::Value::try_from(c).expect("config serializes")
+    }
+
+    /// Dotted keys whose values differ between `a` and `b`.
+    fn diff(prefix: &str, a: &toml::Value, b: &toml::Value, out: &mut Vec<String>) {
+        match (a, b) {
+            (toml::Value::Table(x), toml::Value::Table(y)) => {
+                let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+                for k in keys {
+                    let p = format!("{prefix}{k}");
+                    match (x.get(k), y.get(k)) {
+                        (Some(va), Some(vb)) => diff(&format!("{p}."), va, vb, out),
+                        (va, vb) => out.push(format!("{p}: {va:?} != {vb:?}")),
+                    }
+                }
+            }
+            _ if a != b => out.push(format!("{}: {a} != {b}", prefix.trim_end_matches('.'))),
+            _ => {}
+        }
+    }
+
+    fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    /// The built-in defaults are exactly `config/claimgate.toml` (item 12 of "Hardening":
+    /// they had drifted to an in-memory keyspace over a durable SQLite).
+    #[test]
+    fn builtin_defaults_equal_the_shipped_embedded_config() {
+        let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/claimgate.toml");
+        let shipped = load(Some(&file), env(&[]), &[]).unwrap();
+        let builtin = load(None, env(&[]), &[]).unwrap();
+        let mut d = Vec::new();
+        diff("", &as_value(&builtin), &as_value(&shipped), &mut d);
+        assert!(
+            d.is_empty(),
+            "built-in != config/claimgate.toml:\n{}",
+            d.join("\n")
+        );
+        assert_eq!(as_value(&Config::default()), as_value(&builtin));
+        assert_eq!(
+            builtin.embedded.aof_path.as_deref(),
+            Some(Path::new("data/claimgate.aof"))
+        );
+        assert_eq!(builtin.database.url, "sqlite://data/claimgate.db?mode=rwc");
+    }
+
+    /// A section present with only some keys takes the others from the section's own
+    /// `Default`, which must equal the top-level default (an `[embedded]` with only
+    /// `lua_vms` must not silently lose the append-only file).
+    #[test]
+    fn partial_sections_keep_the_builtin_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let sections = [
+            "server",
+            "redis",
+            "embedded",
+            "database",
+            "persister",
+            "stock",
+            "batches",
+            "auth",
+            "limits",
+            "cache",
+            "metrics",
+            "wallet",
+            "log",
+        ];
+        let text: String = sections.iter().map(|s| format!("[{s}]\n")).collect();
+        let f = write(dir.path(), "empty-sections.toml", &text);
+        let c = load(Some(&f), env(&[]), &[]).unwrap();
+        assert_eq!(as_value(&c), as_value(&Config::default()));
+        let f = write(dir.path(), "partial.toml", "[embedded]\nlua_vms = 3\n");
+        let c = load(Some(&f), env(&[]), &[]).unwrap();
+        assert_eq!(
+            c.embedded.aof_path.as_deref(),
+            Some(Path::new("data/claimgate.aof"))
+        );
+    }
+
+    /// The dump loads again into the same configuration, non-default values included
+    /// (an in-memory keyspace is `aof_path = ""`).
+    #[test]
+    fn dump_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = load(
+            None,
+            env(&[("CLAIMGATE_PERSISTER__CONSUMER", "gw-7")]),
+            &[
+                "backend=\"redis\"".into(),
+                "embedded.aof_path=\"\"".into(),
+                "embedded.fsync=\"always\"".into(),
+                "metrics.admin_listen=\"127.0.0.1:9100\"".into(),
+                "limits.trusted_proxies=[\"10.0.0.1\", \"::1\"]".into(),
+                "limits.claim_global={per_second=5, burst=7}".into(),
+                "stock.sweep_interval_ms=1234".into(),
+                "persister.stall_ms=0".into(),
+                "log.json=true".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.embedded.aof_path, None);
+        let text = c.to_toml().unwrap();
+        let f = write(dir.path(), "dump.toml", &text);
+        let again = load(Some(&f), env(&[]), &[]).unwrap();
+        assert_eq!(again.embedded.aof_path, None, "{text}");
+        assert_eq!(again.persister.consumer.as_deref(), Some("gw-7"));
+        assert_eq!(again.stock.sweep_interval_ms, 1234);
+        assert_eq!(again.to_toml().unwrap(), text);
+        // and the defaults' dump too
+        let d = Config::default().to_toml().unwrap();
+        let f = write(dir.path(), "defaults.toml", &d);
+        assert_eq!(load(Some(&f), env(&[]), &[]).unwrap().to_toml().unwrap(), d);
+    }
+
+    const ADMIN: &str = "admin-token-0123456789-SECRET";
+    const USER: &str = "user-token-secret-0123456789-0123456789-SECRET";
+
+    /// Item 10: secrets and URL passwords never reach the dump or `Debug`; the redacted
+    /// dump is refused (naming the key) until the real values are given again.
+    #[test]
+    fn dump_and_debug_redact_secrets() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = load(
+            None,
+            env(&[
+                ("CLAIMGATE_AUTH__ADMIN_TOKEN", ADMIN),
+                ("CLAIMGATE_AUTH__USER_TOKEN_SECRET", USER),
+            ]),
+            &[
+                "database.url=\"postgres://app:PG-PASS-SECRET@db:5432/claims\"".into(),
+                "redis.url=\"redis://default:REDIS-PASS-SECRET@cache:6379/0\"".into(),
+            ],
+        )
+        .unwrap();
+        let text = c.to_toml().unwrap();
+        let debug = format!("{c:?} {c:#?}");
+        for out in [&text, &debug] {
+            assert!(!out.contains("SECRET"), "a secret leaked:\n{out}");
+            assert!(out.contains(secret::REDACTED), "{out}");
+        }
+        assert!(
+            text.contains("postgres://app:<redacted>@db:5432/claims"),
+            "{text}"
+        );
+        assert!(
+            text.contains("redis://default:<redacted>@cache:6379/0"),
+            "{text}"
+        );
+        let scrubbed = c.scrub(&format!(
+            "auth with {ADMIN} to redis://x:y@z failed, pw PG-PASS-SECRET"
+        ));
+        assert!(
+            !scrubbed.contains("SECRET") && !scrubbed.contains(":y@"),
+            "{scrubbed}"
+        );
+
+        let f = write(dir.path(), "dump.toml", &text);
+        let err = load(Some(&f), env(&[]), &[]).unwrap_err().to_string();
+        assert!(err.contains("auth.admin_token"), "{err}");
+        let err = load(
+            Some(&f),
+            env(&[
+                ("CLAIMGATE_AUTH__ADMIN_TOKEN", ADMIN),
+                ("CLAIMGATE_AUTH__USER_TOKEN_SECRET", USER),
+            ]),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("database.url"), "{err}");
+        let again = load(
+            Some(&f),
+            env(&[
+                ("CLAIMGATE_AUTH__ADMIN_TOKEN", ADMIN),
+                ("CLAIMGATE_AUTH__USER_TOKEN_SECRET", USER),
+                (
+                    "CLAIMGATE_DATABASE__URL",
+                    "postgres://app:PG-PASS-SECRET@db:5432/claims",
+                ),
+                (
+                    "CLAIMGATE_REDIS__URL",
+                    "redis://default:REDIS-PASS-SECRET@cache:6379/0",
+                ),
+            ]),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            again.auth.admin_token.as_ref().map(Secret::expose),
+            Some(ADMIN)
+        );
+        assert_eq!(again.to_toml().unwrap(), text);
+    }
+
+    /// A TOML syntax error quotes its line: a secret on it is cut, a URL redacted. A
+    /// non-string secret is refused without echoing it.
+    #[test]
+    fn config_errors_do_not_quote_secrets() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = write(
+            dir.path(),
+            "broken.toml",
+            "[auth]\nadmin_token = \"admin-token-SECRET-0123456789\n",
+        );
+        let err = load(Some(&f), env(&[]), &[]).unwrap_err().to_string();
+        assert!(!err.contains("SECRET"), "{err}");
+        assert!(err.contains("admin_token"), "{err}");
+        let f = write(
+            dir.path(),
+            "broken-url.toml",
+            "[database]\nurl = \"postgres://u:SECRET@h/db\" x\n",
+        );
+        let err = load(Some(&f), env(&[]), &[]).unwrap_err().to_string();
+        assert!(!err.contains("SECRET"), "{err}");
+        let err = load(
+            None,
+            env(&[("CLAIMGATE_AUTH__ADMIN_TOKEN", "12345678901234567")]),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(!err.contains("12345678901234567"), "{err}");
+        assert!(err.contains("admin_token"), "{err}");
+    }
+
+    #[test]
+    fn stall_threshold_is_checked() {
+        let err = load(
+            None,
+            env(&[]),
+            &[
+                "persister.stall_ms=10".into(),
+                "persister.flush_interval_ms=10".into(),
+            ],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("persister.stall_ms"), "{err}");
+        assert!(load(None, env(&[]), &["persister.stall_ms=0".into()]).is_ok());
+    }
+
+    /// Values that modules used to clamp silently (`x.max(1)`, `x.max(10)`, `x.min(100)`)
+    /// are rejected at load, naming the key (before, each of these loaded and ran as
+    /// something else than configured).
+    #[test]
+    fn values_once_clamped_are_rejected_naming_the_key() {
+        for (set, key) in [
+            ("stock.refill_divisor=0", "stock.refill_divisor"),
+            (
+                "stock.transfer_marker_ttl_s=0",
+                "stock.transfer_marker_ttl_s",
+            ),
+            ("stock.sweep_interval_ms=1", "stock.sweep_interval_ms"),
+            ("cache.refresh_ms=5", "cache.refresh_ms"),
+            ("persister.batch_size=0", "persister.batch_size"),
+            (
+                "persister.flush_interval_ms=0",
+                "persister.flush_interval_ms",
+            ),
+            ("persister.backoff_min_ms=0", "persister.backoff_min_ms"),
+            ("persister.backoff_max_ms=50", "persister.backoff_max_ms"),
+            ("persister.batch_refresh_ms=0", "persister.batch_refresh_ms"),
+            (
+                "persister.probe_interval_ms=0",
+                "persister.probe_interval_ms",
+            ),
+            ("persister.write_timeout_ms=0", "persister.write_timeout_ms"),
+            ("redis.command_timeout_ms=0", "redis.command_timeout_ms"),
+            ("redis.connect_timeout_ms=0", "redis.connect_timeout_ms"),
+            ("redis.event_buffer=1", "redis.event_buffer"),
+            ("database.max_connections=0", "database.max_connections"),
+            (
+                "database.connect_timeout_ms=0",
+                "database.connect_timeout_ms",
+            ),
+            (
+                "database.statement_timeout_ms=0",
+                "database.statement_timeout_ms",
+            ),
+            ("limits.retry_after_s=0", "limits.retry_after_s"),
+            ("wallet.max_page=1000", "wallet.max_page"),
+            ("wallet.default_page=0", "wallet.default_page"),
+        ] {
+            let err = load(None, env(&[]), &[set.to_string()])
+                .expect_err(set)
+                .to_string();
+            assert!(err.contains(&format!("`{key}`")), "{set}: {err}");
+        }
+        // the edges themselves load
+        for ok in [
+            "stock.refill_divisor=1",
+            "stock.sweep_interval_ms=10",
+            "cache.refresh_ms=10",
+            "persister.backoff_max_ms=100",
+            "redis.event_buffer=16",
+            "wallet.max_page=500",
+        ] {
+            load(None, env(&[]), &[ok.to_string()]).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+    }
+
+    #[test]
+    fn shipped_config_files_load() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        for f in ["config/claimgate.toml", "config/redis.toml"] {
+            load(Some(&root.join(f)), env(&[]), &[]).unwrap_or_else(|e| panic!("{f}: {e}"));
+        }
+    }
+}

@@ -1,0 +1,270 @@
+//! `lua/claim.lua`: one claim against the user's home shard. The typed KEYS/ARGV, the one
+//! decoder of its reply ([`decode`]) into the closed set of [`Outcome`]s, and the formats of
+//! what it writes besides the claim record: the request-id entries (`req`) and the daily
+//! counts (`daily`), which a rebuild writes back.
+//!
+//! Invariant kept here: every reply shape the script can produce maps to exactly one
+//! [`Outcome`], and anything else is a protocol error (never a guess that could grant a
+//! coupon).
+
+use super::keys::SlotKeys;
+use super::reply::{self, protocol};
+use crate::backend::{Backend, BackendError, Script, Value};
+
+const SCRIPT: Script = Script::Claim;
+
+/// A coupon as minted by the claim script (also what `lua/replay.lua` finds).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Coupon {
+    pub coupon_id: String,
+    pub valid_from_ms: i64,
+    pub valid_to_ms: i64,
+    pub claimed_at_ms: i64,
+    /// On a replay: the nonce of the request that minted the coupon ('' if unknown).
+    pub minted_by: String,
+}
+
+/// What one run of `claim.lua` decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// A coupon was minted now.
+    Claimed(Coupon),
+    /// The request id was seen before: the coupon minted then.
+    Replayed(Coupon),
+    /// The shard has no metadata: the batch does not exist here (or Redis lost it).
+    NoBatch,
+    NotStarted,
+    Ended,
+    Paused,
+    Denied,
+    LimitReached,
+    DailyLimitReached,
+    /// The home shard is empty; stock may still be in the pool or in siblings.
+    ShardEmpty,
+    /// The shard's claim log is at its bound: shed, nothing claimed.
+    BacklogFull,
+}
+
+/// ARGV of one claim besides the batch and shard (which come with the slot's keys).
+#[derive(Debug, Clone, Copy)]
+pub struct Args<'a> {
+    pub user: &'a str,
+    /// The client's request id, or an internal one; `''` = none.
+    pub request_id: &'a str,
+    /// `persister.max_backlog_per_shard`, formatted (0 = unbounded).
+    pub max_log: &'a str,
+    /// This HTTP request's nonce: recorded with the request id, returned on replay.
+    pub nonce: &'a str,
+}
+
+/// KEYS, in the script's order.
+pub fn keys(slot: &SlotKeys) -> [&str; 8] {
+    [
+        &slot.meta,
+        &slot.stock,
+        &slot.users,
+        &slot.daily,
+        &slot.req,
+        &slot.log,
+        &slot.deny,
+        &slot.claimed,
+    ]
+}
+
+/// ARGV, in the script's order.
+pub fn argv<'a>(slot: &'a SlotKeys, a: &Args<'a>) -> [&'a str; 6] {
+    [
+        a.user,
+        a.request_id,
+        a.max_log,
+        &slot.batch,
+        &slot.label,
+        a.nonce,
+    ]
+}
+
+/// Runs the script on `slot` (a shard).
+pub async fn call<B: Backend>(
+    backend: &B,
+    slot: &SlotKeys,
+    args: &Args<'_>,
+) -> Result<Outcome, BackendError> {
+    decode(backend.eval(SCRIPT, &keys(slot), &argv(slot, args)).await?)
+}
+
+/// The one decoder of `claim.lua`'s reply.
+pub fn decode(reply: Value) -> Result<Outcome, BackendError> {
+    let items = reply::array(SCRIPT, reply)?;
+    let code = items
+        .first()
+        .ok_or_else(|| protocol(SCRIPT, "empty"))
+        .and_then(|c| reply::int(SCRIPT, c))?;
+    match code {
+        0 => {
+            let reason = match items.get(1) {
+                Some(r) if items.len() == 2 => reply::int(SCRIPT, r)?,
+                _ => return Err(protocol(SCRIPT, "a refusal is {0, code}")),
+            };
+            Ok(match reason {
+                -1 => Outcome::NoBatch,
+                -2 => Outcome::NotStarted,
+                -3 => Outcome::Ended,
+                -4 => Outcome::Paused,
+                -5 => Outcome::Denied,
+                -6 => Outcome::LimitReached,
+                -7 => Outcome::DailyLimitReached,
+                -8 => Outcome::ShardEmpty,
+                -9 => Outcome::BacklogFull,
+                other => return Err(protocol(SCRIPT, format!("unknown refusal {other}"))),
+            })
+        }
+        1 if items.len() == 5 => Ok(Outcome::Claimed(coupon(SCRIPT, &items)?)),
+        2 if items.len() == 6 => Ok(Outcome::Replayed(coupon(SCRIPT, &items)?)),
+        other => Err(protocol(
+            SCRIPT,
+            format!("status {other} with {} items", items.len()),
+        )),
+    }
+}
+
+/// `{ status, coupon_id, valid_from_ms, valid_to_ms, claimed_at_ms [, nonce] }`: the coupon
+/// part of a claim or replay reply (`script` names which, for errors).
+pub(super) fn coupon(script: Script, items: &[Value]) -> Result<Coupon, BackendError> {
+    let int = |i: usize, what: &str| {
+        items
+            .get(i)
+            .ok_or_else(|| protocol(script, format!("no {what}")))
+            .and_then(|v| reply::int(script, v))
+    };
+    Ok(Coupon {
+        coupon_id: items
+            .get(1)
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| protocol(script, "no coupon id"))?
+            .to_string(),
+        valid_from_ms: int(2, "valid_from")?,
+        valid_to_ms: int(3, "valid_to")?,
+        claimed_at_ms: int(4, "claimed_at")?,
+        minted_by: match items.get(5) {
+            None => String::new(),
+            Some(v) => reply::string(script, v)?,
+        },
+    })
+}
+
+/// The `req` hash field of a request id: `<user>|<request id>`.
+pub fn request_field(user: &str, request_id: &str) -> String {
+    format!("{user}|{request_id}")
+}
+
+/// The `req` hash value of a coupon: `<coupon>|<valid_from>|<valid_to>|<claimed_at>`, to
+/// which the script appends `|<nonce>` (a rebuild writes it without: no nonce is known).
+pub fn request_value(coupon_id: &str, valid_from: i64, valid_to: i64, claimed_at: i64) -> String {
+    format!("{coupon_id}|{valid_from}|{valid_to}|{claimed_at}")
+}
+
+/// The `daily` hash value: `<utc day>:<count>`.
+pub fn daily_value(day: i64, count: u64) -> String {
+    format!("{day}:{count}")
+}
+
+/// Milliseconds per UTC day, as the script counts days (`floor(now / 86400000)`).
+pub const DAY_MS: i64 = 86_400_000;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::contract::reply::bulk;
+
+    fn arr(v: Vec<Value>) -> Value {
+        Value::Array(v)
+    }
+
+    #[test]
+    fn decodes_every_shape() {
+        let ok = arr(vec![
+            Value::Int(1),
+            bulk("b.1.7"),
+            Value::Int(10),
+            Value::Int(20),
+            Value::Int(5),
+        ]);
+        let c = match decode(ok).unwrap() {
+            Outcome::Claimed(c) => c,
+            o => panic!("{o:?}"),
+        };
+        assert_eq!((c.coupon_id.as_str(), c.valid_to_ms), ("b.1.7", 20));
+        let replay = arr(vec![
+            Value::Int(2),
+            bulk("b.1.7"),
+            Value::Int(10),
+            Value::Int(20),
+            Value::Int(5),
+            bulk("n1"),
+        ]);
+        match decode(replay).unwrap() {
+            Outcome::Replayed(c) => assert_eq!(c.minted_by, "n1"),
+            o => panic!("{o:?}"),
+        }
+        for (code, want) in [
+            (-1, Outcome::NoBatch),
+            (-2, Outcome::NotStarted),
+            (-3, Outcome::Ended),
+            (-4, Outcome::Paused),
+            (-5, Outcome::Denied),
+            (-6, Outcome::LimitReached),
+            (-7, Outcome::DailyLimitReached),
+            (-8, Outcome::ShardEmpty),
+            (-9, Outcome::BacklogFull),
+        ] {
+            let got = decode(arr(vec![Value::Int(0), Value::Int(code)])).unwrap();
+            assert_eq!(got, want);
+        }
+    }
+
+    #[test]
+    fn rejects_anything_else() {
+        for bad in [
+            Value::Nil,
+            Value::Int(1),
+            arr(vec![]),
+            arr(vec![Value::Int(0), Value::Int(-42)]),
+            // replay.lua's "no earlier success" is not a claim.lua answer
+            arr(vec![Value::Int(0), Value::Int(-10)]),
+            arr(vec![Value::Int(3), Value::Int(0)]),
+            arr(vec![
+                Value::Int(1),
+                Value::Bulk(bytes::Bytes::new()),
+                Value::Int(1),
+                Value::Int(1),
+                Value::Int(1),
+            ]),
+            arr(vec![
+                Value::Int(7),
+                bulk("x"),
+                Value::Int(1),
+                Value::Int(1),
+                Value::Int(1),
+            ]),
+            // a claim with a nonce, a replay without: not what the script returns
+            arr(vec![
+                Value::Int(1),
+                bulk("x"),
+                Value::Int(1),
+                Value::Int(1),
+                Value::Int(1),
+                bulk("n"),
+            ]),
+        ] {
+            assert!(decode(bad.clone()).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn record_formats() {
+        assert_eq!(request_field("u1", "r-1"), "u1|r-1");
+        assert_eq!(request_value("b.0.1", 1, 2, 3), "b.0.1|1|2|3");
+        assert_eq!(daily_value(20_000, 2), "20000:2");
+    }
+}

@@ -1,0 +1,466 @@
+//! The batch model: what an admin creates, how it is validated, and the fingerprint that
+//! tells a retried create from a clash (how it is written to each slot's metadata hash is
+//! `crate::contract::meta`'s).
+//!
+//! Invariant kept here: a batch that passes [`NewBatch::validate`] has a well-formed id,
+//! positive stock, limits >= 1, a window with start < end and a coherent validity, every
+//! timestamp within [`Timestamp::MIN`]..=[`Timestamp::MAX`] (so no script ever sees
+//! metadata it cannot interpret, and every time formats back to RFC 3339).
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use super::ids::{valid_batch_id, valid_ident};
+pub use super::time::Timestamp;
+use crate::config::BatchesConfig;
+
+/// Why a batch definition or patch is rejected (always a 400 `bad_request`).
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("{0}")]
+pub struct InvalidBatch(pub String);
+
+fn invalid<T>(msg: impl Into<String>) -> Result<T, InvalidBatch> {
+    Err(InvalidBatch(msg.into()))
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Window {
+    pub start: Timestamp,
+    pub end: Timestamp,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum Validity {
+    Relative { days_after_claim: u32 },
+    Fixed { start: Timestamp, end: Timestamp },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Discount {
+    Threshold {
+        threshold: i64,
+        amount: i64,
+    },
+    Fixed {
+        amount: i64,
+    },
+    Percent {
+        percent_off: i64,
+        max_off: Option<i64>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ScopeKind {
+    All,
+    Products,
+    Categories,
+    Merchants,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Scope {
+    pub kind: ScopeKind,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ids: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Eligibility {
+    pub deny_users: Vec<String>,
+    pub require_tags: Vec<String>,
+    pub new_users_only: bool,
+}
+
+/// `POST /v1/batches` body.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewBatch {
+    pub id: Option<String>,
+    pub name: String,
+    pub stock: i64,
+    pub per_user_limit: i64,
+    #[serde(default)]
+    pub per_user_daily_limit: Option<i64>,
+    pub claim_window: Window,
+    pub validity: Validity,
+    pub discount: Discount,
+    pub scope: Scope,
+    #[serde(default)]
+    pub exclusive: bool,
+    #[serde(default)]
+    pub eligibility: Eligibility,
+    #[serde(default)]
+    pub shards: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum BatchState {
+    Active,
+    Paused,
+}
+
+impl BatchState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BatchState::Active => "active",
+            BatchState::Paused => "paused",
+        }
+    }
+}
+
+/// A batch as stored (pool metadata `def`, database `batches` row) and returned by the API.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Batch {
+    pub id: String,
+    pub name: String,
+    pub stock: i64,
+    pub per_user_limit: i64,
+    pub per_user_daily_limit: Option<i64>,
+    pub claim_window: Window,
+    pub validity: Validity,
+    pub discount: Discount,
+    pub scope: Scope,
+    pub exclusive: bool,
+    pub eligibility: Eligibility,
+    pub shards: u32,
+    pub state: BatchState,
+    pub created_at: Timestamp,
+}
+
+const MAX_NAME: usize = 256;
+
+impl NewBatch {
+    /// Checks every field and produces the stored batch (with `id` generated if absent).
+    pub fn validate(self, limits: &BatchesConfig) -> Result<Batch, InvalidBatch> {
+        let id = match self.id {
+            Some(id) if valid_batch_id(&id) => id,
+            Some(_) => return invalid("id must be 1-64 characters of [A-Za-z0-9_-]"),
+            None => generate_id(),
+        };
+        if self.name.is_empty() || self.name.len() > MAX_NAME {
+            return invalid(format!("name must be 1-{MAX_NAME} bytes"));
+        }
+        if self.stock <= 0 || self.stock > limits.max_stock {
+            return invalid(format!("stock must be 1..={}", limits.max_stock));
+        }
+        if self.per_user_limit < 1 {
+            return invalid("per_user_limit must be >= 1");
+        }
+        if self.per_user_daily_limit.is_some_and(|d| d < 1) {
+            return invalid("per_user_daily_limit must be >= 1 or null");
+        }
+        in_range("claim_window.start", self.claim_window.start)?;
+        in_range("claim_window.end", self.claim_window.end)?;
+        if self.claim_window.start >= self.claim_window.end {
+            return invalid("claim_window.start must be before claim_window.end");
+        }
+        if let Validity::Fixed { start, end } = self.validity {
+            in_range("validity.start", start)?;
+            in_range("validity.end", end)?;
+        }
+        match self.validity {
+            Validity::Relative { days_after_claim } if !(1..=3650).contains(&days_after_claim) => {
+                return invalid("validity.days_after_claim must be 1..=3650");
+            }
+            Validity::Fixed { start, end } if start >= end => {
+                return invalid("validity.start must be before validity.end");
+            }
+            _ => {}
+        }
+        match self.discount {
+            Discount::Threshold { threshold, amount } if threshold < 0 || amount <= 0 => {
+                return invalid("discount: threshold >= 0 and amount > 0");
+            }
+            Discount::Fixed { amount } if amount <= 0 => {
+                return invalid("discount.amount must be > 0");
+            }
+            Discount::Percent {
+                percent_off,
+                max_off,
+            } if !(1..=100).contains(&percent_off) || max_off.is_some_and(|m| m <= 0) => {
+                return invalid("discount: percent_off 1..=100, max_off > 0");
+            }
+            _ => {}
+        }
+        if (self.scope.kind == ScopeKind::All) != self.scope.ids.is_empty() {
+            return invalid("scope.ids must be empty for kind all and non-empty otherwise");
+        }
+        let lists = [
+            &self.scope.ids,
+            &self.eligibility.deny_users,
+            &self.eligibility.require_tags,
+        ];
+        if lists.iter().any(|l| l.len() > limits.max_list_items) {
+            return invalid(format!(
+                "scope.ids, deny_users and require_tags hold at most {} items",
+                limits.max_list_items
+            ));
+        }
+        if self.eligibility.deny_users.iter().any(|u| !valid_ident(u)) {
+            return invalid("deny_users must be user ids (1-128 of [A-Za-z0-9._@+-])");
+        }
+        let shards = self.shards.unwrap_or(limits.default_shards);
+        if shards < 1 || shards > limits.max_shards {
+            return invalid(format!("shards must be 1..={}", limits.max_shards));
+        }
+        Ok(Batch {
+            id,
+            name: self.name,
+            stock: self.stock,
+            per_user_limit: self.per_user_limit,
+            per_user_daily_limit: self.per_user_daily_limit,
+            claim_window: self.claim_window,
+            validity: self.validity,
+            discount: self.discount,
+            scope: self.scope,
+            exclusive: self.exclusive,
+            eligibility: self.eligibility,
+            shards,
+            state: BatchState::Active,
+            created_at: Timestamp::now(),
+        })
+    }
+}
+
+/// Refuses a time outside [`Timestamp::MIN`]..=[`Timestamp::MAX`] (UTC), naming the field.
+fn in_range(field: &str, t: Timestamp) -> Result<(), InvalidBatch> {
+    if (Timestamp::MIN..=Timestamp::MAX).contains(&t) {
+        Ok(())
+    } else {
+        invalid(format!(
+            "{field} must be between 1970-01-01T00:00:00Z and 9999-12-31T23:59:59.999Z (UTC)"
+        ))
+    }
+}
+
+fn generate_id() -> String {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::rng();
+    let suffix: String = (0..12)
+        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
+        .collect();
+    format!("b-{suffix}")
+}
+
+/// `PATCH /v1/batches/{id}` body.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchPatch {
+    pub state: Option<BatchState>,
+    pub claim_window_end: Option<Timestamp>,
+    pub claim_window: Option<WindowEnd>,
+    pub add_stock: Option<i64>,
+}
+
+/// `{"claim_window": {"end": "..."}}`: only the end of the window moves.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WindowEnd {
+    pub end: Timestamp,
+}
+
+impl BatchPatch {
+    /// The new window end, however it was spelled.
+    pub fn new_end(&self) -> Option<Timestamp> {
+        self.claim_window
+            .as_ref()
+            .map(|w| w.end)
+            .or(self.claim_window_end)
+    }
+
+    pub fn validate(&self, batch: &Batch, limits: &BatchesConfig) -> Result<(), InvalidBatch> {
+        if self.state.is_none() && self.new_end().is_none() && self.add_stock.is_none() {
+            return invalid("nothing to change: give state, claim_window.end or add_stock");
+        }
+        if self.claim_window.is_some() && self.claim_window_end.is_some() {
+            return invalid("give the window end once");
+        }
+        if let Some(end) = self.new_end() {
+            in_range("claim_window.end", end)?;
+        }
+        if self
+            .new_end()
+            .is_some_and(|end| end <= batch.claim_window.start)
+        {
+            return invalid("claim_window.end must be after claim_window.start");
+        }
+        if self
+            .add_stock
+            .is_some_and(|add| add <= 0 || batch.stock.saturating_add(add) > limits.max_stock)
+        {
+            return invalid(format!(
+                "add_stock must be > 0 and the total at most {}",
+                limits.max_stock
+            ));
+        }
+        Ok(())
+    }
+
+    /// Applies the patch to the stored definition.
+    pub fn apply(&self, batch: &mut Batch) {
+        if let Some(s) = self.state {
+            batch.state = s;
+        }
+        if let Some(end) = self.new_end() {
+            batch.claim_window.end = end;
+        }
+        if let Some(add) = self.add_stock {
+            batch.stock += add;
+        }
+    }
+}
+
+impl Batch {
+    /// Fingerprint of the definition, so a retried create is told apart from a clash.
+    pub fn fingerprint(&self) -> String {
+        let mut clone = self.clone();
+        clone.created_at = Timestamp(0);
+        let json = serde_json::to_string(&clone).unwrap_or_default();
+        sha1_smol::Sha1::from(json).digest().to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: BatchesConfig = BatchesConfig {
+        default_shards: 16,
+        max_shards: 1024,
+        max_stock: 1_000_000_000,
+        max_list_items: 10_000,
+    };
+
+    fn body(extra: &str) -> String {
+        format!(
+            r#"{{"name":"5 off","stock":100,"per_user_limit":1,
+            "claim_window":{{"start":"2026-11-11T00:00:00Z","end":"2026-11-12T00:00:00Z"}},
+            "validity":{{"days_after_claim":7}},
+            "discount":{{"kind":"threshold","threshold":10000,"amount":500}},
+            "scope":{{"kind":"all"}}{extra}}}"#
+        )
+    }
+
+    #[test]
+    fn a_valid_batch_gets_defaults() {
+        let nb: NewBatch = serde_json::from_str(&body("")).unwrap();
+        let b = nb.validate(&LIMITS).unwrap();
+        assert_eq!(b.shards, 16);
+        assert!(valid_batch_id(&b.id));
+        assert_eq!(b.claim_window.start.to_rfc3339(), "2026-11-11T00:00:00Z");
+        let json = serde_json::to_value(&b).unwrap();
+        assert_eq!(json["claim_window"]["end"], "2026-11-12T00:00:00Z");
+        assert_eq!(json["discount"]["kind"], "threshold");
+    }
+
+    #[test]
+    fn bad_definitions_are_rejected() {
+        for extra in [
+            r#","id":"a{b}""#,
+            r#","id":"""#,
+            r#","shards":0"#,
+            r#","shards":100000"#,
+            r#","per_user_daily_limit":0"#,
+            r#","eligibility":{"deny_users":["a b"]}"#,
+        ] {
+            let nb: NewBatch = serde_json::from_str(&body(extra)).unwrap();
+            assert!(nb.validate(&LIMITS).is_err(), "{extra}");
+        }
+        assert!(serde_json::from_str::<NewBatch>(&body(r#","bogus":1"#)).is_err());
+        let bad_window = body("").replace("2026-11-12", "2026-11-10");
+        let nb: NewBatch = serde_json::from_str(&bad_window).unwrap();
+        assert!(nb.validate(&LIMITS).is_err());
+    }
+
+    /// Regression (hardening item 7): a fixed validity before 1970 was accepted (then every
+    /// replay of its claims failed with 500). Every timestamp must lie in what the scripts
+    /// and RFC 3339 can carry, whatever UTC offset it was written with.
+    #[test]
+    fn item7_timestamps_outside_1970_to_9999_are_rejected() {
+        let with = |window: (&str, &str), validity: (&str, &str)| {
+            body("")
+                .replace(
+                    r#""start":"2026-11-11T00:00:00Z","end":"2026-11-12T00:00:00Z""#,
+                    &format!(r#""start":"{}","end":"{}""#, window.0, window.1),
+                )
+                .replace(
+                    r#"{"days_after_claim":7}"#,
+                    &format!(r#"{{"start":"{}","end":"{}"}}"#, validity.0, validity.1),
+                )
+        };
+        let ok_window = ("2026-11-11T00:00:00Z", "2026-11-12T00:00:00Z");
+        let ok_validity = ("2026-11-11T00:00:00Z", "2027-11-12T00:00:00Z");
+        for (window, validity) in [
+            (
+                ok_window,
+                ("1969-12-31T23:59:59.999Z", "2027-01-01T00:00:00Z"),
+            ),
+            (ok_window, ("1960-01-01T00:00:00Z", "1961-01-01T00:00:00Z")),
+            (
+                ok_window,
+                ("1970-01-01T00:30:00+01:00", "2027-01-01T00:00:00Z"),
+            ),
+            (
+                ok_window,
+                ("2026-01-01T00:00:00Z", "9999-12-31T23:59:59-00:01"),
+            ),
+            (
+                ("1969-01-01T00:00:00Z", "2026-11-12T00:00:00Z"),
+                ok_validity,
+            ),
+            (
+                ("2026-01-01T00:00:00Z", "9999-12-31T23:00:00-05:00"),
+                ok_validity,
+            ),
+            (
+                ("0000-01-01T00:00:00+01:00", "2026-11-12T00:00:00Z"),
+                ok_validity,
+            ),
+        ] {
+            let json = with(window, validity);
+            let nb: NewBatch = serde_json::from_str(&json).unwrap();
+            assert!(nb.validate(&LIMITS).is_err(), "{window:?} {validity:?}");
+        }
+        // the edges themselves are fine
+        let nb: NewBatch = serde_json::from_str(&with(
+            ("1970-01-01T00:00:00Z", "9999-12-31T23:59:59.999Z"),
+            ("1970-01-01T00:00:00Z", "9999-12-31T23:59:59.999Z"),
+        ))
+        .unwrap();
+        let b = nb.validate(&LIMITS).unwrap();
+        assert_eq!(b.claim_window.start, Timestamp::MIN);
+        assert_eq!(b.claim_window.end, Timestamp::MAX);
+        assert_eq!(Timestamp::MAX.to_rfc3339(), "9999-12-31T23:59:59.999Z");
+        assert_eq!(Timestamp::MIN.to_rfc3339(), "1970-01-01T00:00:00Z");
+        // a patch cannot move the window end out of range
+        for end in ["9999-12-31T23:59:59-01:00", "1969-12-31T00:00:00Z"] {
+            let p: BatchPatch =
+                serde_json::from_str(&format!(r#"{{"claim_window":{{"end":"{end}"}}}}"#)).unwrap();
+            assert!(p.validate(&b, &LIMITS).is_err(), "{end}");
+        }
+    }
+
+    #[test]
+    fn patches_validate_and_apply() {
+        let nb: NewBatch = serde_json::from_str(&body("")).unwrap();
+        let mut b = nb.validate(&LIMITS).unwrap();
+        let p: BatchPatch = serde_json::from_str(r#"{"state":"paused","add_stock":5}"#).unwrap();
+        p.validate(&b, &LIMITS).unwrap();
+        p.apply(&mut b);
+        assert_eq!((b.state, b.stock), (BatchState::Paused, 105));
+        let p: BatchPatch = serde_json::from_str(r#"{}"#).unwrap();
+        assert!(p.validate(&b, &LIMITS).is_err());
+        let p: BatchPatch =
+            serde_json::from_str(r#"{"claim_window":{"end":"2020-01-01T00:00:00Z"}}"#).unwrap();
+        assert!(p.validate(&b, &LIMITS).is_err());
+    }
+}

@@ -1,0 +1,98 @@
+//! The gateway's background loops: pub/sub events, the periodic refresh (metadata,
+//! definition healing, stock gauges, limiter purge, metrics upkeep), and the transfer
+//! sweeper.
+//!
+//! Invariant kept here: every loop stops when its shutdown token is cancelled, and every
+//! wait in it is bounded (a tick, or a message).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::Backend;
+use crate::http::App;
+use crate::obs::events::SweepFailed;
+
+/// The refresh loop does its slower chores (healing, gauges, purge, upkeep) every this
+/// many ticks.
+const CHORES_EVERY: u64 = 5;
+
+/// Starts the background loops of `app`; they stop when `shutdown` is cancelled.
+pub fn spawn_background<B: Backend>(
+    app: &Arc<App<B>>,
+    shutdown: CancellationToken,
+) -> Vec<JoinHandle<()>> {
+    vec![
+        tokio::spawn(events(app.clone(), shutdown.clone())),
+        tokio::spawn(refresh(app.clone(), shutdown.clone())),
+        tokio::spawn(sweeper(app.clone(), shutdown)),
+    ]
+}
+
+/// Pub/sub events: sold out and batch changes reach this instance within milliseconds.
+async fn events<B: Backend>(app: Arc<App<B>>, stop: CancellationToken) {
+    let mut rx = app.backend().subscribe();
+    loop {
+        let msg = tokio::select! {
+            _ = stop.cancelled() => break,
+            m = rx.recv() => m,
+        };
+        match msg {
+            Ok(m) => app.catalog().on_event(&m).await,
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+        }
+    }
+}
+
+/// Periodic refresh: the fallback for missed events; also exports the stock gauges.
+async fn refresh<B: Backend>(app: Arc<App<B>>, stop: CancellationToken) {
+    let cfg = app.config().clone();
+    let mut tick = tokio::time::interval(Duration::from_millis(cfg.cache.refresh_ms));
+    let catalog = app.catalog();
+    let mut n: u64 = 0;
+    catalog.warm().await;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        for entry in catalog.cache().all() {
+            catalog.refresh(&entry).await;
+        }
+        if n.is_multiple_of(CHORES_EVERY) {
+            catalog.heal_definitions().await;
+            crate::obs::metrics::upkeep();
+            let gauges = catalog.stock_remaining(cfg.metrics.max_batch_labels).await;
+            app.set_stock_remaining(gauges);
+            app.api().limits().purge();
+        }
+        n += 1;
+    }
+}
+
+/// Sweeper: finishes transfers interrupted by a crash.
+async fn sweeper<B: Backend>(app: Arc<App<B>>, stop: CancellationToken) {
+    let cfg = app.config().stock.clone();
+    let mut tick = tokio::time::interval(Duration::from_millis(cfg.sweep_interval_ms));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        for entry in app.catalog().cache().all() {
+            if entry.is_lost() {
+                continue;
+            }
+            if let Err(e) = app.stock().sweep(&entry.keys, cfg.sweep_min_age_ms).await {
+                SweepFailed {
+                    batch: &entry.id,
+                    error: &e.to_string(),
+                }
+                .emit();
+            }
+        }
+    }
+}

@@ -1,0 +1,268 @@
+//! Request routing: method + path to handler, the request deadline, and the conversion of
+//! every handler result into a response (with its metric and, for an error, its log line).
+//!
+//! Invariant kept here: whatever a client sends (unknown route, wrong method, oversized or
+//! malformed body, invalid ids), the answer is a JSON response with a 4xx code and nothing
+//! is changed; no input reaches a handler unvalidated.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Body;
+
+use super::body::read_body;
+use super::error::{ApiError, json_response};
+use super::{App, ops};
+use crate::api::{admin, claim, wallet};
+use crate::backend::Backend;
+use crate::obs::events::{Failure, HttpAnswered};
+
+/// The routes, a closed set (the `route` label of HTTP metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route<'a> {
+    Health,
+    Ready,
+    Metrics,
+    OpenApi,
+    Batches,
+    Batch(&'a str),
+    Claims(&'a str),
+    UserCoupons(&'a str),
+    CouponAction(&'a str, &'a str),
+    Unknown,
+}
+
+impl Route<'_> {
+    fn parse(path: &str) -> Route<'_> {
+        let mut seg = path.strip_prefix('/').unwrap_or(path).split('/');
+        match (seg.next(), seg.next(), seg.next(), seg.next(), seg.next()) {
+            (Some("healthz"), None, ..) => Route::Health,
+            (Some("readyz"), None, ..) => Route::Ready,
+            (Some("metrics"), None, ..) => Route::Metrics,
+            (Some("openapi.json"), None, ..) => Route::OpenApi,
+            (Some("v1"), Some("batches"), None, ..) => Route::Batches,
+            (Some("v1"), Some("batches"), Some(id), None, _) if !id.is_empty() => Route::Batch(id),
+            (Some("v1"), Some("batches"), Some(id), Some("claims"), None) if !id.is_empty() => {
+                Route::Claims(id)
+            }
+            (Some("v1"), Some("users"), Some(u), Some("coupons"), None) if !u.is_empty() => {
+                Route::UserCoupons(u)
+            }
+            (Some("v1"), Some("coupons"), Some(c), Some(action), None)
+                if !c.is_empty() && matches!(action, "lock" | "redeem" | "release") =>
+            {
+                Route::CouponAction(c, action)
+            }
+            _ => Route::Unknown,
+        }
+    }
+
+    /// The methods the route serves (the `Allow` header of a 405).
+    fn allow(&self) -> &'static str {
+        match self {
+            Route::Health | Route::Ready | Route::Metrics | Route::OpenApi => "GET",
+            Route::UserCoupons(_) => "GET",
+            Route::Batch(_) => "GET, PATCH",
+            Route::Batches | Route::Claims(_) | Route::CouponAction(..) => "POST",
+            Route::Unknown => "",
+        }
+    }
+
+    fn label(&self) -> &'static str {
+        match self {
+            Route::Health => "healthz",
+            Route::Ready => "readyz",
+            Route::Metrics => "metrics",
+            Route::OpenApi => "openapi",
+            Route::Batches => "batches",
+            Route::Batch(_) => "batch",
+            Route::Claims(_) => "claims",
+            Route::UserCoupons(_) => "user_coupons",
+            Route::CouponAction(..) => "coupon_action",
+            Route::Unknown => "unknown",
+        }
+    }
+}
+
+/// The caller's `X-Request-Id` when it is a sane token (at most 64 of `[A-Za-z0-9._-]`),
+/// else a fresh one; echoed on the response and on the log line of an error.
+fn request_id(headers: &http::HeaderMap) -> String {
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            (1..=64).contains(&v.len())
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        })
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("{:016x}", rand::random::<u64>()))
+}
+
+/// Handles one request. Never panics on input; every error is a JSON response.
+pub async fn handle<B, Bd>(
+    app: &App<B>,
+    req: Request<Bd>,
+    peer: SocketAddr,
+) -> Response<Full<Bytes>>
+where
+    B: Backend,
+    Bd: Body<Data = Bytes>,
+    Bd::Error: std::error::Error + Send + Sync + 'static,
+{
+    let timeout = Duration::from_millis(app.config().server.request_timeout_ms);
+    let (parts, body) = req.into_parts();
+    let route = Route::parse(parts.uri.path());
+    let label = route.label();
+    let request_id = request_id(&parts.headers);
+    let body_cut = AtomicBool::new(false);
+    let fut = dispatch(app, route, &parts, body, peer, &body_cut);
+    let result = match tokio::time::timeout(timeout, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(ApiError::BackendUnavailable("request timed out".into())),
+    };
+    let (mut resp, failure) = match result {
+        Ok(resp) => (resp, None),
+        Err(e) => {
+            let failure = (e.status().as_u16(), e.code(), e.log_detail());
+            (e.into_response(app.retry_after()), Some(failure))
+        }
+    };
+    if let Ok(v) = header::HeaderValue::from_str(&request_id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    if body_cut.load(Ordering::Relaxed) {
+        resp = closing(resp);
+    }
+    let class = match resp.status().as_u16() {
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    };
+    HttpAnswered {
+        route: label,
+        class,
+        request_id: &request_id,
+        failure: failure.as_ref().map(|(status, code, detail)| Failure {
+            status: *status,
+            code,
+            detail,
+        }),
+    }
+    .emit();
+    resp
+}
+
+async fn dispatch<B, Bd>(
+    app: &App<B>,
+    route: Route<'_>,
+    parts: &http::request::Parts,
+    body: Bd,
+    peer: SocketAddr,
+    body_cut: &AtomicBool,
+) -> Result<Response<Full<Bytes>>, ApiError>
+where
+    B: Backend,
+    Bd: Body<Data = Bytes>,
+    Bd::Error: std::error::Error + Send + Sync + 'static,
+{
+    let limit = app.config().server.max_body_bytes;
+    let api = app.api();
+    let m = &parts.method;
+    let h = &parts.headers;
+    if !matches!(
+        route,
+        Route::Claims(_) | Route::Health | Route::Ready | Route::Metrics
+    ) {
+        api.limits().check_other(api.limits().client_ip(peer, h))?;
+    }
+    match route {
+        Route::Health if m == Method::GET => Ok(ops::health()),
+        Route::Ready if m == Method::GET => Ok(ops::ready(app).await),
+        Route::Metrics if m == Method::GET => Ok(ops::metrics(app)),
+        Route::OpenApi if m == Method::GET => Ok(ops::openapi()),
+        Route::Batches if m == Method::POST => {
+            api.auth().check_admin(h)?;
+            let body = read_body(body, limit, body_cut).await?;
+            let (status, batch) = admin::create(api, &body).await?;
+            Ok(json_response(status, &batch))
+        }
+        Route::Batch(id) if m == Method::GET => {
+            api.auth().check_admin(h)?;
+            Ok(json_response(StatusCode::OK, &admin::get(api, id).await?))
+        }
+        Route::Batch(id) if m == Method::PATCH => {
+            api.auth().check_admin(h)?;
+            let body = read_body(body, limit, body_cut).await?;
+            Ok(json_response(
+                StatusCode::OK,
+                &admin::patch(api, id, &body).await?,
+            ))
+        }
+        Route::Claims(id) if m == Method::POST => {
+            let body = read_body(body, limit, body_cut).await?;
+            let (status, reply) = claim::claim(api, id, h, peer, &body).await?;
+            Ok(json_response(status, &reply))
+        }
+        Route::UserCoupons(user) if m == Method::GET => {
+            let query = parts.uri.query().unwrap_or("");
+            let page = wallet::list(api, h, user, query).await?;
+            Ok(json_response(StatusCode::OK, &page))
+        }
+        Route::CouponAction(coupon, action) if m == Method::POST => {
+            let body = read_body(body, limit, body_cut).await?;
+            let reply = wallet::act(api, h, coupon, action, &body).await?;
+            Ok(json_response(StatusCode::OK, &reply))
+        }
+        Route::Unknown => Err(ApiError::RouteNotFound),
+        _ => Err(ApiError::MethodNotAllowed(route.allow())),
+    }
+}
+
+/// Adds `Connection: close` (while draining, so keep-alive clients move elsewhere; after a
+/// body left unread).
+pub fn closing(mut resp: Response<Full<Bytes>>) -> Response<Full<Bytes>> {
+    resp.headers_mut().insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("close"),
+    );
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes() {
+        assert_eq!(Route::parse("/healthz"), Route::Health);
+        assert_eq!(Route::parse("/v1/batches"), Route::Batches);
+        assert_eq!(Route::parse("/v1/batches/b1"), Route::Batch("b1"));
+        assert_eq!(Route::parse("/v1/batches/b1/claims"), Route::Claims("b1"));
+        assert_eq!(
+            Route::parse("/v1/users/u1/coupons"),
+            Route::UserCoupons("u1")
+        );
+        assert_eq!(
+            Route::parse("/v1/coupons/c.1.2/lock"),
+            Route::CouponAction("c.1.2", "lock")
+        );
+        for unknown in [
+            "/",
+            "",
+            "/v1",
+            "/v1/batches/",
+            "/v1/batches//claims",
+            "/v1/batches/b/claims/x",
+            "/v1/coupons/c/steal",
+            "/healthz/x",
+        ] {
+            assert_eq!(Route::parse(unknown), Route::Unknown, "{unknown}");
+        }
+    }
+}

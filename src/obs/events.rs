@@ -1,0 +1,486 @@
+//! One struct per event the gateway counts or measures: its `emit()` records the metric
+//! and writes the log line together, at the level the event deserves (the way vector's
+//! `internal_events` do). Call sites build the event and emit it; no other module records a
+//! metric.
+//!
+//! Invariant kept here: an event's metric and its log line cannot drift apart (they are
+//! written by the same function), and every label an event records comes from a closed set
+//! (`&'static str` labels from [`super::metrics`]'s lists or from enums of their owners).
+//! Per-request events log at `trace`/`debug`; events an operator must see (a shed, a
+//! persister error, a coupon minted twice, a lost batch) log at `warn`/`error`, the
+//! frequent ones through a limiter ([`LogLimiter`], [`RepeatFilter`]) so an overload cannot
+//! flood the log.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use super::metrics as m;
+
+// ------------------------------------------------------------------------ log limiters
+
+/// At most one log line per `every` for one kind of event, telling how many were left out.
+/// Lock-free; shared by every task emitting that event.
+pub struct LogLimiter {
+    every_ms: i64,
+    last_ms: AtomicI64,
+    suppressed: AtomicU64,
+}
+
+impl LogLimiter {
+    pub const fn new(every: Duration) -> LogLimiter {
+        LogLimiter {
+            every_ms: every.as_millis() as i64,
+            last_ms: AtomicI64::new(i64::MIN),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(n)` when this occurrence may be logged (`n` were left out since the last one).
+    pub fn admit(&self) -> Option<u64> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let last = self.last_ms.load(Ordering::Relaxed);
+        if last != i64::MIN && now - last < self.every_ms {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        if self
+            .last_ms
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+        {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(self.suppressed.swap(0, Ordering::Relaxed))
+    }
+}
+
+/// Lets a message through unless the very same one passed less than `every` ago. Owned by
+/// the one task that reports (e.g. the persister loop), so no synchronisation.
+#[derive(Debug)]
+pub struct RepeatFilter {
+    every: Duration,
+    last: Option<(Instant, String)>,
+}
+
+impl RepeatFilter {
+    pub fn new(every: Duration) -> RepeatFilter {
+        RepeatFilter { every, last: None }
+    }
+
+    /// Whether `msg` is to be logged now (and remembers it if so).
+    pub fn admit(&mut self, msg: &str) -> bool {
+        let repeat = self
+            .last
+            .as_ref()
+            .is_some_and(|(t, last)| last == msg && t.elapsed() < self.every);
+        if !repeat {
+            self.last = Some((Instant::now(), msg.to_string()));
+        }
+        !repeat
+    }
+}
+
+// ------------------------------------------------------------------------ the claim path
+
+/// A claim answered (`outcome`: `claimed`, `replayed` or the API error code), end to end.
+pub struct ClaimAnswered {
+    pub outcome: &'static str,
+    pub seconds: f64,
+}
+
+impl ClaimAnswered {
+    pub fn emit(self) {
+        m::claim_answered(self.outcome, self.seconds);
+        tracing::trace!(
+            outcome = self.outcome,
+            seconds = self.seconds,
+            "claim answered"
+        );
+    }
+}
+
+/// One stage of the claim path took `seconds` ([`m::STAGES`]).
+pub struct StageTimed {
+    pub stage: &'static str,
+    pub seconds: f64,
+}
+
+impl StageTimed {
+    pub fn emit(self) {
+        m::stage(self.stage, self.seconds);
+        tracing::trace!(stage = self.stage, seconds = self.seconds, "claim stage");
+    }
+}
+
+/// Why a request failed, for the log line of [`HttpAnswered`].
+pub struct Failure<'a> {
+    pub status: u16,
+    /// The API error code.
+    pub code: &'static str,
+    /// What went wrong (the detail of an internal error included; never sent to the client).
+    pub detail: &'a str,
+}
+
+/// An HTTP request answered: counted by route and status class; an error is logged with the
+/// request id (`warn` for a 5xx, ours to fix; `debug` for a refused request).
+pub struct HttpAnswered<'a> {
+    pub route: &'static str,
+    /// `2xx` .. `5xx`.
+    pub class: &'static str,
+    pub request_id: &'a str,
+    pub failure: Option<Failure<'a>>,
+}
+
+impl HttpAnswered<'_> {
+    pub fn emit(self) {
+        m::http_request(self.route, self.class);
+        let (route, request_id) = (self.route, self.request_id);
+        match self.failure {
+            Some(f) if f.status >= 500 => {
+                tracing::warn!(%request_id, route, status = f.status, error = f.code,
+                    detail = %f.detail, "request failed")
+            }
+            Some(f) => {
+                tracing::debug!(%request_id, route, status = f.status, error = f.code,
+                    "request refused")
+            }
+            None => tracing::trace!(%request_id, route, class = self.class, "request answered"),
+        }
+    }
+}
+
+/// The local hot-key cache answered (`kind`: [`m::CACHE_KINDS`]).
+pub struct CacheAnswered {
+    pub kind: &'static str,
+}
+
+impl CacheAnswered {
+    pub fn emit(self) {
+        m::cache_answer(self.kind);
+        tracing::trace!(kind = self.kind, "cache answered");
+    }
+}
+
+/// A request refused by a local rate limit (`limit`: global, user, ip).
+pub struct RateLimited {
+    pub limit: &'static str,
+}
+
+impl RateLimited {
+    pub fn emit(self) {
+        metrics::counter!(m::RATE_LIMITED, "limit" => self.limit).increment(1);
+        tracing::debug!(limit = self.limit, "rate limited");
+    }
+}
+
+static SHED_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(1));
+
+/// A claim shed, nothing claimed (`reason`: `inflight` = no backend slot in time,
+/// `backlog` = the shard's claim log at `persister.max_backlog_per_shard`). Logged at `warn`,
+/// at most once a second.
+pub struct Shed {
+    pub reason: &'static str,
+}
+
+impl Shed {
+    pub fn emit(self) {
+        metrics::counter!(m::SHED, "reason" => self.reason).increment(1);
+        if let Some(left_out) = SHED_LOG.admit() {
+            tracing::warn!(
+                reason = self.reason,
+                left_out,
+                "shedding claims: nothing claimed, answered 503"
+            );
+        }
+    }
+}
+
+/// A backend slot taken (the in-flight gauge goes up); see [`BackendSlotReleased`].
+pub struct BackendSlotTaken;
+
+impl BackendSlotTaken {
+    pub fn emit(self) {
+        metrics::gauge!(m::INFLIGHT).increment(1.0);
+    }
+}
+
+/// A backend slot given back.
+pub struct BackendSlotReleased;
+
+impl BackendSlotReleased {
+    pub fn emit(self) {
+        metrics::gauge!(m::INFLIGHT).decrement(1.0);
+    }
+}
+
+/// A client connection accepted.
+pub struct ConnectionOpened;
+
+impl ConnectionOpened {
+    pub fn emit(self) {
+        metrics::gauge!(m::CONNECTIONS).increment(1.0);
+    }
+}
+
+/// A client connection ended.
+pub struct ConnectionClosed;
+
+impl ConnectionClosed {
+    pub fn emit(self) {
+        metrics::gauge!(m::CONNECTIONS).decrement(1.0);
+    }
+}
+
+// ------------------------------------------------------------------------ the backend
+
+/// One script call (`result`: [`m::BACKEND_RESULTS`]) and its latency.
+pub struct BackendCalled {
+    pub script: &'static str,
+    pub result: &'static str,
+    pub seconds: f64,
+}
+
+impl BackendCalled {
+    pub fn emit(self) {
+        m::backend_call(self.script, self.result, self.seconds);
+        if self.result == "ok" {
+            tracing::trace!(script = self.script, seconds = self.seconds, "script call");
+        } else {
+            tracing::debug!(
+                script = self.script,
+                result = self.result,
+                "script call failed"
+            );
+        }
+    }
+}
+
+/// Redis answered NOSCRIPT (a restart, a failover, `SCRIPT FLUSH`): every script is loaded
+/// again and the call retried.
+pub struct ScriptsReloaded {
+    pub script: &'static str,
+}
+
+impl ScriptsReloaded {
+    pub fn emit(self) {
+        metrics::counter!(m::BACKEND_RELOADS).increment(1);
+        tracing::warn!(script = self.script, "NOSCRIPT: reloading scripts");
+    }
+}
+
+// ------------------------------------------------------------------------ stock
+
+/// A stock transfer between two slots of a batch (`kind`: initial, refill, steal), which
+/// moved stock or found none to move.
+pub struct TransferMade<'a> {
+    pub batch: &'a str,
+    pub kind: &'static str,
+    pub amount: i64,
+}
+
+impl TransferMade<'_> {
+    pub fn emit(self) {
+        let result = if self.amount > 0 { "moved" } else { "empty" };
+        metrics::counter!(m::TRANSFERS, "kind" => self.kind, "result" => result).increment(1);
+        tracing::debug!(
+            batch = self.batch,
+            kind = self.kind,
+            amount = self.amount,
+            "stock transfer"
+        );
+    }
+}
+
+/// The sweeper finished a transfer interrupted between its two halves (a crash, a lost
+/// reply): counted as `kind="sweep", result="finished"`, logged at `info`.
+pub struct SweepFinished<'a> {
+    pub batch: &'a str,
+    pub transfer: &'a str,
+    pub amount: i64,
+}
+
+impl SweepFinished<'_> {
+    pub fn emit(self) {
+        metrics::counter!(m::TRANSFERS, "kind" => "sweep", "result" => "finished").increment(1);
+        tracing::info!(
+            batch = self.batch,
+            transfer = self.transfer,
+            amount = self.amount,
+            "sweeper finished an interrupted transfer"
+        );
+    }
+}
+
+/// A sweep of a batch failed (it is retried at the next interval). Not counted: it has no
+/// metric of its own (the failing script calls are counted by [`BackendCalled`]).
+pub struct SweepFailed<'a> {
+    pub batch: &'a str,
+    pub error: &'a str,
+}
+
+impl SweepFailed<'_> {
+    pub fn emit(self) {
+        tracing::debug!(batch = self.batch, error = self.error, "sweep failed");
+    }
+}
+
+// ------------------------------------------------------------------------ batches
+
+/// Redis lost a batch the database knows: claims are refused until it is rebuilt. `lost`
+/// is how many batches this instance now serves as lost.
+pub struct BatchLost<'a> {
+    pub batch: &'a str,
+    pub lost: usize,
+}
+
+impl BatchLost<'_> {
+    pub fn emit(self) {
+        metrics::gauge!(m::BATCHES_LOST).set(self.lost as f64);
+        tracing::error!(batch = %self.batch,
+            "Redis has lost this batch: claims refused until `claimgate rebuild --batch {}`",
+            self.batch);
+    }
+}
+
+/// A batch served as lost is back in Redis (rebuilt).
+pub struct BatchRestored<'a> {
+    pub batch: &'a str,
+    pub lost: usize,
+}
+
+impl BatchRestored<'_> {
+    pub fn emit(self) {
+        metrics::gauge!(m::BATCHES_LOST).set(self.lost as f64);
+        tracing::info!(batch = %self.batch, "batch is back in Redis; claims served again");
+    }
+}
+
+// ------------------------------------------------------------------------ the persister
+
+/// A batch of claims committed to the database (`rows` new), after `seconds`.
+pub struct PersistWritten {
+    pub rows: u64,
+    pub seconds: f64,
+}
+
+impl PersistWritten {
+    pub fn emit(self) {
+        metrics::histogram!(m::PERSIST_SECONDS).record(self.seconds);
+        metrics::counter!(m::PERSIST_ROWS).increment(self.rows);
+        tracing::debug!(
+            rows = self.rows,
+            seconds = self.seconds,
+            "claims written to the database"
+        );
+    }
+}
+
+/// A persister failure (`stage`: read, write, ack, parse, probe, refresh). Every one is
+/// counted; the log line is left out when the same message was logged just now.
+pub struct PersistFailed<'a> {
+    pub stage: &'static str,
+    pub message: &'a str,
+}
+
+impl PersistFailed<'_> {
+    pub fn emit(self, filter: &mut RepeatFilter) {
+        metrics::counter!(m::PERSIST_ERRORS, "stage" => self.stage).increment(1);
+        if filter.admit(self.message) {
+            tracing::warn!(stage = self.stage, error = %self.message, "persister error");
+        }
+    }
+}
+
+/// The claim records waiting in Redis (all shard logs) and the age of the oldest one.
+pub struct BacklogMeasured {
+    pub backlog: u64,
+    pub lag_ms: u64,
+}
+
+impl BacklogMeasured {
+    pub fn emit(self) {
+        metrics::gauge!(m::PERSIST_BACKLOG).set(self.backlog as f64);
+        metrics::gauge!(m::PERSIST_LAG).set(self.lag_ms as f64 / 1000.0);
+        tracing::trace!(
+            backlog = self.backlog,
+            lag_ms = self.lag_ms,
+            "persister backlog"
+        );
+    }
+}
+
+/// A coupon id met with a different claim than the one the database holds (minted twice):
+/// counted, and logged loudly, every one.
+pub struct CouponConflict<'a> {
+    pub coupon: &'a str,
+    pub batch: &'a str,
+    pub stored_user: &'a str,
+    pub stored_request: &'a str,
+    pub stored_claimed_at: i64,
+    pub user: &'a str,
+    pub request: &'a str,
+    pub claimed_at: i64,
+}
+
+impl CouponConflict<'_> {
+    pub fn emit(self) {
+        metrics::counter!(m::COUPON_CONFLICTS).increment(1);
+        tracing::error!(
+            coupon = %self.coupon,
+            batch = %self.batch,
+            stored_user = %self.stored_user,
+            stored_request = self.stored_request,
+            stored_claimed_at = self.stored_claimed_at,
+            user = %self.user,
+            request = self.request,
+            claimed_at = self.claimed_at,
+            "COUPON ID MINTED TWICE: the database holds this coupon for another claim; the \
+             new claim is recorded in coupon_conflicts and its owner does not have it"
+        );
+    }
+}
+
+// ------------------------------------------------------------------------ the process
+
+/// This process serves `version` on the `backend` (a constant gauge at 1).
+pub struct Started {
+    pub version: &'static str,
+    pub backend: &'static str,
+}
+
+impl Started {
+    pub fn emit(self) {
+        metrics::gauge!(m::BUILD_INFO, "version" => self.version, "backend" => self.backend)
+            .set(1.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_repeat_filter_lets_each_message_through_once_per_period() {
+        let mut f = RepeatFilter::new(Duration::from_secs(60));
+        assert!(f.admit("a"));
+        assert!(!f.admit("a"));
+        assert!(f.admit("b"));
+        assert!(f.admit("a"), "another message came in between");
+        let mut quick = RepeatFilter::new(Duration::ZERO);
+        assert!(quick.admit("a") && quick.admit("a"));
+    }
+
+    #[test]
+    fn a_log_limiter_counts_what_it_leaves_out() {
+        let l = LogLimiter::new(Duration::from_secs(60));
+        assert_eq!(l.admit(), Some(0));
+        assert_eq!(l.admit(), None);
+        assert_eq!(l.admit(), None);
+        let now = l.last_ms.load(Ordering::Relaxed);
+        l.last_ms.store(now - 61_000, Ordering::Relaxed);
+        assert_eq!(l.admit(), Some(2));
+    }
+}

@@ -1,0 +1,340 @@
+//! Every metric the gateway exports: names, help texts, closed label sets, the recorder and
+//! the handles resolved once for the hot path. Recording happens through the event structs
+//! of [`super::events`], never directly.
+//!
+//! Invariant kept here: metric names and label sets are defined only in this module, labels
+//! take values from closed sets (outcome codes, stage names, script names, backend kinds) or
+//! from the bounded set of tracked batches, so cardinality stays bounded whatever the
+//! traffic. The owners of those closed sets (`ApiError`, the script registry) test that
+//! their values are the ones listed here.
+
+use std::collections::HashMap;
+use std::sync::LazyLock;
+
+use metrics::{Counter, Histogram, Unit, describe_counter, describe_gauge, describe_histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Claims answered, by `outcome` (claimed, replayed, or the API error code).
+pub const CLAIMS: &str = "claimgate_claims_total";
+/// End-to-end claim latency (request parsed to reply built), seconds.
+pub const CLAIM_SECONDS: &str = "claimgate_claim_duration_seconds";
+/// Latency of each stage of the claim path, by `stage`.
+pub const STAGE_SECONDS: &str = "claimgate_stage_duration_seconds";
+/// HTTP requests by `route` and `status` class (2xx..5xx).
+pub const HTTP_REQUESTS: &str = "claimgate_http_requests_total";
+/// Script calls by `script` and `result` (ok, script_error, unavailable, protocol).
+pub const BACKEND_CALLS: &str = "claimgate_backend_calls_total";
+/// Script call latency by `script`, seconds.
+pub const BACKEND_SECONDS: &str = "claimgate_backend_call_duration_seconds";
+/// NOSCRIPT replies that caused a script reload.
+pub const BACKEND_RELOADS: &str = "claimgate_backend_script_reloads_total";
+/// Stock transfers by `kind` (initial, refill, steal, sweep) and `result` (moved, empty, finished).
+pub const TRANSFERS: &str = "claimgate_stock_transfers_total";
+/// Requests refused by a local rate limit, by `limit` (global, user, ip).
+pub const RATE_LIMITED: &str = "claimgate_rate_limited_total";
+/// Requests shed by admission control, by `reason` (inflight, backlog). At
+/// `server.max_connections` the server stops accepting instead (the kernel queues).
+pub const SHED: &str = "claimgate_shed_total";
+/// Local hot-key cache answers, by `kind` (sold_out, user_limit, not_started, ended, paused,
+/// not_eligible, meta_hit, meta_miss).
+pub const CACHE: &str = "claimgate_cache_total";
+/// Backend calls in flight.
+pub const INFLIGHT: &str = "claimgate_backend_inflight";
+/// Open client connections.
+pub const CONNECTIONS: &str = "claimgate_connections";
+/// Claim records in Redis not yet in the database.
+pub const PERSIST_BACKLOG: &str = "claimgate_persist_backlog";
+/// Age of the oldest claim record not yet in the database, seconds.
+pub const PERSIST_LAG: &str = "claimgate_persist_lag_seconds";
+/// Rows written to the transaction log.
+pub const PERSIST_ROWS: &str = "claimgate_persist_rows_total";
+/// Persister batch write latency, seconds.
+pub const PERSIST_SECONDS: &str = "claimgate_persist_write_duration_seconds";
+/// Persister failures by `stage` (read, write, ack, parse, probe, refresh).
+pub const PERSIST_ERRORS: &str = "claimgate_persist_errors_total";
+/// Claims whose coupon id the database already held for a different claim (a coupon id
+/// minted twice), each recorded in `coupon_conflicts`. Anything above 0 is an alarm.
+pub const COUPON_CONFLICTS: &str = "claimgate_coupon_conflicts_total";
+/// Stock remaining per tracked batch (`batch` label: active batches only, at most
+/// `metrics.max_batch_labels`). Rendered at scrape time by [`render_stock_remaining`].
+pub const STOCK_REMAINING: &str = "claimgate_stock_remaining";
+/// Batches whose Redis state is missing (claims refused until rebuild).
+pub const BATCHES_LOST: &str = "claimgate_batches_lost";
+/// Build info (`version`, `backend`) with value 1.
+pub const BUILD_INFO: &str = "claimgate_build_info";
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5,
+];
+
+/// Installs the global recorder (no listener of its own: `/metrics` is served by the
+/// gateway) and describes every metric. Returns `None` if a recorder is already installed
+/// (tests run many gateways in one process); rendering then uses the first handle.
+pub fn install() -> PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+                .expect("static bucket list is non-empty")
+                .build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may already be installed by an embedding program; then the
+            // handle still renders this recorder's (empty) registry and the embedder's wins.
+            let _ = metrics::set_global_recorder(recorder);
+            describe();
+            handle
+        })
+        .clone()
+}
+
+/// Drains histogram samples into their buckets. The recorder keeps raw samples until
+/// then, so this must run periodically (the gateway does it every few seconds), scraped or
+/// not; rendering runs it too.
+pub fn upkeep() {
+    install().run_upkeep();
+}
+
+/// `outcome` labels of [`CLAIMS`]: `claimed`, `replayed` and every API error code (the
+/// `http::error` tests check that every code of `ApiError` is listed).
+pub const CLAIM_OUTCOMES: &[&str] = &[
+    "claimed",
+    "replayed",
+    "bad_request",
+    "unauthorized",
+    "not_eligible",
+    "batch_not_found",
+    "coupon_not_found",
+    "limit_reached",
+    "not_started",
+    "ended",
+    "paused",
+    "sold_out",
+    "batch_exists",
+    "invalid_state",
+    "rate_limited",
+    "overloaded",
+    "backend_unavailable",
+    "not_found",
+    "method_not_allowed",
+    "internal",
+];
+/// `script` labels of [`BACKEND_CALLS`] and [`BACKEND_SECONDS`]: the name of every script
+/// in `lua/` (the script registry's tests check that they are these).
+pub const SCRIPTS: &[&str] = &[
+    "claim",
+    "setup",
+    "patch",
+    "transfer_out",
+    "transfer_in",
+    "transfer_done",
+    "probe",
+    "inbox_check",
+    "mark_soldout",
+    "meta_get",
+    "log_read",
+    "log_ack",
+    "restore",
+    "replay",
+    "winners",
+];
+/// Stage labels of [`STAGE_SECONDS`].
+pub const STAGES: &[&str] = &[
+    "parse",
+    "auth",
+    "ratelimit",
+    "cache",
+    "admission",
+    "backend",
+];
+/// `route` labels of [`HTTP_REQUESTS`].
+pub const ROUTES: &[&str] = &[
+    "healthz",
+    "readyz",
+    "metrics",
+    "openapi",
+    "batches",
+    "batch",
+    "claims",
+    "user_coupons",
+    "coupon_action",
+    "unknown",
+];
+const STATUS_CLASSES: &[&str] = &["2xx", "3xx", "4xx", "5xx"];
+/// `kind` labels of [`CACHE`].
+pub const CACHE_KINDS: &[&str] = &[
+    "sold_out",
+    "user_limit",
+    "not_started",
+    "ended",
+    "paused",
+    "not_eligible",
+    "meta_hit",
+    "meta_miss",
+];
+/// `result` labels of [`BACKEND_CALLS`].
+pub const BACKEND_RESULTS: &[&str] = &["ok", "script_error", "unavailable", "protocol"];
+
+/// Handles of the metrics recorded on every request, resolved once (a registry lookup per
+/// use showed in profiles). Keys are the closed label sets above; anything else falls back to
+/// an ordinary lookup.
+struct Hot {
+    claims: HashMap<&'static str, Counter>,
+    claim_seconds: Histogram,
+    stages: HashMap<&'static str, Histogram>,
+    http: HashMap<(&'static str, &'static str), Counter>,
+    cache: HashMap<&'static str, Counter>,
+    backend_calls: HashMap<(&'static str, &'static str), Counter>,
+    backend_seconds: HashMap<&'static str, Histogram>,
+}
+
+static HOT: LazyLock<Hot> = LazyLock::new(|| {
+    install(); // handles taken before the recorder exists would record nothing
+    Hot {
+        claims: CLAIM_OUTCOMES
+            .iter()
+            .map(|o| (*o, metrics::counter!(CLAIMS, "outcome" => *o)))
+            .collect(),
+        claim_seconds: metrics::histogram!(CLAIM_SECONDS),
+        stages: STAGES
+            .iter()
+            .map(|s| (*s, metrics::histogram!(STAGE_SECONDS, "stage" => *s)))
+            .collect(),
+        http: ROUTES
+            .iter()
+            .flat_map(|r| STATUS_CLASSES.iter().map(move |c| (*r, *c)))
+            .map(|(r, c)| {
+                (
+                    (r, c),
+                    metrics::counter!(HTTP_REQUESTS, "route" => r, "status" => c),
+                )
+            })
+            .collect(),
+        cache: CACHE_KINDS
+            .iter()
+            .map(|k| (*k, metrics::counter!(CACHE, "kind" => *k)))
+            .collect(),
+        backend_calls: SCRIPTS
+            .iter()
+            .flat_map(|s| BACKEND_RESULTS.iter().map(move |r| (*s, *r)))
+            .map(|(s, r)| {
+                (
+                    (s, r),
+                    metrics::counter!(BACKEND_CALLS, "script" => s, "result" => r),
+                )
+            })
+            .collect(),
+        backend_seconds: SCRIPTS
+            .iter()
+            .map(|s| (*s, metrics::histogram!(BACKEND_SECONDS, "script" => *s)))
+            .collect(),
+    }
+});
+
+/// A local hot-key cache answer of `kind`.
+pub(super) fn cache_answer(kind: &'static str) {
+    match HOT.cache.get(kind) {
+        Some(c) => c.increment(1),
+        None => metrics::counter!(CACHE, "kind" => kind).increment(1),
+    }
+}
+
+/// One script call with its result label and latency.
+pub(super) fn backend_call(script: &'static str, result: &'static str, seconds: f64) {
+    match HOT.backend_calls.get(&(script, result)) {
+        Some(c) => c.increment(1),
+        None => {
+            metrics::counter!(BACKEND_CALLS, "script" => script, "result" => result).increment(1)
+        }
+    }
+    match HOT.backend_seconds.get(script) {
+        Some(h) => h.record(seconds),
+        None => metrics::histogram!(BACKEND_SECONDS, "script" => script).record(seconds),
+    }
+}
+
+/// One claim answered with `outcome`, after `seconds`.
+pub(super) fn claim_answered(outcome: &'static str, seconds: f64) {
+    match HOT.claims.get(outcome) {
+        Some(c) => c.increment(1),
+        None => metrics::counter!(CLAIMS, "outcome" => outcome).increment(1),
+    }
+    HOT.claim_seconds.record(seconds);
+}
+
+/// Time spent in one stage of the claim path.
+pub(super) fn stage(stage: &'static str, seconds: f64) {
+    match HOT.stages.get(stage) {
+        Some(h) => h.record(seconds),
+        None => metrics::histogram!(STAGE_SECONDS, "stage" => stage).record(seconds),
+    }
+}
+
+/// One HTTP request answered.
+pub(super) fn http_request(route: &'static str, class: &'static str) {
+    match HOT.http.get(&(route, class)) {
+        Some(c) => c.increment(1),
+        None => metrics::counter!(HTTP_REQUESTS, "route" => route, "status" => class).increment(1),
+    }
+}
+
+/// The `claimgate_stock_remaining` family in text exposition format.
+pub fn render_stock_remaining(gauges: &[(String, i64)]) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    if gauges.is_empty() {
+        return out;
+    }
+    let _ = writeln!(
+        out,
+        "# HELP {STOCK_REMAINING} Stock remaining per tracked batch."
+    );
+    let _ = writeln!(out, "# TYPE {STOCK_REMAINING} gauge");
+    for (batch, remaining) in gauges {
+        // batch ids are [A-Za-z0-9_-]: nothing to escape
+        let _ = writeln!(out, "{STOCK_REMAINING}{{batch=\"{batch}\"}} {remaining}");
+    }
+    out
+}
+
+fn describe() {
+    describe_counter!(CLAIMS, "Claims answered, by outcome.");
+    describe_histogram!(CLAIM_SECONDS, Unit::Seconds, "End-to-end claim latency.");
+    describe_histogram!(
+        STAGE_SECONDS,
+        Unit::Seconds,
+        "Latency of each claim path stage."
+    );
+    describe_counter!(HTTP_REQUESTS, "HTTP requests by route and status class.");
+    describe_counter!(BACKEND_CALLS, "Script calls by script and result.");
+    describe_histogram!(BACKEND_SECONDS, Unit::Seconds, "Script call latency.");
+    describe_counter!(BACKEND_RELOADS, "Script reloads after NOSCRIPT.");
+    describe_counter!(TRANSFERS, "Stock transfers by kind and result.");
+    describe_counter!(RATE_LIMITED, "Requests refused by a local rate limit.");
+    describe_counter!(SHED, "Requests shed by admission control.");
+    describe_counter!(CACHE, "Local hot-key cache answers by kind.");
+    describe_gauge!(INFLIGHT, "Backend calls in flight.");
+    describe_gauge!(CONNECTIONS, "Open client connections.");
+    describe_gauge!(PERSIST_BACKLOG, "Claim records not yet in the database.");
+    describe_gauge!(
+        PERSIST_LAG,
+        Unit::Seconds,
+        "Age of the oldest unpersisted claim record."
+    );
+    describe_counter!(PERSIST_ROWS, "Rows written to the transaction log.");
+    describe_histogram!(
+        PERSIST_SECONDS,
+        Unit::Seconds,
+        "Persister batch write latency."
+    );
+    describe_counter!(PERSIST_ERRORS, "Persister failures by stage.");
+    describe_counter!(
+        COUPON_CONFLICTS,
+        "Coupon ids met with a different claim than the stored one (minted twice)."
+    );
+    // Exported from the start (at 0), so an alert on any increase works on every instance.
+    metrics::counter!(COUPON_CONFLICTS).increment(0);
+    describe_gauge!(BATCHES_LOST, "Batches whose Redis state is missing.");
+    describe_gauge!(BUILD_INFO, "Build information.");
+}

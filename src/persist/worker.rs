@@ -1,0 +1,524 @@
+//! The persister's loop: reads every shard's claim log through the consumer group, writes
+//! the records to the database in batched, idempotent transactions, then acks them.
+//!
+//! Invariant kept here: a record is acked (and deleted from its log) only after the
+//! transaction holding it committed; a failed write keeps the records in memory and retries
+//! them with backoff (they are not read again); a record that does not parse stays pending.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::prober::{ProbeTarget, ProbeTargets};
+use super::status::PersistStatus;
+use super::{ACK_RETRY_MIN, Command, IDLE_POLL_MAX, LOG_REPEAT, PersistError, RECOVERY_READS};
+use crate::backend::{Backend, BackendError};
+use crate::config::PersisterConfig;
+use crate::contract::keys::SlotKeys;
+use crate::contract::{claim_record, log_ack, log_read};
+use crate::domain::time::now_ms;
+use crate::obs::events::{CouponConflict, PersistFailed, PersistWritten, RepeatFilter};
+use crate::store::{ClaimRecord, Db};
+
+pub(super) struct ShardState {
+    batch: Arc<str>,
+    shard: u32,
+    keys: Arc<SlotKeys>,
+    /// Set by the probe task when the shard's log holds entries: poll it on the next pass.
+    has_work: Arc<AtomicBool>,
+    log: Arc<str>,
+    next_poll: Instant,
+    idle_streak: u32,
+    /// Recovery reads left (see [`RECOVERY_READS`]).
+    recover: u32,
+}
+
+struct Buffered {
+    log: Arc<str>,
+    id: String,
+    record: ClaimRecord,
+}
+
+struct Unacked {
+    log: Arc<str>,
+    ids: Vec<String>,
+    since: Instant,
+    next_try: Instant,
+    delay: Duration,
+}
+
+pub(super) struct Worker<B> {
+    backend: Arc<B>,
+    db: Db,
+    cfg: PersisterConfig,
+    consumer: String,
+    status: Arc<PersistStatus>,
+    shutdown: CancellationToken,
+    commands: mpsc::Receiver<Command>,
+    shards: Vec<ShardState>,
+    /// Round-robin start of the next read pass.
+    rr: usize,
+    next_refresh: Instant,
+    /// The shard list shared with the probe task.
+    probe_targets: ProbeTargets,
+    /// Records read, not yet committed: kept across failed writes (never re-read).
+    buffer: Vec<Buffered>,
+    /// (log, entry id) of the buffer, so a redelivery while buffered is not taken twice.
+    held: HashSet<(Arc<str>, String)>,
+    first_buffered: Option<Instant>,
+    /// Committed records whose ack failed, retried a few times.
+    unacked: Vec<Unacked>,
+    /// Database retry delay (exponential).
+    backoff: Duration,
+    /// Redis retry delay (exponential) after a failed read pass.
+    read_backoff: Duration,
+    /// The backend error that cut the last read pass short.
+    pass_error: Option<BackendError>,
+    grace_deadline: Option<Instant>,
+    log_filter: RepeatFilter,
+}
+
+impl<B: Backend> Worker<B> {
+    pub(super) fn new(
+        backend: Arc<B>,
+        db: Db,
+        cfg: PersisterConfig,
+        status: Arc<PersistStatus>,
+        shutdown: CancellationToken,
+        commands: mpsc::Receiver<Command>,
+        probe_targets: ProbeTargets,
+    ) -> Worker<B> {
+        let now = Instant::now();
+        Worker {
+            consumer: cfg.consumer_name(),
+            backoff: Duration::from_millis(cfg.backoff_min_ms),
+            read_backoff: Duration::from_millis(cfg.backoff_min_ms),
+            backend,
+            db,
+            cfg,
+            status,
+            shutdown,
+            commands,
+            shards: Vec::new(),
+            rr: 0,
+            next_refresh: now,
+            probe_targets,
+            buffer: Vec::new(),
+            held: HashSet::new(),
+            first_buffered: None,
+            unacked: Vec::new(),
+            pass_error: None,
+            grace_deadline: None,
+            log_filter: RepeatFilter::new(LOG_REPEAT),
+        }
+    }
+
+    pub(super) async fn run(mut self) {
+        tracing::info!(consumer = %self.consumer, group = %self.cfg.group, "persister started");
+        let flush_interval = Duration::from_millis(self.cfg.flush_interval_ms);
+        while !self.shutdown.is_cancelled() {
+            self.maybe_refresh().await;
+            self.retry_acks(false).await;
+            while let Ok(cmd) = self.commands.try_recv() {
+                self.handle(cmd).await;
+            }
+            let got = self.read_pass(false).await;
+            let full = self.buffer.len() >= self.cfg.batch_size;
+            let waited = self.first_buffered.map(|t| t.elapsed()).unwrap_or_default();
+            if !self.buffer.is_empty() && (full || waited >= flush_interval) {
+                // A failure leaves the records buffered; the next iteration retries.
+                let _ = self.write_buffer().await;
+                continue;
+            }
+            if got > 0 {
+                continue; // more may be waiting: read again before sleeping
+            }
+            let wait = if let Some(e) = self.pass_error.take() {
+                tracing::debug!(error = %e, "read pass failed; backing off");
+                let w = self.read_backoff;
+                self.read_backoff = (self.read_backoff * 2).min(self.backoff_max());
+                w
+            } else {
+                self.read_backoff = self.backoff_min();
+                if self.buffer.is_empty() {
+                    flush_interval
+                } else {
+                    flush_interval
+                        .saturating_sub(waited)
+                        .max(Duration::from_millis(1))
+                }
+            };
+            tokio::select! {
+                _ = self.shutdown.cancelled() => {}
+                cmd = self.commands.recv() => {
+                    if let Some(cmd) = cmd {
+                        self.handle(cmd).await;
+                    }
+                }
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+        // Shutdown: the gateway has stopped taking claims, so drain what the logs still
+        // hold (every shard, no idle polling), bounded by the grace period; what is left
+        // stays pending in Redis for the next instance.
+        let deadline = Instant::now() + Duration::from_millis(self.cfg.shutdown_grace_ms);
+        self.next_refresh = Instant::now(); // batches created since the last refresh too
+        self.maybe_refresh().await;
+        loop {
+            let got = self.read_pass(true).await;
+            if !self.buffer.is_empty()
+                && let Err(e) = self.write_buffer().await
+            {
+                tracing::warn!(error = %e, left = self.buffer.len(),
+                    "persister stopping with unwritten records; they stay pending in Redis");
+                break;
+            }
+            if (got == 0 && self.buffer.is_empty()) || Instant::now() >= deadline {
+                break;
+            }
+        }
+        self.retry_acks(true).await;
+        self.status.running.store(false, Ordering::Relaxed);
+        tracing::info!(consumer = %self.consumer, "persister stopped");
+    }
+
+    fn backoff_min(&self) -> Duration {
+        Duration::from_millis(self.cfg.backoff_min_ms)
+    }
+
+    fn backoff_max(&self) -> Duration {
+        Duration::from_millis(self.cfg.backoff_max_ms)
+    }
+
+    /// Counts and records an error; logs it unless the same one was logged just now.
+    fn note_error(&mut self, stage: &'static str, msg: String) {
+        PersistFailed {
+            stage,
+            message: &msg,
+        }
+        .emit(&mut self.log_filter);
+        self.status.set_error(format!("{stage}: {msg}"));
+    }
+
+    async fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Flush(reply) => {
+                let result = self.flush_all().await;
+                let _ = reply.send(result);
+            }
+        }
+    }
+
+    async fn flush_all(&mut self) -> Result<u64, PersistError> {
+        self.next_refresh = Instant::now();
+        self.maybe_refresh().await;
+        self.retry_acks(true).await;
+        let mut total = 0;
+        loop {
+            let got = self.read_pass(true).await;
+            if let Some(e) = self.pass_error.take() {
+                return Err(e.into());
+            }
+            if !self.buffer.is_empty() {
+                total += self.write_buffer().await?;
+            }
+            if got == 0 {
+                return Ok(total);
+            }
+        }
+    }
+
+    async fn maybe_refresh(&mut self) {
+        let now = Instant::now();
+        if now < self.next_refresh {
+            return;
+        }
+        self.next_refresh = now + Duration::from_millis(self.cfg.batch_refresh_ms);
+        let batches = match self.db.list_batches().await {
+            Ok(b) => {
+                self.status.db_ok.store(true, Ordering::Relaxed);
+                b
+            }
+            Err(e) => {
+                self.status.db_ok.store(false, Ordering::Relaxed);
+                self.note_error("refresh", e.to_string());
+                return;
+            }
+        };
+        let mut old: HashMap<(Arc<str>, u32), ShardState> = self
+            .shards
+            .drain(..)
+            .map(|s| ((s.batch.clone(), s.shard), s))
+            .collect();
+        for b in batches {
+            let id: Arc<str> = Arc::from(b.id.as_str());
+            for i in 0..b.shards {
+                let state = old.remove(&(id.clone(), i)).unwrap_or_else(|| {
+                    let keys = SlotKeys::new(&b.id, Some(i));
+                    ShardState {
+                        batch: id.clone(),
+                        shard: i,
+                        log: Arc::from(keys.log.as_str()),
+                        keys: Arc::new(keys),
+                        has_work: Arc::default(),
+                        next_poll: now,
+                        idle_streak: 0,
+                        recover: RECOVERY_READS,
+                    }
+                });
+                self.shards.push(state);
+            }
+        }
+        let targets = self
+            .shards
+            .iter()
+            .map(|s| ProbeTarget {
+                keys: s.keys.clone(),
+                has_work: s.has_work.clone(),
+            })
+            .collect();
+        *self.probe_targets.lock() = Arc::new(targets);
+    }
+
+    /// One round-robin pass over the shards that are due (all with `force`), reading until
+    /// the buffer is full. Returns how many new records were buffered.
+    async fn read_pass(&mut self, force: bool) -> usize {
+        let n = self.shards.len();
+        if n == 0 {
+            return 0;
+        }
+        let batch_size = self.cfg.batch_size;
+        let now = Instant::now();
+        let flush = Duration::from_millis(self.cfg.flush_interval_ms);
+        let idle_max = IDLE_POLL_MAX.max(flush);
+        let mut got = 0;
+        let start = self.rr % n;
+        self.rr = (start + 1) % n;
+        for k in 0..n {
+            let i = (start + k) % n;
+            let room = batch_size.saturating_sub(self.buffer.len());
+            if room == 0 {
+                break;
+            }
+            let hinted = self.shards[i].has_work.swap(false, Ordering::Relaxed);
+            if !force && !hinted && self.shards[i].next_poll > now {
+                continue;
+            }
+            let min_idle = if self.shards[i].recover > 0 {
+                0
+            } else {
+                self.cfg.min_idle_ms
+            };
+            let read = log_read::Read {
+                group: &self.cfg.group,
+                consumer: &self.consumer,
+                count: room,
+                min_idle_ms: min_idle,
+            };
+            let result = log_read::call(self.backend.as_ref(), &self.shards[i].log, &read).await;
+            let entries = match result {
+                Ok(e) => e,
+                Err(e) => {
+                    self.note_error("read", e.to_string());
+                    self.shards[i].next_poll = now + self.backoff_min();
+                    self.shards[i].recover = RECOVERY_READS;
+                    if let b @ BackendError::Unavailable(_) = e {
+                        self.pass_error = Some(b);
+                        break; // Redis is down: do not hammer every shard
+                    }
+                    continue;
+                }
+            };
+            let s = &mut self.shards[i];
+            if s.recover > 0 {
+                s.recover = if entries.len() < room {
+                    0
+                } else {
+                    s.recover - 1
+                };
+            }
+            if entries.is_empty() {
+                s.idle_streak = s.idle_streak.saturating_add(1);
+                let factor = 1u32 << (s.idle_streak.min(8) - 1);
+                s.next_poll = now + (flush * factor).min(idle_max);
+                continue;
+            }
+            s.idle_streak = 0;
+            s.next_poll = now;
+            let (batch, shard, log) = (s.batch.clone(), s.shard, s.log.clone());
+            for e in entries {
+                let key = (log.clone(), e.id.clone());
+                if self.held.contains(&key) {
+                    continue;
+                }
+                if e.fields.is_empty() {
+                    // Deleted while pending (already persisted and acked elsewhere).
+                    continue;
+                }
+                match claim_record::parse(&batch, shard, &e) {
+                    Ok(record) => {
+                        self.held.insert(key);
+                        self.buffer.push(Buffered {
+                            log: log.clone(),
+                            id: e.id,
+                            record,
+                        });
+                        self.first_buffered.get_or_insert_with(Instant::now);
+                        got += 1;
+                    }
+                    Err(reason) => {
+                        // Kept pending on purpose: see the module documentation.
+                        self.note_error(
+                            "parse",
+                            format!("malformed claim record {} in {log}: {reason}", e.id),
+                        );
+                    }
+                }
+            }
+        }
+        self.status
+            .buffered
+            .store(self.buffer.len() as u64, Ordering::Relaxed);
+        if self.buffer.is_empty() {
+            self.status.caught_up();
+        }
+        got
+    }
+
+    /// Writes the buffer in one transaction, retrying with exponential backoff until it
+    /// commits (or, on shutdown, until the grace period ends); then acks it.
+    async fn write_buffer(&mut self) -> Result<u64, PersistError> {
+        let records: Vec<ClaimRecord> = self.buffer.iter().map(|b| b.record.clone()).collect();
+        let limit = Duration::from_millis(self.cfg.write_timeout_ms);
+        loop {
+            let started = Instant::now();
+            let write = self.db.write_claims_report(&records);
+            let result = match tokio::time::timeout(limit, write).await {
+                Ok(Ok(w)) => Ok(w),
+                Ok(Err(e)) => Err(PersistError::Db(e)),
+                Err(_) => Err(PersistError::Timeout(limit)),
+            };
+            match result {
+                Ok(written) => {
+                    report_conflicts(&written.conflicts);
+                    let inserted = written.inserted;
+                    PersistWritten {
+                        rows: inserted,
+                        seconds: started.elapsed().as_secs_f64(),
+                    }
+                    .emit();
+                    self.status.rows.fetch_add(inserted, Ordering::Relaxed);
+                    self.status.last_write_ms.store(now_ms(), Ordering::Relaxed);
+                    self.status.db_ok.store(true, Ordering::Relaxed);
+                    self.backoff = self.backoff_min();
+                    self.ack_buffer().await;
+                    return Ok(inserted);
+                }
+                Err(e) => {
+                    self.status.db_ok.store(false, Ordering::Relaxed);
+                    self.note_error("write", e.to_string());
+                    if self.shutdown.is_cancelled() {
+                        let grace = Duration::from_millis(self.cfg.shutdown_grace_ms);
+                        let deadline = *self.grace_deadline.get_or_insert(Instant::now() + grace);
+                        if Instant::now() >= deadline {
+                            return Err(e);
+                        }
+                    }
+                    let wait = self.backoff.mul_f64(0.75 + rand::random::<f64>() * 0.5);
+                    self.backoff = (self.backoff * 2).min(self.backoff_max());
+                    if self.shutdown.is_cancelled() {
+                        tokio::time::sleep(wait).await;
+                    } else {
+                        tokio::select! {
+                            _ = self.shutdown.cancelled() => {}
+                            _ = tokio::time::sleep(wait) => {}
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Acks (and deletes) every buffered entry, by shard log; empties the buffer.
+    async fn ack_buffer(&mut self) {
+        let mut by_log: HashMap<Arc<str>, Vec<String>> = HashMap::new();
+        for b in self.buffer.drain(..) {
+            by_log.entry(b.log).or_default().push(b.id);
+        }
+        self.held.clear();
+        self.first_buffered = None;
+        self.status.buffered.store(0, Ordering::Relaxed);
+        for (log, ids) in by_log {
+            if let Err(e) = log_ack::call(self.backend.as_ref(), &log, &self.cfg.group, &ids).await
+            {
+                self.note_error("ack", e.to_string());
+                let now = Instant::now();
+                let delay = self.backoff_min();
+                self.unacked.push(Unacked {
+                    log,
+                    ids,
+                    since: now,
+                    next_try: now + delay,
+                    delay,
+                });
+            }
+        }
+    }
+
+    /// Retries failed acks (with backoff) until they succeed or the retry window ends;
+    /// records of our own left pending are only redelivered after `min_idle_ms`, so the
+    /// window is at least that long.
+    async fn retry_acks(&mut self, force: bool) {
+        if self.unacked.is_empty() {
+            return;
+        }
+        let window = Duration::from_millis(self.cfg.min_idle_ms).max(ACK_RETRY_MIN);
+        let max = self.backoff_max();
+        let pending = std::mem::take(&mut self.unacked);
+        for mut u in pending {
+            let now = Instant::now();
+            if !force && now < u.next_try {
+                self.unacked.push(u);
+                continue;
+            }
+            if let Err(e) =
+                log_ack::call(self.backend.as_ref(), &u.log, &self.cfg.group, &u.ids).await
+            {
+                self.note_error("ack", e.to_string());
+                if u.since.elapsed() < window {
+                    u.delay = (u.delay * 2).min(max);
+                    u.next_try = Instant::now() + u.delay;
+                    self.unacked.push(u);
+                } else {
+                    tracing::warn!(log = %u.log, entries = u.ids.len(),
+                        "giving up acking persisted records; they will be redelivered \
+                         and skipped as duplicates");
+                }
+            }
+        }
+    }
+}
+
+/// A coupon id met with a different claim than the one stored (minted twice): the database
+/// recorded it in `coupon_conflicts` (and `reconcile` reports it); here it is counted and
+/// logged loudly, every one of them. The record itself is acked: it is not lost, and leaving
+/// it pending would only stall its shard's log.
+fn report_conflicts(conflicts: &[crate::store::CouponConflict]) {
+    for c in conflicts {
+        CouponConflict {
+            coupon: &c.coupon_id,
+            batch: &c.batch_id,
+            stored_user: &c.stored_user_id,
+            stored_request: c.stored_request_id.as_deref().unwrap_or(""),
+            stored_claimed_at: c.stored_claimed_at,
+            user: &c.user_id,
+            request: c.request_id.as_deref().unwrap_or(""),
+            claimed_at: c.claimed_at,
+        }
+        .emit();
+    }
+}

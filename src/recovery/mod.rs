@@ -1,0 +1,49 @@
+//! Recovery from Redis data loss: [`rebuild`] (restore a batch's Redis state from the
+//! database) and [`reconcile`] (compare the two and list every [`Difference`]).
+//!
+//! Invariant kept here: recovery goes through the same typed scripts (`crate::contract`) and
+//! the same conservation check (`crate::stock::census`) as the gateway, so it cannot drift
+//! from what the gateway wrote.
+
+mod difference;
+mod rebuild;
+mod reconcile;
+
+use thiserror::Error;
+
+pub use self::difference::Difference;
+pub use self::rebuild::{RebuildReport, rebuild};
+pub use self::reconcile::reconcile;
+use crate::backend::BackendError;
+use crate::stock::StockError;
+use crate::store::DbError;
+
+/// Per shard, at most this many per-user differences are listed (then a count of the rest).
+pub const MAX_USER_DIFFERENCES: usize = 50;
+/// Attempts at a conservation snapshot taken while no stock moved.
+const SNAPSHOT_ATTEMPTS: usize = 5;
+
+#[derive(Debug, Error)]
+pub enum RebuildError {
+    #[error("batch {0} is not in the database")]
+    BatchNotFound(String),
+    #[error("batch {0} still exists in Redis (its pool meta is there); use --force to overwrite")]
+    Live(String),
+    #[error(
+        "shard {shard} of batch {batch} holds {entries} claim records not yet in the database; \
+         let the persister drain them and retry"
+    )]
+    Unpersisted {
+        batch: String,
+        shard: u32,
+        entries: u64,
+    },
+    #[error("slot {slot} of batch {batch} went live during the rebuild; retry")]
+    Raced { batch: String, slot: String },
+    #[error("redis: {0}")]
+    Backend(#[from] BackendError),
+    #[error("{0}")]
+    Db(#[from] DbError),
+    #[error("{0}")]
+    Stock(#[from] StockError),
+}

@@ -1,0 +1,257 @@
+//! `rebuild`: restores a batch's Redis state from the database, after Redis lost it.
+//!
+//! Invariants kept here:
+//! - a rebuild never re-sells stock and never lets a user past a limit: the pool gets
+//!   `total - issued`, where `issued` counts every coupon sequence number a shard ever handed
+//!   out (coupons missing from the database count as issued), each shard's per-user and
+//!   per-day counts and request ids come from the database, and the claim counter never goes
+//!   back, so new coupon ids never collide with old ones;
+//! - a rebuild refuses while a shard log still holds claims the database does not have yet;
+//! - a slot goes live only once complete: its meta is written last (`lua/restore.lua`), and
+//!   the pool (which makes the batch visible) after every shard;
+//! - the restored definition is the database's, at a version no older than the database's
+//!   (so later changes, versioned by the database, apply on top of it), and the batch is
+//!   recorded as set up: a create never sets it up again.
+
+use std::collections::HashMap;
+use std::fmt;
+
+use super::RebuildError;
+use crate::backend::Backend;
+use crate::contract::events::{self, Event};
+use crate::contract::keys::{BatchKeys, SlotKeys};
+use crate::contract::restore::{self, Step, Target};
+use crate::contract::{claim, meta, meta_get, probe};
+use crate::domain::batch::Batch;
+use crate::domain::ids::home_shard;
+use crate::domain::time::now_ms;
+use crate::store::Db;
+
+/// What a rebuild restored.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RebuildReport {
+    pub batch_id: String,
+    /// The batch version written to every slot's meta.
+    pub version: u64,
+    pub shards: u32,
+    /// Claims found in the database.
+    pub claims: u64,
+    /// Distinct (shard, user) per-user counters restored.
+    pub users: u64,
+    pub requests: u64,
+    pub daily: u64,
+    pub denied: u64,
+    /// Coupon sequence numbers handed out (the sum of the shard claim counters).
+    pub issued: u64,
+    /// Sequence numbers handed out whose coupon the database does not have (lost with
+    /// Redis before they were persisted); counted as issued, never re-sold.
+    pub lost: u64,
+    pub pool_stock: i64,
+    pub total: i64,
+}
+
+impl fmt::Display for RebuildReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "rebuilt batch {} (version {}, {} shards): {} claims, {} user counters, \
+             {} request ids, {} daily counters, {} denied users; issued {} of {} \
+             ({} lost before persistence); pool stock {}",
+            self.batch_id,
+            self.version,
+            self.shards,
+            self.claims,
+            self.users,
+            self.requests,
+            self.daily,
+            self.denied,
+            self.issued,
+            self.total,
+            self.lost,
+            self.pool_stock
+        )
+    }
+}
+
+/// Restores the Redis state of `batch_id` from the database. Refuses when the batch's pool
+/// meta still exists in Redis unless `force` (pause the batch first when forcing a live
+/// one), and whenever a shard log holds unpersisted claims.
+pub async fn rebuild<B: Backend>(
+    backend: &B,
+    db: &Db,
+    batch_id: &str,
+    force: bool,
+) -> Result<RebuildReport, RebuildError> {
+    let stored = db
+        .batch_row(batch_id)
+        .await?
+        .ok_or_else(|| RebuildError::BatchNotFound(batch_id.to_string()))?;
+    let batch = stored.batch;
+    let keys = BatchKeys::new(&batch.id, batch.shards);
+    if !force && !meta_get::call(backend, &keys.pool).await?.is_empty() {
+        return Err(RebuildError::Live(batch.id.clone()));
+    }
+    // Check every log before touching anything (begin re-checks atomically per shard).
+    for s in &keys.shards {
+        let p = probe::call(backend, s).await?;
+        if p.log_len > 0 {
+            return Err(unpersisted(&batch, s, p.log_len));
+        }
+    }
+    // Above any version gateways may have cached from the Redis that was lost, and never
+    // below the database's (changes are versioned by the database).
+    let version = u64::try_from(now_ms().max(stored.version))
+        .unwrap_or(1)
+        .max(1);
+    let mut report = RebuildReport {
+        batch_id: batch.id.clone(),
+        version,
+        shards: batch.shards,
+        total: batch.stock,
+        ..Default::default()
+    };
+    begin(backend, &batch, &keys.pool, force).await?;
+    let today = now_ms().div_euclid(claim::DAY_MS);
+    let base_meta = with_fp(&batch, meta::fields(&batch, version));
+    for s in &keys.shards {
+        // Once the pool is gone the batch is not live: shard leftovers (of an interrupted
+        // rebuild, or of a node that survived) are replaced, unpersisted claims excepted.
+        let counter = begin(backend, &batch, s, true).await?;
+        let shard = s.slot.unwrap_or(0);
+        let claims = db.claims_of_shard(&batch.id, shard).await?;
+        let mut users: HashMap<&str, u64> = HashMap::new();
+        let mut daily: HashMap<&str, u64> = HashMap::new();
+        let mut req = Vec::new();
+        let mut max_seq = 0;
+        for c in &claims {
+            *users.entry(c.user_id.as_str()).or_default() += 1;
+            if c.claimed_at.div_euclid(claim::DAY_MS) == today {
+                *daily.entry(c.user_id.as_str()).or_default() += 1;
+            }
+            if let Some(rid) = &c.request_id {
+                req.push((
+                    claim::request_field(&c.user_id, rid),
+                    claim::request_value(&c.coupon_id, c.valid_from, c.valid_to, c.claimed_at),
+                ));
+            }
+            max_seq = max_seq.max(c.seq);
+        }
+        let user_pairs: Vec<(String, String)> = users
+            .iter()
+            .map(|(u, n)| (u.to_string(), n.to_string()))
+            .collect();
+        let daily_pairs: Vec<(String, String)> = if batch.per_user_daily_limit.is_some() {
+            daily
+                .iter()
+                .map(|(u, n)| (u.to_string(), claim::daily_value(today, *n)))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        hset_chunks(backend, &batch, s, Target::Users, &user_pairs).await?;
+        hset_chunks(backend, &batch, s, Target::Daily, &daily_pairs).await?;
+        hset_chunks(backend, &batch, s, Target::Req, &req).await?;
+        let deny: Vec<&str> = batch
+            .eligibility
+            .deny_users
+            .iter()
+            .filter(|u| home_shard(u, batch.shards) == shard)
+            .map(String::as_str)
+            .collect();
+        for chunk in deny.chunks(restore::CHUNK) {
+            done(&batch, s, restore::deny(backend, s, chunk).await?)?;
+        }
+        let issued = counter.max(max_seq);
+        let count = claims.len() as u64;
+        let lost = issued.saturating_sub(count);
+        let mut meta = base_meta.clone();
+        meta.push((meta::LOST.to_string(), lost.to_string()));
+        let final_counter = done(
+            &batch,
+            s,
+            restore::finish(backend, s, 0, issued, &meta).await?,
+        )?;
+        report.claims += count;
+        report.users += user_pairs.len() as u64;
+        report.daily += daily_pairs.len() as u64;
+        report.requests += req.len() as u64;
+        report.denied += deny.len() as u64;
+        report.issued += final_counter;
+        report.lost += final_counter.saturating_sub(count);
+    }
+    let issued = i64::try_from(report.issued).unwrap_or(i64::MAX);
+    report.pool_stock = (batch.stock - issued).max(0);
+    if batch.stock < issued {
+        tracing::error!(batch = %batch.id, total = batch.stock, issued,
+            "more coupons issued than stock: the pool is restored empty");
+    }
+    let mut pool_meta = base_meta;
+    pool_meta.extend(
+        meta::pool_fields(&batch)
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v)),
+    );
+    let pool_stock = u64::try_from(report.pool_stock).unwrap_or(0);
+    let finished = restore::finish(backend, &keys.pool, pool_stock, 0, &pool_meta).await?;
+    done(&batch, &keys.pool, finished)?;
+    db.mark_setup_done(&batch.id).await?;
+    tracing::info!(batch = %batch.id, "{report}");
+    // Gateways serving the batch as lost re-read it now rather than at their next refresh.
+    if let Err(e) = events::publish(backend, &Event::Changed(batch.id.clone())).await {
+        tracing::warn!(batch = %batch.id, error = %e, "change broadcast failed");
+    }
+    Ok(report)
+}
+
+fn with_fp(batch: &Batch, pairs: Vec<(&'static str, String)>) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> =
+        pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    out.push((meta::FINGERPRINT.to_string(), batch.fingerprint()));
+    out
+}
+
+fn unpersisted(batch: &Batch, s: &SlotKeys, entries: u64) -> RebuildError {
+    RebuildError::Unpersisted {
+        batch: batch.id.clone(),
+        shard: s.slot.unwrap_or(0),
+        entries,
+    }
+}
+
+/// `begin` on a slot: its claim counter, or why not.
+async fn begin<B: Backend>(
+    backend: &B,
+    batch: &Batch,
+    s: &SlotKeys,
+    force: bool,
+) -> Result<u64, RebuildError> {
+    match restore::begin(backend, s, force).await? {
+        Step::Begun { counter } => Ok(counter),
+        Step::Unpersisted { entries } => Err(unpersisted(batch, s, entries)),
+        Step::Live | Step::Done { .. } => Err(RebuildError::Live(batch.id.clone())),
+    }
+}
+
+/// A step after `begin` must be done: the slot went live meanwhile otherwise.
+fn done(batch: &Batch, s: &SlotKeys, step: Step) -> Result<u64, RebuildError> {
+    match step {
+        Step::Done { n } => Ok(n),
+        _ => Err(RebuildError::Raced {
+            batch: batch.id.clone(),
+            slot: s.label.clone(),
+        }),
+    }
+}
+
+async fn hset_chunks<B: Backend>(
+    backend: &B,
+    batch: &Batch,
+    s: &SlotKeys,
+    target: Target,
+    pairs: &[(String, String)],
+) -> Result<(), RebuildError> {
+    for chunk in pairs.chunks(restore::CHUNK) {
+        done(batch, s, restore::hset(backend, s, target, chunk).await?)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,153 @@
+//! The claim on the user's home shard and what it needs when the shard runs dry: refills
+//! from the pool or siblings, and the sold-out scan. Also the read-only replay of a request
+//! id and the set of winners of a sold-out batch.
+//!
+//! Invariant kept here: a coupon is only ever granted by `claim.lua`; "sold out" is declared
+//! only by [`Stock::sold_out_scan`] (two scans that saw nothing anywhere and nothing move).
+
+use std::collections::HashSet;
+
+use crate::backend::Backend;
+use crate::contract::claim::{self, Coupon, Outcome};
+use crate::contract::events::{self, Event};
+use crate::contract::keys::BatchKeys;
+use crate::contract::mark_soldout::{self, Marked};
+use crate::contract::probe::Probe;
+use crate::contract::{replay, winners};
+
+use super::census::probe_all;
+use super::{Stock, StockError, TransferKind};
+
+/// One claim's arguments besides the batch and home shard.
+#[derive(Debug, Clone, Copy)]
+pub struct ClaimArgs<'a> {
+    pub user: &'a str,
+    /// The client's request id, or an internal one (never empty).
+    pub request_id: &'a str,
+    /// `persister.max_backlog_per_shard`, formatted.
+    pub max_log: &'a str,
+    /// This HTTP request's nonce (see `lua/claim.lua`, ARGV 6).
+    pub nonce: &'a str,
+    /// The batch's total stock as cached: sizes refill chunks (no extra round trip).
+    pub total: i64,
+}
+
+/// The final answer of a claim after any refills.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClaimResult {
+    /// What the claim script decided (never `ShardEmpty`: resolved here).
+    Decided(Outcome),
+    /// The pool and every shard are empty.
+    SoldOut,
+    /// Stock exists but kept moving away under contention: retry later.
+    Contended,
+}
+
+impl<B: Backend> Stock<B> {
+    /// One claim: the home shard's script, refilling the shard from the pool or siblings
+    /// when it is empty, and declaring sold out only when the whole batch is empty.
+    pub async fn claim(
+        &self,
+        keys: &BatchKeys,
+        home: u32,
+        a: &ClaimArgs<'_>,
+    ) -> Result<ClaimResult, StockError> {
+        let slot = keys.shards.get(home as usize).ok_or(StockError::NotFound)?;
+        let args = claim::Args {
+            user: a.user,
+            request_id: a.request_id,
+            max_log: a.max_log,
+            nonce: a.nonce,
+        };
+        for _round in 0..=self.cfg.max_refill_rounds {
+            match claim::call(self.backend.as_ref(), slot, &args).await? {
+                Outcome::ShardEmpty => {}
+                decided => return Ok(ClaimResult::Decided(decided)),
+            }
+            if self.refill(keys, home, a.total).await? > 0 {
+                continue;
+            }
+            if self.sold_out_scan(keys).await? {
+                return Ok(ClaimResult::SoldOut);
+            }
+            // Stock is in flight or was just added: finish open transfers, look again.
+            self.sweep(keys, 0).await?;
+        }
+        Ok(ClaimResult::Contended)
+    }
+
+    /// The coupon an earlier success of (`user`, `request_id`) got, if any. One read.
+    pub async fn replay(
+        &self,
+        keys: &BatchKeys,
+        home: u32,
+        user: &str,
+        request_id: &str,
+    ) -> Result<Option<Coupon>, StockError> {
+        let slot = keys.shards.get(home as usize).ok_or(StockError::NotFound)?;
+        Ok(replay::call(self.backend.as_ref(), slot, user, request_id).await?)
+    }
+
+    /// Every user who claimed from the batch (read shard by shard). Only meaningful once the
+    /// batch is sold out, when no claim can add to it.
+    pub async fn winners(&self, keys: &BatchKeys) -> Result<HashSet<Box<str>>, StockError> {
+        let mut out = HashSet::new();
+        for shard in &keys.shards {
+            let users = winners::call(self.backend.as_ref(), shard).await?;
+            out.extend(users.into_iter().map(|(u, _)| Box::from(u)));
+        }
+        Ok(out)
+    }
+
+    /// Moves stock into shard `home`: from the pool first, then from siblings (at most half
+    /// of what each holds). `total` (the batch's stock, as the caller knows it) only sizes
+    /// the chunk. Returns the amount moved.
+    pub async fn refill(&self, keys: &BatchKeys, home: u32, total: i64) -> Result<i64, StockError> {
+        let dst = &keys.shards[home as usize];
+        let n = keys.shards.len() as i64;
+        let chunk = (total / (n * i64::from(self.cfg.refill_divisor))).max(1);
+        let moved = self
+            .transfer(&keys.pool, dst, chunk, false, TransferKind::Refill)
+            .await?;
+        if moved > 0 {
+            return Ok(moved);
+        }
+        for step in 1..keys.shards.len() {
+            let src = &keys.shards[(home as usize + step) % keys.shards.len()];
+            let moved = self
+                .transfer(src, dst, chunk, true, TransferKind::Steal)
+                .await?;
+            if moved > 0 {
+                return Ok(moved);
+            }
+        }
+        Ok(0)
+    }
+
+    /// Is the whole batch empty? Two scans of every slot; sold out only if both saw no
+    /// stock, no open transfer, and no slot's transfer sequence moved in between. Records
+    /// the flag on the pool (unless stock was added meanwhile) and broadcasts it.
+    pub async fn sold_out_scan(&self, keys: &BatchKeys) -> Result<bool, StockError> {
+        let backend = self.backend.as_ref();
+        let first = probe_all(backend, keys).await?;
+        if !all_empty(&first) {
+            return Ok(false);
+        }
+        let second = probe_all(backend, keys).await?;
+        if !all_empty(&second) || first.iter().zip(&second).any(|(a, b)| a.xseq != b.xseq) {
+            return Ok(false);
+        }
+        if mark_soldout::call(backend, &keys.pool, second[0].xseq).await? != Marked::Marked {
+            return Ok(false);
+        }
+        let batch = keys.batch();
+        if let Err(e) = events::publish(backend, &Event::SoldOut(batch.to_string())).await {
+            tracing::warn!(batch, error = %e, "sold-out broadcast failed; refresh will catch up");
+        }
+        Ok(true)
+    }
+}
+
+fn all_empty(probes: &[Probe]) -> bool {
+    probes.iter().all(|p| p.stock <= 0 && p.outbox.is_empty())
+}

@@ -1,0 +1,100 @@
+//! Sharded stock: the claim on the user's home shard with its refills ([`claim`]), the
+//! crash-safe transfers between slots and their sweeper ([`transfer`]), the census (the ONE
+//! conservation check, [`census`]), and the batch definition in Redis: setup and versioned
+//! changes ([`definition`]). Everything here runs scripts through `crate::contract`.
+//!
+//! Invariants kept here:
+//! - stock only moves between slots through a two-phase transfer (outbox in the source,
+//!   credited-once marker in the destination, outbox entry closed last), so a crash between
+//!   the halves never creates stock and the sweeper always finishes it;
+//! - conservation: pool + Σ shard stock + in-flight transfers + Σ claimed == total, with
+//!   one definition of "in flight" ([`census`]);
+//! - "sold out" is recorded only after two scans of every slot that saw no stock, no
+//!   in-flight transfer and no movement (transfer sequence numbers unchanged) in between;
+//! - a definition change reaches a slot only at a version newer than the slot's (versions
+//!   come from the database), with the absolute total, shards first and the pool last: a
+//!   pool at version v proves every shard is at v or newer.
+
+pub mod census;
+pub mod claim;
+pub mod definition;
+pub mod transfer;
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use thiserror::Error;
+
+use crate::backend::{Backend, BackendError};
+use crate::config::StockConfig;
+use crate::contract::events::{self, Event};
+use crate::contract::keys::SlotKeys;
+use crate::contract::{meta_get, probe};
+
+pub use self::census::Conservation;
+pub use self::claim::{ClaimArgs, ClaimResult};
+pub use self::transfer::TransferKind;
+
+#[derive(Debug, Error)]
+pub enum StockError {
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error("batch id already used by a different batch")]
+    Conflict,
+    #[error("batch not found")]
+    NotFound,
+    /// The batch's state in Redis contradicts itself (e.g. an outbox entry names a slot the
+    /// batch does not have, or a change would shrink the total).
+    #[error("inconsistent batch state: {0}")]
+    Inconsistent(String),
+}
+
+/// The stock of every batch, on one backend.
+pub struct Stock<B> {
+    backend: Arc<B>,
+    cfg: StockConfig,
+    transfer_seq: AtomicU64,
+    instance: String,
+}
+
+impl<B: Backend> Stock<B> {
+    pub fn new(backend: Arc<B>, cfg: StockConfig) -> Stock<B> {
+        let instance = format!("{:08x}", rand::random::<u32>());
+        Stock {
+            backend,
+            cfg,
+            transfer_seq: AtomicU64::new(0),
+            instance,
+        }
+    }
+
+    pub fn backend(&self) -> &Arc<B> {
+        &self.backend
+    }
+
+    pub fn config(&self) -> &StockConfig {
+        &self.cfg
+    }
+
+    /// The metadata of one slot (empty when the slot does not exist).
+    pub async fn meta(
+        &self,
+        slot: &SlotKeys,
+    ) -> Result<crate::contract::meta::SlotMeta, StockError> {
+        Ok(meta_get::call(self.backend.as_ref(), slot).await?)
+    }
+
+    /// Reads one slot.
+    pub async fn probe(&self, slot: &SlotKeys) -> Result<probe::Probe, StockError> {
+        Ok(probe::call(self.backend.as_ref(), slot).await?)
+    }
+
+    /// Tells every instance that the batch was created or changed: they forget a "not
+    /// found" mark and re-read its metadata. A lost message is caught by the refresh.
+    pub async fn announce_change(&self, batch: &str) {
+        let event = Event::Changed(batch.to_string());
+        if let Err(e) = events::publish(self.backend.as_ref(), &event).await {
+            tracing::warn!(batch, error = %e, "change broadcast failed; refresh will catch up");
+        }
+    }
+}

@@ -1,0 +1,140 @@
+//! Stock transfers between the slots of a batch, and the sweeper that finishes the ones a
+//! crash (or a lost reply) interrupted.
+//!
+//! Invariant kept here: a transfer is two scripts on two slots: `transfer_out` moves stock
+//! into the source's outbox (idempotent per transfer id), `transfer_in` credits the
+//! destination once (its inbox marker), and the outbox entry is closed last. Stopping
+//! anywhere never creates stock, and [`Stock::sweep`] (safe on any number of instances at
+//! once) always finishes it.
+
+use std::sync::atomic::Ordering;
+
+use crate::backend::Backend;
+use crate::contract::keys::{BatchKeys, SlotKeys};
+use crate::contract::probe::OutboxEntry;
+use crate::contract::{probe, transfer_done, transfer_in, transfer_out};
+use crate::domain::time::now_ms;
+use crate::obs::events::{SweepFinished, TransferMade};
+
+use super::{Stock, StockError};
+
+/// Why a transfer was made (a metric label).
+#[derive(Debug, Clone, Copy)]
+pub enum TransferKind {
+    Initial,
+    Refill,
+    Steal,
+}
+
+impl TransferKind {
+    fn label(self) -> &'static str {
+        match self {
+            TransferKind::Initial => "initial",
+            TransferKind::Refill => "refill",
+            TransferKind::Steal => "steal",
+        }
+    }
+}
+
+impl<B: Backend> Stock<B> {
+    fn next_transfer_id(&self) -> String {
+        let n = self.transfer_seq.fetch_add(1, Ordering::Relaxed);
+        format!("{}-{n}", self.instance)
+    }
+
+    /// A whole transfer of up to `max` from `src` to `dst`. Returns the amount moved.
+    pub async fn transfer(
+        &self,
+        src: &SlotKeys,
+        dst: &SlotKeys,
+        max: i64,
+        at_most_half: bool,
+        kind: TransferKind,
+    ) -> Result<i64, StockError> {
+        let tid = self.next_transfer_id();
+        let moved = self
+            .transfer_first_half(src, dst, &tid, max, at_most_half)
+            .await?;
+        if moved > 0 {
+            self.credit_and_close(src, dst, &tid, moved).await?;
+        }
+        TransferMade {
+            batch: &src.batch,
+            kind: kind.label(),
+            amount: moved,
+        }
+        .emit();
+        Ok(moved)
+    }
+
+    /// First half of a transfer: stock leaves `src` into its outbox. Public so tests can
+    /// stop here, as a crash would, and check that the sweeper finishes the transfer.
+    pub async fn transfer_first_half(
+        &self,
+        src: &SlotKeys,
+        dst: &SlotKeys,
+        tid: &str,
+        max: i64,
+        at_most_half: bool,
+    ) -> Result<i64, StockError> {
+        let backend = self.backend.as_ref();
+        Ok(transfer_out::call(backend, src, dst, tid, max, at_most_half).await?)
+    }
+
+    /// Second half: credit the destination once, then close the outbox entry.
+    async fn credit_and_close(
+        &self,
+        src: &SlotKeys,
+        dst: &SlotKeys,
+        tid: &str,
+        amount: i64,
+    ) -> Result<(), StockError> {
+        let backend = self.backend.as_ref();
+        let ttl = self.cfg.transfer_marker_ttl_s;
+        transfer_in::call(backend, dst, tid, amount, ttl).await?;
+        transfer_done::call(backend, src, tid).await?;
+        Ok(())
+    }
+
+    /// Finishes the transfer of an outbox entry of `src`.
+    async fn finish(
+        &self,
+        keys: &BatchKeys,
+        src: &SlotKeys,
+        e: &OutboxEntry,
+    ) -> Result<(), StockError> {
+        let dst = keys.slot(e.destination).ok_or_else(|| {
+            StockError::Inconsistent(format!(
+                "transfer {} out of {}:{} names a slot the batch does not have; its {} \
+                 stay in flight",
+                e.transfer_id, src.batch, src.label, e.amount
+            ))
+        })?;
+        self.credit_and_close(src, dst, &e.transfer_id, e.amount)
+            .await
+    }
+
+    /// Finishes every transfer whose outbox entry is older than `min_age_ms` (0 = all).
+    /// Safe to run at any time, on any number of instances at once.
+    pub async fn sweep(&self, keys: &BatchKeys, min_age_ms: u64) -> Result<usize, StockError> {
+        let now = now_ms();
+        let mut finished = 0;
+        for slot in keys.all() {
+            let p = probe::call(self.backend.as_ref(), slot).await?;
+            for e in p.outbox {
+                if now - e.created_ms < min_age_ms as i64 {
+                    continue;
+                }
+                self.finish(keys, slot, &e).await?;
+                SweepFinished {
+                    batch: &slot.batch,
+                    transfer: &e.transfer_id,
+                    amount: e.amount,
+                }
+                .emit();
+                finished += 1;
+            }
+        }
+        Ok(finished)
+    }
+}

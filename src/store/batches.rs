@@ -1,0 +1,292 @@
+//! The `batches` table: the arbiter of a batch's definition.
+//!
+//! Invariant kept here: a row is inserted only if absent (the first create wins), changed
+//! only by a compare-and-set on its `version`, and records whether the batch's Redis setup
+//! ever completed (`setup_done_at`).
+
+use super::{Db, DbError, now_ms};
+use crate::domain::batch::Batch;
+
+/// A batch as the database holds it: the definition (the arbiter of what the batch is), its
+/// version (bumped by every change) and whether its Redis setup ever completed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredBatch {
+    pub batch: Batch,
+    pub version: i64,
+    pub setup_done: bool,
+}
+
+const UPSERT_BATCH: &str = "INSERT INTO batches \
+     (id, definition, shards, stock, state, created_at, updated_at, version, setup_done_at) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, 1, $7) \
+     ON CONFLICT (id) DO UPDATE SET definition = excluded.definition, \
+     shards = excluded.shards, stock = excluded.stock, state = excluded.state, \
+     updated_at = excluded.updated_at, version = batches.version + 1, \
+     setup_done_at = COALESCE(batches.setup_done_at, excluded.setup_done_at)";
+
+/// The first create of an id wins; later ones change nothing (and read the winner back).
+const INSERT_BATCH: &str = "INSERT INTO batches \
+     (id, definition, shards, stock, state, created_at, updated_at, version, setup_done_at) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, 1, NULL) ON CONFLICT (id) DO NOTHING";
+
+/// A change of the definition: applied only on top of the version it was computed from.
+const UPDATE_BATCH: &str = "UPDATE batches SET definition = $2, shards = $3, stock = $4, \
+     state = $5, updated_at = $6, version = $7 WHERE id = $1 AND version = $8";
+
+const BATCH_ROW: &str = "SELECT id, definition, version, setup_done_at FROM batches WHERE id = $1";
+
+impl Db {
+    /// Inserts the batch (recorded as set up), or replaces its definition if it exists
+    /// (bumping its version). For tools and tests that set a batch up in Redis by hand; the
+    /// API creates with [`Db::insert_batch`] and changes with [`Db::update_batch`].
+    pub async fn upsert_batch(&self, batch: &Batch) -> Result<(), DbError> {
+        let def = serde_json::to_string(batch)
+            .map_err(|e| DbError::Corrupt(format!("batch {} does not serialize: {e}", batch.id)))?;
+        let now = now_ms();
+        on_pool!(self, p => {
+            sqlx::query(UPSERT_BATCH)
+                .bind(&batch.id)
+                .bind(&def)
+                .bind(i64::from(batch.shards))
+                .bind(batch.stock)
+                .bind(batch.state.as_str())
+                .bind(batch.created_at.0)
+                .bind(now)
+                .execute(p)
+                .await?;
+        });
+        Ok(())
+    }
+
+    /// Inserts the batch at version 1, not yet set up, unless the id exists; then reads the
+    /// row back. Returns the stored batch (the winner of concurrent creates: compare its
+    /// fingerprint) and whether this call inserted it.
+    pub async fn insert_batch(&self, batch: &Batch) -> Result<(StoredBatch, bool), DbError> {
+        let def = serde_json::to_string(batch)
+            .map_err(|e| DbError::Corrupt(format!("batch {} does not serialize: {e}", batch.id)))?;
+        let now = now_ms();
+        let inserted = on_pool!(self, p => {
+            sqlx::query(INSERT_BATCH)
+                .bind(&batch.id)
+                .bind(&def)
+                .bind(i64::from(batch.shards))
+                .bind(batch.stock)
+                .bind(batch.state.as_str())
+                .bind(batch.created_at.0)
+                .bind(now)
+                .execute(p)
+                .await?
+                .rows_affected()
+        });
+        let stored = self.batch_row(&batch.id).await?.ok_or_else(|| {
+            DbError::Corrupt(format!(
+                "batch {} vanished right after its insert",
+                batch.id
+            ))
+        })?;
+        Ok((stored, inserted == 1))
+    }
+
+    /// The batch with its version and setup state.
+    pub async fn batch_row(&self, id: &str) -> Result<Option<StoredBatch>, DbError> {
+        let row: Option<(String, String, i64, Option<i64>)> = on_pool!(self, p => {
+            sqlx::query_as(BATCH_ROW).bind(id).fetch_optional(p).await?
+        });
+        row.map(stored_batch).transpose()
+    }
+
+    /// Every batch with its version and setup state, by id.
+    pub async fn batch_rows(&self) -> Result<Vec<StoredBatch>, DbError> {
+        let rows: Vec<(String, String, i64, Option<i64>)> = on_pool!(self, p => {
+            sqlx::query_as(
+                "SELECT id, definition, version, setup_done_at FROM batches ORDER BY id",
+            )
+            .fetch_all(p)
+            .await?
+        });
+        rows.into_iter().map(stored_batch).collect()
+    }
+
+    /// (id, version) of every batch whose setup completed: what the periodic check compares
+    /// with the versions Redis holds.
+    pub async fn batch_versions(&self) -> Result<Vec<(String, i64)>, DbError> {
+        Ok(on_pool!(self, p => {
+            sqlx::query_as(
+                "SELECT id, version FROM batches WHERE setup_done_at IS NOT NULL ORDER BY id",
+            )
+            .fetch_all(p)
+            .await?
+        }))
+    }
+
+    /// Records that the batch's Redis setup completed (keeps the first time).
+    pub async fn mark_setup_done(&self, id: &str) -> Result<(), DbError> {
+        on_pool!(self, p => {
+            sqlx::query(
+                "UPDATE batches SET setup_done_at = COALESCE(setup_done_at, $2) WHERE id = $1",
+            )
+            .bind(id)
+            .bind(now_ms())
+            .execute(p)
+            .await?;
+        });
+        Ok(())
+    }
+
+    /// Removes a batch whose setup never completed (its create lost to a different batch
+    /// Redis already holds under the id). Returns whether a row was removed.
+    pub async fn delete_unset_batch(&self, id: &str) -> Result<bool, DbError> {
+        let n = on_pool!(self, p => {
+            sqlx::query("DELETE FROM batches WHERE id = $1 AND setup_done_at IS NULL")
+                .bind(id)
+                .execute(p)
+                .await?
+                .rows_affected()
+        });
+        Ok(n == 1)
+    }
+
+    /// Replaces the definition if the row is still at `expected` (compare-and-set), giving it
+    /// version `new_version` (> `expected`). Returns whether it was applied; `false` means a
+    /// concurrent change won: re-read and retry.
+    pub async fn update_batch(
+        &self,
+        batch: &Batch,
+        expected: i64,
+        new_version: i64,
+    ) -> Result<bool, DbError> {
+        let def = serde_json::to_string(batch)
+            .map_err(|e| DbError::Corrupt(format!("batch {} does not serialize: {e}", batch.id)))?;
+        let n = on_pool!(self, p => {
+            sqlx::query(UPDATE_BATCH)
+                .bind(&batch.id)
+                .bind(&def)
+                .bind(i64::from(batch.shards))
+                .bind(batch.stock)
+                .bind(batch.state.as_str())
+                .bind(now_ms())
+                .bind(new_version)
+                .bind(expected)
+                .execute(p)
+                .await?
+                .rows_affected()
+        });
+        Ok(n == 1)
+    }
+
+    pub async fn get_batch(&self, id: &str) -> Result<Option<Batch>, DbError> {
+        let def: Option<String> = on_pool!(self, p => {
+            sqlx::query_scalar("SELECT definition FROM batches WHERE id = $1")
+                .bind(id)
+                .fetch_optional(p)
+                .await?
+        });
+        def.map(|d| parse_batch(id, &d)).transpose()
+    }
+
+    /// Every batch, by id.
+    pub async fn list_batches(&self) -> Result<Vec<Batch>, DbError> {
+        let rows: Vec<(String, String)> = on_pool!(self, p => {
+            sqlx::query_as("SELECT id, definition FROM batches ORDER BY id")
+                .fetch_all(p)
+                .await?
+        });
+        rows.iter().map(|(id, d)| parse_batch(id, d)).collect()
+    }
+}
+
+fn stored_batch(
+    (id, def, version, setup_done_at): (String, String, i64, Option<i64>),
+) -> Result<StoredBatch, DbError> {
+    Ok(StoredBatch {
+        batch: parse_batch(&id, &def)?,
+        version,
+        setup_done: setup_done_at.is_some(),
+    })
+}
+
+fn parse_batch(id: &str, def: &str) -> Result<Batch, DbError> {
+    serde_json::from_str(def)
+        .map_err(|e| DbError::Corrupt(format!("definition of batch {id} does not parse: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DatabaseConfig;
+
+    async fn memory_db() -> Db {
+        let db = Db::connect(&DatabaseConfig {
+            url: "sqlite::memory:".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        db.migrate().await.unwrap();
+        db
+    }
+
+    fn a_batch(id: &str, stock: i64) -> Batch {
+        use crate::domain::batch::*;
+        Batch {
+            id: id.into(),
+            name: "n".into(),
+            stock,
+            per_user_limit: 1,
+            per_user_daily_limit: None,
+            claim_window: Window {
+                start: Timestamp(0),
+                end: Timestamp(1_000),
+            },
+            validity: Validity::Relative {
+                days_after_claim: 1,
+            },
+            discount: Discount::Fixed { amount: 1 },
+            scope: Scope {
+                kind: ScopeKind::All,
+                ids: vec![],
+            },
+            exclusive: false,
+            eligibility: Eligibility::default(),
+            shards: 2,
+            state: BatchState::Active,
+            created_at: Timestamp(5),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_first_create_wins_and_changes_are_compare_and_set() {
+        let db = memory_db().await;
+        let (row, inserted) = db.insert_batch(&a_batch("b", 10)).await.unwrap();
+        assert!(inserted);
+        assert_eq!(
+            (row.version, row.setup_done, row.batch.stock),
+            (1, false, 10)
+        );
+        // a second, different create changes nothing and reads the winner back
+        let (row2, inserted) = db.insert_batch(&a_batch("b", 99)).await.unwrap();
+        assert!(!inserted);
+        assert_eq!(row2, row);
+        assert_eq!(db.batch_versions().await.unwrap(), vec![]);
+        db.mark_setup_done("b").await.unwrap();
+        assert!(!db.delete_unset_batch("b").await.unwrap(), "set up: kept");
+        assert_eq!(db.batch_versions().await.unwrap(), vec![("b".into(), 1)]);
+        let mut changed = row.batch.clone();
+        changed.stock = 20;
+        assert!(db.update_batch(&changed, 1, 2).await.unwrap());
+        changed.stock = 30;
+        assert!(
+            !db.update_batch(&changed, 1, 2).await.unwrap(),
+            "a change computed from version 1 loses once version 2 is stored"
+        );
+        let now = db.batch_row("b").await.unwrap().unwrap();
+        assert_eq!(
+            (now.version, now.setup_done, now.batch.stock),
+            (2, true, 20)
+        );
+        assert!(db.batch_row("nope").await.unwrap().is_none());
+        db.insert_batch(&a_batch("c", 1)).await.unwrap();
+        assert!(db.delete_unset_batch("c").await.unwrap());
+        assert_eq!(db.batch_rows().await.unwrap().len(), 1);
+    }
+}
