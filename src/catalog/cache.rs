@@ -120,6 +120,11 @@ impl CachedBatch {
         self.lost.store(lost, Ordering::Release);
     }
 
+    /// Marks the batch lost; `true` if it was not lost before (exactly one caller wins).
+    pub fn mark_lost_once(&self) -> bool {
+        !self.lost.swap(true, Ordering::AcqRel)
+    }
+
     pub fn is_denied(&self, user: &str) -> bool {
         self.deny.read().contains(user)
     }

@@ -95,10 +95,20 @@ impl<B: Backend> Catalog<B> {
                 if let Some(entry) = self.cache_meta(id).await? {
                     return Ok(entry);
                 }
-                let entry = self
-                    .cache
-                    .insert(Arc::new(CachedBatch::new(row.batch, 0, false)));
-                self.mark_lost(&entry);
+                // Marked lost BEFORE it becomes visible: a concurrent lookup must never
+                // find this entry not yet lost (it would answer 404 or try to claim).
+                let fresh = Arc::new(CachedBatch::new(row.batch, 0, false));
+                fresh.set_lost(true);
+                let entry = self.cache.insert(fresh.clone());
+                if Arc::ptr_eq(&entry, &fresh) {
+                    BatchLost {
+                        batch: &entry.id,
+                        lost: self.lost_count(),
+                    }
+                    .emit();
+                } else {
+                    self.mark_lost(&entry);
+                }
                 Ok(entry)
             }
             Some(_) => Err(CatalogError::NotFound), // being created
@@ -161,8 +171,7 @@ impl<B: Backend> Catalog<B> {
 
     /// Serves the batch as lost from now on (until a refresh finds it in Redis again).
     pub fn mark_lost(&self, entry: &CachedBatch) {
-        if !entry.is_lost() {
-            entry.set_lost(true);
+        if entry.mark_lost_once() {
             BatchLost {
                 batch: &entry.id,
                 lost: self.lost_count(),

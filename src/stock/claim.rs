@@ -68,12 +68,32 @@ impl<B: Backend> Stock<B> {
                 continue;
             }
             if self.sold_out_scan(keys).await? {
-                return Ok(ClaimResult::SoldOut);
+                return self
+                    .unless_replay(keys, home, a, ClaimResult::SoldOut)
+                    .await;
             }
             // Stock is in flight or was just added: finish open transfers, look again.
             self.sweep(keys, 0).await?;
         }
-        Ok(ClaimResult::Contended)
+        self.unless_replay(keys, home, a, ClaimResult::Contended)
+            .await
+    }
+
+    /// A claim about to be refused for want of stock: a concurrent twin with the same
+    /// (user, request id) may have claimed since this one found its shard empty, and the
+    /// same request id must get the same answer (the coupon, replayed). One read, only on
+    /// the way to a sold-out or contended answer.
+    async fn unless_replay(
+        &self,
+        keys: &BatchKeys,
+        home: u32,
+        a: &ClaimArgs<'_>,
+        refusal: ClaimResult,
+    ) -> Result<ClaimResult, StockError> {
+        Ok(match self.replay(keys, home, a.user, a.request_id).await? {
+            Some(c) => ClaimResult::Decided(Outcome::Replayed(c)),
+            None => refusal,
+        })
     }
 
     /// The coupon an earlier success of (`user`, `request_id`) got, if any. One read.
