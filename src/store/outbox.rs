@@ -152,7 +152,7 @@ pub struct LedgerEntry {
 }
 
 /// Largest page of a ledger listing.
-pub const MAX_LEDGER_PAGE: u32 = 500;
+pub const MAX_LEDGER_PAGE: u32 = crate::config::LEDGER_MAX_PAGE;
 
 /// The columns of a [`LedgerRow`] (a macro, so that every query text is a literal).
 macro_rules! ledger_columns {
