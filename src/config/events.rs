@@ -154,6 +154,17 @@ impl EventsConfig {
                      TLS-terminating egress proxy in front of an https consumer)",
                 );
             }
+            if uri
+                .as_ref()
+                .and_then(|u| u.authority())
+                .is_some_and(|a| a.as_str().contains('@'))
+            {
+                return bad(
+                    "events.webhook_url",
+                    "must not carry credentials (user:password@): they would not be sent; \
+                     consumers authenticate events by their Claimgate-Signature",
+                );
+            }
             match &self.webhook_secret {
                 None => return bad("events.webhook_secret", "must be set with webhook_url"),
                 Some(s) if s.is_redaction_marker() => {
@@ -332,12 +343,21 @@ mod tests {
         );
     }
 
-    /// The secret and a URL password never reach the dump or `Debug`; the dump loads again
-    /// once the secret is given.
+    /// The secret never reaches the dump or `Debug`; the dump loads again once the secret
+    /// is given. A URL with credentials is refused without echoing them.
     #[test]
     fn the_webhook_secret_is_redacted() {
-        let c = with(&[
+        let err = with(&[
             "events.webhook_url=\"http://hook:PASS-SECRET@127.0.0.1:9/hook\"",
+            &format!("events.webhook_secret=\"{SECRET}\""),
+        ])
+        .unwrap_err();
+        assert!(
+            err.contains("`events.webhook_url`") && !err.contains("SECRET"),
+            "{err}"
+        );
+        let c = with(&[
+            "events.webhook_url=\"http://127.0.0.1:9/hook\"",
             &format!("events.webhook_secret=\"{SECRET}\""),
         ])
         .unwrap();
@@ -351,6 +371,16 @@ mod tests {
         let f = dir.path().join("dump.toml");
         std::fs::write(&f, &dump).unwrap();
         let err = load(Some(&f), Vec::new(), &[]).unwrap_err().to_string();
-        assert!(err.contains("events.webhook"), "{err}");
+        assert!(err.contains("events.webhook_secret"), "{err}");
+        let again = load(
+            Some(&f),
+            vec![(
+                "CLAIMGATE_EVENTS__WEBHOOK_SECRET".to_string(),
+                SECRET.to_string(),
+            )],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(again.to_toml().unwrap(), dump);
     }
 }
