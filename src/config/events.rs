@@ -52,7 +52,8 @@ pub struct EventsConfig {
     /// `request_timeout_ms`.
     pub lease_ms: u64,
     /// The "expiring soon" reminder is written this long before a usable coupon's validity
-    /// end, once per coupon. 0 = no reminders.
+    /// end, once per coupon (a coupon claimed inside that window is reminded at the next
+    /// sweep). 0 = no reminders.
     pub expiring_soon_ms: u64,
     /// How often the expiry and reminder sweeps run (and the outbox gauges are measured).
     pub sweep_interval_ms: u64,
