@@ -159,6 +159,20 @@ fn closed_label_sets() -> LabelSets {
         )]),
     );
     s.insert("claimgate_coupon_conflicts_total", m(vec![]));
+    s.insert(
+        "claimgate_event_deliveries_total",
+        m(vec![(
+            "outcome",
+            set(claimgate::obs::metrics::DELIVERY_OUTCOMES),
+        )]),
+    );
+    s.insert("claimgate_event_backlog", m(vec![]));
+    s.insert("claimgate_event_dead", m(vec![]));
+    s.insert("claimgate_event_lag_seconds", m(vec![]));
+    s.insert(
+        "claimgate_coupons_swept_total",
+        m(vec![("kind", set(claimgate::obs::metrics::SWEEP_KINDS))]),
+    );
     s.insert("claimgate_stock_remaining", m(vec![("batch", None)]));
     s.insert("claimgate_batches_lost", m(vec![]));
     s.insert(

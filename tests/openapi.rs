@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 const DOC_PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/openapi.json");
 
 /// Every operation the router serves (src/http/router.rs), as the document must name it.
-const ROUTES: [(&str, &str); 12] = [
+const ROUTES: [(&str, &str); 15] = [
     ("GET", "/healthz"),
     ("GET", "/readyz"),
     ("GET", "/metrics"),
@@ -34,6 +34,9 @@ const ROUTES: [(&str, &str); 12] = [
     ("POST", "/v1/coupons/{coupon_id}/lock"),
     ("POST", "/v1/coupons/{coupon_id}/redeem"),
     ("POST", "/v1/coupons/{coupon_id}/release"),
+    ("POST", "/v1/coupons/{coupon_id}/refund"),
+    ("GET", "/v1/events"),
+    ("GET", "/v1/events/{event_id}"),
 ];
 
 const HTTP_METHODS: [&str; 8] = [
@@ -408,7 +411,8 @@ async fn router_serves_exactly_the_documented_operations() {
         let concrete = path
             .replace("{id}", "b1")
             .replace("{user_id}", "u1")
-            .replace("{coupon_id}", "b1.0.1");
+            .replace("{coupon_id}", "b1.0.1")
+            .replace("{event_id}", "b1.0.1:claimed");
         for m in ["GET", "POST", "PATCH", "PUT", "DELETE"] {
             let a = call(&gw, m, &concrete, "").await;
             let code = a.json()["error"].as_str().unwrap_or("").to_string();
@@ -686,6 +690,53 @@ async fn live_answers_match_the_response_schemas() {
     )
     .await;
     assert_eq!(missing["error"], "coupon_not_found");
+    let refund = "/v1/coupons/{coupon_id}/refund";
+    let path = format!("/v1/coupons/{coupon}/refund");
+    let missing = conforms(&gw, &doc, "POST", refund, &path, r#"{"order_id":"o1"}"#).await;
+    assert_eq!(missing["error"], "coupon_not_found");
+    conforms(&gw, &doc, "POST", refund, &path, r#"{"order":"o1"}"#).await;
+
+    // the coupon reaches the database (as the persister writes it): a refund, the ledger
+    let mut pcfg = gw.app.config().persister.clone();
+    pcfg.consumer = Some("openapi".into());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let persister = claimgate::persist::Persister::spawn(
+        gw.app.backend().clone(),
+        gw.app.store().clone(),
+        pcfg,
+        stop.clone(),
+    );
+    assert_eq!(persister.flush().await.unwrap(), 1);
+    stop.cancel();
+    persister.join().await;
+    for action in ["lock", "redeem"] {
+        let a = call(
+            &gw,
+            "POST",
+            &format!("/v1/coupons/{coupon}/{action}"),
+            r#"{"order_id":"o1"}"#,
+        )
+        .await;
+        assert_eq!(a.status, 200);
+    }
+    let refused = conforms(&gw, &doc, "POST", refund, &path, r#"{"order_id":"o2"}"#).await;
+    assert_eq!(refused["error"], "invalid_state");
+    let refunded = conforms(&gw, &doc, "POST", refund, &path, r#"{"order_id":"o1"}"#).await;
+    assert_eq!(refunded["state"], "unused");
+    let events = "/v1/events";
+    let page = conforms(&gw, &doc, "GET", events, "/v1/events?limit=2", "").await;
+    assert_eq!(page["events"].as_array().unwrap().len(), 2);
+    assert!(page["next_cursor"].is_string());
+    let all = conforms(&gw, &doc, "GET", events, "/v1/events?state=pending", "").await;
+    assert_eq!(all["events"].as_array().unwrap().len(), 4);
+    conforms(&gw, &doc, "GET", events, "/v1/events?state=lost", "").await;
+    let one = "/v1/events/{event_id}";
+    let id = all["events"][3]["event_id"].as_str().unwrap().to_string();
+    let e = conforms(&gw, &doc, "GET", one, &format!("/v1/events/{id}"), "").await;
+    assert_eq!(e["payload"]["type"], "coupon.refunded");
+    let none = conforms(&gw, &doc, "GET", one, "/v1/events/nope:claimed", "").await;
+    assert_eq!(none["error"], "event_not_found");
+    conforms(&gw, &doc, "GET", one, "/v1/events/a%20b", "").await;
 
     conforms(&gw, &doc, "GET", "/healthz", "/healthz", "").await;
     conforms(&gw, &doc, "GET", "/readyz", "/readyz", "").await;

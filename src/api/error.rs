@@ -29,6 +29,8 @@ pub enum ApiError {
     BatchNotFound,
     #[error("coupon not found")]
     CouponNotFound,
+    #[error("event not found")]
+    EventNotFound,
     #[error("per-user limit reached")]
     LimitReached,
     #[error("per-user daily limit reached")]
@@ -75,6 +77,7 @@ impl ApiError {
             ApiError::NotEligible,
             ApiError::BatchNotFound,
             ApiError::CouponNotFound,
+            ApiError::EventNotFound,
             ApiError::LimitReached,
             ApiError::DailyLimitReached,
             ApiError::NotStarted,
@@ -100,6 +103,7 @@ impl ApiError {
             ApiError::NotEligible => "not_eligible",
             ApiError::BatchNotFound => "batch_not_found",
             ApiError::CouponNotFound => "coupon_not_found",
+            ApiError::EventNotFound => "event_not_found",
             ApiError::LimitReached | ApiError::DailyLimitReached => "limit_reached",
             ApiError::NotStarted => "not_started",
             ApiError::Ended => "ended",
@@ -219,6 +223,7 @@ mod tests {
             | ApiError::NotEligible
             | ApiError::BatchNotFound
             | ApiError::CouponNotFound
+            | ApiError::EventNotFound
             | ApiError::LimitReached
             | ApiError::DailyLimitReached
             | ApiError::NotStarted
@@ -240,7 +245,7 @@ mod tests {
     fn examples_cover_every_code() {
         let codes: std::collections::BTreeSet<_> =
             ApiError::examples().iter().map(ApiError::code).collect();
-        assert_eq!(codes.len(), 18, "{codes:?}");
+        assert_eq!(codes.len(), 19, "{codes:?}");
     }
 
     /// The `outcome` label set of the claims metric is exactly the success outcomes and

@@ -1,5 +1,6 @@
 //! The API's handlers, orchestration only: [`claim`] (the claim path), [`admin`] (create,
-//! read and change batches), [`wallet`] (a user's coupons and their checkout transitions).
+//! read and change batches), [`wallet`] (a user's coupons, their checkout transitions and
+//! refunds), [`events`] (the admin's view of the event delivery ledger).
 //! Each takes the request's parts and the [`Api`] (the services it orchestrates), and
 //! answers a typed reply or an [`ApiError`] (the one mapping of domain errors, [`error`]).
 //!
@@ -11,6 +12,7 @@
 pub mod admin;
 pub mod claim;
 pub mod error;
+pub mod events;
 pub mod wallet;
 
 use std::sync::Arc;
@@ -21,6 +23,7 @@ use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::domain::auth::Auth;
 use crate::domain::limits::{Admission, RateLimits};
+use crate::domain::time::{Clock, SystemClock};
 use crate::stock::Stock;
 use crate::store::Db;
 
@@ -35,6 +38,8 @@ pub struct Api<B: Backend> {
     admission: Admission,
     /// `persister.max_backlog_per_shard`, formatted once for the claim script.
     max_log: String,
+    /// The time of coupon transitions and wallet reads (the system clock; tests set theirs).
+    clock: Arc<dyn Clock>,
 }
 
 impl<B: Backend> Api<B> {
@@ -53,7 +58,18 @@ impl<B: Backend> Api<B> {
             catalog,
             stock,
             store,
+            clock: Arc::new(SystemClock),
         }
+    }
+
+    /// The same API on another clock (tests of expiry and reminders).
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Api<B> {
+        self.clock = clock;
+        self
+    }
+
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
     }
 
     pub fn config(&self) -> &Arc<Config> {

@@ -1,15 +1,18 @@
-//! Wallet and redemption (TCC: lock = try, redeem = confirm, release = cancel) on the
-//! database's materialised coupons.
+//! Wallet and redemption (TCC: lock = try, redeem = confirm, release = cancel; and refund)
+//! on the database's materialised coupons, at the API's clock.
 //!
 //! Invariant kept here: a coupon changes state only through the database transition for
-//! the right order id (idempotent for the same order); with user auth on, only the coupon's
-//! owner (or the admin token) can see or change it.
+//! the right order id (idempotent for the same order), decided by the state machine
+//! (`domain::coupon`); the wallet shows each coupon's state at the instant of the request
+//! (expired from its validity end, whether or not a sweeper has written it yet); with user
+//! auth on, only the coupon's owner (or the admin token) can see or change it.
 
 use http::HeaderMap;
 use serde::{Deserialize, Serialize};
 
 use super::{Api, ApiError, parse_object};
 use crate::backend::Backend;
+use crate::domain::coupon::Transition;
 use crate::domain::ids::{parse_coupon_id, valid_ident};
 use crate::domain::time::Timestamp;
 use crate::store::{CouponRow, CouponState};
@@ -121,9 +124,10 @@ pub async fn list<B: Backend>(
             }
         }
     }
+    let now = api.clock().now_ms();
     let (rows, next_cursor) = api
         .store()
-        .user_coupons(user, state, limit, cursor.as_deref())
+        .user_coupons_at(user, state, limit, cursor.as_deref(), now)
         .await?;
     Ok(Page {
         coupons: rows.into_iter().map(CouponView::from).collect(),
@@ -131,7 +135,7 @@ pub async fn list<B: Backend>(
     })
 }
 
-/// `POST /v1/coupons/{coupon_id}/{lock|redeem|release}` with `{"order_id"}`.
+/// `POST /v1/coupons/{coupon_id}/{lock|redeem|release|refund}` with `{"order_id"}`.
 pub async fn act<B: Backend>(
     api: &Api<B>,
     headers: &HeaderMap,
@@ -167,11 +171,10 @@ pub async fn act<B: Backend>(
             (None, _) => return Err(ApiError::CouponNotFound),
         }
     }
-    let timeout = std::time::Duration::from_millis(api.config().wallet.lock_timeout_ms);
-    let row = match action {
-        "lock" => store.lock(coupon_id, &body.order_id, timeout).await,
-        "redeem" => store.redeem(coupon_id, &body.order_id).await,
-        _ => store.release(coupon_id, &body.order_id).await,
-    }?;
+    let timeout = i64::try_from(api.config().wallet.lock_timeout_ms).unwrap_or(i64::MAX);
+    let t = Transition::client(action, &body.order_id, timeout).ok_or(ApiError::RouteNotFound)?;
+    let row = store
+        .transition(coupon_id, &t, api.clock().now_ms())
+        .await?;
     Ok(row.into())
 }

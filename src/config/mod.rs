@@ -1,6 +1,6 @@
 //! Configuration: one typed struct, loaded from TOML, overridden by `CLAIMGATE_*`
 //! environment variables and CLI flags. A leaf of the crate: it imports nothing of it, and
-//! every module takes its own section from here ([`sections`], [`stores`]; secrets and
+//! every module takes its own section from here ([`sections`], [`stores`], `events`; secrets and
 //! their redaction in [`secret`]).
 //!
 //! Invariant kept here: the gateway only ever starts from a configuration in which every
@@ -16,6 +16,7 @@
 //! text again gives the same configuration, except that a redacted secret or URL is rejected
 //! (naming its key) until the real value is given, e.g. by `CLAIMGATE_AUTH__ADMIN_TOKEN`.
 
+mod events;
 pub mod secret;
 mod sections;
 mod stores;
@@ -25,6 +26,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+pub use self::events::{EventsConfig, LEDGER_MAX_PAGE};
 pub use self::secret::Secret;
 use self::secret::{REDACTED, url_passwords};
 pub use self::sections::{
@@ -73,6 +75,7 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub wallet: WalletConfig,
     pub log: LogConfig,
+    pub events: EventsConfig,
 }
 
 impl Default for Config {
@@ -92,6 +95,7 @@ impl Default for Config {
             metrics: MetricsConfig::default(),
             wallet: WalletConfig::default(),
             log: LogConfig::default(),
+            events: EventsConfig::default(),
         }
     }
 }
@@ -146,7 +150,7 @@ pub fn load(
 }
 
 /// Keys whose values are secrets, as they appear in a TOML line.
-const SECRET_KEYS: &[&str] = &["admin_token", "user_token_secret"];
+const SECRET_KEYS: &[&str] = &["admin_token", "user_token_secret", "webhook_secret"];
 
 /// `message` with the value of any `<secret key> = ...` line cut, and URLs redacted: a TOML
 /// parse error quotes the line it failed on.
@@ -211,13 +215,20 @@ impl Config {
     /// Every secret value of this configuration (tokens, URL passwords raw and decoded), for
     /// [`secret::scrub`] of messages that may quote one.
     pub fn secret_values(&self) -> Vec<String> {
-        let mut v: Vec<String> = [&self.auth.admin_token, &self.auth.user_token_secret]
-            .into_iter()
-            .flatten()
-            .map(|s| s.expose().to_string())
-            .collect();
+        let mut v: Vec<String> = [
+            &self.auth.admin_token,
+            &self.auth.user_token_secret,
+            &self.events.webhook_secret,
+        ]
+        .into_iter()
+        .flatten()
+        .map(|s| s.expose().to_string())
+        .collect();
         v.extend(url_passwords(&self.database.url));
         v.extend(url_passwords(&self.redis.url));
+        if let Some(url) = &self.events.webhook_url {
+            v.extend(url_passwords(url));
+        }
         v
     }
 
@@ -260,6 +271,9 @@ impl Config {
         }
         if self.redis.url.contains(REDACTED) {
             return bad("redis.url", &marker);
+        }
+        if let Err((key, message)) = self.events.check(&marker) {
+            return Err(ConfigError::Invalid { key, message });
         }
         if self.persister.stall_ms != 0
             && self.persister.stall_ms <= self.persister.flush_interval_ms
@@ -595,6 +609,7 @@ mod tests {
             "metrics",
             "wallet",
             "log",
+            "events",
         ];
         let text: String = sections.iter().map(|s| format!("[{s}]\n")).collect();
         let f = write(dir.path(), "empty-sections.toml", &text);

@@ -1,6 +1,7 @@
-//! The domain: what a batch is and how it is validated ([`batch`]), time ([`time`]),
-//! identifiers and routing ([`ids`]), the claim record ([`claim`]), who the caller is
-//! ([`auth`]) and the local edge limits ([`limits`]). Builds on `config` and `obs` only.
+//! The domain: what a batch is and how it is validated ([`batch`]), time and the clock
+//! ([`time`]), identifiers and routing ([`ids`]), the claim record ([`claim`]), the coupon
+//! state machine ([`coupon`]), who the caller is ([`auth`]) and the local edge limits
+//! ([`limits`]). Builds on `config` and `obs` only.
 //!
 //! Invariant kept here: everything a client can send is validated by these types before it
 //! reaches a script or the database.
@@ -8,6 +9,7 @@
 pub mod auth;
 pub mod batch;
 pub mod claim;
+pub mod coupon;
 pub mod ids;
 pub mod limits;
 pub mod time;

@@ -1,6 +1,6 @@
 //! The gateway's background loops: pub/sub events, the periodic refresh (metadata,
-//! definition healing, stock gauges, limiter purge, metrics upkeep), and the transfer
-//! sweeper.
+//! definition healing, stock gauges, limiter purge, metrics upkeep), the transfer
+//! sweeper, and the coupon sweeper (expiry, "expiring soon" reminders, outbox gauges).
 //!
 //! Invariant kept here: every loop stops when its shutdown token is cancelled, and every
 //! wait in it is bounded (a tick, or a message).
@@ -27,7 +27,8 @@ pub fn spawn_background<B: Backend>(
     vec![
         tokio::spawn(events(app.clone(), shutdown.clone())),
         tokio::spawn(refresh(app.clone(), shutdown.clone())),
-        tokio::spawn(sweeper(app.clone(), shutdown)),
+        tokio::spawn(sweeper(app.clone(), shutdown.clone())),
+        tokio::spawn(coupon_sweeper(app.clone(), shutdown)),
     ]
 }
 
@@ -94,5 +95,22 @@ async fn sweeper<B: Backend>(app: Arc<App<B>>, stop: CancellationToken) {
                 .emit();
             }
         }
+    }
+}
+
+/// Coupon sweeper: writes `expired` for coupons past their validity end and the "expiring
+/// soon" reminders that are due, and measures the outbox (`notify::sweep_once`; failures
+/// are logged there and retried at the next interval).
+async fn coupon_sweeper<B: Backend>(app: Arc<App<B>>, stop: CancellationToken) {
+    let cfg = app.config().events.clone();
+    let mut tick = tokio::time::interval(Duration::from_millis(cfg.sweep_interval_ms));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let now = app.api().clock().now_ms();
+        let _ = crate::notify::sweep_once(app.store(), &cfg, now).await;
     }
 }

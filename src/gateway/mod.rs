@@ -1,13 +1,15 @@
 //! The composition root: the one place the parts are wired ([`assemble`]), and the running
-//! gateway ([`Gateway::start`]: backend, database, persister, background loops, HTTP
-//! servers) with its one shutdown sequence ([`Gateway::shutdown`]). The CLI's `serve` runs
-//! [`start`]; the tests assemble in-process gateways with [`assemble`].
+//! gateway ([`Gateway::start`]: backend, database, persister, event delivery worker,
+//! background loops, HTTP servers) with its one shutdown sequence ([`Gateway::shutdown`]).
+//! The CLI's `serve` runs [`start`]; the tests assemble in-process gateways with
+//! [`assemble`].
 //!
 //! Invariant kept here: shutdown is one sequence under one grace budget
 //! (`server.shutdown_grace_ms`, counted from the moment shutdown starts): stop accepting
 //! and drain the connections (in-flight claims finish), stop the background loops, let the
-//! persister write what it read, make the backend durable, close the database; a stage
-//! that overruns the budget is cut, and what it leaves stays safe in Redis.
+//! event delivery worker finish its pass, let the persister write what it read, make the
+//! backend durable, close the database; a stage that overruns the budget is cut, and what
+//! it leaves stays safe (claims in Redis, events in the outbox).
 
 mod background;
 
@@ -28,7 +30,9 @@ use crate::backend::redis::RedisBackend;
 use crate::catalog::Catalog;
 use crate::config::secret::redact_url;
 use crate::config::{BackendKind, Config};
+use crate::domain::time::{Clock, SystemClock};
 use crate::http::App;
+use crate::notify::Deliverer;
 use crate::obs::events::Started;
 use crate::persist::{PersistStatus, Persister, PersisterHandle};
 use crate::stock::Stock;
@@ -53,6 +57,18 @@ pub fn assemble<B: Backend>(
     db: Db,
     persist: Option<Arc<PersistStatus>>,
 ) -> Arc<App<B>> {
+    assemble_with_clock(cfg, backend, db, persist, Arc::new(SystemClock))
+}
+
+/// [`assemble`] on a given clock (the time of coupon transitions, wallet reads, sweeps and
+/// delivery retries): tests of expiry and reminders set theirs.
+pub fn assemble_with_clock<B: Backend>(
+    cfg: Arc<Config>,
+    backend: Arc<B>,
+    db: Db,
+    persist: Option<Arc<PersistStatus>>,
+    clock: Arc<dyn Clock>,
+) -> Arc<App<B>> {
     if cfg.auth.user_token_secret.is_none() {
         tracing::warn!(
             "USER AUTH IS OFF: claims trust the body's user_id. Set auth.user_token_secret in production."
@@ -71,7 +87,7 @@ pub fn assemble<B: Backend>(
     .emit();
     let stock = Arc::new(Stock::new(backend, cfg.stock.clone()));
     let catalog = Arc::new(Catalog::new(&cfg.cache, stock.clone(), db.clone()));
-    let api = Api::new(cfg, catalog, stock, db);
+    let api = Api::new(cfg, catalog, stock, db).with_clock(clock);
     Arc::new(App::new(api, metrics, persist))
 }
 
@@ -80,6 +96,8 @@ pub struct Gateway<B: Backend> {
     app: Arc<App<B>>,
     shutdown: CancellationToken,
     persister: Option<PersisterHandle>,
+    /// The event delivery worker (when `events.webhook_url` is set).
+    deliverer: Option<JoinHandle<()>>,
     background: Vec<JoinHandle<()>>,
     servers: Vec<JoinHandle<()>>,
     local_addr: SocketAddr,
@@ -126,6 +144,14 @@ impl<B: Backend> Gateway<B> {
             persister.as_ref().map(|p| p.status()),
         );
         let background = spawn_background(&app, shutdown.child_token());
+        // One delivery worker per instance; instances share the outbox through leases.
+        let deliverer = Deliverer::new(app.store().clone(), &cfg.events, app.api().clock().clone())
+            .map(|d| d.spawn(shutdown.child_token()));
+        if deliverer.is_none() {
+            tracing::info!(
+                "events.webhook_url is unset: events are written to the outbox and wait there"
+            );
+        }
         let mut servers = Vec::new();
         for l in std::iter::once(listener).chain(admin) {
             servers.push(tokio::spawn(crate::http::server::serve(
@@ -155,6 +181,7 @@ impl<B: Backend> Gateway<B> {
             app,
             shutdown,
             persister,
+            deliverer,
             background,
             servers,
             local_addr,
@@ -195,9 +222,18 @@ impl<B: Backend> Gateway<B> {
                 tracing::warn!("grace period over while draining connections");
             }
         }
-        // 2. in-flight claims are done: the loops stop
+        // 2. in-flight claims are done: the loops stop; the delivery worker finishes the
+        //    attempts under way (each bounded by events.request_timeout_ms); cut, their
+        //    leases run out and another instance (or the next start) retries them
         for t in self.background {
             t.abort();
+        }
+        if let Some(d) = self.deliverer {
+            let abort = d.abort_handle();
+            if tokio::time::timeout(left(), d).await.is_err() {
+                abort.abort();
+                tracing::warn!("grace period over during event delivery; the outbox keeps it");
+            }
         }
         // 3. the persister writes what it read (what it cannot stays pending in Redis)
         if let Some(p) = self.persister {

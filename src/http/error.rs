@@ -16,9 +16,10 @@ impl ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::NotEligible => StatusCode::FORBIDDEN,
-            ApiError::BatchNotFound | ApiError::CouponNotFound | ApiError::RouteNotFound => {
-                StatusCode::NOT_FOUND
-            }
+            ApiError::BatchNotFound
+            | ApiError::CouponNotFound
+            | ApiError::EventNotFound
+            | ApiError::RouteNotFound => StatusCode::NOT_FOUND,
             ApiError::LimitReached
             | ApiError::DailyLimitReached
             | ApiError::NotStarted
@@ -58,6 +59,7 @@ impl ApiError {
             ApiError::NotEligible => body!("not_eligible", "user is not eligible for this batch"),
             ApiError::BatchNotFound => body!("batch_not_found", "batch not found"),
             ApiError::CouponNotFound => body!("coupon_not_found", "coupon not found"),
+            ApiError::EventNotFound => body!("event_not_found", "event not found"),
             ApiError::LimitReached => body!("limit_reached", "per-user limit reached"),
             ApiError::DailyLimitReached => body!("limit_reached", "per-user daily limit reached"),
             ApiError::NotStarted => body!("not_started", "the claim window has not started"),
@@ -121,6 +123,7 @@ mod tests {
             ApiError::NotEligible,
             ApiError::BatchNotFound,
             ApiError::CouponNotFound,
+            ApiError::EventNotFound,
             ApiError::LimitReached,
             ApiError::DailyLimitReached,
             ApiError::NotStarted,
@@ -143,6 +146,7 @@ mod tests {
             (ApiError::Unauthorized("x".into()), 401, "unauthorized"),
             (ApiError::NotEligible, 403, "not_eligible"),
             (ApiError::BatchNotFound, 404, "batch_not_found"),
+            (ApiError::EventNotFound, 404, "event_not_found"),
             (ApiError::LimitReached, 409, "limit_reached"),
             (ApiError::DailyLimitReached, 409, "limit_reached"),
             (ApiError::NotStarted, 409, "not_started"),

@@ -17,7 +17,7 @@ use hyper::body::Body;
 use super::body::read_body;
 use super::error::{ApiError, json_response};
 use super::{App, ops};
-use crate::api::{admin, claim, wallet};
+use crate::api::{admin, claim, events, wallet};
 use crate::backend::Backend;
 use crate::obs::events::{Failure, HttpAnswered};
 
@@ -33,6 +33,8 @@ enum Route<'a> {
     Claims(&'a str),
     UserCoupons(&'a str),
     CouponAction(&'a str, &'a str),
+    Events,
+    Event(&'a str),
     Unknown,
 }
 
@@ -53,10 +55,12 @@ impl Route<'_> {
                 Route::UserCoupons(u)
             }
             (Some("v1"), Some("coupons"), Some(c), Some(action), None)
-                if !c.is_empty() && matches!(action, "lock" | "redeem" | "release") =>
+                if !c.is_empty() && matches!(action, "lock" | "redeem" | "release" | "refund") =>
             {
                 Route::CouponAction(c, action)
             }
+            (Some("v1"), Some("events"), None, ..) => Route::Events,
+            (Some("v1"), Some("events"), Some(e), None, _) if !e.is_empty() => Route::Event(e),
             _ => Route::Unknown,
         }
     }
@@ -65,7 +69,7 @@ impl Route<'_> {
     fn allow(&self) -> &'static str {
         match self {
             Route::Health | Route::Ready | Route::Metrics | Route::OpenApi => "GET",
-            Route::UserCoupons(_) => "GET",
+            Route::UserCoupons(_) | Route::Events | Route::Event(_) => "GET",
             Route::Batch(_) => "GET, PATCH",
             Route::Batches | Route::Claims(_) | Route::CouponAction(..) => "POST",
             Route::Unknown => "",
@@ -83,6 +87,7 @@ impl Route<'_> {
             Route::Claims(_) => "claims",
             Route::UserCoupons(_) => "user_coupons",
             Route::CouponAction(..) => "coupon_action",
+            Route::Events | Route::Event(_) => "events",
             Route::Unknown => "unknown",
         }
     }
@@ -219,6 +224,18 @@ where
             let reply = wallet::act(api, h, coupon, action, &body).await?;
             Ok(json_response(StatusCode::OK, &reply))
         }
+        Route::Events if m == Method::GET => {
+            api.auth().check_admin(h)?;
+            let query = parts.uri.query().unwrap_or("");
+            Ok(json_response(
+                StatusCode::OK,
+                &events::list(api, query).await?,
+            ))
+        }
+        Route::Event(id) if m == Method::GET => {
+            api.auth().check_admin(h)?;
+            Ok(json_response(StatusCode::OK, &events::get(api, id).await?))
+        }
         Route::Unknown => Err(ApiError::RouteNotFound),
         _ => Err(ApiError::MethodNotAllowed(route.allow())),
     }
@@ -252,6 +269,15 @@ mod tests {
             Route::parse("/v1/coupons/c.1.2/lock"),
             Route::CouponAction("c.1.2", "lock")
         );
+        assert_eq!(
+            Route::parse("/v1/coupons/c.1.2/refund"),
+            Route::CouponAction("c.1.2", "refund")
+        );
+        assert_eq!(Route::parse("/v1/events"), Route::Events);
+        assert_eq!(
+            Route::parse("/v1/events/c.1.2:locked:3"),
+            Route::Event("c.1.2:locked:3")
+        );
         for unknown in [
             "/",
             "",
@@ -260,6 +286,8 @@ mod tests {
             "/v1/batches//claims",
             "/v1/batches/b/claims/x",
             "/v1/coupons/c/steal",
+            "/v1/events/",
+            "/v1/events/e/x",
             "/healthz/x",
         ] {
             assert_eq!(Route::parse(unknown), Route::Unknown, "{unknown}");

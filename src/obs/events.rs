@@ -443,6 +443,128 @@ impl CouponConflict<'_> {
     }
 }
 
+// ------------------------------------------------------------------------ events out
+
+static DELIVERY_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(1));
+
+/// One delivery attempt of an event (`outcome`: [`m::DELIVERY_OUTCOMES`]). A failed attempt
+/// is logged at `debug` (it is retried), at most once a second at `info`; a dead letter at
+/// `warn`, every one.
+pub struct EventAttempted<'a> {
+    pub outcome: &'static str,
+    pub event_id: &'a str,
+    /// The attempt's number (1 = first).
+    pub attempt: u32,
+    pub status: Option<u16>,
+    pub error: &'a str,
+}
+
+impl EventAttempted<'_> {
+    pub fn emit(self) {
+        metrics::counter!(m::EVENT_DELIVERIES, "outcome" => self.outcome).increment(1);
+        let (event, attempt, status) = (self.event_id, self.attempt, self.status);
+        match self.outcome {
+            "dead" => tracing::warn!(
+                event,
+                attempt,
+                ?status,
+                error = self.error,
+                "event dead-lettered: no more delivery attempts (GET /v1/events?state=dead)"
+            ),
+            "failed" => match DELIVERY_LOG.admit() {
+                Some(left_out) => tracing::info!(
+                    event,
+                    attempt,
+                    ?status,
+                    error = self.error,
+                    left_out,
+                    "event delivery failed; retrying later"
+                ),
+                None => tracing::debug!(
+                    event,
+                    attempt,
+                    ?status,
+                    error = self.error,
+                    "event delivery failed; retrying later"
+                ),
+            },
+            _ => tracing::trace!(event, attempt, ?status, "event delivered"),
+        }
+    }
+}
+
+static DELIVERY_PASS_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(10));
+
+/// A delivery pass failed on the database (retried at the next poll). Not counted: the
+/// backlog gauge shows its effect.
+pub struct DeliveryFailed<'a> {
+    pub error: &'a str,
+}
+
+impl DeliveryFailed<'_> {
+    pub fn emit(self) {
+        if let Some(left_out) = DELIVERY_PASS_LOG.admit() {
+            tracing::warn!(error = %self.error, left_out, "event delivery pass failed");
+        }
+    }
+}
+
+/// The outbox measured: events waiting, events dead, age of the oldest waiting one.
+pub struct OutboxMeasured {
+    pub pending: u64,
+    pub dead: u64,
+    pub lag_ms: u64,
+}
+
+impl OutboxMeasured {
+    pub fn emit(self) {
+        metrics::gauge!(m::EVENT_BACKLOG).set(self.pending as f64);
+        metrics::gauge!(m::EVENT_DEAD).set(self.dead as f64);
+        metrics::gauge!(m::EVENT_LAG).set(self.lag_ms as f64 / 1000.0);
+        tracing::trace!(
+            pending = self.pending,
+            dead = self.dead,
+            lag_ms = self.lag_ms,
+            "outbox measured"
+        );
+    }
+}
+
+/// A sweep pass wrote `expired` coupons and "expiring soon" reminders.
+pub struct CouponsSwept {
+    pub expired: u64,
+    pub reminded: u64,
+}
+
+impl CouponsSwept {
+    pub fn emit(self) {
+        metrics::counter!(m::COUPONS_SWEPT, "kind" => "expired").increment(self.expired);
+        metrics::counter!(m::COUPONS_SWEPT, "kind" => "reminded").increment(self.reminded);
+        if self.expired + self.reminded > 0 {
+            tracing::debug!(
+                expired = self.expired,
+                reminded = self.reminded,
+                "coupon sweep"
+            );
+        }
+    }
+}
+
+static SWEEP_PASS_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(10));
+
+/// A coupon sweep pass failed on the database (retried at the next interval).
+pub struct SweepPassFailed<'a> {
+    pub error: &'a str,
+}
+
+impl SweepPassFailed<'_> {
+    pub fn emit(self) {
+        if let Some(left_out) = SWEEP_PASS_LOG.admit() {
+            tracing::warn!(error = %self.error, left_out, "coupon sweep failed");
+        }
+    }
+}
+
 // ------------------------------------------------------------------------ the process
 
 /// This process serves `version` on the `backend` (a constant gauge at 1).

@@ -62,6 +62,18 @@ pub const STOCK_REMAINING: &str = "claimgate_stock_remaining";
 pub const BATCHES_LOST: &str = "claimgate_batches_lost";
 /// Build info (`version`, `backend`) with value 1.
 pub const BUILD_INFO: &str = "claimgate_build_info";
+/// Event delivery attempts by `outcome` ([`DELIVERY_OUTCOMES`]: delivered; failed, to be
+/// retried; dead, gone to the dead-letter state).
+pub const EVENT_DELIVERIES: &str = "claimgate_event_deliveries_total";
+/// Events in the outbox waiting for delivery (the database's count: every instance's).
+pub const EVENT_BACKLOG: &str = "claimgate_event_backlog";
+/// Events in the dead-letter state (`GET /v1/events?state=dead`). Above 0 is an alarm.
+pub const EVENT_DEAD: &str = "claimgate_event_dead";
+/// Age of the oldest event waiting for delivery, seconds.
+pub const EVENT_LAG: &str = "claimgate_event_lag_seconds";
+/// Coupons the sweeps wrote, by `kind` ([`SWEEP_KINDS`]: expired; reminded = an
+/// "expiring soon" event written).
+pub const COUPONS_SWEPT: &str = "claimgate_coupons_swept_total";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
@@ -106,6 +118,7 @@ pub const CLAIM_OUTCOMES: &[&str] = &[
     "not_eligible",
     "batch_not_found",
     "coupon_not_found",
+    "event_not_found",
     "limit_reached",
     "not_started",
     "ended",
@@ -159,6 +172,7 @@ pub const ROUTES: &[&str] = &[
     "claims",
     "user_coupons",
     "coupon_action",
+    "events",
     "unknown",
 ];
 const STATUS_CLASSES: &[&str] = &["2xx", "3xx", "4xx", "5xx"];
@@ -173,6 +187,10 @@ pub const CACHE_KINDS: &[&str] = &[
     "meta_hit",
     "meta_miss",
 ];
+/// `outcome` labels of [`EVENT_DELIVERIES`].
+pub const DELIVERY_OUTCOMES: &[&str] = &["delivered", "failed", "dead"];
+/// `kind` labels of [`COUPONS_SWEPT`].
+pub const SWEEP_KINDS: &[&str] = &["expired", "reminded"];
 /// `result` labels of [`BACKEND_CALLS`].
 pub const BACKEND_RESULTS: &[&str] = &["ok", "script_error", "unavailable", "protocol"];
 
@@ -336,5 +354,21 @@ fn describe() {
     // Exported from the start (at 0), so an alert on any increase works on every instance.
     metrics::counter!(COUPON_CONFLICTS).increment(0);
     describe_gauge!(BATCHES_LOST, "Batches whose Redis state is missing.");
+    describe_counter!(EVENT_DELIVERIES, "Event delivery attempts by outcome.");
+    describe_gauge!(EVENT_BACKLOG, "Events in the outbox waiting for delivery.");
+    describe_gauge!(EVENT_DEAD, "Events in the dead-letter state.");
+    describe_gauge!(
+        EVENT_LAG,
+        Unit::Seconds,
+        "Age of the oldest event waiting for delivery."
+    );
+    describe_counter!(COUPONS_SWEPT, "Coupons the sweeps wrote, by kind.");
+    // Exported from the start (at 0), like the conflicts counter.
+    for outcome in DELIVERY_OUTCOMES {
+        metrics::counter!(EVENT_DELIVERIES, "outcome" => *outcome).increment(0);
+    }
+    for kind in SWEEP_KINDS {
+        metrics::counter!(COUPONS_SWEPT, "kind" => *kind).increment(0);
+    }
     describe_gauge!(BUILD_INFO, "Build information.");
 }

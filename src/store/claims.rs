@@ -4,16 +4,20 @@
 //!
 //! Invariants kept here: a claim is recorded at most once however often it is delivered
 //! (event id `<coupon_id>:claimed` UNIQUE, the coupon id the `coupons` primary key, both
-//! rows in one transaction); a claim whose coupon id is held for a DIFFERENT claim is
-//! recorded in `coupon_conflicts`, once, and returned, never dropped silently.
+//! rows in one transaction); its `claimed` event enters the outbox in that transaction,
+//! once, and only for the claim that got the coupon row (so a conflicting claim is never
+//! reported as granted); a claim whose coupon id is held for a DIFFERENT claim is recorded
+//! in `coupon_conflicts`, once, and returned, never dropped silently.
 
 use std::collections::HashSet;
 
 use serde::Serialize;
 use sqlx::QueryBuilder;
 
-use super::coupon_state::{CouponState, EventKind};
+use super::outbox::{INSERT_OUTBOX, Notice};
 use super::{ClaimRecord, Db, DbError, now_ms, to_i64, to_u32, to_u64};
+use crate::domain::coupon::{CouponState, EventKind};
+use crate::domain::time::Timestamp;
 
 /// Rows per multi-row INSERT on SQLite. Each claim row binds at most 11 values, so a
 /// statement stays under 999 variables (990), the limit of SQLite builds older than 3.32.
@@ -22,6 +26,38 @@ const SQLITE_ROWS_PER_INSERT: usize = 90;
 /// The unique event id of a claim in the transaction log.
 pub fn claim_event_id(c: &ClaimRecord) -> String {
     format!("{}:claimed", c.coupon_id)
+}
+
+/// The outbox body of a claim's `claimed` event.
+fn claimed_notice(c: &ClaimRecord) -> Result<String, DbError> {
+    Notice {
+        id: &claim_event_id(c),
+        kind: EventKind::Claimed.as_str(),
+        occurred_at: Timestamp(c.claimed_at),
+        coupon_id: &c.coupon_id,
+        batch_id: &c.batch_id,
+        user_id: &c.user_id,
+        order_id: None,
+        state: CouponState::Unused,
+        lock_expires_at: None,
+        cause: None,
+        valid_from: Timestamp(c.valid_from),
+        valid_to: Timestamp(c.valid_to),
+    }
+    .to_json()
+}
+
+/// The outbox rows (event id, coupon id, body) of the claims whose coupon rows were
+/// inserted now (`inserted`: their coupon ids).
+fn claimed_outbox(
+    rows: &[(&ClaimRecord, i64)],
+    inserted: &[String],
+) -> Result<Vec<(String, String, String)>, DbError> {
+    let inserted: HashSet<&str> = inserted.iter().map(String::as_str).collect();
+    rows.iter()
+        .filter(|(c, _)| inserted.contains(c.coupon_id.as_str()))
+        .map(|(c, _)| Ok((claim_event_id(c), c.coupon_id.clone(), claimed_notice(c)?)))
+        .collect()
 }
 
 /// A coupon id the persister met again with a different claim: the database keeps the
@@ -106,7 +142,8 @@ impl StoredClaim {
 
 type StoredClaimRow = (String, String, Option<String>, i64, i64, i64);
 
-/// column (`UNNEST`), so the statement text and plan never change with the batch size and
+/// PostgreSQL: one statement per table, every claim bound as one array per column
+/// (`UNNEST`), so the statement text and plan never change with the batch size and
 /// the server parses 9-11 parameters instead of thousands.
 /// Returns (claimed events inserted, coupon rows inserted).
 async fn write_claims_pg(
@@ -145,14 +182,14 @@ async fn write_claims_pg(
     .execute(&mut *tx)
     .await?
     .rows_affected();
-    let coupons = sqlx::query(
+    let coupons: Vec<String> = sqlx::query_scalar(
         "INSERT INTO coupons (coupon_id, batch_id, shard, seq, user_id, request_id, state, \
          valid_from, valid_to, claimed_at, updated_at) \
          SELECT c, b, s, q, u, r, 'unused', vf, vt, a, $10 \
          FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[], \
                      $6::text[], $7::bigint[], $8::bigint[], $9::bigint[]) \
               AS t(c, b, s, q, u, r, vf, vt, a) \
-         ON CONFLICT (coupon_id) DO NOTHING",
+         ON CONFLICT (coupon_id) DO NOTHING RETURNING coupon_id",
     )
     .bind(&coupon_ids)
     .bind(&batch_ids)
@@ -164,11 +201,29 @@ async fn write_claims_pg(
     .bind(&valid_to)
     .bind(&claimed_at)
     .bind(now)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
+    .fetch_all(&mut *tx)
+    .await?;
+    let outbox = claimed_outbox(rows, &coupons)?;
+    if !outbox.is_empty() {
+        let ids: Vec<&str> = outbox.iter().map(|o| o.0.as_str()).collect();
+        let coupon_ids: Vec<&str> = outbox.iter().map(|o| o.1.as_str()).collect();
+        let bodies: Vec<&str> = outbox.iter().map(|o| o.2.as_str()).collect();
+        sqlx::query(
+            "INSERT INTO event_outbox (event_id, kind, coupon_id, payload, created_at, \
+             next_attempt_at) \
+             SELECT e, 'claimed', c, p, $4, $4 \
+             FROM UNNEST($1::text[], $2::text[], $3::text[]) AS t(e, c, p) \
+             ON CONFLICT (event_id) DO NOTHING",
+        )
+        .bind(&ids)
+        .bind(&coupon_ids)
+        .bind(&bodies)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+    }
     tx.commit().await?;
-    Ok((inserted, coupons))
+    Ok((inserted, coupons.len() as u64))
 }
 
 impl Db {
@@ -429,8 +484,23 @@ impl Db {
                         .push_bind(c.claimed_at)
                         .push_bind(now);
                 });
-                q.push(" ON CONFLICT (coupon_id) DO NOTHING");
-                coupons += q.build().persistent(full).execute(&mut *tx).await?.rows_affected();
+                q.push(" ON CONFLICT (coupon_id) DO NOTHING RETURNING coupon_id");
+                let new: Vec<String> = q
+                    .build_query_scalar()
+                    .persistent(full)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                coupons += new.len() as u64;
+                for (id, coupon_id, body) in claimed_outbox(part, &new)? {
+                    sqlx::query(INSERT_OUTBOX)
+                        .bind(id)
+                        .bind(EventKind::Claimed.as_str())
+                        .bind(coupon_id)
+                        .bind(body)
+                        .bind(now)
+                        .execute(&mut *tx)
+                        .await?;
+                }
             }
             tx.commit().await?;
         });

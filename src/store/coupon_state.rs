@@ -1,76 +1,19 @@
-//! The coupon state machine: the states a coupon is in (stored, and effective at a time),
-//! and the transitions of a checkout (lock = try, redeem = confirm, release = cancel) as a
-//! pure function of the stored row: what to write and which events to append, or why not.
+//! Writing coupon transitions: a transition decided by the state machine
+//! ([`crate::domain::coupon::decide`]) is applied in ONE transaction: the coupon row
+//! (compare-and-set on its `version`), one `coupon_events` row per event, and one
+//! `event_outbox` row per event.
 //!
-//! Invariant kept here: a transition is decided from the stored row alone ([`plan`]), is
-//! idempotent for the same order (a repeat plans nothing), and an expired lock taken over
-//! by another order is released first (its event appended).
+//! Invariants kept here: the materialised state, the transaction log and the outbox never
+//! disagree (all or nothing); a transition applies at most once (the version CAS: of two
+//! concurrent decisions on one version only one writes); each event's id is
+//! `<coupon_id>:<kind>:<version>` (the row version the transition creates), UNIQUE in the
+//! log and in the outbox, so it is recorded and reported exactly once. Who decided does not
+//! matter here: the rows written are the decision's.
 
-use std::fmt;
-
-use serde::{Deserialize, Serialize};
-
-use super::coupons::CouponRow;
-use super::{DbError, to_u32, to_u64};
-
-/// Effective state of a coupon, as the wallet shows it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum CouponState {
-    Unused,
-    Locked,
-    Used,
-    Expired,
-}
-
-impl CouponState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CouponState::Unused => "unused",
-            CouponState::Locked => "locked",
-            CouponState::Used => "used",
-            CouponState::Expired => "expired",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<CouponState> {
-        match s {
-            "unused" => Some(CouponState::Unused),
-            "locked" => Some(CouponState::Locked),
-            "used" => Some(CouponState::Used),
-            "expired" => Some(CouponState::Expired),
-            _ => None,
-        }
-    }
-}
-
-impl fmt::Display for CouponState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// Kinds of `coupon_events` rows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EventKind {
-    Claimed,
-    Locked,
-    Redeemed,
-    Released,
-    Expired,
-}
-
-impl EventKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            EventKind::Claimed => "claimed",
-            EventKind::Locked => "locked",
-            EventKind::Redeemed => "redeemed",
-            EventKind::Released => "released",
-            EventKind::Expired => "expired",
-        }
-    }
-}
+use super::outbox::{self, Notice};
+use super::{Db, DbError, to_u32, to_u64};
+use crate::domain::coupon::{CouponState, Event, EventKind, Stored, Validity};
+use crate::domain::time::Timestamp;
 
 /// A coupon row as stored (state not yet resolved against the clock).
 #[derive(Debug, Clone)]
@@ -89,226 +32,218 @@ pub(super) struct StoredCoupon {
     pub(super) claimed_at: i64,
     pub(super) updated_at: i64,
     pub(super) version: i64,
+    pub(super) order_step: Option<String>,
 }
 
+/// The columns of [`StoredCoupon`], in its order, for `concat!` (every query text is a
+/// literal).
+macro_rules! coupon_columns {
+    () => {
+        "coupon_id, batch_id, shard, seq, user_id, request_id, state, order_id, \
+         lock_expires_at, valid_from, valid_to, claimed_at, updated_at, version, order_step"
+    };
+}
+pub(super) use coupon_columns;
+
+/// Reads a row selected as `coupon_columns!()` into a [`StoredCoupon`] (a macro: the row
+/// type differs per engine).
+macro_rules! stored_coupon {
+    ($r:expr) => {
+        StoredCoupon {
+            coupon_id: $r.try_get(0)?,
+            batch_id: $r.try_get(1)?,
+            shard: $r.try_get(2)?,
+            seq: $r.try_get(3)?,
+            user_id: $r.try_get(4)?,
+            request_id: $r.try_get(5)?,
+            state: $r.try_get(6)?,
+            order_id: $r.try_get(7)?,
+            lock_expires_at: $r.try_get(8)?,
+            valid_from: $r.try_get(9)?,
+            valid_to: $r.try_get(10)?,
+            claimed_at: $r.try_get(11)?,
+            updated_at: $r.try_get(12)?,
+            version: $r.try_get(13)?,
+            order_step: $r.try_get(14)?,
+        }
+    };
+}
+pub(super) use stored_coupon;
+
 impl StoredCoupon {
-    pub(super) fn stored_state(&self) -> Result<CouponState, DbError> {
-        CouponState::parse(&self.state).ok_or_else(|| {
-            DbError::Corrupt(format!(
-                "coupon {} has state {:?}",
-                self.coupon_id, self.state
-            ))
-        })
+    /// The state machine's view of the row.
+    pub(super) fn stored(&self) -> Result<Stored, DbError> {
+        Stored::from_columns(
+            &self.state,
+            self.order_id.clone(),
+            self.order_step.as_deref(),
+            self.lock_expires_at,
+        )
+        .map_err(|e| DbError::Corrupt(format!("coupon {}: {e}", self.coupon_id)))
     }
 
-    pub(super) fn lock_expired(&self, now: i64) -> bool {
-        self.lock_expires_at.is_none_or(|t| t <= now)
+    pub(super) fn validity(&self) -> Validity {
+        Validity {
+            from: self.valid_from,
+            to: self.valid_to,
+        }
     }
 
-    /// The state the wallet shows at `now`.
-    pub(super) fn effective(&self, now: i64) -> Result<CouponState, DbError> {
-        Ok(match self.stored_state()? {
-            CouponState::Locked if !self.lock_expired(now) => CouponState::Locked,
-            CouponState::Locked | CouponState::Unused if self.valid_to < now => {
-                CouponState::Expired
-            }
-            CouponState::Locked | CouponState::Unused => CouponState::Unused,
-            s => s,
-        })
-    }
-
-    pub(super) fn into_row(self, now: i64) -> Result<CouponRow, DbError> {
-        let state = self.effective(now)?;
-        let lock_expires_at = if state == CouponState::Locked {
-            self.lock_expires_at
-        } else {
-            None
-        };
-        Ok(CouponRow {
-            state,
-            lock_expires_at,
+    /// The row as the wallet shows it at `now` (state resolved against the clock: a lock
+    /// past its deadline reads unused, a coupon past its validity end expired).
+    pub(super) fn into_row(self, now: i64) -> Result<super::CouponRow, DbError> {
+        let stored = self.stored()?;
+        let (settled, _) = crate::domain::coupon::settle(&stored, self.validity(), now);
+        Ok(super::CouponRow {
+            state: settled.state(),
+            lock_expires_at: settled.lock_until(),
+            order_id: settled.order().map(str::to_string),
             shard: to_u32(self.shard, "shard")?,
             seq: to_u64(self.seq, "seq")?,
             coupon_id: self.coupon_id,
             batch_id: self.batch_id,
             user_id: self.user_id,
             request_id: self.request_id,
-            order_id: self.order_id,
             valid_from: self.valid_from,
             valid_to: self.valid_to,
             claimed_at: self.claimed_at,
             updated_at: self.updated_at,
         })
     }
-}
 
-/// A coupon transition (the TCC steps of a checkout).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Transition {
-    Lock { timeout_ms: i64 },
-    Redeem,
-    Release,
-}
-
-/// What a transition does to a stored row.
-pub(super) enum Plan {
-    /// Already in the requested state for this order: answer the row, write nothing.
-    Noop,
-    Apply {
-        state: CouponState,
-        lock_expires_at: Option<i64>,
-        /// Events to append, in order (an expired lock taken over is released first).
-        events: Vec<(EventKind, String)>,
-    },
-}
-
-pub(super) fn plan(
-    t: Transition,
-    c: &StoredCoupon,
-    order: &str,
-    now: i64,
-) -> Result<Plan, DbError> {
-    let stored = c.stored_state()?;
-    let effective = c.effective(now)?;
-    let same_order = c.order_id.as_deref() == Some(order);
-    let refuse = |reason: &'static str| {
-        Err(DbError::InvalidState {
-            coupon_id: c.coupon_id.clone(),
-            state: effective,
-            reason,
-        })
-    };
-    match t {
-        Transition::Lock { timeout_ms } => match effective {
-            CouponState::Locked if same_order => Ok(Plan::Noop),
-            CouponState::Locked => refuse("locked by another order"),
-            CouponState::Used => refuse("already used"),
-            CouponState::Expired => refuse("validity has ended"),
-            CouponState::Unused if c.valid_from > now => refuse("not valid yet"),
-            CouponState::Unused => {
-                let mut events = Vec::with_capacity(2);
-                if stored == CouponState::Locked {
-                    // The previous order's lock ran out: it counts as released.
-                    if let Some(prev) = &c.order_id {
-                        events.push((EventKind::Released, prev.clone()));
-                    }
-                }
-                events.push((EventKind::Locked, order.to_string()));
-                Ok(Plan::Apply {
-                    state: CouponState::Locked,
-                    lock_expires_at: Some(now.saturating_add(timeout_ms)),
-                    events,
-                })
-            }
-        },
-        Transition::Redeem => match stored {
-            CouponState::Used if same_order => Ok(Plan::Noop),
-            CouponState::Locked if same_order && !c.lock_expired(now) => Ok(Plan::Apply {
-                state: CouponState::Used,
-                lock_expires_at: None,
-                events: vec![(EventKind::Redeemed, order.to_string())],
-            }),
-            CouponState::Locked if same_order => refuse("the lock has expired"),
-            CouponState::Used => refuse("used by another order"),
-            _ => refuse("not locked by this order"),
-        },
-        Transition::Release => match stored {
-            CouponState::Unused if same_order => Ok(Plan::Noop),
-            // An expired lock of this order is released too (recording the release).
-            CouponState::Locked if same_order => Ok(Plan::Apply {
-                state: CouponState::Unused,
-                lock_expires_at: None,
-                events: vec![(EventKind::Released, order.to_string())],
-            }),
-            CouponState::Used => refuse("already used"),
-            _ => refuse("not locked by this order"),
-        },
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn coupon(state: &str, order: Option<&str>, lock: Option<i64>) -> StoredCoupon {
+    /// This row after `next` was written at `now` (what [`Db::apply_transitions`] made it).
+    pub(super) fn after(self, next: &Stored, now: i64) -> StoredCoupon {
+        let (state, order, step, until) = next.columns();
         StoredCoupon {
-            coupon_id: "b.0.1".into(),
-            batch_id: "b".into(),
-            shard: 0,
-            seq: 1,
-            user_id: "u".into(),
-            request_id: None,
-            state: state.into(),
-            order_id: order.map(Into::into),
-            lock_expires_at: lock,
-            valid_from: 0,
-            valid_to: 1_000,
-            claimed_at: 0,
-            updated_at: 0,
-            version: 0,
+            state: state.as_str().to_string(),
+            order_id: order.map(str::to_string),
+            order_step: step.map(|s| s.as_str().to_string()),
+            lock_expires_at: until,
+            updated_at: now,
+            version: self.version + 1,
+            ..self
         }
     }
+}
 
-    #[test]
-    fn effective_state_resolves_expiry() {
-        assert_eq!(
-            coupon("unused", None, None).effective(10).unwrap(),
-            CouponState::Unused
-        );
-        assert_eq!(
-            coupon("unused", None, None).effective(2_000).unwrap(),
-            CouponState::Expired
-        );
-        let locked = coupon("locked", Some("o1"), Some(50));
-        assert_eq!(locked.effective(10).unwrap(), CouponState::Locked);
-        assert_eq!(locked.effective(60).unwrap(), CouponState::Unused);
-        assert!(coupon("bogus", None, None).effective(0).is_err());
+/// The state a coupon is in right after an event of `kind`.
+pub(super) fn state_after(kind: EventKind) -> CouponState {
+    match kind {
+        EventKind::Claimed | EventKind::Released | EventKind::Refunded => CouponState::Unused,
+        EventKind::Locked => CouponState::Locked,
+        EventKind::Redeemed => CouponState::Used,
+        EventKind::Expired => CouponState::Expired,
     }
+}
 
-    #[test]
-    fn transitions_are_idempotent_per_order() {
-        let lock = Transition::Lock { timeout_ms: 100 };
-        let unused = coupon("unused", None, None);
-        assert!(matches!(
-            plan(lock, &unused, "o1", 10),
-            Ok(Plan::Apply { .. })
-        ));
-        let locked = coupon("locked", Some("o1"), Some(110));
-        assert!(matches!(plan(lock, &locked, "o1", 20), Ok(Plan::Noop)));
-        assert!(matches!(
-            plan(lock, &locked, "o2", 20),
-            Err(DbError::InvalidState { .. })
-        ));
-        // Expired lock: another order may take it, releasing the first one.
-        match plan(lock, &locked, "o2", 200) {
-            Ok(Plan::Apply { events, .. }) => assert_eq!(events.len(), 2),
-            _ => panic!("expired lock must be taken over"),
+/// The id of an event written by the transition that creates row version `version`.
+pub fn transition_event_id(coupon_id: &str, kind: EventKind, version: i64) -> String {
+    format!("{coupon_id}:{}:{version}", kind.as_str())
+}
+
+/// One decided transition to write: the row it was decided on, the state after it and its
+/// events, in order.
+pub(super) struct Applying<'a> {
+    pub(super) coupon: &'a StoredCoupon,
+    pub(super) next: &'a Stored,
+    pub(super) events: &'a [Event],
+}
+
+const UPDATE_COUPON: &str = "UPDATE coupons SET state = $1, order_id = $2, order_step = $3, \
+     lock_expires_at = $4, updated_at = $5, version = version + 1 \
+     WHERE coupon_id = $6 AND version = $7";
+
+const INSERT_EVENT: &str = "INSERT INTO coupon_events \
+     (event_id, kind, batch_id, shard, user_id, coupon_id, request_id, order_id, at, recorded_at) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (event_id) DO NOTHING";
+
+impl Db {
+    /// Writes decided transitions at `now`, all in ONE transaction (the expiry sweeper
+    /// writes a batch of coupons per commit; a client transition is a batch of one). Each
+    /// coupon row is a compare-and-set on the version it was decided on: a transition whose
+    /// row changed since is skipped (decide it again). Returns, per transition, whether it
+    /// was written.
+    pub(super) async fn apply_transitions(
+        &self,
+        batch: &[Applying<'_>],
+        now: i64,
+    ) -> Result<Vec<bool>, DbError> {
+        let mut written = Vec::with_capacity(batch.len());
+        // The outbox bodies, built before the transaction opens.
+        let mut bodies = Vec::with_capacity(batch.len());
+        for a in batch {
+            let version = a.coupon.version + 1;
+            let mut rows = Vec::with_capacity(a.events.len());
+            for e in a.events {
+                let id = transition_event_id(&a.coupon.coupon_id, e.kind, version);
+                let lock = (e.kind == EventKind::Locked)
+                    .then(|| a.next.lock_until())
+                    .flatten();
+                let body = Notice {
+                    id: &id,
+                    kind: e.kind.as_str(),
+                    occurred_at: Timestamp(now),
+                    coupon_id: &a.coupon.coupon_id,
+                    batch_id: &a.coupon.batch_id,
+                    user_id: &a.coupon.user_id,
+                    order_id: e.order.as_deref(),
+                    state: state_after(e.kind),
+                    lock_expires_at: lock.map(Timestamp),
+                    cause: e.cause,
+                    valid_from: Timestamp(a.coupon.valid_from),
+                    valid_to: Timestamp(a.coupon.valid_to),
+                }
+                .to_json()?;
+                rows.push((id, body));
+            }
+            bodies.push(rows);
         }
-        assert!(matches!(
-            plan(Transition::Redeem, &locked, "o1", 20),
-            Ok(Plan::Apply { .. })
-        ));
-        assert!(matches!(
-            plan(Transition::Redeem, &locked, "o1", 200),
-            Err(DbError::InvalidState { .. })
-        ));
-        let used = coupon("used", Some("o1"), None);
-        assert!(matches!(
-            plan(Transition::Redeem, &used, "o1", 20),
-            Ok(Plan::Noop)
-        ));
-        assert!(matches!(
-            plan(Transition::Release, &used, "o1", 20),
-            Err(DbError::InvalidState { .. })
-        ));
-        let released = coupon("unused", Some("o1"), None);
-        assert!(matches!(
-            plan(Transition::Release, &released, "o1", 20),
-            Ok(Plan::Noop)
-        ));
-        assert!(matches!(
-            plan(Transition::Release, &released, "o2", 20),
-            Err(DbError::InvalidState { .. })
-        ));
+        on_pool!(self, p => {
+            let mut tx = p.begin().await?;
+            for (a, rows) in batch.iter().zip(&bodies) {
+                let (state, order, step, until) = a.next.columns();
+                let n = sqlx::query(UPDATE_COUPON)
+                    .bind(state.as_str())
+                    .bind(order)
+                    .bind(step.map(|s| s.as_str()))
+                    .bind(until)
+                    .bind(now)
+                    .bind(&a.coupon.coupon_id)
+                    .bind(a.coupon.version)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                if n != 1 {
+                    written.push(false);
+                    continue;
+                }
+                for (e, (id, body)) in a.events.iter().zip(rows) {
+                    sqlx::query(INSERT_EVENT)
+                        .bind(id)
+                        .bind(e.kind.as_str())
+                        .bind(&a.coupon.batch_id)
+                        .bind(a.coupon.shard)
+                        .bind(&a.coupon.user_id)
+                        .bind(&a.coupon.coupon_id)
+                        .bind(a.coupon.request_id.as_deref())
+                        .bind(e.order.as_deref())
+                        .bind(now)
+                        .bind(now)
+                        .execute(&mut *tx)
+                        .await?;
+                    sqlx::query(outbox::INSERT_OUTBOX)
+                        .bind(id)
+                        .bind(e.kind.as_str())
+                        .bind(&a.coupon.coupon_id)
+                        .bind(body)
+                        .bind(now)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                written.push(true);
+            }
+            tx.commit().await?;
+        });
+        Ok(written)
     }
 }

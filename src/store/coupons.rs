@@ -1,25 +1,33 @@
-//! Coupons in the database: the wallet's pages, one coupon, its transaction log, and the
-//! transitions of a checkout applied as compare-and-sets.
+//! Coupons in the database: the wallet's pages, one coupon, its transaction log, the
+//! transitions of a checkout and of a refund, and the expiry and reminder sweeps. Every
+//! decision is the state machine's ([`crate::domain::coupon::decide`]) on the stored row
+//! and an explicit `now` (the caller's clock); [`super::coupon_state`] writes it.
 //!
-//! Invariant kept here: every coupon state change is a compare-and-set on the row's
-//! `version` and appends its event row in the same transaction, so the log and the
-//! materialised state never disagree and concurrent transitions cannot both win.
+//! Invariants kept here: every coupon state change is a compare-and-set on the row's
+//! `version` and appends its event rows and outbox rows in the same transaction, so the
+//! log, the outbox and the materialised state never disagree and concurrent transitions
+//! cannot both win; the state the wallet shows is the state machine's at `now` (the SQL
+//! filters below select exactly the rows [`crate::domain::coupon::effective`] puts in each
+//! state: a test compares them), so reads never wait for a sweeper.
 
 use std::time::Duration;
 
 use serde::Serialize;
 use sqlx::Row;
 
-use super::coupon_state::{CouponState, Plan, StoredCoupon, Transition, plan};
+use super::coupon_state::{Applying, StoredCoupon, coupon_columns, stored_coupon};
+use super::outbox::{self, EXPIRING_SOON, Notice, reminder_event_id};
 use super::{Db, DbError, now_ms, to_u32};
+use crate::domain::coupon::{CouponState, Decision, Transition, decide, effective, reminder_due};
+use crate::domain::time::Timestamp;
 
 /// How often a coupon transition retries after losing a compare-and-set race.
 const TRANSITION_RETRIES: usize = 8;
 /// Largest page of a wallet listing.
 pub const MAX_PAGE: u32 = 500;
 
-/// A coupon as the wallet shows it (`state` is the effective state at read time: an expired
-/// lock reads as unused, an unused coupon past `valid_to` as expired).
+/// A coupon as the wallet shows it (`state` is the effective state at read time: a lock
+/// past its deadline reads as unused, a coupon past its validity end as expired).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct CouponRow {
     pub coupon_id: String,
@@ -52,62 +60,89 @@ pub struct EventRow {
     pub recorded_at: i64,
 }
 
-macro_rules! stored_coupon {
-    ($r:expr) => {
-        StoredCoupon {
-            coupon_id: $r.try_get(0)?,
-            batch_id: $r.try_get(1)?,
-            shard: $r.try_get(2)?,
-            seq: $r.try_get(3)?,
-            user_id: $r.try_get(4)?,
-            request_id: $r.try_get(5)?,
-            state: $r.try_get(6)?,
-            order_id: $r.try_get(7)?,
-            lock_expires_at: $r.try_get(8)?,
-            valid_from: $r.try_get(9)?,
-            valid_to: $r.try_get(10)?,
-            claimed_at: $r.try_get(11)?,
-            updated_at: $r.try_get(12)?,
-            version: $r.try_get(13)?,
-        }
+/// What one pass of the expiry and reminder sweeps wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Swept {
+    /// Coupons written `expired` (with their `expired` event and outbox row).
+    pub expired: u64,
+    /// "Expiring soon" reminders written to the outbox.
+    pub reminded: u64,
+}
+
+// A lock is over at its deadline; a locked row without one (written before deadlines were
+// kept) reads as over. With the validity conditions below, the SQL of
+// `domain::coupon::effective` at the instant `$now`.
+macro_rules! lapsed_lock {
+    ($now:literal) => {
+        concat!(
+            "(state = 'locked' AND (lock_expires_at IS NULL OR lock_expires_at <= ",
+            $now,
+            "))"
+        )
     };
 }
 
 /// Wallet queries, one per status filter: `$1` user, `$2` cursor (exclusive), `$3` page
 /// size + 1, `$4` now (bound only where used). Literals, so every query text is static.
-const WALLET_ALL: &str = "SELECT coupon_id, batch_id, shard, seq, user_id, request_id, state, \
-     order_id, lock_expires_at, valid_from, valid_to, claimed_at, updated_at, version \
-     FROM coupons WHERE user_id = $1 AND coupon_id > $2 ORDER BY coupon_id LIMIT $3";
-const WALLET_UNUSED: &str = "SELECT coupon_id, batch_id, shard, seq, user_id, request_id, state, \
-     order_id, lock_expires_at, valid_from, valid_to, claimed_at, updated_at, version \
-     FROM coupons WHERE user_id = $1 AND coupon_id > $2 \
-     AND (state = 'unused' OR (state = 'locked' AND lock_expires_at <= $4)) \
-     AND valid_to >= $4 ORDER BY coupon_id LIMIT $3";
-const WALLET_LOCKED: &str = "SELECT coupon_id, batch_id, shard, seq, user_id, request_id, state, \
-     order_id, lock_expires_at, valid_from, valid_to, claimed_at, updated_at, version \
-     FROM coupons WHERE user_id = $1 AND coupon_id > $2 \
-     AND state = 'locked' AND lock_expires_at > $4 ORDER BY coupon_id LIMIT $3";
-const WALLET_USED: &str = "SELECT coupon_id, batch_id, shard, seq, user_id, request_id, state, \
-     order_id, lock_expires_at, valid_from, valid_to, claimed_at, updated_at, version \
-     FROM coupons WHERE user_id = $1 AND coupon_id > $2 AND state = 'used' \
-     ORDER BY coupon_id LIMIT $3";
-const WALLET_EXPIRED: &str = "SELECT coupon_id, batch_id, shard, seq, user_id, request_id, state, \
-     order_id, lock_expires_at, valid_from, valid_to, claimed_at, updated_at, version \
-     FROM coupons WHERE user_id = $1 AND coupon_id > $2 AND (state = 'expired' OR \
-     ((state = 'unused' OR (state = 'locked' AND lock_expires_at <= $4)) AND valid_to < $4)) \
-     ORDER BY coupon_id LIMIT $3";
+const WALLET_ALL: &str = concat!(
+    "SELECT ",
+    coupon_columns!(),
+    " FROM coupons WHERE user_id = $1 AND coupon_id > $2 ORDER BY coupon_id LIMIT $3"
+);
+const WALLET_UNUSED: &str = concat!(
+    "SELECT ",
+    coupon_columns!(),
+    " FROM coupons WHERE user_id = $1 AND coupon_id > $2 AND (state = 'unused' OR ",
+    lapsed_lock!("$4"),
+    ") AND valid_to > $4 ORDER BY coupon_id LIMIT $3"
+);
+const WALLET_LOCKED: &str = concat!(
+    "SELECT ",
+    coupon_columns!(),
+    " FROM coupons WHERE user_id = $1 AND coupon_id > $2 \
+     AND state = 'locked' AND lock_expires_at > $4 ORDER BY coupon_id LIMIT $3"
+);
+const WALLET_USED: &str = concat!(
+    "SELECT ",
+    coupon_columns!(),
+    " FROM coupons WHERE user_id = $1 AND coupon_id > $2 AND state = 'used' \
+     ORDER BY coupon_id LIMIT $3"
+);
+const WALLET_EXPIRED: &str = concat!(
+    "SELECT ",
+    coupon_columns!(),
+    " FROM coupons WHERE user_id = $1 AND coupon_id > $2 AND (state = 'expired' OR \
+     ((state = 'unused' OR ",
+    lapsed_lock!("$4"),
+    ") AND valid_to <= $4)) ORDER BY coupon_id LIMIT $3"
+);
 
-const COUPON_BY_ID: &str = "SELECT coupon_id, batch_id, shard, seq, user_id, request_id, state, \
-     order_id, lock_expires_at, valid_from, valid_to, claimed_at, updated_at, version \
-     FROM coupons WHERE coupon_id = $1";
+const COUPON_BY_ID: &str = concat!(
+    "SELECT ",
+    coupon_columns!(),
+    " FROM coupons WHERE coupon_id = $1"
+);
 
-const UPDATE_COUPON: &str = "UPDATE coupons SET state = $1, order_id = $2, \
-     lock_expires_at = $3, updated_at = $4, version = version + 1 \
-     WHERE coupon_id = $5 AND version = $6";
+/// Coupons whose validity ended by `$2` (now) and that are not used: `$1` how many.
+const EXPIRY_DUE: &str = concat!(
+    "SELECT ",
+    coupon_columns!(),
+    " FROM coupons WHERE state IN ('unused', 'locked') AND valid_to <= $2 \
+     AND (state = 'unused' OR ",
+    lapsed_lock!("$2"),
+    ") ORDER BY valid_to LIMIT $1"
+);
 
-const INSERT_EVENT: &str = "INSERT INTO coupon_events \
-     (event_id, kind, batch_id, shard, user_id, coupon_id, request_id, order_id, at, recorded_at) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (event_id) DO NOTHING";
+/// Usable coupons whose validity ends in `($2, $3]` (now, now + lead) and that were not
+/// reminded yet: `$1` how many.
+const REMINDER_DUE: &str = concat!(
+    "SELECT ",
+    coupon_columns!(),
+    " FROM coupons WHERE reminded_at IS NULL AND state IN ('unused', 'locked') \
+     AND valid_to > $2 AND valid_to <= $3 AND (state = 'unused' OR ",
+    lapsed_lock!("$2"),
+    ") ORDER BY valid_to LIMIT $1"
+);
 
 impl Db {
     /// A user's coupons with the given effective state (all when `None`), ordered by coupon
@@ -119,6 +154,19 @@ impl Db {
         limit: u32,
         cursor: Option<&str>,
     ) -> Result<(Vec<CouponRow>, Option<String>), DbError> {
+        self.user_coupons_at(user_id, state, limit, cursor, now_ms())
+            .await
+    }
+
+    /// [`Db::user_coupons`] with the states as they are at `now`.
+    pub async fn user_coupons_at(
+        &self,
+        user_id: &str,
+        state: Option<CouponState>,
+        limit: u32,
+        cursor: Option<&str>,
+        now: i64,
+    ) -> Result<(Vec<CouponRow>, Option<String>), DbError> {
         let limit = limit.clamp(1, MAX_PAGE);
         let (sql, uses_now) = match state {
             None => (WALLET_ALL, false),
@@ -127,7 +175,6 @@ impl Db {
             Some(CouponState::Used) => (WALLET_USED, false),
             Some(CouponState::Expired) => (WALLET_EXPIRED, true),
         };
-        let now = now_ms();
         let mut stored = Vec::new();
         on_pool!(self, p => {
             let mut q = sqlx::query(sql)
@@ -157,7 +204,15 @@ impl Db {
     }
 
     pub async fn get_coupon(&self, coupon_id: &str) -> Result<Option<CouponRow>, DbError> {
-        let now = now_ms();
+        self.get_coupon_at(coupon_id, now_ms()).await
+    }
+
+    /// One coupon, its state as it is at `now`.
+    pub async fn get_coupon_at(
+        &self,
+        coupon_id: &str,
+        now: i64,
+    ) -> Result<Option<CouponRow>, DbError> {
         self.stored_coupon(coupon_id)
             .await?
             .map(|c| c.into_row(now))
@@ -173,8 +228,9 @@ impl Db {
         }))
     }
 
-    /// Try: freezes the coupon for `order_id` until `lock_timeout` from now. Idempotent for
-    /// the same order while the lock holds; an expired lock of any order counts as released.
+    /// Try: freezes the coupon for `order_id` until `lock_timeout` from now (at most until
+    /// its validity end). Idempotent for the same order while the lock holds; an expired
+    /// lock of any order counts as released.
     pub async fn lock(
         &self,
         coupon_id: &str,
@@ -182,91 +238,204 @@ impl Db {
         lock_timeout: Duration,
     ) -> Result<CouponRow, DbError> {
         let timeout_ms = i64::try_from(lock_timeout.as_millis()).unwrap_or(i64::MAX);
-        self.transition(coupon_id, order_id, Transition::Lock { timeout_ms })
-            .await
+        let t = Transition::Lock {
+            order: order_id.to_string(),
+            timeout_ms,
+        };
+        self.transition(coupon_id, &t, now_ms()).await
     }
 
     /// Confirm: the coupon locked by `order_id` becomes used. Idempotent for the same order.
     pub async fn redeem(&self, coupon_id: &str, order_id: &str) -> Result<CouponRow, DbError> {
-        self.transition(coupon_id, order_id, Transition::Redeem)
-            .await
+        let t = Transition::Redeem {
+            order: order_id.to_string(),
+        };
+        self.transition(coupon_id, &t, now_ms()).await
     }
 
     /// Cancel: the coupon locked by `order_id` goes back to unused. Idempotent for the same
     /// order (also after its lock expired).
     pub async fn release(&self, coupon_id: &str, order_id: &str) -> Result<CouponRow, DbError> {
-        self.transition(coupon_id, order_id, Transition::Release)
-            .await
+        let t = Transition::Release {
+            order: order_id.to_string(),
+        };
+        self.transition(coupon_id, &t, now_ms()).await
     }
 
-    async fn transition(
+    /// Refund: the coupon redeemed by `order_id` goes back to unused (expired if its
+    /// validity has ended). Idempotent for the same order. The batch's per-user claim count
+    /// is not given back (see [`crate::domain::coupon`]).
+    pub async fn refund(&self, coupon_id: &str, order_id: &str) -> Result<CouponRow, DbError> {
+        let t = Transition::Refund {
+            order: order_id.to_string(),
+        };
+        self.transition(coupon_id, &t, now_ms()).await
+    }
+
+    /// Applies transition `t` to a coupon at `now`: decided by the state machine on the
+    /// stored row, written with its events and outbox rows in one transaction (a lost
+    /// compare-and-set race is decided again on the new row). A repeat answers the coupon
+    /// and writes nothing; a refusal is [`DbError::InvalidState`].
+    pub async fn transition(
         &self,
         coupon_id: &str,
-        order_id: &str,
-        t: Transition,
+        t: &Transition,
+        now: i64,
     ) -> Result<CouponRow, DbError> {
         for _ in 0..TRANSITION_RETRIES {
-            let now = now_ms();
             let Some(c) = self.stored_coupon(coupon_id).await? else {
                 return Err(DbError::NotFound(coupon_id.to_string()));
             };
-            let (state, lock_expires_at, events) = match plan(t, &c, order_id, now)? {
-                Plan::Noop => return c.into_row(now),
-                Plan::Apply {
-                    state,
-                    lock_expires_at,
-                    events,
-                } => (state, lock_expires_at, events),
-            };
-            let version = c.version + 1;
-            let applied = on_pool!(self, p => {
-                let mut tx = p.begin().await?;
-                let n = sqlx::query(UPDATE_COUPON)
-                    .bind(state.as_str())
-                    .bind(order_id)
-                    .bind(lock_expires_at)
-                    .bind(now)
-                    .bind(coupon_id)
-                    .bind(c.version)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
-                if n == 1 {
-                    for (kind, order) in &events {
-                        sqlx::query(INSERT_EVENT)
-                            .bind(format!("{coupon_id}:{}:{version}", kind.as_str()))
-                            .bind(kind.as_str())
-                            .bind(&c.batch_id)
-                            .bind(c.shard)
-                            .bind(&c.user_id)
-                            .bind(coupon_id)
-                            .bind(c.request_id.as_deref())
-                            .bind(order.as_str())
-                            .bind(now)
-                            .bind(now)
-                            .execute(&mut *tx)
-                            .await?;
-                    }
-                    tx.commit().await?;
-                    true
-                } else {
-                    tx.rollback().await?;
-                    false
+            let (next, events) = match decide(&c.stored()?, c.validity(), t, now) {
+                Err(r) => {
+                    return Err(DbError::InvalidState {
+                        coupon_id: coupon_id.to_string(),
+                        state: r.state,
+                        reason: r.reason,
+                    });
                 }
-            });
-            if applied {
-                let updated = StoredCoupon {
-                    state: state.as_str().to_string(),
-                    order_id: Some(order_id.to_string()),
-                    lock_expires_at,
-                    updated_at: now,
-                    version,
-                    ..c
-                };
-                return updated.into_row(now);
+                Ok(Decision::Noop) => return c.into_row(now),
+                Ok(Decision::Apply { next, events }) => (next, events),
+            };
+            let applying = Applying {
+                coupon: &c,
+                next: &next,
+                events: &events,
+            };
+            if self.apply_transitions(&[applying], now).await? == [true] {
+                return c.after(&next, now).into_row(now);
             }
         }
         Err(DbError::Contended(coupon_id.to_string()))
+    }
+
+    /// One pass of the sweeps at `now`, each over at most `limit` coupons (oldest validity
+    /// end first): coupons whose validity ended are written `expired` (state, event and
+    /// outbox row, `limit` per transaction), and usable coupons whose validity ends within
+    /// `reminder_lead_ms` get their one "expiring soon" outbox row (0: no reminders).
+    /// Coupons changed concurrently are left to the next pass.
+    pub async fn sweep_coupons(
+        &self,
+        now: i64,
+        limit: u32,
+        reminder_lead_ms: i64,
+    ) -> Result<Swept, DbError> {
+        let expired = self.expire_due(now, limit).await?;
+        let reminded = if reminder_lead_ms > 0 {
+            self.remind_due(now, limit, reminder_lead_ms).await?
+        } else {
+            0
+        };
+        Ok(Swept { expired, reminded })
+    }
+
+    async fn due_coupons(
+        &self,
+        sql: &'static str,
+        now: i64,
+        limit: u32,
+        until: Option<i64>,
+    ) -> Result<Vec<StoredCoupon>, DbError> {
+        let mut due = Vec::new();
+        on_pool!(self, p => {
+            let mut q = sqlx::query(sql).bind(i64::from(limit)).bind(now);
+            if let Some(until) = until {
+                q = q.bind(until);
+            }
+            let rows = q.fetch_all(p).await?;
+            for r in &rows {
+                due.push(stored_coupon!(r));
+            }
+        });
+        Ok(due)
+    }
+
+    async fn expire_due(&self, now: i64, limit: u32) -> Result<u64, DbError> {
+        let due = self.due_coupons(EXPIRY_DUE, now, limit, None).await?;
+        let mut decided = Vec::with_capacity(due.len());
+        for c in &due {
+            // a coupon changed since it was read is refused or a no-op: the next pass sees it
+            if let Ok(Decision::Apply { next, events }) =
+                decide(&c.stored()?, c.validity(), &Transition::Expire, now)
+            {
+                decided.push((c, next, events));
+            }
+        }
+        let batch: Vec<Applying<'_>> = decided
+            .iter()
+            .map(|(c, next, events)| Applying {
+                coupon: c,
+                next,
+                events,
+            })
+            .collect();
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        let written = self.apply_transitions(&batch, now).await?;
+        Ok(written.iter().filter(|w| **w).count() as u64)
+    }
+
+    async fn remind_due(&self, now: i64, limit: u32, lead_ms: i64) -> Result<u64, DbError> {
+        let until = now.saturating_add(lead_ms);
+        let due = self
+            .due_coupons(REMINDER_DUE, now, limit, Some(until))
+            .await?;
+        let mut rows = Vec::with_capacity(due.len());
+        for c in &due {
+            if !reminder_due(&c.stored()?, c.validity(), now, lead_ms) {
+                continue;
+            }
+            let id = reminder_event_id(&c.coupon_id);
+            let body = Notice {
+                id: &id,
+                kind: EXPIRING_SOON,
+                occurred_at: Timestamp(now),
+                coupon_id: &c.coupon_id,
+                batch_id: &c.batch_id,
+                user_id: &c.user_id,
+                order_id: None,
+                state: effective(&c.stored()?, c.validity(), now),
+                lock_expires_at: None,
+                cause: None,
+                valid_from: Timestamp(c.valid_from),
+                valid_to: Timestamp(c.valid_to),
+            }
+            .to_json()?;
+            rows.push((c, id, body));
+        }
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let mut reminded = 0;
+        on_pool!(self, p => {
+            let mut tx = p.begin().await?;
+            for (c, id, body) in &rows {
+                let n = sqlx::query(
+                    "UPDATE coupons SET reminded_at = $1 WHERE coupon_id = $2 \
+                     AND reminded_at IS NULL",
+                )
+                .bind(now)
+                .bind(&c.coupon_id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if n != 1 {
+                    continue; // another sweeper reminded it
+                }
+                reminded += sqlx::query(outbox::INSERT_OUTBOX)
+                    .bind(id)
+                    .bind(EXPIRING_SOON)
+                    .bind(&c.coupon_id)
+                    .bind(body)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+            }
+            tx.commit().await?;
+        });
+        Ok(reminded)
     }
 
     /// The transaction log of one coupon, oldest first.

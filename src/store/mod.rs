@@ -1,12 +1,14 @@
-//! The database: batches, the append-only transaction log (`coupon_events`) and the
-//! materialised coupon rows (`coupons`), on PostgreSQL (production) or SQLite (embedded).
+//! The database: batches, the append-only transaction log (`coupon_events`), the
+//! materialised coupon rows (`coupons`) and the event outbox with its delivery ledger
+//! (`event_outbox`), on PostgreSQL (production) or SQLite (embedded).
 //!
 //! Invariants kept here:
 //! - a claim is recorded at most once however often it is delivered: its event id is
 //!   `<coupon_id>:claimed` (UNIQUE) and the coupon id is the `coupons` primary key, and both
 //!   rows of a batch of claims are written in one transaction (`ON CONFLICT DO NOTHING`);
-//! - every coupon state change (lock / redeem / release) is a compare-and-set on the row's
-//!   `version` and appends its event row in the same transaction, so the log and the
+//! - every coupon state change (claim, lock, redeem, release, refund, expiry) appends its
+//!   event row AND its outbox row in the transaction that changes the state (a transition
+//!   is a compare-and-set on the row's `version`), so the log, the outbox and the
 //!   materialised state never disagree and concurrent transitions cannot both win;
 //! - times are milliseconds since the Unix epoch everywhere (the unit Redis stamps claims with);
 //! - the `batches` row is the arbiter of a batch's definition: it is inserted only if absent
@@ -17,8 +19,10 @@
 //!   in `coupon_conflicts`, once per distinct claim, and returned to the caller.
 //!
 //! Files: [`batches`] (the definitions), [`claims`] (the claims the persister writes, their
-//! conflicts, the summaries `rebuild` and `reconcile` read), [`coupons`] (the wallet and
-//! the coupon transitions) with their state machine in [`coupon_state`].
+//! conflicts, the summaries `rebuild` and `reconcile` read), [`coupons`] (the wallet, the
+//! coupon transitions decided by `domain::coupon`, the expiry and reminder sweeps),
+//! [`coupon_state`] (a decided transition written in one transaction), [`outbox`] (event
+//! bodies, delivery claims and the ledger).
 
 use std::path::Path;
 use std::str::FromStr;
@@ -56,11 +60,17 @@ mod batches;
 mod claims;
 mod coupon_state;
 mod coupons;
+mod outbox;
 
 pub use self::batches::StoredBatch;
 pub use self::claims::{ClaimsWritten, CouponConflict, ShardClaims, claim_event_id};
-pub use self::coupon_state::{CouponState, EventKind};
-pub use self::coupons::{CouponRow, EventRow, MAX_PAGE};
+pub use self::coupon_state::transition_event_id;
+pub use self::coupons::{CouponRow, EventRow, MAX_PAGE, Swept};
+pub use self::outbox::{
+    Attempted, DeliveryState, DueEvent, EXPIRING_SOON, LedgerEntry, MAX_LEDGER_PAGE, OutboxStats,
+    reminder_event_id,
+};
+pub use crate::domain::coupon::{CouponState, EventKind};
 
 #[derive(Debug, Error)]
 pub enum DbError {
