@@ -1,52 +1,56 @@
 -- claim_batch.lua: MANY claims against one shard of a batch in ONE call (group commit), each
 -- decided exactly as lua/claim.lua decides a single claim, in argument order: a later claim
--- of the call sees every effect of the earlier ones (a user's count, a request id minted
--- earlier in the call, the stock left). Atomic; one hash slot. Every read is per call, not per
--- claim: whatever n is, a call makes at most ~12 redis.calls.
--- Validates everything before the first write (a script that errors half-way keeps its writes):
--- a bad argument anywhere fails the WHOLE call with an error reply and nothing written.
+-- of the call sees every effect of the earlier ones (a user's count and day count, a request
+-- id minted earlier in the call, the stock left). Atomic; one hash slot. Reads and writes are
+-- per call, not per claim: whatever n is, a call makes at most 16 redis.calls (typically 11).
+-- Validates everything before the first write (a script that errors half-way keeps its
+-- writes): a bad argument anywhere fails the WHOLE call with an error reply, nothing written.
 --
 -- KEYS (all share the hash tag {<batch>:<shard>}):
---   1 meta     hash   state, start, end, limit, daily, vdays, vfrom, vto, ver, ...; read here:
---                     'epoch' (shard epoch, default 1), 'fenced' ('1' = refuse everything),
---                     'rqc' / 'rqp' (start ms of the current / previous request-id generation;
---                     written here, see "Request-id records")
---   2 stock    string coupons left in this shard (unchanged layout: transfer_in/out, probe,
+--   1 meta     hash   state, start, end, limit, daily, vdays, vfrom, vto, ver, ...; also read
+--                     here: 'epoch' (shard epoch, default 1), 'fenced' ('1' = refuse every
+--                     claim), 'rqc' / 'rqp' (start ms of the current / previous request-id
+--                     generation, '' = none; written here, see "Request-id records")
+--   2 stock    string coupons left in this shard (layout unchanged: transfer_in/out, probe,
 --                     patch, setup and restore keep working as they are)
---   3 users    hash   user -> "<count>" or "<count>:<utc day>:<count that day>" (per-user limit
---                     and per-day limit in ONE field; a plain "<count>" has no day yet)
---   4 req      (prefix, never accessed itself) request-id records live in the hashes
---                     "<KEYS[4]>:<generation start ms>": derived here from the declared prefix,
---                     so they carry the same hash tag and stay in this slot (Redis Cluster
---                     allows a script undeclared keys of its own slot; the embedded backend
---                     enforces slot locality the same way)
---   5 log      stream ONE entry per call holding all of its successful claims (format below)
+--   3 users    hash   user -> "<count>" or "<count>:<utc day>:<count that day>": the
+--                     per-user limit and the per-day limit in ONE field ("<count>" alone: no
+--                     claim counted on any day yet, as restore.lua's 'users' pairs write it)
+--   4 req      string, never accessed: the PREFIX of the request-id generation hashes
+--                     "<KEYS[4]>:<generation start ms>". Derived in the script from this
+--                     declared name, they carry the same hash tag, so they stay in this slot
+--                     (Redis Cluster lets a script use undeclared keys of its own slot; the
+--                     embedded backend enforces slot locality the same way).
+--   5 log      stream ONE entry per call with successes, holding all of them (format below)
 --   6 deny     set    users of this shard denied by the batch's eligibility rules
 --   7 claimed  string coupons claimed from this shard, also the coupon sequence
 -- ARGV:
 --   1 op: 'claim'  decide and record every claim;
 --         'replay' read-only: answer each claim from its request-id record (code 2) or -10;
---                  nothing else is checked and nothing is written (replaces replay.lua)
+--                  no other check, nothing written (the batched form of replay.lua)
 --   2 n  number of claims in this call, 1 .. 1000
---   3 max log entries (0 = unbounded): claims that would succeed are refused -9 when the log
---     already holds this many ENTRIES (one entry per call with successes, up to n claims each)
---   4 request-id retention W in ms (> 0): a record stays findable at least W, at most ~2W
---   5 batch id   6 shard label (written into the log entry so the persister can check them)
---   7 .. 6+3n: per claim  user (non-empty), request id ('' = none; no '|'), nonce of the HTTP
---     request (no '|'; recorded with the request id and returned on replay, so a caller that
---     repeats its own call after a lost reply can tell it minted the coupon; '' costs no bytes)
--- Returns a flat array: { epoch, seq_after, at, vf, vt, r_1, ..., r_n }
+--   3 max log ENTRIES (0 = unbounded): claims that would succeed are refused -9 when the log
+--     already holds this many entries (an entry holds the successes of one call, 1 .. n)
+--   4 request-id retention W in ms (> 0): a record stays findable at least W, at most 2W
+--   5 .. 4+n       users, one per claim (non-empty)
+--   5+n .. 4+2n    request ids, one per claim ('' = none)
+--   5+2n .. 4+3n   nonces of the HTTP requests, one per claim (recorded with the request id
+--                  and returned on replay, so a caller repeating its own call after a lost
+--                  reply can tell it minted the coupon; '' costs no memory)
+--   (column by column, not claim by claim: the users go to HMGET / SMISMEMBER as they are)
+--   Users and request ids must not contain '|' (the record separator); nonces may.
+-- Returns a flat array { epoch, seq_after, at, vf, vt, r_1, ..., r_n }:
 --   epoch      the shard's epoch (0 when the shard has no meta)
---   seq_after  the shard's coupon sequence after this call (the caller checks it never goes
---              backwards for an epoch: rollback detection)
+--   seq_after  the shard's coupon sequence after the call (0 with no meta or when fenced);
+--              the caller checks it never goes back within an epoch (rollback detection)
 --   at         claimed-at ms of every coupon minted by this call (one TIME per call)
 --   vf, vt     validity (ms) of every coupon minted by this call
 --   r_i        the answer to claim i, one of
 --     integer > 0   claimed now: r_i is its sequence; coupon id "<batch>.<shard>.<epoch>.<r_i>",
 --                   valid vf .. vt, claimed at `at`
---     { 2, epoch, seq, valid_from_ms, valid_to_ms, claimed_at_ms, nonce }  a replay of an
---                   earlier success of this user and request id (earlier in this call, or in
---                   an earlier call): coupon id "<batch>.<shard>.<epoch>.<seq>"; nonce = the
+--     { 2, epoch, seq, valid_from_ms, valid_to_ms, claimed_at_ms, nonce }   a replay of an
+--                   earlier success of this user and request id (earlier in this call or in
+--                   an earlier one); coupon id "<batch>.<shard>.<epoch>.<seq>"; nonce: the
 --                   minting request's ('' if none was recorded)
 --     integer < 0   refused, nothing written for this claim:
 --       -1 no such batch in this shard   -2 window not started   -3 window ended
@@ -54,81 +58,82 @@
 --       -8 shard has no stock (the caller refills and resubmits these claims, in order)
 --       -9 claim log backlog at its bound (shed)   -10 ('replay' op) no earlier success
 --       -11 shard fenced (rollback suspected; nothing claimed, the caller answers 503)
---   Codes -1 and -11 apply to the whole call. Checks run per claim in this order: replay,
---   -4, -2, -3, -5, -6, -7, -9, -8 (as in claim.lua).
+--   -1 and -11 answer every claim of the call. Otherwise each claim is checked in this order:
+--   replay, -4, -2, -3, -5, -6, -7, -9, -8 (claim.lua's order).
 --
--- Coupon id: "<batch>.<shard>.<epoch>.<seq>" (the caller formats it; epoch >= 1).
+-- Coupon id: "<batch>.<shard>.<epoch>.<seq>" (formatted by the caller; epoch >= 1).
 --
--- Log entry (XADD <log> * ...), record format version 2, field order fixed:
---   v 2  b <batch>  s <shard>  e <epoch>  q <seq of the first claim>  t <claimed at ms>
---   vf <valid from ms>  vt <valid to ms>, then one pair per claim in sequence order:
---   <user> <request id or ''>   (claim k of the entry, k = 0.., has sequence q + k)
---   Decode by position, never into a map: a user's name is a field name, so names repeat
---   (a user claiming twice in one call) and may equal a header name. Only calls with at
---   least one success write an entry. The persister acks/deletes whole entries.
+-- Log entry (XADD <log> * h <header> c <claims>), record format version 2:
+--   h "2|<epoch>|<q>|<claimed at ms>|<valid from ms>|<valid to ms>", q = sequence of the
+--     entry's first claim
+--   c "<user>|<request id>|<user>|<request id>|..." in sequence order: pair k (k = 0..) is
+--     the claim with sequence q + k ('' request id: none). Split on '|', take pairs.
+--   Batch and shard are the log's own (the persister reads the log of one shard). Only a
+--   call with at least one success writes an entry.
 --
--- Request-id records: hash "<KEYS[4]>:<g>", g = generation start ms, field "<user>|<rid>",
---   value "<epoch>.<seq>|<claimed_at ms>|<valid_from - claimed_at>|<valid_to - claimed_at>|<nonce>".
---   New records go to the current generation (meta rqc); lookups read the current and the
---   previous (meta rqp) generation. A call at now >= rqc + W starts a new generation at now
---   (the current one becomes the previous one, the older one is dropped). Each generation
---   hash expires at g + 2W (PEXPIRE), so a record lives between W and 2W. Generation names
---   come from meta, not from now / W, so gateways configured with different W still find
---   each other's records (retention is then the smallest W) instead of missing them.
---   A request id older than the retention is not found: the caller answers such replays
---   from the database.
+-- Request-id records: hash "<KEYS[4]>:<g>" (g = generation start ms), field
+--   "<user>|<request id>", value "<epoch>.<seq>|<claimed_at>|<valid_from - claimed_at>|
+--   <valid_to - claimed_at>|<nonce>" (validity relative to claimed_at: shorter).
+--   Invariant (rebuilds must keep it): a user with a record has a users field (count >= 1),
+--   so request ids are looked up only for users the users hash knows: a first-time claimant
+--   costs no request-id read.
+--   New records go to the current generation (meta rqc). A call at now >= rqc + W starts a
+--   new one at now: the current becomes the previous (meta rqp), the previous is dropped.
+--   Lookups read the current and the previous generation. A generation hash expires at
+--   g + 2W (PEXPIRE when it is started), so a record lives between W and 2W. Generation names
+--   come from meta, not from now / W: gateways configured with different W still find each
+--   other's records (retention is then the smallest W) instead of missing them.
+--   A request id older than the retention is not found: the caller answers such replays from
+--   the database.
 
 local call = redis.call
-local find, match, fmt = string.find, string.match, string.format
-local tonumber = tonumber
+local find, match, fmt, concat = string.find, string.match, string.format, table.concat
+local tonumber, floor, unpack = tonumber, math.floor, unpack
+local A, KEYS = ARGV, KEYS
 
-local op = ARGV[1]
+local function fail(msg) return redis.error_reply('ERR claim_batch: ' .. msg) end
+
+local op = A[1]
 local claiming = op == 'claim'
-if not claiming and op ~= 'replay' then
-  return redis.error_reply('ERR claim_batch: op must be claim or replay')
+if not claiming and op ~= 'replay' then return fail('op must be claim or replay') end
+local n = tonumber(A[2])
+if not n or n < 1 or n > 1000 or n ~= floor(n) then
+  return fail('n must be an integer in 1..1000')
 end
-local n = tonumber(ARGV[2])
-if not n or n < 1 or n > 1000 or n ~= math.floor(n) then
-  return redis.error_reply('ERR claim_batch: n must be an integer in 1..1000')
+if #A ~= 4 + 3 * n then return fail('expects 4 + 3n arguments') end
+local maxlog, W = tonumber(A[3]), tonumber(A[4])
+if not maxlog or maxlog < 0 or maxlog ~= floor(maxlog) then return fail('bad max log length') end
+if not W or W < 1 or W ~= floor(W) then return fail('bad retention') end
+local U, R, N = 4, 4 + n, 4 + 2 * n -- claim i: user A[U + i], request id A[R + i], nonce A[N + i]
+-- every user and request id at once: one scan, not one per claim
+if find(concat(A, '', U + 1, R + n), '|', 1, true) then
+  return fail("user and request id must not contain '|'")
 end
-if #ARGV ~= 6 + 3 * n then
-  return redis.error_reply('ERR claim_batch: expects 6 + 3n arguments')
-end
-local maxlog, W = tonumber(ARGV[3]), tonumber(ARGV[4])
-if not maxlog or maxlog < 0 or maxlog ~= math.floor(maxlog) then
-  return redis.error_reply('ERR claim_batch: bad max log length')
-end
-if not W or W < 1 or W ~= math.floor(W) then
-  return redis.error_reply('ERR claim_batch: bad retention')
-end
-for b = 7, 6 + 3 * n, 3 do
-  if ARGV[b] == '' then return redis.error_reply('ERR claim_batch: empty user id') end
-  if find(ARGV[b + 1], '|', 1, true) or find(ARGV[b + 2], '|', 1, true) then
-    return redis.error_reply("ERR claim_batch: request id and nonce must not contain '|'")
-  end
+for i = U + 1, U + n do
+  if A[i] == '' then return fail('empty user id') end
 end
 
-local out = { 0, 0, 0, 0, 0 }
+local out = { unpack(A, 1, n + 5) } -- sized once; every slot is overwritten below
+out[1], out[2], out[3], out[4], out[5] = 0, 0, 0, 0, 0
 local m = call('HMGET', KEYS[1], 'state', 'start', 'end', 'limit', 'daily', 'vdays', 'vfrom',
   'vto', 'epoch', 'fenced', 'rqc', 'rqp')
 if not m[1] then
-  out[1], out[2], out[3], out[4], out[5] = 0, 0, 0, 0, 0
   for i = 1, n do out[5 + i] = -1 end
   return out
 end
 local epoch = tonumber(m[9] or '1')
+if not epoch then return fail('meta epoch is not a number') end
 if m[10] == '1' then
-  out[1], out[2], out[3], out[4], out[5] = epoch, 0, 0, 0, 0
+  out[1] = epoch
   for i = 1, n do out[5 + i] = -11 end
   return out
 end
 
 local t = call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local sepoch = fmt('%d', epoch)
+local now = tonumber(t[1]) * 1000 + floor(tonumber(t[2]) / 1000)
 
--- Request-id generations. A generation whose start is in the future (a clock that went back
--- after a failover) stays current.
+-- Request-id generations (nothing written yet). A generation whose start is in the future (a
+-- clock that went back after a failover) stays current.
 local cur, prev = tonumber(m[11]), tonumber(m[12])
 local rotated = false
 if not cur then
@@ -140,32 +145,62 @@ end
 if prev and now >= prev + 2 * W then prev = nil end -- expired: nothing to read there
 local curkey = KEYS[4] .. ':' .. fmt('%d', cur)
 
--- Look up every request id of the call: current generation first, then the previous one.
-local fields, fidx, fieldof = {}, {}, {}
+-- Claims of one user share the state kept at the user's first claim: j = idx[user].
+local idx, rep = {}, false
 for i = 1, n do
-  local rid = ARGV[5 + 3 * i]
-  if rid ~= '' then
-    local f = ARGV[4 + 3 * i] .. '|' .. rid
-    fields[#fields + 1] = f
-    fidx[#fidx + 1] = i
-    fieldof[i] = f
-  end
+  local u = A[U + i]
+  if idx[u] then rep = true else idx[u] = i end
 end
-local found = {} -- claim index -> stored record
-if #fields > 0 then
-  local miss, missidx = fields, fidx
-  if not rotated then
-    local got = call('HMGET', curkey, unpack(fields))
-    miss, missidx = {}, {}
-    for k = 1, #fields do
-      if got[k] then found[fidx[k]] = got[k]
-      else miss[#miss + 1] = fields[k]; missidx[#missidx + 1] = fidx[k] end
+-- cnt[i]: count of claim i's user (false: no field, never claimed); uday / udc: its day count
+local cnt = call('HMGET', KEYS[3], unpack(A, U + 1, U + n))
+local uday, udc
+local known = false
+for i = 1, n do
+  local v = cnt[i]
+  if v then
+    known = true
+    local c, d, dc = match(v, '^(%d+):(%d+):(%d+)$')
+    if c then
+      if not uday then uday, udc = {}, {} end
+      cnt[i], uday[i], udc[i] = tonumber(c), tonumber(d), tonumber(dc)
+    else
+      c = tonumber(match(v, '^%d+$'))
+      if not c then return fail('corrupt user record') end
+      cnt[i] = c
     end
   end
-  if prev and #miss > 0 then
-    local got = call('HMGET', KEYS[4] .. ':' .. fmt('%d', prev), unpack(miss))
-    for k = 1, #miss do
-      if got[k] then found[missidx[k]] = got[k] end
+end
+
+-- Request-id records: only users the users hash knows can have one.
+local found -- claim index -> stored record
+local fieldof -- claim index -> "<user>|<rid>" when built here
+if known then
+  local fields, fidx, nf = {}, {}, 0
+  fieldof = {}
+  for i = 1, n do
+    local rid = A[R + i]
+    if rid ~= '' and cnt[i] then
+      local f = A[U + i] .. '|' .. rid
+      nf = nf + 1
+      fields[nf], fidx[nf], fieldof[i] = f, i, f
+    end
+  end
+  if nf > 0 then
+    found = {}
+    local miss, missidx, nm = fields, fidx, nf
+    if not rotated then -- a generation started by this call is still empty
+      local got = call('HMGET', curkey, unpack(fields, 1, nf))
+      miss, missidx, nm = {}, {}, 0
+      for k = 1, nf do
+        if got[k] then found[fidx[k]] = got[k]
+        else nm = nm + 1; miss[nm], missidx[nm] = fields[k], fidx[k] end
+      end
+    end
+    if prev and nm > 0 then
+      local got = call('HMGET', KEYS[4] .. ':' .. fmt('%d', prev), unpack(miss, 1, nm))
+      for k = 1, nm do
+        if got[k] then found[missidx[k]] = got[k] end
+      end
     end
   end
 end
@@ -173,174 +208,151 @@ end
 local function stored_replay(rec)
   local e, s, at, dvf, dvt, nonce =
     match(rec, '^(%d+)%.(%d+)|(%d+)|(%-?%d+)|(%-?%d+)|(.*)$')
-  if not e then
-    return redis.error_reply('ERR claim_batch: corrupt request-id record')
-  end
+  if not e then return nil end
   at = tonumber(at)
   return { 2, tonumber(e), tonumber(s), at + tonumber(dvf), at + tonumber(dvt), at, nonce }
 end
 
 if not claiming then
-  out[1], out[3], out[4], out[5] = epoch, 0, 0, 0
+  out[1] = epoch
   out[2] = tonumber(call('GET', KEYS[7]) or '0')
   for i = 1, n do
-    local rec = found[i]
-    if rec then
-      local r = stored_replay(rec)
-      if r.err then return r end
-      out[5 + i] = r
-    else
-      out[5 + i] = -10
+    local r = -10
+    if found and found[i] then
+      r = stored_replay(found[i])
+      if not r then return fail('corrupt request-id record') end
     end
+    out[5 + i] = r
   end
   return out
 end
 
--- The batch definition, read once.
-local active = m[1] == 'active'
+-- The batch definition, read once; the window and state decide for every claim alike.
 local wstart, wend = tonumber(m[2]), tonumber(m[3])
-local limit, daily = tonumber(m[4]), tonumber(m[5])
-local day = math.floor(now / 86400000)
+local limit, daily, vdays = tonumber(m[4]), tonumber(m[5]), tonumber(m[6])
+if not (wstart and wend and limit and daily and vdays) then return fail('corrupt meta') end
 local vf, vt
-local vdays = tonumber(m[6])
 if vdays > 0 then
   vf, vt = now, now + vdays * 86400000
 else
   vf, vt = tonumber(m[7]), tonumber(m[8])
+  if not (vf and vt) then return fail('corrupt meta') end
 end
-local dvf, dvt = fmt('%d', vf - now), fmt('%d', vt - now)
-local snow = fmt('%d', now)
+local gate -- the refusal of every claim that is not a replay, if any
+if m[1] ~= 'active' then gate = -4
+elseif now < wstart then gate = -2
+elseif now >= wend then gate = -3 end
+local day = floor(now / 86400000)
 
--- Per-user state, loaded lazily (only once a claim gets past the window checks).
-local cnt, uday, udc -- user -> count, day of the day count (nil = none), day count
-local denied -- user -> true
-local function load_users()
-  cnt, uday, udc, denied = {}, {}, {}, {}
-  local list = {}
-  for i = 1, n do
-    local u = ARGV[4 + 3 * i]
-    if not cnt[u] then cnt[u] = 0; list[#list + 1] = u end
-  end
-  local vals = call('HMGET', KEYS[3], unpack(list))
-  local dm = call('SMISMEMBER', KEYS[6], unpack(list))
-  for k = 1, #list do
-    local u, v = list[k], vals[k]
-    if v then
-      local c, d, dc = match(v, '^(%d+):(%d+):(%d+)$')
-      if c then
-        cnt[u], uday[u], udc[u] = tonumber(c), tonumber(d), tonumber(dc)
-      else
-        c = match(v, '^%d+$')
-        if not c then return 'ERR claim_batch: corrupt user record' end
-        cnt[u] = tonumber(c)
-      end
-    end
-    if dm[k] == 1 then denied[u] = true end
-  end
-end
-
-local stock -- loaded lazily
-local loglen -- loaded lazily
+local denied -- nil: not read yet; false: the shard denies nobody; else claim i -> 1 / 0
+local stock, loglen -- read when first needed
 local taken = 0
-local mintidx = {} -- k -> claim index of the k-th success
-local minted = {} -- "<user>|<rid>" -> k, for request ids minted in this call
-local mintnonce = {} -- k -> nonce
-local dirty, dirtylist = {}, {}
-local pending = {} -- claim index -> k of the earlier success it replays
+local mint, mj = {}, {} -- k -> claim index / user state index of the k-th success
+local minted -- "<user>|<rid>" -> k, kept only in calls where some user has several claims
+local pending -- claim index -> k of the earlier success in this call that it replays
 
 for i = 1, n do
-  local b = 4 + 3 * i
-  local user = ARGV[b]
-  local f = fieldof[i]
-  local r
-  if f and minted[f] then
-    pending[i] = minted[f]
-  elseif found[i] then
-    r = stored_replay(found[i])
-    if r.err then return r end
-  elseif not active then r = -4
-  elseif now < wstart then r = -2
-  elseif now >= wend then r = -3
-  else
-    if not cnt then
-      local err = load_users()
-      if err then return redis.error_reply(err) end
+  local r, f
+  if rep then
+    local rid = A[R + i]
+    if rid ~= '' then
+      f = (fieldof and fieldof[i]) or (A[U + i] .. '|' .. rid)
+      minted = minted or {}
     end
-    local today = 0
-    if daily > 0 and uday[user] == day then today = udc[user] end
-    if denied[user] then r = -5
-    elseif cnt[user] >= limit then r = -6
-    elseif daily > 0 and today >= daily then r = -7
+  end
+  if f and minted[f] then
+    pending = pending or {}
+    pending[i] = minted[f]
+  elseif found and found[i] then
+    r = stored_replay(found[i])
+    if not r then return fail('corrupt request-id record') end
+  elseif gate then
+    r = gate
+  else
+    if denied == nil then
+      denied = call('SCARD', KEYS[6]) > 0 and call('SMISMEMBER', KEYS[6], unpack(A, U + 1, U + n))
+    end
+    local j = idx[A[U + i]]
+    local c = cnt[j] or 0
+    if denied and denied[i] == 1 then r = -5
+    elseif c >= limit then r = -6
     else
-      if maxlog > 0 and not loglen then loglen = call('XLEN', KEYS[5]) end
-      if maxlog > 0 and loglen >= maxlog then r = -9
+      local today = 0
+      if uday and uday[j] == day then today = udc[j] end
+      if daily > 0 and today >= daily then r = -7
       else
-        if not stock then
-          local s = call('GET', KEYS[2])
-          if s and not match(s, '^%-?%d+$') then
-            return redis.error_reply('ERR claim_batch: stock is not an integer')
-          end
-          stock = tonumber(s or '0')
-        end
-        if stock - taken <= 0 then r = -8
+        if loglen == nil then loglen = maxlog > 0 and call('XLEN', KEYS[5]) end
+        if loglen and loglen >= maxlog then r = -9
         else
-          taken = taken + 1
-          mintidx[taken] = i
-          mintnonce[taken] = ARGV[b + 2]
-          if f then minted[f] = taken end
-          cnt[user] = cnt[user] + 1
-          if daily > 0 then uday[user], udc[user] = day, today + 1 end
-          if not dirty[user] then dirty[user] = true; dirtylist[#dirtylist + 1] = user end
-          r = 0 -- filled with the sequence below
+          if not stock then
+            local s = call('GET', KEYS[2])
+            if s and not match(s, '^%-?%d+$') then return fail('stock is not an integer') end
+            stock = tonumber(s or '0')
+          end
+          if taken >= stock then r = -8
+          else
+            taken = taken + 1
+            mint[taken], mj[taken] = i, j
+            if f then minted[f] = taken end
+            cnt[j] = c + 1
+            if daily > 0 then
+              if not uday then uday, udc = {}, {} end
+              uday[j], udc[j] = day, today + 1
+            end
+          end
         end
       end
     end
   end
-  out[5 + i] = r
+  if r then out[5 + i] = r end -- a success gets its sequence below
 end
 
--- Every check passed and every answer is decided: write.
-local first, last
+-- Every answer is decided: write.
+local last
 if taken > 0 then
-  last = call('INCRBY', KEYS[7], taken) -- first write: an error here leaves nothing written
-  first = last - taken + 1
+  last = call('INCRBY', KEYS[7], taken) -- first write: if it fails, nothing is written
+  local first = last - taken + 1
   call('DECRBY', KEYS[2], taken)
-  local kv = {}
-  for k = 1, #dirtylist do
-    local u = dirtylist[k]
-    kv[2 * k - 1] = u
-    if uday[u] then
-      kv[2 * k] = fmt('%d:%d:%d', cnt[u], uday[u], udc[u])
-    else
-      kv[2 * k] = fmt('%d', cnt[u])
-    end
-  end
-  call('HSET', KEYS[3], unpack(kv))
-  local rq, lg = {}, { 'XADD', KEYS[5], '*', 'v', '2', 'b', ARGV[5], 's', ARGV[6], 'e', sepoch,
-    'q', fmt('%d', first), 't', snow, 'vf', fmt('%d', vf), 'vt', fmt('%d', vt) }
-  local tail = ('|' .. snow .. '|' .. dvf .. '|' .. dvt .. '|')
+  local DIGITS = { '0', '1', '2', '3', '4', '5', '6', '7', '8', '9' }
+  local kv, rq, lg = { unpack(A, 1, 2 * taken) }, { unpack(A, 1, 2 * taken) },
+    { unpack(A, 1, taken) } -- sized once
+  local nq = 0
+  local snow, sepoch = fmt('%d', now), fmt('%d', epoch)
+  local tail = '|' .. snow .. '|' .. fmt('%d', vf - now) .. '|' .. fmt('%d', vt - now) .. '|'
   for k = 1, taken do
-    local i = mintidx[k]
-    local b = 4 + 3 * i
-    local rid = ARGV[b + 1]
-    out[5 + i] = first + k - 1
-    lg[#lg + 1] = ARGV[b]
-    lg[#lg + 1] = rid
+    local i, j = mint[k], mj[k]
+    local u, rid = A[U + i], A[R + i]
+    local seq = first + k - 1
+    out[5 + i] = seq
+    local c = cnt[j]
+    -- a user with several successes in the call gets several pairs, all with its final count
+    kv[2 * k - 1] = u
+    if uday and uday[j] then
+      kv[2 * k] = fmt('%d:%d:%d', c, uday[j], udc[j])
+    else
+      kv[2 * k] = DIGITS[c + 1] or fmt('%d', c)
+    end
+    local f = (fieldof and fieldof[i]) or (u .. '|' .. rid)
+    lg[k] = f
     if rid ~= '' then
-      rq[#rq + 1] = fieldof[i]
-      rq[#rq + 1] = sepoch .. '.' .. fmt('%d', first + k - 1) .. tail .. mintnonce[k]
+      rq[nq + 1], rq[nq + 2] = f, sepoch .. '.' .. fmt('%d', seq) .. tail .. A[N + i]
+      nq = nq + 2
     end
   end
-  if #rq > 0 then
-    call('HSET', curkey, unpack(rq))
-    call('PEXPIRE', curkey, fmt('%d', cur + 2 * W - now))
+  call('HSET', KEYS[3], unpack(kv, 1, 2 * taken))
+  if nq > 0 then
+    call('HSET', curkey, unpack(rq, 1, nq))
     if rotated then
+      call('PEXPIRE', curkey, fmt('%d', cur + 2 * W - now))
       call('HSET', KEYS[1], 'rqc', fmt('%d', cur), 'rqp', prev and fmt('%d', prev) or '')
     end
   end
-  call(unpack(lg))
-  for i, k in pairs(pending) do
-    out[5 + i] = { 2, epoch, first + k - 1, vf, vt, now, mintnonce[k] }
+  call('XADD', KEYS[5], '*', 'h', fmt('2|%d|%d|%d|%d|%d', epoch, first, now, vf, vt),
+    'c', concat(lg, '|', 1, taken))
+  if pending then
+    for i, k in pairs(pending) do
+      out[5 + i] = { 2, epoch, first + k - 1, vf, vt, now, A[N + mint[k]] }
+    end
   end
 else
   last = tonumber(call('GET', KEYS[7]) or '0')

@@ -108,8 +108,8 @@ class New:
 
     def call(self, claims, op="claim", maxlog=0, retention=HOUR, raw_args=None):
         args = raw_args if raw_args is not None else (
-            [op, len(claims), maxlog, retention, self.batch, self.shard]
-            + [x for c in claims for x in c])
+            [op, len(claims), maxlog, retention] + [c[0] for c in claims]
+            + [c[1] for c in claims] + [c[2] for c in claims])
         return self.r.evalsha(self.sha, 7, *self.keys(), *args)
 
 
@@ -311,16 +311,17 @@ def run_seed(r, seed, steps, max_batch):
                 int(f["vt"])) for _, f in r.xrange(old.k["log"])]
     new_log = []
     for eid, flat in raw_xrange(r, new.k["log"]):
-        hdr = dict(zip(flat[0:16:2], flat[1:16:2]))
-        check(list(flat[0:16:2]) == ["v", "b", "s", "e", "q", "t", "vf", "vt"] and hdr["v"] == "2"
-              and hdr["b"] == new.batch and hdr["s"] == new.shard,
-              f"seed {seed}: log entry header {flat[:16]}")
-        time_close(int(eid.split("-")[0]), int(hdr["t"]), f"seed {seed}: entry id vs t", 1000)
-        claims = flat[16:]
-        check(len(claims) % 2 == 0 and claims, f"seed {seed}: log entry claims {claims}")
-        for k in range(len(claims) // 2):
-            new_log.append((int(hdr["q"]) + k, claims[2 * k], claims[2 * k + 1], int(hdr["t"]),
-                            int(hdr["vf"]), int(hdr["vt"])))
+        check(len(flat) == 4 and flat[0] == "h" and flat[2] == "c",
+              f"seed {seed}: log entry fields {flat}")
+        ver, epoch, q, t, vf, vt = flat[1].split("|")
+        check(ver == "2" and epoch == (r.hget(new.k["meta"], "epoch") or "1"),
+              f"seed {seed}: log header {flat[1]}")
+        time_close(int(eid.split("-")[0]), int(t), f"seed {seed}: entry id vs t", 1000)
+        parts = flat[3].split("|")
+        check(len(parts) % 2 == 0, f"seed {seed}: log claims {flat[3]}")
+        for k in range(len(parts) // 2):
+            new_log.append((int(q) + k, parts[2 * k], parts[2 * k + 1], int(t), int(vf),
+                            int(vt)))
     check([x[:3] for x in old_log] == [x[:3] for x in new_log],
           f"seed {seed}: logs differ:\n {old_log}\n {new_log}")
     for o, n in zip(old_log, new_log):
@@ -359,20 +360,24 @@ def directed(r):
     s = fresh("v")
     s.call([("a", "r1", "n")])  # a first success, so the shard has every key
     good = [("u1", "r1", "n1"), ("u2", "r2", "n2"), ("u3", "r3", "n3")]
-    flat = [x for c in good for x in c]
+
+    def cols(claims):
+        return [c[0] for c in claims] + [c[1] for c in claims] + [c[2] for c in claims]
+
+    flat = cols(good)
     bad = {
-        "op": ["grab", 3, 0, HOUR, "v", "0"] + flat,
-        "n zero": ["claim", 0, 0, HOUR, "v", "0"],
-        "n too big": ["claim", 1001, 0, HOUR, "v", "0"] + ["u", "r", "n"] * 1001,
-        "n not integer": ["claim", "2.5", 0, HOUR, "v", "0"] + flat,
-        "count mismatch": ["claim", 4, 0, HOUR, "v", "0"] + flat,
-        "bad maxlog": ["claim", 3, "-1", HOUR, "v", "0"] + flat,
-        "bad retention": ["claim", 3, 0, "0", "v", "0"] + flat,
-        "retention not a number": ["claim", 3, 0, "1h", "v", "0"] + flat,
-        "empty user (middle)": ["claim", 3, 0, HOUR, "v", "0"] + flat[:3] + ["", "r", "n"]
-                               + flat[6:],
-        "| in last request id": ["claim", 3, 0, HOUR, "v", "0"] + flat[:6] + ["u3", "r|3", "n"],
-        "| in last nonce": ["claim", 3, 0, HOUR, "v", "0"] + flat[:6] + ["u3", "r3", "n|"],
+        "op": ["grab", 3, 0, HOUR] + flat,
+        "n zero": ["claim", 0, 0, HOUR],
+        "n too big": ["claim", 1001, 0, HOUR] + ["u"] * 1001 + ["r"] * 1001 + ["n"] * 1001,
+        "n not integer": ["claim", "2.5", 0, HOUR] + flat,
+        "count mismatch": ["claim", 4, 0, HOUR] + flat,
+        "bad maxlog": ["claim", 3, "-1", HOUR] + flat,
+        "bad retention": ["claim", 3, 0, "0"] + flat,
+        "retention not a number": ["claim", 3, 0, "1h"] + flat,
+        "empty user (middle)": ["claim", 3, 0, HOUR] + cols([good[0], ("", "r", "n"), good[2]]),
+        "| in last request id": ["claim", 3, 0, HOUR] + cols(good[:2] + [("u3", "r|3", "n")]),
+        "| in first user": ["claim", 3, 0, HOUR] + cols([("u|1", "r1", "n")] + good[1:]),
+        "| in a middle user": ["claim", 3, 0, HOUR] + cols([good[0], ("u|2", "r2", "n"), good[2]]),
     }
     for what, args in bad.items():
         before = snapshot(r)
@@ -440,7 +445,7 @@ def directed(r):
     check(rep[0] == 3 and rep[1] == 3 and rep[5] == 3 and rep[6][:3] == [2, 1, 1]
           and rep[6][6] == "na", f"epoch 3: {rep}")
     entries = raw_xrange(r, s.k["log"])
-    check(entries[-1][1][7] == "3", f"epoch: log entry {entries[-1]}")
+    check(entries[-1][1][1].split("|")[1:3] == ["3", "3"], f"epoch: log entry {entries[-1]}")
     n_checks += 1
 
     # 5. the 'replay' op: answers from records, -10 otherwise, writes nothing
@@ -450,6 +455,13 @@ def directed(r):
     check(rep[5][:3] == [2, 1, 1] and rep[6][:3] == [2, 3, 3] and rep[7:] == [-10, -10]
           and rep[1] == 3, f"replay op: {rep}")
     check(snapshot(r) == before, "replay op: something was written")
+    n_checks += 1
+
+    # 5b. a nonce may hold any byte, '|' too: it is the record's last field
+    rep = s.call([("nz", "rz", "a|b,c")])
+    check(isinstance(rep[5], int) and rep[5] > 0, f"nonce with '|': claim {rep}")
+    rep = s.call([("nz", "rz", "other")])
+    check(isinstance(rep[5], list) and rep[5][6] == "a|b,c", f"nonce with '|': replay {rep}")
     n_checks += 1
 
     # 6. retention: generations rotate, records live between W and 2W, then vanish
