@@ -9,13 +9,15 @@
 -- KEYS (all share the hash tag {<batch>:<shard>}):
 --   1 meta     hash   state, start, end, limit, daily, vdays, vfrom, vto, ver, ...; also read
 --                     here: 'epoch' (shard epoch, default 1), 'fenced' ('1' = refuse every
---                     claim), 'rqc' / 'rqp' (start ms of the current / previous request-id
---                     generation, '' = none; written here, see "Request-id records")
+--                     claim); written here: 'rqc' / 'rqp' (start ms of the current / previous
+--                     request-id generation, '' = none) and 'rqcq' / 'rqpq' (first sequence
+--                     recorded in each)
 --   2 stock    string coupons left in this shard (layout unchanged: transfer_in/out, probe,
 --                     patch, setup and restore keep working as they are)
---   3 users    hash   user -> "<count>" or "<count>:<utc day>:<count that day>": the
---                     per-user limit and the per-day limit in ONE field ("<count>" alone: no
---                     claim counted on any day yet, as restore.lua's 'users' pairs write it)
+--   3 users    hash   user -> "<count>[:<utc day>:<count that day>][/<epoch>.<q>]...": the
+--                     per-user limit, the per-day limit (no day part: no claim counted on any
+--                     day yet, as restore.lua's 'users' pairs write it) and references to the
+--                     request-id records of the user's successes (see below), in ONE field
 --   4 req      string, never accessed: the PREFIX of the request-id generation hashes
 --                     "<KEYS[4]>:<generation start ms>". Derived in the script from this
 --                     declared name, they carry the same hash tag, so they stay in this slot
@@ -38,7 +40,7 @@
 --                  and returned on replay, so a caller repeating its own call after a lost
 --                  reply can tell it minted the coupon; '' costs no memory)
 --   (column by column, not claim by claim: the users go to HMGET / SMISMEMBER as they are)
---   Users and request ids must not contain '|' (the record separator); nonces may.
+--   No user, request id or nonce may contain '|' (the record separator).
 -- Returns a flat array { epoch, seq_after, at, vf, vt, r_1, ..., r_n }:
 --   epoch      the shard's epoch (0 when the shard has no meta)
 --   seq_after  the shard's coupon sequence after the call (0 with no meta or when fenced);
@@ -66,28 +68,34 @@
 -- Log entry (XADD <log> * h <header> c <claims>), record format version 2:
 --   h "2|<epoch>|<q>|<claimed at ms>|<valid from ms>|<valid to ms>", q = sequence of the
 --     entry's first claim
---   c "<user>|<request id>|<user>|<request id>|..." in sequence order: pair k (k = 0..) is
---     the claim with sequence q + k ('' request id: none). Split on '|', take pairs.
+--   c "<user>|<request id>|<nonce>|<user>|<request id>|<nonce>|..." in sequence order:
+--     triple k (k = 0..) is the claim with sequence q + k ('' request id or nonce: none).
+--     Split on '|', take triples.
 --   Batch and shard are the log's own (the persister reads the log of one shard). Only a
 --   call with at least one success writes an entry.
 --
--- Request-id records: hash "<KEYS[4]>:<g>" (g = generation start ms), field
---   "<user>|<request id>", value "<epoch>.<seq>|<claimed_at>|<valid_from - claimed_at>|
---   <valid_to - claimed_at>|<nonce>" (validity relative to claimed_at: shorter).
---   Invariant (rebuilds must keep it): a user with a record has a users field (count >= 1),
---   so request ids are looked up only for users the users hash knows: a first-time claimant
---   costs no request-id read.
---   New records go to the current generation (meta rqc). A call at now >= rqc + W starts a
---   new one at now: the current becomes the previous (meta rqp), the previous is dropped.
---   Lookups read the current and the previous generation. A generation hash expires at
---   g + 2W (PEXPIRE when it is started), so a record lives between W and 2W. Generation names
---   come from meta, not from now / W: gateways configured with different W still find each
+-- Request-id records: ONE per call that has a success with a request id, field
+--   "@<epoch>.<q>" of the current generation hash "<KEYS[4]>:<rqc>", value
+--   "<h>|<c>" (the call's log header and claims, as above). Each such success appends the
+--   reference "/<epoch>.<q>" to its user's field; a later claim of that user with a request
+--   id reads the records its references name (current, then previous generation) and looks
+--   for its (user, request id) in them. A user without references (a first-time claimant)
+--   costs no request-id read. References to expired generations (q below the previous
+--   generation's first sequence) or to another epoch are dropped when the user's field is
+--   next written, so a field holds at most the records of the last 2W (and never more than
+--   the per-user limit).
+--   Generations: a call at now >= rqc + W starts a new one at now: the current becomes the
+--   previous (rqp, rqpq), the previous is dropped. Each generation hash expires at start +
+--   2W (PEXPIRE when started), so a record lives between W and 2W. Generation names come
+--   from meta, not from now / W: gateways configured with different W still find each
 --   other's records (retention is then the smallest W) instead of missing them.
---   A request id older than the retention is not found: the caller answers such replays from
---   the database.
+--   A request id older than the retention is not found: the caller answers such replays
+--   from the database. A rebuild writes counts ("<count>[:<day>:<n>]") and either no
+--   references (replays then go to the database) or records in this format with them.
 
 local call = redis.call
-local find, match, fmt, concat = string.find, string.match, string.format, table.concat
+local find, match, fmt, concat, gmatch, sub =
+  string.find, string.match, string.format, table.concat, string.gmatch, string.sub
 local tonumber, floor, unpack = tonumber, math.floor, unpack
 local A, KEYS = ARGV, KEYS
 
@@ -105,9 +113,9 @@ local maxlog, W = tonumber(A[3]), tonumber(A[4])
 if not maxlog or maxlog < 0 or maxlog ~= floor(maxlog) then return fail('bad max log length') end
 if not W or W < 1 or W ~= floor(W) then return fail('bad retention') end
 local U, R, N = 4, 4 + n, 4 + 2 * n -- claim i: user A[U + i], request id A[R + i], nonce A[N + i]
--- every user and request id at once: one scan, not one per claim
-if find(concat(A, '', U + 1, R + n), '|', 1, true) then
-  return fail("user and request id must not contain '|'")
+-- every user, request id and nonce at once: one scan, not one per claim
+if find(concat(A, '', U + 1, N + n), '|', 1, true) then
+  return fail("user, request id and nonce must not contain '|'")
 end
 for i = U + 1, U + n do
   if A[i] == '' then return fail('empty user id') end
@@ -116,7 +124,7 @@ end
 local out = { unpack(A, 1, n + 5) } -- sized once; every slot is overwritten below
 out[1], out[2], out[3], out[4], out[5] = 0, 0, 0, 0, 0
 local m = call('HMGET', KEYS[1], 'state', 'start', 'end', 'limit', 'daily', 'vdays', 'vfrom',
-  'vto', 'epoch', 'fenced', 'rqc', 'rqp')
+  'vto', 'epoch', 'fenced', 'rqc', 'rqp', 'rqcq', 'rqpq')
 if not m[1] then
   for i = 1, n do out[5 + i] = -1 end
   return out
@@ -135,15 +143,15 @@ local now = tonumber(t[1]) * 1000 + floor(tonumber(t[2]) / 1000)
 -- Request-id generations (nothing written yet). A generation whose start is in the future (a
 -- clock that went back after a failover) stays current.
 local cur, prev = tonumber(m[11]), tonumber(m[12])
+local curq, prevq = tonumber(m[13]), tonumber(m[14]) -- first sequence recorded in each
 local rotated = false
 if not cur then
-  cur, prev, rotated = now, nil, true
+  cur, curq, prev, prevq, rotated = now, nil, nil, nil, true
 elseif now >= cur + W then
-  if now < cur + 2 * W then prev = cur else prev = nil end
-  cur, rotated = now, true
+  if now < cur + 2 * W then prev, prevq = cur, curq else prev, prevq = nil, nil end
+  cur, curq, rotated = now, nil, true
 end
-if prev and now >= prev + 2 * W then prev = nil end -- expired: nothing to read there
-local curkey = KEYS[4] .. ':' .. fmt('%d', cur)
+if prev and now >= prev + 2 * W then prev, prevq = nil, nil end -- expired: nothing to read
 
 -- Claims of one user share the state kept at the user's first claim: j = idx[user].
 local idx, rep = {}, false
@@ -151,78 +159,104 @@ for i = 1, n do
   local u = A[U + i]
   if idx[u] then rep = true else idx[u] = i end
 end
--- cnt[i]: count of claim i's user (false: no field, never claimed); uday / udc: its day count
+-- cnt[i]: count of claim i's user (false: no field, never claimed); uday / udc: its day
+-- count; urefs: its record references "/<epoch>.<q>..."
 local cnt = call('HMGET', KEYS[3], unpack(A, U + 1, U + n))
-local uday, udc
-local known = false
+local uday, udc, urefs
 for i = 1, n do
   local v = cnt[i]
   if v then
-    known = true
-    local c, d, dc = match(v, '^(%d+):(%d+):(%d+)$')
-    if c then
-      if not uday then uday, udc = {}, {} end
-      cnt[i], uday[i], udc[i] = tonumber(c), tonumber(d), tonumber(dc)
-    else
-      c = tonumber(match(v, '^%d+$'))
-      if not c then return fail('corrupt user record') end
-      cnt[i] = c
+    local c, rest = match(v, '^(%d+)(.*)$')
+    if not c then return fail('corrupt user record') end
+    cnt[i] = tonumber(c)
+    if rest ~= '' then
+      local d, dc, refs = match(rest, '^:(%d+):(%d+)(.*)$')
+      if d then
+        if not uday then uday, udc = {}, {} end
+        uday[i], udc[i], rest = tonumber(d), tonumber(dc), refs
+      end
+      if rest ~= '' then
+        if find(rest, '[^/%.%d]') or not match(rest, '^/%d+%.%d+') then
+          return fail('corrupt user record')
+        end
+        if not urefs then urefs = {} end
+        urefs[i] = rest
+      end
     end
   end
 end
 
--- Request-id records: only users the users hash knows can have one.
-local found -- claim index -> stored record
-local fieldof -- claim index -> "<user>|<rid>" when built here
-if known then
-  local fields, fidx, nf = {}, {}, 0
-  fieldof = {}
+-- Request-id records: only users with references can have one. A reference names the
+-- record of a call ("@<epoch>.<q>" in the current or previous generation), which lists that
+-- call's claims in sequence order after a header.
+local function search(rec, u, rid)
+  -- a cheap test first; then walk the entries, since a match must start at an entry
+  if not find(rec, '|' .. u .. '|' .. rid .. '|', 1, true) then return nil end
+  local e, q, at, vf, vt, pos = match(rec, '^2|(%d+)|(%d+)|(%d+)|(%-?%d+)|(%-?%d+)()')
+  if not e then return false end
+  local k = 0
+  for eu, er, en in gmatch(sub(rec, pos), '|([^|]*)|([^|]*)|([^|]*)') do
+    if eu == u and er == rid then
+      return { 2, tonumber(e), tonumber(q) + k, tonumber(vf), tonumber(vt), tonumber(at), en }
+    end
+    k = k + 1
+  end
+  return nil
+end
+local found -- claim index -> replay answer
+if urefs then
+  local want, wl, nw = {}, {}, 0
   for i = 1, n do
-    local rid = A[R + i]
-    if rid ~= '' and cnt[i] then
-      local f = A[U + i] .. '|' .. rid
-      nf = nf + 1
-      fields[nf], fidx[nf], fieldof[i] = f, i, f
+    if urefs[i] and A[R + i] ~= '' then
+      for ref in gmatch(urefs[i], '/(%d+%.%d+)') do
+        if not want[ref] then
+          nw = nw + 1
+          wl[nw], want[ref] = '@' .. ref, true
+        end
+      end
     end
   end
-  if nf > 0 then
-    found = {}
-    local miss, missidx, nm = fields, fidx, nf
+  if nw > 0 then
+    local recs = {}
+    local miss, nm = wl, nw
     if not rotated then -- a generation started by this call is still empty
-      local got = call('HMGET', curkey, unpack(fields, 1, nf))
-      miss, missidx, nm = {}, {}, 0
-      for k = 1, nf do
-        if got[k] then found[fidx[k]] = got[k]
-        else nm = nm + 1; miss[nm], missidx[nm] = fields[k], fidx[k] end
+      local got = call('HMGET', KEYS[4] .. ':' .. fmt('%d', cur), unpack(wl, 1, nw))
+      miss, nm = {}, 0
+      for k = 1, nw do
+        if got[k] then recs[wl[k]] = got[k] else nm = nm + 1; miss[nm] = wl[k] end
       end
     end
     if prev and nm > 0 then
       local got = call('HMGET', KEYS[4] .. ':' .. fmt('%d', prev), unpack(miss, 1, nm))
       for k = 1, nm do
-        if got[k] then found[missidx[k]] = got[k] end
+        if got[k] then recs[miss[k]] = got[k] end
+      end
+    end
+    for i = 1, n do
+      local rid = A[R + i]
+      if urefs[i] and rid ~= '' then
+        for ref in gmatch(urefs[i], '/(%d+%.%d+)') do
+          local rec = recs['@' .. ref]
+          if rec then
+            local r = search(rec, A[U + i], rid)
+            if r == false then return fail('corrupt request-id record') end
+            if r then
+              found = found or {}
+              found[i] = r
+              break
+            end
+          end
+        end
       end
     end
   end
-end
-
-local function stored_replay(rec)
-  local e, s, at, dvf, dvt, nonce =
-    match(rec, '^(%d+)%.(%d+)|(%d+)|(%-?%d+)|(%-?%d+)|(.*)$')
-  if not e then return nil end
-  at = tonumber(at)
-  return { 2, tonumber(e), tonumber(s), at + tonumber(dvf), at + tonumber(dvt), at, nonce }
 end
 
 if not claiming then
   out[1] = epoch
   out[2] = tonumber(call('GET', KEYS[7]) or '0')
   for i = 1, n do
-    local r = -10
-    if found and found[i] then
-      r = stored_replay(found[i])
-      if not r then return fail('corrupt request-id record') end
-    end
-    out[5 + i] = r
+    out[5 + i] = found and found[i] or -10
   end
   return out
 end
@@ -250,13 +284,14 @@ local taken = 0
 local mint, mj = {}, {} -- k -> claim index / user state index of the k-th success
 local minted -- "<user>|<rid>" -> k, kept only in calls where some user has several claims
 local pending -- claim index -> k of the earlier success in this call that it replays
+local withrid -- user state index -> true: the user has a success with a request id here
 
 for i = 1, n do
   local r, f
   if rep then
     local rid = A[R + i]
     if rid ~= '' then
-      f = (fieldof and fieldof[i]) or (A[U + i] .. '|' .. rid)
+      f = A[U + i] .. '|' .. rid
       minted = minted or {}
     end
   end
@@ -264,8 +299,7 @@ for i = 1, n do
     pending = pending or {}
     pending[i] = minted[f]
   elseif found and found[i] then
-    r = stored_replay(found[i])
-    if not r then return fail('corrupt request-id record') end
+    r = found[i]
   elseif gate then
     r = gate
   else
@@ -294,6 +328,10 @@ for i = 1, n do
             taken = taken + 1
             mint[taken], mj[taken] = i, j
             if f then minted[f] = taken end
+            if A[R + i] ~= '' then
+              if not withrid then withrid = {} end
+              withrid[j] = true
+            end
             cnt[j] = c + 1
             if daily > 0 then
               if not uday then uday, udc = {}, {} end
@@ -314,41 +352,56 @@ if taken > 0 then
   local first = last - taken + 1
   call('DECRBY', KEYS[2], taken)
   local DIGITS = { '0', '1', '2', '3', '4', '5', '6', '7', '8', '9' }
-  local kv, rq, lg = { unpack(A, 1, 2 * taken) }, { unpack(A, 1, 2 * taken) },
-    { unpack(A, 1, taken) } -- sized once
-  local nq = 0
-  local snow, sepoch = fmt('%d', now), fmt('%d', epoch)
-  local tail = '|' .. snow .. '|' .. fmt('%d', vf - now) .. '|' .. fmt('%d', vt - now) .. '|'
+  local ref = fmt('%d.%d', epoch, first) -- this call's record: "@<epoch>.<first>"
+  if rotated then curq = first end
+  -- references to records of older generations (expired) or of another epoch are dropped
+  local floorq = (prev and (prevq or 0)) or curq or 0
+  local function prune(refs)
+    local keep, nk = {}, 0
+    for e, q in gmatch(refs, '/(%d+)%.(%d+)') do
+      if tonumber(e) == epoch and tonumber(q) >= floorq then
+        nk = nk + 1
+        keep[nk] = '/' .. e .. '.' .. q
+      end
+    end
+    return concat(keep, '', 1, nk)
+  end
+  local kv, E = { unpack(A, 1, 2 * taken) }, { unpack(A, 1, 3 * taken) } -- sized once
   for k = 1, taken do
     local i, j = mint[k], mj[k]
-    local u, rid = A[U + i], A[R + i]
-    local seq = first + k - 1
-    out[5 + i] = seq
+    local u = A[U + i]
+    out[5 + i] = first + k - 1
+    E[3 * k - 2], E[3 * k - 1], E[3 * k] = u, A[R + i], A[N + i]
+    -- a user with several successes in the call gets several pairs, all with its final value
     local c = cnt[j]
-    -- a user with several successes in the call gets several pairs, all with its final count
-    kv[2 * k - 1] = u
+    local v
     if uday and uday[j] then
-      kv[2 * k] = fmt('%d:%d:%d', c, uday[j], udc[j])
+      v = fmt('%d:%d:%d', c, uday[j], udc[j])
     else
-      kv[2 * k] = DIGITS[c + 1] or fmt('%d', c)
+      v = DIGITS[c + 1] or fmt('%d', c)
     end
-    local f = (fieldof and fieldof[i]) or (u .. '|' .. rid)
-    lg[k] = f
-    if rid ~= '' then
-      rq[nq + 1], rq[nq + 2] = f, sepoch .. '.' .. fmt('%d', seq) .. tail .. A[N + i]
-      nq = nq + 2
+    local refs = urefs and urefs[j]
+    if refs then refs = prune(refs) end
+    if withrid and withrid[j] then
+      v = v .. (refs or '') .. '/' .. ref
+    elseif refs and refs ~= '' then
+      v = v .. refs
     end
+    kv[2 * k - 1], kv[2 * k] = u, v
   end
   call('HSET', KEYS[3], unpack(kv, 1, 2 * taken))
-  if nq > 0 then
-    call('HSET', curkey, unpack(rq, 1, nq))
+  local hdr = fmt('2|%d|%d|%d|%d|%d', epoch, first, now, vf, vt)
+  local claims = concat(E, '|', 1, 3 * taken)
+  call('XADD', KEYS[5], '*', 'h', hdr, 'c', claims)
+  if withrid then
+    local curkey = KEYS[4] .. ':' .. fmt('%d', cur)
+    call('HSET', curkey, '@' .. ref, hdr .. '|' .. claims)
     if rotated then
       call('PEXPIRE', curkey, fmt('%d', cur + 2 * W - now))
-      call('HSET', KEYS[1], 'rqc', fmt('%d', cur), 'rqp', prev and fmt('%d', prev) or '')
+      call('HSET', KEYS[1], 'rqc', fmt('%d', cur), 'rqp', prev and fmt('%d', prev) or '',
+        'rqcq', fmt('%d', curq), 'rqpq', prevq and fmt('%d', prevq) or '')
     end
   end
-  call('XADD', KEYS[5], '*', 'h', fmt('2|%d|%d|%d|%d|%d', epoch, first, now, vf, vt),
-    'c', concat(lg, '|', 1, taken))
   if pending then
     for i, k in pairs(pending) do
       out[5 + i] = { 2, epoch, first + k - 1, vf, vt, now, A[N + mint[k]] }

@@ -21,6 +21,7 @@ Exit status 0 = every check passed.
 import argparse
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -292,18 +293,39 @@ def run_seed(r, seed, steps, max_batch):
         i += size
         stats["claims"] += size
 
-    # final state: counts, day counts, stock, sequence, logs
+    # final state: counts, day counts, stock, sequence, logs (a vanished meta comes back)
+    for side in (old, new):
+        if r.exists(side.k["meta"] + ":away"):
+            r.rename(side.k["meta"] + ":away", side.k["meta"])
     ou, od = r.hgetall(old.k["users"]), r.hgetall(old.k["daily"])
     nu = r.hgetall(new.k["users"])
     check(set(ou) == set(nu), f"seed {seed}: users differ {set(ou) ^ set(nu)}")
+    gen = f"{new.k['req']}:{r.hget(new.k['meta'], 'rqc')}"
+    with_rid = {}  # user -> successes with a request id, from claim.lua's log
+    for _, f in r.xrange(old.k["log"]):
+        if f["r"]:
+            with_rid[f["u"]] = with_rid.get(f["u"], 0) + 1
     for u, v in nu.items():
-        parts = v.split(":")
-        check(int(parts[0]) == int(ou[u]), f"seed {seed}: count of {u}: {ou[u]} vs {v}")
-        if len(parts) == 3:
-            check(od.get(u) == f"{parts[1]}:{parts[2]}", f"seed {seed}: day of {u}: "
-                                                         f"{od.get(u)} vs {v}")
+        mm = re.fullmatch(r"(\d+)(?::(\d+):(\d+))?((?:/\d+\.\d+)*)", v)
+        check(mm, f"seed {seed}: user field of {u}: {v!r}")
+        count, d, dc, refs = mm.groups()
+        check(int(count) == int(ou[u]), f"seed {seed}: count of {u}: {ou[u]} vs {v}")
+        if d is not None:
+            check(od.get(u) == f"{d}:{dc}", f"seed {seed}: day of {u}: {od.get(u)} vs {v}")
         else:
-            check(len(parts) == 1 and u not in od, f"seed {seed}: day of {u}: {od.get(u)} vs {v}")
+            check(u not in od, f"seed {seed}: day of {u}: {od.get(u)} vs {v}")
+        # one reference per call with a success of u that had a request id; each names a
+        # record that holds such a claim of u
+        refs = refs.split("/")[1:]
+        check(len(refs) == len(set(refs)) and len(refs) <= with_rid.get(u, 0)
+              and (len(refs) > 0) == (with_rid.get(u, 0) > 0),
+              f"seed {seed}: references of {u}: {v} ({with_rid.get(u, 0)} with request id)")
+        for ref in refs:
+            rec = r.hget(gen, "@" + ref)
+            check(rec is not None, f"seed {seed}: reference {ref} of {u} names no record")
+            p = rec.split("|")[6:]
+            check(any(p[3 * k] == u and p[3 * k + 1] for k in range(len(p) // 3)),
+                  f"seed {seed}: record {ref} holds no claim of {u} with a request id")
     for k in ("stock", "claimed"):
         check(r.get(old.k[k]) == r.get(new.k[k]), f"seed {seed}: {k} {r.get(old.k[k])} vs "
                                                   f"{r.get(new.k[k])}")
@@ -318,9 +340,9 @@ def run_seed(r, seed, steps, max_batch):
               f"seed {seed}: log header {flat[1]}")
         time_close(int(eid.split("-")[0]), int(t), f"seed {seed}: entry id vs t", 1000)
         parts = flat[3].split("|")
-        check(len(parts) % 2 == 0, f"seed {seed}: log claims {flat[3]}")
-        for k in range(len(parts) // 2):
-            new_log.append((int(q) + k, parts[2 * k], parts[2 * k + 1], int(t), int(vf),
+        check(len(parts) % 3 == 0, f"seed {seed}: log claims {flat[3]}")
+        for k in range(len(parts) // 3):
+            new_log.append((int(q) + k, parts[3 * k], parts[3 * k + 1], int(t), int(vf),
                             int(vt)))
     check([x[:3] for x in old_log] == [x[:3] for x in new_log],
           f"seed {seed}: logs differ:\n {old_log}\n {new_log}")
@@ -378,6 +400,7 @@ def directed(r):
         "| in last request id": ["claim", 3, 0, HOUR] + cols(good[:2] + [("u3", "r|3", "n")]),
         "| in first user": ["claim", 3, 0, HOUR] + cols([("u|1", "r1", "n")] + good[1:]),
         "| in a middle user": ["claim", 3, 0, HOUR] + cols([good[0], ("u|2", "r2", "n"), good[2]]),
+        "| in last nonce": ["claim", 3, 0, HOUR] + cols(good[:2] + [("u3", "r3", "n|")]),
     }
     for what, args in bad.items():
         before = snapshot(r)
@@ -457,22 +480,32 @@ def directed(r):
     check(snapshot(r) == before, "replay op: something was written")
     n_checks += 1
 
-    # 5b. a nonce may hold any byte, '|' too: it is the record's last field
-    rep = s.call([("nz", "rz", "a|b,c")])
-    check(isinstance(rep[5], int) and rep[5] > 0, f"nonce with '|': claim {rep}")
-    rep = s.call([("nz", "rz", "other")])
-    check(isinstance(rep[5], list) and rep[5][6] == "a|b,c", f"nonce with '|': replay {rep}")
+    # 5b. a record holds a call's claims; a (user, request id) found across an entry boundary
+    # is not a match: user x, request id y must not replay user q's claim (rid x, nonce y)
+    s = fresh("x")
+    r.hset(s.k["meta"], "limit", 3)
+    rep = s.call([("q", "x", "y"), ("x", "r0", "n0")])
+    check(rep[5:] == [1, 2], f"boundary: first call {rep}")
+    rep = s.call([("x", "y", "n1"), ("x", "r0", "n2")])
+    check(rep[5] == 3 and rep[6][:3] == [2, 1, 2] and rep[6][6] == "n0",
+          f"boundary: second call {rep}")
+    users = r.hget(s.k["users"], "x")
+    check(users == "2/1.1/1.3", f"boundary: user field {users}")
     n_checks += 1
 
-    # 6. retention: generations rotate, records live between W and 2W, then vanish
+    # 6. retention: generations rotate, records live between W and 2W, then vanish; a user's
+    # references to records of expired generations are dropped when its field is written
     W = 400
     s = fresh("w")
+    r.hset(s.k["meta"], "limit", 5)
     t0 = time.time()
     rep = s.call([("a", "ra", "na")], retention=W)
     check(rep[5] == 1, f"retention: claim {rep}")
     gen1 = r.hget(s.k["meta"], "rqc")
     k1 = f"{s.k['req']}:{gen1}"
-    check(r.hexists(k1, "a|ra") and 0 < r.pttl(k1) <= 2 * W, f"retention: gen key {k1}")
+    check(r.hexists(k1, "@1.1") and 0 < r.pttl(k1) <= 2 * W
+          and r.hget(s.k["users"], "a") == "1/1.1" and r.hget(s.k["meta"], "rqcq") == "1",
+          f"retention: generation {k1} {r.hgetall(k1)} {r.hgetall(s.k['meta'])}")
     rep = s.call([("a", "ra", "x")], retention=W)
     check(isinstance(rep[5], list) and rep[5][2] == 1, f"retention: replay within W {rep}")
     while time.time() < t0 + 1.3 * W / 1000:
@@ -480,9 +513,11 @@ def directed(r):
     rep = s.call([("b", "rb", "nb"), ("a", "ra", "x")], retention=W)  # rotates
     check(rep[5] == 2 and isinstance(rep[6], list) and rep[6][2] == 1,
           f"retention: after rotation {rep}")
-    gen2, prev = r.hget(s.k["meta"], "rqc"), r.hget(s.k["meta"], "rqp")
-    check(prev == gen1 and gen2 != gen1, f"retention: rotation meta {gen2} {prev}")
-    check(r.hexists(f"{s.k['req']}:{gen2}", "b|rb"), "retention: new record in new generation")
+    m = r.hgetall(s.k["meta"])
+    gen2 = m["rqc"]
+    check(m["rqp"] == gen1 and gen2 != gen1 and m["rqcq"] == "2" and m["rqpq"] == "1",
+          f"retention: rotation meta {m}")
+    check(r.hexists(f"{s.k['req']}:{gen2}", "@1.2"), "retention: new record in new generation")
     while time.time() < t0 + 2.3 * W / 1000:
         time.sleep(0.01)
     check(not r.exists(k1), "retention: first generation did not expire")
@@ -490,12 +525,22 @@ def directed(r):
     check(rep[5] == -10, f"retention: expired record still found {rep}")
     rep = s.call([("b", "rb", "x")], op="replay", retention=W)
     check(isinstance(rep[5], list), f"retention: second record lost too early {rep}")
+    # a third generation: a's next success drops its reference to the expired first one
+    while time.time() < t0 + 2.7 * W / 1000:
+        time.sleep(0.01)
+    rep = s.call([("a", "ra2", "n")], retention=W)
+    check(rep[5] == 3 and r.hget(s.k["users"], "a") == "2/1.3",
+          f"retention: pruned references {rep} {r.hget(s.k['users'], 'a')}")
     # a long pause: both generations are dropped at once
-    while time.time() < t0 + 4.5 * W / 1000:
+    while time.time() < t0 + 5.5 * W / 1000:
         time.sleep(0.01)
     rep = s.call([("c", "rc", "nc")], retention=W)
-    check(rep[5] == 3 and r.hget(s.k["meta"], "rqp") == "", f"retention: long pause {rep}")
-    n_checks += 6
+    m = r.hgetall(s.k["meta"])
+    check(rep[5] == 4 and m["rqp"] == "" and m["rqpq"] == "", f"retention: long pause {rep} {m}")
+    rep = s.call([("a", "ra3", "n")], retention=W)
+    check(rep[5] == 5 and r.hget(s.k["users"], "a") == "3/1.5",
+          f"retention: all references expired {rep} {r.hget(s.k['users'], 'a')}")
+    n_checks += 7
 
     # 7. daily limit across a day boundary (yesterday's count does not count today)
     s = fresh("d")
