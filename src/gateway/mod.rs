@@ -152,14 +152,6 @@ impl<B: Backend> Gateway<B> {
                 "events.webhook_url is unset: events are written to the outbox and wait there"
             );
         }
-        let mut servers = Vec::new();
-        for l in std::iter::once(listener).chain(admin) {
-            servers.push(tokio::spawn(crate::http::server::serve(
-                app.clone(),
-                l,
-                shutdown.child_token(),
-            )));
-        }
         if cfg.backend == BackendKind::Embedded && cfg.embedded.aof_path.is_none() {
             tracing::warn!(
                 "embedded.aof_path is empty: the keyspace lives in memory only. After a \
@@ -177,6 +169,16 @@ impl<B: Backend> Gateway<B> {
         };
         tracing::info!(listen = %local_addr, backend = backend.kind(), store = %store,
             database = %redact_url(&cfg.database.url), "claimgate serving");
+        // Accept only once the startup lines are out: whoever sees the gateway healthy can
+        // rely on them (the startup-log test killed the gateway between the two).
+        let mut servers = Vec::new();
+        for l in std::iter::once(listener).chain(admin) {
+            servers.push(tokio::spawn(crate::http::server::serve(
+                app.clone(),
+                l,
+                shutdown.child_token(),
+            )));
+        }
         Ok(Gateway {
             app,
             shutdown,
