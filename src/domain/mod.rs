@@ -1,6 +1,6 @@
 //! The domain: what a batch is and how it is validated ([`batch`]), time ([`time`]),
 //! identifiers and routing ([`ids`]), the claim record ([`claim`]), who the caller is
-//! ([`auth`]) and the local edge limits ([`limits`]). Builds on `config` and `obs` only.
+//! ([`auth`]), the local edge limits ([`limits`]) and the checkout quote ([`quote`]). Builds on `config` and `obs` only.
 //!
 //! Invariant kept here: everything a client can send is validated by these types before it
 //! reaches a script or the database.
@@ -10,4 +10,5 @@ pub mod batch;
 pub mod claim;
 pub mod ids;
 pub mod limits;
+pub mod quote;
 pub mod time;
