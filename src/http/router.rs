@@ -17,7 +17,7 @@ use hyper::body::Body;
 use super::body::read_body;
 use super::error::{ApiError, json_response};
 use super::{App, ops};
-use crate::api::{admin, claim, wallet};
+use crate::api::{admin, catalog, claim, quote, wallet};
 use crate::backend::Backend;
 use crate::obs::events::{Failure, HttpAnswered};
 
@@ -33,6 +33,8 @@ enum Route<'a> {
     Claims(&'a str),
     UserCoupons(&'a str),
     CouponAction(&'a str, &'a str),
+    ProductBatches(&'a str),
+    Quote,
     Unknown,
 }
 
@@ -57,6 +59,10 @@ impl Route<'_> {
             {
                 Route::CouponAction(c, action)
             }
+            (Some("v1"), Some("products"), Some(p), Some("batches"), None) if !p.is_empty() => {
+                Route::ProductBatches(p)
+            }
+            (Some("v1"), Some("checkout"), Some("quote"), None, _) => Route::Quote,
             _ => Route::Unknown,
         }
     }
@@ -65,9 +71,10 @@ impl Route<'_> {
     fn allow(&self) -> &'static str {
         match self {
             Route::Health | Route::Ready | Route::Metrics | Route::OpenApi => "GET",
-            Route::UserCoupons(_) => "GET",
+            Route::UserCoupons(_) | Route::ProductBatches(_) => "GET",
             Route::Batch(_) => "GET, PATCH",
-            Route::Batches | Route::Claims(_) | Route::CouponAction(..) => "POST",
+            Route::Batches => "GET, POST",
+            Route::Claims(_) | Route::CouponAction(..) | Route::Quote => "POST",
             Route::Unknown => "",
         }
     }
@@ -83,6 +90,8 @@ impl Route<'_> {
             Route::Claims(_) => "claims",
             Route::UserCoupons(_) => "user_coupons",
             Route::CouponAction(..) => "coupon_action",
+            Route::ProductBatches(_) => "products",
+            Route::Quote => "quote",
             Route::Unknown => "unknown",
         }
     }
@@ -192,6 +201,24 @@ where
             let (status, batch) = admin::create(api, &body).await?;
             Ok(json_response(status, &batch))
         }
+        Route::Batches if m == Method::GET => {
+            api.auth().check_admin(h)?;
+            let query = parts.uri.query().unwrap_or("");
+            Ok(json_response(
+                StatusCode::OK,
+                &catalog::list(api, query).await?,
+            ))
+        }
+        Route::ProductBatches(product) if m == Method::GET => {
+            let query = parts.uri.query().unwrap_or("");
+            let page = catalog::product_batches(api, product, query)?;
+            Ok(json_response(StatusCode::OK, &page))
+        }
+        Route::Quote if m == Method::POST => {
+            let body = read_body(body, limit, body_cut).await?;
+            let reply = quote::quote_cart(api, h, &body).await?;
+            Ok(json_response(StatusCode::OK, &reply))
+        }
         Route::Batch(id) if m == Method::GET => {
             api.auth().check_admin(h)?;
             Ok(json_response(StatusCode::OK, &admin::get(api, id).await?))
@@ -252,6 +279,11 @@ mod tests {
             Route::parse("/v1/coupons/c.1.2/lock"),
             Route::CouponAction("c.1.2", "lock")
         );
+        assert_eq!(
+            Route::parse("/v1/products/p%201/batches"),
+            Route::ProductBatches("p%201")
+        );
+        assert_eq!(Route::parse("/v1/checkout/quote"), Route::Quote);
         for unknown in [
             "/",
             "",
@@ -260,6 +292,10 @@ mod tests {
             "/v1/batches//claims",
             "/v1/batches/b/claims/x",
             "/v1/coupons/c/steal",
+            "/v1/products//batches",
+            "/v1/products/p/batches/x",
+            "/v1/checkout",
+            "/v1/checkout/quote/x",
             "/healthz/x",
         ] {
             assert_eq!(Route::parse(unknown), Route::Unknown, "{unknown}");

@@ -159,6 +159,8 @@ pub const ROUTES: &[&str] = &[
     "claims",
     "user_coupons",
     "coupon_action",
+    "products",
+    "quote",
     "unknown",
 ];
 const STATUS_CLASSES: &[&str] = &["2xx", "3xx", "4xx", "5xx"];
