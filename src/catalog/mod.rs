@@ -258,17 +258,22 @@ impl<B: Backend> Catalog<B> {
             Some(Event::Changed(batch)) => {
                 // Created or changed: a "not found" mark of it is wrong now, cached or not.
                 self.cache.clear_missing(&batch);
-                match self.cache.get(&batch) {
-                    Some(entry) => self.refresh(&entry).await,
-                    // Created elsewhere: learn it now, so product pages show it at once.
-                    None => {
-                        if let Err(e) = self.load(&batch).await {
-                            tracing::debug!(batch = %batch, error = %e, "loading a new batch failed");
-                        }
-                    }
-                }
+                self.learn(&batch).await;
             }
             None => {}
+        }
+    }
+
+    /// Re-reads a batch just created or changed (here or elsewhere): refreshes it when
+    /// cached, else loads it, so product pages show a new batch at once.
+    pub async fn learn(&self, id: &str) {
+        match self.cache.get(id) {
+            Some(entry) => self.refresh(&entry).await,
+            None => {
+                if let Err(e) = self.load(id).await {
+                    tracing::debug!(batch = %id, error = %e, "loading a new batch failed");
+                }
+            }
         }
     }
 
