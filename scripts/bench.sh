@@ -13,7 +13,8 @@
 #      persister off (the claim path alone, as with dedicated persister instances);
 #   3b. 3x overload against bounded admission (p99 of admitted requests, memory);
 #   3. the sold-out phase (answers from memory) and its Redis calls;
-#   4. the embedded backend (max claims/s and its HTTP ceiling);
+#   4. the embedded backend (max claims/s and its HTTP ceiling), product lookups/s and
+#      checkout quotes/s (20-item cart, 50-coupon wallet) on it;
 #   5. persistence: a PERSIST_SECONDS claim run per database with the backlog sampled every
 #      second, the drain time after it, and persister rows/s (PostgreSQL and SQLite);
 # plus CPU seconds per 1,000 claims (gateway, redis-server) and Redis commands per claim.
@@ -251,6 +252,12 @@ erate=$(( EMAX / 2 ))
 lt --scenario flash-sale --seed 42 --users 10000000 --stock 100000000 --connections "$CONNS" \
   --rate "$erate" --duration "${SECS}s" --json "$WORK/eopen50.json"
 EP99_AT_50=$(jget "$WORK/eopen50.json" 'd["latency_ms"]["p99"]')
+# campaign tools on this gateway: product pages (from memory), quotes (wallet in SQLite)
+log "campaign tools: product lookups, quotes"
+lt --scenario product-lookup --seed 43 --connections "$CONNS" --duration "${SECS}s" --json "$WORK/plookup.json"
+PLOOKUP=$(jget "$WORK/plookup.json" 'round(d["rps"])'); PLOOKUP_P99=$(jget "$WORK/plookup.json" 'd["latency_ms"]["p99"]')
+lt --scenario quote --seed 44 --connections "$CONNS" --duration "${SECS}s" --json "$WORK/quote.json"
+QUOTE=$(jget "$WORK/quote.json" 'round(d["rps"])'); QUOTE_P99=$(jget "$WORK/quote.json" 'd["latency_ms"]["p99"]')
 stop_gateway
 
 # ---------------------------------------------------------------- 5. persistence under load
@@ -325,6 +332,8 @@ Command: \`BENCH_SECONDS=$SECS PERSIST_SECONDS=$PSECS BENCH_CONNECTIONS=$CONNS s
 | sold-out answers/s (from memory) | $SOLD /s ($SOLD_410 × 410 of $SOLD_REQ) | **$(ratio "$SOLD" "$TRIVIAL") × trivial endpoint** |
 | embedded backend: successful claims/s | $EMAX /s (p99 $EMAX_P99 ms; p99 at 50% rate $EP99_AT_50 ms) | **$(ratio "$EMAX" "$MAX") × redis backend** |
 | embedded HTTP ceiling: GET /healthz | $ETRIVIAL /s | |
+| product lookups/s (embedded gateway, from memory; 40 batches over 1,000 products) | $PLOOKUP /s (p99 $PLOOKUP_P99 ms) | $(ratio "$PLOOKUP" "$ETRIVIAL") × embedded HTTP ceiling |
+| checkout quotes/s (embedded gateway; 20-item cart, wallet of 50 coupons in SQLite) | $QUOTE /s (p99 $QUOTE_P99 ms) | |
 
 ## Targets
 
@@ -386,6 +395,8 @@ $CHARTS
 - max claims: \`claimgate-loadtest --scenario flash-sale --users 10000000 --stock 100000000 --connections $CONNS --duration ${SECS}s\`
 - open loop: the same with \`--rate <25|50|75% of max>\`
 - sold out: \`claimgate-loadtest --scenario sold-out --threads 2 --batch lt-31 --users 100000 --connections $CONNS --duration ${SECS}s\` after draining lt-31
+- product lookups: \`claimgate-loadtest --scenario product-lookup --connections $CONNS --duration ${SECS}s\` (creates 40 batches first)
+- quotes: \`claimgate-loadtest --scenario quote --connections $CONNS --duration ${SECS}s\` (creates 50 batches, claims one coupon of each and waits for the wallet first)
 - claim phases use one generator thread (measured: two threads leave less CPU to the gateway and Redis and lower the figure)
 - gateway: \`claimgate --backend redis|embedded --set limits.claim_per_user.per_second=0 --set limits.max_inflight=100000 serve\`
 EOF

@@ -10,12 +10,12 @@
 //! |-------|---------|-----|
 //! | root | [`cli`], [`gateway`] | the command line; the composition root: wiring, startup, the one shutdown sequence, the background loops |
 //! | http | [`http`] | server, router, request bodies, ops endpoints, errors as HTTP |
-//! | api | [`api`] | the claim, admin and wallet handlers (orchestration only), `ApiError` and the one conversion of each domain error |
+//! | api | [`api`] | the claim, admin, wallet, event-ledger, catalog (product pages, listing) and quote handlers (orchestration only), `ApiError` and the one conversion of each domain error |
 //! | off the request path | [`persist`], [`recovery`], [`notify`] | Redis logs -> database; rebuild and reconcile; events out (outbox -> signed webhook) and the coupon sweeps |
-//! | services | [`catalog`], [`stock`] | what an instance knows of batches (cache + loader); sharded stock: claim + refill, transfers + sweeper, the census |
+//! | services | [`catalog`], [`stock`] | what an instance knows of batches (cache + loader + product-page index); sharded stock: claim + refill, transfers + sweeper, the census |
 //! | contracts | [`contract`], [`store`] | the typed Lua API (one module per script, key layout, claim-record codec); the database |
 //! | backend | [`backend`] | raw script calls: Redis (fred) and embedded (mlua + an in-memory keyspace) |
-//! | domain | [`domain`] | batch model and validation, ids, time and the clock, the claim record, the coupon state machine, auth, edge limits |
+//! | domain | [`domain`] | batch model and validation, ids, time and the clock, the claim record, the coupon state machine, auth, edge limits, the checkout quote |
 //! | leaves | [`config`], [`obs`] | configuration (every section, checked at load); metric names and one struct per counted event |
 //!
 //! The request path of a claim: [`http::server`] -> [`http::router`] -> [`api::claim`] ->

@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 const DOC_PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/openapi.json");
 
 /// Every operation the router serves (src/http/router.rs), as the document must name it.
-const ROUTES: [(&str, &str); 15] = [
+const ROUTES: [(&str, &str); 18] = [
     ("GET", "/healthz"),
     ("GET", "/readyz"),
     ("GET", "/metrics"),
@@ -37,6 +37,9 @@ const ROUTES: [(&str, &str); 15] = [
     ("POST", "/v1/coupons/{coupon_id}/refund"),
     ("GET", "/v1/events"),
     ("GET", "/v1/events/{event_id}"),
+    ("GET", "/v1/batches"),
+    ("GET", "/v1/products/{product_id}/batches"),
+    ("POST", "/v1/checkout/quote"),
 ];
 
 const HTTP_METHODS: [&str; 8] = [
@@ -412,7 +415,8 @@ async fn router_serves_exactly_the_documented_operations() {
             .replace("{id}", "b1")
             .replace("{user_id}", "u1")
             .replace("{coupon_id}", "b1.0.1")
-            .replace("{event_id}", "b1.0.1:claimed");
+            .replace("{event_id}", "b1.0.1:claimed")
+            .replace("{product_id}", "p1");
         for m in ["GET", "POST", "PATCH", "PUT", "DELETE"] {
             let a = call(&gw, m, &concrete, "").await;
             let code = a.json()["error"].as_str().unwrap_or("").to_string();
@@ -738,6 +742,121 @@ async fn live_answers_match_the_response_schemas() {
     assert_eq!(none["error"], "event_not_found");
     conforms(&gw, &doc, "GET", one, "/v1/events/a%20b", "").await;
 
+    campaign_answers(&gw, &doc, coupon).await;
+
     conforms(&gw, &doc, "GET", "/healthz", "/healthz", "").await;
     conforms(&gw, &doc, "GET", "/readyz", "/readyz", "").await;
+}
+
+/// The campaign tools' answers: the listing, the product page and the quote (over a wallet
+/// the persister wrote), and their 400s. `oa1` is paused by now and `u1` holds `coupon` of
+/// it (10% off product p1).
+async fn campaign_answers(gw: &Gw, doc: &Value, coupon: &str) {
+    let listing = "/v1/batches";
+    let page = conforms(
+        gw,
+        doc,
+        "GET",
+        listing,
+        "/v1/batches?state=paused&limit=5",
+        "",
+    )
+    .await;
+    assert_eq!(page["batches"][0]["id"], "oa1");
+    assert_eq!(page["next_cursor"], Value::Null);
+    let page = conforms(
+        gw,
+        doc,
+        "GET",
+        listing,
+        "/v1/batches?active_at=2030-01-01T00:00:00Z&ends_after=2030-01-01T00:00:00Z&limit=1",
+        "",
+    )
+    .await;
+    assert_eq!(page["batches"].as_array().map(Vec::len), Some(1));
+    conforms(gw, doc, "GET", listing, "/v1/batches?limit=0", "").await;
+
+    let other = json!({
+        "id": "oa2", "name": "50 off 100 at zz", "stock": 5, "per_user_limit": 1,
+        "claim_window": {"start": "2020-01-01T00:00:00Z", "end": "2100-01-01T00:00:00Z"},
+        "validity": {"days_after_claim": 30},
+        "discount": {"kind": "threshold", "threshold": 10000, "amount": 5000},
+        "scope": {"kind": "products", "ids": ["zz"]}, "exclusive": true,
+    });
+    conforms(
+        gw,
+        doc,
+        "POST",
+        "/v1/batches",
+        "/v1/batches",
+        &other.to_string(),
+    )
+    .await;
+    let products = "/v1/products/{product_id}/batches";
+    let shown = conforms(
+        gw,
+        doc,
+        "GET",
+        products,
+        "/v1/products/zz/batches?merchant=m1",
+        "",
+    )
+    .await;
+    assert_eq!(shown["batches"][0]["batch_id"], "oa2");
+    assert_eq!(shown["batches"][0]["available"], true);
+    conforms(gw, doc, "GET", products, "/v1/products/zz/batches?x=1", "").await;
+
+    // the wallet: u1's coupon of oa1, and one of oa2, persisted
+    let claim = json!({"user_id": "u1"}).to_string();
+    let claims = "/v1/batches/{id}/claims";
+    conforms(gw, doc, "POST", claims, "/v1/batches/oa2/claims", &claim).await;
+    let app = &gw.app;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let persister = claimgate::persist::Persister::spawn(
+        app.backend().clone(),
+        app.store().clone(),
+        app.config().persister.clone(),
+        stop.clone(),
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while app
+        .store()
+        .user_coupons("u1", None, 10, None)
+        .await
+        .unwrap()
+        .0
+        .len()
+        < 2
+    {
+        let _ = persister.flush().await;
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the wallet was not persisted"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    stop.cancel();
+    persister.join().await;
+
+    let quote = "/v1/checkout/quote";
+    let cart = json!({"user_id": "u1", "items": [
+        {"product_id": "p1", "category_id": "c1", "merchant_id": "m1", "unit_price": 1000, "quantity": 2},
+        {"product_id": "p2", "unit_price": 999, "quantity": 1},
+    ]});
+    let q = conforms(gw, doc, "POST", quote, quote, &cart.to_string()).await;
+    assert_eq!(q["best"]["coupon_ids"], json!([coupon]));
+    assert_eq!(q["best"]["discount"], 200);
+    assert_eq!(q["unusable"][0]["reason"], "out_of_scope");
+    let example = &resolve(doc, &doc["components"]["schemas"]["QuoteRequest"])["example"];
+    let q = conforms(gw, doc, "POST", quote, quote, &example.to_string()).await;
+    assert_eq!(q["best"]["discount"], 0);
+    conforms(
+        gw,
+        doc,
+        "POST",
+        quote,
+        quote,
+        r#"{"user_id":"u1","items":[]}"#,
+    )
+    .await;
 }

@@ -216,6 +216,17 @@ pub async fn execute(
             }
         }
     }
+    match scenario {
+        ScenarioKind::ProductLookup => {
+            crate::campaign::setup_products(&mut admin_conn, &api, cli.seed, timeout).await?
+        }
+        ScenarioKind::Quote => {
+            let (body, user) =
+                crate::campaign::setup_quote(&mut admin_conn, &api, cli.seed, timeout).await?;
+            api = api.with_quote(body, &user);
+        }
+        _ => {}
+    }
     let api = Arc::new(api);
     let expect = |phase| Expectations {
         scenario,

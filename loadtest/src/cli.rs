@@ -168,6 +168,11 @@ pub enum ScenarioKind {
     Trivial,
     /// Claims against a batch that is drained to sold out before measuring.
     SoldOut,
+    /// `GET /v1/products/{id}/batches` over a catalog of batches the run creates first.
+    ProductLookup,
+    /// `POST /v1/checkout/quote`: a 20-item cart against a wallet of 50 coupons the run
+    /// claims (and waits to see persisted) first.
+    Quote,
 }
 
 impl ScenarioKind {
@@ -180,12 +185,14 @@ impl ScenarioKind {
             Self::Mixed => "mixed",
             Self::Trivial => "trivial",
             Self::SoldOut => "sold-out",
+            Self::ProductLookup => "product-lookup",
+            Self::Quote => "quote",
         }
     }
 
     /// Whether the scenario sends claims (and therefore needs a batch).
     pub fn claims(self) -> bool {
-        self != Self::Trivial
+        !matches!(self, Self::Trivial | Self::ProductLookup | Self::Quote)
     }
 
     /// Default stock of the batch created for this scenario.
@@ -349,10 +356,16 @@ pub fn validate(cli: &Cli) -> Result<(), String> {
     }
     if !cli.scenario.claims() {
         if cli.verify {
-            return Err("--verify needs a claim scenario (not trivial)".into());
+            return Err(format!(
+                "--verify needs a claim scenario (not {})",
+                cli.scenario
+            ));
         }
         if cli.batch.is_some() {
-            return Err("--batch is meaningless for the trivial scenario".into());
+            return Err(format!(
+                "--batch is meaningless for the {} scenario",
+                cli.scenario
+            ));
         }
     }
     if let Some(path) = &cli.report

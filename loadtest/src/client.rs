@@ -182,6 +182,8 @@ pub struct Api {
     ready_path: String,
     admin_auth: Option<HeaderValue>,
     signer: Option<TokenSigner>,
+    /// The quote scenario's body and user (set once its wallet is ready).
+    quote: Option<(Bytes, String)>,
 }
 
 /// Why a request could not be built (a token or header value that HTTP cannot carry).
@@ -222,7 +224,42 @@ impl Api {
             target,
             admin_auth,
             signer,
+            quote: None,
         })
+    }
+
+    /// The same API, sending `body` as the quote of `user` (the quote scenario).
+    pub fn with_quote(self, body: Bytes, user: &str) -> Self {
+        Self {
+            quote: Some((body, user.to_string())),
+            ..self
+        }
+    }
+
+    /// Bearer of `user`'s signed token when tokens are signed, else the admin token.
+    fn auth_as(&self, user: Option<&str>) -> Result<Option<HeaderValue>, BuildError> {
+        match (user, &self.signer) {
+            (Some(u), Some(s)) => Ok(Some(HeaderValue::from_str(&format!(
+                "Bearer {}",
+                s.token(u)?
+            ))?)),
+            _ => Ok(self.admin_auth.clone()),
+        }
+    }
+
+    /// `GET` of an API path, as `user` (see [`Api::auth_as`]) or as the admin.
+    pub fn get_as(&self, api_path: &str, user: Option<&str>) -> Result<HttpRequest, BuildError> {
+        self.get(&self.target.path(api_path), self.auth_as(user)?)
+    }
+
+    /// `POST` of an API path, as `user` (see [`Api::auth_as`]) or as the admin.
+    pub fn post_as(
+        &self,
+        api_path: &str,
+        body: Bytes,
+        user: Option<&str>,
+    ) -> Result<HttpRequest, BuildError> {
+        self.post(&self.target.path(api_path), body, self.auth_as(user)?)
     }
 
     /// The HTTP request for a planned request.
@@ -243,6 +280,13 @@ impl Api {
                     None => None,
                 };
                 self.post(&self.claims_path, Bytes::from(body), auth)
+            }
+            scenario::Request::Product(k) => {
+                self.get(&self.target.path(&scenario::product_path(*k)), None)
+            }
+            scenario::Request::Quote => {
+                let (body, user) = self.quote.clone().unwrap_or_default();
+                self.post_as("/v1/checkout/quote", body, Some(&user))
             }
         }
     }

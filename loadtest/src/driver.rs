@@ -358,6 +358,8 @@ fn endpoint(req: &Request) -> Endpoint {
         Request::Claim(_) => Endpoint::Claim,
         Request::GetBatch => Endpoint::GetBatch,
         Request::Health => Endpoint::Health,
+        Request::Product(_) => Endpoint::Product,
+        Request::Quote => Endpoint::Quote,
     }
 }
 

@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod app;
 pub mod auth;
+pub mod campaign;
 pub mod cli;
 pub mod client;
 pub mod db;

@@ -24,6 +24,8 @@ pub enum Endpoint {
     Claim,
     GetBatch,
     Health,
+    Product,
+    Quote,
 }
 
 /// Statistics of one connection (or, after merging, of the whole run).
@@ -177,6 +179,8 @@ pub fn outcome_key(endpoint: Endpoint, status: u16, code: Option<&str>) -> Strin
         Endpoint::Claim => "",
         Endpoint::GetBatch => "GET batch ",
         Endpoint::Health => "GET healthz ",
+        Endpoint::Product => "GET product ",
+        Endpoint::Quote => "POST quote ",
     };
     match code {
         Some(c) => format!("{prefix}{status} {c}"),

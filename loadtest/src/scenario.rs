@@ -19,6 +19,10 @@ pub enum Request {
     GetBatch,
     /// `POST /v1/batches/{id}/claims`.
     Claim(Claim),
+    /// `GET /v1/products/p<k>/batches?category=..&merchant=..` ([`product_path`]).
+    Product(u64),
+    /// `POST /v1/checkout/quote` with the run's cart and user.
+    Quote,
 }
 
 /// The identity of one claim attempt.
@@ -46,6 +50,10 @@ enum Workload {
     Trivial,
     /// Fills a batch up: every request is a fresh drain user (sold-out set-up phase).
     Drain,
+    /// Product pages of random products of the campaign catalog.
+    ProductLookup,
+    /// The same quote again and again.
+    Quote,
 }
 
 /// Parameters of a plan, taken from the command line.
@@ -88,6 +96,8 @@ impl Plan {
                 read_fraction: p.read_fraction,
             },
             ScenarioKind::Trivial => Workload::Trivial,
+            ScenarioKind::ProductLookup => Workload::ProductLookup,
+            ScenarioKind::Quote => Workload::Quote,
         };
         Self::new(p.seed, p.users, workload)
     }
@@ -112,6 +122,10 @@ impl Plan {
         let seed = self.seed;
         match &self.workload {
             Workload::Trivial => Request::Health,
+            Workload::ProductLookup => {
+                Request::Product(request_rng(seed, i).random_range(0..CAMPAIGN_PRODUCTS))
+            }
+            Workload::Quote => Request::Quote,
             Workload::FlashSale => Request::Claim(Claim {
                 user_id: user_id(seed, self.perm.apply(i % self.users)),
                 request_id: format!("r{seed}-{i}"),
@@ -156,6 +170,18 @@ impl Plan {
             }),
         }
     }
+}
+
+/// Products of the product-lookup catalog (`p0` ..).
+pub const CAMPAIGN_PRODUCTS: u64 = 1_000;
+
+/// The product page of product `k`: its category is `c<k % 20>`, its merchant `m<k % 10>`.
+pub fn product_path(k: u64) -> String {
+    format!(
+        "/v1/products/p{k}/batches?category=c{}&merchant=m{}",
+        k % 20,
+        k % 10
+    )
 }
 
 /// The id of regular user number `idx`.
@@ -263,6 +289,35 @@ mod tests {
             Request::Claim(c) => c,
             other => panic!("expected a claim, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn campaign_plans_are_deterministic_and_in_range() {
+        let p = Plan::for_scenario(ScenarioKind::ProductLookup, &params(10));
+        let again = Plan::for_scenario(ScenarioKind::ProductLookup, &params(10));
+        let mut seen = HashSet::new();
+        for i in 0..5_000 {
+            let r = p.request(i);
+            assert_eq!(r, again.request(i));
+            match r {
+                Request::Product(k) => {
+                    assert!(k < CAMPAIGN_PRODUCTS);
+                    seen.insert(k);
+                }
+                other => panic!("expected a product page, got {other:?}"),
+            }
+        }
+        assert!(
+            seen.len() > 900,
+            "pages spread over the catalog: {}",
+            seen.len()
+        );
+        assert_eq!(
+            product_path(123),
+            "/v1/products/p123/batches?category=c3&merchant=m3"
+        );
+        let q = Plan::for_scenario(ScenarioKind::Quote, &params(10));
+        assert!((0..100).all(|i| q.request(i) == Request::Quote));
     }
 
     #[test]

@@ -85,9 +85,7 @@ pub async fn create<B: Backend>(
     }
     let catalog = api.catalog();
     catalog.cache().clear_missing(&batch.id);
-    if let Some(entry) = catalog.cache().get(&batch.id) {
-        catalog.refresh(&entry).await;
-    }
+    catalog.learn(&batch.id).await;
     api.stock().announce_change(&batch.id).await;
     Ok((StatusCode::CREATED, batch))
 }

@@ -1,6 +1,7 @@
 //! The API's handlers, orchestration only: [`claim`] (the claim path), [`admin`] (create,
 //! read and change batches), [`wallet`] (a user's coupons, their checkout transitions and
-//! refunds), [`events`] (the admin's view of the event delivery ledger).
+//! refunds), [`events`] (the admin's view of the event delivery ledger), [`catalog`] (the
+//! product-page lookup and the admin listing of batches), [`quote`] (the checkout quote).
 //! Each takes the request's parts and the [`Api`] (the services it orchestrates), and
 //! answers a typed reply or an [`ApiError`] (the one mapping of domain errors, [`error`]).
 //!
@@ -10,9 +11,11 @@
 //! client through its one `From` impl.
 
 pub mod admin;
+pub mod catalog;
 pub mod claim;
 pub mod error;
 pub mod events;
+pub mod quote;
 pub mod wallet;
 
 use std::sync::Arc;

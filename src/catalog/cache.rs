@@ -11,10 +11,11 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering}
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 
 use crate::contract::keys::BatchKeys;
 use crate::domain::batch::{Batch, BatchState, Timestamp};
+use crate::domain::quote::{Terms, scope_set};
 
 /// One batch as this instance knows it.
 pub struct CachedBatch {
@@ -22,6 +23,13 @@ pub struct CachedBatch {
     pub keys: BatchKeys,
     def: RwLock<Arc<Batch>>,
     deny: RwLock<Arc<HashSet<String>>>,
+    /// The scope ids as a set (a cart line or a product page matches with one lookup);
+    /// replaced, never mutated, so a changed scope gets a new `Arc` (the product index tells
+    /// a change by pointer).
+    scope: RwLock<Arc<HashSet<Box<str>>>>,
+    /// Serializes [`CachedBatch::update`]: its version check and its stores are one step, so
+    /// concurrent refreshes never leave an older definition over a newer one.
+    updating: Mutex<()>,
     version: AtomicI64,
     sold_out: AtomicBool,
     /// Redis no longer has this batch (known from the database): claims get 503 until a
@@ -40,11 +48,14 @@ impl CachedBatch {
     pub fn new(batch: Batch, version: i64, sold_out: bool) -> CachedBatch {
         let keys = BatchKeys::new(&batch.id, batch.shards);
         let deny = batch.eligibility.deny_users.iter().cloned().collect();
+        let scope = scope_set(&batch);
         CachedBatch {
             id: batch.id.clone(),
             keys,
             def: RwLock::new(Arc::new(batch)),
             deny: RwLock::new(Arc::new(deny)),
+            scope: RwLock::new(Arc::new(scope)),
+            updating: Mutex::new(()),
             version: AtomicI64::new(version),
             sold_out: AtomicBool::new(sold_out),
             lost: AtomicBool::new(false),
@@ -64,11 +75,15 @@ impl CachedBatch {
 
     /// Replaces the definition if `version` is not older than what is cached.
     pub fn update(&self, batch: Batch, version: i64, sold_out: bool) {
+        let _serial = self.updating.lock();
         if version < self.version() {
             return;
         }
         if batch.eligibility.deny_users != self.def.read().eligibility.deny_users {
             *self.deny.write() = Arc::new(batch.eligibility.deny_users.iter().cloned().collect());
+        }
+        if batch.scope != self.def.read().scope {
+            *self.scope.write() = Arc::new(scope_set(&batch));
         }
         *self.def.write() = Arc::new(batch);
         self.version.store(version, Ordering::Release);
@@ -127,6 +142,26 @@ impl CachedBatch {
 
     pub fn is_denied(&self, user: &str) -> bool {
         self.deny.read().contains(user)
+    }
+
+    /// The scope ids as a set (same `Arc` until the scope changes).
+    pub fn scope_ids(&self) -> Arc<HashSet<Box<str>>> {
+        self.scope.read().clone()
+    }
+
+    /// What this batch's coupons do at checkout.
+    pub fn terms(&self) -> Terms {
+        Terms::with_ids(&self.batch(), self.scope_ids())
+    }
+
+    /// Can a user claim from this batch now, as far as this instance knows: active, window
+    /// open, not sold out, not lost (what a product page shows as available).
+    pub fn is_claimable(&self, now: Timestamp) -> bool {
+        if self.is_lost() || self.is_sold_out() {
+            return false;
+        }
+        let b = self.def.read();
+        b.state == BatchState::Active && b.claim_window.start <= now && now < b.claim_window.end
     }
 }
 
@@ -446,6 +481,47 @@ mod tests {
         let epoch = cache.missing_epoch();
         cache.set_missing_since("other", epoch);
         assert!(cache.is_missing("other"));
+    }
+
+    /// Regression: `update` checked the version, then stored the definition, the scope set
+    /// and the version one by one, so two concurrent refreshes could leave an older
+    /// definition (and version) cached over a newer one, and a scope set that disagrees with
+    /// the cached definition (the product index would post the batch under the wrong ids).
+    #[test]
+    fn concurrent_updates_keep_the_newest_definition() {
+        const THREADS: usize = 4;
+        for round in 0..300 {
+            let e = Arc::new(CachedBatch::new(batch(0, 1000), 0, false));
+            let start = Arc::new(std::sync::Barrier::new(THREADS));
+            let threads: Vec<_> = (0..THREADS)
+                .map(|t| {
+                    let (e, start) = (e.clone(), start.clone());
+                    std::thread::spawn(move || {
+                        start.wait();
+                        for v in (1 + t..=200).step_by(THREADS) {
+                            let mut b = batch(0, 1000);
+                            b.stock = v as i64;
+                            b.scope = Scope {
+                                kind: ScopeKind::Products,
+                                ids: vec![format!("p{v}")],
+                            };
+                            e.update(b, v as i64, false);
+                        }
+                    })
+                })
+                .collect();
+            for t in threads {
+                t.join().unwrap();
+            }
+            let b = e.batch();
+            assert_eq!((e.version(), b.stock), (200, 200), "round {round}");
+            let want: HashSet<Box<str>> = [Box::from("p200")].into_iter().collect();
+            assert_eq!(
+                *e.scope_ids(),
+                want,
+                "round {round}: scope set and definition disagree"
+            );
+        }
     }
 
     #[test]

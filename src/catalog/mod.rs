@@ -1,26 +1,33 @@
 //! The catalog: what this instance knows of every batch, and how it learns it. The local
 //! cache ([`cache`]) and its loader: from the cache, else from Redis (the pool's metadata),
 //! else from the database; the reactions to other instances' events; the periodic refresh;
-//! the winners of a sold-out batch; and the healing of definitions Redis lags behind.
+//! the winners of a sold-out batch; the healing of definitions Redis lags behind; and the
+//! product-page index ([`index`]) that follows the cache.
 //!
 //! Invariants kept here: a batch that the database knows but Redis has lost is served as
 //! "lost" (503, nothing claimed) until it is rebuilt, never re-created with fresh stock; a
 //! batch's create (on this instance, or on another one by pub/sub) clears the "not found"
-//! mark of its id at once, and a lookup that began before the create cannot set it again.
+//! mark of its id at once, and a lookup that began before the create cannot set it again;
+//! every batch entering the cache or re-read is synced into the product index, a batch
+//! found lost leaves it, and a batch created on another instance is loaded (so indexed) on
+//! its `changed` event, or at the latest by the next definition check.
 
 pub mod cache;
+pub mod index;
 
 use std::sync::Arc;
 
 use thiserror::Error;
 
 use self::cache::{BatchCache, CachedBatch};
+use self::index::ProductIndex;
 use crate::backend::Backend;
 use crate::config::CacheConfig;
 use crate::contract::events::Event;
 use crate::contract::keys::SlotKeys;
 use crate::domain::batch::Batch;
 use crate::domain::ids::valid_batch_id;
+use crate::domain::time::Timestamp;
 use crate::obs::events::{BatchLost, BatchRestored, CacheAnswered};
 use crate::stock::{Stock, StockError};
 use crate::store::{Db, DbError};
@@ -51,6 +58,7 @@ pub struct PoolMeta {
 /// Every batch this instance knows, and their loader.
 pub struct Catalog<B> {
     cache: BatchCache,
+    index: ProductIndex,
     stock: Arc<Stock<B>>,
     store: Db,
 }
@@ -63,6 +71,7 @@ impl<B: Backend> Catalog<B> {
                 std::time::Duration::from_millis(cfg.missing_ttl_ms),
                 cfg.max_missing,
             ),
+            index: ProductIndex::new(),
             stock,
             store,
         }
@@ -70,6 +79,11 @@ impl<B: Backend> Catalog<B> {
 
     pub fn cache(&self) -> &BatchCache {
         &self.cache
+    }
+
+    /// The product-page index (batches by product, category, merchant and "all").
+    pub fn index(&self) -> &ProductIndex {
+        &self.index
     }
 
     /// The batch, from the cache, else from Redis, else from the database: a batch whose
@@ -131,8 +145,11 @@ impl<B: Backend> Catalog<B> {
     /// Caches the batch as Redis has it, if it does.
     async fn cache_meta(&self, id: &str) -> Result<Option<Arc<CachedBatch>>, CatalogError> {
         Ok(self.read_meta(id).await?.map(|m| {
-            self.cache
-                .insert(Arc::new(CachedBatch::new(m.batch, m.version, m.sold_out)))
+            let entry = self
+                .cache
+                .insert(Arc::new(CachedBatch::new(m.batch, m.version, m.sold_out)));
+            self.index.sync(&entry, Timestamp::now());
+            entry
         }))
     }
 
@@ -172,6 +189,7 @@ impl<B: Backend> Catalog<B> {
     /// Serves the batch as lost from now on (until a refresh finds it in Redis again).
     pub fn mark_lost(&self, entry: &CachedBatch) {
         if entry.mark_lost_once() {
+            self.index.forget(&entry.id);
             BatchLost {
                 batch: &entry.id,
                 lost: self.lost_count(),
@@ -195,7 +213,7 @@ impl<B: Backend> Catalog<B> {
     }
 
     /// Re-reads one batch's metadata (after an event, or periodically).
-    pub async fn refresh(&self, entry: &CachedBatch) {
+    pub async fn refresh(&self, entry: &Arc<CachedBatch>) {
         match self.read_meta(&entry.id).await {
             Ok(Some(m)) => {
                 let limits_changed = {
@@ -208,6 +226,7 @@ impl<B: Backend> Catalog<B> {
                 if limits_changed {
                     self.cache.forget_limits(entry);
                 }
+                self.index.sync(entry, Timestamp::now());
                 if was_lost {
                     BatchRestored {
                         batch: &entry.id,
@@ -248,11 +267,22 @@ impl<B: Backend> Catalog<B> {
             Some(Event::Changed(batch)) => {
                 // Created or changed: a "not found" mark of it is wrong now, cached or not.
                 self.cache.clear_missing(&batch);
-                if let Some(entry) = self.cache.get(&batch) {
-                    self.refresh(&entry).await;
-                }
+                self.learn(&batch).await;
             }
             None => {}
+        }
+    }
+
+    /// Re-reads a batch just created or changed (here or elsewhere): refreshes it when
+    /// cached, else loads it, so product pages show a new batch at once.
+    pub async fn learn(&self, id: &str) {
+        match self.cache.get(id) {
+            Some(entry) => self.refresh(&entry).await,
+            None => {
+                if let Err(e) = self.load(id).await {
+                    tracing::debug!(batch = %id, error = %e, "loading a new batch failed");
+                }
+            }
         }
     }
 
@@ -271,6 +301,9 @@ impl<B: Backend> Catalog<B> {
         };
         for (id, version) in versions {
             let Some(entry) = self.cache.get(&id) else {
+                // A batch this instance has not met (its `changed` event was missed): load
+                // it, so the sweeper, the refresh and the product index cover it.
+                let _ = self.load(&id).await;
                 continue;
             };
             if entry.is_lost() || entry.version() >= version {

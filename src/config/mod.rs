@@ -16,6 +16,7 @@
 //! text again gives the same configuration, except that a redacted secret or URL is rejected
 //! (naming its key) until the real value is given, e.g. by `CLAIMGATE_AUTH__ADMIN_TOKEN`.
 
+mod campaign;
 mod events;
 pub mod secret;
 mod sections;
@@ -26,6 +27,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+pub use self::campaign::{CatalogConfig, CheckoutConfig};
 pub use self::events::{EventsConfig, LEDGER_MAX_PAGE};
 pub use self::secret::Secret;
 use self::secret::{REDACTED, url_passwords};
@@ -74,6 +76,8 @@ pub struct Config {
     pub cache: CacheConfig,
     pub metrics: MetricsConfig,
     pub wallet: WalletConfig,
+    pub catalog: CatalogConfig,
+    pub checkout: CheckoutConfig,
     pub log: LogConfig,
     pub events: EventsConfig,
 }
@@ -94,6 +98,8 @@ impl Default for Config {
             cache: CacheConfig::default(),
             metrics: MetricsConfig::default(),
             wallet: WalletConfig::default(),
+            catalog: CatalogConfig::default(),
+            checkout: CheckoutConfig::default(),
             log: LogConfig::default(),
             events: EventsConfig::default(),
         }
@@ -472,6 +478,52 @@ impl Config {
         if self.wallet.default_page == 0 || self.wallet.default_page > self.wallet.max_page {
             return bad("wallet.default_page", "must be 1..=wallet.max_page");
         }
+        let campaign = [
+            (
+                "catalog.max_product_batches",
+                self.catalog.max_product_batches as u64,
+                1,
+                1_000,
+            ),
+            (
+                "catalog.list_max_page",
+                u64::from(self.catalog.list_max_page),
+                1,
+                WALLET_MAX_PAGE,
+            ),
+            (
+                "catalog.list_default_page",
+                u64::from(self.catalog.list_default_page),
+                1,
+                u64::from(self.catalog.list_max_page),
+            ),
+            (
+                "catalog.list_max_scan",
+                u64::from(self.catalog.list_max_scan),
+                u64::from(self.catalog.list_max_page),
+                100_000,
+            ),
+            (
+                "checkout.max_items",
+                self.checkout.max_items as u64,
+                1,
+                1_000,
+            ),
+            (
+                "checkout.max_coupons",
+                u64::from(self.checkout.max_coupons),
+                1,
+                WALLET_MAX_PAGE,
+            ),
+        ];
+        for (key, value, lo, hi) in campaign {
+            if !(lo..=hi).contains(&value) {
+                return Err(ConfigError::Invalid {
+                    key,
+                    message: format!("must be {lo}..={hi}"),
+                });
+            }
+        }
         if self.batches.default_shards == 0 || self.batches.default_shards > self.batches.max_shards
         {
             return bad("batches.default_shards", "must be 1..=batches.max_shards");
@@ -608,6 +660,8 @@ mod tests {
             "cache",
             "metrics",
             "wallet",
+            "catalog",
+            "checkout",
             "log",
             "events",
         ];
@@ -783,6 +837,26 @@ mod tests {
         .to_string();
         assert!(err.contains("persister.stall_ms"), "{err}");
         assert!(load(None, env(&[]), &["persister.stall_ms=0".into()]).is_ok());
+    }
+
+    #[test]
+    fn campaign_ranges_are_checked_naming_the_key() {
+        for (set, key) in [
+            (
+                "catalog.max_product_batches=0",
+                "catalog.max_product_batches",
+            ),
+            ("catalog.list_max_page=501", "catalog.list_max_page"),
+            ("catalog.list_default_page=101", "catalog.list_default_page"),
+            ("catalog.list_max_scan=99", "catalog.list_max_scan"),
+            ("checkout.max_items=0", "checkout.max_items"),
+            ("checkout.max_items=1001", "checkout.max_items"),
+            ("checkout.max_coupons=501", "checkout.max_coupons"),
+        ] {
+            let err = load(None, env(&[]), &[set.into()]).unwrap_err().to_string();
+            assert!(err.contains(key), "{set}: {err}");
+        }
+        assert!(load(None, env(&[]), &["checkout.max_items=1000".into()]).is_ok());
     }
 
     /// Values that modules used to clamp silently (`x.max(1)`, `x.max(10)`, `x.min(100)`)

@@ -1,7 +1,7 @@
 //! The domain: what a batch is and how it is validated ([`batch`]), time and the clock
 //! ([`time`]), identifiers and routing ([`ids`]), the claim record ([`claim`]), the coupon
 //! state machine ([`coupon`]), who the caller is ([`auth`]) and the local edge limits
-//! ([`limits`]). Builds on `config` and `obs` only.
+//! ([`limits`]), and the checkout quote ([`quote`]). Builds on `config` and `obs` only.
 //!
 //! Invariant kept here: everything a client can send is validated by these types before it
 //! reaches a script or the database.
@@ -12,4 +12,5 @@ pub mod claim;
 pub mod coupon;
 pub mod ids;
 pub mod limits;
+pub mod quote;
 pub mod time;

@@ -17,7 +17,7 @@ use hyper::body::Body;
 use super::body::read_body;
 use super::error::{ApiError, json_response};
 use super::{App, ops};
-use crate::api::{admin, claim, events, wallet};
+use crate::api::{admin, catalog, claim, events, quote, wallet};
 use crate::backend::Backend;
 use crate::obs::events::{Failure, HttpAnswered};
 
@@ -35,6 +35,8 @@ enum Route<'a> {
     CouponAction(&'a str, &'a str),
     Events,
     Event(&'a str),
+    ProductBatches(&'a str),
+    Quote,
     Unknown,
 }
 
@@ -61,6 +63,10 @@ impl Route<'_> {
             }
             (Some("v1"), Some("events"), None, ..) => Route::Events,
             (Some("v1"), Some("events"), Some(e), None, _) if !e.is_empty() => Route::Event(e),
+            (Some("v1"), Some("products"), Some(p), Some("batches"), None) if !p.is_empty() => {
+                Route::ProductBatches(p)
+            }
+            (Some("v1"), Some("checkout"), Some("quote"), None, _) => Route::Quote,
             _ => Route::Unknown,
         }
     }
@@ -69,9 +75,12 @@ impl Route<'_> {
     fn allow(&self) -> &'static str {
         match self {
             Route::Health | Route::Ready | Route::Metrics | Route::OpenApi => "GET",
-            Route::UserCoupons(_) | Route::Events | Route::Event(_) => "GET",
+            Route::UserCoupons(_) | Route::Events | Route::Event(_) | Route::ProductBatches(_) => {
+                "GET"
+            }
             Route::Batch(_) => "GET, PATCH",
-            Route::Batches | Route::Claims(_) | Route::CouponAction(..) => "POST",
+            Route::Batches => "GET, POST",
+            Route::Claims(_) | Route::CouponAction(..) | Route::Quote => "POST",
             Route::Unknown => "",
         }
     }
@@ -88,6 +97,8 @@ impl Route<'_> {
             Route::UserCoupons(_) => "user_coupons",
             Route::CouponAction(..) => "coupon_action",
             Route::Events | Route::Event(_) => "events",
+            Route::ProductBatches(_) => "products",
+            Route::Quote => "quote",
             Route::Unknown => "unknown",
         }
     }
@@ -197,6 +208,24 @@ where
             let (status, batch) = admin::create(api, &body).await?;
             Ok(json_response(status, &batch))
         }
+        Route::Batches if m == Method::GET => {
+            api.auth().check_admin(h)?;
+            let query = parts.uri.query().unwrap_or("");
+            Ok(json_response(
+                StatusCode::OK,
+                &catalog::list(api, query).await?,
+            ))
+        }
+        Route::ProductBatches(product) if m == Method::GET => {
+            let query = parts.uri.query().unwrap_or("");
+            let page = catalog::product_batches(api, product, query)?;
+            Ok(json_response(StatusCode::OK, &page))
+        }
+        Route::Quote if m == Method::POST => {
+            let body = read_body(body, limit, body_cut).await?;
+            let reply = quote::quote_cart(api, h, &body).await?;
+            Ok(json_response(StatusCode::OK, &reply))
+        }
         Route::Batch(id) if m == Method::GET => {
             api.auth().check_admin(h)?;
             Ok(json_response(StatusCode::OK, &admin::get(api, id).await?))
@@ -278,6 +307,11 @@ mod tests {
             Route::parse("/v1/events/c.1.2:locked:3"),
             Route::Event("c.1.2:locked:3")
         );
+        assert_eq!(
+            Route::parse("/v1/products/p%201/batches"),
+            Route::ProductBatches("p%201")
+        );
+        assert_eq!(Route::parse("/v1/checkout/quote"), Route::Quote);
         for unknown in [
             "/",
             "",
@@ -288,6 +322,10 @@ mod tests {
             "/v1/coupons/c/steal",
             "/v1/events/",
             "/v1/events/e/x",
+            "/v1/products//batches",
+            "/v1/products/p/batches/x",
+            "/v1/checkout",
+            "/v1/checkout/quote/x",
             "/healthz/x",
         ] {
             assert_eq!(Route::parse(unknown), Route::Unknown, "{unknown}");

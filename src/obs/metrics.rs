@@ -173,6 +173,8 @@ pub const ROUTES: &[&str] = &[
     "user_coupons",
     "coupon_action",
     "events",
+    "products",
+    "quote",
     "unknown",
 ];
 const STATUS_CLASSES: &[&str] = &["2xx", "3xx", "4xx", "5xx"];

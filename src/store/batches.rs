@@ -5,7 +5,7 @@
 //! ever completed (`setup_done_at`).
 
 use super::{Db, DbError, now_ms};
-use crate::domain::batch::Batch;
+use crate::domain::batch::{Batch, BatchState};
 
 /// A batch as the database holds it: the definition (the arbiter of what the batch is), its
 /// version (bumped by every change) and whether its Redis setup ever completed.
@@ -34,6 +34,14 @@ const UPDATE_BATCH: &str = "UPDATE batches SET definition = $2, shards = $3, sto
      state = $5, updated_at = $6, version = $7 WHERE id = $1 AND version = $8";
 
 const BATCH_ROW: &str = "SELECT id, definition, version, setup_done_at FROM batches WHERE id = $1";
+
+/// A page of the admin listing: set-up batches after `$1` (exclusive) by id, at most `$2`;
+/// keyset pagination on the primary key, so rows inserted meanwhile never shift a page.
+const LIST_PAGE: &str = "SELECT id, definition, version, setup_done_at FROM batches \
+     WHERE setup_done_at IS NOT NULL AND id > $1 ORDER BY id LIMIT $2";
+/// The same, in one state (`$3`).
+const LIST_PAGE_STATE: &str = "SELECT id, definition, version, setup_done_at FROM batches \
+     WHERE setup_done_at IS NOT NULL AND id > $1 AND state = $3 ORDER BY id LIMIT $2";
 
 impl Db {
     /// Inserts the batch (recorded as set up), or replaces its definition if it exists
@@ -184,6 +192,27 @@ impl Db {
         def.map(|d| parse_batch(id, &d)).transpose()
     }
 
+    /// At most `limit` set-up batches whose id is after `after` (exclusive; `None`: from the
+    /// start), by id, in `state` if given. Keyset pagination: a page never repeats or skips
+    /// a batch that existed when the listing began, whatever is inserted meanwhile.
+    pub async fn batches_after(
+        &self,
+        after: Option<&str>,
+        state: Option<BatchState>,
+        limit: u32,
+    ) -> Result<Vec<StoredBatch>, DbError> {
+        let rows: Vec<(String, String, i64, Option<i64>)> = on_pool!(self, p => {
+            let q = sqlx::query_as(if state.is_some() { LIST_PAGE_STATE } else { LIST_PAGE })
+                .bind(after.unwrap_or(""))
+                .bind(i64::from(limit));
+            match state {
+                Some(st) => q.bind(st.as_str()).fetch_all(p).await?,
+                None => q.fetch_all(p).await?,
+            }
+        });
+        rows.into_iter().map(stored_batch).collect()
+    }
+
     /// Every batch, by id.
     pub async fn list_batches(&self) -> Result<Vec<Batch>, DbError> {
         let rows: Vec<(String, String)> = on_pool!(self, p => {
@@ -288,5 +317,46 @@ mod tests {
         db.insert_batch(&a_batch("c", 1)).await.unwrap();
         assert!(db.delete_unset_batch("c").await.unwrap());
         assert_eq!(db.batch_rows().await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn listing_pages_by_id_in_a_state_skipping_unset_batches() {
+        let db = memory_db().await;
+        for id in ["d", "a", "c", "b", "e"] {
+            db.upsert_batch(&a_batch(id, 1)).await.unwrap();
+        }
+        db.insert_batch(&a_batch("bb", 1)).await.unwrap(); // being created: not listed
+        let mut paused = a_batch("c", 1);
+        paused.state = BatchState::Paused;
+        db.upsert_batch(&paused).await.unwrap();
+        let ids = |rows: Vec<StoredBatch>| rows.into_iter().map(|r| r.batch.id).collect::<Vec<_>>();
+        assert_eq!(
+            ids(db.batches_after(None, None, 2).await.unwrap()),
+            ["a", "b"]
+        );
+        assert_eq!(
+            ids(db.batches_after(Some("b"), None, 10).await.unwrap()),
+            ["c", "d", "e"]
+        );
+        assert_eq!(
+            ids(db
+                .batches_after(None, Some(BatchState::Active), 10)
+                .await
+                .unwrap()),
+            ["a", "b", "d", "e"]
+        );
+        assert_eq!(
+            ids(db
+                .batches_after(Some("a"), Some(BatchState::Paused), 10)
+                .await
+                .unwrap()),
+            ["c"]
+        );
+        assert!(
+            db.batches_after(Some("e"), None, 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
     }
 }
