@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs the whole claimgate test suite on a Debian machine, installing and starting what it
 # needs: redis-server (the tests start their own on free ports), PostgreSQL (the tests
-# create and drop their own throwaway databases on it), promtool (metrics format check).
+# create and drop their own throwaway databases on it), promtool (metrics format check),
+# python3-venv (schemathesis, the contract run, goes into a virtualenv under target/).
+# System packages are installed with apt-get, through sudo when not run as root.
 # Touches no data it did not create: it only adds a `claimgate_test` login role if missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,11 +27,12 @@ command -v redis-server >/dev/null || missing+=(redis-server)
 command -v curl >/dev/null || missing+=(curl)
 command -v psql >/dev/null && ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || missing+=(postgresql)
 command -v promtool >/dev/null || missing+=(prometheus)
+python3 -c 'import ensurepip' 2>/dev/null || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing ${missing[*]}"
   as_root apt-get update -qq
   required=()
-  for p in "${missing[@]}"; do [ "$p" = prometheus ] || required+=("$p"); done
+  for p in "${missing[@]}"; do [ "$p" = prometheus ] || [ "$p" = python3-venv ] || required+=("$p"); done
   if [ ${#required[@]} -gt 0 ]; then
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${required[@]}" >/dev/null
   fi
@@ -37,6 +40,11 @@ if [ ${#missing[@]} -gt 0 ]; then
   if [[ " ${missing[*]} " == *" prometheus "* ]]; then
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null \
       || log "promtool unavailable; its check will be skipped"
+  fi
+  # python3-venv is optional too: without it the contract run says it is skipped
+  if [[ " ${missing[*]} " == *" python3-venv "* ]]; then
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv >/dev/null \
+      || log "python3-venv unavailable; the schemathesis run will be skipped"
   fi
 fi
 command -v cargo >/dev/null || { echo "cargo (Rust >= 1.94) is required: https://rustup.rs" >&2; exit 1; }
@@ -98,6 +106,11 @@ if kill -0 $gw 2>/dev/null; then
   exit 1
 fi
 wait $gw
+
+# The OpenAPI contract: a bounded schemathesis run (fixed seed, under a minute) against an
+# embedded gateway; skipped, saying so, when schemathesis cannot be installed from PyPI.
+log "contract: schemathesis against docs/openapi.json"
+scripts/schemathesis/run.sh target/debug/claimgate
 
 # Static checks of Dockerfile, docker-compose.yml, Grafana provisioning and the systemd
 # unit (about a second; no network: a tool that is not installed is skipped, saying so).

@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 const DOC_PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/openapi.json");
 
 /// Every operation the router serves (src/http/router.rs), as the document must name it.
-const ROUTES: [(&str, &str); 18] = [
+const ROUTES: [(&str, &str); 19] = [
     ("GET", "/healthz"),
     ("GET", "/readyz"),
     ("GET", "/metrics"),
@@ -40,6 +40,7 @@ const ROUTES: [(&str, &str); 18] = [
     ("GET", "/v1/batches"),
     ("GET", "/v1/products/{product_id}/batches"),
     ("POST", "/v1/checkout/quote"),
+    ("GET", "/v1/admin/reconcile"),
 ];
 
 const HTTP_METHODS: [&str; 8] = [
@@ -859,4 +860,149 @@ async fn campaign_answers(gw: &Gw, doc: &Value, coupon: &str) {
         r#"{"user_id":"u1","items":[]}"#,
     )
     .await;
+}
+
+/// Issue "For the people who run it", item 5: the document states the rules the server
+/// enforces (with their configured defaults), the server URL is relative, and every link
+/// names an operation that exists, with the parameters it takes.
+#[test]
+fn the_rules_are_stated_the_server_is_relative_and_links_resolve() {
+    let doc = doc();
+    let cfg = claimgate::config::Config::default();
+    assert_eq!(doc["servers"][0]["url"], "/", "a relative server URL");
+    let s = &doc["components"]["schemas"];
+    let limit = doc["paths"]["/v1/users/{user_id}/coupons"]["get"]["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "limit")
+        .unwrap();
+    assert_eq!(limit["schema"]["maximum"], u64::from(cfg.wallet.max_page));
+    assert_eq!(
+        limit["schema"]["default"],
+        u64::from(cfg.wallet.default_page)
+    );
+    assert_eq!(
+        s["NewBatch"]["properties"]["stock"]["maximum"],
+        cfg.batches.max_stock
+    );
+    assert_eq!(
+        s["BatchPatch"]["properties"]["add_stock"]["maximum"],
+        cfg.batches.max_stock
+    );
+    assert_eq!(
+        s["BatchPatch"]["not"]["required"],
+        serde_json::json!(["claim_window", "claim_window_end"])
+    );
+    assert_eq!(s["Scope"]["properties"]["ids"]["items"]["minLength"], 1);
+    assert_eq!(s["Scope"]["if"]["properties"]["kind"]["const"], "all");
+    assert_eq!(s["Scope"]["then"]["properties"]["ids"]["maxItems"], 0);
+    assert_eq!(s["Scope"]["else"]["properties"]["ids"]["minItems"], 1);
+    assert_eq!(s["Window"]["x-start-before-end"], true);
+    // links: createBatch -> claimCoupon -> lockCoupon -> redeemCoupon
+    let mut ops: std::collections::BTreeMap<String, Value> = Default::default();
+    for (_, item) in doc["paths"].as_object().unwrap() {
+        for (_, op) in item.as_object().unwrap() {
+            if let Some(id) = op["operationId"].as_str() {
+                ops.insert(id.to_string(), op.clone());
+            }
+        }
+    }
+    let mut chain = Vec::new();
+    for (id, op) in &ops {
+        for (status, r) in op["responses"].as_object().unwrap() {
+            for (name, link) in r["links"].as_object().into_iter().flatten() {
+                let target = link["operationId"].as_str().unwrap();
+                let t = ops
+                    .get(target)
+                    .unwrap_or_else(|| panic!("{id} {status} link {name}: no {target}"));
+                let path_params: Vec<String> = doc["paths"]
+                    .as_object()
+                    .unwrap()
+                    .iter()
+                    .find(|(_, item)| {
+                        item.as_object()
+                            .unwrap()
+                            .values()
+                            .any(|o| o["operationId"] == target)
+                    })
+                    .map(|(p, _)| {
+                        p.split('{')
+                            .skip(1)
+                            .map(|s| s.split('}').next().unwrap().to_string())
+                            .collect()
+                    })
+                    .unwrap();
+                for (param, expr) in link["parameters"].as_object().unwrap() {
+                    assert!(path_params.contains(param), "{id} -> {target}: {param}");
+                    assert!(
+                        expr.as_str().unwrap().starts_with("$response.body#/"),
+                        "{expr}"
+                    );
+                }
+                if link.get("requestBody").is_some() {
+                    assert!(t["requestBody"].is_object(), "{id} -> {target}");
+                }
+                chain.push((id.clone(), target.to_string()));
+            }
+        }
+    }
+    for (from, to) in [
+        ("createBatch", "claimCoupon"),
+        ("claimCoupon", "lockCoupon"),
+        ("lockCoupon", "redeemCoupon"),
+    ] {
+        assert!(
+            chain.contains(&(from.to_string(), to.to_string())),
+            "no link {from} -> {to}: {chain:?}"
+        );
+    }
+}
+
+/// schemathesis (item 5): a user id with `+` or `@`, percent-encoded in the path as a client
+/// must, was refused with 400 (the segment was taken literally); it is the same user.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_percent_encoded_user_id_in_the_path_is_that_user() {
+    let gw = gateway().await;
+    let a = call(&gw, "GET", "/v1/users/a%2Bb%40c/coupons", "").await;
+    assert_eq!(a.status, 200, "{:?}", a.json());
+    assert_eq!(a.json()["coupons"], serde_json::json!([]));
+    for bad in ["/v1/users/a%2/coupons", "/v1/users/a%20b/coupons"] {
+        let a = call(&gw, "GET", bad, "").await;
+        assert_eq!(a.status, 400, "{bad}: {:?}", a.json());
+    }
+}
+
+/// schemathesis (item 5): `"amount": 87562.0` is an `integer` by the document (JSON
+/// Schema) and was refused with 400; a name of 256 four-byte characters is within
+/// `maxLength: 256` and was refused as over 256 bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_the_document_calls_valid_the_admin_routes_accept() {
+    let gw = gateway().await;
+    let body = serde_json::json!({
+        "id": "integral", "name": "\u{1F600}".repeat(256), "stock": 10.0, "per_user_limit": 1e0,
+        "claim_window": {"start": "2020-01-01T00:00:00Z", "end": "2100-01-01T00:00:00Z"},
+        "validity": {"days_after_claim": 7.0}, "discount": {"kind": "fixed", "amount": 87562.0},
+        "scope": {"kind": "all"}, "shards": 2.0
+    });
+    let a = call(&gw, "POST", "/v1/batches", &body.to_string()).await;
+    assert_eq!(a.status, 201, "{:?}", a.json());
+    assert_eq!(a.json()["stock"], 10);
+    let a = call(
+        &gw,
+        "PATCH",
+        "/v1/batches/integral",
+        r#"{"add_stock": 5.0}"#,
+    )
+    .await;
+    assert_eq!(a.status, 200, "{:?}", a.json());
+    assert_eq!(a.json()["stock"]["total"], 15);
+    let a = call(
+        &gw,
+        "PATCH",
+        "/v1/batches/integral",
+        r#"{"add_stock": 5.5}"#,
+    )
+    .await;
+    assert_eq!(a.status, 400, "{:?}", a.json());
 }

@@ -41,7 +41,9 @@ fn claimgate(cwd: &Path) -> Command {
     let mut c = Command::new(BIN);
     c.current_dir(cwd).env_remove("RUST_BACKTRACE");
     for (k, _) in std::env::vars() {
-        if k.starts_with("CLAIMGATE_") {
+        if k.starts_with("CLAIMGATE_")
+            || ["DATABASE_URL", "REDIS_URL", "RUST_LOG"].contains(&k.as_str())
+        {
             c.env_remove(k);
         }
     }
@@ -166,7 +168,7 @@ async fn no_password_in_errors_or_logs() {
     let out = claimgate(dir.path())
         .args(["--backend", "redis", "--redis-url"])
         .arg(format!("redis://user:RDLEAKCHECK@127.0.0.1:{closed}/0"))
-        .args(["--set", "redis.connect_timeout_ms=500", "migrate"])
+        .args(["--set", "redis.connect_timeout_ms=500", "reconcile"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(69), "{}", text(&out));
@@ -180,7 +182,7 @@ async fn no_password_in_errors_or_logs() {
     let out = claimgate(dir.path())
         .args(["--backend", "redis", "--redis-url"])
         .arg("redis://user:RDLEAKCHECK@127.0.0.1:notaport")
-        .arg("migrate")
+        .arg("reconcile")
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(69), "{}", text(&out));

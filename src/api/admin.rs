@@ -22,7 +22,7 @@ use std::time::Duration;
 use http::StatusCode;
 use serde::Serialize;
 
-use super::{Api, ApiError, parse_object};
+use super::{Api, ApiError, parse_object_integral};
 use crate::backend::Backend;
 use crate::catalog::CatalogError;
 use crate::catalog::cache::CachedBatch;
@@ -54,7 +54,7 @@ pub async fn create<B: Backend>(
     api: &Api<B>,
     body: &[u8],
 ) -> Result<(StatusCode, Batch), ApiError> {
-    let new: NewBatch = parse_object(body, "batch")?;
+    let new: NewBatch = parse_object_integral(body, "batch")?;
     let proposed = new.validate(&api.config().batches)?;
     let store = api.store();
     let (stored, inserted) = store.insert_batch(&proposed).await?;
@@ -118,7 +118,7 @@ async fn confirm_setup<B: Backend>(
         let fp = batch.fingerprint();
         if fps.iter().any(|f| f.as_deref() != Some(fp.as_str())) {
             tracing::error!(batch = %batch.id,
-                "Redis holds a different batch under this id than the database");
+                "the backend holds a different batch under this id than the database");
             return Err(ApiError::BatchExists);
         }
         api.store().mark_setup_done(&batch.id).await?;
@@ -149,7 +149,7 @@ pub async fn get<B: Backend>(api: &Api<B>, id: &str) -> Result<BatchView, ApiErr
 /// `PATCH /v1/batches/{id}`: pause/resume, move the window end, add stock. Applied exactly
 /// once, in version order (see the module documentation).
 pub async fn patch<B: Backend>(api: &Api<B>, id: &str, body: &[u8]) -> Result<BatchView, ApiError> {
-    let change: BatchPatch = parse_object(body, "batch change")?;
+    let change: BatchPatch = parse_object_integral(body, "batch change")?;
     let catalog = api.catalog();
     let entry = catalog.load_live(id).await?;
     // Versions in Redis only grow, and a change must be newer than what Redis holds (a

@@ -241,7 +241,7 @@ async fn claim_inner<B: Backend>(
         Outcome::NoBatch => {
             catalog.mark_lost(&entry);
             Err(ApiError::unavailable(format!(
-                "batch {batch_id} is missing from Redis"
+                "batch {batch_id} is missing from the backend"
             )))
         }
         Outcome::NotStarted => Err(ApiError::NotStarted),

@@ -37,7 +37,7 @@ pub enum CatalogError {
     #[error("batch not found")]
     NotFound,
     /// The database knows the batch, Redis does not: served as lost until rebuilt.
-    #[error("batch {0} is missing from Redis")]
+    #[error("batch {0} is missing from the backend")]
     Lost(String),
     #[error(transparent)]
     Stock(#[from] StockError),
@@ -325,7 +325,7 @@ impl<B: Backend> Catalog<B> {
             {
                 Ok(()) => {
                     tracing::warn!(batch = %id, redis = redis_version, database = row.version,
-                        "Redis lagged behind the stored definition; re-applied it");
+                        "the backend lagged behind the stored definition; re-applied it");
                     self.refresh(&entry).await;
                 }
                 Err(e) => tracing::warn!(batch = %id, error = %e,

@@ -33,7 +33,7 @@ pub use self::secret::Secret;
 use self::secret::{REDACTED, url_passwords};
 pub use self::sections::{
     AuthConfig, BatchesConfig, CacheConfig, LimitsConfig, LogConfig, MetricsConfig,
-    PersisterConfig, RateLimit, ServerConfig, StockConfig, WalletConfig,
+    PersisterConfig, RateLimit, ServerConfig, StockConfig, WalletConfig, check_log_level,
 };
 pub use self::stores::{DEFAULT_AOF_PATH, DatabaseConfig, EmbeddedConfig, Fsync, RedisConfig};
 
@@ -80,6 +80,9 @@ pub struct Config {
     pub checkout: CheckoutConfig,
     pub log: LogConfig,
     pub events: EventsConfig,
+    /// The file this configuration was loaded from (not a setting: for the startup line).
+    #[serde(skip)]
+    pub file: Option<std::path::PathBuf>,
 }
 
 impl Default for Config {
@@ -102,32 +105,94 @@ impl Default for Config {
             checkout: CheckoutConfig::default(),
             log: LogConfig::default(),
             events: EventsConfig::default(),
+            file: None,
         }
     }
 }
 
+/// The conventional environment variables, as (variable, key): they sit between the file and
+/// the `CLAIMGATE_*` variables, so a platform's `DATABASE_URL` is used unless a
+/// claimgate-specific setting says otherwise.
+pub const CONVENTIONAL_ENV: &[(&str, &str)] = &[
+    ("DATABASE_URL", "database.url"),
+    ("REDIS_URL", "redis.url"),
+    ("RUST_LOG", "log.level"),
+];
+
+/// Keys whose value is a string but whose default is absent (`None`), so [`string_key`]
+/// cannot learn it from the defaults.
+const OPTIONAL_STRING_KEYS: &[&str] = &[
+    "auth.admin_token",
+    "auth.user_token_secret",
+    "persister.consumer",
+    "metrics.admin_listen",
+];
+
+/// Whether the setting at `path` takes a string (its default is one, or it is listed in
+/// [`OPTIONAL_STRING_KEYS`]).
+fn string_key(defaults: &toml::Table, path: &[String]) -> bool {
+    if OPTIONAL_STRING_KEYS.contains(&path.join(".").as_str()) {
+        return true;
+    }
+    let mut t = defaults;
+    for (i, p) in path.iter().enumerate() {
+        match t.get(p) {
+            Some(toml::Value::Table(next)) if i + 1 < path.len() => t = next,
+            Some(toml::Value::String(_)) if i + 1 == path.len() => return true,
+            _ => return false,
+        }
+    }
+    false
+}
+
 /// Where configuration comes from, lowest precedence first: defaults, the file, the
-/// environment (`CLAIMGATE_SECTION__KEY=value`, e.g. `CLAIMGATE_SERVER__LISTEN`), and
-/// `section.key=value` overrides (the CLI's `--set` and dedicated flags).
+/// conventional variables ([`CONVENTIONAL_ENV`]: `DATABASE_URL`, `REDIS_URL`, `RUST_LOG`),
+/// the `CLAIMGATE_*` variables (`CLAIMGATE_SECTION__KEY=value`, e.g.
+/// `CLAIMGATE_SERVER__LISTEN`), and `section.key=value` overrides (the CLI's `--set` and
+/// dedicated flags).
+///
+/// A variable or override is read as a TOML value (numbers, booleans, arrays, inline
+/// tables), except for a setting that takes a string: there the text is the string as it
+/// is (a secret of digits from the environment stays a string), unless it is a quoted
+/// TOML string. A value of the wrong type in the file is reported with its line.
 pub fn load(
     file: Option<&Path>,
     env: impl IntoIterator<Item = (String, String)>,
     overrides: &[String],
 ) -> Result<Config, ConfigError> {
-    let mut table = match file {
+    let env: Vec<(String, String)> = env.into_iter().collect();
+    let (mut table, text) = match file {
         Some(path) => {
             let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
                 path: path.display().to_string(),
                 source,
             })?;
-            text.parse::<toml::Table>().map_err(|e| {
+            let table = text.parse::<toml::Table>().map_err(|e| {
                 // The message quotes the offending line, which may hold a secret.
                 ConfigError::Parse(redact_quoted_lines(&format!("{}: {e}", path.display())))
-            })?
+            })?;
+            (table, Some(text))
         }
-        None => toml::Table::new(),
+        None => (toml::Table::new(), None),
     };
-    for (name, value) in env {
+    let defaults = match toml::Value::try_from(Config::default()) {
+        Ok(toml::Value::Table(t)) => t,
+        _ => toml::Table::new(),
+    };
+    let set = |table: &mut toml::Table, path: &[String], value: &str| {
+        let as_string = string_key(&defaults, path);
+        set_path(table, path, value, as_string);
+    };
+    // `log.level` came from RUST_LOG (and nothing later replaced it): said in its error.
+    let mut level_from_rust_log = false;
+    for (var, key) in CONVENTIONAL_ENV {
+        if let Some((_, value)) = env.iter().find(|(name, _)| name == var) {
+            let path: Vec<String> = key.split('.').map(str::to_string).collect();
+            set(&mut table, &path, value);
+            level_from_rust_log |= *var == "RUST_LOG";
+        }
+    }
+    for (name, value) in &env {
         // Settings are CLAIMGATE_<SECTION>__<KEY> and CLAIMGATE_BACKEND; other CLAIMGATE_*
         // variables (CLAIMGATE_CONFIG, the test suite's) are not settings.
         let Some(rest) = name.strip_prefix("CLAIMGATE_") else {
@@ -137,7 +202,8 @@ pub fn load(
             continue;
         }
         let path: Vec<String> = rest.split("__").map(|p| p.to_ascii_lowercase()).collect();
-        set_path(&mut table, &path, &value);
+        level_from_rust_log &= path != ["log", "level"];
+        set(&mut table, &path, value);
     }
     for o in overrides {
         let (key, value) = o
@@ -147,11 +213,29 @@ pub fn load(
         if path.iter().any(String::is_empty) {
             return Err(ConfigError::Override(o.clone()));
         }
-        set_path(&mut table, &path, value);
+        level_from_rust_log &= path != ["log", "level"];
+        set(&mut table, &path, value);
     }
-    let config: Config = Config::deserialize(toml::Value::Table(table))
-        .map_err(|e| ConfigError::Parse(e.to_string()))?;
-    config.check()?;
+    let mut config: Config = Config::deserialize(toml::Value::Table(table)).map_err(|e| {
+        // The file alone, read again with its positions: a type error there is reported
+        // with its line and column (the merged table has no positions).
+        if let (Some(path), Some(text)) = (file, &text)
+            && let Err(fe) = toml::from_str::<Config>(text)
+        {
+            return ConfigError::Parse(redact_quoted_lines(&format!("{}: {fe}", path.display())));
+        }
+        ConfigError::Parse(redact_quoted_lines(&e.to_string()))
+    })?;
+    config.file = file.map(Path::to_path_buf);
+    config.check().map_err(|e| match e {
+        ConfigError::Invalid { key, message } if key == "log.level" && level_from_rust_log => {
+            ConfigError::Invalid {
+                key,
+                message: format!("{message} (from RUST_LOG)"),
+            }
+        }
+        e => e,
+    })?;
     Ok(config)
 }
 
@@ -174,8 +258,9 @@ fn redact_quoted_lines(message: &str) -> String {
 }
 
 /// Sets `a.b.c = value`, reading `value` as a TOML value when it is one (numbers, booleans,
-/// arrays) and as a string otherwise.
-fn set_path(table: &mut toml::Table, path: &[String], value: &str) {
+/// arrays) and as a string otherwise; with `as_string` (a setting that takes a string),
+/// only a quoted TOML string is unquoted, anything else is the text as it is.
+fn set_path(table: &mut toml::Table, path: &[String], value: &str, as_string: bool) {
     let Some((last, parents)) = path.split_last() else {
         return;
     };
@@ -196,6 +281,7 @@ fn set_path(table: &mut toml::Table, path: &[String], value: &str) {
         .parse::<toml::Table>()
         .ok()
         .and_then(|mut t| t.remove("v"))
+        .filter(|v| !as_string || v.is_str())
         .unwrap_or_else(|| toml::Value::String(value.to_string()));
     t.insert(last.clone(), parsed);
 }
@@ -528,6 +614,15 @@ impl Config {
         {
             return bad("batches.default_shards", "must be 1..=batches.max_shards");
         }
+        if let Err(message) = check_log_level(&self.log.level) {
+            return Err(ConfigError::Invalid {
+                key: "log.level",
+                message,
+            });
+        }
+        if !(0.0..=1.0).contains(&self.log.access_sample) {
+            return bad("log.access_sample", "must be 0..=1");
+        }
         if self.auth.admin_token.as_ref().is_some_and(|t| t.len() < 16) {
             return bad("auth.admin_token", "must be at least 16 characters");
         }
@@ -812,15 +907,176 @@ mod tests {
         );
         let err = load(Some(&f), env(&[]), &[]).unwrap_err().to_string();
         assert!(!err.contains("SECRET"), "{err}");
-        let err = load(
+        // in a file, a number is a number: refused without echoing it, with its line
+        let f = write(
+            dir.path(),
+            "numeric.toml",
+            "[auth]\nadmin_token = 12345678901234567\n",
+        );
+        let err = load(Some(&f), env(&[]), &[]).unwrap_err().to_string();
+        assert!(!err.contains("12345678901234567"), "{err}");
+        assert!(err.contains("line 2"), "{err}");
+    }
+
+    /// Item 4 of "For the people who run it": a secret of digits given in the environment
+    /// (or by --set) is the string it looks like; before, it was read as an integer and
+    /// refused.
+    #[test]
+    fn numeric_looking_secrets_are_accepted_from_env() {
+        let c = load(
             None,
-            env(&[("CLAIMGATE_AUTH__ADMIN_TOKEN", "12345678901234567")]),
+            env(&[
+                ("CLAIMGATE_AUTH__ADMIN_TOKEN", "12345678901234567"),
+                (
+                    "CLAIMGATE_AUTH__USER_TOKEN_SECRET",
+                    "1234567890123456789012345678901234567890",
+                ),
+                ("CLAIMGATE_PERSISTER__CONSUMER", "42"),
+            ]),
             &[],
         )
-        .unwrap_err()
-        .to_string();
-        assert!(!err.contains("12345678901234567"), "{err}");
-        assert!(err.contains("admin_token"), "{err}");
+        .unwrap();
+        assert_eq!(
+            c.auth.admin_token.as_ref().map(Secret::expose),
+            Some("12345678901234567")
+        );
+        assert_eq!(
+            c.auth.user_token_secret.as_ref().map(Secret::expose),
+            Some("1234567890123456789012345678901234567890")
+        );
+        assert_eq!(c.persister.consumer.as_deref(), Some("42"));
+        // a float-looking or boolean-looking one too, and a quoted one is unquoted
+        let c = load(
+            None,
+            env(&[("CLAIMGATE_AUTH__ADMIN_TOKEN", "1e10000000000000000")]),
+            &["persister.group=true".into(), "backend=\"redis\"".into()],
+        )
+        .unwrap();
+        assert_eq!(
+            c.auth.admin_token.as_ref().map(Secret::expose),
+            Some("1e10000000000000000")
+        );
+        assert_eq!(c.persister.group, "true");
+        assert_eq!(c.backend, BackendKind::Redis);
+        // numbers still are numbers where the setting takes one
+        let err = load(None, env(&[("CLAIMGATE_SERVER__MAX_BODY_BYTES", "x")]), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("max_body_bytes") || err.contains("usize"),
+            "{err}"
+        );
+    }
+
+    /// Item 4: DATABASE_URL, REDIS_URL and RUST_LOG are honoured above the file and below
+    /// the CLAIMGATE_* variables and the flags.
+    #[test]
+    fn conventional_variables_sit_between_the_file_and_claimgate_vars() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = write(
+            dir.path(),
+            "c.toml",
+            "[database]\nurl = \"sqlite://file.db\"\n[redis]\nurl = \"redis://file:1\"\n[log]\nlevel = \"warn\"\n",
+        );
+        let conventional = [
+            ("DATABASE_URL", "postgres://u:p@conventional/db"),
+            ("REDIS_URL", "redis://conventional:6379"),
+            ("RUST_LOG", "claimgate=debug,info"),
+        ];
+        let c = load(Some(&f), env(&conventional), &[]).unwrap();
+        assert_eq!(c.database.url, "postgres://u:p@conventional/db");
+        assert_eq!(c.redis.url, "redis://conventional:6379");
+        assert_eq!(c.log.level, "claimgate=debug,info");
+        assert_eq!(c.file.as_deref(), Some(f.as_path()));
+        let mut both = conventional.to_vec();
+        both.extend([
+            ("CLAIMGATE_DATABASE__URL", "sqlite://claimgate-var.db"),
+            ("CLAIMGATE_REDIS__URL", "redis://claimgate-var:1"),
+            ("CLAIMGATE_LOG__LEVEL", "error"),
+        ]);
+        let c = load(Some(&f), env(&both), &[]).unwrap();
+        assert_eq!(c.database.url, "sqlite://claimgate-var.db");
+        assert_eq!(c.redis.url, "redis://claimgate-var:1");
+        assert_eq!(c.log.level, "error");
+        let c = load(
+            Some(&f),
+            env(&both),
+            &[
+                "database.url=\"sqlite://flag.db\"".into(),
+                "log.level=debug".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.database.url, "sqlite://flag.db");
+        assert_eq!(c.log.level, "debug");
+        // without the file, over the defaults
+        let c = load(None, env(&conventional[..1]), &[]).unwrap();
+        assert_eq!(c.database.url, "postgres://u:p@conventional/db");
+    }
+
+    /// Item 1: an invalid level is refused at load, naming the key (and RUST_LOG when it
+    /// came from there); before, `verbose` loaded and silently dropped every line.
+    #[test]
+    fn an_invalid_log_level_is_refused() {
+        let err = load(None, env(&[]), &["log.level=verbose".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`log.level`") && err.contains("verbose"),
+            "{err}"
+        );
+        assert!(!err.contains("RUST_LOG"), "{err}");
+        let err = load(None, env(&[("RUST_LOG", "loud")]), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`log.level`") && err.contains("RUST_LOG"),
+            "{err}"
+        );
+        // a valid setting above a bad RUST_LOG wins
+        load(
+            None,
+            env(&[("RUST_LOG", "loud"), ("CLAIMGATE_LOG__LEVEL", "info")]),
+            &[],
+        )
+        .unwrap();
+        for (set, key) in [
+            ("log.access_sample=1.5", "log.access_sample"),
+            ("log.access_sample=-0.1", "log.access_sample"),
+        ] {
+            let err = load(None, env(&[]), &[set.to_string()])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(&format!("`{key}`")), "{set}: {err}");
+        }
+        let c = load(
+            None,
+            env(&[]),
+            &["log.access=true".into(), "log.access_sample=0".into()],
+        )
+        .unwrap();
+        assert!(c.log.access && c.log.access_sample == 0.0);
+    }
+
+    /// Item 4: a value of the wrong type in the file is reported with its line.
+    #[test]
+    fn type_errors_in_the_file_name_the_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = write(
+            dir.path(),
+            "typed.toml",
+            "# a comment\n[server]\nhttp2 = true\nmax_body_bytes = \"lots\"\n",
+        );
+        let err = load(Some(&f), env(&[]), &[]).unwrap_err().to_string();
+        assert!(err.contains("line 4"), "{err}");
+        assert!(err.contains("max_body_bytes"), "{err}");
+        assert!(err.contains("typed.toml"), "{err}");
+        // an override's type error over a good file still names the key
+        let f = write(dir.path(), "good.toml", "[server]\nhttp2 = true\n");
+        let err = load(Some(&f), env(&[]), &["server.http2=\"maybe\"".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("line"), "{err}");
     }
 
     #[test]

@@ -218,10 +218,18 @@ impl Default for WalletConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
-    /// `tracing` filter, e.g. `info` or `claimgate=debug,info`.
+    /// `tracing` filter: a level (`trace`, `debug`, `info`, `warn`, `error`, `off`) and/or
+    /// `target=level` directives, e.g. `claimgate=debug,info`. `RUST_LOG` overrides the file
+    /// (see [`super::load`]); anything else is refused at load.
     pub level: String,
     /// One JSON object per line instead of text.
     pub json: bool,
+    /// Access log: one `info` line per sampled request (target `claimgate::access`: method,
+    /// route label, status, duration, request id; never the path's ids, the query or the
+    /// body). Off by default.
+    pub access: bool,
+    /// Share of requests the access log writes, 0..=1 (1 = every request).
+    pub access_sample: f64,
 }
 
 impl Default for LogConfig {
@@ -229,8 +237,41 @@ impl Default for LogConfig {
         LogConfig {
             level: "info".to_string(),
             json: false,
+            access: false,
+            access_sample: 1.0,
         }
     }
+}
+
+/// Level names a `log.level` directive may end with.
+const LEVELS: &[&str] = &["trace", "debug", "info", "warn", "error", "off"];
+
+/// Checks a `log.level` filter: every comma-separated directive is a level or
+/// `target[span]=level`. A bare word that is not a level (`verbose`) is refused: `tracing`
+/// would read it as a target name enabled at every level, and every other line would be
+/// dropped silently.
+pub fn check_log_level(filter: &str) -> Result<(), String> {
+    let directives: Vec<&str> = filter
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .collect();
+    if directives.is_empty() {
+        return Err("is empty: give a level, e.g. \"info\"".to_string());
+    }
+    for d in directives {
+        let level = d.rsplit_once('=').map_or(d, |(_, l)| l).trim();
+        if !LEVELS.iter().any(|l| l.eq_ignore_ascii_case(level)) {
+            return Err(format!(
+                "`{d}` is not a level: use one of {} or target=level (e.g. claimgate=debug)",
+                LEVELS.join(", ")
+            ));
+        }
+    }
+    tracing_subscriber::EnvFilter::builder()
+        .parse(filter)
+        .map(|_| ())
+        .map_err(|e| format!("`{filter}`: {e}"))
 }
 
 /// `[stock]` section of the config.
@@ -347,6 +388,29 @@ impl PersisterConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_levels_are_levels_or_directives() {
+        for ok in [
+            "info",
+            "WARN",
+            "claimgate=debug,info",
+            "off",
+            "hyper=warn, debug",
+        ] {
+            check_log_level(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for bad in [
+            "verbose",
+            "",
+            " , ",
+            "claimgate",
+            "info,loud",
+            "claimgate=chatty",
+        ] {
+            assert!(check_log_level(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn config_defaults_and_rejects_unknown_fields() {

@@ -145,8 +145,10 @@ impl NewBatch {
             Some(_) => return invalid("id must be 1-64 characters of [A-Za-z0-9_-]"),
             None => generate_id(),
         };
-        if self.name.is_empty() || self.name.len() > MAX_NAME {
-            return invalid(format!("name must be 1-{MAX_NAME} bytes"));
+        // characters, as the document's `maxLength` counts them (schemathesis: 100 4-byte
+        // characters were schema-valid and refused as 400 bytes)
+        if self.name.is_empty() || self.name.chars().count() > MAX_NAME {
+            return invalid(format!("name must be 1-{MAX_NAME} characters"));
         }
         if self.stock <= 0 || self.stock > limits.max_stock {
             return invalid(format!("stock must be 1..={}", limits.max_stock));
@@ -192,6 +194,9 @@ impl NewBatch {
         }
         if (self.scope.kind == ScopeKind::All) != self.scope.ids.is_empty() {
             return invalid("scope.ids must be empty for kind all and non-empty otherwise");
+        }
+        if self.scope.ids.iter().any(String::is_empty) {
+            return invalid("scope.ids must not hold an empty id");
         }
         let lists = [
             &self.scope.ids,
@@ -376,6 +381,22 @@ mod tests {
             assert!(nb.validate(&LIMITS).is_err(), "{extra}");
         }
         assert!(serde_json::from_str::<NewBatch>(&body(r#","bogus":1"#)).is_err());
+        // a name of MAX_NAME characters of 4 bytes each is valid, one more is not
+        let long = |n: usize| body("").replace("5 off", &"\u{1F600}".repeat(n));
+        let nb: NewBatch = serde_json::from_str(&long(MAX_NAME)).unwrap();
+        assert!(nb.validate(&LIMITS).is_ok());
+        let nb: NewBatch = serde_json::from_str(&long(MAX_NAME + 1)).unwrap();
+        assert!(nb.validate(&LIMITS).is_err());
+        // an empty scope id (schemathesis: the schema now says minLength 1)
+        let empty_id = body("").replace(
+            r#""scope":{"kind":"all"}"#,
+            r#""scope":{"kind":"products","ids":["p1",""]}"#,
+        );
+        assert!(empty_id.contains(r#""ids":["p1",""]"#), "{empty_id}");
+        let nb: NewBatch = serde_json::from_str(&empty_id).unwrap();
+        assert!(nb.validate(&LIMITS).is_err());
+        let nb: NewBatch = serde_json::from_str(&empty_id.replace(r#","""#, "")).unwrap();
+        assert!(nb.validate(&LIMITS).is_ok());
         let bad_window = body("").replace("2026-11-12", "2026-11-10");
         let nb: NewBatch = serde_json::from_str(&bad_window).unwrap();
         assert!(nb.validate(&LIMITS).is_err());

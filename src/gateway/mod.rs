@@ -33,7 +33,7 @@ use crate::config::{BackendKind, Config};
 use crate::domain::time::{Clock, SystemClock};
 use crate::http::App;
 use crate::notify::Deliverer;
-use crate::obs::events::Started;
+use crate::obs::events::{Serving, Started};
 use crate::persist::{PersistStatus, Persister, PersisterHandle};
 use crate::stock::Stock;
 use crate::store::Db;
@@ -167,8 +167,20 @@ impl<B: Backend> Gateway<B> {
                 .map_or_else(|| "memory".to_string(), |p| p.display().to_string()),
             BackendKind::Redis => redact_url(&cfg.redis.url).into_owned(),
         };
-        tracing::info!(listen = %local_addr, backend = backend.kind(), store = %store,
-            database = %redact_url(&cfg.database.url), "claimgate serving");
+        let config = cfg.file.as_ref().map_or_else(
+            || "built-in defaults".to_string(),
+            |p| p.display().to_string(),
+        );
+        Serving {
+            version: env!("CARGO_PKG_VERSION"),
+            config: &config,
+            backend: backend.kind(),
+            listen: &local_addr.to_string(),
+            admin_listen: &admin_addr.map_or_else(|| "none".to_string(), |a| a.to_string()),
+            database: &redact_url(&cfg.database.url),
+            store: &store,
+        }
+        .emit();
         // Accept only once the startup lines are out: whoever sees the gateway healthy can
         // rely on them (the startup-log test killed the gateway between the two).
         let mut servers = Vec::new();
@@ -242,7 +254,7 @@ impl<B: Backend> Gateway<B> {
             let budget = left().max(PERSISTER_MIN_GRACE);
             if tokio::time::timeout(budget, p.join()).await.is_err() {
                 tracing::warn!(
-                    "persister did not finish within the grace period; Redis keeps the rest"
+                    "persister did not finish within the grace period; the backend keeps the rest"
                 );
             }
         }

@@ -102,8 +102,10 @@ impl<B: Backend> App<B> {
         *self.stock_remaining.lock() = gauges;
     }
 
-    /// The whole Prometheus exposition: the recorder's metrics and the per-batch gauges.
+    /// The whole Prometheus exposition: the process metrics (read now), the recorder's
+    /// metrics and the per-batch gauges.
     pub fn render_metrics(&self) -> String {
+        crate::obs::metrics::collect_process();
         let mut text = self.metrics.render();
         text.push_str(&crate::obs::metrics::render_stock_remaining(
             &self.stock_remaining.lock(),

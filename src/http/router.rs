@@ -17,9 +17,9 @@ use hyper::body::Body;
 use super::body::read_body;
 use super::error::{ApiError, json_response};
 use super::{App, ops};
-use crate::api::{admin, catalog, claim, events, quote, wallet};
+use crate::api::{admin, catalog, claim, events, quote, reconcile, wallet};
 use crate::backend::Backend;
-use crate::obs::events::{Failure, HttpAnswered};
+use crate::obs::events::{Accessed, Failure, HttpAnswered};
 
 /// The routes, a closed set (the `route` label of HTTP metrics).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +37,7 @@ enum Route<'a> {
     Event(&'a str),
     ProductBatches(&'a str),
     Quote,
+    AdminReconcile,
     Unknown,
 }
 
@@ -49,6 +50,7 @@ impl Route<'_> {
             (Some("metrics"), None, ..) => Route::Metrics,
             (Some("openapi.json"), None, ..) => Route::OpenApi,
             (Some("v1"), Some("batches"), None, ..) => Route::Batches,
+            (Some("v1"), Some("admin"), Some("reconcile"), None, _) => Route::AdminReconcile,
             (Some("v1"), Some("batches"), Some(id), None, _) if !id.is_empty() => Route::Batch(id),
             (Some("v1"), Some("batches"), Some(id), Some("claims"), None) if !id.is_empty() => {
                 Route::Claims(id)
@@ -75,9 +77,11 @@ impl Route<'_> {
     fn allow(&self) -> &'static str {
         match self {
             Route::Health | Route::Ready | Route::Metrics | Route::OpenApi => "GET",
-            Route::UserCoupons(_) | Route::Events | Route::Event(_) | Route::ProductBatches(_) => {
-                "GET"
-            }
+            Route::UserCoupons(_)
+            | Route::Events
+            | Route::Event(_)
+            | Route::ProductBatches(_)
+            | Route::AdminReconcile => "GET",
             Route::Batch(_) => "GET, PATCH",
             Route::Batches => "GET, POST",
             Route::Claims(_) | Route::CouponAction(..) | Route::Quote => "POST",
@@ -99,6 +103,7 @@ impl Route<'_> {
             Route::Events | Route::Event(_) => "events",
             Route::ProductBatches(_) => "products",
             Route::Quote => "quote",
+            Route::AdminReconcile => "admin_reconcile",
             Route::Unknown => "unknown",
         }
     }
@@ -130,6 +135,7 @@ where
     Bd: Body<Data = Bytes>,
     Bd::Error: std::error::Error + Send + Sync + 'static,
 {
+    let started = std::time::Instant::now();
     let timeout = Duration::from_millis(app.config().server.request_timeout_ms);
     let (parts, body) = req.into_parts();
     let route = Route::parse(parts.uri.path());
@@ -171,6 +177,17 @@ where
         }),
     }
     .emit();
+    let log = &app.config().log;
+    if log.access && (log.access_sample >= 1.0 || rand::random::<f64>() < log.access_sample) {
+        Accessed {
+            method: parts.method.as_str(),
+            route: label,
+            status: resp.status().as_u16(),
+            seconds: started.elapsed().as_secs_f64(),
+            request_id: &request_id,
+        }
+        .emit();
+    }
     resp
 }
 
@@ -265,6 +282,14 @@ where
             api.auth().check_admin(h)?;
             Ok(json_response(StatusCode::OK, &events::get(api, id).await?))
         }
+        Route::AdminReconcile if m == Method::GET => {
+            api.auth().check_admin(h)?;
+            let query = parts.uri.query().unwrap_or("");
+            Ok(json_response(
+                StatusCode::OK,
+                &reconcile::reconcile(api, query).await?,
+            ))
+        }
         Route::Unknown => Err(ApiError::RouteNotFound),
         _ => Err(ApiError::MethodNotAllowed(route.allow())),
     }
@@ -312,6 +337,7 @@ mod tests {
             Route::ProductBatches("p%201")
         );
         assert_eq!(Route::parse("/v1/checkout/quote"), Route::Quote);
+        assert_eq!(Route::parse("/v1/admin/reconcile"), Route::AdminReconcile);
         for unknown in [
             "/",
             "",
@@ -327,6 +353,8 @@ mod tests {
             "/v1/checkout",
             "/v1/checkout/quote/x",
             "/healthz/x",
+            "/v1/admin",
+            "/v1/admin/reconcile/x",
         ] {
             assert_eq!(Route::parse(unknown), Route::Unknown, "{unknown}");
         }

@@ -152,6 +152,32 @@ impl HttpAnswered<'_> {
     }
 }
 
+/// One line of the access log (`log.access`, sampled by `log.access_sample`): the method,
+/// the route label (never the path: it holds user and coupon ids), the status, the time
+/// taken and the request id; never the query or the body. Target `claimgate::access`, so
+/// a filter can route or silence it (`log.level = "info,claimgate::access=off"`).
+pub struct Accessed<'a> {
+    pub method: &'a str,
+    pub route: &'static str,
+    pub status: u16,
+    pub seconds: f64,
+    pub request_id: &'a str,
+}
+
+impl Accessed<'_> {
+    pub fn emit(self) {
+        tracing::info!(
+            target: "claimgate::access",
+            method = self.method,
+            route = self.route,
+            status = self.status,
+            duration_ms = (self.seconds * 1e6).round() / 1e3,
+            request_id = self.request_id,
+            "access"
+        );
+    }
+}
+
 /// The local hot-key cache answered (`kind`: [`m::CACHE_KINDS`]).
 pub struct CacheAnswered {
     pub kind: &'static str,
@@ -340,7 +366,7 @@ impl BatchLost<'_> {
     pub fn emit(self) {
         metrics::gauge!(m::BATCHES_LOST).set(self.lost as f64);
         tracing::error!(batch = %self.batch,
-            "Redis has lost this batch: claims refused until `claimgate rebuild --batch {}`",
+            "the backend has lost this batch: claims refused until `claimgate rebuild --batch {}`",
             self.batch);
     }
 }
@@ -354,7 +380,7 @@ pub struct BatchRestored<'a> {
 impl BatchRestored<'_> {
     pub fn emit(self) {
         metrics::gauge!(m::BATCHES_LOST).set(self.lost as f64);
-        tracing::info!(batch = %self.batch, "batch is back in Redis; claims served again");
+        tracing::info!(batch = %self.batch, "batch is back in the backend; claims served again");
     }
 }
 
@@ -577,6 +603,58 @@ impl Started {
     pub fn emit(self) {
         metrics::gauge!(m::BUILD_INFO, "version" => self.version, "backend" => self.backend)
             .set(1.0);
+    }
+}
+
+/// The gateway serves: the one startup line, with what an operator needs to tell which
+/// build runs, from which configuration, on what (every URL's password redacted by the
+/// caller). `store` is the append-only file (`memory` without one) for the embedded
+/// backend, the Redis URL for the redis backend.
+pub struct Serving<'a> {
+    pub version: &'static str,
+    /// The config file, or `built-in defaults`.
+    pub config: &'a str,
+    pub backend: &'static str,
+    pub listen: &'a str,
+    /// `metrics.admin_listen`, or `none`.
+    pub admin_listen: &'a str,
+    pub database: &'a str,
+    pub store: &'a str,
+}
+
+impl Serving<'_> {
+    pub fn emit(self) {
+        let Serving {
+            version,
+            config,
+            backend,
+            listen,
+            admin_listen,
+            database,
+            store,
+        } = self;
+        match backend {
+            "embedded" => tracing::info!(
+                version,
+                config,
+                backend,
+                listen,
+                admin_listen,
+                database,
+                aof = store,
+                "claimgate serving"
+            ),
+            _ => tracing::info!(
+                version,
+                config,
+                backend,
+                listen,
+                admin_listen,
+                database,
+                redis = store,
+                "claimgate serving"
+            ),
+        }
     }
 }
 

@@ -75,41 +75,67 @@ pub const EVENT_LAG: &str = "claimgate_event_lag_seconds";
 /// "expiring soon" event written).
 pub const COUPONS_SWEPT: &str = "claimgate_coupons_swept_total";
 
+// Process metrics, in the names every Prometheus client library uses (collected at scrape
+// time by `metrics-process` from /proc; [`collect_process`]).
+/// CPU time (user + system) the process used, seconds (whole seconds).
+pub const PROCESS_CPU: &str = "process_cpu_seconds_total";
+/// Resident memory, bytes.
+pub const PROCESS_RSS: &str = "process_resident_memory_bytes";
+/// Open file descriptors (client connections, the database, the log files).
+pub const PROCESS_OPEN_FDS: &str = "process_open_fds";
+/// The limit on open file descriptors (`ulimit -n`).
+pub const PROCESS_MAX_FDS: &str = "process_max_fds";
+/// When the process started, seconds since the Unix epoch.
+pub const PROCESS_START_TIME: &str = "process_start_time_seconds";
+
 const LATENCY_BUCKETS: &[f64] = &[
     0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
     1.0, 2.5,
 ];
 
 /// Installs the global recorder (no listener of its own: `/metrics` is served by the
-/// gateway) and describes every metric. Returns `None` if a recorder is already installed
-/// (tests run many gateways in one process); rendering then uses the first handle.
+/// gateway), describes every metric and registers every series that must exist from the
+/// start ([`register_at_zero`]). Idempotent: tests run many gateways in one process, and
+/// they all render the first recorder's handle.
 pub fn install() -> PrometheusHandle {
+    static ZERO: std::sync::Once = std::sync::Once::new();
+    let h = handle().clone();
+    ZERO.call_once(|| {
+        LazyLock::force(&HOT);
+        register_at_zero();
+    });
+    h
+}
+
+/// The recorder's handle, the recorder installed and the metrics described on first use.
+fn handle() -> &'static PrometheusHandle {
     static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
-    HANDLE
-        .get_or_init(|| {
-            let recorder = PrometheusBuilder::new()
-                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
-                .expect("static bucket list is non-empty")
-                .build_recorder();
-            let handle = recorder.handle();
-            // Another recorder may already be installed by an embedding program; then the
-            // handle still renders this recorder's (empty) registry and the embedder's wins.
-            let _ = metrics::set_global_recorder(recorder);
-            describe();
-            handle
-        })
-        .clone()
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+            .expect("static bucket list is non-empty")
+            .build_recorder();
+        let handle = recorder.handle();
+        // Another recorder may already be installed by an embedding program; then the
+        // handle still renders this recorder's (empty) registry and the embedder's wins.
+        let _ = metrics::set_global_recorder(recorder);
+        describe();
+        handle
+    })
 }
 
 /// Drains histogram samples into their buckets. The recorder keeps raw samples until
 /// then, so this must run periodically (the gateway does it every few seconds), scraped or
 /// not; rendering runs it too.
 pub fn upkeep() {
-    install().run_upkeep();
+    handle().run_upkeep();
 }
 
-/// `outcome` labels of [`CLAIMS`]: `claimed`, `replayed` and every API error code (the
-/// `http::error` tests check that every code of `ApiError` is listed).
+/// `outcome` labels of [`CLAIMS`]: `claimed`, `replayed` and every API error code a claim
+/// can answer. Not listed, because only other routes answer them: `batch_exists` (a
+/// create), `coupon_not_found` and `invalid_state` (the wallet), `not_found` and
+/// `method_not_allowed` (the router, before any handler). The `api::error` tests check the
+/// split against every code of `ApiError`.
 pub const CLAIM_OUTCOMES: &[&str] = &[
     "claimed",
     "replayed",
@@ -117,20 +143,14 @@ pub const CLAIM_OUTCOMES: &[&str] = &[
     "unauthorized",
     "not_eligible",
     "batch_not_found",
-    "coupon_not_found",
-    "event_not_found",
     "limit_reached",
     "not_started",
     "ended",
     "paused",
     "sold_out",
-    "batch_exists",
-    "invalid_state",
     "rate_limited",
     "overloaded",
     "backend_unavailable",
-    "not_found",
-    "method_not_allowed",
     "internal",
 ];
 /// `script` labels of [`BACKEND_CALLS`] and [`BACKEND_SECONDS`]: the name of every script
@@ -175,9 +195,42 @@ pub const ROUTES: &[&str] = &[
     "events",
     "products",
     "quote",
+    "admin_reconcile",
     "unknown",
 ];
-const STATUS_CLASSES: &[&str] = &["2xx", "3xx", "4xx", "5xx"];
+/// `status` labels of [`HTTP_REQUESTS`] each route can answer: nothing redirects (no
+/// `3xx`); `healthz`, `metrics` and `openapi` fail only with 405/429 (`4xx`); `readyz`
+/// answers 503 when not ready; a path no route knows is always a 4xx (404, 429).
+pub const ROUTE_STATUSES: &[(&str, &[&str])] = &[
+    ("healthz", &["2xx", "4xx"]),
+    ("readyz", &["2xx", "4xx", "5xx"]),
+    ("metrics", &["2xx", "4xx"]),
+    ("openapi", &["2xx", "4xx"]),
+    ("batches", &["2xx", "4xx", "5xx"]),
+    ("batch", &["2xx", "4xx", "5xx"]),
+    ("claims", &["2xx", "4xx", "5xx"]),
+    ("user_coupons", &["2xx", "4xx", "5xx"]),
+    ("coupon_action", &["2xx", "4xx", "5xx"]),
+    ("admin_reconcile", &["2xx", "4xx", "5xx"]),
+    ("unknown", &["4xx"]),
+];
+/// `limit` labels of [`RATE_LIMITED`] (`domain::limits`).
+pub const RATE_LIMITS: &[&str] = &["global", "user", "ip"];
+/// `reason` labels of [`SHED`].
+pub const SHED_REASONS: &[&str] = &["inflight", "backlog"];
+/// `stage` labels of [`PERSIST_ERRORS`] (`persist::worker`, `persist::prober`).
+pub const PERSIST_STAGES: &[&str] = &["refresh", "probe", "read", "parse", "write", "ack"];
+/// (`kind`, `result`) pairs of [`TRANSFERS`]: a transfer moves stock or finds none; the
+/// sweeper only finishes transfers.
+pub const TRANSFER_SERIES: &[(&str, &str)] = &[
+    ("initial", "moved"),
+    ("initial", "empty"),
+    ("refill", "moved"),
+    ("refill", "empty"),
+    ("steal", "moved"),
+    ("steal", "empty"),
+    ("sweep", "finished"),
+];
 /// `kind` labels of [`CACHE`].
 pub const CACHE_KINDS: &[&str] = &[
     "sold_out",
@@ -210,7 +263,7 @@ struct Hot {
 }
 
 static HOT: LazyLock<Hot> = LazyLock::new(|| {
-    install(); // handles taken before the recorder exists would record nothing
+    handle(); // handles taken before the recorder exists would record nothing
     Hot {
         claims: CLAIM_OUTCOMES
             .iter()
@@ -221,9 +274,9 @@ static HOT: LazyLock<Hot> = LazyLock::new(|| {
             .iter()
             .map(|s| (*s, metrics::histogram!(STAGE_SECONDS, "stage" => *s)))
             .collect(),
-        http: ROUTES
+        http: ROUTE_STATUSES
             .iter()
-            .flat_map(|r| STATUS_CLASSES.iter().map(move |c| (*r, *c)))
+            .flat_map(|(r, classes)| classes.iter().map(move |c| (*r, *c)))
             .map(|(r, c)| {
                 (
                     (r, c),
@@ -299,6 +352,17 @@ pub(super) fn http_request(route: &'static str, class: &'static str) {
     }
 }
 
+/// The process metrics ([`PROCESS_CPU`] ...), read from /proc now: called at each scrape.
+pub fn collect_process() {
+    process_collector().collect();
+}
+
+fn process_collector() -> &'static metrics_process::Collector {
+    static COLLECTOR: LazyLock<metrics_process::Collector> =
+        LazyLock::new(metrics_process::Collector::default);
+    &COLLECTOR
+}
+
 /// The `claimgate_stock_remaining` family in text exposition format.
 pub fn render_stock_remaining(gauges: &[(String, i64)]) -> String {
     use std::fmt::Write;
@@ -355,7 +419,7 @@ fn describe() {
     );
     // Exported from the start (at 0), so an alert on any increase works on every instance.
     metrics::counter!(COUPON_CONFLICTS).increment(0);
-    describe_gauge!(BATCHES_LOST, "Batches whose Redis state is missing.");
+    describe_gauge!(BATCHES_LOST, "Batches whose backend state is missing.");
     describe_counter!(EVENT_DELIVERIES, "Event delivery attempts by outcome.");
     describe_gauge!(EVENT_BACKLOG, "Events in the outbox waiting for delivery.");
     describe_gauge!(EVENT_DEAD, "Events in the dead-letter state.");
@@ -373,4 +437,32 @@ fn describe() {
         metrics::counter!(COUPONS_SWEPT, "kind" => *kind).increment(0);
     }
     describe_gauge!(BUILD_INFO, "Build information.");
+    process_collector().describe();
+}
+
+/// Every series of a rare event exists from the start, at 0, with each label value that
+/// can occur (only those): a dashboard panel shows 0 on a healthy gateway, not "No data",
+/// and an alert on any increase fires on the first event. The series of the hot path
+/// (claims, stages, HTTP, cache, script calls) are registered by [`HOT`].
+fn register_at_zero() {
+    metrics::counter!(COUPON_CONFLICTS).increment(0);
+    metrics::counter!(BACKEND_RELOADS).increment(0);
+    metrics::counter!(PERSIST_ROWS).increment(0);
+    // A histogram is exported (count 0, every bucket 0) once it has a handle.
+    let _ = metrics::histogram!(PERSIST_SECONDS);
+    metrics::gauge!(BATCHES_LOST).increment(0.0);
+    metrics::gauge!(INFLIGHT).increment(0.0);
+    metrics::gauge!(CONNECTIONS).increment(0.0);
+    for limit in RATE_LIMITS {
+        metrics::counter!(RATE_LIMITED, "limit" => *limit).increment(0);
+    }
+    for reason in SHED_REASONS {
+        metrics::counter!(SHED, "reason" => *reason).increment(0);
+    }
+    for stage in PERSIST_STAGES {
+        metrics::counter!(PERSIST_ERRORS, "stage" => *stage).increment(0);
+    }
+    for (kind, result) in TRANSFER_SERIES {
+        metrics::counter!(TRANSFERS, "kind" => *kind, "result" => *result).increment(0);
+    }
 }

@@ -174,7 +174,7 @@ impl<B: Backend> Worker<B> {
                 && let Err(e) = self.write_buffer().await
             {
                 tracing::warn!(error = %e, left = self.buffer.len(),
-                    "persister stopping with unwritten records; they stay pending in Redis");
+                    "persister stopping with unwritten records; they stay pending in the backend");
                 break;
             }
             if (got == 0 && self.buffer.is_empty()) || Instant::now() >= deadline {

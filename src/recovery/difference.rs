@@ -109,18 +109,27 @@ impl fmt::Display for Difference {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Difference::MissingInRedis { batch } => {
-                write!(f, "batch {batch}: in the database but missing in Redis")
+                write!(
+                    f,
+                    "batch {batch}: in the database but missing in the backend"
+                )
             }
             Difference::MissingInDb { batch } => {
-                write!(f, "batch {batch}: in Redis but missing in the database")
+                write!(
+                    f,
+                    "batch {batch}: in the backend but missing in the database"
+                )
             }
             Difference::ShardMissing { batch, shard } => {
-                write!(f, "batch {batch} shard {shard}: meta missing in Redis")
+                write!(
+                    f,
+                    "batch {batch} shard {shard}: meta missing in the backend"
+                )
             }
             Difference::TotalStock { batch, redis, db } => {
                 write!(
                     f,
-                    "batch {batch}: total stock {redis} in Redis, {db} in the database"
+                    "batch {batch}: total stock {redis} in the backend, {db} in the database"
                 )
             }
             Difference::Conservation {
@@ -198,7 +207,7 @@ impl fmt::Display for Difference {
             ),
             Difference::SetupIncomplete { batch } => write!(
                 f,
-                "batch {batch}: its Redis setup never completed (repeat the identical create)"
+                "batch {batch}: its backend setup never completed (repeat the identical create)"
             ),
             Difference::VersionBehind {
                 batch,
@@ -218,7 +227,7 @@ impl fmt::Display for Difference {
                 db,
             } => write!(
                 f,
-                "batch {batch} slot {slot}: {field} is {redis:?} in Redis, {db:?} in the database"
+                "batch {batch} slot {slot}: {field} is {redis:?} in the backend, {db:?} in the database"
             ),
             Difference::CouponConflict {
                 batch,

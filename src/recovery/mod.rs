@@ -27,7 +27,9 @@ const SNAPSHOT_ATTEMPTS: usize = 5;
 pub enum RebuildError {
     #[error("batch {0} is not in the database")]
     BatchNotFound(String),
-    #[error("batch {0} still exists in Redis (its pool meta is there); use --force to overwrite")]
+    #[error(
+        "batch {0} still exists in the backend (its pool meta is there); use --force to overwrite"
+    )]
     Live(String),
     #[error(
         "shard {shard} of batch {batch} holds {entries} claim records not yet in the database; \
@@ -40,7 +42,7 @@ pub enum RebuildError {
     },
     #[error("slot {slot} of batch {batch} went live during the rebuild; retry")]
     Raced { batch: String, slot: String },
-    #[error("redis: {0}")]
+    #[error("backend: {0}")]
     Backend(#[from] BackendError),
     #[error("{0}")]
     Db(#[from] DbError),

@@ -3,6 +3,7 @@
 //! themselves, and remove them (process killed, database dropped) when done.
 #![allow(dead_code)]
 
+pub mod bin;
 pub mod gw;
 pub mod watchdog;
 
