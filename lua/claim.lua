@@ -1,7 +1,8 @@
 -- claim.lua: one claim against the user's home shard of a batch. Atomic; one hash slot.
 --
 -- KEYS (all share the hash tag {<batch>:<shard>}):
---   1 meta     hash   state, start, end, limit, daily, vdays, vfrom, vto, ver
+--   1 meta     hash   state, start, end, limit, daily, vdays, vfrom, vto, ver, epoch (the
+--                     coupon-id epoch, absent = 0: bumped, durably first, by every rebuild)
 --   2 stock    string coupons left in this shard
 --   3 users    hash   user -> coupons claimed from this batch (per-user limit)
 --   4 daily    hash   user -> "<utc day>:<count>" (per-user daily limit)
@@ -24,8 +25,10 @@
 --     -8 shard has no stock (the caller refills or declares sold out)
 --     -9 claim log backlog at its bound (shed, nothing claimed)
 -- Validates everything before the first write: a script that errors half-way keeps its writes.
--- Coupon id: '<batch>.<shard>.<seq>' (ARGV[4], ARGV[5], and KEYS[8] after INCR: 1, 2, ...;
---   the claim counter never goes back, so an id is never minted twice).
+-- Coupon id: '<batch>.<shard>.<seq>', seq = epoch * 10^12 + KEYS[8] after INCR (1, 2, ...).
+--   The claim counter never goes back while Redis keeps it; a Redis that lost it (data loss,
+--   a failover to a lagging replica) is rebuilt in a new epoch, so an id minted before the
+--   loss is never minted again (src/domain/ids.rs EPOCH_SPAN is the same 10^12).
 -- Claim record: one XADD to KEYS[6] per coupon minted, these fields in this order:
 --   k 'claimed'   c coupon id   u user id   r request id ('' = none)   b batch id
 --   s shard index   t claimed at (ms)   vf valid from (ms)   vt valid to (ms)
@@ -34,7 +37,8 @@ if #ARGV ~= 6 or not tonumber(ARGV[3]) then
   return redis.error_reply('ERR claim: expects 6 arguments (user, request id, max log, batch, shard, nonce)')
 end
 local user, rid = ARGV[1], ARGV[2]
-local m = redis.call('HMGET', KEYS[1], 'state', 'start', 'end', 'limit', 'daily', 'vdays', 'vfrom', 'vto')
+local m = redis.call('HMGET', KEYS[1], 'state', 'start', 'end', 'limit', 'daily', 'vdays', 'vfrom',
+  'vto', 'epoch')
 if not m[1] then return { 0, -1 } end
 
 local reqf
@@ -77,7 +81,7 @@ if stock <= 0 then return { 0, -8 } end
 
 -- every check passed: write
 redis.call('DECR', KEYS[2])
-local seq = redis.call('INCR', KEYS[8])
+local seq = redis.call('INCR', KEYS[8]) + (tonumber(m[9] or '0') or 0) * 1000000000000
 local coupon = ARGV[4] .. '.' .. ARGV[5] .. '.' .. string.format('%d', seq)
 local vf, vt
 local vdays = tonumber(m[6])

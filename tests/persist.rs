@@ -26,7 +26,7 @@ use claimgate::contract::log_read::{self, LogEntry};
 use claimgate::domain::batch::{
     Batch, BatchState, Discount, Eligibility, Scope, ScopeKind, Timestamp, Validity, Window,
 };
-use claimgate::domain::ids::{home_shard, parse_coupon_id};
+use claimgate::domain::ids::{home_shard, parse_coupon_id, seq_epoch};
 use claimgate::persist::Persister;
 use claimgate::recovery::{Difference, RebuildError, rebuild, reconcile};
 use claimgate::store::{CouponState, Db, DbError};
@@ -1037,6 +1037,141 @@ async fn rebuild_after_redis_lost_its_data() {
     assert!(diffs.is_empty(), "{diffs:?}");
     shutdown.cancel();
     p.join().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// ids Redis minted and lost before the database saw them are never minted again
+
+/// Claims `users` concurrently, each with request id "r1"; every answer must be a new
+/// coupon or a refusal for stock (-8). Returns coupon -> user.
+async fn claim_all<B: Backend + 'static>(
+    backend: &Arc<B>,
+    b: &Batch,
+    keys: &BatchKeys,
+    users: impl Iterator<Item = String>,
+) -> HashMap<String, String> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for user in users {
+        let (backend, b, keys) = (backend.clone(), b.clone(), keys.clone());
+        tasks.spawn(async move {
+            let r = claim(backend.as_ref(), &b, &keys, &user, "r1")
+                .await
+                .unwrap();
+            (user, r)
+        });
+    }
+    let mut out = HashMap::new();
+    while let Some(done) = tasks.join_next().await {
+        match done.unwrap() {
+            (user, Claim::New(c)) => assert!(out.insert(c, user).is_none(), "minted twice"),
+            (_, Claim::Refused(-8)) => {}
+            (user, other) => panic!("{user}: {other:?}"),
+        }
+    }
+    out
+}
+
+/// 20 claims persisted, 20 more acknowledged and then lost with Redis (never persisted),
+/// a rebuild, then concurrent claims of the rest: no new id may equal a lost one (before
+/// the epoch, the rebuilt claim counter resumed at the database's highest sequence and
+/// minted the lost ids again for other users), and a second rebuild moves on again.
+async fn lost_ids_are_never_minted_again<B: Backend + 'static>(
+    first: Arc<B>,
+    db: Db,
+    lose: impl AsyncFnOnce(Arc<B>) -> Arc<B>,
+) {
+    let b = batch("epoch", 2, 100, 1, None);
+    let keys = setup(first.as_ref(), &db, &b, 30).await;
+    let persisted = claim_all(&first, &b, &keys, (0..20).map(|i| format!("p{i}"))).await;
+    assert_eq!(persisted.len(), 20);
+    let shutdown = CancellationToken::new();
+    let p = Persister::spawn(first.clone(), db.clone(), fast("ep1"), shutdown.clone());
+    p.flush().await.unwrap();
+    shutdown.cancel();
+    p.join().await;
+    assert_persisted(&db, &b.id, &persisted).await;
+    let lost = claim_all(&first, &b, &keys, (0..20).map(|i| format!("l{i}"))).await;
+    assert_eq!(lost.len(), 20, "acknowledged, never persisted");
+
+    let second = lose(first).await;
+    let report = rebuild(second.as_ref(), &db, &b.id, false).await.unwrap();
+    assert_eq!(report.epoch, 1);
+    assert_eq!(db.epoch(&b.id).await.unwrap(), Some(1));
+    assert_eq!(report.claims, 20);
+    for i in 0..keys.shards.len() {
+        refill(second.as_ref(), &keys, i, 30, &format!("t{i}")).await;
+    }
+    let fresh = claim_all(&second, &b, &keys, (0..40).map(|i| format!("n{i}"))).await;
+    assert!(!fresh.is_empty());
+    for c in fresh.keys() {
+        assert!(
+            !lost.contains_key(c),
+            "{c} was minted before, for {}",
+            lost[c]
+        );
+        assert!(!persisted.contains_key(c), "{c} is in the database already");
+        let (_, _, seq) = parse_coupon_id(c).unwrap();
+        assert_eq!(seq_epoch(seq), 1, "{c} is minted in the new epoch");
+    }
+    let shutdown = CancellationToken::new();
+    let p = Persister::spawn(second.clone(), db.clone(), fast("ep2"), shutdown.clone());
+    p.flush().await.unwrap();
+    let mut all = persisted.clone();
+    all.extend(fresh.clone());
+    assert_persisted(&db, &b.id, &all).await;
+    assert_eq!(db.coupon_conflicts(&b.id).await.unwrap().len(), 0);
+    let diffs = reconcile(second.as_ref(), &db, Some(&b.id)).await.unwrap();
+    assert!(diffs.is_empty(), "{diffs:?}");
+
+    // a forced rebuild of the live batch moves to the next epoch; the limits still hold
+    let report = rebuild(second.as_ref(), &db, &b.id, true).await.unwrap();
+    assert_eq!(report.epoch, 2);
+    let user = fresh.values().next().unwrap().clone();
+    assert_eq!(
+        claim(second.as_ref(), &b, &keys, &user, "r2")
+            .await
+            .unwrap(),
+        Claim::Refused(-6)
+    );
+    shutdown.cancel();
+    p.join().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebuild_after_loss_never_reissues_a_lost_coupon_id_redis() {
+    let pg = PgDb::create();
+    let db = open_db(pg.url.clone()).await;
+    let mut server = RedisServer::start();
+    let backend = redis(&server).await;
+    let b = batch("epoch", 2, 100, 1, None);
+    lost_ids_are_never_minted_again(backend, db, async |backend: Arc<RedisBackend>| {
+        server.restart_empty();
+        eventually(
+            "redis is back (empty)",
+            Duration::from_secs(5),
+            async || {
+                matches!(
+                    claim(backend.as_ref(), &b, &BatchKeys::new("epoch", 2), "x", "").await,
+                    Ok(Claim::Refused(-1))
+                )
+            },
+        )
+        .await;
+        backend
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebuild_after_loss_never_reissues_a_lost_coupon_id_embedded() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = sqlite(&dir).await;
+    let first = Arc::new(EmbeddedBackend::open(&EmbeddedConfig::in_memory()).unwrap());
+    lost_ids_are_never_minted_again(first, db, async |first: Arc<EmbeddedBackend>| {
+        drop(first);
+        Arc::new(EmbeddedBackend::open(&EmbeddedConfig::in_memory()).unwrap())
+    })
+    .await;
 }
 
 // ---------------------------------------------------------------------------------------

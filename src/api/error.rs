@@ -57,6 +57,13 @@ pub enum ApiError {
     /// With the cause, for the log line; the client is told only that nothing was claimed.
     #[error("backend unavailable, nothing was claimed")]
     BackendUnavailable(String),
+    /// `redis.ack = "replica"`: the claim is on the primary, not yet confirmed by enough
+    /// replicas. With the detail, for the log line.
+    #[error(
+        "the claim is not yet confirmed by a replica; retry with the same request_id to get \
+         it once it is (without one, a retry may claim again)"
+    )]
+    NotReplicated(String),
     #[error("no such route")]
     RouteNotFound,
     /// With the methods the route does allow.
@@ -90,6 +97,7 @@ impl ApiError {
             ApiError::RateLimited { retry_after_s: 1 },
             ApiError::Overloaded("example".into()),
             ApiError::BackendUnavailable("example".into()),
+            ApiError::NotReplicated("example".into()),
             ApiError::RouteNotFound,
             ApiError::MethodNotAllowed("GET"),
             ApiError::Internal("example".into()),
@@ -115,6 +123,7 @@ impl ApiError {
             ApiError::RateLimited { .. } => "rate_limited",
             ApiError::Overloaded(_) => "overloaded",
             ApiError::BackendUnavailable(_) => "backend_unavailable",
+            ApiError::NotReplicated(_) => "not_replicated",
             ApiError::RouteNotFound => "not_found",
             ApiError::MethodNotAllowed(_) => "method_not_allowed",
             ApiError::Internal(_) => "internal",
@@ -124,7 +133,9 @@ impl ApiError {
     /// What the log line of this error says (the detail of internal errors included).
     pub fn log_detail(&self) -> String {
         match self {
-            ApiError::Internal(detail) | ApiError::BackendUnavailable(detail) => detail.clone(),
+            ApiError::Internal(detail)
+            | ApiError::BackendUnavailable(detail)
+            | ApiError::NotReplicated(detail) => detail.clone(),
             other => other.to_string(),
         }
     }
@@ -170,6 +181,7 @@ impl From<BackendError> for ApiError {
     fn from(e: BackendError) -> Self {
         match e {
             BackendError::Unavailable(m) => ApiError::BackendUnavailable(m),
+            e @ BackendError::NotReplicated { .. } => ApiError::NotReplicated(e.to_string()),
             other => ApiError::Internal(other.to_string()),
         }
     }
@@ -248,6 +260,7 @@ mod tests {
             | ApiError::BatchExists
             | ApiError::InvalidState(_)
             | ApiError::RateLimited { .. }
+            | ApiError::NotReplicated(_)
             | ApiError::Overloaded(_)
             | ApiError::BackendUnavailable(_)
             | ApiError::RouteNotFound
@@ -260,7 +273,7 @@ mod tests {
     fn examples_cover_every_code() {
         let codes: std::collections::BTreeSet<_> =
             ApiError::examples().iter().map(ApiError::code).collect();
-        assert_eq!(codes.len(), 19, "{codes:?}");
+        assert_eq!(codes.len(), 20, "{codes:?}");
     }
 
     /// The `outcome` label set of the claims metric is the success outcomes and every code
@@ -278,6 +291,7 @@ mod tests {
         let not_a_claim: std::collections::BTreeSet<&str> = [
             "batch_exists",
             "coupon_not_found",
+            "event_not_found",
             "invalid_state",
             "not_found",
             "method_not_allowed",

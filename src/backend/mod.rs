@@ -69,6 +69,11 @@ pub enum BackendError {
     /// The reply did not have the shape the script's header promises.
     #[error("unexpected reply: {0}")]
     Protocol(String),
+    /// The write is on the primary, but fewer replicas than `redis.ack_replicas` confirmed
+    /// it within `redis.ack_timeout_ms`. Repeating the call with the same request id is safe
+    /// (it replays) and is confirmed once the replicas catch up.
+    #[error("not confirmed by replicas: {acked} of {wanted}")]
+    NotReplicated { acked: u32, wanted: u32 },
 }
 
 /// A backend event broadcast to every gateway instance (Redis pub/sub channel
@@ -98,6 +103,19 @@ pub trait Backend: Send + Sync + 'static {
     /// `"redis"` or `"embedded"`, for metrics and logs.
     fn kind(&self) -> &'static str;
 
+    /// Returns once the backend's acknowledgement rule (`redis.ack`) holds for every write
+    /// the node serving `fence` made so far (a key: in a cluster its slot picks the node).
+    /// Under `ack = "leader"`, and on the embedded backend, that is at once. Under the
+    /// replica modes one connection writes `fence` and then waits (`WAIT` / `WAITAOF`): the
+    /// write puts that connection's replication offset past every earlier write of the node
+    /// (the claim being confirmed included, whichever connection made it), so a replay is
+    /// confirmed as surely as a fresh claim. Too few replicas in time:
+    /// [`BackendError::NotReplicated`].
+    fn confirm(&self, fence: &str) -> impl Future<Output = Result<(), BackendError>> + Send {
+        let _ = fence;
+        async { Ok(()) }
+    }
+
     /// Makes everything acknowledged so far durable (graceful shutdown). Redis persists on
     /// its own; the embedded backend syncs its append-only log.
     fn flush(&self) -> impl Future<Output = Result<(), BackendError>> + Send {
@@ -116,6 +134,8 @@ pub(crate) fn record(
         Err(BackendError::Script(_)) => "script_error",
         Err(BackendError::Unavailable(_)) => "unavailable",
         Err(BackendError::Protocol(_)) => "protocol",
+        // only `confirm` answers this, never a script call
+        Err(BackendError::NotReplicated { .. }) => "unavailable",
     };
     crate::obs::events::BackendCalled {
         script: script.name(),

@@ -4,6 +4,10 @@
 //! A `NOSCRIPT` reply (after a restart, a failover or `SCRIPT FLUSH`) reloads the scripts
 //! and retries once. Every call is bounded by `command_timeout_ms` through
 //! `tokio::time::timeout` (fred's per-call options are not applied to `EVALSHA`).
+//! Under `redis.ack = "replica"` / `"replica_aof"`, [`Backend::confirm`] writes a per-shard
+//! fence key and waits (`WAIT` / `WAITAOF`) on a pool of its own, so a wait that blocks its
+//! connection never delays script calls; `replica_aof` checks at connect that the server
+//! has `WAITAOF` (Redis 7.2+) and refuses to start otherwise.
 //! Invariant kept here: a call on a disconnected client fails at once with
 //! [`BackendError::Unavailable`] without being queued, so "503, nothing was claimed" holds for
 //! it; a call that timed out after being sent is reported as unavailable too, and callers make
@@ -14,16 +18,16 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fred::prelude::{
-    ClientLike, Config, Error as FredError, ErrorKind, EventInterface, LuaInterface, Pool,
-    PubsubInterface, ReconnectPolicy, ServerConfig, Value as FredValue,
+    ClientLike, Config, Error as FredError, ErrorKind, EventInterface, KeysInterface, LuaInterface,
+    Pool, PubsubInterface, ReconnectPolicy, ServerConfig, Value as FredValue,
 };
-use fred::types::Builder;
+use fred::types::{Builder, ClusterHash, CustomCommand, InfoKind};
 use tokio::sync::broadcast;
 
 use super::{Backend, BackendError, EVENTS_CHANNEL, Script, Value};
-use crate::config::RedisConfig;
 use crate::config::secret::redact_text;
-use crate::obs::events::ScriptsReloaded;
+use crate::config::{Ack, RedisConfig};
+use crate::obs::events::{ReplicaConfirmed, ScriptsReloaded};
 
 /// Scripts with their SHA1, precomputed once.
 struct Loaded {
@@ -40,8 +44,75 @@ impl Loaded {
     }
 }
 
+/// `redis.ack` in a replica mode: what a claim waits for, on connections of its own.
+struct AckPolicy {
+    pool: Pool,
+    replicas: u32,
+    timeout_ms: u64,
+    /// `WAITAOF 0 <replicas> <timeout>` rather than `WAIT <replicas> <timeout>`.
+    aof: bool,
+}
+
+impl AckPolicy {
+    fn replicas(&self) -> FredValue {
+        FredValue::Integer(i64::from(self.replicas))
+    }
+
+    /// The configuration bounds it to 60 000 ms.
+    fn timeout(&self) -> FredValue {
+        FredValue::Integer(i64::try_from(self.timeout_ms).unwrap_or(i64::MAX))
+    }
+
+    /// How many replicas confirmed: a write of `fence`, then the wait, pipelined on ONE
+    /// connection (the wait covers that connection's writes, so the fence comes first).
+    async fn wait(&self, fence: &str) -> Result<u32, BackendError> {
+        let client = self.pool.next_connected();
+        if !client.is_connected() {
+            return Err(BackendError::Unavailable("not connected".into()));
+        }
+        let pipe = client.pipeline();
+        let slot = ClusterHash::Custom(fred::util::redis_keyslot(fence.as_bytes()));
+        let (cmd, args): (CustomCommand, Vec<FredValue>) = if self.aof {
+            (
+                CustomCommand::new_static("WAITAOF", slot, false),
+                vec![FredValue::Integer(0), self.replicas(), self.timeout()],
+            )
+        } else {
+            (
+                CustomCommand::new_static("WAIT", slot, false),
+                vec![self.replicas(), self.timeout()],
+            )
+        };
+        let queued = async {
+            let _: FredValue = pipe.incr(fence).await?;
+            let _: FredValue = pipe.custom(cmd, args).await?;
+            pipe.all::<Vec<FredValue>>().await
+        };
+        let replies = queued.await.map_err(|e| classify(&e))?;
+        let acked = match replies.get(1) {
+            Some(FredValue::Integer(n)) => *n,
+            // WAITAOF: [local fsyncs, replica fsyncs]
+            Some(FredValue::Array(a)) if a.len() == 2 => a[1].as_i64().unwrap_or(0),
+            other => {
+                return Err(BackendError::Protocol(format!("wait answered {other:?}")));
+            }
+        };
+        Ok(u32::try_from(acked.max(0)).unwrap_or(u32::MAX))
+    }
+}
+
+/// `redis_version:7.2.4` in an `INFO server` text: (7, 2).
+fn server_version(info: &str) -> Option<(u32, u32)> {
+    let v = info
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("redis_version:"))?;
+    let mut parts = v.split('.');
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
 pub struct RedisBackend {
     pool: Pool,
+    ack: Option<AckPolicy>,
     scripts: Arc<Loaded>,
     timeout: Duration,
     cluster: bool,
@@ -175,8 +246,47 @@ impl RedisBackend {
             }
         });
 
+        let ack = match cfg.ack {
+            Ack::Leader => None,
+            mode => {
+                let ack_pool = builder
+                    .build_pool(cfg.pool_size)
+                    .map_err(|e| classify(&e))?;
+                tokio::time::timeout(connect_timeout, ack_pool.init())
+                    .await
+                    .map_err(|_| BackendError::Unavailable("connect timed out".to_string()))?
+                    .map_err(|e| classify(&e))?;
+                let aof = mode == Ack::ReplicaAof;
+                if aof {
+                    let info: String =
+                        tokio::time::timeout(timeout, ack_pool.next().info(Some(InfoKind::Server)))
+                            .await
+                            .map_err(|_| BackendError::Unavailable("INFO timed out".to_string()))?
+                            .map_err(|e| classify(&e))?;
+                    match server_version(&info) {
+                        Some(v) if v >= (7, 2) => {}
+                        v => {
+                            return Err(BackendError::Unavailable(format!(
+                                "redis.ack = \"replica_aof\" needs WAITAOF (Redis 7.2 or \
+                                 later); the server is {}: use ack = \"replica\"",
+                                v.map_or("of an unknown version".to_string(), |(a, b)| {
+                                    format!("{a}.{b}")
+                                })
+                            )));
+                        }
+                    }
+                }
+                Some(AckPolicy {
+                    pool: ack_pool,
+                    replicas: cfg.ack_replicas,
+                    timeout_ms: cfg.ack_timeout_ms,
+                    aof,
+                })
+            }
+        };
         let backend = RedisBackend {
             pool,
+            ack,
             scripts: Arc::new(Loaded {
                 shas: Script::ALL.iter().map(|s| (*s, s.sha1())).collect(),
             }),
@@ -294,6 +404,38 @@ impl Backend for RedisBackend {
         self.events.subscribe()
     }
 
+    async fn confirm(&self, fence: &str) -> Result<(), BackendError> {
+        let Some(ack) = &self.ack else {
+            return Ok(());
+        };
+        let started = std::time::Instant::now();
+        // the server's own wait, plus the usual bound for the round trip
+        let bound = self.timeout + Duration::from_millis(ack.timeout_ms);
+        let result = match tokio::time::timeout(bound, ack.wait(fence)).await {
+            Ok(Ok(n)) if n >= ack.replicas => Ok(()),
+            Ok(Ok(n)) => Err(BackendError::NotReplicated {
+                acked: n,
+                wanted: ack.replicas,
+            }),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(BackendError::Unavailable(format!(
+                "replica confirmation timed out after {bound:?}"
+            ))),
+        };
+        let (label, detail) = match &result {
+            Ok(()) => ("confirmed", String::new()),
+            Err(e @ BackendError::NotReplicated { .. }) => ("not_replicated", e.to_string()),
+            Err(e) => ("unavailable", e.to_string()),
+        };
+        ReplicaConfirmed {
+            result: label,
+            seconds: started.elapsed().as_secs_f64(),
+            detail: &detail,
+        }
+        .emit();
+        result
+    }
+
     async fn ready(&self) -> Result<(), BackendError> {
         let client = self.pool.next_connected();
         let fut = client.script_exists::<Vec<bool>, _>(self.scripts.sha(Script::Claim));
@@ -322,6 +464,15 @@ impl Drop for RedisBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_server_version_is_read_from_info() {
+        let info = "# Server\r\nredis_version:7.2.4\r\nredis_git_sha1:00000000\r\n";
+        assert_eq!(server_version(info), Some((7, 2)));
+        assert_eq!(server_version("redis_version:7.0.15"), Some((7, 0)));
+        assert_eq!(server_version("nothing"), None);
+        assert!(server_version("redis_version:7.0.15").unwrap() < (7, 2));
+    }
 
     #[test]
     fn client_side_failures_are_unavailable_server_replies_are_script_errors() {

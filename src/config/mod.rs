@@ -35,7 +35,7 @@ pub use self::sections::{
     AuthConfig, BatchesConfig, CacheConfig, LimitsConfig, LogConfig, MetricsConfig,
     PersisterConfig, RateLimit, ServerConfig, StockConfig, WalletConfig, check_log_level,
 };
-pub use self::stores::{DEFAULT_AOF_PATH, DatabaseConfig, EmbeddedConfig, Fsync, RedisConfig};
+pub use self::stores::{Ack, DEFAULT_AOF_PATH, DatabaseConfig, EmbeddedConfig, Fsync, RedisConfig};
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -289,6 +289,11 @@ fn set_path(table: &mut toml::Table, path: &[String], value: &str, as_string: bo
 /// Largest `wallet.max_page`: the database answers at most this many coupons per page.
 pub const WALLET_MAX_PAGE: u64 = 500;
 
+/// Highest `batches.max_stock`: a hundredth of a coupon-id epoch (10^12)
+/// (`domain::ids::EPOCH_SPAN`), so a shard's claim counter, refunds included, never runs
+/// into the next epoch's ids.
+pub const MAX_STOCK_CEILING: i64 = 10_000_000_000;
+
 /// First line of [`Config::to_toml`].
 const DUMP_HEADER: &str = "\
 # claimgate effective configuration (claimgate check-config).
@@ -378,7 +383,7 @@ impl Config {
         // Every bound a module relies on is checked here, naming the key: no module clamps
         // a configured value on its own (`x.max(1)`), so what is configured is what runs.
         const HOUR_MS: u64 = 3_600_000;
-        let ranges: [(&'static str, u64, u64, u64); 32] = [
+        let ranges: [(&'static str, u64, u64, u64); 34] = [
             (
                 "server.max_body_bytes",
                 self.server.max_body_bytes as u64,
@@ -441,6 +446,13 @@ impl Config {
                 16,
                 u64::MAX,
             ),
+            (
+                "redis.ack_replicas",
+                u64::from(self.redis.ack_replicas),
+                1,
+                16,
+            ),
+            ("redis.ack_timeout_ms", self.redis.ack_timeout_ms, 1, 60_000),
             (
                 "database.max_connections",
                 u64::from(self.database.max_connections),
@@ -614,6 +626,16 @@ impl Config {
         {
             return bad("batches.default_shards", "must be 1..=batches.max_shards");
         }
+        if self.redis.ack != Ack::Leader && self.backend != BackendKind::Redis {
+            return bad(
+                "redis.ack",
+                "needs backend = \"redis\" (the embedded keyspace has no replicas)",
+            );
+        }
+        // A shard's claim counter must stay far below one coupon-id epoch (refunds included).
+        if !(1..=MAX_STOCK_CEILING).contains(&self.batches.max_stock) {
+            return bad("batches.max_stock", "must be 1..=10000000000");
+        }
         if let Err(message) = check_log_level(&self.log.level) {
             return Err(ConfigError::Invalid {
                 key: "log.level",
@@ -684,6 +706,43 @@ mod tests {
         let err = load(None, env(&[]), &["server.max_body_bytes=1".into()]).unwrap_err();
         assert!(err.to_string().contains("server.max_body_bytes"), "{err}");
         assert!(load(None, env(&[]), &["nonsense".into()]).is_err());
+    }
+
+    #[test]
+    fn replica_acknowledgements_need_the_redis_backend() {
+        let err = load(None, env(&[]), &["redis.ack=\"replica\"".into()]).unwrap_err();
+        assert!(err.to_string().contains("redis.ack"), "{err}");
+        let c = load(
+            None,
+            env(&[("CLAIMGATE_BACKEND", "redis")]),
+            &[
+                "redis.ack=\"replica\"".into(),
+                "redis.ack_timeout_ms=250".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!((c.redis.ack, c.redis.ack_timeout_ms), (Ack::Replica, 250));
+        for bad in [
+            "redis.ack_replicas=0",
+            "redis.ack_timeout_ms=0",
+            "redis.ack=\"all\"",
+        ] {
+            let err = load(None, env(&[("CLAIMGATE_BACKEND", "redis")]), &[bad.into()]);
+            assert!(err.is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn max_stock_stays_far_below_a_coupon_id_epoch() {
+        for bad in ["0", "10000000001"] {
+            let err = load(None, env(&[]), &[format!("batches.max_stock={bad}")]).unwrap_err();
+            assert!(err.to_string().contains("batches.max_stock"), "{err}");
+        }
+        let ok = format!("batches.max_stock={MAX_STOCK_CEILING}");
+        assert_eq!(
+            load(None, env(&[]), &[ok]).unwrap().batches.max_stock,
+            MAX_STOCK_CEILING
+        );
     }
 
     fn as_value(c: &Config) -> toml::Value {

@@ -30,6 +30,41 @@ pub struct RedisConfig {
     pub connect_timeout_ms: u64,
     /// Capacity of the in-process event fan-out (pub/sub messages buffered per subscriber).
     pub event_buffer: usize,
+    /// When a claim is acknowledged: once the primary ran the script (`leader`), or once
+    /// `ack_replicas` replicas hold it too (`replica`: `WAIT`; `replica_aof`: `WAITAOF`,
+    /// Redis 7.2+, in their append-only files).
+    pub ack: Ack,
+    /// Replicas that must confirm a claim in the `replica` modes.
+    pub ack_replicas: u32,
+    /// How long a claim waits for them; past it the answer is 503 `not_replicated` (retry
+    /// with the same request id: the claim is on the primary and replays once confirmed).
+    pub ack_timeout_ms: u64,
+}
+
+/// When a claim is acknowledged (`redis.ack`). What each mode guarantees is in the
+/// README's "Scaling out".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Ack {
+    /// Once the primary ran the script: a failover to a replica that lagged can lose the
+    /// last claims acknowledged (detected and repaired, never re-minted).
+    #[default]
+    Leader,
+    /// Once `ack_replicas` replicas received the write (`WAIT`).
+    Replica,
+    /// Once `ack_replicas` replicas wrote it to their append-only file (`WAITAOF`, Redis
+    /// 7.2+; the gateway refuses to start against an older server).
+    ReplicaAof,
+}
+
+impl Ack {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Ack::Leader => "leader",
+            Ack::Replica => "replica",
+            Ack::ReplicaAof => "replica_aof",
+        }
+    }
 }
 
 impl Default for RedisConfig {
@@ -41,6 +76,9 @@ impl Default for RedisConfig {
             command_timeout_ms: 1000,
             connect_timeout_ms: 2000,
             event_buffer: 1024,
+            ack: Ack::Leader,
+            ack_replicas: 1,
+            ack_timeout_ms: 100,
         }
     }
 }
@@ -55,6 +93,9 @@ impl std::fmt::Debug for RedisConfig {
             command_timeout_ms,
             connect_timeout_ms,
             event_buffer,
+            ack,
+            ack_replicas,
+            ack_timeout_ms,
         } = self;
         f.debug_struct("RedisConfig")
             .field("url", &redact_url(url))
@@ -63,6 +104,9 @@ impl std::fmt::Debug for RedisConfig {
             .field("command_timeout_ms", command_timeout_ms)
             .field("connect_timeout_ms", connect_timeout_ms)
             .field("event_buffer", event_buffer)
+            .field("ack", ack)
+            .field("ack_replicas", ack_replicas)
+            .field("ack_timeout_ms", ack_timeout_ms)
             .finish()
     }
 }

@@ -17,6 +17,7 @@
 //! | `out`     | hash   | transfer outbox: id -> `<destination>\|<amount>\|<created ms>` |
 //! | `xseq`    | string | transfer sequence, bumped whenever the slot's stock moves      |
 //! | `in:<id>` | string | "transfer `<id>` was credited here" (expires)                  |
+//! | `ack`     | string | counter written before a replica wait (`redis.ack = "replica"`) |
 //!
 //! Invariant kept here: every key a script receives is built by this module from the same
 //! tag, so a script can never span two cluster slots.
@@ -59,6 +60,8 @@ pub struct SlotKeys {
     pub claimed: String,
     pub outbox: String,
     pub xseq: String,
+    /// Written right before a replica wait (see `Backend::confirm`), never read.
+    pub fence: String,
     tag: String,
 }
 
@@ -80,6 +83,7 @@ impl SlotKeys {
             claimed: k("claimed"),
             outbox: k("out"),
             xseq: k("xseq"),
+            fence: k("ack"),
             label,
             tag,
         }
@@ -138,7 +142,7 @@ mod tests {
         let k = SlotKeys::new("b1", Some(3));
         for key in [
             &k.meta, &k.stock, &k.users, &k.daily, &k.req, &k.log, &k.deny, &k.claimed, &k.outbox,
-            &k.xseq,
+            &k.fence, &k.xseq,
         ] {
             assert!(key.starts_with("cg:{b1:3}:"), "{key}");
         }

@@ -18,6 +18,7 @@
 //! | `soldout` | pool   | `1` once the batch is sold out                                 |
 //! | `def`     | pool   | the whole definition, JSON                                     |
 //! | `lost`    | shards | coupon sequences a rebuild found issued but never persisted    |
+//! | `epoch`   | all    | coupon-id epoch (absent = 0; every rebuild moves to a new one)  |
 //!
 //! Invariant kept here: the fields are named only here (and in the scripts): [`fields`]
 //! writes the definition's part, [`SlotMeta`] is the one reader.
@@ -59,6 +60,8 @@ pub const SOLD_OUT: &str = "soldout";
 pub const DEFINITION: &str = "def";
 /// A rebuilt shard's count of coupon sequences issued but never persisted.
 pub const LOST: &str = "lost";
+/// The coupon-id epoch `lua/claim.lua` mints in (see `domain::ids::EPOCH_SPAN`).
+pub const EPOCH: &str = "epoch";
 
 /// The pool's extra fields: its total, not sold out, and the definition as JSON.
 pub fn pool_fields(batch: &Batch) -> Vec<(&'static str, String)> {
@@ -107,6 +110,11 @@ impl SlotMeta {
 
     pub fn sold_out(&self) -> bool {
         self.get(SOLD_OUT) == Some("1")
+    }
+
+    /// The coupon-id epoch the slot mints in (0 when absent: never rebuilt).
+    pub fn epoch(&self) -> u64 {
+        self.get(EPOCH).and_then(|v| v.parse().ok()).unwrap_or(0)
     }
 
     /// Sequences a rebuild counted as issued but lost (0 when none).

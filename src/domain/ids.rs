@@ -6,7 +6,9 @@
 //!   them can hold `|`, `{`, `}`, `:` or a space: the characters the key layout and the
 //!   scripts' record formats use as separators;
 //! - a coupon id is `<batch id>.<shard>.<sequence>` (`lua/claim.lua` mints it from the
-//!   shard's claim counter); [`parse_coupon_id`] is the one reader of that format;
+//!   shard's claim counter and the batch's epoch: `sequence = epoch * EPOCH_SPAN +
+//!   counter`); [`parse_coupon_id`] is the one reader of that format, and
+//!   [`seq_epoch`] / [`seq_position`] split a sequence;
 //! - [`home_shard`] never changes: it routes live data.
 
 /// `[A-Za-z0-9._@+-]{1,128}`: user ids, request ids and order ids.
@@ -35,6 +37,24 @@ pub fn home_shard(user_id: &str, shards: u32) -> u32 {
     (h % u64::from(shards.max(1))) as u32
 }
 
+/// Coupon sequences of one epoch: epoch `e` mints `e * EPOCH_SPAN + 1`, `+ 2`, ... (the same
+/// `10^12` as in `lua/claim.lua`). Every rebuild moves a batch to a new epoch, recorded in
+/// the database first, so an id minted by a Redis state that was later lost is never minted
+/// again. 10^12 claims per shard and epoch is far past any stock (`limits.max_stock`), and
+/// `9000 * 10^12` is still exact in the scripts' doubles (below 2^53).
+pub const EPOCH_SPAN: u64 = 1_000_000_000_000;
+
+/// The epoch a coupon sequence was minted in.
+pub fn seq_epoch(seq: u64) -> u64 {
+    seq / EPOCH_SPAN
+}
+
+/// The claim-counter value a coupon sequence was minted at (its place in the shard's count
+/// of coupons ever issued, across epochs: a rebuild resumes the counter, not the ids).
+pub fn seq_position(seq: u64) -> u64 {
+    seq % EPOCH_SPAN
+}
+
 /// Splits a coupon id `<batch>.<shard>.<seq>` into its batch, shard and sequence.
 pub fn parse_coupon_id(coupon_id: &str) -> Option<(&str, u32, u64)> {
     let mut it = coupon_id.rsplitn(3, '.');
@@ -50,6 +70,23 @@ pub fn parse_coupon_id(coupon_id: &str) -> Option<(&str, u32, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn epochs_split_sequences_and_match_the_claim_script() {
+        assert_eq!((seq_epoch(7), seq_position(7)), (0, 7));
+        let s = 3 * EPOCH_SPAN + 42;
+        assert_eq!((seq_epoch(s), seq_position(s)), (3, 42));
+        let script = include_str!("../../lua/claim.lua");
+        assert!(
+            script.contains(&format!("* {EPOCH_SPAN}")),
+            "lua/claim.lua must mint with the same epoch span"
+        );
+        let ceiling = u64::try_from(crate::config::MAX_STOCK_CEILING).unwrap();
+        assert!(
+            ceiling * 100 <= EPOCH_SPAN,
+            "stock (with refunds) stays inside an epoch"
+        );
+    }
 
     #[test]
     fn identifiers() {

@@ -29,9 +29,9 @@ impl ApiError {
             | ApiError::InvalidState(_) => StatusCode::CONFLICT,
             ApiError::SoldOut => StatusCode::GONE,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Overloaded(_) | ApiError::BackendUnavailable(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ApiError::Overloaded(_)
+            | ApiError::BackendUnavailable(_)
+            | ApiError::NotReplicated(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -42,7 +42,9 @@ impl ApiError {
     fn retry_after(&self, retry_after_s: u64) -> Option<u64> {
         match self {
             ApiError::RateLimited { retry_after_s } => Some(*retry_after_s),
-            ApiError::Overloaded(_) | ApiError::BackendUnavailable(_) => Some(retry_after_s),
+            ApiError::Overloaded(_)
+            | ApiError::BackendUnavailable(_)
+            | ApiError::NotReplicated(_) => Some(retry_after_s),
             _ => None,
         }
     }
@@ -159,6 +161,7 @@ mod tests {
                 "rate_limited",
             ),
             (ApiError::Overloaded("x".into()), 503, "overloaded"),
+            (ApiError::NotReplicated("x".into()), 503, "not_replicated"),
             (
                 ApiError::BackendUnavailable("x".into()),
                 503,

@@ -284,6 +284,30 @@ impl BackendCalled {
     }
 }
 
+/// A claim's replica confirmation (`redis.ack = "replica"`) ended: `result` is one of
+/// [`m::REPLICA_CONFIRM_RESULTS`].
+pub struct ReplicaConfirmed<'a> {
+    pub result: &'static str,
+    pub seconds: f64,
+    /// Why it failed (`not_replicated`: "1 of 2"; `unavailable`: the error).
+    pub detail: &'a str,
+}
+
+impl ReplicaConfirmed<'_> {
+    pub fn emit(self) {
+        metrics::counter!(m::REPLICA_CONFIRMS, "result" => self.result).increment(1);
+        metrics::histogram!(m::REPLICA_CONFIRM_SECONDS).record(self.seconds);
+        if self.result != "confirmed" {
+            tracing::warn!(
+                result = self.result,
+                detail = self.detail,
+                seconds = self.seconds,
+                "claim not confirmed by replicas: answered 503, retry with the same request id"
+            );
+        }
+    }
+}
+
 /// Redis answered NOSCRIPT (a restart, a failover, `SCRIPT FLUSH`): every script is loaded
 /// again and the call retried.
 pub struct ScriptsReloaded {

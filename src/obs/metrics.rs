@@ -26,6 +26,13 @@ pub const HTTP_REQUESTS: &str = "claimgate_http_requests_total";
 pub const BACKEND_CALLS: &str = "claimgate_backend_calls_total";
 /// Script call latency by `script`, seconds.
 pub const BACKEND_SECONDS: &str = "claimgate_backend_call_duration_seconds";
+/// Replica confirmations of claims under `redis.ack = "replica"`, by `result`
+/// (confirmed, not_replicated, unavailable).
+pub const REPLICA_CONFIRMS: &str = "claimgate_replica_confirmations_total";
+/// Time a claim waited for its replica confirmation, seconds.
+pub const REPLICA_CONFIRM_SECONDS: &str = "claimgate_replica_confirm_duration_seconds";
+/// `result` labels of [`REPLICA_CONFIRMS`].
+pub const REPLICA_CONFIRM_RESULTS: &[&str] = &["confirmed", "not_replicated", "unavailable"];
 /// NOSCRIPT replies that caused a script reload.
 pub const BACKEND_RELOADS: &str = "claimgate_backend_script_reloads_total";
 /// Stock transfers by `kind` (initial, refill, steal, sweep) and `result` (moved, empty, finished).
@@ -151,6 +158,7 @@ pub const CLAIM_OUTCOMES: &[&str] = &[
     "rate_limited",
     "overloaded",
     "backend_unavailable",
+    "not_replicated",
     "internal",
 ];
 /// `script` labels of [`BACKEND_CALLS`] and [`BACKEND_SECONDS`]: the name of every script
@@ -394,6 +402,15 @@ fn describe() {
     describe_counter!(BACKEND_CALLS, "Script calls by script and result.");
     describe_histogram!(BACKEND_SECONDS, Unit::Seconds, "Script call latency.");
     describe_counter!(BACKEND_RELOADS, "Script reloads after NOSCRIPT.");
+    describe_counter!(
+        REPLICA_CONFIRMS,
+        "Replica confirmations of claims (redis.ack = replica), by result."
+    );
+    describe_histogram!(
+        REPLICA_CONFIRM_SECONDS,
+        Unit::Seconds,
+        "Time a claim waited for its replica confirmation."
+    );
     describe_counter!(TRANSFERS, "Stock transfers by kind and result.");
     describe_counter!(RATE_LIMITED, "Requests refused by a local rate limit.");
     describe_counter!(SHED, "Requests shed by admission control.");
@@ -455,6 +472,9 @@ fn register_at_zero() {
     metrics::gauge!(CONNECTIONS).increment(0.0);
     for limit in RATE_LIMITS {
         metrics::counter!(RATE_LIMITED, "limit" => *limit).increment(0);
+    }
+    for result in REPLICA_CONFIRM_RESULTS {
+        metrics::counter!(REPLICA_CONFIRMS, "result" => *result).increment(0);
     }
     for reason in SHED_REASONS {
         metrics::counter!(SHED, "reason" => *reason).increment(0);

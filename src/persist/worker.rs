@@ -3,7 +3,9 @@
 //!
 //! Invariant kept here: a record is acked (and deleted from its log) only after the
 //! transaction holding it committed; a failed write keeps the records in memory and retries
-//! them with backoff (they are not read again); a record that does not parse stays pending.
+//! them with backoff (they are not read again); a record that does not parse stays pending;
+//! under `redis.ack = "replica"` a record reaches the database only once a replica holds it
+//! (so a failover never takes back a claim the database knows).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -341,6 +343,22 @@ impl<B: Backend> Worker<B> {
                     s.recover - 1
                 };
             }
+            if !entries.is_empty() {
+                // Under `redis.ack = "replica"` the database takes only records a replica
+                // holds too: a failover can then never take back a claim the database
+                // knows, so no coupon id the database holds is minted again. Unconfirmed,
+                // they stay pending and are read again (no-op under "leader").
+                let fence = s.keys.fence.clone();
+                if let Err(e) = self.backend.confirm(&fence).await {
+                    self.note_error("read", e.to_string());
+                    let next_poll = now + self.backoff_min();
+                    let s = &mut self.shards[i];
+                    s.next_poll = next_poll;
+                    s.recover = RECOVERY_READS;
+                    continue;
+                }
+            }
+            let s = &mut self.shards[i];
             if entries.is_empty() {
                 s.idle_streak = s.idle_streak.saturating_add(1);
                 let factor = 1u32 << (s.idle_streak.min(8) - 1);

@@ -5,7 +5,10 @@
 //!   `total - issued`, where `issued` counts every coupon sequence number a shard ever handed
 //!   out (coupons missing from the database count as issued), each shard's per-user and
 //!   per-day counts and request ids come from the database, and the claim counter never goes
-//!   back, so new coupon ids never collide with old ones;
+//!   back;
+//! - a rebuild never mints a coupon id again, not even one Redis handed out and lost before
+//!   the database saw it: it first moves the batch to a new coupon-id epoch in the database
+//!   (committed before any Redis write), and the restored slots mint in that epoch;
 //! - a rebuild refuses while a shard log still holds claims the database does not have yet;
 //! - a slot goes live only once complete: its meta is written last (`lua/restore.lua`), and
 //!   the pool (which makes the batch visible) after every shard;
@@ -23,7 +26,7 @@ use crate::contract::keys::{BatchKeys, SlotKeys};
 use crate::contract::restore::{self, Step, Target};
 use crate::contract::{claim, meta, meta_get, probe};
 use crate::domain::batch::Batch;
-use crate::domain::ids::home_shard;
+use crate::domain::ids::{home_shard, seq_epoch, seq_position};
 use crate::domain::time::now_ms;
 use crate::store::Db;
 
@@ -33,6 +36,8 @@ pub struct RebuildReport {
     pub batch_id: String,
     /// The batch version written to every slot's meta.
     pub version: u64,
+    /// The coupon-id epoch the restored slots mint in (new with every rebuild).
+    pub epoch: u64,
     pub shards: u32,
     /// Claims found in the database.
     pub claims: u64,
@@ -54,11 +59,12 @@ impl fmt::Display for RebuildReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "rebuilt batch {} (version {}, {} shards): {} claims, {} user counters, \
+            "rebuilt batch {} (version {}, epoch {}, {} shards): {} claims, {} user counters, \
              {} request ids, {} daily counters, {} denied users; issued {} of {} \
              ({} lost before persistence); pool stock {}",
             self.batch_id,
             self.version,
+            self.epoch,
             self.shards,
             self.claims,
             self.users,
@@ -103,16 +109,28 @@ pub async fn rebuild<B: Backend>(
     let version = u64::try_from(now_ms().max(stored.version))
         .unwrap_or(1)
         .max(1);
+    // A new epoch, durable before the first Redis write: every id the replaced Redis state
+    // minted (persisted or lost) lies in an older one, whatever happens next.
+    let seen = db
+        .claims_summary(&batch.id)
+        .await?
+        .iter()
+        .map(|s| seq_epoch(s.max_seq))
+        .max()
+        .unwrap_or(0);
+    let epoch = db.bump_epoch(&batch.id, seen + 1).await?;
     let mut report = RebuildReport {
         batch_id: batch.id.clone(),
         version,
+        epoch,
         shards: batch.shards,
         total: batch.stock,
         ..Default::default()
     };
     begin(backend, &batch, &keys.pool, force).await?;
     let today = now_ms().div_euclid(claim::DAY_MS);
-    let base_meta = with_fp(&batch, meta::fields(&batch, version));
+    let mut base_meta = with_fp(&batch, meta::fields(&batch, version));
+    base_meta.push((meta::EPOCH.to_string(), epoch.to_string()));
     for s in &keys.shards {
         // Once the pool is gone the batch is not live: shard leftovers (of an interrupted
         // rebuild, or of a node that survived) are replaced, unpersisted claims excepted.
@@ -134,7 +152,8 @@ pub async fn rebuild<B: Backend>(
                     claim::request_value(&c.coupon_id, c.valid_from, c.valid_to, c.claimed_at),
                 ));
             }
-            max_seq = max_seq.max(c.seq);
+            // the counter position, whatever epoch the coupon was minted in
+            max_seq = max_seq.max(seq_position(c.seq));
         }
         let user_pairs: Vec<(String, String)> = users
             .iter()

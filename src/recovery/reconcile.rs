@@ -14,6 +14,7 @@ use crate::backend::Backend;
 use crate::contract::keys::{BatchKeys, SlotKeys};
 use crate::contract::meta::{self, SlotMeta};
 use crate::contract::{meta_get, probe, winners};
+use crate::domain::ids::seq_position;
 use crate::stock::census;
 use crate::store::{Db, StoredBatch};
 
@@ -87,7 +88,8 @@ async fn reconcile_batch<B: Backend>(
         .claims_summary(&batch.id)
         .await?
         .into_iter()
-        .map(|s| (s.shard, s.max_seq))
+        // the counter position of the highest id (ids carry their epoch above it)
+        .map(|s| (s.shard, seq_position(s.max_seq)))
         .collect();
     for s in &keys.shards {
         let shard = s.slot.unwrap_or(0);

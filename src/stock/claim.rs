@@ -2,15 +2,17 @@
 //! from the pool or siblings, and the sold-out scan. Also the read-only replay of a request
 //! id and the set of winners of a sold-out batch.
 //!
-//! Invariant kept here: a coupon is only ever granted by `claim.lua`; "sold out" is declared
-//! only by [`Stock::sold_out_scan`] (two scans that saw nothing anywhere and nothing move).
+//! Invariants kept here: a coupon is only ever granted by `claim.lua`, and answered only
+//! once the backend's acknowledgement rule holds for it (`redis.ack`: a replica confirmed
+//! it, replays included); "sold out" is declared only by [`Stock::sold_out_scan`] (two
+//! scans that saw nothing anywhere and nothing move).
 
 use std::collections::HashSet;
 
 use crate::backend::Backend;
 use crate::contract::claim::{self, Coupon, Outcome};
 use crate::contract::events::{self, Event};
-use crate::contract::keys::BatchKeys;
+use crate::contract::keys::{BatchKeys, SlotKeys};
 use crate::contract::mark_soldout::{self, Marked};
 use crate::contract::probe::Probe;
 use crate::contract::{replay, winners};
@@ -62,7 +64,7 @@ impl<B: Backend> Stock<B> {
         for _round in 0..=self.cfg.max_refill_rounds {
             match claim::call(self.backend.as_ref(), slot, &args).await? {
                 Outcome::ShardEmpty => {}
-                decided => return Ok(ClaimResult::Decided(decided)),
+                decided => return self.acknowledged(slot, ClaimResult::Decided(decided)).await,
             }
             if self.refill(keys, home, a.total).await? > 0 {
                 continue;
@@ -96,7 +98,24 @@ impl<B: Backend> Stock<B> {
         })
     }
 
-    /// The coupon an earlier success of (`user`, `request_id`) got, if any. One read.
+    /// `answer`, once the backend's acknowledgement rule holds for it when it grants a
+    /// coupon (a fresh one or a replay: the replayed claim may be the very one whose
+    /// confirmation failed before). Under `redis.ack = "replica"` too few replicas in time is
+    /// [`crate::backend::BackendError::NotReplicated`]: the coupon exists on the primary,
+    /// and the same request id answers it once confirmed.
+    async fn acknowledged(
+        &self,
+        slot: &SlotKeys,
+        answer: ClaimResult,
+    ) -> Result<ClaimResult, StockError> {
+        if let ClaimResult::Decided(Outcome::Claimed(_) | Outcome::Replayed(_)) = &answer {
+            self.backend.confirm(&slot.fence).await?;
+        }
+        Ok(answer)
+    }
+
+    /// The coupon an earlier success of (`user`, `request_id`) got, if any: one read, and
+    /// the acknowledgement rule (`redis.ack`) for a coupon found, like any coupon answer.
     pub async fn replay(
         &self,
         keys: &BatchKeys,
@@ -105,7 +124,11 @@ impl<B: Backend> Stock<B> {
         request_id: &str,
     ) -> Result<Option<Coupon>, StockError> {
         let slot = keys.shards.get(home as usize).ok_or(StockError::NotFound)?;
-        Ok(replay::call(self.backend.as_ref(), slot, user, request_id).await?)
+        let found = replay::call(self.backend.as_ref(), slot, user, request_id).await?;
+        if found.is_some() {
+            self.backend.confirm(&slot.fence).await?;
+        }
+        Ok(found)
     }
 
     /// Every user who claimed from the batch (read shard by shard). Only meaningful once the

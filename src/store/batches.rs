@@ -4,7 +4,7 @@
 //! only by a compare-and-set on its `version`, and records whether the batch's Redis setup
 //! ever completed (`setup_done_at`).
 
-use super::{Db, DbError, now_ms};
+use super::{Db, DbError, now_ms, to_i64, to_u64};
 use crate::domain::batch::{Batch, BatchState};
 
 /// A batch as the database holds it: the definition (the arbiter of what the batch is), its
@@ -139,6 +139,36 @@ impl Db {
             .await?;
         });
         Ok(())
+    }
+
+    /// Moves the batch to a new coupon-id epoch, at least `at_least`, and returns it. Called
+    /// (and committed) before a rebuild writes anything to Redis: ids minted by the Redis
+    /// state being replaced, lost ones included, all lie in older epochs.
+    pub async fn bump_epoch(&self, id: &str, at_least: u64) -> Result<u64, DbError> {
+        let at_least = to_i64(at_least, "epoch")?;
+        let epoch: Option<i64> = on_pool!(self, p => {
+            sqlx::query_scalar(
+                "UPDATE batches SET epoch = CASE WHEN epoch + 1 > $2 THEN epoch + 1 ELSE $2 END \
+                 WHERE id = $1 RETURNING epoch",
+            )
+            .bind(id)
+            .bind(at_least)
+            .fetch_optional(p)
+            .await?
+        });
+        let epoch = epoch.ok_or_else(|| DbError::Corrupt(format!("batch {id} has no row")))?;
+        to_u64(epoch, "epoch")
+    }
+
+    /// The batch's current coupon-id epoch (0 until its first rebuild).
+    pub async fn epoch(&self, id: &str) -> Result<Option<u64>, DbError> {
+        let epoch: Option<i64> = on_pool!(self, p => {
+            sqlx::query_scalar("SELECT epoch FROM batches WHERE id = $1")
+                .bind(id)
+                .fetch_optional(p)
+                .await?
+        });
+        epoch.map(|e| to_u64(e, "epoch")).transpose()
     }
 
     /// Removes a batch whose setup never completed (its create lost to a different batch
@@ -281,6 +311,20 @@ mod tests {
             state: BatchState::Active,
             created_at: Timestamp(5),
         }
+    }
+
+    #[tokio::test]
+    async fn epochs_only_grow() {
+        let db = memory_db().await;
+        db.insert_batch(&a_batch("b", 10)).await.unwrap();
+        assert_eq!(db.epoch("b").await.unwrap(), Some(0));
+        assert_eq!(db.bump_epoch("b", 0).await.unwrap(), 1);
+        assert_eq!(db.bump_epoch("b", 0).await.unwrap(), 2);
+        assert_eq!(db.bump_epoch("b", 7).await.unwrap(), 7, "raised to a floor");
+        assert_eq!(db.bump_epoch("b", 3).await.unwrap(), 8, "never lowered");
+        assert_eq!(db.epoch("b").await.unwrap(), Some(8));
+        assert_eq!(db.epoch("nope").await.unwrap(), None);
+        assert!(db.bump_epoch("nope", 0).await.is_err());
     }
 
     #[tokio::test]

@@ -25,6 +25,8 @@ pub struct RedisServer {
     pub port: u16,
     dir: tempfile::TempDir,
     aof: bool,
+    /// `--replicaof 127.0.0.1 <port>`.
+    primary: Option<u16>,
     child: Option<Child>,
 }
 
@@ -39,12 +41,59 @@ impl RedisServer {
         Self::spawn(true)
     }
 
+    /// A replica of `primary` (keeps nothing on disk); returns once its link is up.
+    pub fn start_replica_of(primary: &RedisServer) -> RedisServer {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = RedisServer {
+            port: free_port(),
+            dir,
+            aof: false,
+            primary: Some(primary.port),
+            child: None,
+        };
+        s.launch();
+        let start = Instant::now();
+        while !s
+            .cli(&["INFO", "replication"])
+            .contains("master_link_status:up")
+        {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "replica of {} never linked",
+                primary.port
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        s
+    }
+
+    /// `kill -STOP`: the process stays, answers nothing (a replica that stopped acking).
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// `kill -CONT` after [`RedisServer::pause`].
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        let ok = Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill {sig} {pid}");
+    }
+
     fn spawn(aof: bool) -> RedisServer {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut s = RedisServer {
             port: free_port(),
             dir,
             aof,
+            primary: None,
             child: None,
         };
         s.launch();
@@ -67,6 +116,9 @@ impl RedisServer {
             cmd.args(["--appendonly", "yes", "--appendfsync", "always"]);
         } else {
             cmd.args(["--appendonly", "no"]);
+        }
+        if let Some(p) = self.primary {
+            cmd.args(["--replicaof", "127.0.0.1", &p.to_string()]);
         }
         let child = cmd
             .stdout(Stdio::null())
@@ -310,6 +362,25 @@ pub mod http {
             path: &str,
             body: &str,
         ) -> Result<(u16, Value), String> {
+            let (status, bytes) = self.send_raw(method, path, body).await?;
+            Ok((
+                status,
+                serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+            ))
+        }
+
+        /// A body that is not JSON (`/metrics`); panics on a transport failure.
+        pub async fn send_text(&self, method: &str, path: &str) -> (u16, String) {
+            let (status, bytes) = self.send_raw(method, path, "").await.expect("an answer");
+            (status, String::from_utf8_lossy(&bytes).into_owned())
+        }
+
+        async fn send_raw(
+            &self,
+            method: &str,
+            path: &str,
+            body: &str,
+        ) -> Result<(u16, Bytes), String> {
             let req = http::Request::builder()
                 .method(method)
                 .uri(format!("{}{path}", self.base))
@@ -328,10 +399,7 @@ pub mod http {
                 .await
                 .map_err(|e| e.to_string())?
                 .to_bytes();
-            Ok((
-                status,
-                serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-            ))
+            Ok((status, bytes))
         }
     }
 }
