@@ -278,6 +278,7 @@ mod tests {
         let not_a_claim: std::collections::BTreeSet<&str> = [
             "batch_exists",
             "coupon_not_found",
+            "event_not_found",
             "invalid_state",
             "not_found",
             "method_not_allowed",
