@@ -549,6 +549,10 @@ pub mod cases {
             ("an array", "[]".into()),
             ("no items", json!({"user_id": "qu"}).to_string()),
             (
+                "a null user_id",
+                json!({"user_id": null, "items": [line.clone()]}).to_string(),
+            ),
+            (
                 "empty cart",
                 json!({"user_id": "qu", "items": []}).to_string(),
             ),

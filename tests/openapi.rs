@@ -93,74 +93,13 @@ fn response<'a>(doc: &'a Value, method: &str, path: &str, status: u16) -> Option
 
 // ---- a small JSON Schema validator: the subset the document uses ----
 
-/// Matches `s` against an anchored pattern made of atoms (`[class]`, `\x`, a literal) with
-/// an optional `{m,n}` or `+` quantifier, matched greedily without backtracking (enough
-/// when consecutive atoms share no character, as in the document's id patterns). Panics on
-/// other syntax, so the document cannot silently outgrow this checker.
+/// Whether `s` matches the JSON Schema `pattern` (a regular expression searched anywhere in
+/// `s`, so the document's patterns anchor themselves with `^`/`$`). A pattern the engine
+/// cannot compile fails the test: the document must stay checkable.
 fn pattern_matches(pattern: &str, s: &str) -> bool {
-    let body = pattern
-        .strip_prefix('^')
-        .and_then(|p| p.strip_suffix('$'))
-        .unwrap_or_else(|| panic!("unanchored pattern {pattern}"));
-    let p: Vec<char> = body.chars().collect();
-    let text: Vec<char> = s.chars().collect();
-    let (mut i, mut pos) = (0, 0);
-    while i < p.len() {
-        // the atom: a set of allowed characters
-        let mut allowed: Vec<(char, char)> = Vec::new();
-        match p[i] {
-            '[' => {
-                i += 1;
-                while p[i] != ']' {
-                    if p.get(i + 1) == Some(&'-') && p.get(i + 2).is_some_and(|c| *c != ']') {
-                        allowed.push((p[i], p[i + 2]));
-                        i += 3;
-                    } else {
-                        allowed.push((p[i], p[i]));
-                        i += 1;
-                    }
-                }
-                i += 1;
-            }
-            '\\' => {
-                allowed.push((p[i + 1], p[i + 1]));
-                i += 2;
-            }
-            c if c.is_alphanumeric() || c == '_' || c == '-' => {
-                allowed.push((c, c));
-                i += 1;
-            }
-            c => panic!("unsupported pattern syntax {c:?} in {pattern}"),
-        }
-        // the quantifier
-        let (min, max) = match p.get(i) {
-            Some('+') => {
-                i += 1;
-                (1, usize::MAX)
-            }
-            Some('{') => {
-                let end = i + p[i..].iter().position(|c| *c == '}').expect("}");
-                let spec: String = p[i + 1..end].iter().collect();
-                i = end + 1;
-                let (a, b) = spec.split_once(',').expect("{m,n}");
-                (a.parse().expect("m"), b.parse().expect("n"))
-            }
-            _ => (1, 1),
-        };
-        let mut n = 0;
-        while n < max
-            && text
-                .get(pos)
-                .is_some_and(|c| allowed.iter().any(|(lo, hi)| (lo..=hi).contains(&c)))
-        {
-            n += 1;
-            pos += 1;
-        }
-        if n < min {
-            return false;
-        }
-    }
-    pos == text.len()
+    regex_automata::meta::Regex::new(pattern)
+        .unwrap_or_else(|e| panic!("pattern {pattern} does not compile: {e}"))
+        .is_match(s)
 }
 
 fn has_type(v: &Value, t: &str) -> bool {

@@ -19,7 +19,7 @@ use crate::backend::Backend;
 use crate::catalog::index::ProductRef;
 use crate::domain::batch::{Batch, BatchState, Discount, ScopeKind, Validity, Window};
 use crate::domain::ids::valid_batch_id;
-use crate::domain::quote::{MAX_REF_BYTES, valid_ref};
+use crate::domain::quote::{MAX_REF_CHARS, valid_ref};
 use crate::domain::time::Timestamp;
 
 /// A batch as a product page shows it.
@@ -99,7 +99,7 @@ fn params(query: &str, allowed: &[&str]) -> Result<Vec<(String, String)>, ApiErr
 
 fn bad_ref(what: &str) -> ApiError {
     ApiError::BadRequest(format!(
-        "{what} must be 1-{MAX_REF_BYTES} bytes without control characters"
+        "{what} must be 1-{MAX_REF_CHARS} characters without control characters"
     ))
 }
 

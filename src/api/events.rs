@@ -120,8 +120,11 @@ pub async fn list<B: Backend>(api: &Api<B>, query: &str) -> Result<EventPage, Ap
     })
 }
 
-/// `GET /v1/events/{event_id}` (admin): one event, its ledger and its body.
-pub async fn get<B: Backend>(api: &Api<B>, event_id: &str) -> Result<EventView, ApiError> {
+/// `GET /v1/events/{event_id}` (admin): one event, its ledger and its body. The path
+/// segment is percent-decoded first (clients may escape the `:` of `<coupon>:claimed`).
+pub async fn get<B: Backend>(api: &Api<B>, raw_event_id: &str) -> Result<EventView, ApiError> {
+    let decoded = super::catalog::percent_decode(raw_event_id);
+    let event_id = decoded.as_deref().unwrap_or("");
     if !valid_event_id(event_id) {
         return Err(ApiError::BadRequest(
             "event_id must be 1-256 characters of [A-Za-z0-9._:-]".into(),

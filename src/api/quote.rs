@@ -20,9 +20,14 @@ use crate::store::{CouponRow, CouponState};
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct QuoteBody {
-    #[serde(default)]
+    /// Absent = the token's user; `null` is refused like any other non-string.
+    #[serde(default, deserialize_with = "present_string")]
     user_id: Option<String>,
     items: Vec<Item>,
+}
+
+fn present_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    <String as Deserialize>::deserialize(d).map(Some)
 }
 
 #[derive(Debug, Serialize)]
