@@ -1,25 +1,39 @@
 -- restore.lua: rebuilds one slot of a batch (the pool or one shard) from the database,
--- after Redis lost it. Called in steps: 'begin', any number of 'hset' / 'deny' chunks,
--- then 'finish', which writes the slot's meta LAST: the claim script refuses a slot without
--- meta, so a slot goes live only once it is complete. Every step validates its arguments
--- before its first write. One hash slot.
+-- after Redis lost it (the whole batch: `claimgate rebuild`; one shard that was lost or
+-- rolled back by a failover: the automatic repair). Called in steps: ['fence'], 'begin',
+-- any number of 'hset' / 'deny' chunks, then 'finish', which writes the slot's meta LAST:
+-- the claim script refuses a slot without meta, so a slot goes live only once it is
+-- complete. Every step validates its arguments before its first write. One hash slot.
 --
 -- KEYS (all share the hash tag {<batch>:pool} or {<batch>:<shard>}):
 --   1 meta  hash    2 stock  string   3 users  hash    4 daily  hash   5 req  hash
 --   6 deny  set     7 claimed string  8 xseq   string  9 outbox hash  10 log  stream
+--   11 repair string  the repair lock: the id of the repairer working on the slot (expires)
 -- ARGV[1] = op:
+--   'fence'  ARGV 2 repairer id, 3 lock lifetime ms (> 0). Takes the repair lock unless
+--            another repairer holds it; then deletes the meta: every claim on the slot is
+--            refused (-1) from now on, by every gateway, until 'finish'.
+--   'seal'   (no more ARGV) Deletes the meta, nothing else: the gateway that saw the slot
+--            mint a coupon id again stops every claim and replay on it at once; the
+--            repairer fences and restores it next.
 --   'begin'  ARGV 2 force ('1' = also when the slot's meta exists, '0' = refuse then).
 --            Refuses while the log holds records (not yet persisted: the database does not
 --            know them). Otherwise deletes meta, stock, users, daily, req, deny and outbox
---            (the claim counter, transfer sequence and log are kept).
+--            (the claim counter, transfer sequence and log are kept), and answers the stock
+--            it deleted (a repair writes it off: part of it may have been sold by a primary
+--            that was lost).
 --   'hset'   ARGV 2 target ('users' | 'daily' | 'req'), 3.. field/value pairs.
 --   'deny'   ARGV 2.. user ids to add to the deny set.
 --   'finish' ARGV 2 stock (>= 0), 3 claim counter floor (>= 0), 4 n = number of meta
 --            field/value pairs, 5 .. 4+2n the pairs (must include 'fp', 'state' and 'ver').
---            Sets the stock, raises the claim counter to the floor (never lowers it, so
---            coupon ids are never reused), bumps the transfer sequence, writes the meta.
--- Returns { code, n }:
---   begin:  { 1, claim counter }  { -1, 0 } meta exists (not forced)  { -2, log length }
+--            ADDS the stock (a transfer credited since 'begin' is kept), raises the claim
+--            counter to the floor (never lowers it, so coupon ids are never reused), bumps
+--            the transfer sequence, writes the meta, releases the repair lock.
+-- Returns { code, n [, m] }:
+--   fence:  { 1, 0 } fenced (lock taken)   { 0, 0 } another repairer holds the lock
+--   seal:   { 1, 0 }
+--   begin:  { 1, claim counter, stock deleted }  { -1, 0 } meta exists (not forced)
+--           { -2, log length }
 --   hset:   { 1, pairs written }  deny: { 1, members added }
 --   finish: { 1, claim counter after }
 --   hset / deny / finish: { -1, 0 } the slot's meta exists (it is live: nothing written)
@@ -36,14 +50,31 @@ local function nonneg(v)
   return n
 end
 
-if op == 'begin' then
+if op == 'fence' then
+  local ttl = nonneg(ARGV[3])
+  if #ARGV ~= 3 or ARGV[2] == '' or not ttl or ttl == 0 then
+    return redis.error_reply('ERR restore: fence expects a repairer id and a lifetime')
+  end
+  local holder = redis.call('GET', KEYS[11])
+  if holder and holder ~= ARGV[2] then return { 0, 0 } end
+  redis.call('SET', KEYS[11], ARGV[2], 'PX', ttl)
+  redis.call('DEL', KEYS[1])
+  return { 1, 0 }
+
+elseif op == 'seal' then
+  if #ARGV ~= 1 then return redis.error_reply('ERR restore: seal takes no arguments') end
+  redis.call('DEL', KEYS[1])
+  return { 1, 0 }
+
+elseif op == 'begin' then
   local force = ARGV[2]
   if force ~= '0' and force ~= '1' then return redis.error_reply('ERR restore: bad force flag') end
   if force ~= '1' and live() then return { -1, 0 } end
   local len = redis.call('XLEN', KEYS[10])
   if len > 0 then return { -2, len } end
+  local stock = tonumber(redis.call('GET', KEYS[2]) or '0')
   redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[9])
-  return { 1, tonumber(redis.call('GET', KEYS[7]) or '0') }
+  return { 1, tonumber(redis.call('GET', KEYS[7]) or '0'), stock }
 
 elseif op == 'hset' then
   local target
@@ -81,7 +112,7 @@ elseif op == 'finish' then
     return redis.error_reply('ERR restore: meta needs fp, state and ver')
   end
   if live() then return { -1, 0 } end
-  redis.call('SET', KEYS[2], string.format('%d', stock))
+  redis.call('INCRBY', KEYS[2], string.format('%d', stock))
   local claimed = tonumber(redis.call('GET', KEYS[7]) or '0')
   if floor > claimed then
     claimed = floor
@@ -91,6 +122,7 @@ elseif op == 'finish' then
   local kv = {}
   for i = 5, 4 + 2 * n do kv[#kv + 1] = ARGV[i] end
   redis.call('HSET', KEYS[1], unpack(kv))
+  redis.call('DEL', KEYS[11])
   return { 1, claimed }
 end
 

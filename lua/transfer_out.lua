@@ -5,6 +5,8 @@
 --   1 stock   string stock of the source
 --   2 outbox  hash   transfer id -> "<destination>|<amount>|<created ms>"
 --   3 xseq    string transfer sequence of the source
+--   4 meta    hash   the source's meta: a slot without it (lost, or fenced for repair) gives
+--                    nothing (its stock may be stale: the repair writes it off)
 -- ARGV:
 --   1 transfer id   2 most to take (> 0)   3 destination (shard index)
 --   4 '1' = take at most half of what the source holds (rounded up), '0' = no such cap
@@ -15,6 +17,7 @@ local prev = redis.call('HGET', KEYS[2], ARGV[1])
 if prev then
   return tonumber(string.match(prev, '^[^|]*|(%d+)|'))
 end
+if redis.call('EXISTS', KEYS[4]) == 0 then return 0 end
 local want = tonumber(ARGV[2])
 if not want or want <= 0 then return redis.error_reply('ERR transfer_out: bad amount') end
 local stock = tonumber(redis.call('GET', KEYS[1]) or '0')

@@ -131,6 +131,24 @@ fn closed_label_sets() -> LabelSets {
         m(vec![("reason", set(&["inflight", "backlog"]))]),
     );
     s.insert(
+        "claimgate_replica_confirmations_total",
+        m(vec![(
+            "result",
+            set(&["confirmed", "not_replicated", "unavailable"]),
+        )]),
+    );
+    s.insert(
+        "claimgate_shard_faults_total",
+        m(vec![("kind", set(&["missing", "rolled_back"]))]),
+    );
+    s.insert(
+        "claimgate_shard_repairs_total",
+        m(vec![(
+            "result",
+            set(&["repaired", "busy", "stale", "failed"]),
+        )]),
+    );
+    s.insert(
         "claimgate_cache_total",
         m(vec![(
             "kind",
@@ -1120,6 +1138,27 @@ fn a_gateway_that_served_a_few_claims_exports_every_dashboard_series() {
         claimgate::obs::metrics::RATE_LIMITS
             .iter()
             .map(|l| ("claimgate_rate_limited_total", vec![("limit", *l)])),
+    );
+    zero.push(("claimgate_stock_written_off_total", vec![]));
+    zero.extend(
+        claimgate::obs::metrics::SHARD_FAULT_KINDS
+            .iter()
+            .map(|k| ("claimgate_shard_faults_total", vec![("kind", *k)])),
+    );
+    zero.extend(
+        claimgate::obs::metrics::SHARD_REPAIR_RESULTS
+            .iter()
+            .map(|r| ("claimgate_shard_repairs_total", vec![("result", *r)])),
+    );
+    zero.extend(
+        claimgate::obs::metrics::REPLICA_CONFIRM_RESULTS
+            .iter()
+            .map(|r| {
+                (
+                    "claimgate_replica_confirmations_total",
+                    vec![("result", *r)],
+                )
+            }),
     );
     zero.extend(
         claimgate::obs::metrics::PERSIST_STAGES

@@ -230,6 +230,11 @@ async fn claim_inner<B: Backend>(
                 "stock is being rebalanced; nothing was claimed".into(),
             ));
         }
+        ClaimResult::ShardFenced => {
+            return Err(ApiError::unavailable(format!(
+                "shard {home} of batch {batch_id} is being repaired after a Redis failure"
+            )));
+        }
     };
     match outcome {
         Outcome::Claimed(c) => Ok((StatusCode::CREATED, ClaimReply::new(&c, batch_id, user))),

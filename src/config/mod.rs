@@ -33,7 +33,8 @@ pub use self::secret::Secret;
 use self::secret::{REDACTED, url_passwords};
 pub use self::sections::{
     AuthConfig, BatchesConfig, CacheConfig, LimitsConfig, LogConfig, MetricsConfig,
-    PersisterConfig, RateLimit, ServerConfig, StockConfig, WalletConfig, check_log_level,
+    PersisterConfig, RateLimit, RepairConfig, ServerConfig, StockConfig, WalletConfig,
+    check_log_level,
 };
 pub use self::stores::{Ack, DEFAULT_AOF_PATH, DatabaseConfig, EmbeddedConfig, Fsync, RedisConfig};
 
@@ -69,6 +70,7 @@ pub struct Config {
     pub embedded: EmbeddedConfig,
     pub database: DatabaseConfig,
     pub persister: PersisterConfig,
+    pub repair: RepairConfig,
     pub stock: StockConfig,
     pub batches: BatchesConfig,
     pub auth: AuthConfig,
@@ -94,6 +96,7 @@ impl Default for Config {
             embedded: EmbeddedConfig::default(),
             database: DatabaseConfig::default(),
             persister: PersisterConfig::default(),
+            repair: RepairConfig::default(),
             stock: StockConfig::default(),
             batches: BatchesConfig::default(),
             auth: AuthConfig::default(),
@@ -289,6 +292,11 @@ fn set_path(table: &mut toml::Table, path: &[String], value: &str, as_string: bo
 /// Largest `wallet.max_page`: the database answers at most this many coupons per page.
 pub const WALLET_MAX_PAGE: u64 = 500;
 
+/// Highest `limits.max_inflight`: the window of coupon sequences within which an instance
+/// tells replies arriving out of order from a shard minting a sequence again
+/// (`domain::ids::MintWindow`, a rolled-back shard).
+pub const MAX_INFLIGHT_CEILING: u64 = 8192;
+
 /// Highest `batches.max_stock`: a hundredth of a coupon-id epoch (10^12)
 /// (`domain::ids::EPOCH_SPAN`), so a shard's claim counter, refunds included, never runs
 /// into the next epoch's ids.
@@ -383,7 +391,7 @@ impl Config {
         // Every bound a module relies on is checked here, naming the key: no module clamps
         // a configured value on its own (`x.max(1)`), so what is configured is what runs.
         const HOUR_MS: u64 = 3_600_000;
-        let ranges: [(&'static str, u64, u64, u64); 34] = [
+        let ranges: [(&'static str, u64, u64, u64); 39] = [
             (
                 "server.max_body_bytes",
                 self.server.max_body_bytes as u64,
@@ -453,6 +461,21 @@ impl Config {
                 16,
             ),
             ("redis.ack_timeout_ms", self.redis.ack_timeout_ms, 1, 60_000),
+            ("repair.lock_ms", self.repair.lock_ms, 1_000, HOUR_MS),
+            (
+                "repair.drain_timeout_ms",
+                self.repair.drain_timeout_ms,
+                100,
+                HOUR_MS,
+            ),
+            ("repair.retry_ms", self.repair.retry_ms, 10, HOUR_MS),
+            ("repair.queue", self.repair.queue as u64, 1, 1_000_000),
+            (
+                "repair.startup_wait_ms",
+                self.repair.startup_wait_ms,
+                0,
+                60_000,
+            ),
             (
                 "database.max_connections",
                 u64::from(self.database.max_connections),
@@ -554,7 +577,7 @@ impl Config {
                 "limits.max_inflight",
                 self.limits.max_inflight as u64,
                 1,
-                u64::MAX,
+                MAX_INFLIGHT_CEILING,
             ),
             ("limits.retry_after_s", self.limits.retry_after_s, 1, 86_400),
             (

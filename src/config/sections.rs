@@ -421,3 +421,40 @@ mod tests {
         assert!(!c.consumer_name().is_empty());
     }
 }
+
+/// `[repair]` section: the automatic repair of one shard that Redis lost or a failover
+/// rolled back (see `crate::recovery::repair_shard`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RepairConfig {
+    /// Repair faulty shards automatically (off: they stay fenced, 503 for their users,
+    /// until `claimgate rebuild --force`).
+    pub enabled: bool,
+    /// Lifetime of a shard's repair lock: another gateway takes over a repair whose holder
+    /// died after this long.
+    pub lock_ms: u64,
+    /// How long a repair waits for the fenced shard's log to reach the database.
+    pub drain_timeout_ms: u64,
+    /// Wait before retrying a repair that failed.
+    pub retry_ms: u64,
+    /// Faults waiting for the repairer (more are dropped: the next claim or probe reports
+    /// them again).
+    pub queue: usize,
+    /// At start, how long the gateway waits (before serving) for the persister to learn
+    /// what the database holds of every shard, so that a shard a failover rolled back while
+    /// no gateway ran is recognised from its first claim (0 = do not wait).
+    pub startup_wait_ms: u64,
+}
+
+impl Default for RepairConfig {
+    fn default() -> Self {
+        RepairConfig {
+            enabled: true,
+            lock_ms: 60_000,
+            drain_timeout_ms: 30_000,
+            retry_ms: 1_000,
+            queue: 1_024,
+            startup_wait_ms: 5_000,
+        }
+    }
+}

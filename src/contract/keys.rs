@@ -18,9 +18,14 @@
 //! | `xseq`    | string | transfer sequence, bumped whenever the slot's stock moves      |
 //! | `in:<id>` | string | "transfer `<id>` was credited here" (expires)                  |
 //! | `ack`     | string | counter written before a replica wait (`redis.ack = "replica"`) |
+//! | `repair`  | string | the repair lock: id of the repairer restoring the slot (expires) |
 //!
 //! Invariant kept here: every key a script receives is built by this module from the same
 //! tag, so a script can never span two cluster slots.
+
+use std::sync::Arc;
+
+use crate::domain::ids::MintWindow;
 
 /// Slot of the pool (`None`) or of shard `i` (`Some(i)`).
 pub type SlotId = Option<u32>;
@@ -45,6 +50,9 @@ pub fn parse_slot_label(label: &str) -> Option<SlotId> {
 /// claim path formats no key strings.
 #[derive(Debug, Clone)]
 pub struct SlotKeys {
+    /// The coupon sequences this instance saw the slot mint (shared by the clones): a slot
+    /// that mints one again was rolled back by a failover.
+    pub minted: Arc<parking_lot::Mutex<MintWindow>>,
     /// The batch id.
     pub batch: String,
     pub slot: SlotId,
@@ -62,6 +70,8 @@ pub struct SlotKeys {
     pub xseq: String,
     /// Written right before a replica wait (see `Backend::confirm`), never read.
     pub fence: String,
+    /// The repair lock (`lua/restore.lua` 'fence' takes it, 'finish' releases it).
+    pub repair: String,
     tag: String,
 }
 
@@ -71,6 +81,7 @@ impl SlotKeys {
         let tag = format!("{{{batch}:{label}}}");
         let k = |suffix: &str| format!("cg:{tag}:{suffix}");
         SlotKeys {
+            minted: Arc::default(),
             batch: batch.to_string(),
             slot,
             meta: k("meta"),
@@ -84,6 +95,7 @@ impl SlotKeys {
             outbox: k("out"),
             xseq: k("xseq"),
             fence: k("ack"),
+            repair: k("repair"),
             label,
             tag,
         }
@@ -142,7 +154,7 @@ mod tests {
         let k = SlotKeys::new("b1", Some(3));
         for key in [
             &k.meta, &k.stock, &k.users, &k.daily, &k.req, &k.log, &k.deny, &k.claimed, &k.outbox,
-            &k.fence, &k.xseq,
+            &k.fence, &k.repair, &k.xseq,
         ] {
             assert!(key.starts_with("cg:{b1:3}:"), "{key}");
         }

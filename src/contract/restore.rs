@@ -1,5 +1,6 @@
-//! `lua/restore.lua`: rebuilds one slot from the database in steps (`begin`, `hset` /
-//! `deny` chunks, `finish`), the slot's meta written last so it goes live only complete.
+//! `lua/restore.lua`: rebuilds one slot from the database in steps (`fence` when the slot is
+//! repaired while its batch lives, `begin`, `hset` / `deny` chunks, `finish`), the slot's
+//! meta written last so it goes live only complete.
 //!
 //! Invariant kept here: each step is a typed call; the one decoder ([`decode`]) reads every
 //! reply into a [`Step`], and an answer the step cannot give is a protocol error.
@@ -16,8 +17,13 @@ pub const CHUNK: usize = 500;
 /// What a restore step answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
-    /// `begin`: the slot was cleared; its claim counter is `counter`.
-    Begun { counter: u64 },
+    /// `begin`: the slot was cleared; its claim counter is `counter`, and it held `stock`
+    /// (deleted).
+    Begun { counter: u64, stock: u64 },
+    /// `fence`: the repair lock is ours and the slot's meta is gone (claims refused).
+    Fenced,
+    /// `fence`: another repairer holds the lock; nothing written.
+    Held,
     /// `hset` / `deny` / `finish`: done; `n` pairs written, members added, or (finish) the
     /// claim counter after.
     Done { n: u64 },
@@ -47,6 +53,8 @@ impl Target {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Op {
+    Fence,
+    Seal,
     Begin,
     Hset,
     Deny,
@@ -54,11 +62,28 @@ enum Op {
 }
 
 /// KEYS, in the script's order.
-pub fn keys(s: &SlotKeys) -> [&str; 10] {
+pub fn keys(s: &SlotKeys) -> [&str; 11] {
     [
         &s.meta, &s.stock, &s.users, &s.daily, &s.req, &s.deny, &s.claimed, &s.xseq, &s.outbox,
-        &s.log,
+        &s.log, &s.repair,
     ]
+}
+
+/// `fence`: takes the slot's repair lock for `repairer` (unless another holds it) for
+/// `lock_ms`, and deletes the slot's meta: every gateway refuses its claims from now on.
+pub async fn fence<B: Backend>(
+    backend: &B,
+    slot: &SlotKeys,
+    repairer: &str,
+    lock_ms: u64,
+) -> Result<Step, BackendError> {
+    let lock_ms = lock_ms.to_string();
+    run(backend, slot, Op::Fence, &["fence", repairer, &lock_ms]).await
+}
+
+/// `seal`: deletes the slot's meta (every claim and replay on it refused), nothing else.
+pub async fn seal<B: Backend>(backend: &B, slot: &SlotKeys) -> Result<Step, BackendError> {
+    run(backend, slot, Op::Seal, &["seal"]).await
 }
 
 async fn run<B: Backend>(
@@ -109,7 +134,7 @@ pub async fn deny<B: Backend>(
     run(backend, slot, Op::Deny, &args).await
 }
 
-/// `finish`: sets the stock, raises the claim counter to `counter_floor` (never lowers it),
+/// `finish`: adds `stock` to the slot's stock, raises the claim counter to `counter_floor` (never lowers it),
 /// and writes `meta` (which must hold `fp`, `state` and `ver`) last.
 pub async fn finish<B: Backend>(
     backend: &B,
@@ -133,10 +158,30 @@ pub async fn finish<B: Backend>(
 
 /// The one decoder of `restore.lua`'s replies, by the step that was run.
 fn decode(op: Op, reply: Value) -> Result<Step, BackendError> {
+    if op == Op::Begin {
+        // { 1, counter, stock } or a two-item refusal
+        if let Value::Array(items) = &reply
+            && items.len() == 3
+        {
+            let code = reply::int(SCRIPT, &items[0])?;
+            if code != 1 {
+                return Err(protocol(
+                    SCRIPT,
+                    format!("begin answered code {code} with 3 items"),
+                ));
+            }
+            return Ok(Step::Begun {
+                counter: reply::count(SCRIPT, &items[1])?,
+                stock: reply::count(SCRIPT, &items[2])?,
+            });
+        }
+    }
     let (code, n) = reply::code_and(SCRIPT, reply)?;
     let count = |n: i64| u64::try_from(n).map_err(|_| protocol(SCRIPT, format!("count {n}")));
     match (op, code) {
-        (Op::Begin, 1) => Ok(Step::Begun { counter: count(n)? }),
+        (Op::Fence | Op::Seal, 1) => Ok(Step::Fenced),
+        (Op::Fence, 0) => Ok(Step::Held),
+        (Op::Begin, 1) => Err(protocol(SCRIPT, "begin names the stock it deleted")),
         (Op::Begin, -2) => Ok(Step::Unpersisted { entries: count(n)? }),
         (_, -1) => Ok(Step::Live),
         (Op::Hset | Op::Deny | Op::Finish, 1) => Ok(Step::Done { n: count(n)? }),
@@ -154,10 +199,17 @@ mod tests {
 
     #[test]
     fn each_step_has_its_answers() {
+        let begun = Value::Array(vec![Value::Int(1), Value::Int(7), Value::Int(3)]);
         assert_eq!(
-            decode(Op::Begin, r(1, 7)).unwrap(),
-            Step::Begun { counter: 7 }
+            decode(Op::Begin, begun).unwrap(),
+            Step::Begun {
+                counter: 7,
+                stock: 3
+            }
         );
+        assert!(decode(Op::Begin, r(1, 7)).is_err(), "begin names the stock");
+        assert_eq!(decode(Op::Fence, r(1, 0)).unwrap(), Step::Fenced);
+        assert_eq!(decode(Op::Fence, r(0, 0)).unwrap(), Step::Held);
         assert_eq!(
             decode(Op::Begin, r(-2, 3)).unwrap(),
             Step::Unpersisted { entries: 3 }

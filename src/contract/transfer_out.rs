@@ -12,12 +12,13 @@ use crate::backend::{Backend, BackendError, Script, Value};
 const SCRIPT: Script = Script::TransferOut;
 
 /// KEYS, in the script's order (the source slot's).
-pub fn keys(src: &SlotKeys) -> [&str; 3] {
-    [&src.stock, &src.outbox, &src.xseq]
+pub fn keys(src: &SlotKeys) -> [&str; 4] {
+    [&src.stock, &src.outbox, &src.xseq, &src.meta]
 }
 
 /// Takes up to `max` (at most half of the source's stock, rounded up, with `at_most_half`)
-/// out of `src` for `dst` under transfer id `tid`. Returns the amount moved out.
+/// out of `src` for `dst` under transfer id `tid`. Returns the amount moved out (0 also
+/// when `src` has no meta: a lost or fenced slot gives nothing).
 pub async fn call<B: Backend>(
     backend: &B,
     src: &SlotKeys,

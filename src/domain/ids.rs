@@ -55,6 +55,57 @@ pub fn seq_position(seq: u64) -> u64 {
     seq % EPOCH_SPAN
 }
 
+/// Coupon sequences a [`MintWindow`] remembers below the highest it saw. A slot's replies can
+/// arrive out of order by at most the claims in flight (`limits.max_inflight`, bounded by
+/// this), so within the window a sequence seen twice is exact evidence of a rollback, and
+/// one below it is too.
+pub const MINT_WINDOW: u64 = crate::config::MAX_INFLIGHT_CEILING;
+
+/// The coupon sequences one instance saw a slot mint, to tell a slot that mints a sequence
+/// again (a failover rolled it back) from replies that merely arrive out of order.
+/// Its bits are allocated at the first mint: most slot keys never see one (pools, tools).
+#[derive(Debug, Clone, Default)]
+pub struct MintWindow {
+    max: u64,
+    bits: Vec<u64>,
+}
+
+impl MintWindow {
+    fn flip(&mut self, seq: u64) -> bool {
+        let i = (seq % MINT_WINDOW) as usize;
+        let (word, bit) = (i / 64, 1u64 << (i % 64));
+        let was = self.bits[word] & bit != 0;
+        self.bits[word] |= bit;
+        was
+    }
+
+    fn clear(&mut self, seq: u64) {
+        let i = (seq % MINT_WINDOW) as usize;
+        self.bits[i / 64] &= !(1u64 << (i % 64));
+    }
+
+    /// Records `seq` as minted; `false` when it cannot be a first mint: seen before, or
+    /// further below the highest than replies can be reordered.
+    pub fn first_mint(&mut self, seq: u64) -> bool {
+        if self.bits.is_empty() {
+            self.bits = vec![0; (MINT_WINDOW / 64) as usize];
+        }
+        if seq > self.max {
+            let from = self.max.max(seq.saturating_sub(MINT_WINDOW)) + 1;
+            for q in from..=seq {
+                self.clear(q);
+            }
+            self.max = seq;
+            self.flip(seq);
+            return true;
+        }
+        if self.max - seq >= MINT_WINDOW {
+            return false;
+        }
+        !self.flip(seq)
+    }
+}
+
 /// Splits a coupon id `<batch>.<shard>.<seq>` into its batch, shard and sequence.
 pub fn parse_coupon_id(coupon_id: &str) -> Option<(&str, u32, u64)> {
     let mut it = coupon_id.rsplitn(3, '.');
@@ -70,6 +121,26 @@ pub fn parse_coupon_id(coupon_id: &str) -> Option<(&str, u32, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_mint_window_tells_reordering_from_a_rollback() {
+        let mut w = MintWindow::default();
+        assert!(w.first_mint(5));
+        assert!(w.first_mint(3), "out of order");
+        assert!(w.first_mint(4));
+        assert!(!w.first_mint(4), "minted twice");
+        assert!(w.first_mint(10_000));
+        assert!(
+            w.first_mint(10_000 - MINT_WINDOW + 1),
+            "at the window's edge"
+        );
+        assert!(!w.first_mint(5), "far below: rolled back");
+        assert!(!w.first_mint(10_000));
+        // a new epoch starts far above
+        assert!(w.first_mint(EPOCH_SPAN + 1));
+        assert!(!w.first_mint(EPOCH_SPAN + 1));
+        assert!(w.first_mint(EPOCH_SPAN + 2));
+    }
 
     #[test]
     fn epochs_split_sequences_and_match_the_claim_script() {

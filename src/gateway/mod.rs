@@ -35,7 +35,8 @@ use crate::http::App;
 use crate::notify::Deliverer;
 use crate::obs::events::{Serving, Started};
 use crate::persist::{PersistStatus, Persister, PersisterHandle};
-use crate::stock::Stock;
+use crate::recovery::Repairer;
+use crate::stock::{FaultReporter, Stock};
 use crate::store::Db;
 
 /// The least the persister is given to write what it read once the connections drained,
@@ -60,6 +61,17 @@ pub fn assemble<B: Backend>(
     assemble_with_clock(cfg, backend, db, persist, Arc::new(SystemClock))
 }
 
+/// [`assemble`], with the claim path reporting lost and rolled-back shards to `faults`.
+pub fn assemble_with<B: Backend>(
+    cfg: Arc<Config>,
+    backend: Arc<B>,
+    db: Db,
+    persist: Option<Arc<PersistStatus>>,
+    faults: FaultReporter,
+) -> Arc<App<B>> {
+    assemble_full(cfg, backend, db, persist, Arc::new(SystemClock), faults)
+}
+
 /// [`assemble`] on a given clock (the time of coupon transitions, wallet reads, sweeps and
 /// delivery retries): tests of expiry and reminders set theirs.
 pub fn assemble_with_clock<B: Backend>(
@@ -68,6 +80,17 @@ pub fn assemble_with_clock<B: Backend>(
     db: Db,
     persist: Option<Arc<PersistStatus>>,
     clock: Arc<dyn Clock>,
+) -> Arc<App<B>> {
+    assemble_full(cfg, backend, db, persist, clock, FaultReporter::disabled())
+}
+
+fn assemble_full<B: Backend>(
+    cfg: Arc<Config>,
+    backend: Arc<B>,
+    db: Db,
+    persist: Option<Arc<PersistStatus>>,
+    clock: Arc<dyn Clock>,
+    faults: FaultReporter,
 ) -> Arc<App<B>> {
     if cfg.auth.user_token_secret.is_none() {
         tracing::warn!(
@@ -85,7 +108,7 @@ pub fn assemble_with_clock<B: Backend>(
         backend: backend.kind(),
     }
     .emit();
-    let stock = Arc::new(Stock::new(backend, cfg.stock.clone()));
+    let stock = Arc::new(Stock::new(backend, cfg.stock.clone()).with_faults(faults));
     let catalog = Arc::new(Catalog::new(&cfg.cache, stock.clone(), db.clone()));
     let api = Api::new(cfg, catalog, stock, db).with_clock(clock);
     Arc::new(App::new(api, metrics, persist))
@@ -129,21 +152,46 @@ impl<B: Backend> Gateway<B> {
             .map_err(|e| StartError(format!("listener address: {e}")))?;
         let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
         let shutdown = CancellationToken::new();
+        // Shards found lost or rolled back, from the claim path and the persister's probe, to
+        // the one repairer of this instance.
+        let (faults, fault_rx) = FaultReporter::channel(cfg.repair.queue);
         let persister = cfg.persister.enabled.then(|| {
-            Persister::spawn(
+            Persister::spawn_reporting(
                 backend.clone(),
                 db.clone(),
                 cfg.persister.clone(),
                 shutdown.child_token(),
+                faults.clone(),
             )
         });
-        let app = assemble(
+        let app = assemble_with(
             cfg.clone(),
             backend.clone(),
-            db,
+            db.clone(),
             persister.as_ref().map(|p| p.status()),
+            faults,
         );
-        let background = spawn_background(&app, shutdown.child_token());
+        if let Some(p) = &persister {
+            let wait = Duration::from_millis(cfg.repair.startup_wait_ms);
+            if !wait.is_zero() && !p.wait_refreshed(wait).await {
+                tracing::warn!(
+                    waited_ms = cfg.repair.startup_wait_ms,
+                    "serving before the persister read the batch list: a shard rolled back \
+                     while no gateway ran is recognised at its next probe, not its first claim"
+                );
+            }
+        }
+        let mut background = spawn_background(&app, shutdown.child_token());
+        if cfg.repair.enabled {
+            let repairer = Repairer::new(
+                backend.clone(),
+                db,
+                cfg.repair.clone(),
+                fault_rx,
+                shutdown.child_token(),
+            );
+            background.push(tokio::spawn(repairer.run()));
+        }
         // One delivery worker per instance; instances share the outbox through leases.
         let deliverer = Deliverer::new(app.store().clone(), &cfg.events, app.api().clock().clone())
             .map(|d| d.spawn(shutdown.child_token()));

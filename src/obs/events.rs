@@ -284,6 +284,68 @@ impl BackendCalled {
     }
 }
 
+/// A shard was found lost or rolled back (`kind`: one of [`m::SHARD_FAULT_KINDS`]); it is
+/// fenced and repaired.
+pub struct ShardFaultSeen<'a> {
+    pub batch: &'a str,
+    pub shard: u32,
+    pub kind: &'static str,
+}
+
+impl ShardFaultSeen<'_> {
+    pub fn emit(self) {
+        metrics::counter!(m::SHARD_FAULTS, "kind" => self.kind).increment(1);
+        tracing::error!(
+            batch = self.batch,
+            shard = self.shard,
+            kind = self.kind,
+            "shard fault: its claims answer 503 until it is repaired from the database"
+        );
+    }
+}
+
+/// A shard repair ended (`result`: one of [`m::SHARD_REPAIR_RESULTS`]).
+pub struct ShardRepairEnded<'a> {
+    pub batch: &'a str,
+    pub shard: u32,
+    pub result: &'static str,
+    /// The report (repaired) or the error (failed).
+    pub detail: &'a str,
+    pub written_off: u64,
+    pub seconds: f64,
+}
+
+impl ShardRepairEnded<'_> {
+    pub fn emit(self) {
+        metrics::counter!(m::SHARD_REPAIRS, "result" => self.result).increment(1);
+        match self.result {
+            "repaired" => {
+                metrics::counter!(m::STOCK_WRITTEN_OFF).increment(self.written_off);
+                metrics::histogram!(m::SHARD_REPAIR_SECONDS).record(self.seconds);
+                tracing::warn!(
+                    batch = self.batch,
+                    shard = self.shard,
+                    seconds = self.seconds,
+                    "{}",
+                    self.detail
+                );
+            }
+            "failed" => tracing::error!(
+                batch = self.batch,
+                shard = self.shard,
+                error = self.detail,
+                "shard repair failed; retrying"
+            ),
+            _ => tracing::info!(
+                batch = self.batch,
+                shard = self.shard,
+                result = self.result,
+                "shard repair skipped"
+            ),
+        }
+    }
+}
+
 /// A claim's replica confirmation (`redis.ack = "replica"`) ended: `result` is one of
 /// [`m::REPLICA_CONFIRM_RESULTS`].
 pub struct ReplicaConfirmed<'a> {

@@ -33,6 +33,20 @@ pub const REPLICA_CONFIRMS: &str = "claimgate_replica_confirmations_total";
 pub const REPLICA_CONFIRM_SECONDS: &str = "claimgate_replica_confirm_duration_seconds";
 /// `result` labels of [`REPLICA_CONFIRMS`].
 pub const REPLICA_CONFIRM_RESULTS: &[&str] = &["confirmed", "not_replicated", "unavailable"];
+/// Shard faults seen, by `kind` (missing, rolled_back): a shard Redis lost or a failover
+/// rolled back. Each is fenced and repaired from the database.
+pub const SHARD_FAULTS: &str = "claimgate_shard_faults_total";
+/// `kind` labels of [`SHARD_FAULTS`].
+pub const SHARD_FAULT_KINDS: &[&str] = &["missing", "rolled_back"];
+/// Shard repairs by `result` (repaired, busy: another gateway repairs it, stale: already
+/// repaired, failed: retried).
+pub const SHARD_REPAIRS: &str = "claimgate_shard_repairs_total";
+/// `result` labels of [`SHARD_REPAIRS`].
+pub const SHARD_REPAIR_RESULTS: &[&str] = &["repaired", "busy", "stale", "failed"];
+/// Stock written off by shard repairs (a lost primary may have sold it).
+pub const STOCK_WRITTEN_OFF: &str = "claimgate_stock_written_off_total";
+/// How long a shard stayed fenced, from the fault to the end of its repair, seconds.
+pub const SHARD_REPAIR_SECONDS: &str = "claimgate_shard_repair_duration_seconds";
 /// NOSCRIPT replies that caused a script reload.
 pub const BACKEND_RELOADS: &str = "claimgate_backend_script_reloads_total";
 /// Stock transfers by `kind` (initial, refill, steal, sweep) and `result` (moved, empty, finished).
@@ -402,6 +416,14 @@ fn describe() {
     describe_counter!(BACKEND_CALLS, "Script calls by script and result.");
     describe_histogram!(BACKEND_SECONDS, Unit::Seconds, "Script call latency.");
     describe_counter!(BACKEND_RELOADS, "Script reloads after NOSCRIPT.");
+    describe_counter!(SHARD_FAULTS, "Shards found lost or rolled back, by kind.");
+    describe_counter!(SHARD_REPAIRS, "Shard repairs by result.");
+    describe_counter!(STOCK_WRITTEN_OFF, "Stock written off by shard repairs.");
+    describe_histogram!(
+        SHARD_REPAIR_SECONDS,
+        Unit::Seconds,
+        "Time from a shard fault to the end of its repair."
+    );
     describe_counter!(
         REPLICA_CONFIRMS,
         "Replica confirmations of claims (redis.ack = replica), by result."
@@ -473,6 +495,14 @@ fn register_at_zero() {
     for limit in RATE_LIMITS {
         metrics::counter!(RATE_LIMITED, "limit" => *limit).increment(0);
     }
+    for kind in SHARD_FAULT_KINDS {
+        metrics::counter!(SHARD_FAULTS, "kind" => *kind).increment(0);
+    }
+    for result in SHARD_REPAIR_RESULTS {
+        metrics::counter!(SHARD_REPAIRS, "result" => *result).increment(0);
+    }
+    metrics::counter!(STOCK_WRITTEN_OFF).increment(0);
+    let _ = metrics::histogram!(SHARD_REPAIR_SECONDS);
     for result in REPLICA_CONFIRM_RESULTS {
         metrics::counter!(REPLICA_CONFIRMS, "result" => *result).increment(0);
     }

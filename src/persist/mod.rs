@@ -36,6 +36,7 @@ use self::worker::Worker;
 use crate::backend::{Backend, BackendError};
 use crate::config::PersisterConfig;
 use crate::obs::events::RepeatFilter;
+use crate::stock::FaultReporter;
 use crate::store::{Db, DbError};
 
 /// Shortest time a failed ack of committed records is retried before they are left to
@@ -75,6 +76,18 @@ impl Persister {
         cfg: PersisterConfig,
         shutdown: CancellationToken,
     ) -> PersisterHandle {
+        Self::spawn_reporting(backend, db, cfg, shutdown, FaultReporter::disabled())
+    }
+
+    /// [`Persister::spawn`], reporting the shards it finds lost or rolled back (a claim
+    /// counter below what the database holds) to `faults`.
+    pub fn spawn_reporting<B: Backend>(
+        backend: Arc<B>,
+        db: Db,
+        cfg: PersisterConfig,
+        shutdown: CancellationToken,
+        faults: FaultReporter,
+    ) -> PersisterHandle {
         let status = Arc::new(PersistStatus::default());
         let (tx, rx) = mpsc::channel(8);
         if !cfg.enabled {
@@ -97,10 +110,20 @@ impl Persister {
                 interval: Duration::from_millis(cfg.probe_interval_ms),
                 shutdown: shutdown.clone(),
                 log_filter: RepeatFilter::new(LOG_REPEAT),
+                faults: faults.clone(),
             }
             .run(),
         );
-        let worker = Worker::new(backend, db, cfg, status.clone(), shutdown, rx, targets);
+        let worker = Worker::new(
+            backend,
+            db,
+            cfg,
+            status.clone(),
+            shutdown,
+            rx,
+            targets,
+            faults,
+        );
         let task = tokio::spawn(worker.run());
         PersisterHandle {
             status,
@@ -120,6 +143,20 @@ pub struct PersisterHandle {
 impl PersisterHandle {
     pub fn status(&self) -> Arc<PersistStatus> {
         self.status.clone()
+    }
+
+    /// Waits at most `limit` for the loop's first read of the batch list (every shard's
+    /// floor known) and a probe pass over it (every shard found behind the database
+    /// sealed); `false` when that did not happen in time (or the persister is off).
+    pub async fn wait_refreshed(&self, limit: Duration) -> bool {
+        let started = tokio::time::Instant::now();
+        while self.task.is_some() && !self.status.probed.load(Ordering::Relaxed) {
+            if started.elapsed() >= limit {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.task.is_some()
     }
 
     /// Reads every shard log until nothing is left for this consumer, writes and acks it all;

@@ -31,6 +31,14 @@ pub struct PersistStatus {
     caught_up_ms: AtomicI64,
     /// `persister.stall_ms` (0 = never stalled).
     pub(super) stall_ms: AtomicU64,
+    /// The loop has read the batch list once: every shard's floor (what the database holds)
+    /// is known, so a rolled-back shard is recognised from the first claim.
+    pub(super) refreshed: AtomicBool,
+    /// A probe pass ran over the shards of that first read: a shard found behind the
+    /// database is sealed, so it answers no claim before its repair.
+    pub(super) probed: AtomicBool,
+    /// Wakes the probe task at once (the loop read a new batch list).
+    pub(super) wake_prober: tokio::sync::Notify,
     last_error: Mutex<Option<(i64, String)>>,
 }
 

@@ -9,7 +9,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
@@ -22,14 +22,20 @@ use crate::backend::{Backend, BackendError};
 use crate::config::PersisterConfig;
 use crate::contract::keys::SlotKeys;
 use crate::contract::{claim_record, log_ack, log_read};
+use crate::domain::ids::seq_position;
 use crate::domain::time::now_ms;
 use crate::obs::events::{CouponConflict, PersistFailed, PersistWritten, RepeatFilter};
+use crate::stock::FaultReporter;
 use crate::store::{ClaimRecord, Db};
 
 pub(super) struct ShardState {
     batch: Arc<str>,
     shard: u32,
     keys: Arc<SlotKeys>,
+    /// The highest coupon position (`domain::ids::seq_position`) committed to the database
+    /// from this shard: its claim counter can never be below it unless Redis lost or rolled
+    /// the shard back (the probe task checks).
+    committed: Arc<AtomicU64>,
     /// Set by the probe task when the shard's log holds entries: poll it on the next pass.
     has_work: Arc<AtomicBool>,
     log: Arc<str>,
@@ -67,6 +73,10 @@ pub(super) struct Worker<B> {
     next_refresh: Instant,
     /// The shard list shared with the probe task.
     probe_targets: ProbeTargets,
+    /// Where the shards' floors live (shared with the claim path).
+    faults: FaultReporter,
+    /// [`ShardState::committed`] by log key, for the records of a committed write.
+    committed: HashMap<Arc<str>, Arc<AtomicU64>>,
     /// Records read, not yet committed: kept across failed writes (never re-read).
     buffer: Vec<Buffered>,
     /// (log, entry id) of the buffer, so a redelivery while buffered is not taken twice.
@@ -85,6 +95,7 @@ pub(super) struct Worker<B> {
 }
 
 impl<B: Backend> Worker<B> {
+    #[allow(clippy::too_many_arguments)] // the loop's collaborators, each used once here
     pub(super) fn new(
         backend: Arc<B>,
         db: Db,
@@ -93,9 +104,11 @@ impl<B: Backend> Worker<B> {
         shutdown: CancellationToken,
         commands: mpsc::Receiver<Command>,
         probe_targets: ProbeTargets,
+        faults: FaultReporter,
     ) -> Worker<B> {
         let now = Instant::now();
         Worker {
+            faults,
             consumer: cfg.consumer_name(),
             backoff: Duration::from_millis(cfg.backoff_min_ms),
             read_backoff: Duration::from_millis(cfg.backoff_min_ms),
@@ -109,6 +122,7 @@ impl<B: Backend> Worker<B> {
             rr: 0,
             next_refresh: now,
             probe_targets,
+            committed: HashMap::new(),
             buffer: Vec::new(),
             held: HashSet::new(),
             first_buffered: None,
@@ -258,14 +272,28 @@ impl<B: Backend> Worker<B> {
             .collect();
         for b in batches {
             let id: Arc<str> = Arc::from(b.id.as_str());
+            // A batch seen for the first time (or again after a restart): what the database
+            // already holds is the floor its shards' counters must not be below.
+            let mut floors: HashMap<u32, u64> = HashMap::new();
+            if (0..b.shards).any(|i| !old.contains_key(&(id.clone(), i))) {
+                match self.db.claims_summary(&b.id).await {
+                    Ok(summary) => {
+                        floors.extend(summary.iter().map(|s| (s.shard, seq_position(s.max_seq))));
+                    }
+                    Err(e) => self.note_error("refresh", e.to_string()),
+                }
+            }
             for i in 0..b.shards {
                 let state = old.remove(&(id.clone(), i)).unwrap_or_else(|| {
                     let keys = SlotKeys::new(&b.id, Some(i));
+                    let committed = self.faults.floor(&keys.meta);
+                    committed.fetch_max(floors.get(&i).copied().unwrap_or(0), Ordering::Relaxed);
                     ShardState {
                         batch: id.clone(),
                         shard: i,
                         log: Arc::from(keys.log.as_str()),
                         keys: Arc::new(keys),
+                        committed,
                         has_work: Arc::default(),
                         next_poll: now,
                         idle_streak: 0,
@@ -281,9 +309,17 @@ impl<B: Backend> Worker<B> {
             .map(|s| ProbeTarget {
                 keys: s.keys.clone(),
                 has_work: s.has_work.clone(),
+                committed: s.committed.clone(),
             })
             .collect();
+        self.committed = self
+            .shards
+            .iter()
+            .map(|s| (s.log.clone(), s.committed.clone()))
+            .collect();
         *self.probe_targets.lock() = Arc::new(targets);
+        self.status.refreshed.store(true, Ordering::Relaxed);
+        self.status.wake_prober.notify_one();
     }
 
     /// One round-robin pass over the shards that are due (all with `force`), reading until
@@ -433,6 +469,11 @@ impl<B: Backend> Worker<B> {
                     self.status.last_write_ms.store(now_ms(), Ordering::Relaxed);
                     self.status.db_ok.store(true, Ordering::Relaxed);
                     self.backoff = self.backoff_min();
+                    for b in &self.buffer {
+                        if let Some(c) = self.committed.get(&b.log) {
+                            c.fetch_max(seq_position(b.record.seq), Ordering::Relaxed);
+                        }
+                    }
                     self.ack_buffer().await;
                     return Ok(inserted);
                 }

@@ -1,5 +1,8 @@
 //! Recovery from Redis data loss: [`rebuild`] (restore a batch's Redis state from the
-//! database) and [`reconcile`] (compare the two and list every [`Difference`]).
+//! database), [`repair_shard`] (restore one shard of a live batch that Redis lost or a
+//! failover rolled back; the [`Repairer`] task runs it automatically on every reported
+//! [`crate::stock::ShardFault`]) and [`reconcile`] (compare the two and list every
+//! [`Difference`]).
 //!
 //! Invariant kept here: recovery goes through the same typed scripts (`crate::contract`) and
 //! the same conservation check (`crate::stock::census`) as the gateway, so it cannot drift
@@ -8,12 +11,16 @@
 mod difference;
 mod rebuild;
 mod reconcile;
+mod repair;
+mod repairer;
 
 use thiserror::Error;
 
 pub use self::difference::Difference;
 pub use self::rebuild::{RebuildReport, rebuild};
 pub use self::reconcile::reconcile;
+pub use self::repair::{RepairReport, Repaired, repair_shard};
+pub use self::repairer::Repairer;
 use crate::backend::BackendError;
 use crate::stock::StockError;
 use crate::store::DbError;
@@ -40,6 +47,13 @@ pub enum RebuildError {
         shard: u32,
         entries: u64,
     },
+    #[error(
+        "the pool of batch {0} is gone from the backend: the whole batch is lost; run \
+         `claimgate rebuild {0}`"
+    )]
+    PoolLost(String),
+    #[error("stock of batch {0} kept moving: no consistent snapshot; retry")]
+    Unsettled(String),
     #[error("slot {slot} of batch {batch} went live during the rebuild; retry")]
     Raced { batch: String, slot: String },
     #[error("backend: {0}")]

@@ -128,75 +128,21 @@ pub async fn rebuild<B: Backend>(
         ..Default::default()
     };
     begin(backend, &batch, &keys.pool, force).await?;
-    let today = now_ms().div_euclid(claim::DAY_MS);
     let mut base_meta = with_fp(&batch, meta::fields(&batch, version));
     base_meta.push((meta::EPOCH.to_string(), epoch.to_string()));
     for s in &keys.shards {
         // Once the pool is gone the batch is not live: shard leftovers (of an interrupted
         // rebuild, or of a node that survived) are replaced, unpersisted claims excepted.
-        let counter = begin(backend, &batch, s, true).await?;
-        let shard = s.slot.unwrap_or(0);
-        let claims = db.claims_of_shard(&batch.id, shard).await?;
-        let mut users: HashMap<&str, u64> = HashMap::new();
-        let mut daily: HashMap<&str, u64> = HashMap::new();
-        let mut req = Vec::new();
-        let mut max_seq = 0;
-        for c in &claims {
-            *users.entry(c.user_id.as_str()).or_default() += 1;
-            if c.claimed_at.div_euclid(claim::DAY_MS) == today {
-                *daily.entry(c.user_id.as_str()).or_default() += 1;
-            }
-            if let Some(rid) = &c.request_id {
-                req.push((
-                    claim::request_field(&c.user_id, rid),
-                    claim::request_value(&c.coupon_id, c.valid_from, c.valid_to, c.claimed_at),
-                ));
-            }
-            // the counter position, whatever epoch the coupon was minted in
-            max_seq = max_seq.max(seq_position(c.seq));
-        }
-        let user_pairs: Vec<(String, String)> = users
-            .iter()
-            .map(|(u, n)| (u.to_string(), n.to_string()))
-            .collect();
-        let daily_pairs: Vec<(String, String)> = if batch.per_user_daily_limit.is_some() {
-            daily
-                .iter()
-                .map(|(u, n)| (u.to_string(), claim::daily_value(today, *n)))
-                .collect()
-        } else {
-            Vec::new()
-        };
-        hset_chunks(backend, &batch, s, Target::Users, &user_pairs).await?;
-        hset_chunks(backend, &batch, s, Target::Daily, &daily_pairs).await?;
-        hset_chunks(backend, &batch, s, Target::Req, &req).await?;
-        let deny: Vec<&str> = batch
-            .eligibility
-            .deny_users
-            .iter()
-            .filter(|u| home_shard(u, batch.shards) == shard)
-            .map(String::as_str)
-            .collect();
-        for chunk in deny.chunks(restore::CHUNK) {
-            done(&batch, s, restore::deny(backend, s, chunk).await?)?;
-        }
-        let issued = counter.max(max_seq);
-        let count = claims.len() as u64;
-        let lost = issued.saturating_sub(count);
-        let mut meta = base_meta.clone();
-        meta.push((meta::LOST.to_string(), lost.to_string()));
-        let final_counter = done(
-            &batch,
-            s,
-            restore::finish(backend, s, 0, issued, &meta).await?,
-        )?;
-        report.claims += count;
-        report.users += user_pairs.len() as u64;
-        report.daily += daily_pairs.len() as u64;
-        report.requests += req.len() as u64;
-        report.denied += deny.len() as u64;
-        report.issued += final_counter;
-        report.lost += final_counter.saturating_sub(count);
+        // Their stock goes back to the pool (the pool gets total - issued).
+        let (counter, _stock) = begin(backend, &batch, s, true).await?;
+        let r = restore_shard(backend, db, &batch, s, &base_meta, counter, 0).await?;
+        report.claims += r.claims;
+        report.users += r.users;
+        report.daily += r.daily;
+        report.requests += r.requests;
+        report.denied += r.denied;
+        report.issued += r.issued;
+        report.lost += r.lost;
     }
     let issued = i64::try_from(report.issued).unwrap_or(i64::MAX);
     report.pool_stock = (batch.stock - issued).max(0);
@@ -222,14 +168,114 @@ pub async fn rebuild<B: Backend>(
     Ok(report)
 }
 
-fn with_fp(batch: &Batch, pairs: Vec<(&'static str, String)>) -> Vec<(String, String)> {
+/// What [`restore_shard`] wrote into one shard.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct ShardRestored {
+    pub(super) claims: u64,
+    pub(super) users: u64,
+    pub(super) daily: u64,
+    pub(super) requests: u64,
+    pub(super) denied: u64,
+    /// The shard's claim counter after: every coupon position it ever handed out, the
+    /// written-off stock included.
+    pub(super) issued: u64,
+    /// Positions handed out whose coupon the database does not have.
+    pub(super) lost: u64,
+    /// Of `issued`, the positions added for stock the shard lost or held stale (written off).
+    pub(super) written_off: u64,
+}
+
+/// Restores one shard after `begin` (which found its claim counter at `counter`): per-user
+/// and per-day counts, request ids and the deny list from the database, then `finish` with
+/// stock 0 and `meta` (plus `lost`). The counter becomes at least `census_floor` (a repair:
+/// the stock the batch's conservation misses went with this shard, or was held stale by it;
+/// a lost primary may have sold it): counted as issued, it is never sold again.
+pub(super) async fn restore_shard<B: Backend>(
+    backend: &B,
+    db: &Db,
+    batch: &Batch,
+    s: &SlotKeys,
+    meta: &[(String, String)],
+    counter: u64,
+    census_floor: u64,
+) -> Result<ShardRestored, RebuildError> {
+    let today = now_ms().div_euclid(claim::DAY_MS);
+    let shard = s.slot.unwrap_or(0);
+    let claims = db.claims_of_shard(&batch.id, shard).await?;
+    let mut users: HashMap<&str, u64> = HashMap::new();
+    let mut daily: HashMap<&str, u64> = HashMap::new();
+    let mut req = Vec::new();
+    let mut max_seq = 0;
+    for c in &claims {
+        *users.entry(c.user_id.as_str()).or_default() += 1;
+        if c.claimed_at.div_euclid(claim::DAY_MS) == today {
+            *daily.entry(c.user_id.as_str()).or_default() += 1;
+        }
+        if let Some(rid) = &c.request_id {
+            req.push((
+                claim::request_field(&c.user_id, rid),
+                claim::request_value(&c.coupon_id, c.valid_from, c.valid_to, c.claimed_at),
+            ));
+        }
+        // the counter position, whatever epoch the coupon was minted in
+        max_seq = max_seq.max(seq_position(c.seq));
+    }
+    let user_pairs: Vec<(String, String)> = users
+        .iter()
+        .map(|(u, n)| (u.to_string(), n.to_string()))
+        .collect();
+    let daily_pairs: Vec<(String, String)> = if batch.per_user_daily_limit.is_some() {
+        daily
+            .iter()
+            .map(|(u, n)| (u.to_string(), claim::daily_value(today, *n)))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    hset_chunks(backend, batch, s, Target::Users, &user_pairs).await?;
+    hset_chunks(backend, batch, s, Target::Daily, &daily_pairs).await?;
+    hset_chunks(backend, batch, s, Target::Req, &req).await?;
+    let deny: Vec<&str> = batch
+        .eligibility
+        .deny_users
+        .iter()
+        .filter(|u| home_shard(u, batch.shards) == shard)
+        .map(String::as_str)
+        .collect();
+    for chunk in deny.chunks(restore::CHUNK) {
+        done(batch, s, restore::deny(backend, s, chunk).await?)?;
+    }
+    let known = counter.max(max_seq);
+    let issued = known.max(census_floor);
+    let count = claims.len() as u64;
+    let lost = issued.saturating_sub(count);
+    let mut meta = meta.to_vec();
+    meta.push((meta::LOST.to_string(), lost.to_string()));
+    let final_counter = done(
+        batch,
+        s,
+        restore::finish(backend, s, 0, issued, &meta).await?,
+    )?;
+    Ok(ShardRestored {
+        claims: count,
+        users: user_pairs.len() as u64,
+        daily: daily_pairs.len() as u64,
+        requests: req.len() as u64,
+        denied: deny.len() as u64,
+        issued: final_counter,
+        lost: final_counter.saturating_sub(count),
+        written_off: issued - known,
+    })
+}
+
+pub(super) fn with_fp(batch: &Batch, pairs: Vec<(&'static str, String)>) -> Vec<(String, String)> {
     let mut out: Vec<(String, String)> =
         pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
     out.push((meta::FINGERPRINT.to_string(), batch.fingerprint()));
     out
 }
 
-fn unpersisted(batch: &Batch, s: &SlotKeys, entries: u64) -> RebuildError {
+pub(super) fn unpersisted(batch: &Batch, s: &SlotKeys, entries: u64) -> RebuildError {
     RebuildError::Unpersisted {
         batch: batch.id.clone(),
         shard: s.slot.unwrap_or(0),
@@ -237,22 +283,22 @@ fn unpersisted(batch: &Batch, s: &SlotKeys, entries: u64) -> RebuildError {
     }
 }
 
-/// `begin` on a slot: its claim counter, or why not.
-async fn begin<B: Backend>(
+/// `begin` on a slot: its claim counter and the stock it held (deleted), or why not.
+pub(super) async fn begin<B: Backend>(
     backend: &B,
     batch: &Batch,
     s: &SlotKeys,
     force: bool,
-) -> Result<u64, RebuildError> {
+) -> Result<(u64, u64), RebuildError> {
     match restore::begin(backend, s, force).await? {
-        Step::Begun { counter } => Ok(counter),
+        Step::Begun { counter, stock } => Ok((counter, stock)),
         Step::Unpersisted { entries } => Err(unpersisted(batch, s, entries)),
-        Step::Live | Step::Done { .. } => Err(RebuildError::Live(batch.id.clone())),
+        _ => Err(RebuildError::Live(batch.id.clone())),
     }
 }
 
 /// A step after `begin` must be done: the slot went live meanwhile otherwise.
-fn done(batch: &Batch, s: &SlotKeys, step: Step) -> Result<u64, RebuildError> {
+pub(super) fn done(batch: &Batch, s: &SlotKeys, step: Step) -> Result<u64, RebuildError> {
     match step {
         Step::Done { n } => Ok(n),
         _ => Err(RebuildError::Raced {

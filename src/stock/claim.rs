@@ -15,10 +15,11 @@ use crate::contract::events::{self, Event};
 use crate::contract::keys::{BatchKeys, SlotKeys};
 use crate::contract::mark_soldout::{self, Marked};
 use crate::contract::probe::Probe;
-use crate::contract::{replay, winners};
+use crate::contract::{meta_get, replay, restore, winners};
+use crate::domain::ids::{parse_coupon_id, seq_epoch, seq_position};
 
 use super::census::probe_all;
-use super::{Stock, StockError, TransferKind};
+use super::{FaultKind, Stock, StockError, TransferKind};
 
 /// One claim's arguments besides the batch and home shard.
 #[derive(Debug, Clone, Copy)]
@@ -41,6 +42,10 @@ pub enum ClaimResult {
     Decided(Outcome),
     /// The pool and every shard are empty.
     SoldOut,
+    /// The home shard was lost or rolled back (a failover): it is fenced and being repaired
+    /// from the database; nothing was claimed that the caller may hand out. The batch's
+    /// other shards are unaffected.
+    ShardFenced,
     /// Stock exists but kept moving away under contention: retry later.
     Contended,
 }
@@ -64,6 +69,13 @@ impl<B: Backend> Stock<B> {
         for _round in 0..=self.cfg.max_refill_rounds {
             match claim::call(self.backend.as_ref(), slot, &args).await? {
                 Outcome::ShardEmpty => {}
+                Outcome::NoBatch => return self.without_meta(keys, home).await,
+                Outcome::Claimed(c) if self.rolled_back(slot, &c) => {
+                    // Sealed at once: no claim or replay on it may answer until it is
+                    // repaired (a replay could hand out the id minted again).
+                    restore::seal(self.backend.as_ref(), slot).await?;
+                    return Ok(ClaimResult::ShardFenced);
+                }
                 decided => return self.acknowledged(slot, ClaimResult::Decided(decided)).await,
             }
             if self.refill(keys, home, a.total).await? > 0 {
@@ -96,6 +108,41 @@ impl<B: Backend> Stock<B> {
             Some(c) => ClaimResult::Decided(Outcome::Replayed(c)),
             None => refusal,
         })
+    }
+
+    /// The home shard has no meta: the batch is lost when its pool is gone too (answered
+    /// `NoBatch`), else only this shard is (reported for repair, answered `ShardFenced`).
+    async fn without_meta(&self, keys: &BatchKeys, home: u32) -> Result<ClaimResult, StockError> {
+        if meta_get::call(self.backend.as_ref(), &keys.pool)
+            .await?
+            .is_empty()
+        {
+            return Ok(ClaimResult::Decided(Outcome::NoBatch));
+        }
+        self.faults
+            .report(keys.batch(), home, FaultKind::Missing, None);
+        Ok(ClaimResult::ShardFenced)
+    }
+
+    /// Whether `minted` (just minted on `slot`) reveals a rollback: a sequence this instance
+    /// already saw the slot mint, or a position at or below what the database holds from it. Then the shard is reported, and
+    /// the coupon is not handed out (its id may be another user's): it reaches the database
+    /// like any claim, where a clash is recorded as a coupon conflict.
+    fn rolled_back(&self, slot: &SlotKeys, minted: &Coupon) -> bool {
+        let Some((_, shard, seq)) = parse_coupon_id(&minted.coupon_id) else {
+            return false;
+        };
+        let first = slot.minted.lock().first_mint(seq);
+        if first && !self.faults.below_floor(&slot.meta, seq_position(seq)) {
+            return false;
+        }
+        self.faults.report(
+            &slot.batch,
+            shard,
+            FaultKind::RolledBack,
+            Some(seq_epoch(seq)),
+        );
+        true
     }
 
     /// `answer`, once the backend's acknowledgement rule holds for it when it grants a

@@ -18,6 +18,7 @@
 pub mod census;
 pub mod claim;
 pub mod definition;
+pub mod faults;
 pub mod transfer;
 
 use std::sync::Arc;
@@ -33,6 +34,7 @@ use crate::contract::{meta_get, probe};
 
 pub use self::census::Conservation;
 pub use self::claim::{ClaimArgs, ClaimResult};
+pub use self::faults::{FaultKind, FaultReporter, ShardFault};
 pub use self::transfer::TransferKind;
 
 #[derive(Debug, Error)]
@@ -55,6 +57,8 @@ pub struct Stock<B> {
     cfg: StockConfig,
     transfer_seq: AtomicU64,
     instance: String,
+    /// Where shard faults go (the repairer), see [`faults`].
+    faults: FaultReporter,
 }
 
 impl<B: Backend> Stock<B> {
@@ -65,7 +69,18 @@ impl<B: Backend> Stock<B> {
             cfg,
             transfer_seq: AtomicU64::new(0),
             instance,
+            faults: FaultReporter::disabled(),
         }
+    }
+
+    /// Reports shard faults (lost or rolled-back shards) to `faults`.
+    pub fn with_faults(mut self, faults: FaultReporter) -> Stock<B> {
+        self.faults = faults;
+        self
+    }
+
+    pub fn faults(&self) -> &FaultReporter {
+        &self.faults
     }
 
     pub fn backend(&self) -> &Arc<B> {

@@ -358,7 +358,7 @@ async fn random_run(pair: &mut Pair<'_>, seed: u64, steps: usize) {
                 let dest = ((i + 1) % 3).to_string();
                 let half = if rng.random_bool(0.5) { "1" } else { "0" };
                 let want = rng.random_range(0..4u32).to_string();
-                let out = [s.k("stock"), s.k("outbox"), s.k("xseq")];
+                let out = [s.k("stock"), s.k("outbox"), s.k("xseq"), s.k("meta")];
                 let (moved, _) = pair
                     .script(
                         Script::TransferOut,
@@ -572,6 +572,7 @@ async fn differential_against_redis_server() {
     let r = Shard::new("rst", 0);
     let rkeys: Vec<String> = [
         "meta", "stock", "users", "daily", "req", "deny", "claimed", "xseq", "outbox", "log",
+        "repair",
     ]
     .iter()
     .map(|n| r.k(n))

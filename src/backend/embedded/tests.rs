@@ -1293,7 +1293,12 @@ async fn transfer_and_soldout_scripts() {
     let dst = Shard::new("b2", 1);
     setup(&b, &src, 10, 5, 0, OPEN, &[]).await;
     setup(&b, &dst, 0, 5, 0, OPEN, &[]).await;
-    let out_keys = [src.k("stock"), src.k("outbox"), src.k("xseq")];
+    let out_keys = [
+        src.k("stock"),
+        src.k("outbox"),
+        src.k("xseq"),
+        src.k("meta"),
+    ];
     let moved = b
         .eval(
             Script::TransferOut,
@@ -1477,6 +1482,7 @@ async fn restore_script_rebuilds_a_slot() {
     claim(&b, &s, "u2", "").await;
     let keys: Vec<String> = [
         "meta", "stock", "users", "daily", "req", "deny", "claimed", "xseq", "outbox", "log",
+        "repair",
     ]
     .iter()
     .map(|n| s.k(n))
@@ -1508,9 +1514,10 @@ async fn restore_script_rebuilds_a_slot() {
         restore(vec!["begin", "0"]).await,
         Ok(arr(vec![int(-1), int(0)]))
     );
+    // the claim counter (2) and the stock it deleted (10 - 2 claimed)
     assert_eq!(
         restore(vec!["begin", "1"]).await,
-        Ok(arr(vec![int(1), int(2)]))
+        Ok(arr(vec![int(1), int(2), int(8)]))
     );
     assert_eq!(
         claim(&b, &s, "u3", "").await,
@@ -1663,7 +1670,7 @@ async fn workload(b: &EmbeddedBackend, tag: &str, n: usize) {
     b.eval(Script::LogRead, &[&log], &["p", "c2", "2", "0"])
         .await
         .unwrap();
-    let out_keys = [s.k("stock"), s.k("outbox"), s.k("xseq")];
+    let out_keys = [s.k("stock"), s.k("outbox"), s.k("xseq"), s.k("meta")];
     b.eval(
         Script::TransferOut,
         &refs(&out_keys),

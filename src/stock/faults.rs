@@ -1,0 +1,170 @@
+//! Shard faults: a shard found lost (its meta gone while the batch's pool lives) or rolled
+//! back (it minted a coupon sequence it had already handed out, or one at or below what the
+//! database already holds), reported by whoever notices (the claim path, the persister's
+//! probe) to the one task that repairs shards (`crate::recovery::Repairer`). Also the shard
+//! floors: per shard, the highest coupon position the database is known to hold (kept by
+//! the persister, read by the claim path at every mint).
+//!
+//! Invariant kept here: reporting never blocks and never fails the caller: the channel is
+//! bounded, a report that finds it full is dropped (the next claim on the shard or the next
+//! probe reports it again), and a shard is reported (and logged) at most once per
+//! [`REPORT_EVERY`], so a storm of refused claims cannot grow memory or flood the log.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+
+use parking_lot::Mutex;
+use tokio::sync::mpsc;
+
+/// A shard is reported at most this often.
+pub const REPORT_EVERY: Duration = Duration::from_secs(1);
+
+/// How a shard went wrong.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FaultKind {
+    /// Its meta is gone while the pool lives (a node came back empty, or a fence).
+    Missing,
+    /// It handed out, or the database holds, a coupon position beyond its claim counter.
+    RolledBack,
+}
+
+impl FaultKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FaultKind::Missing => "missing",
+            FaultKind::RolledBack => "rolled_back",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ShardFault {
+    pub batch: String,
+    pub shard: u32,
+    pub kind: FaultKind,
+    /// The coupon-id epoch the shard was in when the fault was seen: a repair moves it to a
+    /// new one, so a report that arrives after the repair is recognised as stale. (`None`
+    /// for a missing shard: its meta, and so its epoch, is gone.)
+    pub epoch: Option<u64>,
+}
+
+/// The sending side, cloned into every reporter. `disabled()` reports nowhere (tests, and
+/// tools that do not repair).
+#[derive(Debug, Clone)]
+pub struct FaultReporter {
+    tx: Option<mpsc::Sender<ShardFault>>,
+    /// When each shard (`<batch>/<shard>`) was last reported.
+    recent: Arc<Mutex<HashMap<String, Instant>>>,
+    /// Per shard (its meta key), the highest coupon position the database holds.
+    floors: Arc<DashMap<Box<str>, Arc<AtomicU64>>>,
+}
+
+impl FaultReporter {
+    /// A reporter and the receiver the repairer drains (at most `capacity` waiting).
+    pub fn channel(capacity: usize) -> (FaultReporter, mpsc::Receiver<ShardFault>) {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let r = FaultReporter {
+            tx: Some(tx),
+            recent: Arc::default(),
+            floors: Arc::default(),
+        };
+        (r, rx)
+    }
+
+    pub fn disabled() -> FaultReporter {
+        FaultReporter {
+            tx: None,
+            recent: Arc::default(),
+            floors: Arc::default(),
+        }
+    }
+
+    /// The floor of the shard whose meta key is `meta` (created at 0), for its keeper (the
+    /// persister) to raise.
+    pub fn floor(&self, meta: &str) -> Arc<AtomicU64> {
+        #[allow(clippy::disallowed_methods)] // the entry guard ends with this expression
+        self.floors
+            .entry(Box::from(meta))
+            .or_default()
+            .value()
+            .clone()
+    }
+
+    /// Whether `position` (just minted on the shard whose meta key is `meta`) is at or below
+    /// what the database already holds from it: the shard was rolled back.
+    pub fn below_floor(&self, meta: &str, position: u64) -> bool {
+        #[allow(clippy::disallowed_methods)] // the guard ends with this expression
+        let floor = self.floors.get(meta).map(|f| f.load(Ordering::Relaxed));
+        floor.is_some_and(|f| position <= f)
+    }
+
+    /// Whether `batch`/`shard` was not reported within [`REPORT_EVERY`] (and notes it now).
+    fn due(&self, batch: &str, shard: u32) -> bool {
+        let now = Instant::now();
+        let mut recent = self.recent.lock();
+        if recent.len() >= 4096 {
+            recent.retain(|_, t| now.duration_since(*t) < REPORT_EVERY);
+        }
+        let key = format!("{batch}/{shard}");
+        match recent.get(&key) {
+            Some(t) if now.duration_since(*t) < REPORT_EVERY => false,
+            _ => {
+                recent.insert(key, now);
+                true
+            }
+        }
+    }
+
+    /// Reports a fault; `false` when it was dropped (no repairer, or the queue is full).
+    pub fn report(&self, batch: &str, shard: u32, kind: FaultKind, epoch: Option<u64>) -> bool {
+        let Some(tx) = &self.tx else { return false };
+        if !self.due(batch, shard) {
+            return false;
+        }
+        let fault = ShardFault {
+            batch: batch.to_string(),
+            shard,
+            kind,
+            epoch,
+        };
+        crate::obs::events::ShardFaultSeen {
+            batch,
+            shard,
+            kind: kind.as_str(),
+        }
+        .emit();
+        tx.try_send(fault).is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn floors_are_shared_with_their_keeper() {
+        let (r, _rx) = FaultReporter::channel(1);
+        assert!(!r.below_floor("m", 1), "no floor known");
+        r.floor("m").fetch_max(10, Ordering::Relaxed);
+        assert!(r.clone().below_floor("m", 10));
+        assert!(!r.below_floor("m", 11));
+    }
+
+    #[test]
+    fn reports_are_bounded_and_never_block() {
+        let (r, mut rx) = FaultReporter::channel(2);
+        assert!(r.report("b", 1, FaultKind::Missing, None));
+        assert!(
+            !r.report("b", 1, FaultKind::Missing, None),
+            "reported a moment ago"
+        );
+        assert!(r.report("b", 2, FaultKind::RolledBack, Some(0)));
+        assert!(!r.report("b", 3, FaultKind::Missing, None), "full: dropped");
+        assert_eq!(rx.try_recv().unwrap().shard, 1);
+        assert!(!FaultReporter::disabled().report("b", 1, FaultKind::Missing, None));
+    }
+}
