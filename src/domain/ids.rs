@@ -55,11 +55,10 @@ pub fn seq_position(seq: u64) -> u64 {
     seq % EPOCH_SPAN
 }
 
-/// Coupon sequences a [`MintWindow`] remembers below the highest it saw. A slot's replies can
-/// arrive out of order by at most the claims in flight (`limits.max_inflight`, bounded by
-/// this), so within the window a sequence seen twice is exact evidence of a rollback, and
-/// one below it is too.
-pub const MINT_WINDOW: u64 = crate::config::MAX_INFLIGHT_CEILING;
+/// Coupon sequences a [`MintWindow`] remembers below the highest it saw: within the window a
+/// sequence seen twice is exact evidence of a rollback (replies arriving out of order never
+/// repeat one). Below it, nothing can be told here (the database's floor still can).
+pub const MINT_WINDOW: u64 = 8192;
 
 /// The coupon sequences one instance saw a slot mint, to tell a slot that mints a sequence
 /// again (a failover rolled it back) from replies that merely arrive out of order.
@@ -84,8 +83,8 @@ impl MintWindow {
         self.bits[i / 64] &= !(1u64 << (i % 64));
     }
 
-    /// Records `seq` as minted; `false` when it cannot be a first mint: seen before, or
-    /// further below the highest than replies can be reordered.
+    /// Records `seq` as minted; `false` when it cannot be a first mint: seen before (within
+    /// the window; a sequence further below the highest is not known either way).
     pub fn first_mint(&mut self, seq: u64) -> bool {
         if self.bits.is_empty() {
             self.bits = vec![0; (MINT_WINDOW / 64) as usize];
@@ -100,7 +99,7 @@ impl MintWindow {
             return true;
         }
         if self.max - seq >= MINT_WINDOW {
-            return false;
+            return true;
         }
         !self.flip(seq)
     }
@@ -134,7 +133,7 @@ mod tests {
             w.first_mint(10_000 - MINT_WINDOW + 1),
             "at the window's edge"
         );
-        assert!(!w.first_mint(5), "far below: rolled back");
+        assert!(w.first_mint(5), "far below the window: not known here");
         assert!(!w.first_mint(10_000));
         // a new epoch starts far above
         assert!(w.first_mint(EPOCH_SPAN + 1));

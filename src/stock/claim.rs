@@ -125,7 +125,8 @@ impl<B: Backend> Stock<B> {
     }
 
     /// Whether `minted` (just minted on `slot`) reveals a rollback: a sequence this instance
-    /// already saw the slot mint, or a position at or below what the database holds from it. Then the shard is reported, and
+    /// already saw the slot mint (`MintWindow`), or a position at or below what the database
+    /// holds from it (the persister's floor). Then the shard is reported, and
     /// the coupon is not handed out (its id may be another user's): it reaches the database
     /// like any claim, where a clash is recorded as a coupon conflict.
     fn rolled_back(&self, slot: &SlotKeys, minted: &Coupon) -> bool {
