@@ -16,7 +16,9 @@
 //!   whether the batch's Redis setup ever completed (`setup_done_at`);
 //! - a claim whose coupon id the database already holds for a different claim (another user,
 //!   request id or time: a coupon id minted twice) is never dropped silently: it is recorded
-//!   in `coupon_conflicts`, once per distinct claim, and returned to the caller.
+//!   in `coupon_conflicts`, once per distinct claim, and returned to the caller;
+//! - a grant job's counts and cursor move in one statement, from the cursor they were
+//!   computed at, by the holder of the job's lease ([`grants`]): each chunk is counted once.
 //!
 //! Files: [`batches`] (the definitions), [`claims`] (the claims the persister writes, their
 //! conflicts, the summaries `rebuild` and `reconcile` read), [`coupons`] (the wallet, the
