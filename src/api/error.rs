@@ -221,7 +221,9 @@ impl From<DbError> for ApiError {
 impl From<GrantError> for ApiError {
     fn from(e: GrantError) -> Self {
         match e {
-            GrantError::TooManyUsers(_) | GrantError::Empty => ApiError::BadRequest(e.to_string()),
+            GrantError::TooManyUsers(_) | GrantError::Empty(_) => {
+                ApiError::BadRequest(e.to_string())
+            }
             GrantError::Catalog(c) => c.into(),
             GrantError::Db(d) => ApiError::BackendUnavailable(d.to_string()),
             GrantError::Internal(m) => ApiError::Internal(m),
@@ -335,7 +337,7 @@ mod tests {
             (AuthError::Expired.into(), "unauthorized"),
             (InvalidBatch("x".into()).into(), "bad_request"),
             (GrantError::TooManyUsers(5).into(), "bad_request"),
-            (GrantError::Empty.into(), "bad_request"),
+            (GrantError::Empty(String::new()).into(), "bad_request"),
             (
                 GrantError::Catalog(CatalogError::NotFound).into(),
                 "batch_not_found",

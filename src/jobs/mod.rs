@@ -52,8 +52,9 @@ const RESUME_BATCH: i64 = 16;
 pub enum GrantError {
     #[error("a job takes at most {0} users")]
     TooManyUsers(u64),
-    #[error("the upload holds no user id")]
-    Empty,
+    /// With why the first invalid line was refused, if there was one.
+    #[error("the upload holds no valid user id{0}")]
+    Empty(String),
     #[error(transparent)]
     Catalog(#[from] CatalogError),
     #[error(transparent)]

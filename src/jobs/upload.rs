@@ -62,7 +62,8 @@ pub fn parse_line(format: LineFormat, raw: &[u8], first: bool) -> Line {
     let Ok(text) = std::str::from_utf8(raw) else {
         return Line::Invalid("not UTF-8".into());
     };
-    let text = text.trim();
+    // spaces and tabs only (what the document's pattern allows around an id)
+    let text = text.trim_matches([' ', '\t']);
     if text.is_empty() {
         return Line::Skip;
     }
@@ -116,6 +117,8 @@ pub struct Spool {
     chunks: u64,
     /// Lines counted (users and invalid lines).
     total: u64,
+    /// Valid user ids among them.
+    users: u64,
     failed: u64,
     errors: Vec<JobFailure>,
     /// The line being read, its number, whether it overflowed (then only its end is awaited).
@@ -146,6 +149,7 @@ impl Spool {
             in_chunk: 0,
             chunks: 0,
             total: 0,
+            users: 0,
             failed: 0,
             errors: Vec::new(),
             line: Vec::new(),
@@ -234,6 +238,7 @@ impl Spool {
     /// One valid user id (checked by the caller or [`parse_line`]).
     pub async fn push_user(&mut self, id: &str) -> Result<(), GrantError> {
         self.count_line()?;
+        self.users += 1;
         if self.in_chunk > 0 {
             self.chunk.push('\n');
         }
@@ -259,13 +264,21 @@ impl Spool {
     }
 
     /// The body ended: the last line (without a final newline) and the last chunk are
-    /// spooled. Refused when the upload held no line to count.
+    /// spooled. Refused when the upload held no valid user id (saying why its first
+    /// invalid line was refused, if it had one).
     pub(super) async fn finish(&mut self) -> Result<Spooled, GrantError> {
         if !self.line.is_empty() || self.overlong {
             self.end_line().await?;
         }
-        if self.total == 0 {
-            return Err(GrantError::Empty);
+        if self.users == 0 {
+            return Err(GrantError::Empty(match self.errors.first() {
+                Some(JobFailure {
+                    line: Some(n),
+                    reason,
+                    ..
+                }) => format!(" (line {n}: {reason})"),
+                _ => String::new(),
+            }));
         }
         self.flush().await?;
         let errors = serde_json::to_string(&self.errors)
@@ -290,6 +303,11 @@ mod tests {
         let csv = |s: &str, first| parse_line(LineFormat::Csv, s.as_bytes(), first);
         assert_eq!(nd(r#"{"user_id": "u1"}"#), User("u1".into()));
         assert_eq!(nd("\"u2\"\r"), User("u2".into()));
+        assert_eq!(nd("\t \"u2\" "), User("u2".into()));
+        assert!(
+            matches!(nd("\u{a0}\"u2\""), Invalid(_)),
+            "only spaces and tabs trimmed"
+        );
         assert_eq!(nd("  "), Skip);
         for bad in [
             r#"{"user_id": 1}"#,
