@@ -656,3 +656,147 @@ async fn reqwest_like_upload(base: &str, batch: &str, body: String) -> Value {
     let json = text.split("\r\n\r\n").nth(1).unwrap_or("");
     serde_json::from_str(json).unwrap_or_else(|_| panic!("{text}"))
 }
+
+// ------------------------------------------------------------------ leases and resume
+
+/// Two instances on one backend and database: A runs a job and stops part way (it gives
+/// its lease up); B, looking for orphaned jobs, resumes it from A's last checkpoint. Then a
+/// job A holds (not given up) is left alone by B until the lease runs out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_instance_gives_its_job_up_and_another_resumes_it_embedded() {
+    let _w = Watchdog::arm(Duration::from_secs(120));
+    let g = embedded_gw_with(&[
+        "grants.chunk_users=20".into(),
+        "grants.concurrency=2".into(),
+        "grants.lease_ms=400".into(),
+    ])
+    .await;
+    create(&g, "ab", 10_000, 1, json!({"shards": 4})).await;
+    let b = claimgate::gateway::assemble(g.cfg.clone(), g.backend.clone(), g.db.clone(), None);
+    let users: Vec<String> = (0..2_000).map(|i| format!("u{i}")).collect();
+    let (s, v) = call(
+        &g.app,
+        "POST",
+        "/v1/batches/ab/grants",
+        json!({ "user_ids": users }).to_string(),
+    )
+    .await;
+    assert_eq!(s, 202, "{v}");
+    let job = v["job_id"].as_str().unwrap().to_string();
+    step("A runs part of the job");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, v) = call(&g.app, "GET", &format!("/v1/jobs/{job}"), "").await;
+        if v["processed"].as_u64().unwrap() >= 100 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no progress: {v}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    g.app.api().grants().shutdown(Duration::from_secs(10)).await;
+    assert_eq!(g.app.api().grants().running(), 0);
+    let (_, at_stop) = call(&g.app, "GET", &format!("/v1/jobs/{job}"), "").await;
+    assert_eq!(at_stop["state"], "running", "stopped part way: {at_stop}");
+    // the lease was given up: B takes the job at once, from the checkpoint
+    step("B resumes it");
+    b.api().grants().resume_orphans().await;
+    let v = settled(&b, &job).await;
+    assert_eq!(v["state"], "done", "{v}");
+    assert_eq!(counts(&v), (2_000, 0, 0, 0), "{v}");
+    assert_eq!(
+        stock_view(&b, "ab").await,
+        json!({"total": 10000, "claimed": 2000, "remaining": 8000})
+    );
+    // A job whose instance died holding its lease: nobody else runs it before it expires.
+    step("a held lease");
+    let c = claimgate::gateway::assemble(g.cfg.clone(), g.backend.clone(), g.db.clone(), None);
+    let more: Vec<String> = (2_000..4_000).map(|i| format!("u{i}")).collect();
+    c.api().grants().shutdown(Duration::ZERO).await; // c accepts, but runs nothing
+    let (s, v) = call(
+        &c,
+        "POST",
+        "/v1/batches/ab/grants",
+        json!({ "user_ids": more }).to_string(),
+    )
+    .await;
+    assert_eq!(s, 202, "{v}");
+    let held = v["job_id"].as_str().unwrap().to_string();
+    assert_eq!(c.api().grants().running(), 0);
+    // as a dead instance leaves it: leased to it for another 400 ms
+    let Db::Sqlite(pool) = &g.db else {
+        unreachable!("embedded")
+    };
+    let until = claimgate::store::now_ms() + 400;
+    sqlx::query("UPDATE grant_jobs SET lease_owner = 'dead', lease_until = $2 WHERE id = $1")
+        .bind(&held)
+        .bind(until)
+        .execute(pool)
+        .await
+        .unwrap();
+    b.api().grants().resume_orphans().await;
+    assert_eq!(b.api().grants().running(), 0, "a held lease is left alone");
+    let (_, v) = call(&b, "GET", &format!("/v1/jobs/{held}"), "").await;
+    assert_eq!(
+        (v["state"].clone(), v["processed"].clone()),
+        (json!("running"), json!(0))
+    );
+    assert!(
+        claimgate::store::now_ms() < until,
+        "the check ran within the lease"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    b.api().grants().resume_orphans().await;
+    let v = settled(&b, &held).await;
+    assert_eq!(counts(&v), (2_000, 0, 0, 0), "{v}");
+    assert_eq!(stock_view(&b, "ab").await["claimed"], 4_000);
+}
+
+/// An upload cut off by a crash (nobody was told its job id) is marked failed by the next
+/// look for work, and its spooled users are deleted; its users were never granted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_cut_off_mid_way_becomes_a_failed_job_embedded() {
+    let _w = Watchdog::arm(Duration::from_secs(60));
+    let g = embedded_gw_with(&[
+        "grants.chunk_users=2".into(),
+        "grants.upload_timeout_ms=1".into(),
+        "grants.lease_ms=100".into(),
+    ])
+    .await;
+    create(&g, "cut", 100, 1, json!({})).await;
+    let mut upload =
+        claimgate::api::grants::Upload::begin(g.app.api(), "cut", claimgate::jobs::LineFormat::Csv)
+            .await
+            .unwrap();
+    upload.accept(b"u1\nu2\nu3\nu4\nu").await.unwrap();
+    let job: (String,) = match &g.db {
+        Db::Sqlite(p) => {
+            sqlx::query_as("SELECT id FROM grant_jobs")
+                .fetch_one(p)
+                .await
+        }
+        Db::Postgres(_) => unreachable!("embedded"),
+    }
+    .unwrap();
+    drop(upload); // the gateway died mid-upload
+    let (s, _) = call(&g.app, "GET", &format!("/v1/jobs/{}", job.0), "").await;
+    assert_eq!(s, 404, "an upload under way is not a job yet");
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    g.app.api().grants().resume_orphans().await;
+    let (s, v) = call(&g.app, "GET", &format!("/v1/jobs/{}", job.0), "").await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        (v["state"].clone(), v["reason"].clone()),
+        (json!("failed"), json!("upload interrupted"))
+    );
+    let spooled: (i64,) = match &g.db {
+        Db::Sqlite(p) => {
+            sqlx::query_as("SELECT COUNT(*) FROM grant_job_users")
+                .fetch_one(p)
+                .await
+        }
+        Db::Postgres(_) => unreachable!("embedded"),
+    }
+    .unwrap();
+    assert_eq!(spooled.0, 0);
+    assert_eq!(stock_view(&g.app, "cut").await["claimed"], 0);
+}
