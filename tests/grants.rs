@@ -524,37 +524,27 @@ async fn a_job_racing_live_claims_never_oversells_redis() {
 
 // ------------------------------------------------------------------ kill -9 and resume
 
-/// The real binary on Redis + PostgreSQL: a job of `users` is killed with `kill -9` part
-/// way, the gateway restarts, and the job resumes from its checkpoint and finishes. Every
-/// user is granted exactly once: the counts add up, the batch's claimed count equals the
-/// users, and the database holds one coupon per user.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_job_killed_mid_way_resumes_without_granting_twice_redis() {
-    let _w = Watchdog::arm(Duration::from_secs(300));
+/// The real binary: a job of 20,000 users is killed with `kill -9` part way, the gateway
+/// restarts, and the job resumes from its last checkpoint (the restarted process decides
+/// at most the users the first had not checkpointed) and finishes. Every user is granted
+/// exactly once: the counts add up, the batch's claimed count equals the users, and the
+/// database holds one coupon per user.
+async fn a_job_killed_mid_way_resumes_without_granting_twice(
+    backend_args: Vec<String>,
+    db_url: String,
+) {
     let users = 20_000u64;
-    let redis = RedisServer::start();
-    let pg = PgDb::create();
-    let args: Vec<String> = [
-        "--backend",
-        "redis",
-        "--redis-url",
-        &redis.url(),
-        "--database-url",
-        &pg.url,
-        "--set",
+    let mut args = backend_args;
+    for s in [
         "grants.lease_ms=500",
-        "--set",
         "grants.poll_ms=100",
-        "--set",
         "grants.chunk_users=500",
-        "--set",
         "grants.concurrency=16",
-        "--set",
         "persister.flush_interval_ms=5",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    ] {
+        args.push("--set".into());
+        args.push(s.into());
+    }
     let mut gw = Gateway::start(&args);
     let http = Http::new(&gw.base());
     let (s, v) = http
@@ -568,8 +558,8 @@ async fn a_job_killed_mid_way_resumes_without_granting_twice_redis() {
     assert_eq!(s, 201, "{v}");
     let body: String = (0..users).map(|i| format!("\"user{i}\"\n")).collect();
     step("upload");
-    let client = reqwest_like_upload(&gw.base(), "k9", body).await;
-    let job = client["job_id"].as_str().unwrap().to_string();
+    let accepted = upload_over_tcp(&gw.base(), "k9", body).await;
+    let job = accepted["job_id"].as_str().unwrap().to_string();
     // kill -9 once part of the job is checkpointed, well before its end
     step("waiting for progress");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
@@ -612,23 +602,93 @@ async fn a_job_killed_mid_way_resumes_without_granting_twice_redis() {
     };
     assert_eq!(after["state"], "done", "{after}");
     assert_eq!(counts(&after), (users, 0, 0, 0), "{after}");
+    // the restarted process resumed at the checkpoint, not from the first user
+    let (s, _) = http.send("GET", "/healthz", "").await.unwrap();
+    assert_eq!(s, 200);
+    let metrics = metrics_text(&gw.base()).await;
+    let decided_here = metric(&metrics, "claimgate_grant_users_total{outcome=\"granted\"}");
+    assert!(
+        decided_here > 0 && decided_here <= users - processed_at_kill,
+        "the restarted gateway decided {decided_here} users; {processed_at_kill} were \
+         checkpointed before the kill"
+    );
+    assert_eq!(
+        metric(&metrics, "claimgate_grant_jobs_total{event=\"resumed\"}"),
+        1
+    );
     let (s, v) = http.send("GET", "/v1/batches/k9", "").await.unwrap();
     assert_eq!(s, 200);
     assert_eq!(v["stock"]["claimed"], users, "granted twice? {v}");
     step("database");
     let db = Db::connect(&DatabaseConfig {
-        url: pg.url.clone(),
+        url: db_url,
         ..Default::default()
     })
     .await
     .unwrap();
     persisted_once_per_user(&db, "k9", users, 1).await;
     db.close().await;
-    drop(redis);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_killed_mid_way_resumes_without_granting_twice_redis() {
+    let _w = Watchdog::arm(Duration::from_secs(300));
+    let redis = RedisServer::start();
+    let pg = PgDb::create();
+    let args = vec![
+        "--backend".into(),
+        "redis".into(),
+        "--redis-url".into(),
+        redis.url(),
+        "--database-url".into(),
+        pg.url.clone(),
+    ];
+    a_job_killed_mid_way_resumes_without_granting_twice(args, pg.url.clone()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_killed_mid_way_resumes_without_granting_twice_embedded() {
+    let _w = Watchdog::arm(Duration::from_secs(300));
+    let dir = tempfile::tempdir().unwrap();
+    let db_url = format!("sqlite://{}?mode=rwc", dir.path().join("k9.db").display());
+    let args = vec![
+        "--backend".into(),
+        "embedded".into(),
+        "--database-url".into(),
+        db_url.clone(),
+        "--set".into(),
+        format!(
+            "embedded.aof_path=\"{}\"",
+            dir.path().join("k9.aof").display()
+        ),
+    ];
+    a_job_killed_mid_way_resumes_without_granting_twice(args, db_url).await;
+}
+
+/// The gateway's `/metrics` text.
+async fn metrics_text(base: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = base.trim_start_matches("http://").to_string();
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let req = format!("GET /metrics HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut out))
+        .await
+        .expect("metrics answered")
+        .unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The value of one exported series (0 when absent).
+fn metric(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse::<f64>().ok())
+        .unwrap_or(0.0) as u64
 }
 
 /// Streams `body` as NDJSON to the gateway's grant route in many small writes.
-async fn reqwest_like_upload(base: &str, batch: &str, body: String) -> Value {
+async fn upload_over_tcp(base: &str, batch: &str, body: String) -> Value {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let addr = base.trim_start_matches("http://").to_string();
     let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
