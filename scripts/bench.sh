@@ -15,6 +15,8 @@
 #   3. the sold-out phase (answers from memory) and its Redis calls;
 #   4. the embedded backend (max claims/s and its HTTP ceiling), product lookups/s and
 #      checkout quotes/s (20-item cart, 50-coupon wallet) on it;
+#   4b. a bulk grant job of GRANT_USERS (100,000) users per backend: users granted/s
+#      (scripts/bench-grants.sh);
 #   5. persistence: a PERSIST_SECONDS claim run per database with the backlog sampled every
 #      second, the drain time after it, and persister rows/s (PostgreSQL and SQLite);
 # plus CPU seconds per 1,000 claims (gateway, redis-server) and Redis commands per claim.
@@ -260,6 +262,19 @@ lt --scenario quote --seed 44 --connections "$CONNS" --duration "${SECS}s" --jso
 QUOTE=$(jget "$WORK/quote.json" 'round(d["rps"])'); QUOTE_P99=$(jget "$WORK/quote.json" 'd["latency_ms"]["p99"]')
 stop_gateway
 
+# ---------------------------------------------------------------- 4b. a bulk grant job
+# One job of GRANT_USERS users per backend, on a gateway, redis-server and database of its
+# own (scripts/bench-grants.sh: upload start to `done`, persister on).
+GRANT_USERS=${GRANT_USERS:-100000}
+grant_job() { # grant_job BACKEND -> "<wall s> <users/s>"
+  local out
+  out=$(CLAIMGATE_TEST_PG="$PG_ADMIN" scripts/bench-grants.sh "$1" "$GRANT_USERS")
+  python3 -c 'import re,sys; m=re.search(r"wall ([0-9.]+) s, ([0-9,]+) users", sys.argv[1]); print(m.group(1), m.group(2).replace(",", ""))' "$out"
+}
+log "bulk grants: one job of $GRANT_USERS users per backend"
+read -r GRANT_E_WALL GRANT_E_RATE < <(grant_job embedded)
+read -r GRANT_R_WALL GRANT_R_RATE < <(grant_job redis)
+
 # ---------------------------------------------------------------- 5. persistence under load
 persist_run() { # persist_run NAME ARGS... ; appends to PERSIST_ROWS, writes $WORK/backlog-NAME.csv
   local name=$1; shift
@@ -334,6 +349,8 @@ Command: \`BENCH_SECONDS=$SECS PERSIST_SECONDS=$PSECS BENCH_CONNECTIONS=$CONNS s
 | embedded HTTP ceiling: GET /healthz | $ETRIVIAL /s | |
 | product lookups/s (embedded gateway, from memory; 40 batches over 1,000 products) | $PLOOKUP /s (p99 $PLOOKUP_P99 ms) | $(ratio "$PLOOKUP" "$ETRIVIAL") × embedded HTTP ceiling |
 | checkout quotes/s (embedded gateway; 20-item cart, wallet of 50 coupons in SQLite) | $QUOTE /s (p99 $QUOTE_P99 ms) | |
+| grant job, embedded + SQLite: $GRANT_USERS users (scripts/bench-grants.sh) | $GRANT_E_RATE users/s ($GRANT_E_WALL s) | |
+| grant job, Redis + PostgreSQL: $GRANT_USERS users | $GRANT_R_RATE users/s ($GRANT_R_WALL s) | |
 
 ## Targets
 

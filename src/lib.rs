@@ -11,7 +11,7 @@
 //! | root | [`cli`], [`gateway`] | the command line; the composition root: wiring, startup, the one shutdown sequence, the background loops |
 //! | http | [`http`] | server, router, request bodies, ops endpoints, errors as HTTP |
 //! | api | [`api`] | the claim, admin, wallet, event-ledger, catalog (product pages, listing) and quote handlers (orchestration only), `ApiError` and the one conversion of each domain error |
-//! | off the request path | [`persist`], [`recovery`], [`notify`] | Redis logs -> database; rebuild and reconcile; events out (outbox -> signed webhook) and the coupon sweeps |
+//! | off the request path | [`persist`], [`recovery`], [`notify`], [`jobs`] | Redis logs -> database; rebuild and reconcile; events out (outbox -> signed webhook) and the coupon sweeps; bulk grant jobs (spooled uploads run through the claim script, resumed after a crash) |
 //! | services | [`catalog`], [`stock`] | what an instance knows of batches (cache + loader + product-page index); sharded stock: claim + refill, transfers + sweeper, the census |
 //! | contracts | [`contract`], [`store`] | the typed Lua API (one module per script, key layout, claim-record codec); the database |
 //! | backend | [`backend`] | raw script calls: Redis (fred) and embedded (mlua + an in-memory keyspace) |
@@ -35,6 +35,7 @@ pub mod contract;
 pub mod domain;
 pub mod gateway;
 pub mod http;
+pub mod jobs;
 pub mod notify;
 pub mod obs;
 pub mod persist;

@@ -27,6 +27,7 @@ const LAYERS: &[(&str, u8, &str)] = &[
     ("persist", 5, "off the request path"),
     ("recovery", 5, "off the request path"),
     ("notify", 5, "off the request path"),
+    ("jobs", 5, "off the request path"),
     ("api", 6, "api"),
     ("http", 7, "http"),
     ("gateway", 8, "root"),

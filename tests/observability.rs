@@ -192,6 +192,20 @@ fn closed_label_sets() -> LabelSets {
         "claimgate_coupons_swept_total",
         m(vec![("kind", set(claimgate::obs::metrics::SWEEP_KINDS))]),
     );
+    s.insert(
+        "claimgate_grant_jobs_total",
+        m(vec![(
+            "event",
+            set(claimgate::obs::metrics::GRANT_JOB_EVENTS),
+        )]),
+    );
+    s.insert(
+        "claimgate_grant_users_total",
+        m(vec![(
+            "outcome",
+            set(claimgate::obs::metrics::GRANT_OUTCOMES),
+        )]),
+    );
     s.insert("claimgate_stock_remaining", m(vec![("batch", None)]));
     s.insert("claimgate_batches_lost", m(vec![]));
     s.insert(

@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 const DOC_PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/openapi.json");
 
 /// Every operation the router serves (src/http/router.rs), as the document must name it.
-const ROUTES: [(&str, &str); 19] = [
+const ROUTES: [(&str, &str); 21] = [
     ("GET", "/healthz"),
     ("GET", "/readyz"),
     ("GET", "/metrics"),
@@ -30,6 +30,8 @@ const ROUTES: [(&str, &str); 19] = [
     ("GET", "/v1/batches/{id}"),
     ("PATCH", "/v1/batches/{id}"),
     ("POST", "/v1/batches/{id}/claims"),
+    ("POST", "/v1/batches/{id}/grants"),
+    ("GET", "/v1/jobs/{job_id}"),
     ("GET", "/v1/users/{user_id}/coupons"),
     ("POST", "/v1/coupons/{coupon_id}/lock"),
     ("POST", "/v1/coupons/{coupon_id}/redeem"),
@@ -683,9 +685,43 @@ async fn live_answers_match_the_response_schemas() {
     conforms(&gw, &doc, "GET", one, "/v1/events/a%20b", "").await;
 
     campaign_answers(&gw, &doc, coupon).await;
+    grant_answers(&gw, &doc).await;
 
     conforms(&gw, &doc, "GET", "/healthz", "/healthz", "").await;
     conforms(&gw, &doc, "GET", "/readyz", "/readyz", "").await;
+}
+
+/// A grant job's answers: the 202, the job (polled until it ends: `oa1` is paused, so every
+/// user is counted failed), and the 400s and 404s.
+async fn grant_answers(gw: &Gw, doc: &Value) {
+    let grants = "/v1/batches/{id}/grants";
+    let body = json!({"user_ids": ["g1", "g2"]}).to_string();
+    let accepted = conforms(gw, doc, "POST", grants, "/v1/batches/oa1/grants", &body).await;
+    let job_id = accepted["job_id"].as_str().unwrap().to_string();
+    let one = "/v1/jobs/{job_id}";
+    let path = format!("/v1/jobs/{job_id}");
+    let mut job = conforms(gw, doc, "GET", one, &path, "").await;
+    for _ in 0..500 {
+        if job["state"] != "running" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        job = conforms(gw, doc, "GET", one, &path, "").await;
+    }
+    assert_eq!(job["state"], "done", "{job}");
+    assert_eq!(job["counts"]["failed"], 2, "{job}");
+    assert_eq!(job["errors"][0]["reason"], "the batch is paused", "{job}");
+    let bad = conforms(gw, doc, "POST", grants, "/v1/batches/oa1/grants", "{}").await;
+    assert_eq!(bad["error"], "bad_request");
+    let none = conforms(gw, doc, "POST", grants, "/v1/batches/nope/grants", &body).await;
+    assert_eq!(none["error"], "batch_not_found");
+    for id in ["0123456789abcdef0123456789abcdef", "nope"] {
+        let none = conforms(gw, doc, "GET", one, &format!("/v1/jobs/{id}"), "").await;
+        assert_eq!(none["error"], "job_not_found");
+    }
+    let request = &doc["paths"][grants]["post"]["requestBody"]["content"]["application/json"];
+    let example = &resolve(doc, &request["schema"])["example"];
+    assert!(errors_against(doc, &request["schema"], example).is_empty());
 }
 
 /// The campaign tools' answers: the listing, the product page and the quote (over a wallet

@@ -14,6 +14,7 @@ use crate::catalog::CatalogError;
 use crate::domain::auth::AuthError;
 use crate::domain::batch::InvalidBatch;
 use crate::domain::limits::LimitError;
+use crate::jobs::GrantError;
 use crate::recovery::RebuildError;
 use crate::stock::StockError;
 use crate::store::DbError;
@@ -32,6 +33,8 @@ pub enum ApiError {
     CouponNotFound,
     #[error("event not found")]
     EventNotFound,
+    #[error("job not found")]
+    JobNotFound,
     #[error("per-user limit reached")]
     LimitReached,
     #[error("per-user daily limit reached")]
@@ -86,6 +89,7 @@ impl ApiError {
             ApiError::BatchNotFound,
             ApiError::CouponNotFound,
             ApiError::EventNotFound,
+            ApiError::JobNotFound,
             ApiError::LimitReached,
             ApiError::DailyLimitReached,
             ApiError::NotStarted,
@@ -113,6 +117,7 @@ impl ApiError {
             ApiError::BatchNotFound => "batch_not_found",
             ApiError::CouponNotFound => "coupon_not_found",
             ApiError::EventNotFound => "event_not_found",
+            ApiError::JobNotFound => "job_not_found",
             ApiError::LimitReached | ApiError::DailyLimitReached => "limit_reached",
             ApiError::NotStarted => "not_started",
             ApiError::Ended => "ended",
@@ -223,6 +228,21 @@ impl From<DbError> for ApiError {
     }
 }
 
+/// A grant job's upload as its route meets it: too many users or none is the client's; the
+/// batch answers as for a claim; the database failing is 503.
+impl From<GrantError> for ApiError {
+    fn from(e: GrantError) -> Self {
+        match e {
+            GrantError::TooManyUsers(_) | GrantError::Empty(_) => {
+                ApiError::BadRequest(e.to_string())
+            }
+            GrantError::Catalog(c) => c.into(),
+            GrantError::Db(d) => ApiError::BackendUnavailable(d.to_string()),
+            GrantError::Internal(m) => ApiError::Internal(m),
+        }
+    }
+}
+
 /// Recovery as the admin reconcile route meets it: an unknown batch is the client's; the
 /// backend or the database failing is 503; anything else is ours.
 impl From<RebuildError> for ApiError {
@@ -251,6 +271,7 @@ mod tests {
             | ApiError::BatchNotFound
             | ApiError::CouponNotFound
             | ApiError::EventNotFound
+            | ApiError::JobNotFound
             | ApiError::LimitReached
             | ApiError::DailyLimitReached
             | ApiError::NotStarted
@@ -292,6 +313,7 @@ mod tests {
             "batch_exists",
             "coupon_not_found",
             "event_not_found",
+            "job_not_found",
             "invalid_state",
             "not_found",
             "method_not_allowed",
@@ -327,6 +349,16 @@ mod tests {
             (AuthError::MissingUser.into(), "bad_request"),
             (AuthError::Expired.into(), "unauthorized"),
             (InvalidBatch("x".into()).into(), "bad_request"),
+            (GrantError::TooManyUsers(5).into(), "bad_request"),
+            (GrantError::Empty(String::new()).into(), "bad_request"),
+            (
+                GrantError::Catalog(CatalogError::NotFound).into(),
+                "batch_not_found",
+            ),
+            (
+                GrantError::Db(DbError::Corrupt("x".into())).into(),
+                "backend_unavailable",
+            ),
         ] {
             assert_eq!(from.code(), code, "{from:?}");
         }

@@ -2,7 +2,8 @@
 //! read and change batches), [`wallet`] (a user's coupons, their checkout transitions and
 //! refunds), [`events`] (the admin's view of the event delivery ledger), [`catalog`] (the
 //! product-page lookup and the admin listing of batches), [`quote`] (the checkout quote),
-//! [`reconcile`] (the backend and the database compared, for a live gateway).
+//! [`reconcile`] (the backend and the database compared, for a live gateway), [`grants`]
+//! (bulk grant jobs: the upload and the job's report).
 //! Each takes the request's parts and the [`Api`] (the services it orchestrates), and
 //! answers a typed reply or an [`ApiError`] (the one mapping of domain errors, [`error`]).
 //!
@@ -16,6 +17,7 @@ pub mod catalog;
 pub mod claim;
 pub mod error;
 pub mod events;
+pub mod grants;
 pub mod quote;
 pub mod reconcile;
 pub mod wallet;
@@ -29,6 +31,7 @@ use crate::config::Config;
 use crate::domain::auth::Auth;
 use crate::domain::limits::{Admission, RateLimits};
 use crate::domain::time::{Clock, SystemClock};
+use crate::jobs::Grants;
 use crate::stock::Stock;
 use crate::store::Db;
 
@@ -41,6 +44,8 @@ pub struct Api<B: Backend> {
     auth: Auth,
     limits: RateLimits,
     admission: Admission,
+    /// Bulk grant jobs: uploads, runs, resumes.
+    grants: Arc<Grants<B>>,
     /// `persister.max_backlog_per_shard`, formatted once for the claim script.
     max_log: String,
     /// The time of coupon transitions and wallet reads (the system clock; tests set theirs).
@@ -54,7 +59,14 @@ impl<B: Backend> Api<B> {
         stock: Arc<Stock<B>>,
         store: Db,
     ) -> Api<B> {
+        let grants = Arc::new(Grants::new(
+            &cfg,
+            stock.clone(),
+            catalog.clone(),
+            store.clone(),
+        ));
         Api {
+            grants,
             auth: Auth::new(&cfg.auth),
             limits: RateLimits::new(&cfg.limits),
             admission: Admission::new(&cfg.limits),
@@ -103,6 +115,10 @@ impl<B: Backend> Api<B> {
 
     pub fn admission(&self) -> &Admission {
         &self.admission
+    }
+
+    pub fn grants(&self) -> &Arc<Grants<B>> {
+        &self.grants
     }
 }
 

@@ -27,7 +27,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-pub use self::campaign::{CatalogConfig, CheckoutConfig};
+pub use self::campaign::{CatalogConfig, CheckoutConfig, GrantsConfig};
 pub use self::events::{EventsConfig, LEDGER_MAX_PAGE};
 pub use self::secret::Secret;
 use self::secret::{REDACTED, url_passwords};
@@ -80,6 +80,7 @@ pub struct Config {
     pub wallet: WalletConfig,
     pub catalog: CatalogConfig,
     pub checkout: CheckoutConfig,
+    pub grants: GrantsConfig,
     pub log: LogConfig,
     pub events: EventsConfig,
     /// The file this configuration was loaded from (not a setting: for the startup line).
@@ -106,6 +107,7 @@ impl Default for Config {
             wallet: WalletConfig::default(),
             catalog: CatalogConfig::default(),
             checkout: CheckoutConfig::default(),
+            grants: GrantsConfig::default(),
             log: LogConfig::default(),
             events: EventsConfig::default(),
             file: None,
@@ -632,7 +634,37 @@ impl Config {
                 WALLET_MAX_PAGE,
             ),
         ];
-        for (key, value, lo, hi) in campaign {
+        let g = &self.grants;
+        let grants = [
+            ("grants.concurrency", g.concurrency as u64, 1, 4_096),
+            ("grants.chunk_users", g.chunk_users as u64, 1, 100_000),
+            ("grants.max_users", g.max_users, 1, 100_000_000),
+            (
+                "grants.max_line_bytes",
+                g.max_line_bytes as u64,
+                160,
+                65_536,
+            ),
+            (
+                "grants.max_upload_bytes",
+                g.max_upload_bytes,
+                1_024,
+                1 << 40,
+            ),
+            (
+                "grants.max_json_bytes",
+                g.max_json_bytes as u64,
+                64,
+                1 << 30,
+            ),
+            ("grants.upload_timeout_ms", g.upload_timeout_ms, 1, HOUR_MS),
+            ("grants.lease_ms", g.lease_ms, 100, HOUR_MS),
+            ("grants.poll_ms", g.poll_ms, 10, HOUR_MS),
+            ("grants.max_attempts", u64::from(g.max_attempts), 1, 100),
+            ("grants.backoff_ms", g.backoff_ms, 1, 60_000),
+            ("grants.max_errors", g.max_errors as u64, 0, 1_000),
+        ];
+        for (key, value, lo, hi) in campaign.into_iter().chain(grants) {
             if !(lo..=hi).contains(&value) {
                 return Err(ConfigError::Invalid {
                     key,
@@ -834,6 +866,7 @@ mod tests {
             "wallet",
             "catalog",
             "checkout",
+            "grants",
             "log",
             "events",
         ];
@@ -1185,6 +1218,12 @@ mod tests {
             ("checkout.max_items=0", "checkout.max_items"),
             ("checkout.max_items=1001", "checkout.max_items"),
             ("checkout.max_coupons=501", "checkout.max_coupons"),
+            ("grants.concurrency=0", "grants.concurrency"),
+            ("grants.chunk_users=0", "grants.chunk_users"),
+            ("grants.max_users=0", "grants.max_users"),
+            ("grants.max_line_bytes=100", "grants.max_line_bytes"),
+            ("grants.lease_ms=10", "grants.lease_ms"),
+            ("grants.max_attempts=0", "grants.max_attempts"),
         ] {
             let err = load(None, env(&[]), &[set.into()]).unwrap_err().to_string();
             assert!(err.contains(key), "{set}: {err}");

@@ -1,6 +1,7 @@
 //! The gateway's background loops: pub/sub events, the periodic refresh (metadata,
 //! definition healing, stock gauges, limiter purge, metrics upkeep), the transfer
-//! sweeper, and the coupon sweeper (expiry, "expiring soon" reminders, outbox gauges).
+//! sweeper, the coupon sweeper (expiry, "expiring soon" reminders, outbox gauges), and the
+//! grant job resumer (running jobs whose instance died; uploads that broke off).
 //!
 //! Invariant kept here: every loop stops when its shutdown token is cancelled, and every
 //! wait in it is bounded (a tick, or a message).
@@ -28,7 +29,8 @@ pub fn spawn_background<B: Backend>(
         tokio::spawn(events(app.clone(), shutdown.clone())),
         tokio::spawn(refresh(app.clone(), shutdown.clone())),
         tokio::spawn(sweeper(app.clone(), shutdown.clone())),
-        tokio::spawn(coupon_sweeper(app.clone(), shutdown)),
+        tokio::spawn(coupon_sweeper(app.clone(), shutdown.clone())),
+        tokio::spawn(grant_resumer(app.clone(), shutdown)),
     ]
 }
 
@@ -112,5 +114,22 @@ async fn coupon_sweeper<B: Backend>(app: Arc<App<B>>, stop: CancellationToken) {
         }
         let now = app.api().clock().now_ms();
         let _ = crate::notify::sweep_once(app.store(), &cfg, now).await;
+    }
+}
+
+/// Grant job resumer: at start and every `grants.poll_ms`, resumes running jobs nobody
+/// holds (their instance died or stopped) and fails uploads that broke off
+/// (`jobs::Grants::resume_orphans`). The jobs run as tasks of `jobs::Grants`, stopped by
+/// `Gateway::shutdown`.
+async fn grant_resumer<B: Backend>(app: Arc<App<B>>, stop: CancellationToken) {
+    let grants = app.api().grants().clone();
+    let mut tick = tokio::time::interval(Duration::from_millis(grants.config().poll_ms));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        grants.resume_orphans().await;
     }
 }

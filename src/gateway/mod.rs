@@ -6,7 +6,8 @@
 //!
 //! Invariant kept here: shutdown is one sequence under one grace budget
 //! (`server.shutdown_grace_ms`, counted from the moment shutdown starts): stop accepting
-//! and drain the connections (in-flight claims finish), stop the background loops, let the
+//! and drain the connections (in-flight claims finish), stop the background loops and the
+//! grant jobs (each resumes from its last checkpoint), let the
 //! event delivery worker finish its pass, let the persister write what it read, make the
 //! backend durable, close the database; a stage that overruns the budget is cut, and what
 //! it leaves stays safe (claims in Redis, events in the outbox).
@@ -290,6 +291,9 @@ impl<B: Backend> Gateway<B> {
         for t in self.background {
             t.abort();
         }
+        //    grant jobs stop between two claims and give up their leases (resumed by the
+        //    next instance from their last checkpoint)
+        self.app.api().grants().shutdown(left()).await;
         if let Some(d) = self.deliverer {
             let abort = d.abort_handle();
             if tokio::time::timeout(left(), d).await.is_err() {

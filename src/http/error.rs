@@ -19,6 +19,7 @@ impl ApiError {
             ApiError::BatchNotFound
             | ApiError::CouponNotFound
             | ApiError::EventNotFound
+            | ApiError::JobNotFound
             | ApiError::RouteNotFound => StatusCode::NOT_FOUND,
             ApiError::LimitReached
             | ApiError::DailyLimitReached
@@ -149,6 +150,7 @@ mod tests {
             (ApiError::NotEligible, 403, "not_eligible"),
             (ApiError::BatchNotFound, 404, "batch_not_found"),
             (ApiError::EventNotFound, 404, "event_not_found"),
+            (ApiError::JobNotFound, 404, "job_not_found"),
             (ApiError::LimitReached, 409, "limit_reached"),
             (ApiError::DailyLimitReached, 409, "limit_reached"),
             (ApiError::NotStarted, 409, "not_started"),

@@ -14,9 +14,10 @@ use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Body;
 
-use super::body::read_body;
+use super::body::{BodyStream, read_body};
 use super::error::{ApiError, json_response};
 use super::{App, ops};
+use crate::api::grants::{self, Upload, UploadKind};
 use crate::api::{admin, catalog, claim, events, quote, reconcile, wallet};
 use crate::backend::Backend;
 use crate::obs::events::{Accessed, Failure, HttpAnswered};
@@ -31,6 +32,8 @@ enum Route<'a> {
     Batches,
     Batch(&'a str),
     Claims(&'a str),
+    Grants(&'a str),
+    Job(&'a str),
     UserCoupons(&'a str),
     CouponAction(&'a str, &'a str),
     Events,
@@ -55,6 +58,10 @@ impl Route<'_> {
             (Some("v1"), Some("batches"), Some(id), Some("claims"), None) if !id.is_empty() => {
                 Route::Claims(id)
             }
+            (Some("v1"), Some("batches"), Some(id), Some("grants"), None) if !id.is_empty() => {
+                Route::Grants(id)
+            }
+            (Some("v1"), Some("jobs"), Some(id), None, _) if !id.is_empty() => Route::Job(id),
             (Some("v1"), Some("users"), Some(u), Some("coupons"), None) if !u.is_empty() => {
                 Route::UserCoupons(u)
             }
@@ -81,10 +88,11 @@ impl Route<'_> {
             | Route::Events
             | Route::Event(_)
             | Route::ProductBatches(_)
+            | Route::Job(_)
             | Route::AdminReconcile => "GET",
             Route::Batch(_) => "GET, PATCH",
             Route::Batches => "GET, POST",
-            Route::Claims(_) | Route::CouponAction(..) | Route::Quote => "POST",
+            Route::Claims(_) | Route::Grants(_) | Route::CouponAction(..) | Route::Quote => "POST",
             Route::Unknown => "",
         }
     }
@@ -98,6 +106,8 @@ impl Route<'_> {
             Route::Batches => "batches",
             Route::Batch(_) => "batch",
             Route::Claims(_) => "claims",
+            Route::Grants(_) => "grants",
+            Route::Job(_) => "jobs",
             Route::UserCoupons(_) => "user_coupons",
             Route::CouponAction(..) => "coupon_action",
             Route::Events | Route::Event(_) => "events",
@@ -136,9 +146,13 @@ where
     Bd::Error: std::error::Error + Send + Sync + 'static,
 {
     let started = std::time::Instant::now();
-    let timeout = Duration::from_millis(app.config().server.request_timeout_ms);
     let (parts, body) = req.into_parts();
     let route = Route::parse(parts.uri.path());
+    // An upload has its own deadline: it may stream for longer than any other request.
+    let timeout = Duration::from_millis(match route {
+        Route::Grants(_) => app.config().grants.upload_timeout_ms,
+        _ => app.config().server.request_timeout_ms,
+    });
     let label = route.label();
     let request_id = request_id(&parts.headers);
     let body_cut = AtomicBool::new(false);
@@ -260,6 +274,52 @@ where
             let (status, reply) = claim::claim(api, id, h, peer, &body).await?;
             Ok(json_response(status, &reply))
         }
+        Route::Grants(id) if m == Method::POST => {
+            if let Err(e) = api.auth().check_admin(h) {
+                body_cut.store(true, Ordering::Relaxed);
+                return Err(e.into());
+            }
+            let g = &app.config().grants;
+            match grants::upload_kind(h) {
+                Ok(UploadKind::Json) => {
+                    let body = read_body(body, g.max_json_bytes, body_cut).await?;
+                    let reply = grants::submit_json(api, id, &body).await?;
+                    Ok(json_response(StatusCode::ACCEPTED, &reply))
+                }
+                Ok(UploadKind::Lines(format)) => {
+                    let mut stream = BodyStream::new(body, g.max_upload_bytes, body_cut);
+                    let mut upload = match Upload::begin(api, id, format).await {
+                        Ok(u) => u,
+                        Err(e) => {
+                            stream.abandon();
+                            return Err(e);
+                        }
+                    };
+                    loop {
+                        let next = match stream.next().await {
+                            Ok(Some(data)) => upload.accept(&data).await,
+                            Ok(None) => break,
+                            Err(e) => Err(e),
+                        };
+                        if let Err(e) = next {
+                            stream.abandon();
+                            upload.abandon(api).await;
+                            return Err(e);
+                        }
+                    }
+                    let reply = upload.submit(api).await?;
+                    Ok(json_response(StatusCode::ACCEPTED, &reply))
+                }
+                Err(e) => {
+                    body_cut.store(true, Ordering::Relaxed);
+                    Err(e)
+                }
+            }
+        }
+        Route::Job(id) if m == Method::GET => {
+            api.auth().check_admin(h)?;
+            Ok(json_response(StatusCode::OK, &grants::job(api, id).await?))
+        }
         Route::UserCoupons(user) if m == Method::GET => {
             let query = parts.uri.query().unwrap_or("");
             let page = wallet::list(api, h, user, query).await?;
@@ -338,6 +398,8 @@ mod tests {
         );
         assert_eq!(Route::parse("/v1/checkout/quote"), Route::Quote);
         assert_eq!(Route::parse("/v1/admin/reconcile"), Route::AdminReconcile);
+        assert_eq!(Route::parse("/v1/batches/b1/grants"), Route::Grants("b1"));
+        assert_eq!(Route::parse("/v1/jobs/j1"), Route::Job("j1"));
         for unknown in [
             "/",
             "",
@@ -355,6 +417,11 @@ mod tests {
             "/healthz/x",
             "/v1/admin",
             "/v1/admin/reconcile/x",
+            "/v1/batches//grants",
+            "/v1/batches/b/grants/x",
+            "/v1/jobs",
+            "/v1/jobs/",
+            "/v1/jobs/j/x",
         ] {
             assert_eq!(Route::parse(unknown), Route::Unknown, "{unknown}");
         }

@@ -677,6 +677,69 @@ impl SweepPassFailed<'_> {
     }
 }
 
+// ------------------------------------------------------------------------ grant jobs
+
+/// A grant job's life: `event` is one of `metrics::GRANT_JOB_EVENTS`; `detail` says why a
+/// run was interrupted or a job failed.
+pub struct GrantJobEvent<'a> {
+    pub event: &'static str,
+    pub job: &'a str,
+    pub batch: &'a str,
+    pub detail: &'a str,
+}
+
+static GRANT_INTERRUPTED_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(10));
+
+impl GrantJobEvent<'_> {
+    pub fn emit(self) {
+        metrics::counter!(m::GRANT_JOBS, "event" => self.event).increment(1);
+        let (job, batch, detail) = (self.job, self.batch, self.detail);
+        match self.event {
+            "failed" => tracing::warn!(job, batch, detail, "grant job failed"),
+            "interrupted" => {
+                if let Some(left_out) = GRANT_INTERRUPTED_LOG.admit() {
+                    tracing::warn!(
+                        job,
+                        batch,
+                        detail,
+                        left_out,
+                        "grant job interrupted; it resumes after its lease"
+                    );
+                }
+            }
+            event => tracing::info!(job, batch, event, "grant job"),
+        }
+    }
+}
+
+/// The users of one checkpointed chunk of a grant job, by outcome.
+pub struct GrantsDecided {
+    pub granted: u64,
+    pub skipped_limit: u64,
+    pub skipped_sold_out: u64,
+    pub failed: u64,
+}
+
+impl GrantsDecided {
+    pub fn emit(self) {
+        for (outcome, n) in [
+            ("granted", self.granted),
+            ("skipped_limit", self.skipped_limit),
+            ("skipped_sold_out", self.skipped_sold_out),
+            ("failed", self.failed),
+        ] {
+            metrics::counter!(m::GRANT_USERS, "outcome" => outcome).increment(n);
+        }
+        tracing::debug!(
+            granted = self.granted,
+            skipped_limit = self.skipped_limit,
+            skipped_sold_out = self.skipped_sold_out,
+            failed = self.failed,
+            "grant chunk decided"
+        );
+    }
+}
+
 // ------------------------------------------------------------------------ the process
 
 /// This process serves `version` on the `backend` (a constant gauge at 1).

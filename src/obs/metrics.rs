@@ -95,6 +95,11 @@ pub const EVENT_LAG: &str = "claimgate_event_lag_seconds";
 /// Coupons the sweeps wrote, by `kind` ([`SWEEP_KINDS`]: expired; reminded = an
 /// "expiring soon" event written).
 pub const COUPONS_SWEPT: &str = "claimgate_coupons_swept_total";
+/// Grant job events by `event` ([`GRANT_JOB_EVENTS`]).
+pub const GRANT_JOBS: &str = "claimgate_grant_jobs_total";
+/// Users of grant jobs decided, by `outcome` ([`GRANT_OUTCOMES`]); counted when a chunk is
+/// checkpointed (a chunk re-run after a crash is counted again here, once in the job).
+pub const GRANT_USERS: &str = "claimgate_grant_users_total";
 
 // Process metrics, in the names every Prometheus client library uses (collected at scrape
 // time by `metrics-process` from /proc; [`collect_process`]).
@@ -218,6 +223,8 @@ pub const ROUTES: &[&str] = &[
     "products",
     "quote",
     "admin_reconcile",
+    "grants",
+    "jobs",
     "unknown",
 ];
 /// `status` labels of [`HTTP_REQUESTS`] each route can answer: nothing redirects (no
@@ -234,6 +241,8 @@ pub const ROUTE_STATUSES: &[(&str, &[&str])] = &[
     ("user_coupons", &["2xx", "4xx", "5xx"]),
     ("coupon_action", &["2xx", "4xx", "5xx"]),
     ("admin_reconcile", &["2xx", "4xx", "5xx"]),
+    ("grants", &["2xx", "4xx", "5xx"]),
+    ("jobs", &["2xx", "4xx", "5xx"]),
     ("unknown", &["4xx"]),
 ];
 /// `limit` labels of [`RATE_LIMITED`] (`domain::limits`).
@@ -268,6 +277,19 @@ pub const CACHE_KINDS: &[&str] = &[
 pub const DELIVERY_OUTCOMES: &[&str] = &["delivered", "failed", "dead"];
 /// `kind` labels of [`COUPONS_SWEPT`].
 pub const SWEEP_KINDS: &[&str] = &["expired", "reminded"];
+/// `event` labels of [`GRANT_JOBS`]: an upload became a job (`submitted`); a run of it
+/// began from its first chunk (`started`) or from its cursor (`resumed`); a run stopped
+/// early, to be resumed (`interrupted`); the job ended (`done`, `failed`).
+pub const GRANT_JOB_EVENTS: &[&str] = &[
+    "submitted",
+    "started",
+    "resumed",
+    "interrupted",
+    "done",
+    "failed",
+];
+/// `outcome` labels of [`GRANT_USERS`].
+pub const GRANT_OUTCOMES: &[&str] = &["granted", "skipped_limit", "skipped_sold_out", "failed"];
 /// `result` labels of [`BACKEND_CALLS`].
 pub const BACKEND_RESULTS: &[&str] = &["ok", "script_error", "unavailable", "protocol"];
 
@@ -475,6 +497,11 @@ fn describe() {
     for kind in SWEEP_KINDS {
         metrics::counter!(COUPONS_SWEPT, "kind" => *kind).increment(0);
     }
+    describe_counter!(
+        GRANT_JOBS,
+        "Grant job events (submitted, started, resumed, ...)."
+    );
+    describe_counter!(GRANT_USERS, "Users of grant jobs decided, by outcome.");
     describe_gauge!(BUILD_INFO, "Build information.");
     process_collector().describe();
 }
@@ -511,6 +538,12 @@ fn register_at_zero() {
     }
     for stage in PERSIST_STAGES {
         metrics::counter!(PERSIST_ERRORS, "stage" => *stage).increment(0);
+    }
+    for event in GRANT_JOB_EVENTS {
+        metrics::counter!(GRANT_JOBS, "event" => *event).increment(0);
+    }
+    for outcome in GRANT_OUTCOMES {
+        metrics::counter!(GRANT_USERS, "outcome" => *outcome).increment(0);
     }
     for (kind, result) in TRANSFER_SERIES {
         metrics::counter!(TRANSFERS, "kind" => *kind, "result" => *result).increment(0);

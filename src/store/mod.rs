@@ -16,13 +16,16 @@
 //!   whether the batch's Redis setup ever completed (`setup_done_at`);
 //! - a claim whose coupon id the database already holds for a different claim (another user,
 //!   request id or time: a coupon id minted twice) is never dropped silently: it is recorded
-//!   in `coupon_conflicts`, once per distinct claim, and returned to the caller.
+//!   in `coupon_conflicts`, once per distinct claim, and returned to the caller;
+//! - a grant job's counts and cursor move in one statement, from the cursor they were
+//!   computed at, by the holder of the job's lease ([`grants`]): each chunk is counted once.
 //!
 //! Files: [`batches`] (the definitions), [`claims`] (the claims the persister writes, their
 //! conflicts, the summaries `rebuild` and `reconcile` read), [`coupons`] (the wallet, the
 //! coupon transitions decided by `domain::coupon`, the expiry and reminder sweeps),
 //! [`coupon_state`] (a decided transition written in one transaction), [`outbox`] (event
-//! bodies, delivery claims and the ledger).
+//! bodies, delivery claims and the ledger), [`grants`] (bulk grant jobs: their spooled users,
+//! cursor and counts).
 
 use std::path::Path;
 use std::str::FromStr;
@@ -60,12 +63,14 @@ mod batches;
 mod claims;
 mod coupon_state;
 mod coupons;
+mod grants;
 mod outbox;
 
 pub use self::batches::StoredBatch;
 pub use self::claims::{ClaimsWritten, CouponConflict, ShardClaims, claim_event_id};
 pub use self::coupon_state::transition_event_id;
 pub use self::coupons::{CouponRow, EventRow, MAX_PAGE, Swept};
+pub use self::grants::{GrantCounts, GrantJobRow, JobState, Spooled};
 pub use self::outbox::{
     Attempted, DeliveryState, DueEvent, EXPIRING_SOON, LedgerEntry, MAX_LEDGER_PAGE, OutboxStats,
     reminder_event_id,

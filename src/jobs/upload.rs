@@ -1,0 +1,333 @@
+//! A grant job's upload, spooled as it arrives: the lines of a streamed NDJSON or CSV body
+//! (split incrementally, each checked), or the ids of a `{"user_ids": [...]}` body, written
+//! to the database in chunks of `grants.chunk_users`.
+//!
+//! Invariants kept here: memory holds at most one chunk and one line (a line longer than
+//! `grants.max_line_bytes` is counted `failed` and skipped without being held), however
+//! large the upload; a job never takes more than `grants.max_users` lines; every line that
+//! is not blank (nor a CSV header) is either a spooled user id of the client alphabet
+//! (`domain::ids::valid_ident`) or counted `failed` with its reason.
+
+use serde::{Deserialize, Serialize};
+
+use super::GrantError;
+use crate::config::GrantsConfig;
+use crate::domain::ids::valid_ident;
+use crate::store::{Db, Spooled, now_ms};
+
+/// The format of a streamed upload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LineFormat {
+    /// `application/x-ndjson`: per line `{"user_id": "..."}` or a bare JSON string.
+    Ndjson,
+    /// `text/csv`: one user id per line (optionally in double quotes), an optional first
+    /// line `user_id` (the header).
+    Csv,
+}
+
+/// One failure a job keeps (the first `grants.max_errors` of them): the upload's line
+/// number (invalid lines) or the user (refused grants), and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobFailure {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub line: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<String>,
+    pub reason: String,
+}
+
+/// What one line of an upload is.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Line {
+    User(String),
+    /// Blank: not counted.
+    Skip,
+    /// The CSV header (`user_id` on the first line that is not blank): not counted.
+    Header,
+    Invalid(String),
+}
+
+const BAD_ID: &str = "user_id must be 1-128 characters of [A-Za-z0-9._@+-]";
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NdjsonUser {
+    user_id: String,
+}
+
+/// Reads one line (without its `\n`). `first` is whether no line was counted or skipped
+/// before (where a CSV header may stand).
+pub fn parse_line(format: LineFormat, raw: &[u8], first: bool) -> Line {
+    let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+    let Ok(text) = std::str::from_utf8(raw) else {
+        return Line::Invalid("not UTF-8".into());
+    };
+    // spaces and tabs only (what the document's pattern allows around an id)
+    let text = text.trim_matches([' ', '\t']);
+    if text.is_empty() {
+        return Line::Skip;
+    }
+    let id = match format {
+        LineFormat::Ndjson => {
+            let parsed = if text.starts_with('{') {
+                serde_json::from_str::<NdjsonUser>(text).map(|u| u.user_id)
+            } else {
+                serde_json::from_str::<String>(text)
+            };
+            match parsed {
+                Ok(id) => id,
+                Err(_) => {
+                    return Line::Invalid(
+                        "not a JSON object {\"user_id\": ...} or a JSON string".into(),
+                    );
+                }
+            }
+        }
+        LineFormat::Csv => {
+            let id = match text.strip_prefix('"').and_then(|t| t.strip_suffix('"')) {
+                Some(inner) => inner,
+                None => text,
+            };
+            if first && id == "user_id" {
+                return Line::Header;
+            }
+            id.to_string()
+        }
+    };
+    if valid_ident(&id) {
+        Line::User(id)
+    } else {
+        Line::Invalid(BAD_ID.into())
+    }
+}
+
+/// An upload being spooled to its job (see the module documentation).
+pub struct Spool {
+    db: Db,
+    pub(super) job: String,
+    pub(super) batch: String,
+    format: LineFormat,
+    chunk_users: usize,
+    max_users: u64,
+    max_line: usize,
+    max_errors: usize,
+    /// The chunk being filled: user ids, one per line.
+    chunk: String,
+    in_chunk: usize,
+    chunks: u64,
+    /// Lines counted (users and invalid lines).
+    total: u64,
+    /// Valid user ids among them.
+    users: u64,
+    failed: u64,
+    errors: Vec<JobFailure>,
+    /// The line being read, its number, whether it overflowed (then only its end is awaited).
+    line: Vec<u8>,
+    line_no: u64,
+    overlong: bool,
+    seen_line: bool,
+}
+
+impl Spool {
+    pub(super) fn new(
+        db: Db,
+        job: String,
+        batch: String,
+        format: LineFormat,
+        cfg: &GrantsConfig,
+    ) -> Spool {
+        Spool {
+            db,
+            job,
+            batch,
+            format,
+            chunk_users: cfg.chunk_users,
+            max_users: cfg.max_users,
+            max_line: cfg.max_line_bytes,
+            max_errors: cfg.max_errors,
+            chunk: String::new(),
+            in_chunk: 0,
+            chunks: 0,
+            total: 0,
+            users: 0,
+            failed: 0,
+            errors: Vec::new(),
+            line: Vec::new(),
+            line_no: 0,
+            overlong: false,
+            seen_line: false,
+        }
+    }
+
+    /// The job's id.
+    pub fn job_id(&self) -> &str {
+        &self.job
+    }
+
+    /// Lines counted so far.
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+
+    /// The next bytes of a streamed body.
+    pub async fn push_bytes(&mut self, mut data: &[u8]) -> Result<(), GrantError> {
+        while !data.is_empty() {
+            let (part, rest, ends) = match data.iter().position(|b| *b == b'\n') {
+                Some(i) => (&data[..i], &data[i + 1..], true),
+                None => (data, &data[data.len()..], false),
+            };
+            if !self.overlong {
+                if self.line.len() + part.len() > self.max_line {
+                    self.overlong = true;
+                    self.line.clear();
+                } else {
+                    self.line.extend_from_slice(part);
+                }
+            }
+            if ends {
+                self.end_line().await?;
+            }
+            data = rest;
+        }
+        Ok(())
+    }
+
+    async fn end_line(&mut self) -> Result<(), GrantError> {
+        self.line_no += 1;
+        let parsed = if self.overlong {
+            Line::Invalid(format!("line longer than {} bytes", self.max_line))
+        } else {
+            parse_line(self.format, &self.line, !self.seen_line)
+        };
+        self.line.clear();
+        self.overlong = false;
+        match parsed {
+            Line::Skip => Ok(()),
+            Line::Header => {
+                self.seen_line = true;
+                Ok(())
+            }
+            Line::User(id) => {
+                self.seen_line = true;
+                self.push_user(&id).await
+            }
+            Line::Invalid(reason) => {
+                self.seen_line = true;
+                self.count_line()?;
+                self.failed += 1;
+                if self.errors.len() < self.max_errors {
+                    self.errors.push(JobFailure {
+                        line: Some(self.line_no),
+                        user_id: None,
+                        reason,
+                    });
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn count_line(&mut self) -> Result<(), GrantError> {
+        if self.total >= self.max_users {
+            return Err(GrantError::TooManyUsers(self.max_users));
+        }
+        self.total += 1;
+        Ok(())
+    }
+
+    /// One valid user id (checked by the caller or [`parse_line`]).
+    pub async fn push_user(&mut self, id: &str) -> Result<(), GrantError> {
+        self.count_line()?;
+        self.users += 1;
+        if self.in_chunk > 0 {
+            self.chunk.push('\n');
+        }
+        self.chunk.push_str(id);
+        self.in_chunk += 1;
+        if self.in_chunk >= self.chunk_users {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<(), GrantError> {
+        if self.in_chunk == 0 {
+            return Ok(());
+        }
+        self.db
+            .spool_grant_chunk(&self.job, self.chunks, &self.chunk, now_ms())
+            .await?;
+        self.chunks += 1;
+        self.chunk.clear();
+        self.in_chunk = 0;
+        Ok(())
+    }
+
+    /// The body ended: the last line (without a final newline) and the last chunk are
+    /// spooled. Refused when the upload held no valid user id (saying why its first
+    /// invalid line was refused, if it had one).
+    pub(super) async fn finish(&mut self) -> Result<Spooled, GrantError> {
+        if !self.line.is_empty() || self.overlong {
+            self.end_line().await?;
+        }
+        if self.users == 0 {
+            return Err(GrantError::Empty(match self.errors.first() {
+                Some(JobFailure {
+                    line: Some(n),
+                    reason,
+                    ..
+                }) => format!(" (line {n}: {reason})"),
+                _ => String::new(),
+            }));
+        }
+        self.flush().await?;
+        let errors = serde_json::to_string(&self.errors)
+            .map_err(|e| GrantError::Internal(format!("failures do not serialize: {e}")))?;
+        Ok(Spooled {
+            chunks: self.chunks,
+            total: self.total,
+            failed: self.failed,
+            errors,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines() {
+        use Line::*;
+        let nd = |s: &str| parse_line(LineFormat::Ndjson, s.as_bytes(), false);
+        let csv = |s: &str, first| parse_line(LineFormat::Csv, s.as_bytes(), first);
+        assert_eq!(nd(r#"{"user_id": "u1"}"#), User("u1".into()));
+        assert_eq!(nd("\"u2\"\r"), User("u2".into()));
+        assert_eq!(nd("\t \"u2\" "), User("u2".into()));
+        assert!(
+            matches!(nd("\u{a0}\"u2\""), Invalid(_)),
+            "only spaces and tabs trimmed"
+        );
+        assert_eq!(nd("  "), Skip);
+        for bad in [
+            r#"{"user_id": 1}"#,
+            r#"{"user_id": "u", "x": 1}"#,
+            r#"{"user_id": "a:b"}"#,
+            "u3",
+            "[\"u\"]",
+            r#""""#,
+        ] {
+            assert!(matches!(nd(bad), Invalid(_)), "{bad}");
+        }
+        assert_eq!(csv("user_id", true), Header);
+        assert_eq!(csv("\"user_id\"", true), Header);
+        assert_eq!(csv("user_id", false), User("user_id".into()));
+        assert_eq!(csv("u1\r", false), User("u1".into()));
+        assert_eq!(csv("\"u1\"", false), User("u1".into()));
+        assert!(matches!(csv("u1,u2", false), Invalid(_)));
+        assert!(matches!(
+            parse_line(LineFormat::Csv, b"\xff", false),
+            Invalid(_)
+        ));
+    }
+}
