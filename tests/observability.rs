@@ -170,6 +170,9 @@ fn closed_label_sets() -> LabelSets {
     s.insert("claimgate_persist_lag_seconds", m(vec![]));
     s.insert("claimgate_persist_rows_total", m(vec![]));
     s.insert("claimgate_persist_write_duration_seconds", m(vec![]));
+    s.insert("claimgate_stock_written_off_total", m(vec![]));
+    s.insert("claimgate_shard_repair_duration_seconds", m(vec![]));
+    s.insert("claimgate_replica_confirm_duration_seconds", m(vec![]));
     s.insert(
         "claimgate_persist_errors_total",
         m(vec![(

@@ -157,7 +157,7 @@ async fn refill<B: Backend>(backend: &B, keys: &BatchKeys, to: usize, amount: i6
     let moved = backend
         .eval(
             Script::TransferOut,
-            &[&p.stock, &p.outbox, &p.xseq],
+            &claimgate::contract::transfer_out::keys(p),
             &[tid, &amount.to_string(), &to.to_string(), "0"],
         )
         .await

@@ -530,6 +530,7 @@ fn register_at_zero() {
     }
     metrics::counter!(STOCK_WRITTEN_OFF).increment(0);
     let _ = metrics::histogram!(SHARD_REPAIR_SECONDS);
+    let _ = metrics::histogram!(REPLICA_CONFIRM_SECONDS);
     for result in REPLICA_CONFIRM_RESULTS {
         metrics::counter!(REPLICA_CONFIRMS, "result" => *result).increment(0);
     }
