@@ -59,15 +59,15 @@ new_db() { # new_db -> URL of a fresh database
   PGDBS+=("$name")
   echo "${PG_ADMIN%/*}/$name"
 }
-redis_start() { # redis_start PORT [ARGS...] -> pid on stdout
+redis_start() { # redis_start PORT [ARGS...]; sets RS_PID
   local port=$1; shift
   mkdir -p "$WORK/r$port"
   redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no --dir "$WORK/r$port" \
     --logfile "$WORK/r$port/log" "$@" >/dev/null 2>&1 &
-  local pid=$!
-  PIDS+=("$pid")
-  for _ in $(seq 1 50); do redis-cli -p "$port" ping >/dev/null 2>&1 && break; sleep 0.1; done
-  echo "$pid"
+  RS_PID=$!
+  PIDS+=("$RS_PID")
+  for _ in $(seq 1 50); do redis-cli -p "$port" ping >/dev/null 2>&1 && return; sleep 0.1; done
+  echo "redis-server on $port did not start:" >&2; cat "$WORK/r$port/log" >&2; exit 1
 }
 start_gateway() { # start_gateway ARGS... ; sets GPID, GPORT
   GPORT=$(free_port)
@@ -96,8 +96,8 @@ used_memory() { redis-cli -p "$1" info memory | tr -d '\r' | awk -F: '/^used_mem
 
 # ---------------------------------------------------------------- 1-2. leader vs replica
 P=$(free_port); R=$(free_port)
-PPID_=$(redis_start "$P")
-RPID=$(redis_start "$R" --replicaof 127.0.0.1 "$P")
+redis_start "$P"; PPID_=$RS_PID
+redis_start "$R" --replicaof 127.0.0.1 "$P"
 for _ in $(seq 1 100); do redis-cli -p "$R" info replication | grep -q master_link_status:up && break; sleep 0.1; done
 
 declare -A RPS P50 P99 GWUS RDUS OK
@@ -131,7 +131,8 @@ CPORTS=(); CPIDS=()
 for i in 0 1 2; do
   port=$(free_port)
   CPORTS+=("$port")
-  CPIDS+=("$(redis_start "$port" --cluster-enabled yes --cluster-config-file "nodes-$port.conf")")
+  redis_start "$port" --cluster-enabled yes --cluster-config-file "nodes-$port.conf"
+  CPIDS+=("$RS_PID")
 done
 redis-cli --cluster create "127.0.0.1:${CPORTS[0]}" "127.0.0.1:${CPORTS[1]}" "127.0.0.1:${CPORTS[2]}" \
   --cluster-replicas 0 --cluster-yes >/dev/null
@@ -161,8 +162,8 @@ stop_gateway
 # ---------------------------------------------------------------- 4. a failover
 log "failover: the primary dies while its replica lags"
 FP=$(free_port); FR=$(free_port)
-FPPID=$(redis_start "$FP")
-FRPID=$(redis_start "$FR" --replicaof 127.0.0.1 "$FP")
+redis_start "$FP"; FPPID=$RS_PID
+redis_start "$FR" --replicaof 127.0.0.1 "$FP"
 for _ in $(seq 1 100); do redis-cli -p "$FR" info replication | grep -q master_link_status:up && break; sleep 0.1; done
 FDB=$(new_db failover)
 start_gateway --backend redis --redis-url "redis://127.0.0.1:$FP" --database-url "$FDB"

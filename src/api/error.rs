@@ -294,7 +294,7 @@ mod tests {
     fn examples_cover_every_code() {
         let codes: std::collections::BTreeSet<_> =
             ApiError::examples().iter().map(ApiError::code).collect();
-        assert_eq!(codes.len(), 20, "{codes:?}");
+        assert_eq!(codes.len(), 21, "{codes:?}");
     }
 
     /// The `outcome` label set of the claims metric is the success outcomes and every code

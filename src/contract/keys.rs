@@ -23,10 +23,6 @@
 //! Invariant kept here: every key a script receives is built by this module from the same
 //! tag, so a script can never span two cluster slots.
 
-use std::sync::Arc;
-
-use crate::domain::ids::MintWindow;
-
 /// Slot of the pool (`None`) or of shard `i` (`Some(i)`).
 pub type SlotId = Option<u32>;
 
@@ -50,9 +46,6 @@ pub fn parse_slot_label(label: &str) -> Option<SlotId> {
 /// claim path formats no key strings.
 #[derive(Debug, Clone)]
 pub struct SlotKeys {
-    /// The coupon sequences this instance saw the slot mint (shared by the clones): a slot
-    /// that mints one again was rolled back by a failover.
-    pub minted: Arc<parking_lot::Mutex<MintWindow>>,
     /// The batch id.
     pub batch: String,
     pub slot: SlotId,
@@ -81,7 +74,6 @@ impl SlotKeys {
         let tag = format!("{{{batch}:{label}}}");
         let k = |suffix: &str| format!("cg:{tag}:{suffix}");
         SlotKeys {
-            minted: Arc::default(),
             batch: batch.to_string(),
             slot,
             meta: k("meta"),

@@ -550,7 +550,14 @@ impl<B: Backend> Grants<B> {
                         return Ok(Decided::SkippedSoldOut);
                     }
                     Ok(ClaimResult::Contended) => "stock is being rebalanced".to_string(),
+                    Ok(ClaimResult::ShardFenced) => {
+                        "the user's shard is being repaired".to_string()
+                    }
                     Err(StockError::Backend(BackendError::Unavailable(m))) => m,
+                    // on the primary, not yet on a replica: the same request id replays it
+                    Err(StockError::Backend(e @ BackendError::NotReplicated { .. })) => {
+                        e.to_string()
+                    }
                     Err(StockError::NotFound) => return Err(Stopped::Lost),
                     Err(e) => return Ok(Decided::Failed(e.to_string())),
                 }

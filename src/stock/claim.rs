@@ -133,7 +133,7 @@ impl<B: Backend> Stock<B> {
         let Some((_, shard, seq)) = parse_coupon_id(&minted.coupon_id) else {
             return false;
         };
-        let first = slot.minted.lock().first_mint(seq);
+        let first = self.faults.first_mint(&slot.meta, seq);
         if first && !self.faults.below_floor(&slot.meta, seq_position(seq)) {
             return false;
         }

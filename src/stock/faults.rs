@@ -20,6 +20,8 @@ use dashmap::DashMap;
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
+use crate::domain::ids::MintWindow;
+
 /// A shard is reported at most this often.
 pub const REPORT_EVERY: Duration = Duration::from_secs(1);
 
@@ -61,6 +63,10 @@ pub struct FaultReporter {
     recent: Arc<Mutex<HashMap<String, Instant>>>,
     /// Per shard (its meta key), the highest coupon position the database holds.
     floors: Arc<DashMap<Box<str>, Arc<AtomicU64>>>,
+    /// Per shard (its meta key), the coupon sequences this instance saw it mint: kept here,
+    /// not with the cached batch, so that a batch reloaded meanwhile (a failover often makes
+    /// it look lost for a moment) still knows them.
+    minted: Arc<DashMap<Box<str>, Arc<Mutex<MintWindow>>>>,
 }
 
 impl FaultReporter {
@@ -71,6 +77,7 @@ impl FaultReporter {
             tx: Some(tx),
             recent: Arc::default(),
             floors: Arc::default(),
+            minted: Arc::default(),
         };
         (r, rx)
     }
@@ -80,7 +87,26 @@ impl FaultReporter {
             tx: None,
             recent: Arc::default(),
             floors: Arc::default(),
+            minted: Arc::default(),
         }
+    }
+
+    /// Records `seq` as minted by the shard whose meta key is `meta`; `false` when this
+    /// instance saw it mint `seq` before (see [`MintWindow`]).
+    pub fn first_mint(&self, meta: &str, seq: u64) -> bool {
+        #[allow(clippy::disallowed_methods)] // the guard ends with this expression
+        let known = self.minted.get(meta).map(|w| w.value().clone());
+        let window = match known {
+            Some(w) => w,
+            #[allow(clippy::disallowed_methods)] // the entry guard ends with this expression
+            None => self
+                .minted
+                .entry(Box::from(meta))
+                .or_default()
+                .value()
+                .clone(),
+        };
+        window.lock().first_mint(seq)
     }
 
     /// The floor of the shard whose meta key is `meta` (created at 0), for its keeper (the

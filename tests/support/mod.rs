@@ -404,47 +404,47 @@ pub mod http {
     }
 }
 
-/// A Redis Cluster of our own: `n` primaries on free ports, no replicas.
+/// A Redis Cluster of our own: primaries (and optionally replicas) on free ports, no
+/// persistence; a failed node is failed over after `CLUSTER_NODE_TIMEOUT_MS`.
 pub struct RedisCluster {
     pub ports: Vec<u16>,
     dir: tempfile::TempDir,
-    children: Vec<Child>,
+    children: Vec<Option<Child>>,
 }
+
+/// `cluster-node-timeout` of the test clusters: a primary is failed over this long after it
+/// stops answering.
+pub const CLUSTER_NODE_TIMEOUT_MS: u64 = 1000;
 
 impl RedisCluster {
     pub fn start(n: usize) -> RedisCluster {
+        Self::start_with_replicas(n, 0)
+    }
+
+    /// `primaries` primaries with `replicas` replicas each (`redis-cli --cluster create
+    /// --cluster-replicas`).
+    pub fn start_with_replicas(primaries: usize, replicas: usize) -> RedisCluster {
         let dir = tempfile::tempdir().expect("tempdir");
+        let n = primaries * (1 + replicas);
         let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
-        let mut children = Vec::new();
-        for p in &ports {
-            let child = Command::new("redis-server")
-                .args([
-                    "--port",
-                    &p.to_string(),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                ])
-                .args(["--appendonly", "no", "--cluster-enabled", "yes"])
-                .args(["--cluster-config-file", &format!("nodes-{p}.conf")])
-                .arg("--dir")
-                .arg(dir.path())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("redis-server");
-            children.push(child);
+        let mut c = RedisCluster {
+            ports,
+            dir,
+            children: Vec::new(),
+        };
+        for i in 0..n {
+            let child = c.launch(c.ports[i]);
+            c.children.push(Some(child));
         }
-        for p in &ports {
+        for p in &c.ports {
             wait_for_port(*p, Duration::from_secs(10));
         }
-        let nodes: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let nodes: Vec<String> = c.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
         let out = Command::new("redis-cli")
             .arg("--cluster")
             .arg("create")
             .args(&nodes)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .output()
             .expect("redis-cli --cluster create");
         assert!(
@@ -452,27 +452,144 @@ impl RedisCluster {
             "cluster create: {}",
             String::from_utf8_lossy(&out.stdout)
         );
-        let c = RedisCluster {
-            ports,
-            dir,
-            children,
-        };
-        let start = Instant::now();
-        while !c.ports.iter().all(|p| {
-            let out = Command::new("redis-cli")
-                .args(["-p", &p.to_string(), "cluster", "info"])
-                .output()
-                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-                .unwrap_or_default();
-            out.contains("cluster_state:ok")
-        }) {
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "cluster never became ok"
-            );
-            std::thread::sleep(Duration::from_millis(100));
+        c.wait_healthy(Duration::from_secs(30));
+        if replicas > 0 {
+            let start = Instant::now();
+            while c.replicas_linked() < primaries * replicas {
+                assert!(
+                    start.elapsed() < Duration::from_secs(30),
+                    "replicas never linked"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
         }
         c
+    }
+
+    fn launch(&self, port: u16) -> Child {
+        Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
+            .args(["--appendonly", "no", "--cluster-enabled", "yes"])
+            .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
+            .args([
+                "--cluster-node-timeout",
+                &CLUSTER_NODE_TIMEOUT_MS.to_string(),
+            ])
+            // a replica may take over however long it was cut off
+            .args(["--cluster-replica-validity-factor", "0"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server")
+    }
+
+    fn cli(port: u16, args: &[&str]) -> String {
+        Command::new("redis-cli")
+            .args(["-p", &port.to_string()])
+            .args(args)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    }
+
+    fn alive(&self) -> Vec<u16> {
+        self.ports
+            .iter()
+            .zip(&self.children)
+            .filter(|(_, c)| c.is_some())
+            .map(|(p, _)| *p)
+            .collect()
+    }
+
+    /// Waits until every live node says the cluster is ok with every slot served.
+    pub fn wait_healthy(&self, limit: Duration) {
+        let start = Instant::now();
+        while !self.alive().iter().all(|p| {
+            let info = Self::cli(*p, &["cluster", "info"]);
+            info.contains("cluster_state:ok") && info.contains("cluster_slots_ok:16384")
+        }) {
+            assert!(start.elapsed() < limit, "cluster never became ok");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The ports of the primaries serving slots, as a live node sees them.
+    pub fn primaries(&self) -> Vec<u16> {
+        let Some(any) = self.alive().first().copied() else {
+            return Vec::new();
+        };
+        Self::cli(any, &["cluster", "nodes"])
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                let (addr, flags) = (f.get(1)?, f.get(2)?);
+                let serving = flags.contains("master") && !flags.contains("fail") && f.len() > 8;
+                let port = addr.split('@').next()?.rsplit(':').next()?.parse().ok()?;
+                serving.then_some(port)
+            })
+            .collect()
+    }
+
+    /// The ports of the primaries that have a live replica to fail over to.
+    pub fn primaries_with_a_replica(&self) -> Vec<u16> {
+        let Some(any) = self.alive().first().copied() else {
+            return Vec::new();
+        };
+        let nodes = Self::cli(any, &["cluster", "nodes"]);
+        let rows: Vec<Vec<&str>> = nodes
+            .lines()
+            .map(|l| l.split_whitespace().collect())
+            .filter(|f: &Vec<&str>| f.len() >= 8)
+            .collect();
+        let backed: std::collections::HashSet<&str> = rows
+            .iter()
+            .filter(|f| f[2].contains("slave") && !f[2].contains("fail"))
+            .map(|f| f[3])
+            .collect();
+        rows.iter()
+            .filter(|f| f[2].contains("master") && !f[2].contains("fail") && f.len() > 8)
+            .filter(|f| backed.contains(f[0]))
+            .filter_map(|f| f[1].split('@').next()?.rsplit(':').next()?.parse().ok())
+            .collect()
+    }
+
+    /// Live replicas whose link to their primary is up.
+    pub fn replicas_linked(&self) -> usize {
+        self.alive()
+            .iter()
+            .filter(|p| {
+                let r = Self::cli(**p, &["info", "replication"]);
+                r.contains("role:slave") && r.contains("master_link_status:up")
+            })
+            .count()
+    }
+
+    /// `kill -9` of the node on `port`.
+    pub fn kill(&mut self, port: u16) {
+        let i = self.ports.iter().position(|p| *p == port).expect("a node");
+        if let Some(mut c) = self.children[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the node on `port` again, empty (no persistence): it rejoins with its
+    /// cluster config and, its slots taken over meanwhile, as a replica.
+    pub fn restart_empty(&mut self, port: u16) {
+        let i = self.ports.iter().position(|p| *p == port).expect("a node");
+        assert!(self.children[i].is_none(), "running");
+        let child = self.launch(port);
+        self.children[i] = Some(child);
+        wait_for_port(port, Duration::from_secs(10));
     }
 
     /// A URL fred reads as a cluster, naming every node.
@@ -512,7 +629,7 @@ impl RedisCluster {
 
 impl Drop for RedisCluster {
     fn drop(&mut self) {
-        for c in &mut self.children {
+        for c in self.children.iter_mut().flatten() {
             let _ = c.kill();
             let _ = c.wait();
         }
