@@ -1,0 +1,1211 @@
+//! The stateful randomized model test (issue 8): real `claimgate serve` processes over HTTP,
+//! driven by a seeded random sequence of operations, checked after every step against a
+//! model of what every answer so far implies.
+//!
+//! Operations (weighted): create (sometimes two racing creates of one id, with the same or a
+//! different definition), re-create of an existing batch, patch (add_stock, pause, resume;
+//! sometimes racing pairs), concurrent claim bursts (several users, with and without request
+//! ids, users past their limit, twin requests with one request id), replay of a past request
+//! id, backend data loss + `claimgate rebuild`, and gateway restart (kill -9 or SIGTERM).
+//!
+//! Invariants checked after every step, once the persister has drained:
+//! - no coupon id is ever answered twice (across batches, restarts and data losses);
+//! - no oversell: coupons issued (and sequence numbers consumed) never pass the total;
+//! - no user holds more coupons of a batch than its per-user limit;
+//! - stock is conserved: the gateway's `{total, claimed, remaining}` is the model's;
+//! - a replayed request id answers its original coupon (200);
+//! - the database holds exactly the acknowledged coupons, and `GET /v1/admin/reconcile`
+//!   reports no difference between the backend and the database.
+//!
+//! Claims acknowledged (201) but not yet persisted may be lost with the backend's data; the
+//! model allows that ONLY in a data-loss step (never after a SIGTERM, which flushes), counts
+//! and prints them, and keeps their ids in the set that must never be answered again.
+//!
+//! Two variants: `model_embedded` (embedded backend with its append-only file + SQLite; data
+//! loss = stop the gateway, delete the append-only file, start again, the batches answer 503
+//! until `claimgate rebuild`) and `model_redis` (redis backend + PostgreSQL; data loss =
+//! `RedisServer::restart_empty`, then `claimgate rebuild` against the running gateway).
+//!
+//! Seeds and length: `CLAIMGATE_MODEL_SEEDS` (default `1,2,3`; a list of numbers and
+//! inclusive ranges `a..b`) and `CLAIMGATE_MODEL_STEPS` (steps per seed, default
+//! [`DEFAULT_STEPS`]). CI runs the defaults; the soak is the same test, longer:
+//!
+//! ```text
+//! CLAIMGATE_MODEL_SEEDS=1..50 CLAIMGATE_MODEL_STEPS=5000 cargo test --release --test model -- --nocapture
+//! ```
+//!
+//! A failure prints the variant, the seed, the step and the last [`HISTORY`] operations with
+//! their answers: rerun with `CLAIMGATE_MODEL_SEEDS=<seed>` to reproduce it.
+
+mod support;
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use claimgate::config::DatabaseConfig;
+use claimgate::domain::ids::{parse_coupon_id, seq_position};
+use claimgate::store::Db;
+use parking_lot::Mutex;
+use serde_json::{Value, json};
+use support::http::Http;
+use support::watchdog::{Watchdog, step};
+use support::{Gateway, PgDb, RedisServer};
+
+/// Steps per seed when `CLAIMGATE_MODEL_STEPS` is not set (each variant ~30-60 s here).
+const DEFAULT_STEPS: usize = 40;
+/// Operations kept for the failure report.
+const HISTORY: usize = 30;
+/// Batches a run creates at most (then creates become re-creates).
+const MAX_BATCHES: usize = 6;
+/// Users a burst draws from (few, so limits are reached).
+const USERS: u64 = 6;
+/// The longest wait for the persister to drain, a gateway to come up, a rebuild to show.
+const BOUND: Duration = Duration::from_secs(30);
+
+// ---------------------------------------------------------------------------------------
+// seeds, PRNG, failure report
+
+/// SplitMix64: small, seedable, the same on every platform.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(seed ^ 0x5eed_c1a1_6a7e_0008)
+    }
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+    /// `lo..=hi`.
+    fn range(&mut self, lo: i64, hi: i64) -> i64 {
+        lo + self.below((hi - lo + 1) as u64) as i64
+    }
+    /// True with probability `percent` / 100.
+    fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+}
+
+fn seeds() -> Vec<u64> {
+    let spec = std::env::var("CLAIMGATE_MODEL_SEEDS").unwrap_or_else(|_| "1,2,3".into());
+    let mut out = Vec::new();
+    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part.split_once("..") {
+            Some((a, b)) => {
+                let (a, b): (u64, u64) = (
+                    a.trim().parse().expect("CLAIMGATE_MODEL_SEEDS: a number"),
+                    b.trim().parse().expect("CLAIMGATE_MODEL_SEEDS: a number"),
+                );
+                out.extend(a..=b);
+            }
+            None => out.push(part.parse().expect("CLAIMGATE_MODEL_SEEDS: a number")),
+        }
+    }
+    assert!(!out.is_empty(), "CLAIMGATE_MODEL_SEEDS names no seed");
+    out
+}
+
+fn steps() -> usize {
+    std::env::var("CLAIMGATE_MODEL_STEPS")
+        .ok()
+        .map(|s| s.parse().expect("CLAIMGATE_MODEL_STEPS: a number"))
+        .unwrap_or(DEFAULT_STEPS)
+}
+
+/// Where the run is, and what it did lately: printed if the test panics.
+struct Trail {
+    variant: &'static str,
+    seed: u64,
+    step: usize,
+    ops: VecDeque<String>,
+}
+
+static TRAIL: Mutex<Option<Trail>> = Mutex::new(None);
+
+/// Adds a line to the history (the op and, later, what it was answered).
+fn note(line: impl Into<String>) {
+    if let Some(t) = TRAIL.lock().as_mut() {
+        if t.ops.len() == HISTORY {
+            t.ops.pop_front();
+        }
+        t.ops.push_back(format!("#{} {}", t.step, line.into()));
+    }
+}
+
+/// Prints the seed, the step and the history when dropped during a panic.
+struct Report;
+
+impl Drop for Report {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        if let Some(t) = TRAIL.lock().as_ref() {
+            let mut text = format!(
+                "\n==== model test FAILED: variant {}, seed {}, step {} \
+                 (reproduce: CLAIMGATE_MODEL_SEEDS={} CLAIMGATE_MODEL_STEPS={}) ====\n\
+                 last operations, oldest first:\n",
+                t.variant,
+                t.seed,
+                t.step,
+                t.seed,
+                t.step + 1
+            );
+            for op in &t.ops {
+                text.push_str("  ");
+                text.push_str(op);
+                text.push('\n');
+            }
+            eprintln!("{text}");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// the world: a gateway, its backend, its database
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Variant {
+    Embedded,
+    Redis,
+}
+
+struct World {
+    variant: Variant,
+    dir: tempfile::TempDir,
+    redis: Option<RedisServer>,
+    _pg: Option<PgDb>,
+    /// `--backend ... --database-url ...` (+ `--redis-url` or the append-only file).
+    store: Vec<String>,
+    gw: Gateway,
+    http: Http,
+    db: Db,
+}
+
+fn settings() -> Vec<String> {
+    [
+        "limits.claim_per_user.per_second=0",
+        "limits.admission_wait_ms=10000",
+        "persister.flush_interval_ms=5",
+        "persister.min_idle_ms=500",
+        "stock.sweep_min_age_ms=200",
+        "cache.refresh_ms=100",
+        "server.shutdown_grace_ms=5000",
+        "log.level=\"error\"",
+    ]
+    .iter()
+    .flat_map(|s| ["--set".to_string(), s.to_string()])
+    .collect()
+}
+
+impl World {
+    async fn start(variant: Variant) -> World {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (redis, pg, store, db_url) = match variant {
+            Variant::Embedded => {
+                let db_url = format!(
+                    "sqlite://{}?mode=rwc",
+                    dir.path().join("model.db").display()
+                );
+                let aof = aof_dir(dir.path()).join("model.aof");
+                let store = vec![
+                    "--backend".into(),
+                    "embedded".into(),
+                    "--database-url".into(),
+                    db_url.clone(),
+                    "--set".into(),
+                    format!("embedded.aof_path=\"{}\"", aof.display()),
+                ];
+                (None, None, store, db_url)
+            }
+            Variant::Redis => {
+                let redis = RedisServer::start();
+                let pg = PgDb::create();
+                let store = vec![
+                    "--backend".into(),
+                    "redis".into(),
+                    "--redis-url".into(),
+                    redis.url(),
+                    "--database-url".into(),
+                    pg.url.clone(),
+                ];
+                let url = pg.url.clone();
+                (Some(redis), Some(pg), store, url)
+            }
+        };
+        let mut args = settings();
+        args.extend(store.iter().cloned());
+        let gw = Gateway::start(&args);
+        let http = Http::new(&gw.base());
+        wait_healthy(&http).await;
+        let db = Db::connect(&DatabaseConfig {
+            url: db_url,
+            ..Default::default()
+        })
+        .await
+        .expect("the test's own connection to the database");
+        World {
+            variant,
+            dir,
+            redis,
+            _pg: pg,
+            store,
+            gw,
+            http,
+            db,
+        }
+    }
+
+    /// Starts the (stopped or running) gateway again and waits until it is healthy. A fresh
+    /// client: the old one's pooled connections died with the process.
+    async fn relaunch(&mut self) {
+        self.gw.restart();
+        self.http = Http::new(&self.gw.base());
+        wait_healthy(&self.http).await;
+    }
+
+    /// SIGTERM: must exit 0 within the grace period.
+    fn terminate(&mut self) {
+        let (status, took) = self.gw.terminate();
+        assert!(status.success(), "SIGTERM: exit status {status:?}");
+        assert!(took < Duration::from_secs(10), "SIGTERM took {took:?}");
+    }
+
+    /// `claimgate rebuild --batch <id>` with the gateway's store flags.
+    fn rebuild(&self, batch: &str) -> String {
+        let mut cmd = support::bin::claimgate(self.dir.path());
+        cmd.args(&self.store).args(["rebuild", "--batch", batch]);
+        let out = support::bin::output_within(&mut cmd, BOUND);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "rebuild of {batch}: {:?}\n{stdout}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout.trim().to_string()
+    }
+
+    async fn send(&self, method: &str, path: &str, body: &str) -> (u16, Value) {
+        match self.http.send(method, path, body).await {
+            Ok(r) => r,
+            Err(e) => panic!("{method} {path}: no answer from a live gateway: {e}"),
+        }
+    }
+}
+
+fn aof_dir(root: &Path) -> PathBuf {
+    root.join("aof")
+}
+
+async fn wait_healthy(http: &Http) {
+    let deadline = Instant::now() + BOUND;
+    loop {
+        if let Ok((200, _)) = http.send("GET", "/healthz", "").await {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "gateway not healthy in {BOUND:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn code(v: &Value) -> &str {
+    v["error"].as_str().unwrap_or("")
+}
+
+// ---------------------------------------------------------------------------------------
+// the model
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum State {
+    Active,
+    Paused,
+}
+
+impl State {
+    fn as_str(self) -> &'static str {
+        match self {
+            State::Active => "active",
+            State::Paused => "paused",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Held {
+    user: String,
+    rid: Option<String>,
+}
+
+#[derive(Debug)]
+struct BatchM {
+    /// The create body that won (a re-create sends it again).
+    body: String,
+    created_stock: i64,
+    shards: u32,
+    limit: i64,
+    total: i64,
+    state: State,
+    /// Coupons acknowledged and not lost: coupon id -> holder.
+    live: BTreeMap<String, Held>,
+    /// (user, request id) -> coupon, for replays.
+    rids: HashMap<(String, String), String>,
+    /// What the gateway counts as claimed: live coupons plus sequence numbers consumed by
+    /// coupons lost in a data loss below a surviving one (a rebuild never re-sells those).
+    consumed: i64,
+}
+
+impl BatchM {
+    fn held_by(&self, user: &str) -> i64 {
+        self.live.values().filter(|h| h.user == user).count() as i64
+    }
+}
+
+#[derive(Default)]
+struct Model {
+    batches: BTreeMap<String, BatchM>,
+    /// Every coupon id ever answered (201 or 200), lost ones included: never again.
+    ever: HashMap<String, String>,
+    /// Coupons acknowledged, then lost with the backend's data (step, coupon, holder).
+    lost: Vec<(usize, String, String)>,
+    next_batch: u32,
+    next_rid: u64,
+    /// 503 `overloaded` answers to claims (nothing claimed; counted for the report).
+    overloaded: u64,
+    /// Tallies for the final line.
+    ops: BTreeMap<&'static str, u64>,
+}
+
+impl Model {
+    fn rid(&mut self) -> String {
+        self.next_rid += 1;
+        format!("r{}", self.next_rid)
+    }
+
+    /// A fresh 201: a new coupon id for this batch and user.
+    fn issue(&mut self, batch: &str, coupon: &str, user: &str, rid: Option<&str>) {
+        let (b, shard, _) =
+            parse_coupon_id(coupon).unwrap_or_else(|| panic!("malformed coupon id {coupon}"));
+        let m = self.batches.get_mut(batch).expect("batch in the model");
+        assert_eq!(b, batch, "coupon {coupon} answered for batch {batch}");
+        assert!(shard < m.shards, "coupon {coupon}: shard past {}", m.shards);
+        if let Some(before) = self
+            .ever
+            .insert(coupon.to_string(), format!("{batch}/{user}"))
+        {
+            panic!("coupon id {coupon} issued twice: first to {before}, now to {batch}/{user}");
+        }
+        m.live.insert(
+            coupon.to_string(),
+            Held {
+                user: user.to_string(),
+                rid: rid.map(str::to_string),
+            },
+        );
+        if let Some(r) = rid {
+            m.rids
+                .insert((user.to_string(), r.to_string()), coupon.to_string());
+        }
+        m.consumed += 1;
+    }
+}
+
+fn batch_body(id: &str, stock: i64, limit: i64, shards: u32) -> String {
+    json!({
+        "id": id, "name": "model batch", "stock": stock, "per_user_limit": limit,
+        "claim_window": {"start": "2020-01-01T00:00:00Z", "end": "2100-01-01T00:00:00Z"},
+        "validity": {"days_after_claim": 7},
+        "discount": {"kind": "fixed", "amount": 100},
+        "scope": {"kind": "all"}, "shards": shards
+    })
+    .to_string()
+}
+
+// ---------------------------------------------------------------------------------------
+// operations
+
+struct Run {
+    w: World,
+    m: Model,
+    rng: Rng,
+    step: usize,
+}
+
+impl Run {
+    fn count(&mut self, op: &'static str) {
+        *self.m.ops.entry(op).or_default() += 1;
+    }
+
+    fn pick_batch(&mut self) -> Option<String> {
+        let n = self.m.batches.len() as u64;
+        if n == 0 {
+            return None;
+        }
+        let i = self.rng.below(n) as usize;
+        self.m.batches.keys().nth(i).cloned()
+    }
+
+    /// A new batch (40%: two racing creates of its id).
+    async fn create(&mut self) {
+        if self.m.batches.len() >= MAX_BATCHES {
+            return self.recreate().await;
+        }
+        self.count("create");
+        self.m.next_batch += 1;
+        let id = format!("b{}", self.m.next_batch);
+        let (stock, limit, shards) = (
+            self.rng.range(3, 40),
+            self.rng.range(1, 3),
+            self.rng.range(1, 4) as u32,
+        );
+        let body = batch_body(&id, stock, limit, shards);
+        let race = self.rng.below(5);
+        let bodies = match race {
+            0 => vec![body.clone(), body.clone()],
+            1 => {
+                let other = batch_body(
+                    &id,
+                    stock + self.rng.range(1, 5),
+                    limit,
+                    self.rng.range(1, 4) as u32,
+                );
+                vec![body.clone(), other]
+            }
+            _ => vec![body.clone()],
+        };
+        note(format!(
+            "create {id} stock {stock} limit {limit} shards {shards} ({})",
+            ["racing twin", "racing a different definition", "alone"][race.min(2) as usize]
+        ));
+        let answers = self.concurrently_post("/v1/batches", &bodies).await;
+        note(format!(
+            "  -> {:?}",
+            answers
+                .iter()
+                .map(|(s, v)| format!("{s} {}", code(v)))
+                .collect::<Vec<_>>()
+        ));
+        let won: Vec<usize> = (0..answers.len())
+            .filter(|&i| answers[i].0 == 201)
+            .collect();
+        for (s, v) in &answers {
+            assert!(
+                *s == 201 || (*s == 409 && code(v) == "batch_exists"),
+                "create {id}: {s} {v}"
+            );
+        }
+        let same = bodies.iter().all(|b| *b == bodies[0]);
+        if same {
+            assert_eq!(won.len(), bodies.len(), "identical creates: {answers:?}");
+        } else {
+            assert_eq!(
+                won.len(),
+                1,
+                "different definitions, one winner: {answers:?}"
+            );
+        }
+        let winner = &answers[won[0]].1;
+        let body = bodies[won[0]].clone();
+        let def: Value = serde_json::from_str(&body).unwrap();
+        for k in ["stock", "shards", "per_user_limit"] {
+            assert_eq!(
+                winner[k], def[k],
+                "the 201 answer is not the winner's: {winner}"
+            );
+        }
+        self.m.batches.insert(
+            id,
+            BatchM {
+                body,
+                created_stock: def["stock"].as_i64().unwrap(),
+                shards: def["shards"].as_u64().unwrap() as u32,
+                limit: def["per_user_limit"].as_i64().unwrap(),
+                total: def["stock"].as_i64().unwrap(),
+                state: State::Active,
+                live: BTreeMap::new(),
+                rids: HashMap::new(),
+                consumed: 0,
+            },
+        );
+    }
+
+    /// The create of an existing batch again, with its original body: 201 while its stored
+    /// definition is still that body, 409 `batch_exists` once a change made it another.
+    async fn recreate(&mut self) {
+        // every run starts with a batch
+        let Some(id) = self.pick_batch() else {
+            return;
+        };
+        self.count("recreate");
+        let b = &self.m.batches[&id];
+        let same = b.total == b.created_stock && b.state == State::Active;
+        let body = b.body.clone();
+        note(format!("re-create {id} (definition unchanged: {same})"));
+        let (s, v) = self.w.send("POST", "/v1/batches", &body).await;
+        note(format!("  -> {s} {}", code(&v)));
+        if same {
+            assert_eq!(s, 201, "re-create of {id}, unchanged: {v}");
+        } else {
+            assert_eq!(
+                (s, code(&v)),
+                (409, "batch_exists"),
+                "re-create of {id}, changed: {v}"
+            );
+        }
+    }
+
+    async fn concurrently_post(&self, path: &str, bodies: &[String]) -> Vec<(u16, Value)> {
+        self.concurrently(bodies.iter().map(|b| ("POST", path.to_string(), b.clone())))
+            .await
+    }
+
+    async fn concurrently(
+        &self,
+        reqs: impl Iterator<Item = (&'static str, String, String)>,
+    ) -> Vec<(u16, Value)> {
+        let tasks: Vec<_> = reqs
+            .map(|(method, path, body)| {
+                let http = self.w.http.clone();
+                tokio::spawn(async move {
+                    match http.send(method, &path, &body).await {
+                        Ok(r) => r,
+                        Err(e) => panic!("{method} {path}: no answer from a live gateway: {e}"),
+                    }
+                })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.expect("request task"));
+        }
+        out
+    }
+
+    /// add_stock, pause or resume; 30%: two at once.
+    async fn patch(&mut self) {
+        let Some(id) = self.pick_batch() else {
+            return self.create().await;
+        };
+        self.count("patch");
+        let n = if self.rng.chance(30) { 2 } else { 1 };
+        let changes: Vec<Value> = (0..n)
+            .map(|_| match self.rng.below(3) {
+                0 => json!({"state": "paused"}),
+                1 => json!({"state": "active"}),
+                _ => json!({"add_stock": self.rng.range(1, 10)}),
+            })
+            .collect();
+        note(format!("patch {id} {changes:?}"));
+        let path = format!("/v1/batches/{id}");
+        let answers = self
+            .concurrently(
+                changes
+                    .iter()
+                    .map(|c| ("PATCH", path.clone(), c.to_string())),
+            )
+            .await;
+        note(format!(
+            "  -> {:?}",
+            answers
+                .iter()
+                .map(|(s, v)| format!("{s} {}", code(v)))
+                .collect::<Vec<_>>()
+        ));
+        for (s, v) in &answers {
+            assert_eq!(*s, 200, "patch {id}: {v}");
+        }
+        let b = self.m.batches.get_mut(&id).unwrap();
+        let mut states = Vec::new();
+        for c in &changes {
+            if let Some(a) = c["add_stock"].as_i64() {
+                b.total += a;
+            }
+            match c["state"].as_str() {
+                Some("paused") => states.push(State::Paused),
+                Some("active") => states.push(State::Active),
+                _ => {}
+            }
+        }
+        b.state = match states.as_slice() {
+            [] => b.state,
+            [one] => *one,
+            _ => {
+                // racing state changes: one of them is last; which, the gateway says
+                let (s, v) = self.w.send("GET", &path, "").await;
+                assert_eq!(s, 200, "{v}");
+                let now = match v["batch"]["state"].as_str() {
+                    Some("paused") => State::Paused,
+                    Some("active") => State::Active,
+                    other => panic!("{id}: state {other:?}"),
+                };
+                assert!(states.contains(&now), "{id}: state {now:?}, set {states:?}");
+                note(format!("  state now {}", now.as_str()));
+                now
+            }
+        };
+    }
+
+    /// A burst of concurrent claims on one batch.
+    async fn claims(&mut self) {
+        let Some(id) = self.pick_batch() else {
+            return self.create().await;
+        };
+        self.count("claims");
+        // (user, request id, twin of an earlier request)
+        let n = self.rng.range(2, 12) as usize;
+        let mut reqs: Vec<(String, Option<String>)> = Vec::new();
+        for _ in 0..n {
+            let user = format!("u{}", self.rng.below(USERS));
+            let rid = if self.rng.chance(70) {
+                Some(self.m.rid())
+            } else {
+                None
+            };
+            if rid.is_some() && self.rng.chance(15) {
+                reqs.push((user.clone(), rid.clone()));
+            }
+            reqs.push((user, rid));
+        }
+        let (total, consumed, state, limit) = {
+            let b = &self.m.batches[&id];
+            (b.total, b.consumed, b.state, b.limit)
+        };
+        let before: HashMap<String, i64> = reqs
+            .iter()
+            .map(|(u, _)| (u.clone(), self.m.batches[&id].held_by(u)))
+            .collect();
+        note(format!(
+            "claims on {id} ({} of {total} left, {}, limit {limit}): {}",
+            total - consumed,
+            state.as_str(),
+            reqs.iter()
+                .map(|(u, r)| format!("{u}/{}", r.as_deref().unwrap_or("-")))
+                .collect::<Vec<_>>()
+                .join(" ")
+        ));
+        let path = format!("/v1/batches/{id}/claims");
+        let answers = self
+            .concurrently(reqs.iter().map(|(u, r)| {
+                let body = match r {
+                    Some(r) => json!({"user_id": u, "request_id": r}),
+                    None => json!({"user_id": u}),
+                };
+                ("POST", path.clone(), body.to_string())
+            }))
+            .await;
+        note(format!(
+            "  -> {}",
+            answers
+                .iter()
+                .map(|(s, v)| match s {
+                    200 | 201 => format!("{s} {}", v["coupon_id"].as_str().unwrap_or("?")),
+                    _ => format!("{s} {}", code(v)),
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+
+        // Group by request: a twin pair (same user and request id) is one request.
+        let mut groups: BTreeMap<(String, String), Vec<usize>> = BTreeMap::new();
+        for (i, (u, r)) in reqs.iter().enumerate() {
+            let key = match r {
+                Some(r) => (u.clone(), r.clone()),
+                None => (u.clone(), format!("~{i}")),
+            };
+            groups.entry(key).or_default().push(i);
+        }
+        let mut granted: HashMap<String, i64> = HashMap::new();
+        let mut attempts: HashMap<String, i64> = HashMap::new();
+        let (mut sold_out, mut overloaded) = (false, false);
+        let mut at_limit_users = HashSet::new();
+        for ((user, _), idx) in &groups {
+            *attempts.entry(user.clone()).or_default() += 1;
+            let rid = reqs[idx[0]].1.clone();
+            let mut coupon: Option<String> = None;
+            let mut fresh = 0;
+            for &i in idx {
+                let (s, v) = &answers[i];
+                match (*s, code(v)) {
+                    (201 | 200, _) => {
+                        let c = v["coupon_id"].as_str().expect("coupon_id").to_string();
+                        assert_eq!(v["user_id"], json!(user), "{v}");
+                        assert_eq!(v["batch_id"], json!(id), "{v}");
+                        if let Some(prev) = &coupon {
+                            assert_eq!(prev, &c, "one request id, two coupons: {v}");
+                        }
+                        coupon = Some(c);
+                        if *s == 201 {
+                            fresh += 1;
+                        }
+                    }
+                    (409, "limit_reached") => {
+                        at_limit_users.insert(user.clone());
+                    }
+                    (410, "sold_out") => sold_out = true,
+                    (409, "paused") => assert_eq!(state, State::Paused, "{id}: paused? {v}"),
+                    (503, "overloaded") => overloaded = true,
+                    _ => panic!("claim {user} on {id}: unexpected {s} {v}"),
+                }
+            }
+            if let Some(c) = coupon {
+                assert_eq!(
+                    fresh, 1,
+                    "{user}/{rid:?}: a granted request is answered 201 once, 200 after"
+                );
+                assert!(
+                    idx.iter().all(|&i| matches!(answers[i].0, 200 | 201)),
+                    "{user}/{rid:?}: the same request id got a coupon and a refusal"
+                );
+                self.m.issue(&id, &c, user, rid.as_deref());
+                *granted.entry(user.clone()).or_default() += 1;
+            }
+        }
+        if overloaded {
+            self.m.overloaded += 1;
+        }
+        let b = &self.m.batches[&id];
+        let issued: i64 = granted.values().sum();
+        if state == State::Paused {
+            assert_eq!(issued, 0, "{id} is paused, yet claims were granted");
+        }
+        for (user, n) in &granted {
+            assert!(
+                before[user] + n <= limit,
+                "{user} holds {} of {id}, limit {limit}",
+                before[user] + n
+            );
+        }
+        assert!(
+            b.consumed <= b.total,
+            "{id} oversold: {} of {}",
+            b.consumed,
+            b.total
+        );
+        for user in &at_limit_users {
+            assert_eq!(
+                b.held_by(user),
+                limit,
+                "{user} was refused limit_reached on {id} below the limit"
+            );
+        }
+        if sold_out {
+            assert_eq!(
+                b.consumed,
+                b.total,
+                "{id}: sold_out answered with {} left",
+                b.total - b.consumed
+            );
+        }
+        if state == State::Active && !sold_out && !overloaded {
+            for (user, tries) in &attempts {
+                let want = (*tries).min(limit - before[user]);
+                assert_eq!(
+                    granted.get(user).copied().unwrap_or(0),
+                    want,
+                    "{user} on {id}: {tries} requests, {} held before, limit {limit}",
+                    before[user]
+                );
+            }
+        }
+    }
+
+    /// A past successful request id again: the same coupon, 200.
+    async fn replay(&mut self) {
+        let all: Vec<(String, String, String, String)> = self
+            .m
+            .batches
+            .iter()
+            .flat_map(|(id, b)| {
+                b.rids
+                    .iter()
+                    .map(move |((u, r), c)| (id.clone(), u.clone(), r.clone(), c.clone()))
+            })
+            .collect();
+        if all.is_empty() {
+            return self.claims().await;
+        }
+        self.count("replay");
+        let (id, user, rid, coupon) = all[self.rng.below(all.len() as u64) as usize].clone();
+        let twice = self.rng.chance(25);
+        note(format!(
+            "replay {user}/{rid} on {id} (want {coupon}){}",
+            if twice { ", twice at once" } else { "" }
+        ));
+        let path = format!("/v1/batches/{id}/claims");
+        let body = json!({"user_id": user, "request_id": rid}).to_string();
+        let answers = self
+            .concurrently(
+                (0..if twice { 2 } else { 1 }).map(|_| ("POST", path.clone(), body.clone())),
+            )
+            .await;
+        for (s, v) in &answers {
+            note(format!(
+                "  -> {s} {}",
+                v["coupon_id"].as_str().unwrap_or(code(v))
+            ));
+            assert_eq!(*s, 200, "replay of {user}/{rid} on {id}: {v}");
+            assert_eq!(v["coupon_id"], json!(coupon), "replay of {user}/{rid}: {v}");
+            assert_eq!(v["user_id"], json!(user), "{v}");
+        }
+    }
+
+    /// kill -9 (60%) or SIGTERM, then start again.
+    async fn restart(&mut self) {
+        self.count("restart");
+        let term = self.rng.chance(40);
+        note(format!(
+            "gateway restart ({})",
+            if term { "SIGTERM" } else { "kill -9" }
+        ));
+        if self.rng.chance(70) {
+            // claims just acknowledged, not yet drained to the database
+            self.claims().await;
+        }
+        if term {
+            self.w.terminate();
+        }
+        self.w.relaunch().await;
+    }
+
+    /// The backend loses its data; every batch answers 503 (claims, creates, changes) and
+    /// mints nothing until `claimgate rebuild` restores it from the database.
+    async fn data_loss(&mut self) {
+        self.count("data loss");
+        let graceful = self.w.variant == Variant::Embedded && self.rng.chance(40);
+        if self.rng.chance(80) {
+            // claims just acknowledged, maybe not yet persisted: what a loss may take
+            self.claims().await;
+        }
+        match self.w.variant {
+            Variant::Embedded => {
+                note(format!(
+                    "data loss: gateway stopped ({}), append-only file deleted",
+                    if graceful { "SIGTERM" } else { "kill -9" }
+                ));
+                if graceful {
+                    self.w.terminate();
+                } else {
+                    self.w.gw.kill9();
+                }
+                let dir = aof_dir(self.w.dir.path());
+                if dir.exists() {
+                    std::fs::remove_dir_all(&dir).expect("delete the append-only file");
+                }
+                self.w.relaunch().await;
+            }
+            Variant::Redis => {
+                note("data loss: Redis restarted empty");
+                self.w.redis.as_mut().unwrap().restart_empty();
+            }
+        }
+        let ids: Vec<String> = self.m.batches.keys().cloned().collect();
+        for id in &ids {
+            step(format!("seed step {}: {id} lost", self.step));
+            let rid = self.m.rid();
+            let (s, v) = self
+                .w
+                .send(
+                    "POST",
+                    &format!("/v1/batches/{id}/claims"),
+                    &json!({"user_id": "newcomer", "request_id": rid}).to_string(),
+                )
+                .await;
+            // 503, or a refusal the gateway's cache of negative answers still gives (a
+            // batch sold out or paused before the loss): nothing is claimed either way
+            let b = &self.m.batches[id];
+            let cached = match (s, code(&v)) {
+                (410, "sold_out") => b.consumed == b.total,
+                (409, "paused") => b.state == State::Paused,
+                _ => false,
+            };
+            assert!(
+                (s, code(&v)) == (503, "backend_unavailable") || cached,
+                "a claim on lost {id}: {s} {v}"
+            );
+            let b = &self.m.batches[id];
+            let unchanged = b.total == b.created_stock && b.state == State::Active;
+            let body = b.body.clone();
+            let (s, v) = self.w.send("POST", "/v1/batches", &body).await;
+            assert_ne!(s, 201, "a re-create re-seeded lost {id}: {v}");
+            if unchanged {
+                assert_eq!(s, 503, "re-create of lost {id}: {v}");
+            } else {
+                assert_eq!(
+                    (s, code(&v)),
+                    (409, "batch_exists"),
+                    "re-create of lost, changed {id}: {v}"
+                );
+            }
+            let (s, v) = self
+                .w
+                .send(
+                    "PATCH",
+                    &format!("/v1/batches/{id}"),
+                    &json!({"add_stock": 1}).to_string(),
+                )
+                .await;
+            assert_eq!(s, 503, "a change of lost {id}: {v}");
+            let (s, v) = self.w.send("GET", &format!("/v1/batches/{id}"), "").await;
+            assert_eq!(s, 503, "GET of lost {id}: {v}");
+        }
+        if self.w.variant == Variant::Embedded {
+            // the CLI cannot open the append-only file while a gateway holds it
+            self.w.terminate();
+        }
+        for id in &ids {
+            step(format!("seed step {}: rebuild {id}", self.step));
+            let report = self.w.rebuild(id);
+            note(format!("  {report}"));
+        }
+        if self.w.variant == Variant::Embedded {
+            self.w.relaunch().await;
+        } else {
+            for id in &ids {
+                let deadline = Instant::now() + BOUND;
+                loop {
+                    let (s, v) = self.w.send("GET", &format!("/v1/batches/{id}"), "").await;
+                    if s == 200 {
+                        break;
+                    }
+                    assert!(
+                        Instant::now() < deadline,
+                        "{id} still {s} {v} after its rebuild"
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+        // What the database has now is all that survived.
+        for id in &ids {
+            let db_coupons = db_coupons(&self.w.db, id, self.m.batches[id].shards).await;
+            let b = self.m.batches.get_mut(id).unwrap();
+            for (c, (user, _, _)) in &db_coupons {
+                let held = b
+                    .live
+                    .get(c)
+                    .unwrap_or_else(|| panic!("{c} of {user} in the database, never answered"));
+                assert_eq!(&held.user, user, "{c}");
+            }
+            let gone: Vec<String> = b
+                .live
+                .keys()
+                .filter(|c| !db_coupons.contains_key(*c))
+                .cloned()
+                .collect();
+            assert!(
+                !graceful || gone.is_empty(),
+                "{id}: {} coupons lost although the gateway was stopped with SIGTERM: {gone:?}",
+                gone.len()
+            );
+            for c in gone {
+                let held = b.live.remove(&c).unwrap();
+                if let Some(r) = &held.rid {
+                    b.rids.remove(&(held.user.clone(), r.clone()));
+                }
+                note(format!("  lost {c} of {}", held.user));
+                self.m.lost.push((self.step, c, held.user));
+            }
+            // the rebuilt counters: per shard, the highest position that survived
+            let mut top: HashMap<u32, u64> = HashMap::new();
+            for (c, _) in db_coupons.iter() {
+                let (_, shard, seq) = parse_coupon_id(c).unwrap();
+                let t = top.entry(shard).or_default();
+                *t = (*t).max(seq_position(seq));
+            }
+            b.consumed = top.values().sum::<u64>() as i64;
+            assert!(b.consumed >= b.live.len() as i64);
+        }
+    }
+}
+
+/// The coupons of a batch in the database: coupon -> (user, request id, seq).
+async fn db_coupons(
+    db: &Db,
+    batch: &str,
+    shards: u32,
+) -> BTreeMap<String, (String, Option<String>, u64)> {
+    let mut out = BTreeMap::new();
+    for shard in 0..shards {
+        for c in db.claims_of_shard(batch, shard).await.expect("claims") {
+            out.insert(c.coupon_id, (c.user_id, c.request_id, c.seq));
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------
+// invariants
+
+impl Run {
+    async fn check(&mut self) {
+        step(format!("seed step {}: check", self.step));
+        let ids: Vec<String> = self.m.batches.keys().cloned().collect();
+        for id in &ids {
+            let b = &self.m.batches[id];
+            // the model's own invariants
+            assert!(b.consumed <= b.total, "{id} oversold");
+            assert!(
+                b.live.len() as i64 <= b.consumed,
+                "{id}: {} live, {} consumed",
+                b.live.len(),
+                b.consumed
+            );
+            let mut per_user: HashMap<&str, i64> = HashMap::new();
+            for h in b.live.values() {
+                *per_user.entry(h.user.as_str()).or_default() += 1;
+            }
+            for (u, n) in per_user {
+                assert!(n <= b.limit, "{u} holds {n} of {id}, limit {}", b.limit);
+            }
+            // the database: exactly the live coupons, once the persister drained
+            let deadline = Instant::now() + BOUND;
+            loop {
+                let found = db_coupons(&self.w.db, id, b.shards).await;
+                for (c, (user, rid, _)) in &found {
+                    let held = b.live.get(c).unwrap_or_else(|| {
+                        panic!("{c} of {user} in the database: not a live coupon of the model")
+                    });
+                    assert_eq!(&held.user, user, "{c}: holder");
+                    if let Some(r) = &held.rid {
+                        assert_eq!(rid.as_ref(), Some(r), "{c}: request id");
+                    }
+                }
+                let (rows, events) = self.w.db.claim_counts(id).await.expect("counts");
+                if found.len() == b.live.len() && rows == events {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{id}: the database has {} of {} acknowledged coupons ({rows} rows, \
+                     {events} claimed events) after {BOUND:?}",
+                    found.len(),
+                    b.live.len()
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            // the gateway's stock and state
+            let (s, v) = self.w.send("GET", &format!("/v1/batches/{id}"), "").await;
+            assert_eq!(s, 200, "GET {id}: {v}");
+            let want = json!({"total": b.total, "claimed": b.consumed,
+                "remaining": b.total - b.consumed});
+            assert_eq!(v["stock"], want, "{id}: stock (model: {want})");
+            assert_eq!(v["batch"]["stock"], json!(b.total), "{id}: definition");
+            assert_eq!(v["batch"]["state"], json!(b.state.as_str()), "{id}: state");
+        }
+        // the backend and the database agree
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let (s, v) = self.w.send("GET", "/v1/admin/reconcile", "").await;
+            assert_eq!(s, 200, "reconcile: {v}");
+            if v["agree"] == json!(true) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "reconcile reports differences: {v}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn one_step(&mut self) {
+        // weights: claims 38, replay 14, patch 16, create 10, re-create 4, restart 4, loss 4
+        let r = self.rng.below(90);
+        step(format!("seed step {}: op {r}", self.step));
+        match r {
+            0..38 => self.claims().await,
+            38..52 => self.replay().await,
+            52..68 => self.patch().await,
+            68..78 => self.create().await,
+            78..82 => self.recreate().await,
+            82..86 => self.restart().await,
+            _ => self.data_loss().await,
+        }
+        self.check().await;
+    }
+}
+
+async fn run_seed(variant: Variant, seed: u64, steps: usize) -> String {
+    *TRAIL.lock() = Some(Trail {
+        variant: match variant {
+            Variant::Embedded => "model_embedded",
+            Variant::Redis => "model_redis",
+        },
+        seed,
+        step: 0,
+        ops: VecDeque::new(),
+    });
+    step(format!("seed {seed}: start"));
+    let mut run = Run {
+        w: World::start(variant).await,
+        m: Model::default(),
+        rng: Rng::new(seed),
+        step: 0,
+    };
+    // every run starts with a batch to work on
+    run.create().await;
+    run.check().await;
+    for i in 0..steps {
+        run.step = i;
+        if let Some(t) = TRAIL.lock().as_mut() {
+            t.step = i;
+        }
+        run.one_step().await;
+    }
+    let m = &run.m;
+    let lost: Vec<String> = m
+        .lost
+        .iter()
+        .map(|(s, c, u)| format!("{c} ({u}, step {s})"))
+        .collect();
+    format!(
+        "seed {seed}: {steps} steps {:?}; {} batches, {} coupons issued, {} lost in data \
+         losses{}, {} bursts with 503 overloaded",
+        m.ops,
+        m.batches.len(),
+        m.ever.len(),
+        m.lost.len(),
+        if lost.is_empty() {
+            String::new()
+        } else {
+            format!(" [{}]", lost.join(", "))
+        },
+        m.overloaded
+    )
+}
+
+async fn model(variant: Variant) {
+    let seeds = seeds();
+    let steps = steps();
+    // a generous bound per step: restarts and rebuilds take a few seconds each at most
+    let bound = Duration::from_secs(60 + 5 * (steps as u64 + 1) * seeds.len() as u64);
+    let _wd = Watchdog::arm(bound);
+    let _report = Report;
+    let started = Instant::now();
+    for seed in seeds {
+        let t = Instant::now();
+        let summary = run_seed(variant, seed, steps).await;
+        eprintln!("{summary} in {:.1?}", t.elapsed());
+    }
+    eprintln!("{variant:?}: done in {:.1?}", started.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_embedded() {
+    model(Variant::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_redis() {
+    model(Variant::Redis).await;
+}
