@@ -591,6 +591,14 @@ impl Run {
         out
     }
 
+    fn random_change(&mut self) -> Value {
+        match self.rng.below(3) {
+            0 => json!({"state": "paused"}),
+            1 => json!({"state": "active"}),
+            _ => json!({"add_stock": self.rng.range(1, 10)}),
+        }
+    }
+
     /// add_stock, pause or resume; 30%: two at once.
     async fn patch(&mut self) {
         let Some(id) = self.pick_batch() else {
@@ -598,13 +606,7 @@ impl Run {
         };
         self.count("patch");
         let n = if self.rng.chance(30) { 2 } else { 1 };
-        let changes: Vec<Value> = (0..n)
-            .map(|_| match self.rng.below(3) {
-                0 => json!({"state": "paused"}),
-                1 => json!({"state": "active"}),
-                _ => json!({"add_stock": self.rng.range(1, 10)}),
-            })
-            .collect();
+        let changes: Vec<Value> = (0..n).map(|_| self.random_change()).collect();
         note(format!("patch {id} {changes:?}"));
         let path = format!("/v1/batches/{id}");
         let answers = self
@@ -680,29 +682,64 @@ impl Run {
             let b = &self.m.batches[&id];
             (b.total, b.consumed, b.state, b.limit)
         };
+        // 20%: a change races the burst (at a random place among the requests)
+        let racing = self.rng.chance(20).then(|| {
+            let change = self.random_change();
+            (self.rng.below(reqs.len() as u64 + 1) as usize, change)
+        });
         let before: HashMap<String, i64> = reqs
             .iter()
             .map(|(u, _)| (u.clone(), self.m.batches[&id].held_by(u)))
             .collect();
         note(format!(
-            "claims on {id} ({} of {total} left, {}, limit {limit}): {}",
+            "claims on {id} ({} of {total} left, {}, limit {limit}): {}{}",
             total - consumed,
             state.as_str(),
             reqs.iter()
                 .map(|(u, r)| format!("{u}/{}", r.as_deref().unwrap_or("-")))
                 .collect::<Vec<_>>()
-                .join(" ")
+                .join(" "),
+            match &racing {
+                Some((at, c)) => format!(", racing patch {c} at {at}"),
+                None => String::new(),
+            }
         ));
         let path = format!("/v1/batches/{id}/claims");
-        let answers = self
-            .concurrently(reqs.iter().map(|(u, r)| {
+        let mut sent: Vec<(&'static str, String, String)> = reqs
+            .iter()
+            .map(|(u, r)| {
                 let body = match r {
                     Some(r) => json!({"user_id": u, "request_id": r}),
                     None => json!({"user_id": u}),
                 };
                 ("POST", path.clone(), body.to_string())
-            }))
-            .await;
+            })
+            .collect();
+        if let Some((at, change)) = &racing {
+            sent.insert(
+                *at,
+                ("PATCH", format!("/v1/batches/{id}"), change.to_string()),
+            );
+        }
+        let mut answers = self.concurrently(sent.into_iter()).await;
+        let (total_after, state_after) = match &racing {
+            Some((at, change)) => {
+                let (s, v) = answers.remove(*at);
+                note(format!("  patch -> {s} {}", code(&v)));
+                assert_eq!(s, 200, "patch {id} racing claims: {v}");
+                let b = self.m.batches.get_mut(&id).unwrap();
+                b.total += change["add_stock"].as_i64().unwrap_or(0);
+                match change["state"].as_str() {
+                    Some("paused") => b.state = State::Paused,
+                    Some("active") => b.state = State::Active,
+                    _ => {}
+                }
+                (b.total, b.state)
+            }
+            None => (total, state),
+        };
+        let paused_ok = state == State::Paused || state_after == State::Paused;
+        let grant_ok = state == State::Active || state_after == State::Active;
         note(format!(
             "  -> {}",
             answers
@@ -752,7 +789,7 @@ impl Run {
                         at_limit_users.insert(user.clone());
                     }
                     (410, "sold_out") => sold_out = true,
-                    (409, "paused") => assert_eq!(state, State::Paused, "{id}: paused? {v}"),
+                    (409, "paused") => assert!(paused_ok, "{id}: paused? {v}"),
                     (503, "overloaded") => overloaded = true,
                     _ => panic!("claim {user} on {id}: unexpected {s} {v}"),
                 }
@@ -775,7 +812,7 @@ impl Run {
         }
         let b = &self.m.batches[&id];
         let issued: i64 = granted.values().sum();
-        if state == State::Paused {
+        if !grant_ok {
             assert_eq!(issued, 0, "{id} is paused, yet claims were granted");
         }
         for (user, n) in &granted {
@@ -799,14 +836,18 @@ impl Run {
             );
         }
         if sold_out {
-            assert_eq!(
-                b.consumed,
-                b.total,
+            // answered when what was consumed then was the total then (before or after a
+            // racing add_stock); both only grow
+            assert!(
+                b.consumed >= total,
                 "{id}: sold_out answered with {} left",
-                b.total - b.consumed
+                total - b.consumed
             );
+            if total == total_after {
+                assert_eq!(b.consumed, total, "{id}: sold_out answered with stock left");
+            }
         }
-        if state == State::Active && !sold_out && !overloaded {
+        if state == State::Active && state_after == State::Active && !sold_out && !overloaded {
             for (user, tries) in &attempts {
                 let want = (*tries).min(limit - before[user]);
                 assert_eq!(
