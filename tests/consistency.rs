@@ -785,6 +785,38 @@ async fn rebuild_forgets_users_remembered_at_their_limit_redis() {
     assert_reconciled(g.backend.as_ref(), &g.db, "relimit").await;
 }
 
+/// Model bug 3 (tests/model.rs `model_redis`, seed 2, step 8, with batches left lost across
+/// steps): a batch Redis lost, while this instance still holds it as live (its claims were
+/// answered from the cache, paused), was answered `GET` 404 `batch_not_found`, as if it had
+/// never existed. It is lost: 503 `backend_unavailable`, like its claims and changes, until
+/// `claimgate rebuild`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn get_of_a_batch_redis_lost_is_503_not_404_redis() {
+    let _wd = Watchdog::arm(Duration::from_secs(60));
+    let g = redis_gw().await;
+    create(&g, "lostget", 10, 1, json!({"shards": 2})).await;
+    let (s, v) = call(&g.app, "GET", "/v1/batches/lostget", "").await;
+    assert_eq!(s, 200, "{v}");
+    g.redis.as_ref().unwrap().cli(&["FLUSHALL"]);
+    for _ in 0..2 {
+        let (s, v) = call(&g.app, "GET", "/v1/batches/lostget", "").await;
+        assert_eq!((s, code(&v)), (503, "backend_unavailable"), "{v}");
+    }
+    let (s, v) = claim(&g.app, "lostget", "u", None).await;
+    assert_eq!((s, code(&v)), (503, "backend_unavailable"), "{v}");
+    rebuild(g.backend.as_ref(), &g.db, "lostget", false)
+        .await
+        .unwrap();
+    let entry = g.app.catalog().load("lostget").await.unwrap();
+    g.app.catalog().refresh(&entry).await;
+    let (s, v) = call(&g.app, "GET", "/v1/batches/lostget", "").await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        v["stock"],
+        json!({"total": 10, "claimed": 0, "remaining": 10})
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // item 8: a batch asked for before it existed
 
