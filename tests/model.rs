@@ -6,7 +6,9 @@
 //! different definition), re-create of an existing batch, patch (add_stock, pause, resume;
 //! sometimes racing pairs), concurrent claim bursts (several users, with and without request
 //! ids, users past their limit, twin requests with one request id), replay of a past request
-//! id, backend data loss + `claimgate rebuild`, and gateway restart (kill -9 or SIGTERM).
+//! id, backend data loss, `claimgate rebuild` (of every lost batch at once, or of a few,
+//! the others staying lost for later steps: claims, replays, changes and re-creates of a
+//! lost batch are refused and mint nothing), and gateway restart (kill -9 or SIGTERM).
 //!
 //! Invariants checked after every step, once the persister has drained:
 //! - no coupon id is ever answered twice (across batches, restarts and data losses);
@@ -363,6 +365,11 @@ struct BatchM {
     /// What the gateway counts as claimed: live coupons plus sequence numbers consumed by
     /// coupons lost in a data loss below a surviving one (a rebuild never re-sells those).
     consumed: i64,
+    /// Lost from the backend, not yet rebuilt: `Some(graceful)`, graceful when the loss came
+    /// after a SIGTERM (which flushes: then nothing acknowledged may be missing).
+    lost: Option<bool>,
+    /// (user, request id) of coupons lost with the backend: asked again, a fresh claim.
+    lost_rids: Vec<(String, String)>,
 }
 
 impl BatchM {
@@ -535,6 +542,8 @@ impl Run {
                 live: BTreeMap::new(),
                 rids: HashMap::new(),
                 consumed: 0,
+                lost: None,
+                lost_rids: Vec::new(),
             },
         );
     }
@@ -549,11 +558,20 @@ impl Run {
         self.count("recreate");
         let b = &self.m.batches[&id];
         let same = b.total == b.created_stock && b.state == State::Active;
+        let lost = b.lost.is_some();
         let body = b.body.clone();
-        note(format!("re-create {id} (definition unchanged: {same})"));
+        note(format!(
+            "re-create {id} (definition unchanged: {same}, lost: {lost})"
+        ));
         let (s, v) = self.w.send("POST", "/v1/batches", &body).await;
         note(format!("  -> {s} {}", code(&v)));
-        if same {
+        if same && lost {
+            assert_eq!(
+                (s, code(&v)),
+                (503, "backend_unavailable"),
+                "re-create of lost {id}: {v}"
+            );
+        } else if same {
             assert_eq!(s, 201, "re-create of {id}, unchanged: {v}");
         } else {
             assert_eq!(
@@ -623,6 +641,16 @@ impl Run {
                 .map(|(s, v)| format!("{s} {}", code(v)))
                 .collect::<Vec<_>>()
         ));
+        if self.m.batches[&id].lost.is_some() {
+            for (s, v) in &answers {
+                assert_eq!(
+                    (*s, code(v)),
+                    (503, "backend_unavailable"),
+                    "patch of lost {id}: {v}"
+                );
+            }
+            return;
+        }
         for (s, v) in &answers {
             assert_eq!(*s, 200, "patch {id}: {v}");
         }
@@ -677,6 +705,15 @@ impl Run {
                 reqs.push((user.clone(), rid.clone()));
             }
             reqs.push((user, rid));
+        }
+        // 30%: the request id of a coupon lost with the backend, asked again: a fresh claim
+        let b = &self.m.batches[&id];
+        if !b.lost_rids.is_empty() && self.rng.chance(30) {
+            let (u, r) = b.lost_rids[self.rng.below(b.lost_rids.len() as u64) as usize].clone();
+            reqs.push((u, Some(r)));
+        }
+        if b.lost.is_some() {
+            return self.claims_while_lost(&id, reqs).await;
         }
         let (total, consumed, state, limit) = {
             let b = &self.m.batches[&id];
@@ -739,6 +776,15 @@ impl Run {
             None => (total, state),
         };
         let paused_ok = state == State::Paused || state_after == State::Paused;
+        let lifted = racing.as_ref().and_then(|(_, c)| {
+            if c["add_stock"].is_i64() {
+                Some("sold_out")
+            } else if c["state"] == json!("active") {
+                Some("paused")
+            } else {
+                None
+            }
+        });
         let grant_ok = state == State::Active || state_after == State::Active;
         note(format!(
             "  -> {}",
@@ -799,8 +845,12 @@ impl Run {
                     fresh, 1,
                     "{user}/{rid:?}: a granted request is answered 201 once, 200 after"
                 );
+                // A twin refused while the other got the coupon: only a refusal a racing
+                // change lifted (the refusal then came first: sold out before add_stock,
+                // paused before resume); refusals are not remembered, coupons are.
                 assert!(
-                    idx.iter().all(|&i| matches!(answers[i].0, 200 | 201)),
+                    idx.iter().all(|&i| matches!(answers[i].0, 200 | 201)
+                        || lifted.is_some_and(|l| code(&answers[i].1) == l)),
                     "{user}/{rid:?}: the same request id got a coupon and a refusal"
                 );
                 self.m.issue(&id, &c, user, rid.as_deref());
@@ -860,6 +910,35 @@ impl Run {
         }
     }
 
+    /// A burst on a lost batch: nothing is granted.
+    async fn claims_while_lost(&mut self, id: &str, reqs: Vec<(String, Option<String>)>) {
+        note(format!(
+            "claims on lost {id}: {}",
+            reqs.iter()
+                .map(|(u, r)| format!("{u}/{}", r.as_deref().unwrap_or("-")))
+                .collect::<Vec<_>>()
+                .join(" ")
+        ));
+        let path = format!("/v1/batches/{id}/claims");
+        let answers = self
+            .concurrently(reqs.iter().map(|(u, r)| {
+                let body = match r {
+                    Some(r) => json!({"user_id": u, "request_id": r}),
+                    None => json!({"user_id": u}),
+                };
+                ("POST", path.clone(), body.to_string())
+            }))
+            .await;
+        let b = &self.m.batches[id];
+        for ((u, _), (s, v)) in reqs.iter().zip(&answers) {
+            note(format!("  -> {s} {}", code(v)));
+            assert!(
+                refused_while_lost(b, u, *s, v),
+                "claim of {u} on lost {id}: {s} {v}"
+            );
+        }
+    }
+
     /// A past successful request id again: the same coupon, 200.
     async fn replay(&mut self) {
         let all: Vec<(String, String, String, String)> = self
@@ -894,6 +973,14 @@ impl Run {
                 "  -> {s} {}",
                 v["coupon_id"].as_str().unwrap_or(code(v))
             ));
+            let b = &self.m.batches[&id];
+            if b.lost.is_some() {
+                assert!(
+                    refused_while_lost(b, &user, *s, v),
+                    "replay of {user}/{rid} on lost {id}: {s} {v}"
+                );
+                continue;
+            }
             assert_eq!(*s, 200, "replay of {user}/{rid} on {id}: {v}");
             assert_eq!(v["coupon_id"], json!(coupon), "replay of {user}/{rid}: {v}");
             assert_eq!(v["user_id"], json!(user), "{v}");
@@ -918,8 +1005,9 @@ impl Run {
         self.w.relaunch().await;
     }
 
-    /// The backend loses its data; every batch answers 503 (claims, creates, changes) and
-    /// mints nothing until `claimgate rebuild` restores it from the database.
+    /// The backend loses its data: every batch is lost (503 for claims, creates, changes and
+    /// reads, nothing minted) until `claimgate rebuild` restores it from the database; half
+    /// the time every batch is rebuilt at once, else a random few (the rest later).
     async fn data_loss(&mut self) {
         self.count("data loss");
         let graceful = self.w.variant == Variant::Embedded && self.rng.chance(40);
@@ -951,6 +1039,11 @@ impl Run {
         }
         let ids: Vec<String> = self.m.batches.keys().cloned().collect();
         for id in &ids {
+            let b = self.m.batches.get_mut(id).unwrap();
+            // already lost: nothing more to lose since
+            b.lost = Some(b.lost.unwrap_or(graceful));
+        }
+        for id in &ids {
             step(format!("seed step {}: {id} lost", self.step));
             let rid = self.m.rid();
             let (s, v) = self
@@ -961,46 +1054,56 @@ impl Run {
                     &json!({"user_id": "newcomer", "request_id": rid}).to_string(),
                 )
                 .await;
-            // 503, or a refusal the gateway's cache of negative answers still gives (a
-            // batch sold out or paused before the loss): nothing is claimed either way
-            let b = &self.m.batches[id];
-            let cached = match (s, code(&v)) {
-                (410, "sold_out") => b.consumed == b.total,
-                (409, "paused") => b.state == State::Paused,
-                _ => false,
-            };
             assert!(
-                (s, code(&v)) == (503, "backend_unavailable") || cached,
+                refused_while_lost(&self.m.batches[id], "newcomer", s, &v),
                 "a claim on lost {id}: {s} {v}"
             );
-            let b = &self.m.batches[id];
-            let unchanged = b.total == b.created_stock && b.state == State::Active;
-            let body = b.body.clone();
-            let (s, v) = self.w.send("POST", "/v1/batches", &body).await;
-            assert_ne!(s, 201, "a re-create re-seeded lost {id}: {v}");
-            if unchanged {
-                assert_eq!(s, 503, "re-create of lost {id}: {v}");
-            } else {
-                assert_eq!(
-                    (s, code(&v)),
-                    (409, "batch_exists"),
-                    "re-create of lost, changed {id}: {v}"
-                );
-            }
-            let (s, v) = self
-                .w
-                .send(
-                    "PATCH",
-                    &format!("/v1/batches/{id}"),
-                    &json!({"add_stock": 1}).to_string(),
-                )
-                .await;
-            assert_eq!(s, 503, "a change of lost {id}: {v}");
             let (s, v) = self.w.send("GET", &format!("/v1/batches/{id}"), "").await;
             assert_eq!(s, 503, "GET of lost {id}: {v}");
         }
+        let rebuild: Vec<String> = if self.rng.chance(50) {
+            ids
+        } else {
+            ids.into_iter().filter(|_| self.rng.chance(40)).collect()
+        };
+        self.rebuild(rebuild).await;
+    }
+
+    /// `claimgate rebuild` of some lost batches (the others stay lost).
+    async fn rebuild_some(&mut self) {
+        let lost: Vec<String> = self
+            .m
+            .batches
+            .iter()
+            .filter(|(_, b)| b.lost.is_some())
+            .map(|(id, _)| id.clone())
+            .collect();
+        if lost.is_empty() {
+            return self.claims().await;
+        }
+        self.count("rebuild");
+        let pick: Vec<String> = lost
+            .iter()
+            .filter(|_| self.rng.chance(60))
+            .cloned()
+            .collect();
+        let pick = if pick.is_empty() {
+            vec![lost[0].clone()]
+        } else {
+            pick
+        };
+        self.rebuild(pick).await;
+    }
+
+    /// Rebuilds `ids` with the CLI (an embedded gateway is stopped meanwhile: the CLI opens
+    /// the append-only file itself), waits until the gateway serves them, and learns from
+    /// the database which acknowledged coupons were lost.
+    async fn rebuild(&mut self, ids: Vec<String>) {
+        if ids.is_empty() {
+            return;
+        }
+        note(format!("rebuild {ids:?}"));
         if self.w.variant == Variant::Embedded {
-            // the CLI cannot open the append-only file while a gateway holds it
             self.w.terminate();
         }
         for id in &ids {
@@ -1010,26 +1113,26 @@ impl Run {
         }
         if self.w.variant == Variant::Embedded {
             self.w.relaunch().await;
-        } else {
-            for id in &ids {
-                let deadline = Instant::now() + BOUND;
-                loop {
-                    let (s, v) = self.w.send("GET", &format!("/v1/batches/{id}"), "").await;
-                    if s == 200 {
-                        break;
-                    }
-                    assert!(
-                        Instant::now() < deadline,
-                        "{id} still {s} {v} after its rebuild"
-                    );
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for id in &ids {
+            let deadline = Instant::now() + BOUND;
+            loop {
+                let (s, v) = self.w.send("GET", &format!("/v1/batches/{id}"), "").await;
+                if s == 200 {
+                    break;
                 }
+                assert!(
+                    Instant::now() < deadline,
+                    "{id} still {s} {v} after its rebuild"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
-        // What the database has now is all that survived.
+        // What the database has is all that survived (the backend kept nothing to persist).
         for id in &ids {
             let db_coupons = db_coupons(&self.w.db, id, self.m.batches[id].shards).await;
             let b = self.m.batches.get_mut(id).unwrap();
+            let graceful = b.lost.take() == Some(true);
             for (c, (user, _, _)) in &db_coupons {
                 let held = b
                     .live
@@ -1052,6 +1155,7 @@ impl Run {
                 let held = b.live.remove(&c).unwrap();
                 if let Some(r) = &held.rid {
                     b.rids.remove(&(held.user.clone(), r.clone()));
+                    b.lost_rids.push((held.user.clone(), r.clone()));
                 }
                 note(format!("  lost {c} of {}", held.user));
                 self.m.lost.push((self.step, c, held.user));
@@ -1066,6 +1170,19 @@ impl Run {
             b.consumed = top.values().sum::<u64>() as i64;
             assert!(b.consumed >= b.live.len() as i64);
         }
+    }
+}
+
+/// What a claim on a lost batch may be answered: 503, or a refusal the gateway's cache of
+/// negative answers still gives from before the loss (sold out, paused, the user at the
+/// limit). Never a coupon.
+fn refused_while_lost(b: &BatchM, user: &str, s: u16, v: &Value) -> bool {
+    match (s, code(v)) {
+        (503, "backend_unavailable") => true,
+        (410, "sold_out") => b.consumed == b.total,
+        (409, "paused") => b.state == State::Paused,
+        (409, "limit_reached") => b.held_by(user) >= b.limit,
+        _ => false,
     }
 }
 
@@ -1122,7 +1239,8 @@ impl Run {
                     }
                 }
                 let (rows, events) = self.w.db.claim_counts(id).await.expect("counts");
-                if found.len() == b.live.len() && rows == events {
+                if (found.len() == b.live.len() || b.lost.is_some()) && rows == events {
+                    // (a lost batch: which coupons survived is learnt at its rebuild)
                     break;
                 }
                 assert!(
@@ -1136,6 +1254,10 @@ impl Run {
             }
             // the gateway's stock and state
             let (s, v) = self.w.send("GET", &format!("/v1/batches/{id}"), "").await;
+            if b.lost.is_some() {
+                assert_eq!(s, 503, "GET of lost {id}: {v}");
+                continue;
+            }
             assert_eq!(s, 200, "GET {id}: {v}");
             let want = json!({"total": b.total, "claimed": b.consumed,
                 "remaining": b.total - b.consumed});
@@ -1143,25 +1265,36 @@ impl Run {
             assert_eq!(v["batch"]["stock"], json!(b.total), "{id}: definition");
             assert_eq!(v["batch"]["state"], json!(b.state.as_str()), "{id}: state");
         }
-        // the backend and the database agree
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let (s, v) = self.w.send("GET", "/v1/admin/reconcile", "").await;
-            assert_eq!(s, 200, "reconcile: {v}");
-            if v["agree"] == json!(true) {
-                break;
+        // the backend and the database agree (on every batch not lost)
+        let live: Vec<&String> = ids
+            .iter()
+            .filter(|id| self.m.batches[*id].lost.is_none())
+            .collect();
+        let paths: Vec<String> = if live.len() == ids.len() {
+            vec!["/v1/admin/reconcile".to_string()]
+        } else {
+            live.iter()
+                .map(|id| format!("/v1/admin/reconcile?batch={id}"))
+                .collect()
+        };
+        for path in paths {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                let (s, v) = self.w.send("GET", &path, "").await;
+                assert_eq!(s, 200, "{path}: {v}");
+                if v["agree"] == json!(true) {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "{path} reports differences: {v}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            assert!(
-                Instant::now() < deadline,
-                "reconcile reports differences: {v}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
     async fn one_step(&mut self) {
-        // weights: claims 38, replay 14, patch 16, create 10, re-create 4, restart 4, loss 4
-        let r = self.rng.below(90);
+        // weights: claims 38, replay 14, patch 16, create 10, re-create 4, restart 4,
+        // rebuild of batches still lost 5, data loss 4
+        let r = self.rng.below(95);
         step(format!("seed step {}: op {r}", self.step));
         match r {
             0..38 => self.claims().await,
@@ -1170,6 +1303,7 @@ impl Run {
             68..78 => self.create().await,
             78..82 => self.recreate().await,
             82..86 => self.restart().await,
+            86..91 => self.rebuild_some().await,
             _ => self.data_loss().await,
         }
         self.check().await;
