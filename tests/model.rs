@@ -25,8 +25,10 @@
 //!
 //! Two variants: `model_embedded` (embedded backend with its append-only file + SQLite; data
 //! loss = stop the gateway, delete the append-only file, start again, the batches answer 503
-//! until `claimgate rebuild`) and `model_redis` (redis backend + PostgreSQL; data loss =
-//! `RedisServer::restart_empty`, then `claimgate rebuild` against the running gateway).
+//! until `claimgate rebuild`) and `model_redis` (redis backend + PostgreSQL, two gateways on
+//! the one Redis taking requests in turn, so every cache answer and event crosses
+//! instances; data loss = `RedisServer::restart_empty`, then `claimgate rebuild` against the
+//! running gateways).
 //!
 //! Seeds and length: `CLAIMGATE_MODEL_SEEDS` (default `1,2,3`; a list of numbers and
 //! inclusive ranges `a..b`) and `CLAIMGATE_MODEL_STEPS` (steps per seed, default
@@ -67,6 +69,17 @@ const MAX_BATCHES: usize = 6;
 const USERS: u64 = 6;
 /// The longest wait for the persister to drain, a gateway to come up, a rebuild to show.
 const BOUND: Duration = Duration::from_secs(30);
+/// Gateways sharing the Redis of `model_redis`.
+const GATEWAYS_ON_REDIS: usize = 2;
+/// `cache.refresh_ms` of the gateways.
+const REFRESH_MS: u64 = 100;
+
+/// After a change, a create or a rebuild: every gateway's cache has caught up (by the
+/// change's event, at the latest by its periodic refresh). The cache may refuse from a
+/// stale entry until then (`catalog/cache.rs`); the model does not allow it after.
+async fn settle() {
+    tokio::time::sleep(Duration::from_millis(3 * REFRESH_MS)).await;
+}
 
 // ---------------------------------------------------------------------------------------
 // seeds, PRNG, failure report
@@ -189,8 +202,12 @@ struct World {
     _pg: Option<PgDb>,
     /// `--backend ... --database-url ...` (+ `--redis-url` or the append-only file).
     store: Vec<String>,
-    gw: Gateway,
-    http: Http,
+    /// The gateways: one on the embedded backend (it owns its append-only file), two on
+    /// one Redis (each with its cache, its persister, the other's events).
+    gws: Vec<Gateway>,
+    https: Vec<Http>,
+    /// Requests go to the gateways in turn.
+    turn: std::sync::atomic::AtomicUsize,
     db: Db,
 }
 
@@ -204,7 +221,7 @@ fn settings() -> Vec<String> {
         "persister.flush_interval_ms=5".to_string(),
         "persister.min_idle_ms=500".to_string(),
         "stock.sweep_min_age_ms=200".to_string(),
-        "cache.refresh_ms=100".to_string(),
+        format!("cache.refresh_ms={REFRESH_MS}"),
         "server.shutdown_grace_ms=5000".to_string(),
         format!("log.level={}", toml::Value::String(log)),
     ]
@@ -250,9 +267,15 @@ impl World {
         };
         let mut args = settings();
         args.extend(store.iter().cloned());
-        let gw = Gateway::start(&args);
-        let http = Http::new(&gw.base());
-        wait_healthy(&http).await;
+        let n = match variant {
+            Variant::Embedded => 1,
+            Variant::Redis => GATEWAYS_ON_REDIS,
+        };
+        let gws: Vec<Gateway> = (0..n).map(|_| Gateway::start(&args)).collect();
+        let https: Vec<Http> = gws.iter().map(|g| Http::new(&g.base())).collect();
+        for http in &https {
+            wait_healthy(http).await;
+        }
         let db = Db::connect(&DatabaseConfig {
             url: db_url,
             ..Default::default()
@@ -265,23 +288,30 @@ impl World {
             redis,
             _pg: pg,
             store,
-            gw,
-            http,
+            gws,
+            https,
+            turn: Default::default(),
             db,
         }
     }
 
-    /// Starts the (stopped or running) gateway again and waits until it is healthy. A fresh
-    /// client: the old one's pooled connections died with the process.
-    async fn relaunch(&mut self) {
-        self.gw.restart();
-        self.http = Http::new(&self.gw.base());
-        wait_healthy(&self.http).await;
+    /// The client of the next gateway in turn.
+    fn http(&self) -> &Http {
+        let i = self.turn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        &self.https[i % self.https.len()]
     }
 
-    /// SIGTERM: must exit 0 within the grace period.
-    fn terminate(&mut self) {
-        let (status, took) = self.gw.terminate();
+    /// Starts gateway `i` (stopped or running) again and waits until it is healthy. A fresh
+    /// client: the old one's pooled connections died with the process.
+    async fn relaunch(&mut self, i: usize) {
+        self.gws[i].restart();
+        self.https[i] = Http::new(&self.gws[i].base());
+        wait_healthy(&self.https[i]).await;
+    }
+
+    /// SIGTERM to gateway `i`: must exit 0 within the grace period.
+    fn terminate(&mut self, i: usize) {
+        let (status, took) = self.gws[i].terminate();
         assert!(status.success(), "SIGTERM: exit status {status:?}");
         assert!(took < Duration::from_secs(10), "SIGTERM took {took:?}");
     }
@@ -302,7 +332,11 @@ impl World {
     }
 
     async fn send(&self, method: &str, path: &str, body: &str) -> (u16, Value) {
-        match self.http.send(method, path, body).await {
+        self.send_to(self.http(), method, path, body).await
+    }
+
+    async fn send_to(&self, http: &Http, method: &str, path: &str, body: &str) -> (u16, Value) {
+        match http.send(method, path, body).await {
             Ok(r) => r,
             Err(e) => panic!("{method} {path}: no answer from a live gateway: {e}"),
         }
@@ -601,7 +635,7 @@ impl Run {
     ) -> Vec<(u16, Value)> {
         let tasks: Vec<_> = reqs
             .map(|(method, path, body)| {
-                let http = self.w.http.clone();
+                let http = self.w.http().clone();
                 tokio::spawn(async move {
                     match http.send(method, &path, &body).await {
                         Ok(r) => r,
@@ -691,6 +725,7 @@ impl Run {
                 now
             }
         };
+        settle().await;
     }
 
     /// A burst of concurrent claims on one batch.
@@ -783,6 +818,9 @@ impl Run {
             }
             None => (total, state),
         };
+        if racing.is_some() {
+            settle().await;
+        }
         let paused_ok = state == State::Paused || state_after == State::Paused;
         let lifted = racing.as_ref().and_then(|(_, c)| {
             if c["add_stock"].is_i64() {
@@ -995,12 +1033,13 @@ impl Run {
         }
     }
 
-    /// kill -9 (60%) or SIGTERM, then start again.
+    /// One gateway: kill -9 (60%) or SIGTERM, then start again.
     async fn restart(&mut self) {
         self.count("restart");
         let term = self.rng.chance(40);
+        let i = self.rng.below(self.w.gws.len() as u64) as usize;
         note(format!(
-            "gateway restart ({})",
+            "gateway {i} restart ({})",
             if term { "SIGTERM" } else { "kill -9" }
         ));
         if self.rng.chance(70) {
@@ -1008,9 +1047,9 @@ impl Run {
             self.claims().await;
         }
         if term {
-            self.w.terminate();
+            self.w.terminate(i);
         }
-        self.w.relaunch().await;
+        self.w.relaunch(i).await;
     }
 
     /// The backend loses its data: every batch is lost (503 for claims, creates, changes and
@@ -1030,15 +1069,15 @@ impl Run {
                     if graceful { "SIGTERM" } else { "kill -9" }
                 ));
                 if graceful {
-                    self.w.terminate();
+                    self.w.terminate(0);
                 } else {
-                    self.w.gw.kill9();
+                    self.w.gws[0].kill9();
                 }
                 let dir = aof_dir(self.w.dir.path());
                 if dir.exists() {
                     std::fs::remove_dir_all(&dir).expect("delete the append-only file");
                 }
-                self.w.relaunch().await;
+                self.w.relaunch(0).await;
             }
             Variant::Redis => {
                 note("data loss: Redis restarted empty");
@@ -1112,7 +1151,7 @@ impl Run {
         }
         note(format!("rebuild {ids:?}"));
         if self.w.variant == Variant::Embedded {
-            self.w.terminate();
+            self.w.terminate(0);
         }
         for id in &ids {
             step(format!("seed step {}: rebuild {id}", self.step));
@@ -1120,22 +1159,29 @@ impl Run {
             note(format!("  {report}"));
         }
         if self.w.variant == Variant::Embedded {
-            self.w.relaunch().await;
+            self.w.relaunch(0).await;
         }
+        // every gateway serves them again (its refresh or the rebuild's event)
         for id in &ids {
-            let deadline = Instant::now() + BOUND;
-            loop {
-                let (s, v) = self.w.send("GET", &format!("/v1/batches/{id}"), "").await;
-                if s == 200 {
-                    break;
+            for http in &self.w.https {
+                let deadline = Instant::now() + BOUND;
+                loop {
+                    let (s, v) = self
+                        .w
+                        .send_to(http, "GET", &format!("/v1/batches/{id}"), "")
+                        .await;
+                    if s == 200 {
+                        break;
+                    }
+                    assert!(
+                        Instant::now() < deadline,
+                        "{id} still {s} {v} after its rebuild"
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                 }
-                assert!(
-                    Instant::now() < deadline,
-                    "{id} still {s} {v} after its rebuild"
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
+        settle().await;
         // What the database has is all that survived (the backend kept nothing to persist).
         for id in &ids {
             let db_coupons = db_coupons(&self.w.db, id, self.m.batches[id].shards).await;
