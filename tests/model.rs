@@ -4,7 +4,7 @@
 //!
 //! Operations (weighted): create (sometimes two racing creates of one id, with the same or a
 //! different definition), re-create of an existing batch, patch (add_stock, pause, resume;
-//! sometimes racing pairs), concurrent claim bursts (several users, with and without request
+//! sometimes racing pairs, sometimes racing a claim burst), concurrent claim bursts (several users, with and without request
 //! ids, users past their limit, twin requests with one request id), replay of a past request
 //! id, backend data loss, `claimgate rebuild` (of every lost batch at once, or of a few,
 //! the others staying lost for later steps: claims, replays, changes and re-creates of a
@@ -20,8 +20,9 @@
 //!   reports no difference between the backend and the database.
 //!
 //! Claims acknowledged (201) but not yet persisted may be lost with the backend's data; the
-//! model allows that ONLY in a data-loss step (never after a SIGTERM, which flushes), counts
-//! and prints them, and keeps their ids in the set that must never be answered again.
+//! model allows that ONLY for a data loss (learnt when the batch is rebuilt; never when the
+//! gateway was stopped with SIGTERM first, which flushes), counts and prints them, and keeps
+//! their ids in the set that must never be answered again.
 //!
 //! Two variants: `model_embedded` (embedded backend with its append-only file + SQLite; data
 //! loss = stop the gateway, delete the append-only file, start again, the batches answer 503
