@@ -749,6 +749,74 @@ async fn create_retried_after_crash_and_redis_loss_stays_lost() {
     assert_reconciled(g.backend.as_ref(), &g.db, "crash3").await;
 }
 
+/// Model bug 2 (tests/model.rs at 28d3395, `model_redis`, seed 7, step 35): a user refused at their
+/// limit is remembered by the gateway's cache; Redis then loses the batch with one of the
+/// user's coupons unpersisted, and `rebuild` restores the user's count from the database
+/// (one below the limit). The cache must forget what it remembered once it sees the new
+/// epoch (here without ever having served the batch as lost), or it refuses the user
+/// `limit_reached` for as long as the process lives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rebuild_forgets_users_remembered_at_their_limit_redis() {
+    let _wd = Watchdog::arm(Duration::from_secs(60));
+    let g = redis_gw().await;
+    create(&g, "relimit", 10, 2, json!({"shards": 1})).await;
+    step("one coupon persisted, one not; the third claim is refused and remembered");
+    assert_eq!(claim(&g.app, "relimit", "u", Some("r1")).await.0, 201);
+    drain(&g.backend, &g.db, &g.cfg, "relimit", 1).await;
+    assert_eq!(claim(&g.app, "relimit", "u", Some("r2")).await.0, 201);
+    let (s, v) = claim(&g.app, "relimit", "u", Some("r3")).await;
+    assert_eq!((s, code(&v)), (409, "limit_reached"), "{v}");
+
+    step("Redis loses everything; rebuild from the database, where u holds one");
+    g.redis.as_ref().unwrap().cli(&["FLUSHALL"]);
+    let report = rebuild(g.backend.as_ref(), &g.db, "relimit", false)
+        .await
+        .unwrap();
+    assert_eq!((report.claims, report.pool_stock), (1, 9), "{report}");
+    let entry = g.app.catalog().load("relimit").await.unwrap();
+    g.app.catalog().refresh(&entry).await;
+
+    step("u is below the limit again: granted, not refused from the cache");
+    let (s, v) = claim(&g.app, "relimit", "u", Some("r4")).await;
+    assert_eq!(s, 201, "a user below the limit after the rebuild: {v}");
+    let (s, v) = claim(&g.app, "relimit", "u", Some("r5")).await;
+    assert_eq!((s, code(&v)), (409, "limit_reached"), "{v}");
+    drain(&g.backend, &g.db, &g.cfg, "relimit", 2).await;
+    assert_reconciled(g.backend.as_ref(), &g.db, "relimit").await;
+}
+
+/// Model bug 3 (tests/model.rs `model_redis`, seed 2, step 8, with batches left lost across
+/// steps): a batch Redis lost, while this instance still holds it as live (its claims were
+/// answered from the cache, paused), was answered `GET` 404 `batch_not_found`, as if it had
+/// never existed. It is lost: 503 `backend_unavailable`, like its claims and changes, until
+/// `claimgate rebuild`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn get_of_a_batch_redis_lost_is_503_not_404_redis() {
+    let _wd = Watchdog::arm(Duration::from_secs(60));
+    let g = redis_gw().await;
+    create(&g, "lostget", 10, 1, json!({"shards": 2})).await;
+    let (s, v) = call(&g.app, "GET", "/v1/batches/lostget", "").await;
+    assert_eq!(s, 200, "{v}");
+    g.redis.as_ref().unwrap().cli(&["FLUSHALL"]);
+    for _ in 0..2 {
+        let (s, v) = call(&g.app, "GET", "/v1/batches/lostget", "").await;
+        assert_eq!((s, code(&v)), (503, "backend_unavailable"), "{v}");
+    }
+    let (s, v) = claim(&g.app, "lostget", "u", None).await;
+    assert_eq!((s, code(&v)), (503, "backend_unavailable"), "{v}");
+    rebuild(g.backend.as_ref(), &g.db, "lostget", false)
+        .await
+        .unwrap();
+    let entry = g.app.catalog().load("lostget").await.unwrap();
+    g.app.catalog().refresh(&entry).await;
+    let (s, v) = call(&g.app, "GET", "/v1/batches/lostget", "").await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        v["stock"],
+        json!({"total": 10, "claimed": 0, "remaining": 10})
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // item 8: a batch asked for before it existed
 

@@ -5,6 +5,8 @@
 //!   the id is free and goes on with the row it reads back, so concurrent creates of
 //!   different definitions have ONE winner (the others get 409 `batch_exists`), and Redis is
 //!   always set up with the stored definition;
+//! - a batch this instance knows that Redis no longer has is lost, never "not found": a
+//!   read or a change of it answers 503 (as its claims do) until `claimgate rebuild`;
 //! - a batch is recorded in the database before it becomes claimable in Redis (so the
 //!   persister always knows where its claims go), and a batch that was live once (its setup
 //!   completed, or the database holds claims of it) is never set up again: when Redis lost
@@ -130,7 +132,15 @@ async fn confirm_setup<B: Backend>(
 pub async fn get<B: Backend>(api: &Api<B>, id: &str) -> Result<BatchView, ApiError> {
     let catalog = api.catalog();
     let entry = catalog.load_live(id).await?;
-    let c = api.stock().conservation(&entry.keys).await?;
+    let c = match api.stock().conservation(&entry.keys).await {
+        Ok(c) => c,
+        // known here, gone from Redis: lost (503, as its claims), not "never existed"
+        Err(StockError::NotFound) => {
+            catalog.mark_lost(&entry);
+            return Err(CatalogError::Lost(id.to_string()).into());
+        }
+        Err(e) => return Err(e.into()),
+    };
     // the definition as Redis has it now (the cache may lag by one refresh)
     let batch = match catalog.read_meta(id).await? {
         Some(m) => m.batch,

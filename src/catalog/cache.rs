@@ -40,8 +40,13 @@ pub struct CachedBatch {
     winners: RwLock<Option<Arc<HashSet<Box<str>>>>>,
     winners_loading: AtomicBool,
     /// Users known to be at their limit: user -> UTC day it applies to (`i64::MAX` for the
-    /// lifetime limit, which never resets).
+    /// lifetime limit, which never resets while the backend keeps the batch). Forgotten when
+    /// the limits change and when the batch is rebuilt (see [`CachedBatch::enter_epoch`]).
     at_limit: DashMap<Box<str>, i64>,
+    /// The coupon-id epoch of the backend state this entry was read from: a rebuild moves
+    /// the batch to a new one, restoring per-user counts from the database (coupons lost
+    /// with the backend no longer count), so what was remembered per user is void.
+    epoch: AtomicU64,
 }
 
 impl CachedBatch {
@@ -62,7 +67,14 @@ impl CachedBatch {
             winners: RwLock::new(None),
             winners_loading: AtomicBool::new(false),
             at_limit: DashMap::new(),
+            epoch: AtomicU64::new(0),
         }
+    }
+
+    /// Records the backend's epoch for this batch; `true` when it moved past the one known
+    /// (the batch was rebuilt since this entry last read it).
+    pub fn enter_epoch(&self, epoch: u64) -> bool {
+        self.epoch.fetch_max(epoch, Ordering::AcqRel) < epoch
     }
 
     pub fn batch(&self) -> Arc<Batch> {

@@ -53,6 +53,8 @@ pub struct PoolMeta {
     pub batch: Batch,
     pub version: i64,
     pub sold_out: bool,
+    /// The coupon-id epoch (moved by every rebuild).
+    pub epoch: u64,
 }
 
 /// Every batch this instance knows, and their loader.
@@ -145,9 +147,9 @@ impl<B: Backend> Catalog<B> {
     /// Caches the batch as Redis has it, if it does.
     async fn cache_meta(&self, id: &str) -> Result<Option<Arc<CachedBatch>>, CatalogError> {
         Ok(self.read_meta(id).await?.map(|m| {
-            let entry = self
-                .cache
-                .insert(Arc::new(CachedBatch::new(m.batch, m.version, m.sold_out)));
+            let fresh = CachedBatch::new(m.batch, m.version, m.sold_out);
+            fresh.enter_epoch(m.epoch);
+            let entry = self.cache.insert(Arc::new(fresh));
             self.index.sync(&entry, Timestamp::now());
             entry
         }))
@@ -164,6 +166,7 @@ impl<B: Backend> Catalog<B> {
             batch,
             version: meta.version(),
             sold_out: meta.sold_out(),
+            epoch: meta.epoch(),
         }))
     }
 
@@ -222,8 +225,10 @@ impl<B: Backend> Catalog<B> {
                         || old.per_user_daily_limit != m.batch.per_user_daily_limit
                 };
                 let was_lost = entry.is_lost();
+                // rebuilt from the database: users' counts may be lower than remembered
+                let rebuilt = entry.enter_epoch(m.epoch);
                 entry.update(m.batch, m.version, m.sold_out);
-                if limits_changed {
+                if limits_changed || rebuilt {
                     self.cache.forget_limits(entry);
                 }
                 self.index.sync(entry, Timestamp::now());
