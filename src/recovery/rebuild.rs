@@ -28,7 +28,7 @@ use crate::contract::{claim, meta, meta_get, probe};
 use crate::domain::batch::Batch;
 use crate::domain::ids::{home_shard, seq_epoch, seq_position};
 use crate::domain::time::now_ms;
-use crate::store::Db;
+use crate::store::{Db, StoredBatch};
 
 /// What a rebuild restored.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -88,12 +88,8 @@ pub async fn rebuild<B: Backend>(
     batch_id: &str,
     force: bool,
 ) -> Result<RebuildReport, RebuildError> {
-    let stored = db
-        .batch_row(batch_id)
-        .await?
-        .ok_or_else(|| RebuildError::BatchNotFound(batch_id.to_string()))?;
+    let (stored, keys) = stored_batch(db, batch_id).await?;
     let batch = stored.batch;
-    let keys = BatchKeys::new(&batch.id, batch.shards);
     if !force && !meta_get::call(backend, &keys.pool).await?.is_empty() {
         return Err(RebuildError::Live(batch.id.clone()));
     }
@@ -109,16 +105,7 @@ pub async fn rebuild<B: Backend>(
     let version = u64::try_from(now_ms().max(stored.version))
         .unwrap_or(1)
         .max(1);
-    // A new epoch, durable before the first Redis write: every id the replaced Redis state
-    // minted (persisted or lost) lies in an older one, whatever happens next.
-    let seen = db
-        .claims_summary(&batch.id)
-        .await?
-        .iter()
-        .map(|s| seq_epoch(s.max_seq))
-        .max()
-        .unwrap_or(0);
-    let epoch = db.bump_epoch(&batch.id, seen + 1).await?;
+    let epoch = next_epoch(db, &batch.id, 0).await?;
     let mut report = RebuildReport {
         batch_id: batch.id.clone(),
         version,
@@ -166,6 +153,35 @@ pub async fn rebuild<B: Backend>(
         tracing::warn!(batch = %batch.id, error = %e, "change broadcast failed");
     }
     Ok(report)
+}
+
+/// The batch's row in the database and its keys.
+pub(super) async fn stored_batch(
+    db: &Db,
+    batch_id: &str,
+) -> Result<(StoredBatch, BatchKeys), RebuildError> {
+    let stored = db
+        .batch_row(batch_id)
+        .await?
+        .ok_or_else(|| RebuildError::BatchNotFound(batch_id.to_string()))?;
+    let keys = BatchKeys::new(&stored.batch.id, stored.batch.shards);
+    Ok((stored, keys))
+}
+
+/// Moves the batch to a new coupon-id epoch, above every epoch its claims in the database
+/// (and `seen`, one Redis still shows) were minted in, and returns it. Durable before the
+/// first Redis write of a rebuild or repair: every id the replaced Redis state minted
+/// (persisted or lost) lies in an older epoch, whatever happens next.
+pub(super) async fn next_epoch(db: &Db, batch_id: &str, seen: u64) -> Result<u64, RebuildError> {
+    let newest = db
+        .claims_summary(batch_id)
+        .await?
+        .iter()
+        .map(|s| seq_epoch(s.max_seq))
+        .max()
+        .unwrap_or(0)
+        .max(seen);
+    Ok(db.bump_epoch(batch_id, newest + 1).await?)
 }
 
 /// What [`restore_shard`] wrote into one shard.

@@ -19,13 +19,11 @@ use std::fmt;
 use std::time::Duration;
 
 use super::RebuildError;
-use super::rebuild::{begin, restore_shard, unpersisted, with_fp};
+use super::rebuild::{begin, next_epoch, restore_shard, stored_batch, unpersisted, with_fp};
 use crate::backend::Backend;
 use crate::contract::events::{self, Event};
-use crate::contract::keys::BatchKeys;
 use crate::contract::restore::{self, Step};
 use crate::contract::{meta, meta_get, probe};
-use crate::domain::ids::seq_epoch;
 use crate::stock::census;
 
 /// Tries at a conservation snapshot taken while no stock moves.
@@ -78,12 +76,8 @@ pub async fn repair_shard<B: Backend>(
     lock: Duration,
     drain: Duration,
 ) -> Result<Repaired, RebuildError> {
-    let stored = db
-        .batch_row(batch_id)
-        .await?
-        .ok_or_else(|| RebuildError::BatchNotFound(batch_id.to_string()))?;
+    let (stored, keys) = stored_batch(db, batch_id).await?;
     let batch = stored.batch;
-    let keys = BatchKeys::new(&batch.id, batch.shards);
     let s = keys
         .shards
         .get(shard as usize)
@@ -115,15 +109,7 @@ pub async fn repair_shard<B: Backend>(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let seen = db
-        .claims_summary(&batch.id)
-        .await?
-        .iter()
-        .map(|c| seq_epoch(c.max_seq))
-        .max()
-        .unwrap_or(0)
-        .max(pool.epoch());
-    let epoch = db.bump_epoch(&batch.id, seen + 1).await?;
+    let epoch = next_epoch(db, &batch.id, pool.epoch()).await?;
     let (counter, _stale) = begin(backend, &batch, s, true).await?;
     // The shard now holds no stock: whatever the batch's conservation misses went with it
     // (lost with its node, or held stale by a rolled-back copy: a lost primary may have
