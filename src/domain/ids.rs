@@ -56,52 +56,71 @@ pub fn seq_position(seq: u64) -> u64 {
 }
 
 /// Coupon sequences a [`MintWindow`] remembers below the highest it saw: within the window a
-/// sequence seen twice is exact evidence of a rollback (replies arriving out of order never
-/// repeat one). Below it, nothing can be told here (the database's floor still can).
+/// sequence seen twice for two different claims is exact evidence of a rollback (replies
+/// arriving out of order never repeat one). Below it, nothing can be told here (the
+/// database's floor still can).
 pub const MINT_WINDOW: u64 = 8192;
 
-/// The coupon sequences one instance saw a slot mint, to tell a slot that mints a sequence
-/// again (a failover rolled it back) from replies that merely arrive out of order.
-/// Its bits are allocated at the first mint: most slot keys never see one (pools, tools).
+/// What a [`MintWindow`] knew of a sequence when it was shown one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sighting {
+    /// Not seen within the window (or too far below it to tell): recorded now.
+    New,
+    /// Seen before, for the same claim (the same user and request id).
+    Same,
+    /// Seen before, for another claim: the slot minted it twice.
+    Other,
+}
+
+/// The coupon sequences one instance saw a slot hand out, each with a fingerprint of the
+/// claim (user, request id) it went to, to tell a slot that mints a sequence again (a
+/// failover rolled it back) from replies that merely arrive out of order, and a replay of
+/// the same claim from a re-minted id going to another claim. Its tags are allocated at the
+/// first sighting: most slot keys never see one (pools, tools). 32 KiB per minting slot.
 #[derive(Debug, Clone, Default)]
 pub struct MintWindow {
     max: u64,
-    bits: Vec<u64>,
+    /// Per sequence (mod [`MINT_WINDOW`]) the owner's fingerprint, 0 = not seen.
+    tags: Vec<u32>,
+}
+
+/// The fingerprint of a claim (user, request id) that [`MintWindow`] records: never 0.
+pub fn claim_tag(user: &str, request_id: &str) -> u32 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in user.bytes().chain([b'|']).chain(request_id.bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    ((h ^ (h >> 32)) as u32).max(1)
 }
 
 impl MintWindow {
-    fn flip(&mut self, seq: u64) -> bool {
-        let i = (seq % MINT_WINDOW) as usize;
-        let (word, bit) = (i / 64, 1u64 << (i % 64));
-        let was = self.bits[word] & bit != 0;
-        self.bits[word] |= bit;
-        was
-    }
-
-    fn clear(&mut self, seq: u64) {
-        let i = (seq % MINT_WINDOW) as usize;
-        self.bits[i / 64] &= !(1u64 << (i % 64));
-    }
-
-    /// Records `seq` as minted; `false` when it cannot be a first mint: seen before (within
-    /// the window; a sequence further below the highest is not known either way).
-    pub fn first_mint(&mut self, seq: u64) -> bool {
-        if self.bits.is_empty() {
-            self.bits = vec![0; (MINT_WINDOW / 64) as usize];
+    /// Shows the window `seq`, handed out to the claim tagged `tag` ([`claim_tag`]).
+    pub fn sight(&mut self, seq: u64, tag: u32) -> Sighting {
+        if self.tags.is_empty() {
+            self.tags = vec![0; MINT_WINDOW as usize];
         }
+        let i = |q: u64| (q % MINT_WINDOW) as usize;
         if seq > self.max {
             let from = self.max.max(seq.saturating_sub(MINT_WINDOW)) + 1;
             for q in from..=seq {
-                self.clear(q);
+                self.tags[i(q)] = 0;
             }
             self.max = seq;
-            self.flip(seq);
-            return true;
+            self.tags[i(seq)] = tag;
+            return Sighting::New;
         }
         if self.max - seq >= MINT_WINDOW {
-            return true;
+            return Sighting::New;
         }
-        !self.flip(seq)
+        match self.tags[i(seq)] {
+            0 => {
+                self.tags[i(seq)] = tag;
+                Sighting::New
+            }
+            t if t == tag => Sighting::Same,
+            _ => Sighting::Other,
+        }
     }
 }
 
@@ -124,21 +143,38 @@ mod tests {
     #[test]
     fn a_mint_window_tells_reordering_from_a_rollback() {
         let mut w = MintWindow::default();
-        assert!(w.first_mint(5));
-        assert!(w.first_mint(3), "out of order");
-        assert!(w.first_mint(4));
-        assert!(!w.first_mint(4), "minted twice");
-        assert!(w.first_mint(10_000));
-        assert!(
-            w.first_mint(10_000 - MINT_WINDOW + 1),
+        let (a, b) = (claim_tag("u1", "r1"), claim_tag("u2", "r2"));
+        assert_ne!(a, b);
+        assert_ne!(
+            claim_tag("u1", "r1x"),
+            claim_tag("u1r", "1x"),
+            "the separator counts"
+        );
+        assert_eq!(w.sight(5, a), Sighting::New);
+        assert_eq!(w.sight(3, a), Sighting::New, "out of order");
+        assert_eq!(w.sight(4, b), Sighting::New);
+        assert_eq!(
+            w.sight(4, b),
+            Sighting::Same,
+            "the same claim again (a replay)"
+        );
+        assert_eq!(w.sight(4, a), Sighting::Other, "minted twice");
+        assert_eq!(w.sight(10_000, a), Sighting::New);
+        assert_eq!(
+            w.sight(10_000 - MINT_WINDOW + 1, b),
+            Sighting::New,
             "at the window's edge"
         );
-        assert!(w.first_mint(5), "far below the window: not known here");
-        assert!(!w.first_mint(10_000));
+        assert_eq!(
+            w.sight(5, b),
+            Sighting::New,
+            "far below the window: not known here"
+        );
+        assert_eq!(w.sight(10_000, b), Sighting::Other);
         // a new epoch starts far above
-        assert!(w.first_mint(EPOCH_SPAN + 1));
-        assert!(!w.first_mint(EPOCH_SPAN + 1));
-        assert!(w.first_mint(EPOCH_SPAN + 2));
+        assert_eq!(w.sight(EPOCH_SPAN + 1, a), Sighting::New);
+        assert_eq!(w.sight(EPOCH_SPAN + 1, b), Sighting::Other);
+        assert_eq!(w.sight(EPOCH_SPAN + 2, b), Sighting::New);
     }
 
     #[test]

@@ -16,7 +16,7 @@ use crate::contract::keys::{BatchKeys, SlotKeys};
 use crate::contract::mark_soldout::{self, Marked};
 use crate::contract::probe::Probe;
 use crate::contract::{meta_get, replay, restore, winners};
-use crate::domain::ids::{parse_coupon_id, seq_epoch, seq_position};
+use crate::domain::ids::{Sighting, claim_tag, parse_coupon_id, seq_epoch, seq_position};
 
 use super::census::probe_all;
 use super::{FaultKind, Stock, StockError, TransferKind};
@@ -67,14 +67,15 @@ impl<B: Backend> Stock<B> {
             nonce: a.nonce,
         };
         for _round in 0..=self.cfg.max_refill_rounds {
-            match claim::call(self.backend.as_ref(), slot, &args).await? {
+            let outcome = claim::call(self.backend.as_ref(), slot, &args).await?;
+            let fresh = matches!(outcome, Outcome::Claimed(_));
+            match outcome {
                 Outcome::ShardEmpty => {}
                 Outcome::NoBatch => return self.without_meta(keys, home).await,
-                Outcome::Claimed(c) if self.rolled_back(slot, &c) => {
-                    // Sealed at once: no claim or replay on it may answer until it is
-                    // repaired (a replay could hand out the id minted again).
-                    restore::seal(self.backend.as_ref(), slot).await?;
-                    return Ok(ClaimResult::ShardFenced);
+                Outcome::Claimed(ref c) | Outcome::Replayed(ref c)
+                    if self.rolled_back(slot, c, fresh, a) =>
+                {
+                    return self.fence(slot).await;
                 }
                 decided => return self.acknowledged(slot, ClaimResult::Decided(decided)).await,
             }
@@ -104,10 +105,19 @@ impl<B: Backend> Stock<B> {
         a: &ClaimArgs<'_>,
         refusal: ClaimResult,
     ) -> Result<ClaimResult, StockError> {
+        let slot = keys.shards.get(home as usize).ok_or(StockError::NotFound)?;
         Ok(match self.replay(keys, home, a.user, a.request_id).await? {
+            Some(c) if self.rolled_back(slot, &c, false, a) => return self.fence(slot).await,
             Some(c) => ClaimResult::Decided(Outcome::Replayed(c)),
             None => refusal,
         })
+    }
+
+    /// Seals a slot found rolled back at once: no claim or replay on it may answer until it
+    /// is repaired (a replay could hand out an id minted again).
+    async fn fence(&self, slot: &SlotKeys) -> Result<ClaimResult, StockError> {
+        restore::seal(self.backend.as_ref(), slot).await?;
+        Ok(ClaimResult::ShardFenced)
     }
 
     /// The home shard has no meta: the batch is lost when its pool is gone too (answered
@@ -124,17 +134,39 @@ impl<B: Backend> Stock<B> {
         Ok(ClaimResult::ShardFenced)
     }
 
-    /// Whether `minted` (just minted on `slot`) reveals a rollback: a sequence this instance
-    /// already saw the slot mint (`MintWindow`), or a position at or below what the database
-    /// holds from it (the persister's floor). Then the shard is reported, and
-    /// the coupon is not handed out (its id may be another user's): it reaches the database
-    /// like any claim, where a clash is recorded as a coupon conflict.
-    fn rolled_back(&self, slot: &SlotKeys, minted: &Coupon) -> bool {
-        let Some((_, shard, seq)) = parse_coupon_id(&minted.coupon_id) else {
+    /// Whether the coupon `got` (minted on `slot` just now, or replayed from an earlier
+    /// success of this claim) reveals a rollback. This instance's [`MintWindow`] remembers
+    /// which claim (user, request id) each sequence it saw went to:
+    /// - a sequence it saw go to ANOTHER claim was minted twice;
+    /// - a fresh mint of a sequence it saw before at all was minted twice;
+    /// - a mint this instance never saw, fresh or replayed to the request that minted it
+    ///   (its first reply was lost: the replay is the mint's first sighting), at or below
+    ///   what the database holds from the shard (the persister's floor) was minted again.
+    ///
+    /// Then the shard is reported, and the coupon is not handed out (its id may be another
+    /// user's): it reaches the database like any claim, where a clash is recorded as a
+    /// coupon conflict. A replay of an older success (another request's nonce) that this
+    /// instance never saw is only recorded: it is below the floor whenever it was persisted.
+    /// A replay without a nonce was restored from the database by a rebuild or repair: it is
+    /// the database's truth, never evidence of a rollback.
+    ///
+    /// [`MintWindow`]: crate::domain::ids::MintWindow
+    fn rolled_back(&self, slot: &SlotKeys, got: &Coupon, fresh: bool, a: &ClaimArgs<'_>) -> bool {
+        let Some((_, shard, seq)) = parse_coupon_id(&got.coupon_id) else {
             return false;
         };
-        let first = self.faults.first_mint(&slot.meta, seq);
-        if first && !self.faults.below_floor(&slot.meta, seq_position(seq)) {
+        if !fresh && got.minted_by.is_empty() {
+            // Written by a rebuild or repair from the database: the truth, not a mint.
+            return false;
+        }
+        let mint = fresh || got.minted_by == a.nonce;
+        let tag = claim_tag(a.user, a.request_id);
+        let minted_twice = match self.faults.sight(&slot.meta, seq, tag) {
+            Sighting::Other => true,
+            Sighting::Same => fresh,
+            Sighting::New => mint && self.faults.below_floor(&slot.meta, seq_position(seq)),
+        };
+        if !minted_twice {
             return false;
         }
         self.faults.report(
@@ -241,4 +273,127 @@ impl<B: Backend> Stock<B> {
 
 fn all_empty(probes: &[Probe]) -> bool {
     probes.iter().all(|p| p.stock <= 0 && p.outbox.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::backend::embedded::EmbeddedBackend;
+    use crate::config::{BatchesConfig, EmbeddedConfig, StockConfig};
+    use crate::domain::batch::NewBatch;
+
+    async fn one_shard_batch() -> (Stock<EmbeddedBackend>, BatchKeys) {
+        let backend = EmbeddedBackend::open(&EmbeddedConfig::in_memory()).unwrap();
+        let stock = Stock::new(Arc::new(backend), StockConfig::default());
+        let batch: NewBatch = serde_json::from_value(serde_json::json!({
+            "id": "rb", "name": "rollback", "stock": 100, "per_user_limit": 1,
+            "claim_window": {"start": "2020-01-01T00:00:00Z", "end": "2100-01-01T00:00:00Z"},
+            "validity": {"days_after_claim": 7}, "discount": {"kind": "fixed", "amount": 1},
+            "scope": {"kind": "all"}, "shards": 1
+        }))
+        .unwrap();
+        let batch = batch.validate(&BatchesConfig::default()).unwrap();
+        let keys = BatchKeys::new(&batch.id, 1);
+        stock.create(&batch, &keys, 1).await.unwrap();
+        (stock, keys)
+    }
+
+    fn args<'a>(user: &'a str, rid: &'a str, nonce: &'a str) -> ClaimArgs<'a> {
+        ClaimArgs {
+            user,
+            request_id: rid,
+            max_log: "0",
+            nonce,
+            total: 100,
+        }
+    }
+
+    fn coupon(r: ClaimResult) -> Coupon {
+        match r {
+            ClaimResult::Decided(Outcome::Claimed(c) | Outcome::Replayed(c)) => c,
+            other => panic!("expected a coupon, got {other:?}"),
+        }
+    }
+
+    /// Regression (issue 13, cluster failover test, leader mode): a claim whose reply was
+    /// lost in a failover is asked again with its request id; the promoted replica had
+    /// rolled the shard's counter back, so that first attempt minted an id this instance
+    /// had already handed to another user, and the retry's replay of its own mint handed it
+    /// out a second time.
+    #[tokio::test]
+    async fn an_own_replay_of_an_id_minted_again_fences_the_shard() {
+        let (stock, keys) = one_shard_batch().await;
+        let slot = &keys.shards[0];
+        let v = coupon(stock.claim(&keys, 0, &args("v", "rv", "nv")).await.unwrap());
+        // The failover: the shard's counter goes back one (v's claim record is gone too,
+        // but v is another user: nothing else matters here).
+        stock
+            .backend()
+            .eval_source("redis.call('DECR', KEYS[1])", &[&slot.claimed], &[])
+            .await
+            .unwrap();
+        // u's first attempt mints v's id again; its reply is lost (the stock layer never
+        // sees it) ...
+        let lost = claim::Args {
+            user: "u",
+            request_id: "ru",
+            max_log: "0",
+            nonce: "nu",
+        };
+        let again = claim::call(stock.backend().as_ref(), slot, &lost)
+            .await
+            .unwrap();
+        assert!(matches!(&again, Outcome::Claimed(c) if c.coupon_id == v.coupon_id));
+        // ... and the retry replays it: it must not be handed out.
+        let retry = stock.claim(&keys, 0, &args("u", "ru", "nu")).await.unwrap();
+        assert_eq!(retry, ClaimResult::ShardFenced);
+        assert!(
+            meta_get::call(stock.backend().as_ref(), slot)
+                .await
+                .unwrap()
+                .is_empty(),
+            "the shard is sealed"
+        );
+    }
+
+    /// The same check lets every ordinary replay through: of a claim this instance answered
+    /// (another request with the same id, or its own retry), of one it never saw (answered
+    /// by another gateway, or before a restart), and of one a rebuild restored (no nonce).
+    #[tokio::test]
+    async fn ordinary_replays_are_handed_out() {
+        let (stock, keys) = one_shard_batch().await;
+        let slot = &keys.shards[0];
+        let first = coupon(stock.claim(&keys, 0, &args("w", "rw", "n1")).await.unwrap());
+        for nonce in ["n1", "n2"] {
+            let r = stock
+                .claim(&keys, 0, &args("w", "rw", nonce))
+                .await
+                .unwrap();
+            assert_eq!(coupon(r).coupon_id, first.coupon_id, "{nonce}");
+        }
+        let unseen = claim::Args {
+            user: "x",
+            request_id: "rx",
+            max_log: "0",
+            nonce: "n3",
+        };
+        let Outcome::Claimed(x) = claim::call(stock.backend().as_ref(), slot, &unseen)
+            .await
+            .unwrap()
+        else {
+            panic!("x claims")
+        };
+        let r = stock.claim(&keys, 0, &args("x", "rx", "n4")).await.unwrap();
+        assert_eq!(coupon(r).coupon_id, x.coupon_id);
+        let r = stock.claim(&keys, 0, &args("y", "ry", "n5")).await.unwrap();
+        assert!(matches!(r, ClaimResult::Decided(Outcome::Claimed(_))));
+        assert!(
+            !meta_get::call(stock.backend().as_ref(), slot)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
 }

@@ -20,7 +20,7 @@ use dashmap::DashMap;
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
-use crate::domain::ids::MintWindow;
+use crate::domain::ids::{MintWindow, Sighting};
 
 /// A shard is reported at most this often.
 pub const REPORT_EVERY: Duration = Duration::from_secs(1);
@@ -91,9 +91,10 @@ impl FaultReporter {
         }
     }
 
-    /// Records `seq` as minted by the shard whose meta key is `meta`; `false` when this
-    /// instance saw it mint `seq` before (see [`MintWindow`]).
-    pub fn first_mint(&self, meta: &str, seq: u64) -> bool {
+    /// Shows the window of the shard whose meta key is `meta` that it handed out `seq` to
+    /// the claim tagged `tag` (`domain::ids::claim_tag`), recorded if new (see
+    /// [`MintWindow`]).
+    pub fn sight(&self, meta: &str, seq: u64, tag: u32) -> Sighting {
         #[allow(clippy::disallowed_methods)] // the guard ends with this expression
         let known = self.minted.get(meta).map(|w| w.value().clone());
         let window = match known {
@@ -106,7 +107,7 @@ impl FaultReporter {
                 .value()
                 .clone(),
         };
-        window.lock().first_mint(seq)
+        window.lock().sight(seq, tag)
     }
 
     /// The floor of the shard whose meta key is `meta` (created at 0), for its keeper (the

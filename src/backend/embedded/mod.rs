@@ -227,6 +227,18 @@ impl EmbeddedBackend {
         Ok(vm.run(code, slot, keys, args, self.aof.as_deref()))
     }
 
+    /// Runs a script's source (crate tests only: they use it to play a Redis failure, such as
+    /// a claim counter rolled back, that no script of `lua/` can cause).
+    #[cfg(test)]
+    pub(crate) async fn eval_source(
+        &self,
+        src: &str,
+        keys: &[&str],
+        args: &[&str],
+    ) -> Result<Value, BackendError> {
+        self.eval_code(Code::Source(src), keys, args).await
+    }
+
     /// Runs `code` and waits until its reply may be released.
     async fn eval_code(
         &self,
