@@ -174,7 +174,7 @@ async fn failovers_under_load(ack: &str) {
         // Its supervisor restarts the killed node: empty, it rejoins as a replica of the
         // node that took its slots over (the deployment rules: never back into the primary
         // role). Without it, the fourth failover leaves a primary with no replica, whose
-        // claims answer 503 `not_replicated` and whose acknowledged records wait in its
+        // claims answer 503 `indeterminate` and whose acknowledged records wait in its
         // log for a replica to confirm them (the replica mode's promise needs one).
         cluster.restart_empty(victim);
         let c = &cluster;

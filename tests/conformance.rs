@@ -186,6 +186,7 @@ pub mod cases {
             max_log: "0",
             nonce,
             total: 1000,
+            ack: None,
         };
         let first = stock.claim(&keys, home, &args("n1")).await.unwrap();
         let ClaimResult::Decided(ScriptOutcome::Claimed(c1)) = first else {
@@ -332,6 +333,38 @@ pub mod cases {
     }
 
     /// Bad input gets a 4xx with the right code and changes nothing.
+    /// A batch's own acknowledgement mode: `leader` everywhere; the replica modes only where
+    /// the backend can honour them (never on the embedded backend: it has no replicas).
+    pub async fn batch_ack<B: Backend>(g: &Gw<B>) {
+        let app = &g.app;
+        let redis = app.stock().backend().kind() == "redis";
+        for (id, ack, accepted) in [
+            ("ack-leader", "leader", true),
+            ("ack-replica", "replica", redis),
+        ] {
+            let (s, v) = call(
+                app,
+                "POST",
+                "/v1/batches",
+                batch_json(id, 10, 1, json!({"ack": ack})),
+            )
+            .await;
+            if accepted {
+                assert_eq!((s, v["ack"].as_str()), (201, Some(ack)), "{id}: {v}");
+            } else {
+                assert_eq!(
+                    (s, v["error"].as_str()),
+                    (400, Some("bad_request")),
+                    "{id}: {v}"
+                );
+                let (s, _) = call(app, "GET", &format!("/v1/batches/{id}"), "").await;
+                assert_eq!(s, 404, "{id}: nothing created");
+            }
+        }
+        let (s, v) = claim(app, "ack-leader", "u1", Some("r1")).await;
+        assert_eq!(s, 201, "{v}");
+    }
+
     pub async fn bad_input<B: Backend>(g: &Gw<B>) {
         create(g, "bad", 10, 1, json!({})).await;
         let app = &g.app;
@@ -728,7 +761,8 @@ on_both_backends!(
     rules,
     bad_input,
     wallet,
-    transfer_to_a_missing_slot
+    transfer_to_a_missing_slot,
+    batch_ack
 );
 
 /// Random operation sequences give identical answers on both backends.

@@ -68,6 +68,7 @@ fn batch(id: &str, shards: u32, stock: i64, limit: i64, daily: Option<i64>) -> B
         shards,
         state: BatchState::Active,
         created_at: Timestamp(now),
+        ack: None,
     }
 }
 

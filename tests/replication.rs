@@ -3,7 +3,7 @@
 //!
 //! Invariants checked here:
 //! - under `redis.ack = "replica"`, a claim is answered 201 (or replayed 200) only once a
-//!   replica holds it; while no replica confirms, the answer is 503 `not_replicated` and the
+//!   replica holds it; while no replica confirms, the answer is 503 `indeterminate` and the
 //!   database receives nothing the replica lacks; once the replica is back, the same request
 //!   ids answer the very coupons minted meanwhile. Under `leader` (the control) the same
 //!   outage still gets 201s: the claims a failover would lose;
@@ -159,7 +159,7 @@ async fn replica_ack_answers_only_what_a_replica_holds() {
         );
     }
 
-    step("replica stopped: 503 not_replicated, nothing reaches the database");
+    step("replica stopped: 503 indeterminate, nothing reaches the database");
     let settled = Instant::now();
     while rows(&db).await < 40 {
         assert!(
@@ -174,7 +174,7 @@ async fn replica_ack_answers_only_what_a_replica_holds() {
     for (u, (s, v)) in &stalled {
         assert_eq!(
             (*s, v["error"].as_str()),
-            (503, Some("not_replicated")),
+            (503, Some("indeterminate")),
             "{u}: {v}"
         );
         assert!(
@@ -235,6 +235,108 @@ async fn replica_ack_answers_only_what_a_replica_holds() {
         assert!(n >= at_least, "{result}: {n}");
     }
     db.close().await;
+}
+
+/// A batch's own acknowledgement mode (issue 13 item 2, "optionally per batch"): on a
+/// `leader` deployment, a batch created with `"ack": "replica"` answers its claims only once
+/// the replica holds them (503 `indeterminate` while the replica is stopped, then the same
+/// coupon for the same request id once it is back), while the other batches keep answering
+/// 201 from the primary alone. A mode the backend cannot honour is refused at creation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_may_ask_for_replica_acknowledgements_on_a_leader_deployment() {
+    let _wd = Watchdog::arm(Duration::from_secs(120));
+    let primary = RedisServer::start();
+    let replica = RedisServer::start_replica_of(&primary);
+    let pg = PgDb::create();
+    let ack_timeout = format!("redis.ack_timeout_ms={ACK_TIMEOUT_MS}");
+    let gw = gateway(&primary, &pg.url, &["redis.ack=\"leader\"", &ack_timeout]);
+    let http = Http::new(&gw.base());
+    ready(&http).await;
+    let with_ack = |id: &str, ack: Option<&str>| {
+        let mut b: Value = serde_json::from_str(&batch_body(id, 100)).unwrap();
+        if let Some(a) = ack {
+            b["ack"] = json!(a);
+        }
+        b.to_string()
+    };
+    let (s, v) = http
+        .send("POST", "/v1/batches", &with_ack("strict", Some("replica")))
+        .await
+        .unwrap();
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(v["ack"], "replica", "{v}");
+    let (s, v) = http
+        .send("POST", "/v1/batches", &with_ack("loose", None))
+        .await
+        .unwrap();
+    assert_eq!(s, 201, "{v}");
+    assert!(v.get("ack").is_none(), "{v}");
+    // this machine's Redis is 7.0: no WAITAOF, so a batch cannot ask for it
+    let info = primary.cli(&["INFO", "server"]);
+    if info.contains("redis_version:7.0") || info.contains("redis_version:6.") {
+        let (s, v) = http
+            .send("POST", "/v1/batches", &with_ack("aof", Some("replica_aof")))
+            .await
+            .unwrap();
+        assert_eq!((s, v["error"].as_str()), (400, Some("bad_request")), "{v}");
+    }
+    let (s, v) = http
+        .send("POST", "/v1/batches", &with_ack("bogus", Some("quorum")))
+        .await
+        .unwrap();
+    assert_eq!((s, v["error"].as_str()), (400, Some("bad_request")), "{v}");
+
+    step("healthy replica: both batches answer 201");
+    for (u, (s, v)) in claim_in(&http, "strict", &users("a", 10)).await {
+        assert_eq!(s, 201, "{u}: {v}");
+    }
+    for (u, (s, v)) in claim_in(&http, "loose", &users("a", 10)).await {
+        assert_eq!(s, 201, "{u}: {v}");
+    }
+
+    step("replica stopped: the strict batch answers 503 indeterminate, the other 201");
+    replica.pause();
+    let stalled = claim_in(&http, "strict", &users("b", 6)).await;
+    for (u, (s, v)) in &stalled {
+        assert_eq!(
+            (*s, v["error"].as_str()),
+            (503, Some("indeterminate")),
+            "{u}: {v}"
+        );
+    }
+    let started = Instant::now();
+    for (u, (s, v)) in claim_in(&http, "loose", &users("b", 6)).await {
+        assert_eq!(s, 201, "{u}: {v}");
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(ACK_TIMEOUT_MS),
+        "the loose batch waited for the replica"
+    );
+
+    step("replica back: the same request ids answer the coupons the primary holds");
+    replica.resume();
+    let mut answered = HashMap::new();
+    let since = Instant::now();
+    while answered.len() < stalled.len() {
+        for (u, (s, v)) in claim_in(&http, "strict", &users("b", 6)).await {
+            if matches!(s, 200 | 201) {
+                answered.insert(u, v["coupon_id"].as_str().unwrap().to_string());
+            }
+        }
+        assert!(since.elapsed() < Duration::from_secs(20), "never confirmed");
+    }
+    for (u, c) in &answered {
+        assert_eq!(
+            coupon_in(&primary, "strict", u).as_deref(),
+            Some(c.as_str()),
+            "{u}"
+        );
+        assert_eq!(
+            coupon_in(&replica, "strict", u).as_deref(),
+            Some(c.as_str()),
+            "{u}"
+        );
+    }
 }
 
 fn batch_body(id: &str, stock: i64) -> String {

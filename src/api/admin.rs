@@ -29,7 +29,7 @@ use crate::backend::Backend;
 use crate::catalog::CatalogError;
 use crate::catalog::cache::CachedBatch;
 use crate::contract::keys::BatchKeys;
-use crate::domain::batch::{Batch, BatchPatch, NewBatch};
+use crate::domain::batch::{Batch, BatchPatch, InvalidBatch, NewBatch};
 use crate::stock::StockError;
 
 /// How often a PATCH re-reads the definition and retries after losing the compare-and-set
@@ -58,6 +58,18 @@ pub async fn create<B: Backend>(
 ) -> Result<(StatusCode, Batch), ApiError> {
     let new: NewBatch = parse_object_integral(body, "batch")?;
     let proposed = new.validate(&api.config().batches)?;
+    if let Some(ack) = proposed
+        .ack
+        .filter(|a| !api.stock().backend().supports_ack(*a))
+    {
+        return Err(InvalidBatch(format!(
+            "ack \"{}\" is not available on this backend ({}): the embedded backend has no \
+             replicas, and \"replica_aof\" needs Redis 7.2 or later",
+            ack.as_str(),
+            api.stock().backend().kind()
+        ))
+        .into());
+    }
     let store = api.store();
     let (stored, inserted) = store.insert_batch(&proposed).await?;
     if stored.batch.fingerprint() != proposed.fingerprint() {

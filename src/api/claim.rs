@@ -170,7 +170,7 @@ async fn claim_inner<B: Backend>(
             let _permit = api.admission().admit().await?;
             let found = api
                 .stock()
-                .replay(&entry.keys, home, &identity.user_id, rid)
+                .replay(&entry.keys, home, &identity.user_id, rid, entry.batch().ack)
                 .await?;
             stage("cache", t);
             if let Some(c) = found {
@@ -208,6 +208,7 @@ async fn claim_inner<B: Backend>(
         max_log: &api.max_log,
         nonce: &nonce,
         total: entry.batch().stock,
+        ack: entry.batch().ack,
     };
     let claim_once = || api.stock().claim(&entry.keys, home, &args);
     let mut result = claim_once().await;

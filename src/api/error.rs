@@ -128,7 +128,7 @@ impl ApiError {
             ApiError::RateLimited { .. } => "rate_limited",
             ApiError::Overloaded(_) => "overloaded",
             ApiError::BackendUnavailable(_) => "backend_unavailable",
-            ApiError::NotReplicated(_) => "not_replicated",
+            ApiError::NotReplicated(_) => "indeterminate",
             ApiError::RouteNotFound => "not_found",
             ApiError::MethodNotAllowed(_) => "method_not_allowed",
             ApiError::Internal(_) => "internal",

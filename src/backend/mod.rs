@@ -21,6 +21,8 @@ use std::future::Future;
 use bytes::Bytes;
 use thiserror::Error;
 
+use crate::config::Ack;
+
 /// A reply, converted the way Redis converts Lua values: `nil`/`false` -> `Nil`,
 /// numbers truncated to integers, `true` -> `Int(1)`, tables -> arrays (up to the first nil),
 /// `{ok=...}` -> `Status`. `{err=...}` replies become [`BackendError::Script`].
@@ -103,17 +105,27 @@ pub trait Backend: Send + Sync + 'static {
     /// `"redis"` or `"embedded"`, for metrics and logs.
     fn kind(&self) -> &'static str;
 
-    /// Returns once the backend's acknowledgement rule (`redis.ack`) holds for every write
-    /// the node serving `fence` made so far (a key: in a cluster its slot picks the node).
-    /// Under `ack = "leader"`, and on the embedded backend, that is at once. Under the
-    /// replica modes one connection writes `fence` and then waits (`WAIT` / `WAITAOF`): the
-    /// write puts that connection's replication offset past every earlier write of the node
-    /// (the claim being confirmed included, whichever connection made it), so a replay is
-    /// confirmed as surely as a fresh claim. Too few replicas in time:
-    /// [`BackendError::NotReplicated`].
-    fn confirm(&self, fence: &str) -> impl Future<Output = Result<(), BackendError>> + Send {
-        let _ = fence;
+    /// Returns once the acknowledgement rule `ack` (`None`: the deployment's `redis.ack`; a
+    /// batch may name its own) holds for every write the node serving `fence` made so far
+    /// (a key: in a cluster its slot picks the node). Under `"leader"`, and on the embedded
+    /// backend, that is at once. Under the replica modes one connection writes `fence` and
+    /// then waits (`WAIT` / `WAITAOF`): the write puts that connection's replication offset
+    /// past every earlier write of the node (the claim being confirmed included, whichever
+    /// connection made it), so a replay is confirmed as surely as a fresh claim. Too few
+    /// replicas in time: [`BackendError::NotReplicated`].
+    fn confirm(
+        &self,
+        fence: &str,
+        ack: Option<Ack>,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send {
+        let _ = (fence, ack);
         async { Ok(()) }
+    }
+
+    /// Whether a batch may ask for `ack` here (checked when it is created): the embedded
+    /// backend has no replicas, and `replica_aof` needs a server with `WAITAOF`.
+    fn supports_ack(&self, ack: Ack) -> bool {
+        ack == Ack::Leader
     }
 
     /// Makes everything acknowledged so far durable (graceful shutdown). Redis persists on

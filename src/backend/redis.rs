@@ -4,10 +4,11 @@
 //! A `NOSCRIPT` reply (after a restart, a failover or `SCRIPT FLUSH`) reloads the scripts
 //! and retries once. Every call is bounded by `command_timeout_ms` through
 //! `tokio::time::timeout` (fred's per-call options are not applied to `EVALSHA`).
-//! Under `redis.ack = "replica"` / `"replica_aof"`, [`Backend::confirm`] writes a per-shard
-//! fence key and waits (`WAIT` / `WAITAOF`) on a pool of its own, so a wait that blocks its
-//! connection never delays script calls; `replica_aof` checks at connect that the server
-//! has `WAITAOF` (Redis 7.2+) and refuses to start otherwise.
+//! Under `redis.ack = "replica"` / `"replica_aof"` (or a batch's own `ack`),
+//! [`Backend::confirm`] writes a per-shard fence key and waits (`WAIT` / `WAITAOF`) on a pool
+//! of its own, so a wait that blocks its connection never delays script calls; whether the
+//! server has `WAITAOF` (Redis 7.2+) is read at connect: a `replica_aof` deployment refuses
+//! to start without it, and a batch cannot ask for it.
 //! Invariant kept here: a call on a disconnected client fails at once with
 //! [`BackendError::Unavailable`] without being queued, so "503, nothing was claimed" holds for
 //! it; a call that timed out after being sent is reported as unavailable too, and callers make
@@ -44,13 +45,16 @@ impl Loaded {
     }
 }
 
-/// `redis.ack` in a replica mode: what a claim waits for, on connections of its own.
+/// What a claim waits for in a replica mode (the deployment's `redis.ack`, or a batch's
+/// own), on connections of its own.
 struct AckPolicy {
     pool: Pool,
     replicas: u32,
     timeout_ms: u64,
-    /// `WAITAOF 0 <replicas> <timeout>` rather than `WAIT <replicas> <timeout>`.
-    aof: bool,
+    /// The deployment's mode: what a batch without one of its own gets.
+    default: Ack,
+    /// The server has `WAITAOF` (Redis 7.2+).
+    waitaof: bool,
 }
 
 impl AckPolicy {
@@ -63,16 +67,17 @@ impl AckPolicy {
         FredValue::Integer(i64::try_from(self.timeout_ms).unwrap_or(i64::MAX))
     }
 
-    /// How many replicas confirmed: a write of `fence`, then the wait, pipelined on ONE
-    /// connection (the wait covers that connection's writes, so the fence comes first).
-    async fn wait(&self, fence: &str) -> Result<u32, BackendError> {
+    /// How many replicas confirmed: a write of `fence`, then the wait (`WAITAOF` when
+    /// `aof`), pipelined on ONE connection (the wait covers that connection's writes, so the
+    /// fence comes first).
+    async fn wait(&self, fence: &str, aof: bool) -> Result<u32, BackendError> {
         let client = self.pool.next_connected();
         if !client.is_connected() {
             return Err(BackendError::Unavailable("not connected".into()));
         }
         let pipe = client.pipeline();
         let slot = ClusterHash::Custom(fred::util::redis_keyslot(fence.as_bytes()));
-        let (cmd, args): (CustomCommand, Vec<FredValue>) = if self.aof {
+        let (cmd, args): (CustomCommand, Vec<FredValue>) = if aof {
             (
                 CustomCommand::new_static("WAITAOF", slot, false),
                 vec![FredValue::Integer(0), self.replicas(), self.timeout()],
@@ -112,7 +117,7 @@ fn server_version(info: &str) -> Option<(u32, u32)> {
 
 pub struct RedisBackend {
     pool: Pool,
-    ack: Option<AckPolicy>,
+    ack: AckPolicy,
     scripts: Arc<Loaded>,
     timeout: Duration,
     cluster: bool,
@@ -246,43 +251,37 @@ impl RedisBackend {
             }
         });
 
-        let ack = match cfg.ack {
-            Ack::Leader => None,
-            mode => {
-                let ack_pool = builder
-                    .build_pool(cfg.pool_size)
-                    .map_err(|e| classify(&e))?;
-                tokio::time::timeout(connect_timeout, ack_pool.init())
-                    .await
-                    .map_err(|_| BackendError::Unavailable("connect timed out".to_string()))?
-                    .map_err(|e| classify(&e))?;
-                let aof = mode == Ack::ReplicaAof;
-                if aof {
-                    let info: String =
-                        tokio::time::timeout(timeout, ack_pool.next().info(Some(InfoKind::Server)))
-                            .await
-                            .map_err(|_| BackendError::Unavailable("INFO timed out".to_string()))?
-                            .map_err(|e| classify(&e))?;
-                    match server_version(&info) {
-                        Some(v) if v >= (7, 2) => {}
-                        v => {
-                            return Err(BackendError::Unavailable(format!(
-                                "redis.ack = \"replica_aof\" needs WAITAOF (Redis 7.2 or \
-                                 later); the server is {}: use ack = \"replica\"",
-                                v.map_or("of an unknown version".to_string(), |(a, b)| {
-                                    format!("{a}.{b}")
-                                })
-                            )));
-                        }
-                    }
-                }
-                Some(AckPolicy {
-                    pool: ack_pool,
-                    replicas: cfg.ack_replicas,
-                    timeout_ms: cfg.ack_timeout_ms,
-                    aof,
+        // The acknowledgement pool exists in every mode: a batch may ask for replica
+        // acknowledgements on a `leader` deployment.
+        let ack_pool = builder
+            .build_pool(cfg.pool_size)
+            .map_err(|e| classify(&e))?;
+        tokio::time::timeout(connect_timeout, ack_pool.init())
+            .await
+            .map_err(|_| BackendError::Unavailable("connect timed out".to_string()))?
+            .map_err(|e| classify(&e))?;
+        let info: String =
+            tokio::time::timeout(timeout, ack_pool.next().info(Some(InfoKind::Server)))
+                .await
+                .map_err(|_| BackendError::Unavailable("INFO timed out".to_string()))?
+                .map_err(|e| classify(&e))?;
+        let version = server_version(&info);
+        let waitaof = version.is_some_and(|v| v >= (7, 2));
+        if cfg.ack == Ack::ReplicaAof && !waitaof {
+            return Err(BackendError::Unavailable(format!(
+                "redis.ack = \"replica_aof\" needs WAITAOF (Redis 7.2 or later); the server \
+                 is {}: use ack = \"replica\"",
+                version.map_or("of an unknown version".to_string(), |(a, b)| {
+                    format!("{a}.{b}")
                 })
-            }
+            )));
+        }
+        let ack = AckPolicy {
+            pool: ack_pool,
+            replicas: cfg.ack_replicas,
+            timeout_ms: cfg.ack_timeout_ms,
+            default: cfg.ack,
+            waitaof,
         };
         let backend = RedisBackend {
             pool,
@@ -404,14 +403,23 @@ impl Backend for RedisBackend {
         self.events.subscribe()
     }
 
-    async fn confirm(&self, fence: &str) -> Result<(), BackendError> {
-        let Some(ack) = &self.ack else {
+    async fn confirm(&self, fence: &str, ack: Option<Ack>) -> Result<(), BackendError> {
+        let mode = ack.unwrap_or(self.ack.default);
+        if mode == Ack::Leader {
             return Ok(());
-        };
+        }
+        if mode == Ack::ReplicaAof && !self.ack.waitaof {
+            // refused at create (`supports_ack`); a server downgraded since cannot confirm
+            return Err(BackendError::Unavailable(
+                "the server has no WAITAOF (a batch asks for replica_aof)".into(),
+            ));
+        }
+        let ack = &self.ack;
         let started = std::time::Instant::now();
         // the server's own wait, plus the usual bound for the round trip
         let bound = self.timeout + Duration::from_millis(ack.timeout_ms);
-        let result = match tokio::time::timeout(bound, ack.wait(fence)).await {
+        let aof = mode == Ack::ReplicaAof;
+        let result = match tokio::time::timeout(bound, ack.wait(fence, aof)).await {
             Ok(Ok(n)) if n >= ack.replicas => Ok(()),
             Ok(Ok(n)) => Err(BackendError::NotReplicated {
                 acked: n,
@@ -452,6 +460,10 @@ impl Backend for RedisBackend {
 
     fn kind(&self) -> &'static str {
         "redis"
+    }
+
+    fn supports_ack(&self, ack: Ack) -> bool {
+        ack != Ack::ReplicaAof || self.ack.waitaof
     }
 }
 

@@ -400,6 +400,7 @@ mod tests {
             shards: 2,
             state: BatchState::Active,
             created_at: Timestamp(0),
+            ack: None,
         }
     }
 

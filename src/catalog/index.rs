@@ -230,6 +230,7 @@ mod tests {
             shards: 1,
             state: BatchState::Active,
             created_at: Timestamp(0),
+            ack: None,
         }
     }
 

@@ -36,7 +36,7 @@ pub struct RedisConfig {
     pub ack: Ack,
     /// Replicas that must confirm a claim in the `replica` modes.
     pub ack_replicas: u32,
-    /// How long a claim waits for them; past it the answer is 503 `not_replicated` (retry
+    /// How long a claim waits for them; past it the answer is 503 `indeterminate` (retry
     /// with the same request id: the claim is on the primary and replays once confirmed).
     pub ack_timeout_ms: u64,
 }

@@ -12,7 +12,7 @@ use thiserror::Error;
 
 use super::ids::{valid_batch_id, valid_ident};
 pub use super::time::Timestamp;
-use crate::config::BatchesConfig;
+use crate::config::{Ack, BatchesConfig};
 
 /// Why a batch definition or patch is rejected (always a 400 `bad_request`).
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -98,6 +98,10 @@ pub struct NewBatch {
     pub eligibility: Eligibility,
     #[serde(default)]
     pub shards: Option<u32>,
+    /// When this batch's claims are acknowledged, if not as the deployment says
+    /// (`redis.ack`): e.g. `"replica"` for a high-value batch on a `"leader"` deployment.
+    #[serde(default)]
+    pub ack: Option<Ack>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -133,6 +137,11 @@ pub struct Batch {
     pub shards: u32,
     pub state: BatchState,
     pub created_at: Timestamp,
+    /// The batch's own acknowledgement mode (`None`: the deployment's `redis.ack`). Left
+    /// out of the stored JSON when `None`, so older definitions (and their fingerprints)
+    /// are unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ack: Option<Ack>,
 }
 
 const MAX_NAME: usize = 256;
@@ -231,6 +240,7 @@ impl NewBatch {
             shards,
             state: BatchState::Active,
             created_at: Timestamp::now(),
+            ack: self.ack,
         })
     }
 }

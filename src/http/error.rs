@@ -163,7 +163,7 @@ mod tests {
                 "rate_limited",
             ),
             (ApiError::Overloaded("x".into()), 503, "overloaded"),
-            (ApiError::NotReplicated("x".into()), 503, "not_replicated"),
+            (ApiError::NotReplicated("x".into()), 503, "indeterminate"),
             (
                 ApiError::BackendUnavailable("x".into()),
                 503,

@@ -510,7 +510,11 @@ impl<B: Backend> Grants<B> {
             let transient = if entry.is_sold_out() {
                 // Sold out: one read, so a grant this line made before (a resumed job)
                 // still counts as granted; no claim (it would scan every shard).
-                match self.stock.replay(keys, home, user, rid).await {
+                match self
+                    .stock
+                    .replay(keys, home, user, rid, entry.batch().ack)
+                    .await
+                {
                     Ok(Some(c)) => return Ok(mine(&c.minted_by, nonce)),
                     Ok(None) => return Ok(Decided::SkippedSoldOut),
                     Err(StockError::Backend(BackendError::Unavailable(m))) => m,
@@ -523,6 +527,7 @@ impl<B: Backend> Grants<B> {
                     max_log: &self.max_log,
                     nonce,
                     total: entry.batch().stock,
+                    ack: entry.batch().ack,
                 };
                 match self.stock.claim(keys, home, &args).await {
                     Ok(ClaimResult::Decided(o)) => match o {

@@ -177,7 +177,7 @@ pub const CLAIM_OUTCOMES: &[&str] = &[
     "rate_limited",
     "overloaded",
     "backend_unavailable",
-    "not_replicated",
+    "indeterminate",
     "internal",
 ];
 /// `script` labels of [`BACKEND_CALLS`] and [`BACKEND_SECONDS`]: the name of every script

@@ -385,7 +385,7 @@ impl<B: Backend> Worker<B> {
                 // knows, so no coupon id the database holds is minted again. Unconfirmed,
                 // they stay pending and are read again (no-op under "leader").
                 let fence = s.keys.fence.clone();
-                if let Err(e) = self.backend.confirm(&fence).await {
+                if let Err(e) = self.backend.confirm(&fence, None).await {
                     self.note_error("read", e.to_string());
                     let next_poll = now + self.backoff_min();
                     let s = &mut self.shards[i];

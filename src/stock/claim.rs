@@ -10,6 +10,7 @@
 use std::collections::HashSet;
 
 use crate::backend::Backend;
+use crate::config::Ack;
 use crate::contract::claim::{self, Coupon, Outcome};
 use crate::contract::events::{self, Event};
 use crate::contract::keys::{BatchKeys, SlotKeys};
@@ -33,6 +34,8 @@ pub struct ClaimArgs<'a> {
     pub nonce: &'a str,
     /// The batch's total stock as cached: sizes refill chunks (no extra round trip).
     pub total: i64,
+    /// The batch's own acknowledgement mode (`None`: the deployment's `redis.ack`).
+    pub ack: Option<Ack>,
 }
 
 /// The final answer of a claim after any refills.
@@ -77,7 +80,11 @@ impl<B: Backend> Stock<B> {
                 {
                     return self.fence(slot).await;
                 }
-                decided => return self.acknowledged(slot, ClaimResult::Decided(decided)).await,
+                decided => {
+                    return self
+                        .acknowledged(slot, ClaimResult::Decided(decided), a.ack)
+                        .await;
+                }
             }
             if self.refill(keys, home, a.total).await? > 0 {
                 continue;
@@ -106,11 +113,13 @@ impl<B: Backend> Stock<B> {
         refusal: ClaimResult,
     ) -> Result<ClaimResult, StockError> {
         let slot = keys.shards.get(home as usize).ok_or(StockError::NotFound)?;
-        Ok(match self.replay(keys, home, a.user, a.request_id).await? {
-            Some(c) if self.rolled_back(slot, &c, false, a) => return self.fence(slot).await,
-            Some(c) => ClaimResult::Decided(Outcome::Replayed(c)),
-            None => refusal,
-        })
+        Ok(
+            match self.replay(keys, home, a.user, a.request_id, a.ack).await? {
+                Some(c) if self.rolled_back(slot, &c, false, a) => return self.fence(slot).await,
+                Some(c) => ClaimResult::Decided(Outcome::Replayed(c)),
+                None => refusal,
+            },
+        )
     }
 
     /// Seals a slot found rolled back at once: no claim or replay on it may answer until it
@@ -137,8 +146,8 @@ impl<B: Backend> Stock<B> {
     /// Whether the coupon `got` (minted on `slot` just now, or replayed from an earlier
     /// success of this claim) reveals a rollback. This instance's [`MintWindow`] remembers
     /// which claim (user, request id) each sequence it saw went to:
-    /// - a sequence it saw go to ANOTHER claim was minted twice;
-    /// - a fresh mint of a sequence it saw before at all was minted twice;
+    /// - a sequence it saw go to ANOTHER claim was minted twice (seen again for the same
+    ///   claim is a replay, whose reply may even arrive before the mint's);
     /// - a mint this instance never saw, fresh or replayed to the request that minted it
     ///   (its first reply was lost: the replay is the mint's first sighting), at or below
     ///   what the database holds from the shard (the persister's floor) was minted again.
@@ -163,7 +172,8 @@ impl<B: Backend> Stock<B> {
         let tag = claim_tag(a.user, a.request_id);
         let minted_twice = match self.faults.sight(&slot.meta, seq, tag) {
             Sighting::Other => true,
-            Sighting::Same => fresh,
+            // The same claim: its replay's reply may arrive before its mint's.
+            Sighting::Same => false,
             Sighting::New => mint && self.faults.below_floor(&slot.meta, seq_position(seq)),
         };
         if !minted_twice {
@@ -187,9 +197,10 @@ impl<B: Backend> Stock<B> {
         &self,
         slot: &SlotKeys,
         answer: ClaimResult,
+        ack: Option<Ack>,
     ) -> Result<ClaimResult, StockError> {
         if let ClaimResult::Decided(Outcome::Claimed(_) | Outcome::Replayed(_)) = &answer {
-            self.backend.confirm(&slot.fence).await?;
+            self.backend.confirm(&slot.fence, ack).await?;
         }
         Ok(answer)
     }
@@ -202,11 +213,12 @@ impl<B: Backend> Stock<B> {
         home: u32,
         user: &str,
         request_id: &str,
+        ack: Option<Ack>,
     ) -> Result<Option<Coupon>, StockError> {
         let slot = keys.shards.get(home as usize).ok_or(StockError::NotFound)?;
         let found = replay::call(self.backend.as_ref(), slot, user, request_id).await?;
         if found.is_some() {
-            self.backend.confirm(&slot.fence).await?;
+            self.backend.confirm(&slot.fence, ack).await?;
         }
         Ok(found)
     }
@@ -307,6 +319,7 @@ mod tests {
             max_log: "0",
             nonce,
             total: 100,
+            ack: None,
         }
     }
 

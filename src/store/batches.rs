@@ -310,6 +310,7 @@ mod tests {
             shards: 2,
             state: BatchState::Active,
             created_at: Timestamp(5),
+            ack: None,
         }
     }
 
