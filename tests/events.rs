@@ -487,6 +487,83 @@ async fn expiry_and_reminders_follow_the_injected_clock_postgres() {
     expiry_and_reminders(db).await;
 }
 
+/// Lapsed locks are released by the sweep at their deadline, not before, exactly once, with
+/// a `released` event (cause `lock_timeout`) in the log and the outbox; a redeemed coupon
+/// and a lock still running are left alone; the clock is injected (no sleeps).
+async fn lock_timeouts(db: Db) {
+    let cfg = EventsConfig {
+        sweep_batch: 2, // several passes
+        ..EventsConfig::default()
+    };
+    let t0 = END - 20 * DAY;
+    let claims: Vec<ClaimRecord> = (1..=5).map(|i| claim("lt", i, "u8")).collect();
+    db.write_claims(&claims).await.unwrap();
+    for i in 1..=4 {
+        db.transition(&format!("lt.0.{i}"), &lock(&format!("o{i}")), t0)
+            .await
+            .unwrap();
+    }
+    // lt.0.1 redeemed in time; lt.0.4 locked again later (its deadline is later)
+    db.transition("lt.0.1", &order("redeem", "o1"), t0 + 1_000)
+        .await
+        .unwrap();
+    db.transition("lt.0.5", &lock("o5"), t0 + 30_000)
+        .await
+        .unwrap();
+
+    step("before the deadline: nothing");
+    let (s, _) = sweep_once(&db, &cfg, t0 + 59_999).await.unwrap();
+    assert_eq!((s.released, s.expired), (0, 0));
+    step("at the deadline: the three lapsed locks, over two passes");
+    let (a, _) = sweep_once(&db, &cfg, t0 + 60_000).await.unwrap();
+    let (b, _) = sweep_once(&db, &cfg, t0 + 60_001).await.unwrap();
+    assert_eq!((a.released, b.released), (2, 1));
+    let (c, _) = sweep_once(&db, &cfg, t0 + 60_002).await.unwrap();
+    assert_eq!(c.released, 0, "once");
+    for i in 2..=4 {
+        let id = format!("lt.0.{i}");
+        let (log, outbox) = log_and_outbox(&db, &id).await;
+        let kinds: Vec<&str> = log.iter().map(|(_, k)| k.as_str()).collect();
+        assert_eq!(kinds, ["claimed", "locked", "released"], "{id}");
+        assert_eq!(outbox, log, "{id}");
+        let row = db.get_coupon_at(&id, t0 + 60_002).await.unwrap().unwrap();
+        assert_eq!(row.state, CouponState::Unused, "{id}");
+    }
+    let (log, _) = log_and_outbox(&db, "lt.0.1").await;
+    assert_eq!(log.last().unwrap().1, "redeemed");
+    let (log, _) = log_and_outbox(&db, "lt.0.5").await;
+    assert_eq!(
+        log.last().unwrap().1,
+        "locked",
+        "its lock runs until t0 + 90 s"
+    );
+    let (s, _) = sweep_once(&db, &cfg, t0 + 90_000).await.unwrap();
+    assert_eq!(s.released, 1);
+    // the lapsed lock's order cannot redeem; another order can lock
+    assert!(
+        db.transition("lt.0.2", &order("redeem", "o2"), t0 + 90_001)
+            .await
+            .is_err()
+    );
+    db.transition("lt.0.2", &lock("o9"), t0 + 90_001)
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lapsed_locks_are_swept_at_their_deadline_sqlite() {
+    let _wd = Watchdog::arm(Duration::from_secs(60));
+    let (db, _dir) = sqlite().await;
+    lock_timeouts(db).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lapsed_locks_are_swept_at_their_deadline_postgres() {
+    let _wd = Watchdog::arm(Duration::from_secs(60));
+    let (db, _pg) = postgres().await;
+    lock_timeouts(db).await;
+}
+
 /// Regression: a coupon read `unused` at the very millisecond its validity ended (the end
 /// was treated as inclusive by the wallet's reads and transitions).
 #[tokio::test]

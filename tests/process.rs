@@ -329,6 +329,103 @@ async fn sigterm_drains_and_flushes() {
     }
 }
 
+/// A lock whose gateway died is released on time (issue 10 item 2): coupons locked through a
+/// gateway that is then killed with -9 come back to `unused` at their deadline, swept by the
+/// restarted gateway from the deadline the database holds, each with a `released` event
+/// (cause `lock_timeout`) in the outbox; another order can lock them after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn locks_of_a_killed_gateway_are_released_at_their_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut args, db_url) = embedded_args(dir.path(), "locks");
+    args.extend([
+        "--set".to_string(),
+        "wallet.lock_timeout_ms=1500".to_string(),
+        "--set".to_string(),
+        "events.sweep_interval_ms=100".to_string(),
+    ]);
+    let mut gw = Gateway::start(&args);
+    let http = Http::new(&gw.base());
+    wait_ready(&http).await;
+    let (s, v) = http
+        .send("POST", "/v1/batches", &batch_body("lk", 10))
+        .await
+        .unwrap();
+    assert_eq!(s, 201, "{v}");
+    let mut coupons = Vec::new();
+    for u in 0..3 {
+        let body = json!({"user_id": format!("lu{u}")}).to_string();
+        let (s, v) = http
+            .send("POST", "/v1/batches/lk/claims", &body)
+            .await
+            .unwrap();
+        assert_eq!(s, 201, "{v}");
+        coupons.push(v["coupon_id"].as_str().unwrap().to_string());
+    }
+    let lock = |c: &str, order: &str| {
+        let (http, path) = (http.clone(), format!("/v1/coupons/{c}/lock"));
+        let body = json!({"order_id": order}).to_string();
+        async move {
+            // the claim reaches the database asynchronously: retry until it is there
+            for _ in 0..100 {
+                match http.send("POST", &path, &body).await.unwrap() {
+                    (404, _) => tokio::time::sleep(Duration::from_millis(50)).await,
+                    other => return other,
+                }
+            }
+            panic!("{path}: never in the database");
+        }
+    };
+    for (i, c) in coupons.iter().enumerate() {
+        let (s, v) = lock(c, &format!("o{i}")).await;
+        assert_eq!((s, v["state"].as_str()), (200, Some("locked")), "{c}: {v}");
+    }
+    gw.kill9();
+    let killed = std::time::Instant::now();
+    gw.restart();
+    let http = Http::new(&gw.base());
+    wait_ready(&http).await;
+
+    let db = Db::connect(&DatabaseConfig {
+        url: db_url,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    loop {
+        let mut released = 0;
+        for c in &coupons {
+            let row = db.get_coupon(c).await.unwrap().unwrap();
+            let events = db.coupon_outbox(c).await.unwrap();
+            if row.state.as_str() == "unused" && events.iter().any(|e| e.kind == "released") {
+                released += 1;
+            }
+        }
+        if released == coupons.len() {
+            break;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(20),
+            "{released} of {} locks released by the sweeper",
+            coupons.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for c in &coupons {
+        let out = db.coupon_outbox(c).await.unwrap();
+        let released: Vec<_> = out.iter().filter(|e| e.kind == "released").collect();
+        assert_eq!(released.len(), 1, "{c}: one release event");
+        let (s, body) = http
+            .send("GET", &format!("/v1/events/{}", released[0].event_id), "")
+            .await
+            .unwrap();
+        assert_eq!(s, 200, "{body}");
+        assert_eq!(body["payload"]["cause"], "lock_timeout", "{c}: {body}");
+        let (s, v) = lock(c, "another-order").await;
+        assert_eq!((s, v["state"].as_str()), (200, Some("locked")), "{c}: {v}");
+    }
+    db.close().await;
+}
+
 /// Redis restarts with AOF mid-sale (NOSCRIPT and NOGROUP recovered, nothing lost), then
 /// restarts empty: claims are refused with 503 until `claimgate rebuild`, after which the
 /// sale finishes without re-selling anything.

@@ -246,6 +246,7 @@ pub async fn sweep_once(
     };
     CouponsSwept {
         expired: swept.expired,
+        released: swept.released,
         reminded: swept.reminded,
     }
     .emit();

@@ -642,19 +642,23 @@ impl OutboxMeasured {
     }
 }
 
-/// A sweep pass wrote `expired` coupons and "expiring soon" reminders.
+/// A sweep pass wrote `expired` coupons, lapsed locks' releases and "expiring soon"
+/// reminders.
 pub struct CouponsSwept {
     pub expired: u64,
+    pub released: u64,
     pub reminded: u64,
 }
 
 impl CouponsSwept {
     pub fn emit(self) {
         metrics::counter!(m::COUPONS_SWEPT, "kind" => "expired").increment(self.expired);
+        metrics::counter!(m::COUPONS_SWEPT, "kind" => "released").increment(self.released);
         metrics::counter!(m::COUPONS_SWEPT, "kind" => "reminded").increment(self.reminded);
-        if self.expired + self.reminded > 0 {
+        if self.expired + self.released + self.reminded > 0 {
             tracing::debug!(
                 expired = self.expired,
+                released = self.released,
                 reminded = self.reminded,
                 "coupon sweep"
             );

@@ -92,8 +92,8 @@ pub const EVENT_BACKLOG: &str = "claimgate_event_backlog";
 pub const EVENT_DEAD: &str = "claimgate_event_dead";
 /// Age of the oldest event waiting for delivery, seconds.
 pub const EVENT_LAG: &str = "claimgate_event_lag_seconds";
-/// Coupons the sweeps wrote, by `kind` ([`SWEEP_KINDS`]: expired; reminded = an
-/// "expiring soon" event written).
+/// Coupons the sweeps wrote, by `kind` ([`SWEEP_KINDS`]: expired; released = a lapsed
+/// lock released, cause `lock_timeout`; reminded = an "expiring soon" event written).
 pub const COUPONS_SWEPT: &str = "claimgate_coupons_swept_total";
 /// Grant job events by `event` ([`GRANT_JOB_EVENTS`]).
 pub const GRANT_JOBS: &str = "claimgate_grant_jobs_total";
@@ -276,7 +276,7 @@ pub const CACHE_KINDS: &[&str] = &[
 /// `outcome` labels of [`EVENT_DELIVERIES`].
 pub const DELIVERY_OUTCOMES: &[&str] = &["delivered", "failed", "dead"];
 /// `kind` labels of [`COUPONS_SWEPT`].
-pub const SWEEP_KINDS: &[&str] = &["expired", "reminded"];
+pub const SWEEP_KINDS: &[&str] = &["expired", "released", "reminded"];
 /// `event` labels of [`GRANT_JOBS`]: an upload became a job (`submitted`); a run of it
 /// began from its first chunk (`started`) or from its cursor (`resumed`); a run stopped
 /// early, to be resumed (`interrupted`); the job ended (`done`, `failed`).

@@ -65,6 +65,9 @@ pub struct EventRow {
 pub struct Swept {
     /// Coupons written `expired` (with their `expired` event and outbox row).
     pub expired: u64,
+    /// Lapsed locks written released (event `released`, cause `lock_timeout`, and its
+    /// outbox row).
+    pub released: u64,
     /// "Expiring soon" reminders written to the outbox.
     pub reminded: u64,
 }
@@ -131,6 +134,16 @@ const EXPIRY_DUE: &str = concat!(
      AND (state = 'unused' OR ",
     lapsed_lock!("$2"),
     ") ORDER BY valid_to LIMIT $1"
+);
+
+/// Locks whose deadline passed by `$2` (now) on coupons still valid then (past their
+/// validity end, expiry settles them): `$1` how many.
+const LOCK_DUE: &str = concat!(
+    "SELECT ",
+    coupon_columns!(),
+    " FROM coupons WHERE state = 'locked' AND ",
+    lapsed_lock!("$2"),
+    " AND valid_to > $2 ORDER BY lock_expires_at LIMIT $1"
 );
 
 /// Usable coupons whose validity ends in `($2, $3]` (now, now + lead) and that were not
@@ -309,9 +322,11 @@ impl Db {
         Err(DbError::Contended(coupon_id.to_string()))
     }
 
-    /// One pass of the sweeps at `now`, each over at most `limit` coupons (oldest validity
-    /// end first): coupons whose validity ended are written `expired` (state, event and
-    /// outbox row, `limit` per transaction), and usable coupons whose validity ends within
+    /// One pass of the sweeps at `now`, each over at most `limit` coupons (oldest first):
+    /// coupons whose validity ended are written `expired` (state, event and outbox row,
+    /// `limit` per transaction), locks whose deadline passed are written released (cause
+    /// `lock_timeout`: the deadline is the row's, so this holds whichever gateway took the
+    /// lock, and whether or not it still runs), and usable coupons whose validity ends within
     /// `reminder_lead_ms` get their one "expiring soon" outbox row (0: no reminders).
     /// Coupons changed concurrently are left to the next pass.
     pub async fn sweep_coupons(
@@ -320,13 +335,22 @@ impl Db {
         limit: u32,
         reminder_lead_ms: i64,
     ) -> Result<Swept, DbError> {
-        let expired = self.expire_due(now, limit).await?;
+        let expired = self
+            .sweep_due(EXPIRY_DUE, &Transition::Expire, now, limit)
+            .await?;
+        let released = self
+            .sweep_due(LOCK_DUE, &Transition::LockTimeout, now, limit)
+            .await?;
         let reminded = if reminder_lead_ms > 0 {
             self.remind_due(now, limit, reminder_lead_ms).await?
         } else {
             0
         };
-        Ok(Swept { expired, reminded })
+        Ok(Swept {
+            expired,
+            released,
+            reminded,
+        })
     }
 
     async fn due_coupons(
@@ -350,13 +374,20 @@ impl Db {
         Ok(due)
     }
 
-    async fn expire_due(&self, now: i64, limit: u32) -> Result<u64, DbError> {
-        let due = self.due_coupons(EXPIRY_DUE, now, limit, None).await?;
+    /// The coupons `sql` finds due at `now` (at most `limit`), each given what time did to
+    /// it (`t`: expiry, or a lapsed lock's release), in one transaction.
+    async fn sweep_due(
+        &self,
+        sql: &'static str,
+        t: &Transition,
+        now: i64,
+        limit: u32,
+    ) -> Result<u64, DbError> {
+        let due = self.due_coupons(sql, now, limit, None).await?;
         let mut decided = Vec::with_capacity(due.len());
         for c in &due {
             // a coupon changed since it was read is refused or a no-op: the next pass sees it
-            if let Ok(Decision::Apply { next, events }) =
-                decide(&c.stored()?, c.validity(), &Transition::Expire, now)
+            if let Ok(Decision::Apply { next, events }) = decide(&c.stored()?, c.validity(), t, now)
             {
                 decided.push((c, next, events));
             }
