@@ -19,6 +19,7 @@ use claimgate::config::DatabaseConfig;
 use claimgate::config::EmbeddedConfig;
 use claimgate::config::PersisterConfig;
 use claimgate::config::RedisConfig;
+use claimgate::config::RepairConfig;
 use claimgate::contract::claim_record::parse as parse_claim;
 use claimgate::contract::keys::{BatchKeys, SlotKeys};
 use claimgate::contract::log_ack::call as ack_log;
@@ -28,7 +29,8 @@ use claimgate::domain::batch::{
 };
 use claimgate::domain::ids::{home_shard, parse_coupon_id, seq_epoch};
 use claimgate::persist::Persister;
-use claimgate::recovery::{Difference, RebuildError, rebuild, reconcile};
+use claimgate::recovery::{Difference, RebuildError, Repairer, rebuild, reconcile};
+use claimgate::stock::FaultReporter;
 use claimgate::store::{CouponState, Db, DbError};
 use support::{PgDb, RedisServer};
 use tokio_util::sync::CancellationToken;
@@ -800,18 +802,14 @@ async fn database_outage_backlog_grows_then_drains() {
 
 /// A claim the persister read before Redis lost its data, and could not write yet (the
 /// database was unreachable from the gateway), reaches the database AFTER the operator's
-/// `rebuild` read it: the rebuilt Redis does not know it. Then the same request id mints a
-/// second coupon and the user passes the per-user limit. `reconcile` reports the difference
-/// (counter behind, claims extra, user count) until the next claims move the counters past
-/// it; nothing repairs it.
-/// Found while building tests/model.rs (which has no database-outage operation), by
-/// reading `recovery/rebuild.rs` (it checks the shard logs, which the loss emptied, not
-/// the records a persister holds in memory) and `persist/worker.rs` (a failed write keeps
-/// its records in memory and retries them). Not fixed: a rebuild needs a fence with the
-/// persisters (e.g. a per-batch lock or epoch check in the database that a persister's
-/// write transaction takes too), which is not a local change.
+/// `rebuild` read it: the rebuilt Redis does not know it. The persister's probe then finds
+/// the shard's counter behind what the database holds (the late record's position), seals
+/// the shard and reports it; the repairer restores it from the database in a new epoch, the
+/// late record included: the same request id replays that coupon and the user stays within
+/// the limit. Found while building tests/model.rs (then `#[ignore]`d as an open bug: the
+/// test ran a bare persister, without the fault reporter and the repairer every gateway
+/// runs since the failover work).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: a rebuild does not wait for records a persister read from the lost Redis"]
 async fn rebuild_while_a_persister_holds_unwritten_records_of_the_lost_redis() {
     let pg = PgDb::create();
     let proxy = proxy::FaultProxy::start(pg_addr(&pg.url).await).await;
@@ -823,12 +821,26 @@ async fn rebuild_while_a_persister_holds_unwritten_records_of_the_lost_redis() {
     let b = batch("fence", 1, 10, 1, None);
     let keys = setup(backend.as_ref(), &db, &b, 10).await;
     let shutdown = CancellationToken::new();
-    let p = Persister::spawn(
+    // as `Gateway::start` wires them: the persister reports faults to the repairer
+    let (faults, fault_rx) = FaultReporter::channel(16);
+    let p = Persister::spawn_reporting(
         backend.clone(),
         gateway_db.clone(),
         fast("p1"),
         shutdown.clone(),
+        faults,
     );
+    let repairer = Repairer::new(
+        backend.clone(),
+        gateway_db.clone(),
+        RepairConfig {
+            retry_ms: 100,
+            ..RepairConfig::default()
+        },
+        fault_rx,
+        shutdown.clone(),
+    );
+    let repairing = tokio::spawn(repairer.run());
     let status = p.status();
     let Claim::New(first) = claim(backend.as_ref(), &b, &keys, "w", "r0").await.unwrap() else {
         panic!("first claim refused")
@@ -855,6 +867,7 @@ async fn rebuild_while_a_persister_holds_unwritten_records_of_the_lost_redis() {
         .await
         .unwrap();
     assert_eq!(report.claims, 1, "{report}");
+    let rebuilt = db.epoch("fence").await.unwrap().unwrap();
     proxy.restore();
     eventually(
         "the held record reaches the database",
@@ -862,25 +875,46 @@ async fn rebuild_while_a_persister_holds_unwritten_records_of_the_lost_redis() {
         async || db.get_coupon(&c).await.unwrap().is_some(),
     )
     .await;
-    let before = reconcile(backend.as_ref(), &db, Some("fence"))
-        .await
-        .unwrap();
-    // the rebuild put the stock in the pool: give the shard some, as a gateway's refill does
-    refill(backend.as_ref(), &keys, 0, 5, "t-after-rebuild").await;
+    eventually(
+        "the shard is repaired in a newer epoch",
+        Duration::from_secs(20),
+        async || db.epoch("fence").await.unwrap().unwrap() > rebuilt,
+    )
+    .await;
+    eventually(
+        "the repaired shard serves again, knowing the late record",
+        Duration::from_secs(20),
+        async || {
+            matches!(
+                claim(backend.as_ref(), &b, &keys, "u", "r1").await,
+                Ok(Claim::Replay(_))
+            )
+        },
+    )
+    .await;
+    // the repair left the stock in the pool: give the shard some, as a gateway's refill does
+    refill(backend.as_ref(), &keys, 0, 5, "t-after-repair").await;
 
     let again = claim(backend.as_ref(), &b, &keys, "u", "r1").await.unwrap();
     let other = claim(backend.as_ref(), &b, &keys, "u", "r2").await.unwrap();
+    let fresh = claim(backend.as_ref(), &b, &keys, "v", "r3").await.unwrap();
     shutdown.cancel();
     p.join().await;
+    let _ = repairing.await;
     assert_eq!(
         again,
         Claim::Replay(c.clone()),
-        "u/r1 again must replay {c} (reconcile before: {before:?})"
+        "u/r1 again must replay {c}"
     );
     assert!(
         matches!(other, Claim::Refused(_)),
         "u holds {c}, limit 1: {other:?}"
     );
+    let Claim::New(v) = fresh else {
+        panic!("v claims: {fresh:?}")
+    };
+    assert_ne!(v, c, "no id minted twice");
+    assert_ne!(v, first, "no id minted twice");
 }
 
 // ---------------------------------------------------------------------------------------
