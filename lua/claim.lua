@@ -5,7 +5,8 @@
 --                     coupon-id epoch, absent = 0: bumped, durably first, by every rebuild)
 --   2 stock    string coupons left in this shard
 --   3 users    hash   user -> coupons claimed from this batch (per-user limit)
---   4 daily    hash   user -> "<utc day>:<count>" (per-user daily limit)
+--   4 daily    hash   user -> "<local day>:<count>" (per-user daily limit; the day number in
+--                     the batch's zone, see ARGV 7)
 --   5 req      hash   "<user>|<request id>" -> "<coupon>|<valid_from>|<valid_to>|<claimed_at>|<nonce>"
 --   6 log      stream claim records for the persister
 --   7 deny     set    users of this shard denied by the batch's eligibility rules
@@ -15,6 +16,16 @@
 --   4 batch id  5 shard index
 --   6 nonce of this HTTP request (recorded with the request id, returned on replay, so a
 --     caller that repeats its own call after a lost reply can tell it minted the coupon)
+--   7 (optional, absent = '0') the batch's UTC offset in ms now (an integer, |offset| <
+--     86400000; east positive): the day is floor((now + offset) / 86400000), now from TIME,
+--     so the per-user daily limit resets at midnight in the batch's time zone ('0' = UTC,
+--     as before this argument existed). The gateway computes the offset for its own clock's
+--     now (src/domain/time.rs Zone). Edge: on a day a DST change happens, the offset passed
+--     can be the one before the change for claims right after it (gateway and Redis clocks
+--     differ by ms). Most zones change at 01:00 to 03:00 local, far from midnight, so the
+--     day a claim counts on is the same with either offset; in the few that change at
+--     midnight (America/Santiago, Asia/Beirut, ...) a claim in the milliseconds after the
+--     change may count on the day before it.
 -- Returns:
 --   { 1, coupon_id, valid_from_ms, valid_to_ms, claimed_at_ms }   claimed now
 --   { 2, coupon_id, valid_from_ms, valid_to_ms, claimed_at_ms, nonce }   replay of an earlier
@@ -22,7 +33,10 @@
 --   { 0, code } refused, nothing written; code:
 --     -1 no such batch in this shard   -2 window not started   -3 window ended
 --     -4 paused   -5 user denied   -6 per-user limit   -7 per-user daily limit
---     -8 shard has no stock (the caller refills or declares sold out)
+--     -8 shard has no stock (the caller refills or declares sold out). This is also the
+--        budget check: a batch with a money budget has at most floor(budget / face value)
+--        stock in all (src/domain/batch.rs), so each shard's stock is its share of the
+--        budget, and decrementing only stock that is there never spends past it.
 --     -9 claim log backlog at its bound (shed, nothing claimed)
 -- Validates everything before the first write: a script that errors half-way keeps its writes.
 -- Coupon id: '<batch>.<shard>.<seq>', seq = epoch * 10^12 + KEYS[8] after INCR (1, 2, ...).
@@ -33,8 +47,12 @@
 --   k 'claimed'   c coupon id   u user id   r request id ('' = none)   b batch id
 --   s shard index   t claimed at (ms)   vf valid from (ms)   vt valid to (ms)
 
-if #ARGV ~= 6 or not tonumber(ARGV[3]) then
-  return redis.error_reply('ERR claim: expects 6 arguments (user, request id, max log, batch, shard, nonce)')
+if (#ARGV ~= 6 and #ARGV ~= 7) or not tonumber(ARGV[3]) then
+  return redis.error_reply('ERR claim: expects 6 or 7 arguments (user, request id, max log, batch, shard, nonce[, day offset])')
+end
+local offset = tonumber(ARGV[7] or '0')
+if not offset or offset ~= math.floor(offset) or offset <= -86400000 or offset >= 86400000 then
+  return redis.error_reply('ERR claim: the day offset must be an integer of ms, |offset| < 86400000')
 end
 local user, rid = ARGV[1], ARGV[2]
 local m = redis.call('HMGET', KEYS[1], 'state', 'start', 'end', 'limit', 'daily', 'vdays', 'vfrom',
@@ -62,7 +80,7 @@ local used = tonumber(redis.call('HGET', KEYS[3], user) or '0')
 if used >= tonumber(m[4]) then return { 0, -6 } end
 
 local daily = tonumber(m[5])
-local day = math.floor(now / 86400000)
+local day = math.floor((now + offset) / 86400000)
 local today = 0
 if daily > 0 then
   local d = redis.call('HGET', KEYS[4], user)

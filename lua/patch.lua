@@ -14,10 +14,12 @@
 --     difference to its current total is added to its stock (a total never shrinks);
 --     '' on shards (they hold no total)
 --   3 .. field/value pairs to set in meta (the full metadata at this version; not 'ver',
---     'total', 'soldout' or 'fp', which this script or others own)
+--     'total', 'soldout', 'fp' or 'cap', which this script or others own)
 -- Returns: { 1, version } applied; { 0, current version } stale or repeated version,
 --          nothing written; { -1, 0 } no such batch in this slot;
---          { -2, current total } the total would shrink (nothing written).
+--          { -2, current total } the total would shrink (nothing written);
+--          { -3, cap } the total would pass the pool's 'cap' (the most stock the batch's
+--          money budget pays for, written by setup/restore; nothing written).
 -- Validates everything before the first write.
 
 local ver = tonumber(ARGV[1])
@@ -34,7 +36,7 @@ if ARGV[2] ~= '' then
 end
 for i = 3, #ARGV, 2 do
   local f = ARGV[i]
-  if f == 'ver' or f == 'total' or f == 'soldout' or f == 'fp' then
+  if f == 'ver' or f == 'total' or f == 'soldout' or f == 'fp' or f == 'cap' then
     return redis.error_reply('ERR patch: field ' .. f .. ' is not settable')
   end
 end
@@ -49,6 +51,8 @@ if total then
   local had = tonumber(redis.call('HGET', KEYS[1], 'total'))
   if not had then return redis.error_reply('ERR patch: this slot holds no total') end
   if total < had then return { -2, had } end
+  local cap = tonumber(redis.call('HGET', KEYS[1], 'cap'))
+  if cap and total > cap then return { -3, cap } end
   add = total - had
 end
 

@@ -187,6 +187,7 @@ pub mod cases {
             nonce,
             total: 1000,
             ack: None,
+            day_offset_ms: 0,
         };
         let first = stock.claim(&keys, home, &args("n1")).await.unwrap();
         let ClaimResult::Decided(ScriptOutcome::Claimed(c1)) = first else {
@@ -724,6 +725,258 @@ pub mod cases {
         let (_, v) = call(&g.app, "GET", "/v1/users/w1/coupons?status=used", "").await;
         assert_eq!(v["coupons"][0]["coupon_id"], json!(c1));
     }
+
+    /// Issue 11 item 3: the budget is never exceeded under concurrency. A batch of face value
+    /// 500 with a budget for 37 coupons (18,750 = 37 * 500 + 250) starts with stock 20 on 8
+    /// shards; 300 claims race 40 `add_stock: 1` changes (refills move stock from the pool and
+    /// between shards meanwhile). Exactly 17 changes fit, the rest are 409 `over_budget`; the
+    /// batch never issues more than 37 coupons, and once drained it issued exactly 37: spent
+    /// 18,500 of 18,750.
+    pub async fn budget_under_concurrency<B: Backend>(g: &Gw<B>) {
+        const FACE: i64 = 500;
+        const CAP: i64 = 37;
+        const BUDGET: i64 = CAP * FACE + 250;
+        let make = |id: &str, stock: i64, extra: Value| {
+            let mut body: Value = serde_json::from_str(&batch_json(id, stock, 1, extra)).unwrap();
+            body["discount"] = json!({"kind": "fixed", "amount": FACE});
+            body.to_string()
+        };
+        // refused at create: a stock the budget cannot pay for, a percent discount without
+        // max_off, a budget past batches.max_budget
+        let (s, v) = call(
+            &g.app,
+            "POST",
+            "/v1/batches",
+            make("budget-x", CAP + 1, json!({"budget": BUDGET})),
+        )
+        .await;
+        assert_eq!((s, v["error"].as_str()), (400, Some("bad_request")), "{v}");
+        let mut pct: Value =
+            serde_json::from_str(&make("budget-p", 1, json!({"budget": BUDGET}))).unwrap();
+        pct["discount"] = json!({"kind": "percent", "percent_off": 10});
+        let (s, v) = call(&g.app, "POST", "/v1/batches", pct.to_string()).await;
+        assert_eq!((s, v["error"].as_str()), (400, Some("bad_request")), "{v}");
+        let (s, _) = call(
+            &g.app,
+            "POST",
+            "/v1/batches",
+            make(
+                "budget-y",
+                1,
+                json!({"budget": g.cfg.batches.max_budget + 1}),
+            ),
+        )
+        .await;
+        assert_eq!(s, 400);
+
+        let (s, v) = call(
+            &g.app,
+            "POST",
+            "/v1/batches",
+            make("budget", 20, json!({"budget": BUDGET, "shards": 8})),
+        )
+        .await;
+        assert_eq!(s, 201, "{v}");
+        assert_eq!(v["budget"], BUDGET);
+
+        let patches: Vec<_> = (0..40)
+            .map(|_| {
+                let app = g.app.clone();
+                tokio::spawn(async move {
+                    // 503 = changed concurrently too often, nothing changed: the client retries
+                    for _ in 0..50 {
+                        let (s, v) = call(
+                            &app,
+                            "PATCH",
+                            "/v1/batches/budget",
+                            json!({"add_stock": 1}).to_string(),
+                        )
+                        .await;
+                        if s != 503 {
+                            return (s, v);
+                        }
+                    }
+                    panic!("a change kept answering 503");
+                })
+            })
+            .collect();
+        let mut res = storm(
+            &g.app,
+            "budget",
+            300,
+            |i| format!("u{i}"),
+            |i| Some(format!("r{i}")),
+        )
+        .await;
+        let (mut applied, mut refused) = (0, 0);
+        for p in patches {
+            match p.await.unwrap() {
+                (200, v) => {
+                    applied += 1;
+                    let b = &v["budget"];
+                    assert!(b["spent"].as_i64().unwrap() <= BUDGET, "{v}");
+                    assert!(v["batch"]["stock"].as_i64().unwrap() <= CAP, "{v}");
+                }
+                (409, v) => {
+                    assert_eq!(v["error"], "over_budget", "{v}");
+                    refused += 1;
+                }
+                (s, v) => panic!("add_stock answered {s}: {v}"),
+            }
+        }
+        assert_eq!((applied, refused), (CAP - 20, 40 - (CAP - 20)));
+        // drain what the claims racing the changes did not take (added after they ran)
+        for round in 0..5 {
+            let more = storm(&g.app, "budget", 50, |i| format!("d{round}-{i}"), |_| None).await;
+            let done = more.iter().all(|r| r.1 == 410);
+            res.extend(more);
+            if done {
+                break;
+            }
+        }
+        let mut coupons = HashSet::new();
+        for (_, s, v) in &res {
+            match s {
+                201 => assert!(coupons.insert(coupon(v)), "duplicate {v}"),
+                410 => assert_eq!(v["error"], "sold_out"),
+                other => panic!("unexpected {other}: {v} ({:?})", status_counts(&res)),
+            }
+        }
+        assert_eq!(coupons.len() as i64, CAP, "{:?}", status_counts(&res));
+        assert_conserved(g, "budget", CAP).await;
+        let (s, v) = call(&g.app, "GET", "/v1/batches/budget", "").await;
+        assert_eq!(s, 200);
+        assert_eq!(
+            v["stock"],
+            json!({"total": CAP, "claimed": CAP, "remaining": 0})
+        );
+        assert_eq!(
+            v["budget"],
+            json!({"total": BUDGET, "spent": CAP * FACE, "remaining": 250})
+        );
+        // at the cap: one more coupon is refused, nothing changes
+        let (s, v) = call(
+            &g.app,
+            "PATCH",
+            "/v1/batches/budget",
+            json!({"add_stock": 1}).to_string(),
+        )
+        .await;
+        assert_eq!((s, v["error"].as_str()), (409, Some("over_budget")), "{v}");
+        let (_, v) = call(&g.app, "GET", "/v1/batches/budget", "").await;
+        assert_eq!(v["stock"]["total"], CAP);
+        // a batch without a budget shows none
+        create(g, "nobudget", 3, 1, json!({})).await;
+        let (_, v) = call(&g.app, "GET", "/v1/batches/nobudget", "").await;
+        assert!(
+            v.get("budget").is_none() && v["batch"].get("budget").is_none(),
+            "{v}"
+        );
+    }
+
+    /// Issue 11 item 3: `lua/claim.lua` counts the daily limit's days as floor((TIME + offset)
+    /// / DAY), with the offset the gateway passes (ARGV 7), against the backend's own clock
+    /// (no sleep: two offsets half a day apart put the same instant on two local days). A call
+    /// without the argument (a gateway of the previous release) counts UTC days, as before.
+    pub async fn daily_days_follow_the_offset<B: Backend>(g: &Gw<B>) {
+        use claimgate::contract::claim::{self as c, Args, Outcome};
+        const DAY: i64 = 86_400_000;
+        create(
+            g,
+            "dayoff",
+            20,
+            10,
+            json!({"shards": 1, "per_user_daily_limit": 1}),
+        )
+        .await;
+        let keys = g.app.catalog().load("dayoff").await.unwrap().keys.clone();
+        let slot = &keys.shards[0];
+        let backend = g.backend.as_ref();
+        let run = |user: &'static str, rid: &'static str, off: String| async move {
+            let args = Args {
+                user,
+                request_id: rid,
+                max_log: "0",
+                nonce: "n",
+                day_offset: &off,
+            };
+            c::call(backend, slot, &args).await
+        };
+        // the backend's now (its TIME), from a first claim's claimed_at
+        let now = match run("probe", "p1", "0".into()).await.unwrap() {
+            Outcome::Claimed(coupon) => coupon.claimed_at_ms,
+            o => panic!("{o:?}"),
+        };
+        // a local 18:00 (3/4 of a day) within 3/4 of a day of now, then the next day's 06:00
+        let r = now.rem_euclid(DAY);
+        let off1 = if r < DAY / 2 {
+            -DAY / 4 - r
+        } else {
+            3 * DAY / 4 - r
+        };
+        let off2 = off1 + DAY / 2;
+        assert!(off1.abs() < DAY && off2.abs() < DAY);
+        let claimed = |o: &Outcome| matches!(o, Outcome::Claimed(_));
+        assert!(claimed(&run("x", "1", off1.to_string()).await.unwrap()));
+        assert_eq!(
+            run("x", "2", off1.to_string()).await.unwrap(),
+            Outcome::DailyLimitReached
+        );
+        // the same instant half a day further east is the next local day: the limit reset
+        assert!(claimed(&run("x", "3", off2.to_string()).await.unwrap()));
+        assert_eq!(
+            run("x", "4", off2.to_string()).await.unwrap(),
+            Outcome::DailyLimitReached
+        );
+        // bad offsets are refused before anything is written
+        for bad in ["86400000", "-86400000", "1.5", "x", ""] {
+            let e = run("y", "1", bad.to_string()).await;
+            assert!(
+                matches!(e, Err(claimgate::backend::BackendError::Script(_))),
+                "{bad}: {e:?}"
+            );
+        }
+        // six arguments: the UTC day, as before ARGV 7 existed
+        let args = Args {
+            user: "z",
+            request_id: "1",
+            max_log: "0",
+            nonce: "n",
+            day_offset: "0",
+        };
+        let argv = c::argv(slot, &args);
+        let six = |rid: &'static str| {
+            let mut a = argv;
+            a[1] = rid;
+            a
+        };
+        let reply = backend
+            .eval(
+                claimgate::backend::Script::Claim,
+                &c::keys(slot),
+                &six("1")[..6],
+            )
+            .await;
+        assert!(claimed(&c::decode(reply.unwrap()).unwrap()));
+        let reply = backend
+            .eval(
+                claimgate::backend::Script::Claim,
+                &c::keys(slot),
+                &six("2")[..6],
+            )
+            .await;
+        assert_eq!(
+            c::decode(reply.unwrap()).unwrap(),
+            Outcome::DailyLimitReached
+        );
+        let day_utc = now.div_euclid(DAY);
+        let (s, v) = call(&g.app, "GET", "/v1/batches/dayoff", "").await;
+        assert_eq!(
+            (s, v["stock"]["claimed"].as_i64()),
+            (200, Some(4)),
+            "{v} (day {day_utc})"
+        );
+    }
 }
 
 fn status_counts(res: &[(String, u16, Value)]) -> HashMap<String, usize> {
@@ -762,7 +1015,9 @@ on_both_backends!(
     bad_input,
     wallet,
     transfer_to_a_missing_slot,
-    batch_ack
+    batch_ack,
+    budget_under_concurrency,
+    daily_days_follow_the_offset
 );
 
 /// Random operation sequences give identical answers on both backends.
@@ -888,4 +1143,77 @@ async fn backlog_bound_sheds_then_recovers_redis() {
 async fn backlog_bound_sheds_then_recovers_embedded() {
     let g = embedded_gw_with(&["persister.max_backlog_per_shard=5".into()]).await;
     backlog_bound_case(&g).await;
+}
+
+/// Issue 11 item 3: the per-user daily limit of a batch in Asia/Shanghai resets at midnight
+/// in Beijing (16:00 UTC), not at 08:00 in Beijing (00:00 UTC), through the whole claim
+/// path (the cache's memory of users at their limit included), on one injected clock that
+/// the gateway and the embedded backend's `TIME` share: no sleep. (Redis's TIME cannot be
+/// moved: `daily_days_follow_the_offset::redis` checks the script's day arithmetic there.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daily_limit_rolls_over_at_local_midnight_embedded() {
+    use claimgate::domain::time::{ManualClock, Timestamp};
+    let at = |s: &str| Timestamp::parse(s).unwrap().0;
+    let g = embedded_gw().await;
+    let clock = Arc::new(ManualClock::new(at("2026-11-11T15:59:58Z"))); // 23:59:58 Beijing
+    g.backend.set_clock(clock.clone());
+    let app = claimgate::gateway::assemble_with_clock(
+        g.cfg.clone(),
+        g.backend.clone(),
+        g.db.clone(),
+        None,
+        clock.clone(),
+    );
+    for (id, zone) in [("bj", json!("Asia/Shanghai")), ("utc", Value::Null)] {
+        let body = batch_json(
+            id,
+            100,
+            10,
+            json!({"shards": 2, "per_user_daily_limit": 1, "timezone": zone}),
+        );
+        let (s, v) = call(&app, "POST", "/v1/batches", body).await;
+        assert_eq!(s, 201, "{v}");
+    }
+    let (_, v) = call(&app, "GET", "/v1/batches/bj", "").await;
+    assert_eq!(v["batch"]["timezone"], "Asia/Shanghai");
+    let mut n = 0;
+    let mut claim_as = |batch: &'static str| {
+        n += 1;
+        let (app, rid) = (app.clone(), format!("r{n}"));
+        async move { claim(&app, batch, "u1", Some(&rid)).await.0 }
+    };
+    // 23:59:58 in Beijing: the first claim of the day, then the limit (twice: the second
+    // refusal comes from the cache)
+    for batch in ["bj", "utc"] {
+        assert_eq!(claim_as(batch).await, 201, "{batch}");
+        assert_eq!(claim_as(batch).await, 409, "{batch}");
+        assert_eq!(claim_as(batch).await, 409, "{batch}");
+    }
+    // 00:00:00.000 in Beijing: a new day there, not in UTC
+    clock.set(at("2026-11-11T16:00:00Z"));
+    assert_eq!(
+        claim_as("bj").await,
+        201,
+        "Beijing's midnight resets the Beijing batch"
+    );
+    assert_eq!(claim_as("bj").await, 409);
+    assert_eq!(claim_as("utc").await, 409, "the UTC day has not turned");
+    // 08:00 in Beijing = 00:00 UTC: a new UTC day, not in Beijing (the old bug reset here)
+    clock.set(at("2026-11-12T00:00:00Z"));
+    assert_eq!(claim_as("utc").await, 201);
+    assert_eq!(
+        claim_as("bj").await,
+        409,
+        "08:00 in Beijing is not a new day there"
+    );
+    // an unknown zone is refused with its own code, nothing created
+    let body = batch_json("mars", 1, 1, json!({"timezone": "Mars/Olympus"}));
+    let (s, v) = call(&app, "POST", "/v1/batches", body).await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (400, Some("unknown_timezone")),
+        "{v}"
+    );
+    let (s, _) = call(&app, "GET", "/v1/batches/mars", "").await;
+    assert_eq!(s, 404);
 }

@@ -837,6 +837,84 @@ async fn campaign_answers(gw: &Gw, doc: &Value, coupon: &str) {
     .await;
 }
 
+/// Issue 11 item 3: a batch with a zone and a budget, its GET (with `budget`), the 409
+/// `over_budget` of an `add_stock` past it and the 400 `unknown_timezone` of an unknown
+/// zone, all as the document says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zones_and_budgets_answer_as_documented() {
+    let doc = doc();
+    let gw = gateway().await;
+    let mut body = json!({
+        "id": "oab", "name": "5 off", "stock": 3, "per_user_limit": 1,
+        "claim_window": {"start": "2020-01-01T00:00:00Z", "end": "2100-01-01T00:00:00Z"},
+        "validity": {"days_after_claim": 7},
+        "discount": {"kind": "fixed", "amount": 500},
+        "scope": {"kind": "all"},
+        "timezone": "Asia/Shanghai", "budget": 2000,
+    });
+    let created = conforms(
+        &gw,
+        &doc,
+        "POST",
+        "/v1/batches",
+        "/v1/batches",
+        &body.to_string(),
+    )
+    .await;
+    assert_eq!(
+        (created["timezone"].as_str(), created["budget"].as_i64()),
+        (Some("Asia/Shanghai"), Some(2000))
+    );
+    let claim = json!({"user_id": "u1"}).to_string();
+    conforms(
+        &gw,
+        &doc,
+        "POST",
+        "/v1/batches/{id}/claims",
+        "/v1/batches/oab/claims",
+        &claim,
+    )
+    .await;
+    let got = conforms(&gw, &doc, "GET", "/v1/batches/{id}", "/v1/batches/oab", "").await;
+    assert_eq!(
+        got["budget"],
+        json!({"total": 2000, "spent": 500, "remaining": 1500})
+    );
+    let add = |n: i64| json!({"add_stock": n}).to_string();
+    let over = conforms(
+        &gw,
+        &doc,
+        "PATCH",
+        "/v1/batches/{id}",
+        "/v1/batches/oab",
+        &add(2),
+    )
+    .await;
+    assert_eq!(over["error"], "over_budget");
+    let ok = conforms(
+        &gw,
+        &doc,
+        "PATCH",
+        "/v1/batches/{id}",
+        "/v1/batches/oab",
+        &add(1),
+    )
+    .await;
+    assert_eq!(ok["stock"]["total"], 4);
+    body["id"] = json!("oab2");
+    body["timezone"] = json!("Mars/Olympus");
+    let bad = conforms(
+        &gw,
+        &doc,
+        "POST",
+        "/v1/batches",
+        "/v1/batches",
+        &body.to_string(),
+    )
+    .await;
+    assert_eq!(bad["error"], "unknown_timezone");
+}
+
 /// Issue "For the people who run it", item 5: the document states the rules the server
 /// enforces (with their configured defaults), the server URL is relative, and every link
 /// names an operation that exists, with the parameters it takes.
@@ -864,6 +942,10 @@ fn the_rules_are_stated_the_server_is_relative_and_links_resolve() {
     assert_eq!(
         s["BatchPatch"]["properties"]["add_stock"]["maximum"],
         cfg.batches.max_stock
+    );
+    assert_eq!(
+        s["NewBatch"]["properties"]["budget"]["maximum"],
+        cfg.batches.max_budget
     );
     assert_eq!(
         s["BatchPatch"]["not"]["required"],

@@ -71,6 +71,8 @@ fn batch(id: &str, shards: u32, stock: i64, limit: i64, daily: Option<i64>) -> B
         state: BatchState::Active,
         created_at: Timestamp(now),
         ack: None,
+        timezone: None,
+        budget: None,
     }
 }
 

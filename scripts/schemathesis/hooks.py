@@ -17,6 +17,13 @@ valid is valid here too:
   and holds at most 500,000,000 coupons; a PATCH's end before 2026-11-12 is moved to
   2100-01-01 and its `add_stock` is at most 1,000,000.
 
+- a batch's `timezone` names a zone of the IANA database (the schema cannot list them): a
+  string is replaced by "Asia/Shanghai";
+- a batch's `budget` pays for its stock and for every `add_stock` a PATCH of this run may
+  send (at most 2 of MAX_ADD): a well-formed budget becomes (stock + 2 * MAX_ADD) * face
+  value, and is dropped when that passes `batches.max_budget` (10^12) or the discount has
+  no bounded face value (a percent discount without `max_off`).
+
 - a streamed grant upload (`text/csv`, `application/x-ndjson`) generated as a non-string
   (a type violation) is sent as an empty body: text on the wire cannot carry the type,
   and the text of a number may be a valid upload.
@@ -40,6 +47,21 @@ MAX_ADD = 1_000_000
 MAX_CREATE = 500_000_000
 LATEST_START = datetime(2026, 11, 11, tzinfo=timezone.utc)
 LATEST_START_TEXT = "2026-11-11T00:00:00Z"
+MAX_BUDGET = 1_000_000_000_000
+A_ZONE = "Asia/Shanghai"
+
+
+def _int(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == int(v)
+
+
+def _face(discount):
+    """The face value of a well-formed discount (None: unbounded or malformed)."""
+    if not isinstance(discount, dict):
+        return None
+    kind = discount.get("kind")
+    v = discount.get("max_off") if kind == "percent" else discount.get("amount")
+    return int(v) if _int(v) and v > 0 else None
 
 
 IN_RANGE = "2026-11-11T00:00:00Z"
@@ -108,6 +130,15 @@ def before_call(ctx, case, kwargs):
         validity = body.get("validity")
         if isinstance(validity, dict) and "days_after_claim" not in validity:
             _order(validity)
+        if isinstance(body.get("timezone"), str):
+            body["timezone"] = A_ZONE
+        budget, stock, face = body.get("budget"), body.get("stock"), _face(body.get("discount"))
+        if _int(budget) and budget >= 1 and _int(stock) and stock >= 1:
+            need = None if face is None else (int(stock) + 2 * MAX_ADD) * face
+            if need is None or need > MAX_BUDGET:
+                del body["budget"]
+            else:
+                body["budget"] = max(int(budget), need)
     elif method == "PATCH" and path == "/v1/batches/{id}":
         window = body.get("claim_window")
         if isinstance(window, dict):

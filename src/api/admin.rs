@@ -16,7 +16,11 @@
 //!   definition (`batches.max_stock` included), then applied to Redis at that version by an
 //!   idempotent, order-independent script: concurrent changes apply exactly once, in order,
 //!   and a change interrupted on its way to Redis is finished by the catalog's
-//!   `heal_definitions`.
+//!   `heal_definitions`;
+//! - a batch with a money budget never holds more stock than the budget pays for: its
+//!   create is refused (400) and an `add_stock` past it is refused (409 `over_budget`) by
+//!   the same compare-and-set, so the claim script, which never sells stock that is not
+//!   there, never spends past the budget (`domain::batch`'s module documentation).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,10 +49,22 @@ pub struct StockView {
     pub remaining: i64,
 }
 
+/// A batch's money budget: `spent` is the face values of the coupons claimed (claimed *
+/// face value), never more than `total`.
+#[derive(Debug, Serialize)]
+pub struct BudgetView {
+    pub total: i64,
+    pub spent: i64,
+    pub remaining: i64,
+}
+
 #[derive(Debug, Serialize)]
 pub struct BatchView {
     pub batch: Batch,
     pub stock: StockView,
+    /// Only for a batch with a budget.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub budget: Option<BudgetView>,
 }
 
 /// `POST /v1/batches`.
@@ -62,7 +78,7 @@ pub async fn create<B: Backend>(
         .ack
         .filter(|a| !api.stock().backend().supports_ack(*a))
     {
-        return Err(InvalidBatch(format!(
+        return Err(InvalidBatch::Bad(format!(
             "ack \"{}\" is not available on this backend ({}): the embedded backend has no \
              replicas, and \"replica_aof\" needs Redis 7.2 or later",
             ack.as_str(),
@@ -158,13 +174,19 @@ pub async fn get<B: Backend>(api: &Api<B>, id: &str) -> Result<BatchView, ApiErr
         Some(m) => m.batch,
         None => (*entry.batch()).clone(),
     };
+    let budget = batch.budget.zip(batch.budget_spent(c.claimed));
     Ok(BatchView {
-        batch,
         stock: StockView {
             total: c.total,
             claimed: c.claimed,
             remaining: c.total - c.claimed,
         },
+        budget: budget.map(|(total, spent)| BudgetView {
+            total,
+            spent,
+            remaining: total - spent,
+        }),
+        batch,
     })
 }
 

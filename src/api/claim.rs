@@ -139,7 +139,9 @@ async fn claim_inner<B: Backend>(
     // 4. local hot-key cache: only negative answers
     let catalog = api.catalog();
     let entry = catalog.load_live(batch_id).await?;
-    let now = Timestamp::now();
+    // the Api's clock (the system's; a test's to cross a local midnight without sleeping):
+    // the cache's window and day checks and the day offset the script gets agree on it
+    let now = Timestamp(api.clock().now_ms());
     let home = home_shard(&identity.user_id, entry.keys.shards.len() as u32);
     if let Some(refusal) = catalog.cache().refuse(&entry, &identity, now) {
         CacheAnswered {
@@ -209,6 +211,7 @@ async fn claim_inner<B: Backend>(
         nonce: &nonce,
         total: entry.batch().stock,
         ack: entry.batch().ack,
+        day_offset_ms: entry.day_offset_ms(now),
     };
     let claim_once = || api.stock().claim(&entry.keys, home, &args);
     let mut result = claim_once().await;

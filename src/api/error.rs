@@ -49,6 +49,12 @@ pub enum ApiError {
     SoldOut,
     #[error("a different batch already uses this id")]
     BatchExists,
+    /// A batch's `timezone` is not an IANA name (with the message naming it).
+    #[error("{0}")]
+    UnknownTimezone(String),
+    /// A change that would make the stock cost more than the batch's budget.
+    #[error("{0}")]
+    OverBudget(String),
     #[error("{0}")]
     InvalidState(String),
     /// With the wait the limiter computed (the `Retry-After` of this answer).
@@ -97,6 +103,8 @@ impl ApiError {
             ApiError::Paused,
             ApiError::SoldOut,
             ApiError::BatchExists,
+            ApiError::UnknownTimezone("example".into()),
+            ApiError::OverBudget("example".into()),
             ApiError::InvalidState("example".into()),
             ApiError::RateLimited { retry_after_s: 1 },
             ApiError::Overloaded("example".into()),
@@ -124,6 +132,8 @@ impl ApiError {
             ApiError::Paused => "paused",
             ApiError::SoldOut => "sold_out",
             ApiError::BatchExists => "batch_exists",
+            ApiError::UnknownTimezone(_) => "unknown_timezone",
+            ApiError::OverBudget(_) => "over_budget",
             ApiError::InvalidState(_) => "invalid_state",
             ApiError::RateLimited { .. } => "rate_limited",
             ApiError::Overloaded(_) => "overloaded",
@@ -178,7 +188,11 @@ impl From<LimitError> for ApiError {
 
 impl From<InvalidBatch> for ApiError {
     fn from(e: InvalidBatch) -> Self {
-        ApiError::BadRequest(e.0)
+        match e {
+            InvalidBatch::Bad(m) => ApiError::BadRequest(m),
+            e @ InvalidBatch::UnknownZone(_) => ApiError::UnknownTimezone(e.to_string()),
+            InvalidBatch::OverBudget(m) => ApiError::OverBudget(m),
+        }
     }
 }
 
@@ -260,6 +274,7 @@ impl From<RebuildError> for ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::time::UnknownZone;
 
     /// Does not compile when a variant is added: then add it to `ApiError::examples` too.
     #[allow(dead_code)]
@@ -279,6 +294,8 @@ mod tests {
             | ApiError::Paused
             | ApiError::SoldOut
             | ApiError::BatchExists
+            | ApiError::UnknownTimezone(_)
+            | ApiError::OverBudget(_)
             | ApiError::InvalidState(_)
             | ApiError::RateLimited { .. }
             | ApiError::NotReplicated(_)
@@ -294,7 +311,7 @@ mod tests {
     fn examples_cover_every_code() {
         let codes: std::collections::BTreeSet<_> =
             ApiError::examples().iter().map(ApiError::code).collect();
-        assert_eq!(codes.len(), 21, "{codes:?}");
+        assert_eq!(codes.len(), 23, "{codes:?}");
     }
 
     /// The `outcome` label set of the claims metric is the success outcomes and every code
@@ -311,6 +328,8 @@ mod tests {
             .collect();
         let not_a_claim: std::collections::BTreeSet<&str> = [
             "batch_exists",
+            "unknown_timezone",
+            "over_budget",
             "coupon_not_found",
             "event_not_found",
             "job_not_found",
@@ -348,7 +367,12 @@ mod tests {
             (DbError::Corrupt("x".into()).into(), "backend_unavailable"),
             (AuthError::MissingUser.into(), "bad_request"),
             (AuthError::Expired.into(), "unauthorized"),
-            (InvalidBatch("x".into()).into(), "bad_request"),
+            (InvalidBatch::Bad("x".into()).into(), "bad_request"),
+            (
+                InvalidBatch::UnknownZone(UnknownZone("Mars/Olympus".into())).into(),
+                "unknown_timezone",
+            ),
+            (InvalidBatch::OverBudget("x".into()).into(), "over_budget"),
             (GrantError::TooManyUsers(5).into(), "bad_request"),
             (GrantError::Empty(String::new()).into(), "bad_request"),
             (

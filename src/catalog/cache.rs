@@ -4,6 +4,9 @@
 //! out, paused, outside the window, not eligible, at limit). It never grants: every coupon
 //! comes from the claim script, which re-checks everything atomically. A stale entry can
 //! at worst refuse a claim the script would have allowed, until the next event or refresh.
+//! A user remembered at the daily limit is remembered for the batch's LOCAL day (its
+//! `timezone`, as `lua/claim.lua` counts it), so the cache lets the user through again at
+//! the same local midnight the script resets at.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -16,12 +19,15 @@ use parking_lot::{Mutex, RwLock};
 use crate::contract::keys::BatchKeys;
 use crate::domain::batch::{Batch, BatchState, Timestamp};
 use crate::domain::quote::{Terms, scope_set};
+use crate::domain::time::Zone;
 
 /// One batch as this instance knows it.
 pub struct CachedBatch {
     pub id: String,
     pub keys: BatchKeys,
     def: RwLock<Arc<Batch>>,
+    /// The definition's time zone, resolved once (a claim asks its offset).
+    zone: RwLock<Arc<Zone>>,
     deny: RwLock<Arc<HashSet<String>>>,
     /// The scope ids as a set (a cart line or a product page matches with one lookup);
     /// replaced, never mutated, so a changed scope gets a new `Arc` (the product index tells
@@ -39,7 +45,7 @@ pub struct CachedBatch {
     /// loaded; cleared when stock is added.
     winners: RwLock<Option<Arc<HashSet<Box<str>>>>>,
     winners_loading: AtomicBool,
-    /// Users known to be at their limit: user -> UTC day it applies to (`i64::MAX` for the
+    /// Users known to be at their limit: user -> local day it applies to (`i64::MAX` for the
     /// lifetime limit, which never resets while the backend keeps the batch). Forgotten when
     /// the limits change and when the batch is rebuilt (see [`CachedBatch::enter_epoch`]).
     at_limit: DashMap<Box<str>, i64>,
@@ -54,9 +60,11 @@ impl CachedBatch {
         let keys = BatchKeys::new(&batch.id, batch.shards);
         let deny = batch.eligibility.deny_users.iter().cloned().collect();
         let scope = scope_set(&batch);
+        let zone = batch.zone();
         CachedBatch {
             id: batch.id.clone(),
             keys,
+            zone: RwLock::new(Arc::new(zone)),
             def: RwLock::new(Arc::new(batch)),
             deny: RwLock::new(Arc::new(deny)),
             scope: RwLock::new(Arc::new(scope)),
@@ -85,6 +93,22 @@ impl CachedBatch {
         self.version.load(Ordering::Acquire)
     }
 
+    /// The batch's time zone.
+    pub fn zone(&self) -> Arc<Zone> {
+        self.zone.read().clone()
+    }
+
+    /// The batch's UTC offset at `now`, ms: what `lua/claim.lua` adds to its TIME to count
+    /// days in the batch's zone.
+    pub fn day_offset_ms(&self, now: Timestamp) -> i64 {
+        self.zone.read().offset_ms_at(now.0)
+    }
+
+    /// The batch's local day at `now` (`lua/claim.lua`'s day number).
+    pub fn local_day(&self, now: Timestamp) -> i64 {
+        self.zone.read().local_day(now.0)
+    }
+
     /// Replaces the definition if `version` is not older than what is cached.
     pub fn update(&self, batch: Batch, version: i64, sold_out: bool) {
         let _serial = self.updating.lock();
@@ -96,6 +120,9 @@ impl CachedBatch {
         }
         if batch.scope != self.def.read().scope {
             *self.scope.write() = Arc::new(scope_set(&batch));
+        }
+        if batch.timezone != self.def.read().timezone {
+            *self.zone.write() = Arc::new(batch.zone());
         }
         *self.def.write() = Arc::new(batch);
         self.version.store(version, Ordering::Release);
@@ -340,7 +367,7 @@ impl BatchCache {
     fn user_at_limit(&self, entry: &CachedBatch, user: &str, now: Timestamp) -> bool {
         #[allow(clippy::disallowed_methods)] // guard dropped at the end of the statement
         let day = entry.at_limit.get(user).map(|d| *d);
-        day.is_some_and(|day| day == i64::MAX || day == now.0.div_euclid(86_400_000))
+        day.is_some_and(|day| day == i64::MAX || day == entry.local_day(now))
     }
 
     /// Remembers that `user` reached the lifetime limit (`daily = false`) or today's limit.
@@ -349,7 +376,7 @@ impl BatchCache {
             return;
         }
         let day = if daily {
-            now.0.div_euclid(86_400_000)
+            entry.local_day(now)
         } else {
             i64::MAX
         };
@@ -401,6 +428,8 @@ mod tests {
             state: BatchState::Active,
             created_at: Timestamp(0),
             ack: None,
+            timezone: None,
+            budget: None,
         }
     }
 
@@ -456,6 +485,33 @@ mod tests {
         cache.remember_at_limit(&e, "u", true, Timestamp(day + 5));
         assert!(cache.user_at_limit(&e, "u", Timestamp(day + 10)));
         assert!(!cache.user_at_limit(&e, "u", Timestamp(2 * day + 1)));
+    }
+
+    /// Issue 11 item 3: a user at the daily limit of a batch in Asia/Shanghai is let through
+    /// again at midnight in Beijing (16:00 UTC), not at 08:00 in Beijing (00:00 UTC), and a
+    /// change of the zone applies to what is remembered from then on.
+    #[test]
+    fn daily_limit_entries_expire_at_the_batch_s_local_midnight() {
+        let t = |s: &str| Timestamp::parse(s).unwrap();
+        let cache = BatchCache::new(10, Duration::from_secs(1), 100);
+        let mut b = batch(0, i64::MAX);
+        b.timezone = Some("Asia/Shanghai".into());
+        let e = cache.insert(Arc::new(CachedBatch::new(b.clone(), 1, false)));
+        assert_eq!(e.day_offset_ms(t("2026-11-11T12:00:00Z")), 8 * 3_600_000);
+        cache.remember_at_limit(&e, "u", true, t("2026-11-11T15:59:59Z"));
+        assert!(cache.user_at_limit(&e, "u", t("2026-11-11T15:59:59.999Z")));
+        assert!(!cache.user_at_limit(&e, "u", t("2026-11-11T16:00:00Z")));
+        // remembered just after Beijing's midnight: still at the limit past 00:00 UTC
+        cache.remember_at_limit(&e, "v", true, t("2026-11-11T16:00:01Z"));
+        assert!(cache.user_at_limit(&e, "v", t("2026-11-12T00:30:00Z")));
+        // the UTC batch of the same instants turns its day at 00:00 UTC
+        let mut utc = b.clone();
+        utc.timezone = None;
+        e.update(utc, 2, false);
+        assert_eq!(e.day_offset_ms(t("2026-11-11T12:00:00Z")), 0);
+        cache.remember_at_limit(&e, "w", true, t("2026-11-11T16:00:01Z"));
+        assert!(cache.user_at_limit(&e, "w", t("2026-11-11T23:59:59Z")));
+        assert!(!cache.user_at_limit(&e, "w", t("2026-11-12T00:00:00Z")));
     }
 
     /// Regression: the second lookup of an expired "missing" mark deadlocked its thread

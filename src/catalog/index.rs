@@ -231,6 +231,8 @@ mod tests {
             state: BatchState::Active,
             created_at: Timestamp(0),
             ack: None,
+            timezone: None,
+            budget: None,
         }
     }
 

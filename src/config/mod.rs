@@ -299,6 +299,11 @@ pub const WALLET_MAX_PAGE: u64 = 500;
 /// into the next epoch's ids.
 pub const MAX_STOCK_CEILING: i64 = 10_000_000_000;
 
+/// Highest `batches.max_budget`: 2^53 - 1, the largest integer a JSON number (and a Lua
+/// number in the scripts) carries exactly, so a budget and its spent part are exact in every
+/// client.
+pub const MAX_BUDGET_CEILING: i64 = (1 << 53) - 1;
+
 /// First line of [`Config::to_toml`].
 const DUMP_HEADER: &str = "\
 # claimgate effective configuration (claimgate check-config).
@@ -686,6 +691,9 @@ impl Config {
         if !(1..=MAX_STOCK_CEILING).contains(&self.batches.max_stock) {
             return bad("batches.max_stock", "must be 1..=10000000000");
         }
+        if !(1..=MAX_BUDGET_CEILING).contains(&self.batches.max_budget) {
+            return bad("batches.max_budget", "must be 1..=9007199254740991");
+        }
         if let Err(message) = check_log_level(&self.log.level) {
             return Err(ConfigError::Invalid {
                 key: "log.level",
@@ -780,6 +788,19 @@ mod tests {
             let err = load(None, env(&[("CLAIMGATE_BACKEND", "redis")]), &[bad.into()]);
             assert!(err.is_err(), "{bad} accepted");
         }
+    }
+
+    #[test]
+    fn max_budget_stays_exact_in_json_and_lua() {
+        for bad in ["0", "-1", "9007199254740992"] {
+            let err = load(None, env(&[]), &[format!("batches.max_budget={bad}")]).unwrap_err();
+            assert!(err.to_string().contains("batches.max_budget"), "{err}");
+        }
+        let ok = format!("batches.max_budget={MAX_BUDGET_CEILING}");
+        assert_eq!(
+            load(None, env(&[]), &[ok]).unwrap().batches.max_budget,
+            MAX_BUDGET_CEILING
+        );
     }
 
     #[test]

@@ -67,6 +67,8 @@ pub struct BatchesConfig {
     pub max_stock: i64,
     /// Longest `scope.ids`, `deny_users`, `require_tags` list.
     pub max_list_items: usize,
+    /// Largest money `budget` of a batch, in minor units.
+    pub max_budget: i64,
 }
 
 impl Default for BatchesConfig {
@@ -76,6 +78,7 @@ impl Default for BatchesConfig {
             max_shards: 1024,
             max_stock: 1_000_000_000,
             max_list_items: 100_000,
+            max_budget: 1_000_000_000_000,
         }
     }
 }

@@ -1,7 +1,8 @@
 //! `lua/claim.lua`: one claim against the user's home shard. The typed KEYS/ARGV, the one
 //! decoder of its reply ([`decode`]) into the closed set of [`Outcome`]s, and the formats of
 //! what it writes besides the claim record: the request-id entries (`req`) and the daily
-//! counts (`daily`), which a rebuild writes back.
+//! counts (`daily`, keyed by the day in the batch's time zone: ARGV 7 is the zone's UTC
+//! offset now), which a rebuild writes back.
 //!
 //! Invariant kept here: every reply shape the script can produce maps to exactly one
 //! [`Outcome`], and anything else is a protocol error (never a guess that could grant a
@@ -55,6 +56,9 @@ pub struct Args<'a> {
     pub max_log: &'a str,
     /// This HTTP request's nonce: recorded with the request id, returned on replay.
     pub nonce: &'a str,
+    /// The batch's UTC offset now in ms, formatted (`"0"`: UTC): the script's day is
+    /// `floor((now + offset) / DAY_MS)` (`domain::time::Zone::offset_ms_at`).
+    pub day_offset: &'a str,
 }
 
 /// KEYS, in the script's order.
@@ -72,7 +76,7 @@ pub fn keys(slot: &SlotKeys) -> [&str; 8] {
 }
 
 /// ARGV, in the script's order.
-pub fn argv<'a>(slot: &'a SlotKeys, a: &Args<'a>) -> [&'a str; 6] {
+pub fn argv<'a>(slot: &'a SlotKeys, a: &Args<'a>) -> [&'a str; 7] {
     [
         a.user,
         a.request_id,
@@ -80,6 +84,7 @@ pub fn argv<'a>(slot: &'a SlotKeys, a: &Args<'a>) -> [&'a str; 6] {
         &slot.batch,
         &slot.label,
         a.nonce,
+        a.day_offset,
     ]
 }
 
@@ -164,13 +169,14 @@ pub fn request_value(coupon_id: &str, valid_from: i64, valid_to: i64, claimed_at
     format!("{coupon_id}|{valid_from}|{valid_to}|{claimed_at}")
 }
 
-/// The `daily` hash value: `<utc day>:<count>`.
+/// The `daily` hash value: `<local day>:<count>`, the day as
+/// `domain::time::Zone::local_day` counts it (the script's `floor((now + offset) / DAY_MS)`).
 pub fn daily_value(day: i64, count: u64) -> String {
     format!("{day}:{count}")
 }
 
-/// Milliseconds per UTC day, as the script counts days (`floor(now / 86400000)`).
-pub const DAY_MS: i64 = 86_400_000;
+/// Milliseconds per day, as the script counts days.
+pub use crate::domain::time::DAY_MS;
 
 #[cfg(test)]
 mod tests {

@@ -15,6 +15,8 @@
 //! | `ver`     | all    | definition version (from the database; only grows)             |
 //! | `fp`      | all    | definition fingerprint (a retried create vs a clash)           |
 //! | `total`   | pool   | total stock of the batch                                       |
+//! | `cap`     | pool   | most stock the batch's budget pays for (absent = no budget);   |
+//! |           |        | `lua/patch.lua` refuses a total above it                       |
 //! | `soldout` | pool   | `1` once the batch is sold out                                 |
 //! | `def`     | pool   | the whole definition, JSON                                     |
 //! | `lost`    | shards | coupon sequences a rebuild found issued but never persisted    |
@@ -54,6 +56,8 @@ pub const FINGERPRINT: &str = "fp";
 pub const VERSION: &str = "ver";
 /// The pool's total stock field.
 pub const TOTAL: &str = "total";
+/// The pool's stock cap: `floor(budget / face value)` (`Batch::budget_cap`).
+pub const CAP: &str = "cap";
 /// The pool's sold-out flag.
 pub const SOLD_OUT: &str = "soldout";
 /// The pool's definition (JSON).
@@ -63,13 +67,18 @@ pub const LOST: &str = "lost";
 /// The coupon-id epoch `lua/claim.lua` mints in (see `domain::ids::EPOCH_SPAN`).
 pub const EPOCH: &str = "epoch";
 
-/// The pool's extra fields: its total, not sold out, and the definition as JSON.
+/// The pool's extra fields: its total, not sold out, the definition as JSON and, with a
+/// budget, the stock cap.
 pub fn pool_fields(batch: &Batch) -> Vec<(&'static str, String)> {
-    vec![
+    let mut f = vec![
         (TOTAL, batch.stock.to_string()),
         (SOLD_OUT, "0".to_string()),
         (DEFINITION, serde_json::to_string(batch).unwrap_or_default()),
-    ]
+    ];
+    if let Some(cap) = batch.budget_cap() {
+        f.push((CAP, cap.to_string()));
+    }
+    f
 }
 
 /// A slot's metadata hash as read (empty: the slot does not exist).

@@ -22,6 +22,9 @@ pub enum Patched {
     NoSlot,
     /// The total would shrink (nothing written); the slot's total is `current`.
     WouldShrink { current: i64 },
+    /// The total would pass the pool's cap, the most stock its budget pays for (nothing
+    /// written).
+    OverCap { cap: i64 },
 }
 
 /// KEYS, in the script's order.
@@ -65,6 +68,7 @@ pub fn decode(reply: Value) -> Result<Patched, BackendError> {
         (0, current) => Ok(Patched::Stale { current }),
         (-1, _) => Ok(Patched::NoSlot),
         (-2, current) => Ok(Patched::WouldShrink { current }),
+        (-3, cap) => Ok(Patched::OverCap { cap }),
         (code, n) => Err(protocol(SCRIPT, format!("unknown answer {{{code}, {n}}}"))),
     }
 }

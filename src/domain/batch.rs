@@ -5,22 +5,49 @@
 //! Invariant kept here: a batch that passes [`NewBatch::validate`] has a well-formed id,
 //! positive stock, limits >= 1, a window with start < end and a coherent validity, every
 //! timestamp within [`Timestamp::MIN`]..=[`Timestamp::MAX`] (so no script ever sees
-//! metadata it cannot interpret, and every time formats back to RFC 3339).
+//! metadata it cannot interpret, and every time formats back to RFC 3339), a time zone of
+//! the bundled IANA database (or none: UTC), and, with a money budget, a stock whose face
+//! values fit in it: `stock * face value <= budget`, kept by every change
+//! ([`BatchPatch::validate`] refuses an `add_stock` past it).
+//!
+//! The budget. A coupon's face value is fixed by the batch's discount
+//! ([`Discount::face_value`]: the amount of a fixed or threshold discount, the `max_off` of
+//! a percent one; a percent discount without `max_off` has no bounded face value and
+//! cannot have a budget), and the discount never changes. So "the sum of the face values
+//! granted <= budget" is exactly "coupons granted <= floor(budget / face value)"
+//! ([`Batch::budget_cap`]), and the stock is bounded by that. Every unit of stock, in the
+//! pool, a shard or a transfer in flight, is one face value of budget reserved: the shards'
+//! stock counters ARE the sharded budget, moved by the same idempotent transfers, and
+//! `lua/claim.lua`'s stock check (it decrements only stock that is there) is the budget
+//! check, atomic per shard. Conservation (`pool + shards + in flight + claimed == total`)
+//! then gives `spent = claimed * face <= total * face <= budget`. The pool also holds the
+//! cap (`contract::meta` `cap`), and `lua/patch.lua` refuses a total above it, so Redis
+//! never holds more stock than the budget pays for, whatever reaches it.
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use super::ids::{valid_batch_id, valid_ident};
 pub use super::time::Timestamp;
+use super::time::{UnknownZone, Zone};
 use crate::config::{Ack, BatchesConfig};
 
-/// Why a batch definition or patch is rejected (always a 400 `bad_request`).
+/// Why a batch definition or patch is rejected.
 #[derive(Debug, Error, PartialEq, Eq)]
-#[error("{0}")]
-pub struct InvalidBatch(pub String);
+pub enum InvalidBatch {
+    /// A malformed or incoherent definition or change (400 `bad_request`).
+    #[error("{0}")]
+    Bad(String),
+    /// `timezone` is not a name of the IANA database (400 `unknown_timezone`).
+    #[error(transparent)]
+    UnknownZone(#[from] UnknownZone),
+    /// A change whose stock would cost more than the batch's budget (409 `over_budget`).
+    #[error("{0}")]
+    OverBudget(String),
+}
 
 fn invalid<T>(msg: impl Into<String>) -> Result<T, InvalidBatch> {
-    Err(InvalidBatch(msg.into()))
+    Err(InvalidBatch::Bad(msg.into()))
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -51,6 +78,17 @@ pub enum Discount {
         percent_off: i64,
         max_off: Option<i64>,
     },
+}
+
+impl Discount {
+    /// The most one coupon can take off an order, in minor units: what it costs the budget.
+    /// `None` for a percent discount without `max_off` (unbounded: it cannot have a budget).
+    pub fn face_value(&self) -> Option<i64> {
+        match *self {
+            Discount::Threshold { amount, .. } | Discount::Fixed { amount } => Some(amount),
+            Discount::Percent { max_off, .. } => max_off,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -102,6 +140,14 @@ pub struct NewBatch {
     /// (`redis.ack`): e.g. `"replica"` for a high-value batch on a `"leader"` deployment.
     #[serde(default)]
     pub ack: Option<Ack>,
+    /// IANA time zone of the batch's days (the daily limit resets at its midnight); none =
+    /// UTC.
+    #[serde(default)]
+    pub timezone: Option<String>,
+    /// Money budget in minor units: the face values of the coupons granted never sum above
+    /// it (see the module documentation).
+    #[serde(default)]
+    pub budget: Option<i64>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -142,6 +188,14 @@ pub struct Batch {
     /// are unchanged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ack: Option<Ack>,
+    /// The IANA name of the zone its days are counted in, as the database spells it;
+    /// absent = UTC (and absent from the JSON, so definitions and fingerprints of batches
+    /// made before zones existed are unchanged).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timezone: Option<String>,
+    /// Money budget in minor units; absent = none (absent from the JSON, as above).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<i64>,
 }
 
 const MAX_NAME: usize = 256;
@@ -225,6 +279,29 @@ impl NewBatch {
         if shards < 1 || shards > limits.max_shards {
             return invalid(format!("shards must be 1..={}", limits.max_shards));
         }
+        let timezone = match self.timezone {
+            None => None,
+            Some(name) => Some(Zone::named(&name)?.name().to_string()),
+        };
+        if let Some(budget) = self.budget {
+            if !(1..=limits.max_budget).contains(&budget) {
+                return invalid(format!("budget must be 1..={}", limits.max_budget));
+            }
+            let Some(face) = self.discount.face_value() else {
+                return invalid(
+                    "a budget needs a bounded face value: a percent discount with a budget \
+                     must give max_off",
+                );
+            };
+            if !within_budget(self.stock, face, budget) {
+                return invalid(format!(
+                    "stock {} at a face value of {face} costs more than the budget {budget} \
+                     (at most {} coupons)",
+                    self.stock,
+                    budget / face
+                ));
+            }
+        }
         Ok(Batch {
             id,
             name: self.name,
@@ -241,8 +318,16 @@ impl NewBatch {
             state: BatchState::Active,
             created_at: Timestamp::now(),
             ack: self.ack,
+            timezone,
+            budget: self.budget,
         })
     }
+}
+
+/// `stock` coupons of face value `face` fit in `budget` (no overflow: a product past
+/// `i64` does not fit).
+fn within_budget(stock: i64, face: i64, budget: i64) -> bool {
+    stock.checked_mul(face).is_some_and(|cost| cost <= budget)
 }
 
 /// Refuses a time outside [`Timestamp::MIN`]..=[`Timestamp::MAX`] (UTC), naming the field.
@@ -317,6 +402,17 @@ impl BatchPatch {
                 limits.max_stock
             ));
         }
+        if let (Some(add), Some(cap)) = (self.add_stock, batch.budget_cap()) {
+            let total = batch.stock + add;
+            if total > cap {
+                return Err(InvalidBatch::OverBudget(format!(
+                    "add_stock {add} would make the stock {total}, past the {cap} coupons the \
+                     budget {} pays for at a face value of {}; nothing was changed",
+                    batch.budget.unwrap_or(0),
+                    batch.discount.face_value().unwrap_or(0)
+                )));
+            }
+        }
         Ok(())
     }
 
@@ -335,6 +431,32 @@ impl BatchPatch {
 }
 
 impl Batch {
+    /// The zone its days are counted in (UTC when it names none). A stored name is one the
+    /// bundled database resolved at create, so it resolves again; UTC otherwise.
+    pub fn zone(&self) -> Zone {
+        match &self.timezone {
+            None => Zone::utc(),
+            Some(name) => Zone::named(name).unwrap_or_else(|e| {
+                tracing::error!(batch = %self.id, error = %e, "stored time zone unknown; UTC");
+                Zone::utc()
+            }),
+        }
+    }
+
+    /// The most coupons the budget pays for: `floor(budget / face value)`; `None` without
+    /// a budget (or, never after validation, without a bounded face value).
+    pub fn budget_cap(&self) -> Option<i64> {
+        let budget = self.budget?;
+        let face = self.discount.face_value().filter(|f| *f > 0)?;
+        Some(budget / face)
+    }
+
+    /// The budget spent by `claimed` coupons: their face values.
+    pub fn budget_spent(&self, claimed: i64) -> Option<i64> {
+        let face = self.discount.face_value().unwrap_or(0);
+        self.budget.map(|_| claimed.saturating_mul(face))
+    }
+
     /// Fingerprint of the definition, so a retried create is told apart from a clash.
     pub fn fingerprint(&self) -> String {
         let mut clone = self.clone();
@@ -353,6 +475,7 @@ mod tests {
         max_shards: 1024,
         max_stock: 1_000_000_000,
         max_list_items: 10_000,
+        max_budget: 1_000_000_000_000,
     };
 
     fn body(extra: &str) -> String {
@@ -478,6 +601,98 @@ mod tests {
                 serde_json::from_str(&format!(r#"{{"claim_window":{{"end":"{end}"}}}}"#)).unwrap();
             assert!(p.validate(&b, &LIMITS).is_err(), "{end}");
         }
+    }
+
+    /// Issue 11 item 3: a zone is an IANA name (stored as the database spells it, unknown
+    /// ones refused with their own error); a batch without one serializes as before.
+    #[test]
+    fn time_zones_are_checked_and_absent_ones_change_nothing() {
+        let nb: NewBatch = serde_json::from_str(&body(r#","timezone":"asia/shanghai""#)).unwrap();
+        let b = nb.validate(&LIMITS).unwrap();
+        assert_eq!(b.timezone.as_deref(), Some("Asia/Shanghai"));
+        assert_eq!(b.zone().name(), "Asia/Shanghai");
+        let nb: NewBatch = serde_json::from_str(&body(r#","timezone":"Mars/Olympus""#)).unwrap();
+        assert!(matches!(
+            nb.validate(&LIMITS),
+            Err(InvalidBatch::UnknownZone(_))
+        ));
+        let nb: NewBatch = serde_json::from_str(&body(r#","timezone":null"#)).unwrap();
+        let b = nb.validate(&LIMITS).unwrap();
+        assert_eq!((b.timezone.as_deref(), b.zone().name()), (None, "UTC"));
+        // no new keys in the stored JSON of a batch without zone or budget: its definition
+        // and fingerprint are what they were before both existed
+        let json = serde_json::to_value(&b).unwrap();
+        assert!(
+            json.get("timezone").is_none() && json.get("budget").is_none(),
+            "{json}"
+        );
+        let old: Batch = serde_json::from_value(json).unwrap();
+        assert_eq!(old.fingerprint(), b.fingerprint());
+    }
+
+    /// Issue 11 item 3: a budget bounds the stock at floor(budget / face value), at create
+    /// and at every `add_stock`; a percent discount needs `max_off` to have one.
+    #[test]
+    fn budgets_bound_the_stock() {
+        // threshold 500 off: 100 coupons cost 50000
+        let with = |extra: &str| -> Result<Batch, InvalidBatch> {
+            serde_json::from_str::<NewBatch>(&body(extra))
+                .unwrap()
+                .validate(&LIMITS)
+        };
+        let b = with(r#","budget":50000"#).unwrap();
+        assert_eq!((b.budget, b.budget_cap()), (Some(50000), Some(100)));
+        assert_eq!(b.budget_spent(7), Some(3500));
+        assert!(matches!(
+            with(r#","budget":49999"#),
+            Err(InvalidBatch::Bad(_))
+        ));
+        assert!(with(r#","budget":0"#).is_err());
+        assert!(with(r#","budget":1000000000001"#).is_err());
+        let percent = |extra: &str| {
+            body(extra).replace(
+                r#"{"kind":"threshold","threshold":10000,"amount":500}"#,
+                r#"{"kind":"percent","percent_off":10}"#,
+            )
+        };
+        let nb: NewBatch = serde_json::from_str(&percent(r#","budget":1000000"#)).unwrap();
+        assert!(matches!(nb.validate(&LIMITS), Err(InvalidBatch::Bad(_))));
+        let nb: NewBatch = serde_json::from_str(&percent("")).unwrap();
+        let p = nb.validate(&LIMITS).unwrap();
+        assert_eq!((p.budget_cap(), p.budget_spent(5)), (None, None));
+        let capped = percent(r#","budget":1000000"#).replace(
+            r#""percent_off":10}"#,
+            r#""percent_off":10,"max_off":2000}"#,
+        );
+        let nb: NewBatch = serde_json::from_str(&capped).unwrap();
+        assert_eq!(nb.validate(&LIMITS).unwrap().budget_cap(), Some(500));
+        // a product past i64 does not fit (no overflow)
+        assert!(!within_budget(i64::MAX, 2, i64::MAX));
+
+        // add_stock up to the cap, not past it, and not past it in steps either
+        let mut b = with(r#","budget":50250"#).unwrap();
+        let add = |n: i64| -> BatchPatch {
+            serde_json::from_str(&format!(r#"{{"add_stock":{n}}}"#)).unwrap()
+        };
+        assert!(matches!(
+            add(1).validate(&b, &LIMITS),
+            Err(InvalidBatch::OverBudget(_))
+        ));
+        b.budget = Some(51000);
+        assert!(matches!(
+            add(3).validate(&b, &LIMITS),
+            Err(InvalidBatch::OverBudget(_))
+        ));
+        add(2).validate(&b, &LIMITS).unwrap();
+        add(2).apply(&mut b);
+        assert_eq!(b.stock, 102);
+        assert!(matches!(
+            add(1).validate(&b, &LIMITS),
+            Err(InvalidBatch::OverBudget(_))
+        ));
+        // other changes of a batch at its cap are fine
+        let pause: BatchPatch = serde_json::from_str(r#"{"state":"paused"}"#).unwrap();
+        pause.validate(&b, &LIMITS).unwrap();
     }
 
     #[test]

@@ -804,6 +804,8 @@ mod tests {
             state: BatchState::Active,
             created_at: Timestamp(0),
             ack: None,
+            timezone: None,
+            budget: None,
         }
     }
 

@@ -98,3 +98,110 @@ impl Clock for ManualClock {
         self.0.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
+
+/// Milliseconds per day, as `lua/claim.lua` counts days.
+pub const DAY_MS: i64 = 86_400_000;
+
+/// Why a time zone name is refused.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[error("unknown time zone {0:?}: give an IANA name such as \"Asia/Shanghai\" or \"UTC\"")]
+pub struct UnknownZone(pub String);
+
+/// The IANA time zone a batch counts its days in (per-user daily limits reset at its local
+/// midnight). The zone database is compiled into the binary (`jiff`'s bundled tzdb), so a
+/// machine without `/usr/share/zoneinfo` resolves the same names to the same offsets.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Zone(jiff::tz::TimeZone);
+
+impl Zone {
+    /// Coordinated Universal Time: the zone of a batch that names none.
+    pub fn utc() -> Zone {
+        Zone(jiff::tz::TimeZone::UTC)
+    }
+
+    /// The zone of an IANA name (matched without regard to case), or why not.
+    pub fn named(name: &str) -> Result<Zone, UnknownZone> {
+        jiff::tz::db()
+            .get(name)
+            .map(Zone)
+            .map_err(|_| UnknownZone(name.to_string()))
+    }
+
+    /// The IANA name as the database spells it ("asia/shanghai" -> "Asia/Shanghai").
+    pub fn name(&self) -> &str {
+        self.0.iana_name().unwrap_or("UTC")
+    }
+
+    /// The zone's offset from UTC at the instant `at_ms`, in milliseconds (east positive).
+    pub fn offset_ms_at(&self, at_ms: i64) -> i64 {
+        let at = jiff::Timestamp::from_millisecond(at_ms).unwrap_or(jiff::Timestamp::UNIX_EPOCH);
+        i64::from(self.0.to_offset(at).seconds()) * 1000
+    }
+
+    /// The local day number of the instant `at_ms`: `floor((at + offset(at)) / DAY_MS)`, as
+    /// `lua/claim.lua` counts it with the offset the gateway passes.
+    pub fn local_day(&self, at_ms: i64) -> i64 {
+        local_day(at_ms, self.offset_ms_at(at_ms))
+    }
+}
+
+/// The day number of `at_ms` shifted by `offset_ms` (the script's arithmetic, shared).
+pub fn local_day(at_ms: i64, offset_ms: i64) -> i64 {
+    (at_ms + offset_ms).div_euclid(DAY_MS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(s: &str) -> i64 {
+        Timestamp::parse(s).unwrap().0
+    }
+
+    #[test]
+    fn shanghai_days_turn_at_local_midnight_not_at_utc_midnight() {
+        let sh = Zone::named("Asia/Shanghai").unwrap();
+        assert_eq!(sh.offset_ms_at(at("2026-11-11T12:00:00Z")), 8 * 3_600_000);
+        // 23:59:59.999 and 00:00 in Beijing are 15:59:59.999Z and 16:00Z
+        let before = sh.local_day(at("2026-11-11T15:59:59.999Z"));
+        let after = sh.local_day(at("2026-11-11T16:00:00Z"));
+        assert_eq!(after, before + 1);
+        // the UTC day does not turn there; it turns at 00:00Z, Beijing's does not
+        let utc = Zone::utc();
+        assert_eq!(
+            utc.local_day(at("2026-11-11T15:59:59.999Z")),
+            utc.local_day(at("2026-11-11T16:00:00Z"))
+        );
+        assert_eq!(
+            sh.local_day(at("2026-11-11T23:59:59Z")),
+            sh.local_day(at("2026-11-12T00:00:00Z"))
+        );
+        // a UTC batch counts days as the script always did: floor(now / DAY_MS)
+        let t = at("2026-11-11T16:00:00Z");
+        assert_eq!(utc.local_day(t), t.div_euclid(DAY_MS));
+    }
+
+    #[test]
+    fn zones_west_of_utc_and_with_daylight_saving() {
+        let ny = Zone::named("America/New_York").unwrap();
+        assert_eq!(ny.offset_ms_at(at("2026-01-15T12:00:00Z")), -5 * 3_600_000);
+        assert_eq!(ny.offset_ms_at(at("2026-07-15T12:00:00Z")), -4 * 3_600_000);
+        let d = ny.local_day(at("2026-07-15T03:59:59Z"));
+        assert_eq!(ny.local_day(at("2026-07-15T04:00:00Z")), d + 1);
+        // before the epoch's day 0 the division floors
+        assert_eq!(local_day(1000, -3_600_000), -1);
+    }
+
+    #[test]
+    fn names_are_checked_and_spelled_as_the_database_spells_them() {
+        assert_eq!(
+            Zone::named("asia/shanghai").unwrap().name(),
+            "Asia/Shanghai"
+        );
+        assert_eq!(Zone::named("UTC").unwrap().name(), "UTC");
+        assert_eq!(Zone::utc().name(), "UTC");
+        for bad in ["", "Mars/Olympus", "Asia/", "../etc/passwd", "Beijing"] {
+            assert!(Zone::named(bad).is_err(), "{bad:?}");
+        }
+    }
+}

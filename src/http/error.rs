@@ -13,7 +13,7 @@ pub use crate::api::ApiError;
 impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
-            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::BadRequest(_) | ApiError::UnknownTimezone(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::NotEligible => StatusCode::FORBIDDEN,
             ApiError::BatchNotFound
@@ -27,6 +27,7 @@ impl ApiError {
             | ApiError::Ended
             | ApiError::Paused
             | ApiError::BatchExists
+            | ApiError::OverBudget(_)
             | ApiError::InvalidState(_) => StatusCode::CONFLICT,
             ApiError::SoldOut => StatusCode::GONE,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,

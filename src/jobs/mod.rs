@@ -39,6 +39,7 @@ use crate::catalog::{Catalog, CatalogError};
 use crate::config::{Config, GrantsConfig};
 use crate::contract::claim::Outcome;
 use crate::domain::ids::home_shard;
+use crate::domain::time::Timestamp;
 use crate::obs::events::{GrantJobEvent, GrantsDecided};
 use crate::stock::{ClaimArgs, ClaimResult, Stock, StockError};
 use crate::store::{Db, DbError, GrantCounts, GrantJobRow, JobState, now_ms};
@@ -528,6 +529,7 @@ impl<B: Backend> Grants<B> {
                     nonce,
                     total: entry.batch().stock,
                     ack: entry.batch().ack,
+                    day_offset_ms: entry.day_offset_ms(Timestamp(now_ms())),
                 };
                 match self.stock.claim(keys, home, &args).await {
                     Ok(ClaimResult::Decided(o)) => match o {

@@ -4,8 +4,9 @@
 //! - a rebuild never re-sells stock and never lets a user past a limit: the pool gets
 //!   `total - issued`, where `issued` counts every coupon sequence number a shard ever handed
 //!   out (coupons missing from the database count as issued), each shard's per-user and
-//!   per-day counts and request ids come from the database, and the claim counter never goes
-//!   back;
+//!   per-day counts and request ids come from the database (the per-day counts for today in
+//!   the batch's time zone, the day `lua/claim.lua` counts with the zone's offset), and the
+//!   claim counter never goes back;
 //! - a rebuild never mints a coupon id again, not even one Redis handed out and lost before
 //!   the database saw it: it first moves the batch to a new coupon-id epoch in the database
 //!   (committed before any Redis write), and the restored slots mint in that epoch;
@@ -27,7 +28,7 @@ use crate::contract::restore::{self, Step, Target};
 use crate::contract::{claim, meta, meta_get, probe};
 use crate::domain::batch::Batch;
 use crate::domain::ids::{home_shard, seq_epoch, seq_position};
-use crate::domain::time::now_ms;
+use crate::domain::time::{Zone, now_ms};
 use crate::store::{Db, StoredBatch};
 
 /// What a rebuild restored.
@@ -201,6 +202,12 @@ pub(super) struct ShardRestored {
     pub(super) written_off: u64,
 }
 
+/// Whether a claim made at `claimed_at` counts toward the daily limit of `today` (a day
+/// number in `zone`): the script counts it on the local day it was made.
+fn counts_today(zone: &Zone, today: i64, claimed_at: i64) -> bool {
+    zone.local_day(claimed_at) == today
+}
+
 /// Restores one shard after `begin` (which found its claim counter at `counter`): per-user
 /// and per-day counts, request ids and the deny list from the database, then `finish` with
 /// stock 0 and `meta` (plus `lost`). The counter becomes at least `census_floor` (a repair:
@@ -215,7 +222,8 @@ pub(super) async fn restore_shard<B: Backend>(
     counter: u64,
     census_floor: u64,
 ) -> Result<ShardRestored, RebuildError> {
-    let today = now_ms().div_euclid(claim::DAY_MS);
+    let zone = batch.zone();
+    let today = zone.local_day(now_ms());
     let shard = s.slot.unwrap_or(0);
     let claims = db.claims_of_shard(&batch.id, shard).await?;
     let mut users: HashMap<&str, u64> = HashMap::new();
@@ -224,7 +232,7 @@ pub(super) async fn restore_shard<B: Backend>(
     let mut max_seq = 0;
     for c in &claims {
         *users.entry(c.user_id.as_str()).or_default() += 1;
-        if c.claimed_at.div_euclid(claim::DAY_MS) == today {
+        if counts_today(&zone, today, c.claimed_at) {
             *daily.entry(c.user_id.as_str()).or_default() += 1;
         }
         if let Some(rid) = &c.request_id {
@@ -335,4 +343,42 @@ async fn hset_chunks<B: Backend>(
         done(batch, s, restore::hset(backend, s, target, chunk).await?)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::time::Timestamp;
+
+    /// Issue 11 item 3: a rebuild restores the daily counts of the batch's local day. At
+    /// 01:00 in Beijing (17:00 UTC) a claim at 16:00 UTC (00:00 in Beijing) counts, one at
+    /// 15:59 UTC (23:59 in Beijing the day before) does not, although both are on the UTC
+    /// day of the rebuild; at 23:00 in Beijing (15:00 UTC) a claim at 16:30 UTC the day
+    /// before (00:30 in Beijing, the same local day) counts.
+    #[test]
+    fn daily_counts_are_restored_for_the_local_day() {
+        let t = |s: &str| Timestamp::parse(s).unwrap().0;
+        let sh = Zone::named("Asia/Shanghai").unwrap();
+        let utc = Zone::utc();
+        let now = t("2026-11-11T17:00:00Z");
+        let today = sh.local_day(now);
+        assert!(counts_today(&sh, today, t("2026-11-11T16:00:00Z")));
+        assert!(!counts_today(&sh, today, t("2026-11-11T15:59:59Z")));
+        assert!(counts_today(
+            &utc,
+            utc.local_day(now),
+            t("2026-11-11T15:59:59Z")
+        ));
+        let now = t("2026-11-11T15:00:00Z");
+        assert!(counts_today(
+            &sh,
+            sh.local_day(now),
+            t("2026-11-10T16:30:00Z")
+        ));
+        assert!(!counts_today(
+            &utc,
+            utc.local_day(now),
+            t("2026-11-10T16:30:00Z")
+        ));
+    }
 }

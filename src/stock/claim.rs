@@ -36,6 +36,9 @@ pub struct ClaimArgs<'a> {
     pub total: i64,
     /// The batch's own acknowledgement mode (`None`: the deployment's `redis.ack`).
     pub ack: Option<Ack>,
+    /// The batch's UTC offset now, ms (`domain::time::Zone::offset_ms_at`; 0 = UTC): the
+    /// script counts the daily limit's days in the batch's zone.
+    pub day_offset_ms: i64,
 }
 
 /// The final answer of a claim after any refills.
@@ -63,11 +66,13 @@ impl<B: Backend> Stock<B> {
         a: &ClaimArgs<'_>,
     ) -> Result<ClaimResult, StockError> {
         let slot = keys.shards.get(home as usize).ok_or(StockError::NotFound)?;
+        let day_offset = a.day_offset_ms.to_string();
         let args = claim::Args {
             user: a.user,
             request_id: a.request_id,
             max_log: a.max_log,
             nonce: a.nonce,
+            day_offset: &day_offset,
         };
         for _round in 0..=self.cfg.max_refill_rounds {
             let outcome = claim::call(self.backend.as_ref(), slot, &args).await?;
@@ -320,6 +325,7 @@ mod tests {
             nonce,
             total: 100,
             ack: None,
+            day_offset_ms: 0,
         }
     }
 
@@ -354,6 +360,7 @@ mod tests {
             request_id: "ru",
             max_log: "0",
             nonce: "nu",
+            day_offset: "0",
         };
         let again = claim::call(stock.backend().as_ref(), slot, &lost)
             .await
@@ -391,6 +398,7 @@ mod tests {
             request_id: "rx",
             max_log: "0",
             nonce: "n3",
+            day_offset: "0",
         };
         let Outcome::Claimed(x) = claim::call(stock.backend().as_ref(), slot, &unseen)
             .await

@@ -133,6 +133,13 @@ impl<B: Backend> Stock<B> {
                 "version {version} of batch {} would shrink its total from {current}",
                 slot.batch
             ))),
+            // the database refuses such a change first (`BatchPatch::validate`): reaching
+            // Redis, the definition there and the database's disagree
+            Patched::OverCap { cap } => Err(StockError::Inconsistent(format!(
+                "version {version} of batch {} would take its total past the {cap} coupons \
+                 its budget pays for",
+                slot.batch
+            ))),
         }
     }
 }

@@ -17,21 +17,25 @@ pub struct StoredBatch {
 }
 
 const UPSERT_BATCH: &str = "INSERT INTO batches \
-     (id, definition, shards, stock, state, created_at, updated_at, version, setup_done_at) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, 1, $7) \
+     (id, definition, shards, stock, state, created_at, updated_at, version, setup_done_at, \
+     timezone, budget) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, 1, $7, $8, $9) \
      ON CONFLICT (id) DO UPDATE SET definition = excluded.definition, \
      shards = excluded.shards, stock = excluded.stock, state = excluded.state, \
+     timezone = excluded.timezone, budget = excluded.budget, \
      updated_at = excluded.updated_at, version = batches.version + 1, \
      setup_done_at = COALESCE(batches.setup_done_at, excluded.setup_done_at)";
 
 /// The first create of an id wins; later ones change nothing (and read the winner back).
 const INSERT_BATCH: &str = "INSERT INTO batches \
-     (id, definition, shards, stock, state, created_at, updated_at, version, setup_done_at) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, 1, NULL) ON CONFLICT (id) DO NOTHING";
+     (id, definition, shards, stock, state, created_at, updated_at, version, setup_done_at, \
+     timezone, budget) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, 1, NULL, $8, $9) ON CONFLICT (id) DO NOTHING";
 
 /// A change of the definition: applied only on top of the version it was computed from.
 const UPDATE_BATCH: &str = "UPDATE batches SET definition = $2, shards = $3, stock = $4, \
-     state = $5, updated_at = $6, version = $7 WHERE id = $1 AND version = $8";
+     state = $5, updated_at = $6, version = $7, timezone = $9, budget = $10 \
+     WHERE id = $1 AND version = $8";
 
 const BATCH_ROW: &str = "SELECT id, definition, version, setup_done_at FROM batches WHERE id = $1";
 
@@ -60,6 +64,8 @@ impl Db {
                 .bind(batch.state.as_str())
                 .bind(batch.created_at.0)
                 .bind(now)
+                .bind(batch.timezone.as_deref().unwrap_or("UTC"))
+                .bind(batch.budget)
                 .execute(p)
                 .await?;
         });
@@ -82,6 +88,8 @@ impl Db {
                 .bind(batch.state.as_str())
                 .bind(batch.created_at.0)
                 .bind(now)
+                .bind(batch.timezone.as_deref().unwrap_or("UTC"))
+                .bind(batch.budget)
                 .execute(p)
                 .await?
                 .rows_affected()
@@ -205,6 +213,8 @@ impl Db {
                 .bind(now_ms())
                 .bind(new_version)
                 .bind(expected)
+                .bind(batch.timezone.as_deref().unwrap_or("UTC"))
+                .bind(batch.budget)
                 .execute(p)
                 .await?
                 .rows_affected()
@@ -311,6 +321,8 @@ mod tests {
             state: BatchState::Active,
             created_at: Timestamp(5),
             ack: None,
+            timezone: None,
+            budget: None,
         }
     }
 

@@ -177,6 +177,13 @@ impl EmbeddedBackend {
         Ok(backend)
     }
 
+    /// Scripts' `TIME` answers from `clock` from now on (tests: a claim at any instant, e.g.
+    /// both sides of a batch's local midnight, without sleeping). Key expiry keeps the
+    /// system clock.
+    pub fn set_clock(&self, clock: Arc<dyn crate::domain::time::Clock>) {
+        self.keyspace.set_clock(clock);
+    }
+
     /// Writes and fsyncs everything logged so far (graceful shutdown).
     pub fn flush(&self) -> Result<(), EmbeddedError> {
         match &self.aof {

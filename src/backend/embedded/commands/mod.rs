@@ -10,7 +10,6 @@
 
 use std::borrow::Cow;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use parking_lot::{ArcMutexGuard, RawMutex};
 
@@ -268,12 +267,10 @@ pub fn call<'a>(cx: &'a mut CallCtx, args: &[&[u8]]) -> CmdResult<'a> {
             });
         }
         Cmd::Time => {
-            let t = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or_default();
+            let (secs, micros) = cx.keyspace.time();
             return Ok(Reply::Array(vec![
-                Reply::BulkOwned(t.as_secs().to_string().into_bytes()),
-                Reply::BulkOwned(t.subsec_micros().to_string().into_bytes()),
+                Reply::BulkOwned(secs.to_string().into_bytes()),
+                Reply::BulkOwned(micros.to_string().into_bytes()),
             ]));
         }
         _ => {}

@@ -461,9 +461,13 @@ impl Stream {
     }
 }
 
-/// All the slots, each behind its own mutex (a script holds its slot's lock throughout).
+/// All the slots, each behind its own mutex (a script holds its slot's lock throughout),
+/// and the clock `TIME` answers from.
 pub struct Keyspace {
     slots: Box<[Arc<Mutex<SlotData>>]>,
+    /// `None`: the system clock. A test sets one to move scripts' `TIME` (and only that:
+    /// expiry keeps the system clock) without sleeping.
+    clock: parking_lot::RwLock<Option<Arc<dyn crate::domain::time::Clock>>>,
 }
 
 impl Default for Keyspace {
@@ -478,6 +482,28 @@ impl Keyspace {
             slots: (0..NUM_SLOTS)
                 .map(|_| Arc::new(Mutex::new(SlotData::default())))
                 .collect(),
+            clock: parking_lot::RwLock::new(None),
+        }
+    }
+
+    /// Scripts' `TIME` follows `clock` from now on (tests).
+    pub fn set_clock(&self, clock: Arc<dyn crate::domain::time::Clock>) {
+        *self.clock.write() = Some(clock);
+    }
+
+    /// What `TIME` answers: (seconds, microseconds) since the Unix epoch.
+    pub fn time(&self) -> (u64, u32) {
+        match self.clock.read().as_ref() {
+            Some(c) => {
+                let ms = c.now_ms().max(0) as u64;
+                (ms / 1000, (ms % 1000) as u32 * 1000)
+            }
+            None => {
+                let t = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default();
+                (t.as_secs(), t.subsec_micros())
+            }
         }
     }
 
