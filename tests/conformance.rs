@@ -865,6 +865,22 @@ pub mod cases {
         assert_eq!((s, v["error"].as_str()), (409, Some("over_budget")), "{v}");
         let (_, v) = call(&g.app, "GET", "/v1/batches/budget", "").await;
         assert_eq!(v["stock"]["total"], CAP);
+        // and Redis itself refuses it: the pool keeps the cap, `patch.lua` answers -3 for a
+        // total past it (a version far ahead of any), writing nothing
+        use claimgate::contract::patch::{self, Patched};
+        let keys = g.app.catalog().load("budget").await.unwrap().keys.clone();
+        let over = patch::call(
+            g.backend.as_ref(),
+            &keys.pool,
+            1_000_000,
+            Some(CAP + 1),
+            &[],
+        )
+        .await;
+        assert_eq!(over.unwrap(), Patched::OverCap { cap: CAP });
+        let fine = patch::call(g.backend.as_ref(), &keys.pool, 1_000_000, Some(CAP), &[]).await;
+        assert_eq!(fine.unwrap(), Patched::Applied { version: 1_000_000 });
+        assert_conserved(g, "budget", CAP).await;
         // a batch without a budget shows none
         create(g, "nobudget", 3, 1, json!({})).await;
         let (_, v) = call(&g.app, "GET", "/v1/batches/nobudget", "").await;

@@ -158,8 +158,8 @@ pub fn upkeep() {
 }
 
 /// `outcome` labels of [`CLAIMS`]: `claimed`, `replayed` and every API error code a claim
-/// can answer. Not listed, because only other routes answer them: `batch_exists` (a
-/// create), `coupon_not_found` and `invalid_state` (the wallet), `not_found` and
+/// can answer. Not listed, because only other routes answer them: `batch_exists` and
+/// `unknown_timezone` (a create), `over_budget` (a change), `coupon_not_found` and `invalid_state` (the wallet), `not_found` and
 /// `method_not_allowed` (the router, before any handler). The `api::error` tests check the
 /// split against every code of `ApiError`.
 pub const CLAIM_OUTCOMES: &[&str] = &[
