@@ -109,7 +109,11 @@ def configs(sha_old, sha_new, sha_one, sizes):
            Config("return 1", "evalsha", ["EVALSHA", sha_one, "0"], 0),
            Config("claim.lua", "evalsha",
                   ["EVALSHA", sha_old, "8", *old_keys("bo:0"), "u__rand_int__", "r__rand_int__",
-                   MAXLOG, "bo", "0", "n__rand_int__"], 1)]
+                   MAXLOG, "bo", "0", "n__rand_int__"], 1),
+           # ARGV 7: the batch's UTC offset (issue 11 item 3, a batch in Asia/Shanghai)
+           Config("claim.lua, day offset", "evalsha",
+                  ["EVALSHA", sha_old, "8", *old_keys("bo:0"), "u__rand_int__", "r__rand_int__",
+                   MAXLOG, "bo", "0", "n__rand_int__", "28800000"], 1)]
     def batch(n, rid="r__rand_int__", nonce="n__rand_int__"):
         return (["EVALSHA", sha_new, "7", *new_keys("bn:0"), "claim", str(n), MAXLOG, str(HOUR)]
                 + ["u__rand_int__"] * n + [rid] * n + [nonce] * n)
@@ -134,7 +138,7 @@ def variants(sha_new, sizes):
 def claimed(r, cfg):
     if cfg.per == 0:
         return 0
-    key = old_keys("bo:0")[7] if cfg.name == "claim.lua" else new_keys("bn:0")[6]
+    key = old_keys("bo:0")[7] if cfg.name.startswith("claim.lua") else new_keys("bn:0")[6]
     return int(r.get(key) or 0)
 
 
