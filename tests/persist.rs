@@ -1023,6 +1023,70 @@ async fn redis_restart_with_aof_loses_nothing() {
 // ---------------------------------------------------------------------------------------
 // Redis lost everything: rebuild from the database
 
+/// Issue 11 item 3: a batch's budget survives the loss of Redis. The rebuilt pool keeps
+/// the cap (the most stock the budget pays for), so `patch.lua` still refuses a total past
+/// it, and the rebuilt stock is what the budget has left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebuild_keeps_the_budget_cap() {
+    use claimgate::contract::patch::{self, Patched};
+    let pg = PgDb::create();
+    let db = open_db(pg.url.clone()).await;
+    let mut server = RedisServer::start();
+    let backend = redis(&server).await;
+    // face value 500, budget 5,200: 10 coupons at most
+    let mut b = batch("capped", 2, 10, 1, None);
+    b.budget = Some(5_200);
+    b.timezone = Some("Asia/Shanghai".into());
+    let keys = setup(backend.as_ref(), &db, &b, 2).await;
+    let mut coupons = HashMap::new();
+    for i in 0..3 {
+        let user = format!("u{i}");
+        match claim(backend.as_ref(), &b, &keys, &user, "r1")
+            .await
+            .unwrap()
+        {
+            Claim::New(c) => coupons.insert(c, user),
+            other => panic!("{other:?}"),
+        };
+    }
+    let shutdown = CancellationToken::new();
+    let p = Persister::spawn(backend.clone(), db.clone(), fast("p1"), shutdown.clone());
+    p.flush().await.unwrap();
+    assert_persisted(&db, &b.id, &coupons).await;
+    shutdown.cancel();
+    p.join().await;
+
+    server.restart_empty();
+    eventually(
+        "redis is back (empty)",
+        Duration::from_secs(5),
+        async || {
+            matches!(
+                claim(backend.as_ref(), &b, &keys, "u0", "r9").await,
+                Ok(Claim::Refused(-1))
+            )
+        },
+    )
+    .await;
+    let report = rebuild(backend.as_ref(), &db, "capped", false)
+        .await
+        .unwrap();
+    assert_eq!(report.pool_stock, 7);
+    let over = patch::call(
+        backend.as_ref(),
+        &keys.pool,
+        9_000_000_000_000_000,
+        Some(11),
+        &[],
+    )
+    .await;
+    assert_eq!(over.unwrap(), Patched::OverCap { cap: 10 });
+    // the definition came back whole, zone and budget included
+    let stored = db.batch_row("capped").await.unwrap().unwrap();
+    assert_eq!(stored.batch.budget, Some(5_200));
+    assert_eq!(stored.batch.timezone.as_deref(), Some("Asia/Shanghai"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rebuild_after_redis_lost_its_data() {
     let pg = PgDb::create();
