@@ -1081,6 +1081,23 @@ async fn rebuild_keeps_the_budget_cap() {
     )
     .await;
     assert_eq!(over.unwrap(), Patched::OverCap { cap: 10 });
+    let diffs = reconcile(backend.as_ref(), &db, Some("capped"))
+        .await
+        .unwrap();
+    assert!(diffs.is_empty(), "{diffs:?}");
+    // a pool that lost its cap (a hand edit, a setup by an older gateway) is a difference
+    // reconcile names
+    server.cli(&["HDEL", &keys.pool.meta, "cap"]);
+    let diffs = reconcile(backend.as_ref(), &db, Some("capped"))
+        .await
+        .unwrap();
+    assert!(
+        diffs.iter().any(
+            |d| matches!(d, Difference::DefinitionDiffers { field, redis, db, .. }
+            if field == "cap" && redis.is_empty() && db == "10")
+        ),
+        "{diffs:?}"
+    );
     // the definition came back whole, zone and budget included
     let stored = db.batch_row("capped").await.unwrap().unwrap();
     assert_eq!(stored.batch.budget, Some(5_200));

@@ -4,7 +4,9 @@
 //! Invariants kept here: a live batch shows no false difference (reads are ordered so that
 //! claims in flight between Redis and the database, and changes committed meanwhile, are
 //! not reported); the conservation equation is the census's ([`census`]), not a second
-//! definition; every coupon id the persister met twice is listed.
+//! definition; every coupon id the persister met twice is listed; a pool whose budget cap
+//! (`contract::meta` `cap`) is not the definition's is reported (`lua/patch.lua` would hold
+//! the stock under the wrong bound).
 
 use std::collections::HashMap;
 
@@ -283,6 +285,15 @@ fn compare_slot(row: &StoredBatch, slot: &SlotKeys, meta: &SlotMeta, diffs: &mut
         }
     }
     if slot.is_pool() {
+        // the budget's cap, which `lua/patch.lua` holds the total under
+        let want = batch
+            .budget_cap()
+            .map(|c| c.to_string())
+            .unwrap_or_default();
+        let got = meta.get(meta::CAP).unwrap_or_default().to_string();
+        if got != want {
+            differ(meta::CAP.to_string(), got, want);
+        }
         let want = serde_json::to_value(batch).unwrap_or_default();
         let got: serde_json::Value = meta
             .get(meta::DEFINITION)
