@@ -48,7 +48,9 @@ pub struct Api<B: Backend> {
     grants: Arc<Grants<B>>,
     /// `persister.max_backlog_per_shard`, formatted once for the claim script.
     max_log: String,
-    /// The time of coupon transitions and wallet reads (the system clock; tests set theirs).
+    /// The time of coupon transitions, wallet reads and a claim's local checks (window, the
+    /// cache's day, the batch's UTC offset passed to the script): the system clock; tests
+    /// set theirs.
     clock: Arc<dyn Clock>,
 }
 
