@@ -71,12 +71,19 @@ impl<B: Backend> Stock<B> {
                 Outcome::ShardEmpty => {}
                 Outcome::NoBatch => return self.without_meta(keys, home).await,
                 Outcome::Claimed(c) if self.rolled_back(slot, &c) => {
+                    self.activity.hint(slot); // its record goes to the database all the same
                     // Sealed at once: no claim or replay on it may answer until it is
                     // repaired (a replay could hand out the id minted again).
                     restore::seal(self.backend.as_ref(), slot).await?;
                     return Ok(ClaimResult::ShardFenced);
                 }
-                decided => return self.acknowledged(slot, ClaimResult::Decided(decided)).await,
+                decided => {
+                    if matches!(decided, Outcome::Claimed(_)) {
+                        // The record is in the shard's log: the persister reads it now.
+                        self.activity.hint(slot);
+                    }
+                    return self.acknowledged(slot, ClaimResult::Decided(decided)).await;
+                }
             }
             if self.refill(keys, home, a.total).await? > 0 {
                 continue;
