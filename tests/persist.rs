@@ -224,7 +224,6 @@ async fn open_db(url: String) -> Db {
         max_connections: 4,
         connect_timeout_ms: 1_000,
         statement_timeout_ms: 3_000,
-        ..Default::default()
     })
     .await
     .expect("connect to the database");

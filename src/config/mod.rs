@@ -400,7 +400,7 @@ impl Config {
         // Every bound a module relies on is checked here, naming the key: no module clamps
         // a configured value on its own (`x.max(1)`), so what is configured is what runs.
         const HOUR_MS: u64 = 3_600_000;
-        let ranges: [(&'static str, u64, u64, u64); 43] = [
+        let ranges: [(&'static str, u64, u64, u64); 42] = [
             (
                 "server.max_body_bytes",
                 self.server.max_body_bytes as u64,
@@ -502,12 +502,6 @@ impl Config {
                 self.database.statement_timeout_ms,
                 1,
                 HOUR_MS,
-            ),
-            (
-                "database.sqlite_cache_kib",
-                self.database.sqlite_cache_kib,
-                2_048,
-                4 * 1024 * 1024,
             ),
             (
                 "persister.batch_size",

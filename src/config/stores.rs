@@ -199,10 +199,6 @@ pub struct DatabaseConfig {
     pub connect_timeout_ms: u64,
     /// PostgreSQL `statement_timeout`; on SQLite the busy timeout (wait for the write lock).
     pub statement_timeout_ms: u64,
-    /// SQLite only: the page cache of each connection, KiB (`PRAGMA cache_size`). The
-    /// persister's inserts touch the pages of every index of three tables at random; with
-    /// SQLite's default (2 MiB) most of them are re-read from the OS on each batch.
-    pub sqlite_cache_kib: u64,
 }
 
 /// The built-in database, as in `config/claimgate.toml`: SQLite under `data/`.
@@ -213,7 +209,6 @@ impl Default for DatabaseConfig {
             max_connections: 4,
             connect_timeout_ms: 5_000,
             statement_timeout_ms: 5_000,
-            sqlite_cache_kib: 65_536,
         }
     }
 }
@@ -226,14 +221,12 @@ impl fmt::Debug for DatabaseConfig {
             max_connections,
             connect_timeout_ms,
             statement_timeout_ms,
-            sqlite_cache_kib,
         } = self;
         f.debug_struct("DatabaseConfig")
             .field("url", &redact_url(url))
             .field("max_connections", max_connections)
             .field("connect_timeout_ms", connect_timeout_ms)
             .field("statement_timeout_ms", statement_timeout_ms)
-            .field("sqlite_cache_kib", sqlite_cache_kib)
             .finish()
     }
 }

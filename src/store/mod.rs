@@ -153,9 +153,7 @@ impl Db {
                 .map_err(|e| DbError::Config(format!("bad SQLite url: {e}")))?
                 .journal_mode(SqliteJournalMode::Wal)
                 .synchronous(SqliteSynchronous::Full)
-                .busy_timeout(statement)
-                // negative: KiB, not pages
-                .pragma("cache_size", format!("-{}", cfg.sqlite_cache_kib));
+                .busy_timeout(statement);
             let file = opts.get_filename();
             if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty())
                 && file != Path::new(":memory:")
