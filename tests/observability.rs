@@ -180,6 +180,20 @@ fn closed_label_sets() -> LabelSets {
             set(&["refresh", "probe", "read", "parse", "write", "ack"]),
         )]),
     );
+    s.insert(
+        "claimgate_persist_shards",
+        m(vec![(
+            "state",
+            set(claimgate::obs::metrics::PERSIST_SHARD_STATES),
+        )]),
+    );
+    s.insert(
+        "claimgate_persist_log_reads_total",
+        m(vec![(
+            "cause",
+            set(claimgate::obs::metrics::PERSIST_READ_CAUSES),
+        )]),
+    );
     s.insert("claimgate_coupon_conflicts_total", m(vec![]));
     s.insert(
         "claimgate_event_deliveries_total",

@@ -390,10 +390,22 @@ impl Config {
                 "must be 0 (off) or more than persister.flush_interval_ms",
             );
         }
+        if self.persister.sweep_interval_ms < self.persister.flush_interval_ms {
+            return bad(
+                "persister.sweep_interval_ms",
+                "must be at least persister.flush_interval_ms",
+            );
+        }
+        if self.persister.dormant_sweep_ms < self.persister.probe_interval_ms {
+            return bad(
+                "persister.dormant_sweep_ms",
+                "must be at least persister.probe_interval_ms",
+            );
+        }
         // Every bound a module relies on is checked here, naming the key: no module clamps
         // a configured value on its own (`x.max(1)`), so what is configured is what runs.
         const HOUR_MS: u64 = 3_600_000;
-        let ranges: [(&'static str, u64, u64, u64); 39] = [
+        let ranges: [(&'static str, u64, u64, u64); 42] = [
             (
                 "server.max_body_bytes",
                 self.server.max_body_bytes as u64,
@@ -537,6 +549,24 @@ impl Config {
                 self.persister.write_timeout_ms,
                 1,
                 HOUR_MS,
+            ),
+            (
+                "persister.sweep_interval_ms",
+                self.persister.sweep_interval_ms,
+                1,
+                HOUR_MS,
+            ),
+            (
+                "persister.dormant_after_ms",
+                self.persister.dormant_after_ms,
+                1_000,
+                7 * 24 * HOUR_MS,
+            ),
+            (
+                "persister.dormant_sweep_ms",
+                self.persister.dormant_sweep_ms,
+                1,
+                24 * HOUR_MS,
             ),
             (
                 "stock.initial_fill_percent",
@@ -1278,6 +1308,18 @@ mod tests {
                 "persister.probe_interval_ms",
             ),
             ("persister.write_timeout_ms=0", "persister.write_timeout_ms"),
+            (
+                "persister.sweep_interval_ms=5",
+                "persister.sweep_interval_ms",
+            ),
+            (
+                "persister.dormant_after_ms=10",
+                "persister.dormant_after_ms",
+            ),
+            (
+                "persister.dormant_sweep_ms=10",
+                "persister.dormant_sweep_ms",
+            ),
             ("redis.command_timeout_ms=0", "redis.command_timeout_ms"),
             ("redis.connect_timeout_ms=0", "redis.connect_timeout_ms"),
             ("redis.event_buffer=1", "redis.event_buffer"),

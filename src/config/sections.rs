@@ -349,6 +349,18 @@ pub struct PersisterConfig {
     /// has made no progress (a committed write, or a read pass that left nothing to write)
     /// for longer than this. 0 = never report a stall. Must exceed `flush_interval_ms`.
     pub stall_ms: u64,
+    /// Safety sweep: an active shard is read at least this often even when no wake-up (a
+    /// claim in this instance, a probe that found records) named it. Bounds how late a
+    /// missed wake-up is caught. At least `flush_interval_ms`.
+    pub sweep_interval_ms: u64,
+    /// A batch goes dormant (its shards are no longer read nor probed) once its claim
+    /// window ended this long ago (or starts more than this far ahead) and its logs are
+    /// drained: the margin covers clocks between gateways and Redis.
+    pub dormant_after_ms: u64,
+    /// Every dormant shard's log is still looked at once per this period (spread over the
+    /// probe passes), in case records reached it without any change the database shows.
+    /// At least `probe_interval_ms`.
+    pub dormant_sweep_ms: u64,
 }
 
 impl Default for PersisterConfig {
@@ -368,6 +380,9 @@ impl Default for PersisterConfig {
             write_timeout_ms: 10_000,
             shutdown_grace_ms: 10_000,
             stall_ms: 5_000,
+            sweep_interval_ms: 10_000,
+            dormant_after_ms: 60_000,
+            dormant_sweep_ms: 600_000,
         }
     }
 }

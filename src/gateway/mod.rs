@@ -37,7 +37,7 @@ use crate::notify::Deliverer;
 use crate::obs::events::{Serving, Started};
 use crate::persist::{PersistStatus, Persister, PersisterHandle};
 use crate::recovery::Repairer;
-use crate::stock::{FaultReporter, Stock};
+use crate::stock::{ClaimActivity, FaultReporter, Stock};
 use crate::store::Db;
 
 /// The least the persister is given to write what it read once the connections drained,
@@ -70,7 +70,15 @@ pub fn assemble_with<B: Backend>(
     persist: Option<Arc<PersistStatus>>,
     faults: FaultReporter,
 ) -> Arc<App<B>> {
-    assemble_full(cfg, backend, db, persist, Arc::new(SystemClock), faults)
+    assemble_full(
+        cfg,
+        backend,
+        db,
+        persist,
+        Arc::new(SystemClock),
+        faults,
+        ClaimActivity::disabled(),
+    )
 }
 
 /// [`assemble`] on a given clock (the time of coupon transitions, wallet reads, sweeps and
@@ -82,7 +90,15 @@ pub fn assemble_with_clock<B: Backend>(
     persist: Option<Arc<PersistStatus>>,
     clock: Arc<dyn Clock>,
 ) -> Arc<App<B>> {
-    assemble_full(cfg, backend, db, persist, clock, FaultReporter::disabled())
+    assemble_full(
+        cfg,
+        backend,
+        db,
+        persist,
+        clock,
+        FaultReporter::disabled(),
+        ClaimActivity::disabled(),
+    )
 }
 
 fn assemble_full<B: Backend>(
@@ -92,6 +108,7 @@ fn assemble_full<B: Backend>(
     persist: Option<Arc<PersistStatus>>,
     clock: Arc<dyn Clock>,
     faults: FaultReporter,
+    activity: ClaimActivity,
 ) -> Arc<App<B>> {
     if cfg.auth.user_token_secret.is_none() {
         tracing::warn!(
@@ -109,7 +126,11 @@ fn assemble_full<B: Backend>(
         backend: backend.kind(),
     }
     .emit();
-    let stock = Arc::new(Stock::new(backend, cfg.stock.clone()).with_faults(faults));
+    let stock = Arc::new(
+        Stock::new(backend, cfg.stock.clone())
+            .with_faults(faults)
+            .with_activity(activity),
+    );
     let catalog = Arc::new(Catalog::new(&cfg.cache, stock.clone(), db.clone()));
     let api = Api::new(cfg, catalog, stock, db).with_clock(clock);
     Arc::new(App::new(api, metrics, persist))
@@ -156,6 +177,12 @@ impl<B: Backend> Gateway<B> {
         // Shards found lost or rolled back, from the claim path and the persister's probe, to
         // the one repairer of this instance.
         let (faults, fault_rx) = FaultReporter::channel(cfg.repair.queue);
+        // Claims minted here wake this instance's persister for their shard.
+        let activity = if cfg.persister.enabled {
+            ClaimActivity::new()
+        } else {
+            ClaimActivity::disabled()
+        };
         let persister = cfg.persister.enabled.then(|| {
             Persister::spawn_reporting(
                 backend.clone(),
@@ -163,14 +190,17 @@ impl<B: Backend> Gateway<B> {
                 cfg.persister.clone(),
                 shutdown.child_token(),
                 faults.clone(),
+                activity.clone(),
             )
         });
-        let app = assemble_with(
+        let app = assemble_full(
             cfg.clone(),
             backend.clone(),
             db.clone(),
             persister.as_ref().map(|p| p.status()),
+            Arc::new(SystemClock),
             faults,
+            activity,
         );
         if let Some(p) = &persister {
             let wait = Duration::from_millis(cfg.repair.startup_wait_ms);

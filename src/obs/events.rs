@@ -524,6 +524,35 @@ impl BacklogMeasured {
     }
 }
 
+/// The shard logs the persister follows, after a refresh or a wake-up changed them.
+pub struct ShardsFollowed {
+    pub active: u64,
+    pub dormant: u64,
+}
+
+impl ShardsFollowed {
+    pub fn emit(self) {
+        metrics::gauge!(m::PERSIST_SHARDS, "state" => "active").set(self.active as f64);
+        metrics::gauge!(m::PERSIST_SHARDS, "state" => "dormant").set(self.dormant as f64);
+        tracing::debug!(
+            active = self.active,
+            dormant = self.dormant,
+            "persister shards"
+        );
+    }
+}
+
+/// One read of a shard log by the persister (`cause`: one of `PERSIST_READ_CAUSES`).
+pub struct LogRead {
+    pub cause: &'static str,
+}
+
+impl LogRead {
+    pub fn emit(self) {
+        metrics::counter!(m::PERSIST_READS, "cause" => self.cause).increment(1);
+    }
+}
+
 /// A coupon id met with a different claim than the one the database holds (minted twice):
 /// counted, and logged loudly, every one.
 pub struct CouponConflict<'a> {

@@ -73,6 +73,13 @@ pub const PERSIST_ROWS: &str = "claimgate_persist_rows_total";
 pub const PERSIST_SECONDS: &str = "claimgate_persist_write_duration_seconds";
 /// Persister failures by `stage` (read, write, ack, parse, probe, refresh).
 pub const PERSIST_ERRORS: &str = "claimgate_persist_errors_total";
+/// Shard logs the persister follows, by `state`: `active` (read on activity and swept),
+/// `dormant` (a batch out of its claim window with its logs drained: not read).
+pub const PERSIST_SHARDS: &str = "claimgate_persist_shards";
+/// Reads of shard logs by the persister, by `cause`: `hint` (a claim in this instance or a
+/// probe that found records), `due` (records found by the last read, a recovery read or the
+/// safety sweep), `drain` (a flush or the shutdown drain).
+pub const PERSIST_READS: &str = "claimgate_persist_log_reads_total";
 /// Claims whose coupon id the database already held for a different claim (a coupon id
 /// minted twice), each recorded in `coupon_conflicts`. Anything above 0 is an alarm.
 pub const COUPON_CONFLICTS: &str = "claimgate_coupon_conflicts_total";
@@ -251,6 +258,10 @@ pub const RATE_LIMITS: &[&str] = &["global", "user", "ip"];
 pub const SHED_REASONS: &[&str] = &["inflight", "backlog"];
 /// `stage` labels of [`PERSIST_ERRORS`] (`persist::worker`, `persist::prober`).
 pub const PERSIST_STAGES: &[&str] = &["refresh", "probe", "read", "parse", "write", "ack"];
+/// `state` labels of [`PERSIST_SHARDS`].
+pub const PERSIST_SHARD_STATES: &[&str] = &["active", "dormant"];
+/// `cause` labels of [`PERSIST_READS`].
+pub const PERSIST_READ_CAUSES: &[&str] = &["hint", "due", "drain"];
 /// (`kind`, `result`) pairs of [`TRANSFERS`]: a transfer moves stock or finds none; the
 /// sweeper only finishes transfers.
 pub const TRANSFER_SERIES: &[(&str, &str)] = &[
@@ -474,6 +485,11 @@ fn describe() {
         "Persister batch write latency."
     );
     describe_counter!(PERSIST_ERRORS, "Persister failures by stage.");
+    describe_gauge!(
+        PERSIST_SHARDS,
+        "Shard logs the persister follows, active or dormant."
+    );
+    describe_counter!(PERSIST_READS, "Shard log reads by the persister, by cause.");
     describe_counter!(
         COUPON_CONFLICTS,
         "Coupon ids met with a different claim than the stored one (minted twice)."
@@ -539,6 +555,12 @@ fn register_at_zero() {
     }
     for stage in PERSIST_STAGES {
         metrics::counter!(PERSIST_ERRORS, "stage" => *stage).increment(0);
+    }
+    for state in PERSIST_SHARD_STATES {
+        metrics::gauge!(PERSIST_SHARDS, "state" => *state).increment(0.0);
+    }
+    for cause in PERSIST_READ_CAUSES {
+        metrics::counter!(PERSIST_READS, "cause" => *cause).increment(0);
     }
     for event in GRANT_JOB_EVENTS {
         metrics::counter!(GRANT_JOBS, "event" => *event).increment(0);

@@ -11,7 +11,25 @@
 //! - a record that cannot be parsed is never written, never acked and never dropped: it stays
 //!   pending (visible in the backlog and lag), is counted in `PERSIST_ERRORS{stage="parse"}`
 //!   and logged each time it is redelivered, until an operator repairs it.
-
+//!
+//! What it reads (the cost scales with activity, not with history):
+//! - **active** shards are read when woken: by a claim minted in this instance
+//!   ([`crate::stock::ClaimActivity`], so a claim reaches the database within
+//!   `flush_interval_ms`, a new batch's too), by the probe task finding records in a log
+//!   (claims of other gateways: within `probe_interval_ms`), again at once while a read
+//!   finds records, and by a safety sweep at least every `sweep_interval_ms` (a wake-up is a
+//!   hint, never the only path);
+//! - a batch is **dormant** when it is out of service (its claim window ended more than
+//!   `dormant_after_ms` ago or starts more than that far ahead, or it was paused more than
+//!   that long ago), no grant job of it is receiving or running, nothing of it is buffered
+//!   or unacked here, and every log of it was found empty. Its shards are neither read nor
+//!   probed each pass; the probe task looks at each once per `dormant_sweep_ms`;
+//! - a dormant batch becomes active again on anything that can make it receive records: a
+//!   change of its database row (a patch that re-opens or extends its window or resumes it,
+//!   a re-create, a rebuild or repair moving its epoch: `version`, `epoch`, `updated_at`,
+//!   `setup_done_at`, read every `batch_refresh_ms`), a grant job, a claim of this instance
+//!   on it, or records found in its log by the dormant sweep. Woken, its shards are read at
+//!   once (with takeover of pending records).
 //!
 //! Files: [`worker`] (the loop: read, write, ack), [`prober`] (backlog and lag, in a task of
 //! its own), [`status`] (what `/readyz` shows). The log's scripts and the record format are
@@ -36,14 +54,12 @@ use self::worker::Worker;
 use crate::backend::{Backend, BackendError};
 use crate::config::PersisterConfig;
 use crate::obs::events::RepeatFilter;
-use crate::stock::FaultReporter;
+use crate::stock::{ClaimActivity, FaultReporter};
 use crate::store::{Db, DbError};
 
 /// Shortest time a failed ack of committed records is retried before they are left to
 /// redelivery (harmless: idempotent). The retry window is `max(min_idle_ms, this)`.
 const ACK_RETRY_MIN: Duration = Duration::from_secs(5);
-/// Longest pause between polls of a shard whose log was empty.
-const IDLE_POLL_MAX: Duration = Duration::from_millis(1000);
 /// Reads of a shard that take over pending records at once (min idle 0) after its reader
 /// (re)started or a read of it failed: a read whose reply was lost left records pending
 /// with this consumer, which would otherwise wait `min_idle_ms` for a takeover.
@@ -76,17 +92,26 @@ impl Persister {
         cfg: PersisterConfig,
         shutdown: CancellationToken,
     ) -> PersisterHandle {
-        Self::spawn_reporting(backend, db, cfg, shutdown, FaultReporter::disabled())
+        Self::spawn_reporting(
+            backend,
+            db,
+            cfg,
+            shutdown,
+            FaultReporter::disabled(),
+            ClaimActivity::new(),
+        )
     }
 
     /// [`Persister::spawn`], reporting the shards it finds lost or rolled back (a claim
-    /// counter below what the database holds) to `faults`.
+    /// counter below what the database holds) to `faults`, and woken by the claims of this
+    /// instance through `activity` (the board the claim path's `Stock` hints).
     pub fn spawn_reporting<B: Backend>(
         backend: Arc<B>,
         db: Db,
         cfg: PersisterConfig,
         shutdown: CancellationToken,
         faults: FaultReporter,
+        activity: ClaimActivity,
     ) -> PersisterHandle {
         let status = Arc::new(PersistStatus::default());
         let (tx, rx) = mpsc::channel(8);
@@ -111,6 +136,9 @@ impl Persister {
                 shutdown: shutdown.clone(),
                 log_filter: RepeatFilter::new(LOG_REPEAT),
                 faults: faults.clone(),
+                activity: activity.clone(),
+                dormant_sweep: Duration::from_millis(cfg.dormant_sweep_ms),
+                dormant_cursor: 0,
             }
             .run(),
         );
@@ -123,6 +151,7 @@ impl Persister {
             rx,
             targets,
             faults,
+            activity,
         );
         let task = tokio::spawn(worker.run());
         PersisterHandle {

@@ -21,6 +21,7 @@ use crate::contract::keys::SlotKeys;
 use crate::contract::{meta_get, probe, restore};
 use crate::domain::time::now_ms;
 use crate::obs::events::{BacklogMeasured, PersistFailed, RepeatFilter};
+use crate::stock::ClaimActivity;
 use crate::stock::{FaultKind, FaultReporter};
 
 /// A shard as the probe task sees it: its keys, and a flag telling the loop it has work.
@@ -31,8 +32,15 @@ pub(super) struct ProbeTarget {
     pub(super) committed: Arc<AtomicU64>,
 }
 
-/// The shards to probe, republished by the loop on every batch refresh.
-pub(super) type ProbeTargets = Arc<Mutex<Arc<Vec<ProbeTarget>>>>;
+/// The shards the loop follows, active and dormant.
+#[derive(Default)]
+pub(super) struct TargetSet {
+    pub(super) active: Vec<ProbeTarget>,
+    pub(super) dormant: Vec<ProbeTarget>,
+}
+
+/// The shards to probe, republished by the loop whenever the set changes.
+pub(super) type ProbeTargets = Arc<Mutex<Arc<TargetSet>>>;
 
 /// Measures backlog (total log length) and lag (age of the oldest entry) of every shard,
 /// every `probe_interval_ms`, in a task of its own: a blocked database write cannot freeze
@@ -45,6 +53,12 @@ pub(super) struct Prober<B> {
     pub(super) shutdown: CancellationToken,
     pub(super) log_filter: RepeatFilter,
     pub(super) faults: FaultReporter,
+    /// Where found records wake the loop.
+    pub(super) activity: ClaimActivity,
+    /// Each dormant shard is probed once per this period.
+    pub(super) dormant_sweep: Duration,
+    /// Where the next slice of dormant shards starts.
+    pub(super) dormant_cursor: usize,
 }
 
 impl<B: Backend> Prober<B> {
@@ -67,7 +81,8 @@ impl<B: Backend> Prober<B> {
         let targets = self.targets.lock().clone();
         let mut backlog = 0u64;
         let mut oldest: Option<i64> = None;
-        for t in targets.iter() {
+        let mut found = false;
+        for t in targets.active.iter() {
             let p = match probe::call(self.backend.as_ref(), &t.keys).await {
                 Ok(p) => p,
                 Err(e) => return self.note_error(e.to_string()),
@@ -78,17 +93,50 @@ impl<B: Backend> Prober<B> {
                 oldest = Some(oldest.map_or(ms, |o| o.min(ms)));
             }
             if len > 0 {
-                t.has_work.store(true, Ordering::Relaxed); // poll it on the next pass
+                t.has_work.store(true, Ordering::Relaxed); // read it on the next pass
+                found = true;
             }
-            let committed = t.committed.load(Ordering::Relaxed);
-            if u64::try_from(p.claimed).unwrap_or(0) < committed {
-                self.went_backwards(&t.keys).await;
+            self.check_floor(t, &p).await;
+        }
+        if found {
+            self.activity.notify();
+        }
+        // A slice of the dormant shards, so each is looked at once per `dormant_sweep`.
+        let n = targets.dormant.len();
+        if n > 0 {
+            let interval = self.interval.as_millis().max(1);
+            let sweep = self.dormant_sweep.as_millis().max(1);
+            let per_pass = usize::try_from((n as u128 * interval).div_ceil(sweep))
+                .unwrap_or(n)
+                .clamp(1, n);
+            let start = self.dormant_cursor % n;
+            self.dormant_cursor = (start + per_pass) % n;
+            for k in 0..per_pass {
+                let t = &targets.dormant[(start + k) % n];
+                let p = match probe::call(self.backend.as_ref(), &t.keys).await {
+                    Ok(p) => p,
+                    Err(e) => return self.note_error(e.to_string()),
+                };
+                if p.log_len > 0 {
+                    // Records without any change the database shows: read the batch again.
+                    backlog += p.log_len;
+                    self.activity.wake_batch(&t.keys.batch);
+                }
+                self.check_floor(t, &p).await;
             }
         }
         let lag_ms = oldest.map_or(0, |o| u64::try_from(now_ms() - o).unwrap_or(0));
         self.status.backlog.store(backlog, Ordering::Relaxed);
         self.status.lag_ms.store(lag_ms, Ordering::Relaxed);
         BacklogMeasured { backlog, lag_ms }.emit();
+    }
+
+    /// A shard whose claim counter is below what the database holds from it went backwards.
+    async fn check_floor(&mut self, t: &ProbeTarget, p: &probe::Probe) {
+        let committed = t.committed.load(Ordering::Relaxed);
+        if u64::try_from(p.claimed).unwrap_or(0) < committed {
+            self.went_backwards(&t.keys).await;
+        }
     }
 
     /// Reports a shard whose counter is behind the database: missing when its meta is gone

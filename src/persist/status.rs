@@ -39,6 +39,12 @@ pub struct PersistStatus {
     pub(super) probed: AtomicBool,
     /// Wakes the probe task at once (the loop read a new batch list).
     pub(super) wake_prober: tokio::sync::Notify,
+    /// Shard logs read on activity and swept (see the module doc of `persist`).
+    pub(super) active_shards: AtomicU64,
+    /// Shard logs of dormant batches: not read.
+    pub(super) dormant_shards: AtomicU64,
+    /// Shard log reads made by the loop since it started.
+    pub(super) reads: AtomicU64,
     last_error: Mutex<Option<(i64, String)>>,
 }
 
@@ -84,6 +90,18 @@ impl PersistStatus {
     }
     pub fn buffered(&self) -> u64 {
         self.buffered.load(Ordering::Relaxed)
+    }
+    /// Shard logs the persister reads on activity (and sweeps).
+    pub fn active_shards(&self) -> u64 {
+        self.active_shards.load(Ordering::Relaxed)
+    }
+    /// Shard logs of dormant batches, which the persister does not read.
+    pub fn dormant_shards(&self) -> u64 {
+        self.dormant_shards.load(Ordering::Relaxed)
+    }
+    /// Shard log reads made since the persister started.
+    pub fn log_reads(&self) -> u64 {
+        self.reads.load(Ordering::Relaxed)
     }
     pub fn last_error(&self) -> Option<String> {
         self.last_error.lock().as_ref().map(|(_, e)| e.clone())

@@ -1,11 +1,15 @@
-//! The persister's loop: reads every shard's claim log through the consumer group, writes
-//! the records to the database in batched, idempotent transactions, then acks them.
+//! The persister's loop: reads the logs of the shards that can still receive records
+//! (active shards) through the consumer group, when woken by activity or due, writes the
+//! records to the database in batched, idempotent transactions, then acks them. Dormant
+//! batches (see the rule in `persist`'s module doc) are not read.
 //!
 //! Invariant kept here: a record is acked (and deleted from its log) only after the
 //! transaction holding it committed; a failed write keeps the records in memory and retries
 //! them with backoff (they are not read again); a record that does not parse stays pending;
 //! under `redis.ack = "replica"` a record reaches the database only once a replica holds it
-//! (so a failover never takes back a claim the database knows).
+//! (so a failover never takes back a claim the database knows); a batch goes dormant only
+//! when nothing of it is buffered or unacked here and its logs were found empty after its
+//! window (plus `dormant_after_ms`) ended.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -15,18 +19,25 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::prober::{ProbeTarget, ProbeTargets};
+use super::prober::{ProbeTarget, ProbeTargets, TargetSet};
 use super::status::PersistStatus;
-use super::{ACK_RETRY_MIN, Command, IDLE_POLL_MAX, LOG_REPEAT, PersistError, RECOVERY_READS};
+use super::{ACK_RETRY_MIN, Command, LOG_REPEAT, PersistError, RECOVERY_READS};
 use crate::backend::{Backend, BackendError};
 use crate::config::PersisterConfig;
 use crate::contract::keys::SlotKeys;
-use crate::contract::{claim_record, log_ack, log_read};
+use crate::contract::{claim_record, log_ack, log_read, probe};
+use crate::domain::batch::{Batch, BatchState};
 use crate::domain::ids::seq_position;
 use crate::domain::time::now_ms;
-use crate::obs::events::{CouponConflict, PersistFailed, PersistWritten, RepeatFilter};
-use crate::stock::FaultReporter;
-use crate::store::{ClaimRecord, Db};
+use crate::obs::events::{
+    CouponConflict, LogRead, PersistFailed, PersistWritten, RepeatFilter, ShardsFollowed,
+};
+use crate::stock::{ClaimActivity, FaultReporter};
+use crate::store::{BatchMark, ClaimRecord, Db};
+
+/// Definitions read one by one (rather than the whole list) when at most this many batches
+/// are new or changed at a refresh.
+const FEW_CHANGED: usize = 16;
 
 pub(super) struct ShardState {
     batch: Arc<str>,
@@ -36,13 +47,42 @@ pub(super) struct ShardState {
     /// from this shard: its claim counter can never be below it unless Redis lost or rolled
     /// the shard back (the probe task checks).
     committed: Arc<AtomicU64>,
-    /// Set by the probe task when the shard's log holds entries: poll it on the next pass.
+    /// Set by a claim of this instance ([`ClaimActivity`]) or by the probe task when the
+    /// shard's log holds entries: read it on the next pass.
     has_work: Arc<AtomicBool>,
     log: Arc<str>,
+    /// When the shard is read without a hint: at once after a read that found records,
+    /// else `sweep_interval_ms` after the last read (the safety sweep).
     next_poll: Instant,
-    idle_streak: u32,
     /// Recovery reads left (see [`RECOVERY_READS`]).
     recover: u32,
+}
+
+/// A batch as the loop follows it.
+struct Followed {
+    mark: BatchMark,
+    /// `None` when the definition could not be read: never dormant then.
+    def: Option<BatchTimes>,
+    granting: bool,
+    dormant: bool,
+}
+
+/// What of a batch's definition decides whether it can receive records.
+#[derive(Debug, Clone, Copy)]
+struct BatchTimes {
+    start: i64,
+    end: i64,
+    paused: bool,
+}
+
+impl BatchTimes {
+    fn of(b: &Batch) -> BatchTimes {
+        BatchTimes {
+            start: b.claim_window.start.0,
+            end: b.claim_window.end.0,
+            paused: b.state == BatchState::Paused,
+        }
+    }
 }
 
 struct Buffered {
@@ -67,14 +107,25 @@ pub(super) struct Worker<B> {
     status: Arc<PersistStatus>,
     shutdown: CancellationToken,
     commands: mpsc::Receiver<Command>,
+    /// The shards of active batches: read on activity, swept, probed.
     shards: Vec<ShardState>,
+    /// The shards of dormant batches, by batch: not read (the probe task looks at them
+    /// rarely).
+    dormant: HashMap<Arc<str>, Vec<ShardState>>,
+    /// Every batch the database holds, as last read.
+    batches: HashMap<Arc<str>, Followed>,
     /// Round-robin start of the next read pass.
     rr: usize,
     next_refresh: Instant,
+    /// Batches woken that the last refresh did not know: one early refresh each, at most,
+    /// until the next scheduled refresh.
+    unknown_woken: HashSet<String>,
     /// The shard list shared with the probe task.
     probe_targets: ProbeTargets,
     /// Where the shards' floors live (shared with the claim path).
     faults: FaultReporter,
+    /// Hints from the claim path and the probe task.
+    activity: ClaimActivity,
     /// [`ShardState::committed`] by log key, for the records of a committed write.
     committed: HashMap<Arc<str>, Arc<AtomicU64>>,
     /// Records read, not yet committed: kept across failed writes (never re-read).
@@ -105,10 +156,12 @@ impl<B: Backend> Worker<B> {
         commands: mpsc::Receiver<Command>,
         probe_targets: ProbeTargets,
         faults: FaultReporter,
+        activity: ClaimActivity,
     ) -> Worker<B> {
         let now = Instant::now();
         Worker {
             faults,
+            activity,
             consumer: cfg.consumer_name(),
             backoff: Duration::from_millis(cfg.backoff_min_ms),
             read_backoff: Duration::from_millis(cfg.backoff_min_ms),
@@ -119,8 +172,11 @@ impl<B: Backend> Worker<B> {
             shutdown,
             commands,
             shards: Vec::new(),
+            dormant: HashMap::new(),
+            batches: HashMap::new(),
             rr: 0,
             next_refresh: now,
+            unknown_woken: HashSet::new(),
             probe_targets,
             committed: HashMap::new(),
             buffer: Vec::new(),
@@ -138,6 +194,7 @@ impl<B: Backend> Worker<B> {
         let flush_interval = Duration::from_millis(self.cfg.flush_interval_ms);
         while !self.shutdown.is_cancelled() {
             self.maybe_refresh().await;
+            self.take_woken().await;
             self.retry_acks(false).await;
             while let Ok(cmd) = self.commands.try_recv() {
                 self.handle(cmd).await;
@@ -160,14 +217,10 @@ impl<B: Backend> Worker<B> {
                 w
             } else {
                 self.read_backoff = self.backoff_min();
-                if self.buffer.is_empty() {
-                    flush_interval
-                } else {
-                    flush_interval
-                        .saturating_sub(waited)
-                        .max(Duration::from_millis(1))
-                }
+                self.until_due(flush_interval.saturating_sub(waited))
             };
+            // Woken by a hint (a claim here, records a probe found), a command, or when
+            // something is due (a shard's sweep, the refresh, a buffered write, an ack retry).
             tokio::select! {
                 _ = self.shutdown.cancelled() => {}
                 cmd = self.commands.recv() => {
@@ -175,15 +228,17 @@ impl<B: Backend> Worker<B> {
                         self.handle(cmd).await;
                     }
                 }
+                _ = self.activity.notified() => {}
                 _ = tokio::time::sleep(wait) => {}
             }
         }
         // Shutdown: the gateway has stopped taking claims, so drain what the logs still
-        // hold (every shard, no idle polling), bounded by the grace period; what is left
-        // stays pending in Redis for the next instance.
+        // hold (every active shard), bounded by the grace period; what is left stays pending
+        // in Redis for the next instance.
         let deadline = Instant::now() + Duration::from_millis(self.cfg.shutdown_grace_ms);
         self.next_refresh = Instant::now(); // batches created since the last refresh too
         self.maybe_refresh().await;
+        self.take_woken().await;
         loop {
             let got = self.read_pass(true).await;
             if !self.buffer.is_empty()
@@ -200,6 +255,24 @@ impl<B: Backend> Worker<B> {
         self.retry_acks(true).await;
         self.status.running.store(false, Ordering::Relaxed);
         tracing::info!(consumer = %self.consumer, "persister stopped");
+    }
+
+    /// How long the loop may sleep when no hint comes: until the first of the next refresh,
+    /// a shard's next read, an ack retry, and (records buffered) `flush_left`.
+    fn until_due(&self, flush_left: Duration) -> Duration {
+        let now = Instant::now();
+        let mut at = self.next_refresh;
+        for s in &self.shards {
+            at = at.min(s.next_poll);
+        }
+        for u in &self.unacked {
+            at = at.min(u.next_try);
+        }
+        let mut wait = at.saturating_duration_since(now);
+        if !self.buffer.is_empty() {
+            wait = wait.min(flush_left);
+        }
+        wait.max(Duration::from_millis(1))
     }
 
     fn backoff_min(&self) -> Duration {
@@ -232,6 +305,7 @@ impl<B: Backend> Worker<B> {
     async fn flush_all(&mut self) -> Result<u64, PersistError> {
         self.next_refresh = Instant::now();
         self.maybe_refresh().await;
+        self.take_woken().await;
         self.retry_acks(true).await;
         let mut total = 0;
         loop {
@@ -248,44 +322,156 @@ impl<B: Backend> Worker<B> {
         }
     }
 
+    /// Batches woken by a hint or a probe: a dormant one becomes active (every shard read
+    /// at once); one the last refresh did not know (just created) brings the refresh
+    /// forward, once until the next scheduled one.
+    async fn take_woken(&mut self) {
+        let woken = self.activity.take_woken();
+        if woken.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let mut changed = false;
+        let mut unknown = false;
+        for id in woken {
+            if let Some((key, shards)) = self.dormant.remove_entry(id.as_str()) {
+                if let Some(f) = self.batches.get_mut(&key) {
+                    f.dormant = false;
+                }
+                self.activate(shards, now);
+                changed = true;
+            } else if !self.batches.contains_key(id.as_str()) && self.unknown_woken.insert(id) {
+                unknown = true;
+            }
+        }
+        if unknown {
+            self.next_refresh = now;
+            self.maybe_refresh().await;
+        } else if changed {
+            self.publish();
+        }
+    }
+
+    /// Moves shards of a batch that woke up to the active list: each is read at once.
+    fn activate(&mut self, shards: Vec<ShardState>, now: Instant) {
+        for mut s in shards {
+            s.next_poll = now;
+            s.recover = RECOVERY_READS;
+            self.shards.push(s);
+        }
+    }
+
+    /// Re-reads the batch list (marks only; definitions of new or changed batches), follows
+    /// new batches, wakes dormant ones that changed, and puts to sleep the active ones that
+    /// can no longer receive records (see `persist`'s module doc for the rule).
     async fn maybe_refresh(&mut self) {
         let now = Instant::now();
         if now < self.next_refresh {
             return;
         }
         self.next_refresh = now + Duration::from_millis(self.cfg.batch_refresh_ms);
-        let batches = match self.db.list_batches().await {
-            Ok(b) => {
+        match self.refresh(now).await {
+            Ok(()) => {
                 self.status.db_ok.store(true, Ordering::Relaxed);
-                b
+                self.unknown_woken.clear();
             }
             Err(e) => {
                 self.status.db_ok.store(false, Ordering::Relaxed);
                 self.note_error("refresh", e.to_string());
                 return;
             }
-        };
-        let mut old: HashMap<(Arc<str>, u32), ShardState> = self
+        }
+        self.settle_dormant().await;
+        self.publish();
+        // A hint that set a flag just before its shard went dormant (the claim path saw the
+        // old set) is not lost: the batch wakes at once.
+        for (id, shards) in &self.dormant {
+            if shards.iter().any(|s| s.has_work.load(Ordering::Acquire)) {
+                self.activity.wake_batch(id);
+            }
+        }
+        self.status.refreshed.store(true, Ordering::Relaxed);
+        self.status.wake_prober.notify_one();
+    }
+
+    async fn refresh(&mut self, now: Instant) -> Result<(), crate::store::DbError> {
+        let marks = self.db.batch_marks().await?;
+        let granting: HashSet<String> = self.db.granting_batches().await?.into_iter().collect();
+        let changed: Vec<&str> = marks
+            .iter()
+            .filter(|m| {
+                self.batches
+                    .get(m.id.as_str())
+                    .is_none_or(|f| f.mark != **m)
+            })
+            .map(|m| m.id.as_str())
+            .collect();
+        let mut defs: HashMap<String, BatchTimes> = HashMap::new();
+        if changed.len() > FEW_CHANGED {
+            for b in self.db.list_batches().await? {
+                defs.insert(b.id.clone(), BatchTimes::of(&b));
+            }
+        } else {
+            for id in changed {
+                if let Some(b) = self.db.get_batch(id).await? {
+                    defs.insert(b.id.clone(), BatchTimes::of(&b));
+                }
+            }
+        }
+        let mut old_active: HashMap<(Arc<str>, u32), ShardState> = self
             .shards
             .drain(..)
             .map(|s| ((s.batch.clone(), s.shard), s))
             .collect();
-        for b in batches {
-            let id: Arc<str> = Arc::from(b.id.as_str());
+        let mut old_dormant = std::mem::take(&mut self.dormant);
+        let mut old = std::mem::take(&mut self.batches);
+        for m in marks {
+            let (id, prev) = match old.remove_entry(m.id.as_str()) {
+                Some((id, f)) => (id, Some(f)),
+                None => (Arc::from(m.id.as_str()), None),
+            };
+            let unchanged = prev.as_ref().is_some_and(|f| f.mark == m);
+            let def = match (&prev, unchanged) {
+                (Some(f), true) => f.def,
+                _ => defs.get(&m.id).copied(),
+            };
+            let granting = granting.contains(&m.id);
+            // Stays dormant only while nothing that could make it receive records happened.
+            let dormant = prev.as_ref().is_some_and(|f| f.dormant)
+                && unchanged
+                && !granting
+                && def.is_some_and(|d| self.out_of_service(&d, &m));
+            let mut asleep: HashMap<u32, ShardState> = old_dormant
+                .remove(&id)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|s| (s.shard, s))
+                .collect();
             // A batch seen for the first time (or again after a restart): what the database
             // already holds is the floor its shards' counters must not be below.
             let mut floors: HashMap<u32, u64> = HashMap::new();
-            if (0..b.shards).any(|i| !old.contains_key(&(id.clone(), i))) {
-                match self.db.claims_summary(&b.id).await {
+            if (0..m.shards)
+                .any(|i| !old_active.contains_key(&(id.clone(), i)) && !asleep.contains_key(&i))
+            {
+                match self.db.claims_summary(&m.id).await {
                     Ok(summary) => {
                         floors.extend(summary.iter().map(|s| (s.shard, seq_position(s.max_seq))));
                     }
                     Err(e) => self.note_error("refresh", e.to_string()),
                 }
             }
-            for i in 0..b.shards {
-                let state = old.remove(&(id.clone(), i)).unwrap_or_else(|| {
-                    let keys = SlotKeys::new(&b.id, Some(i));
+            let mut states = Vec::with_capacity(m.shards as usize);
+            for i in 0..m.shards {
+                let state = if let Some(s) = old_active.remove(&(id.clone(), i)) {
+                    s
+                } else if let Some(mut s) = asleep.remove(&i) {
+                    if !dormant {
+                        s.next_poll = now; // woken: read at once
+                        s.recover = RECOVERY_READS;
+                    }
+                    s
+                } else {
+                    let keys = SlotKeys::new(&m.id, Some(i));
                     let committed = self.faults.floor(&keys.meta);
                     committed.fetch_max(floors.get(&i).copied().unwrap_or(0), Ordering::Relaxed);
                     ShardState {
@@ -296,34 +482,146 @@ impl<B: Backend> Worker<B> {
                         committed,
                         has_work: Arc::default(),
                         next_poll: now,
-                        idle_streak: 0,
                         recover: RECOVERY_READS,
                     }
-                });
-                self.shards.push(state);
+                };
+                states.push(state);
+            }
+            if dormant {
+                self.dormant.insert(id.clone(), states);
+            } else {
+                self.shards.extend(states);
+            }
+            self.batches.insert(
+                id,
+                Followed {
+                    mark: m,
+                    def,
+                    granting,
+                    dormant,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Whether a batch is out of service: its window ended more than `dormant_after_ms` ago
+    /// or starts more than that far ahead, or it was paused more than that long ago (the
+    /// margin covers the clocks of gateways and Redis, and changes still on their way).
+    fn out_of_service(&self, d: &BatchTimes, m: &BatchMark) -> bool {
+        let now = now_ms();
+        let margin = i64::try_from(self.cfg.dormant_after_ms).unwrap_or(i64::MAX);
+        now > d.end.saturating_add(margin)
+            || now < d.start.saturating_sub(margin)
+            || (d.paused && now > m.updated_at.saturating_add(margin))
+    }
+
+    /// Puts to sleep every active batch that is out of service, not granting, holds nothing
+    /// buffered or unacked here, and whose logs are all empty now. A log is empty only once
+    /// every record in it was written and acked by some instance (acks delete), and none can
+    /// be appended while the batch stays out of service.
+    async fn settle_dormant(&mut self) {
+        let candidates: Vec<Arc<str>> = self
+            .batches
+            .iter()
+            .filter(|(_, f)| !f.dormant && !f.granting)
+            .filter(|(_, f)| f.def.is_some_and(|d| self.out_of_service(&d, &f.mark)))
+            .map(|(id, _)| id.clone())
+            .collect();
+        if candidates.is_empty() {
+            return;
+        }
+        let busy: HashSet<Arc<str>> = self
+            .buffer
+            .iter()
+            .map(|b| b.log.clone())
+            .chain(self.unacked.iter().map(|u| u.log.clone()))
+            .collect();
+        // A batch with a shard holding records here, or hinted, stays active.
+        let mut busy_batches: HashSet<Arc<str>> = HashSet::new();
+        let mut by_batch: HashMap<Arc<str>, Vec<Arc<SlotKeys>>> = HashMap::new();
+        for s in &self.shards {
+            if busy.contains(&s.log) || s.has_work.load(Ordering::Acquire) {
+                busy_batches.insert(s.batch.clone());
+            }
+            by_batch
+                .entry(s.batch.clone())
+                .or_default()
+                .push(s.keys.clone());
+        }
+        let mut asleep: HashSet<Arc<str>> = HashSet::new();
+        'batch: for id in candidates {
+            if busy_batches.contains(&id) {
+                continue;
+            }
+            let Some(keys) = by_batch.get(&id) else {
+                continue;
+            };
+            for k in keys {
+                match probe::call(self.backend.as_ref(), k).await {
+                    Ok(p) if p.log_len == 0 => {}
+                    Ok(_) => continue 'batch,
+                    Err(e) => {
+                        self.note_error("probe", e.to_string());
+                        return;
+                    }
+                }
+            }
+            asleep.insert(id);
+        }
+        if asleep.is_empty() {
+            return;
+        }
+        let shards = std::mem::take(&mut self.shards);
+        for s in shards {
+            if asleep.contains(&s.batch) {
+                self.dormant.entry(s.batch.clone()).or_default().push(s);
+            } else {
+                self.shards.push(s);
             }
         }
-        let targets = self
-            .shards
-            .iter()
-            .map(|s| ProbeTarget {
-                keys: s.keys.clone(),
-                has_work: s.has_work.clone(),
-                committed: s.committed.clone(),
-            })
-            .collect();
+        for id in &asleep {
+            if let Some(f) = self.batches.get_mut(id) {
+                f.dormant = true;
+            }
+        }
+        tracing::debug!(batches = asleep.len(), "persister: batches went dormant");
+    }
+
+    /// Shares the active and dormant shards with the probe task and the claim path, and
+    /// reports their counts.
+    fn publish(&mut self) {
+        let target = |s: &ShardState| ProbeTarget {
+            keys: s.keys.clone(),
+            has_work: s.has_work.clone(),
+            committed: s.committed.clone(),
+        };
+        let set = TargetSet {
+            active: self.shards.iter().map(target).collect(),
+            dormant: self.dormant.values().flatten().map(target).collect(),
+        };
+        let (active, dormant) = (set.active.len() as u64, set.dormant.len() as u64);
+        *self.probe_targets.lock() = Arc::new(set);
+        self.activity.publish(
+            self.shards
+                .iter()
+                .map(|s| (s.log.clone(), s.has_work.clone()))
+                .collect(),
+        );
         self.committed = self
             .shards
             .iter()
+            .chain(self.dormant.values().flatten())
             .map(|s| (s.log.clone(), s.committed.clone()))
             .collect();
-        *self.probe_targets.lock() = Arc::new(targets);
-        self.status.refreshed.store(true, Ordering::Relaxed);
-        self.status.wake_prober.notify_one();
+        self.status.active_shards.store(active, Ordering::Relaxed);
+        self.status.dormant_shards.store(dormant, Ordering::Relaxed);
+        ShardsFollowed { active, dormant }.emit();
     }
 
-    /// One round-robin pass over the shards that are due (all with `force`), reading until
-    /// the buffer is full. Returns how many new records were buffered.
+    /// One round-robin pass over the active shards that are hinted or due (all with
+    /// `force`), reading until the buffer is full. Returns how many new records were
+    /// buffered.
     async fn read_pass(&mut self, force: bool) -> usize {
         let n = self.shards.len();
         if n == 0 {
@@ -331,8 +629,7 @@ impl<B: Backend> Worker<B> {
         }
         let batch_size = self.cfg.batch_size;
         let now = Instant::now();
-        let flush = Duration::from_millis(self.cfg.flush_interval_ms);
-        let idle_max = IDLE_POLL_MAX.max(flush);
+        let sweep = Duration::from_millis(self.cfg.sweep_interval_ms);
         let mut got = 0;
         let start = self.rr % n;
         self.rr = (start + 1) % n;
@@ -342,10 +639,22 @@ impl<B: Backend> Worker<B> {
             if room == 0 {
                 break;
             }
-            let hinted = self.shards[i].has_work.swap(false, Ordering::Relaxed);
-            if !force && !hinted && self.shards[i].next_poll > now {
+            let hinted = self.shards[i].has_work.swap(false, Ordering::AcqRel);
+            let due = self.shards[i].next_poll <= now;
+            if !force && !hinted && !due {
                 continue;
             }
+            LogRead {
+                cause: if force {
+                    "drain"
+                } else if hinted {
+                    "hint"
+                } else {
+                    "due"
+                },
+            }
+            .emit();
+            self.status.reads.fetch_add(1, Ordering::Relaxed);
             let min_idle = if self.shards[i].recover > 0 {
                 0
             } else {
@@ -395,15 +704,10 @@ impl<B: Backend> Worker<B> {
                 }
             }
             let s = &mut self.shards[i];
-            if entries.is_empty() {
-                s.idle_streak = s.idle_streak.saturating_add(1);
-                let factor = 1u32 << (s.idle_streak.min(8) - 1);
-                s.next_poll = now + (flush * factor).min(idle_max);
-                continue;
-            }
-            s.idle_streak = 0;
-            s.next_poll = now;
+            // Read again at once after records (more may be waiting), else at the sweep.
+            s.next_poll = now + sweep;
             let (batch, shard, log) = (s.batch.clone(), s.shard, s.log.clone());
+            let mut fresh = 0;
             for e in entries {
                 let key = (log.clone(), e.id.clone());
                 if self.held.contains(&key) {
@@ -422,7 +726,7 @@ impl<B: Backend> Worker<B> {
                             record,
                         });
                         self.first_buffered.get_or_insert_with(Instant::now);
-                        got += 1;
+                        fresh += 1;
                     }
                     Err(reason) => {
                         // Kept pending on purpose: see the module documentation.
@@ -433,6 +737,10 @@ impl<B: Backend> Worker<B> {
                     }
                 }
             }
+            if fresh > 0 {
+                self.shards[i].next_poll = now;
+            }
+            got += fresh;
         }
         self.status
             .buffered

@@ -83,9 +83,16 @@ impl<B: Backend> Stock<B> {
                 Outcome::Claimed(ref c) | Outcome::Replayed(ref c)
                     if self.rolled_back(slot, c, fresh, a) =>
                 {
+                    if fresh {
+                        self.activity.hint(slot); // its record goes to the database all the same
+                    }
                     return self.fence(slot).await;
                 }
                 decided => {
+                    if matches!(decided, Outcome::Claimed(_)) {
+                        // The record is in the shard's log: the persister reads it now.
+                        self.activity.hint(slot);
+                    }
                     return self
                         .acknowledged(slot, ClaimResult::Decided(decided), a.ack)
                         .await;
@@ -153,14 +160,15 @@ impl<B: Backend> Stock<B> {
     /// which claim (user, request id) each sequence it saw went to:
     /// - a sequence it saw go to ANOTHER claim was minted twice (seen again for the same
     ///   claim is a replay, whose reply may even arrive before the mint's);
-    /// - a mint this instance never saw, fresh or replayed to the request that minted it
-    ///   (its first reply was lost: the replay is the mint's first sighting), at or below
-    ///   what the database holds from the shard (the persister's floor) was minted again.
+    /// - a fresh mint this instance never saw at or below what the database holds from the
+    ///   shard (the persister's floor) was minted again.
     ///
     /// Then the shard is reported, and the coupon is not handed out (its id may be another
     /// user's): it reaches the database like any claim, where a clash is recorded as a
-    /// coupon conflict. A replay of an older success (another request's nonce) that this
-    /// instance never saw is only recorded: it is below the floor whenever it was persisted.
+    /// coupon conflict. A replay this instance never saw (its own lost first reply, another
+    /// request, another gateway, before a restart) is only recorded: the floor tells nothing
+    /// about it (the database holds it whenever it was persisted; grant jobs repeat their
+    /// lines' nonces across restarts).
     /// A replay without a nonce was restored from the database by a rebuild or repair: it is
     /// the database's truth, never evidence of a rollback.
     ///
@@ -173,13 +181,12 @@ impl<B: Backend> Stock<B> {
             // Written by a rebuild or repair from the database: the truth, not a mint.
             return false;
         }
-        let mint = fresh || got.minted_by == a.nonce;
         let tag = claim_tag(a.user, a.request_id);
         let minted_twice = match self.faults.sight(&slot.meta, seq, tag) {
             Sighting::Other => true,
             // The same claim: its replay's reply may arrive before its mint's.
             Sighting::Same => false,
-            Sighting::New => mint && self.faults.below_floor(&slot.meta, seq_position(seq)),
+            Sighting::New => fresh && self.faults.below_floor(&slot.meta, seq_position(seq)),
         };
         if !minted_twice {
             return false;

@@ -1,7 +1,8 @@
 //! Sharded stock: the claim on the user's home shard with its refills ([`claim`]), the
 //! crash-safe transfers between slots and their sweeper ([`transfer`]), the census (the ONE
 //! conservation check, [`census`]), and the batch definition in Redis: setup and versioned
-//! changes ([`definition`]). Everything here runs scripts through `crate::contract`.
+//! changes ([`definition`]), and the hint of a minted claim to the local persister
+//! ([`activity`]). Everything here runs scripts through `crate::contract`.
 //!
 //! Invariants kept here:
 //! - stock only moves between slots through a two-phase transfer (outbox in the source,
@@ -15,6 +16,7 @@
 //!   come from the database), with the absolute total, shards first and the pool last: a
 //!   pool at version v proves every shard is at v or newer.
 
+pub mod activity;
 pub mod census;
 pub mod claim;
 pub mod definition;
@@ -32,6 +34,7 @@ use crate::contract::events::{self, Event};
 use crate::contract::keys::SlotKeys;
 use crate::contract::{meta_get, probe};
 
+pub use self::activity::ClaimActivity;
 pub use self::census::Conservation;
 pub use self::claim::{ClaimArgs, ClaimResult};
 pub use self::faults::{FaultKind, FaultReporter, ShardFault};
@@ -59,6 +62,8 @@ pub struct Stock<B> {
     instance: String,
     /// Where shard faults go (the repairer), see [`faults`].
     faults: FaultReporter,
+    /// Where a minted claim is hinted to this instance's persister, see [`activity`].
+    activity: ClaimActivity,
 }
 
 impl<B: Backend> Stock<B> {
@@ -70,7 +75,14 @@ impl<B: Backend> Stock<B> {
             transfer_seq: AtomicU64::new(0),
             instance,
             faults: FaultReporter::disabled(),
+            activity: ClaimActivity::disabled(),
         }
+    }
+
+    /// Hints every minted claim to this instance's persister through `activity`.
+    pub fn with_activity(mut self, activity: ClaimActivity) -> Stock<B> {
+        self.activity = activity;
+        self
     }
 
     /// Reports shard faults (lost or rolled-back shards) to `faults`.

@@ -37,6 +37,12 @@ const UPDATE_BATCH: &str = "UPDATE batches SET definition = $2, shards = $3, sto
      state = $5, updated_at = $6, version = $7, timezone = $9, budget = $10 \
      WHERE id = $1 AND version = $8";
 
+/// What the persister follows of every batch: any change of these can make a batch receive
+/// claim records again (a patch bumps `version` and `updated_at`, a rebuild or repair bumps
+/// `epoch`, a re-create after a delete is a new `updated_at` and `setup_done_at`).
+const BATCH_MARKS: &str = "SELECT id, shards, version, epoch, updated_at, setup_done_at \
+     FROM batches ORDER BY id";
+
 const BATCH_ROW: &str = "SELECT id, definition, version, setup_done_at FROM batches WHERE id = $1";
 
 /// A page of the admin listing: set-up batches after `$1` (exclusive) by id, at most `$2`;
@@ -46,6 +52,17 @@ const LIST_PAGE: &str = "SELECT id, definition, version, setup_done_at FROM batc
 /// The same, in one state (`$3`).
 const LIST_PAGE_STATE: &str = "SELECT id, definition, version, setup_done_at FROM batches \
      WHERE setup_done_at IS NOT NULL AND id > $1 AND state = $3 ORDER BY id LIMIT $2";
+
+/// A batch as the persister follows it, without its definition (cheap to read often).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchMark {
+    pub id: String,
+    pub shards: u32,
+    pub version: i64,
+    pub epoch: i64,
+    pub updated_at: i64,
+    pub setup_done_at: Option<i64>,
+}
 
 impl Db {
     /// Inserts the batch (recorded as set up), or replaces its definition if it exists
@@ -251,6 +268,27 @@ impl Db {
             }
         });
         rows.into_iter().map(stored_batch).collect()
+    }
+
+    /// Every batch's [`BatchMark`], by id: what the persister compares on each refresh, so
+    /// only batches new or changed have their definition read.
+    pub async fn batch_marks(&self) -> Result<Vec<BatchMark>, DbError> {
+        type Row = (String, i64, i64, i64, i64, Option<i64>);
+        let rows: Vec<Row> = on_pool!(self, p => {
+            sqlx::query_as(BATCH_MARKS).fetch_all(p).await?
+        });
+        rows.into_iter()
+            .map(|(id, shards, version, epoch, updated_at, setup_done_at)| {
+                Ok(BatchMark {
+                    shards: super::to_u32(shards, "shards")?,
+                    id,
+                    version,
+                    epoch,
+                    updated_at,
+                    setup_done_at,
+                })
+            })
+            .collect()
     }
 
     /// Every batch, by id.

@@ -14,7 +14,7 @@ use std::collections::HashSet;
 use serde::Serialize;
 use sqlx::QueryBuilder;
 
-use super::outbox::{INSERT_OUTBOX, Notice};
+use super::outbox::Notice;
 use super::{ClaimRecord, Db, DbError, now_ms, to_i64, to_u32, to_u64};
 use crate::domain::coupon::{CouponState, EventKind};
 use crate::domain::time::Timestamp;
@@ -491,15 +491,25 @@ impl Db {
                     .fetch_all(&mut *tx)
                     .await?;
                 coupons += new.len() as u64;
-                for (id, coupon_id, body) in claimed_outbox(part, &new)? {
-                    sqlx::query(INSERT_OUTBOX)
-                        .bind(id)
-                        .bind(EventKind::Claimed.as_str())
-                        .bind(coupon_id)
-                        .bind(body)
-                        .bind(now)
-                        .execute(&mut *tx)
-                        .await?;
+                // The outbox rows of the claims that got their coupon row now, in one
+                // multi-row statement (not one statement per claim).
+                let outbox = claimed_outbox(part, &new)?;
+                if !outbox.is_empty() {
+                    let mut q = QueryBuilder::new(
+                        "INSERT INTO event_outbox (event_id, kind, coupon_id, payload, \
+                         created_at, next_attempt_at) ",
+                    );
+                    q.push_values(&outbox, |mut b, (id, coupon_id, body)| {
+                        b.push_bind(id.as_str())
+                            .push_bind(EventKind::Claimed.as_str())
+                            .push_bind(coupon_id.as_str())
+                            .push_bind(body.as_str())
+                            .push_bind(now)
+                            .push_bind(now);
+                    });
+                    q.push(" ON CONFLICT (event_id) DO NOTHING");
+                    let full = outbox.len() == chunk;
+                    q.build().persistent(full).execute(&mut *tx).await?;
                 }
             }
             tx.commit().await?;

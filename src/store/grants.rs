@@ -227,6 +227,19 @@ impl Db {
         Ok(())
     }
 
+    /// The batches with a grant job receiving or running: they can receive claim records
+    /// whatever their window says, so the persister keeps reading them.
+    pub async fn granting_batches(&self) -> Result<Vec<String>, DbError> {
+        Ok(on_pool!(self, p => {
+            sqlx::query_scalar(
+                "SELECT DISTINCT batch_id FROM grant_jobs \
+                 WHERE state IN ('receiving', 'running') ORDER BY batch_id",
+            )
+            .fetch_all(p)
+            .await?
+        }))
+    }
+
     /// One job.
     pub async fn grant_job(&self, id: &str) -> Result<Option<GrantJobRow>, DbError> {
         let row: Option<Row> = on_pool!(self, p => {

@@ -66,7 +66,7 @@ mod coupons;
 mod grants;
 mod outbox;
 
-pub use self::batches::StoredBatch;
+pub use self::batches::{BatchMark, StoredBatch};
 pub use self::claims::{ClaimsWritten, CouponConflict, ShardClaims, claim_event_id};
 pub use self::coupon_state::transition_event_id;
 pub use self::coupons::{CouponRow, EventRow, MAX_PAGE, Swept};
