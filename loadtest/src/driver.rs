@@ -3,7 +3,10 @@
 //! fixed intended times `t0 + i/R`, latency measured from the intended time so that a
 //! slow server cannot hide its queueing delay: no coordinated omission). It classes every
 //! outcome (expected or unexpected), notes when the first `410 sold_out` arrived, and can
-//! keep a bounded per-interval timeline for `--report`.
+//! keep a bounded per-interval timeline for `--report`. A checkout (one plan index of the
+//! checkout scenario) is a short sequence of requests on the same connection: claim,
+//! wallet reads, lock (retried, bounded by `--lock-wait-ms`, while the coupon is not yet in
+//! the database), redeem; every one of them is classed and counted like any request.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -11,16 +14,18 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
+use bytes::Bytes;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use crate::cli::ScenarioKind;
 use crate::client::{self, Api, HttpRequest, Reply, TransportError};
 use crate::history::{ClaimRecord, Phase};
-use crate::outcome::{Class, Expectations};
+use crate::outcome::{Class, Expectations, GAVE_UP, NOT_PERSISTED};
 use crate::progress::Live;
-use crate::report::{Endpoint, Stats};
-use crate::scenario::{Plan, Request};
+use crate::report::{Endpoint, Stats, Step};
+use crate::scenario::{Checkout, Claim, Plan, Request};
 use crate::timeline::{self, Recorder, Timeline};
 
 /// An open-loop request whose intended time is at most this far ahead is sent at once
@@ -59,6 +64,33 @@ pub struct DriverConfig {
     pub expect: Expectations,
     /// Keep a per-interval timeline (for `--report`).
     pub timeline: bool,
+    /// The checkout scenario's knobs.
+    pub checkout: CheckoutConfig,
+}
+
+/// How a checkout is carried out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CheckoutConfig {
+    /// Wallet reads between the claim and the lock.
+    pub wallet_reads: u32,
+    /// How long a lock answered `404 coupon_not_found` is retried.
+    pub lock_wait: Duration,
+}
+
+impl Default for CheckoutConfig {
+    fn default() -> Self {
+        Self {
+            wallet_reads: 3,
+            lock_wait: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A coupon a checkout redeemed (answered 200), for `--verify`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Redeemed {
+    pub user: String,
+    pub coupon_id: String,
 }
 
 /// A connection the driver can send requests on.
@@ -116,6 +148,8 @@ pub struct RunContext {
 pub struct RunResult {
     pub stats: Stats,
     pub history: Vec<ClaimRecord>,
+    /// Checkout: the coupons redeemed (kept when the history is).
+    pub redeemed: Vec<Redeemed>,
     /// When the phase started (after the connections were opened).
     pub t0: Instant,
     /// From `t0` to the last answer.
@@ -211,6 +245,7 @@ struct Bounds {
 struct WorkerOutput {
     stats: Stats,
     history: Vec<ClaimRecord>,
+    redeemed: Vec<Redeemed>,
     last_done: Option<Instant>,
 }
 
@@ -252,6 +287,7 @@ where
 
     let mut stats = Stats::new();
     let mut history = Vec::new();
+    let mut redeemed = Vec::new();
     let mut last_done: Option<Instant> = None;
     let mut failure = None;
     while let Some(joined) = set.join_next().await {
@@ -259,6 +295,7 @@ where
             Ok(out) => {
                 stats.merge(&out.stats);
                 history.extend(out.history);
+                redeemed.extend(out.redeemed);
                 last_done = last_done.max(out.last_done);
             }
             Err(e) => {
@@ -293,6 +330,7 @@ where
     Ok(RunResult {
         stats,
         history,
+        redeemed,
         t0,
         elapsed,
         unsent,
@@ -355,7 +393,7 @@ fn bounds(cfg: &DriverConfig, t0: Instant) -> Bounds {
 
 fn endpoint(req: &Request) -> Endpoint {
     match req {
-        Request::Claim(_) => Endpoint::Claim,
+        Request::Claim(_) | Request::Checkout(_) => Endpoint::Claim,
         Request::GetBatch => Endpoint::GetBatch,
         Request::Health => Endpoint::Health,
         Request::Product(_) => Endpoint::Product,
@@ -367,27 +405,277 @@ fn micros_since(epoch: Instant, t: Instant) -> u64 {
     u64::try_from(t.saturating_duration_since(epoch).as_micros()).unwrap_or(u64::MAX)
 }
 
+/// The step of a checkout an endpoint stands for.
+fn step(ep: Endpoint) -> Option<Step> {
+    match ep {
+        Endpoint::Claim => Some(Step::Claim),
+        Endpoint::Wallet => Some(Step::Wallet),
+        Endpoint::Lock => Some(Step::Lock),
+        Endpoint::Redeem => Some(Step::Redeem),
+        Endpoint::GetBatch | Endpoint::Health | Endpoint::Product | Endpoint::Quote => None,
+    }
+}
+
+/// One answered (or failed) request, as recorded.
+struct Answer {
+    status: Option<u16>,
+    /// The recorded `error` code (`transport:<kind>` without an answer).
+    error: Option<String>,
+    coupon_id: Option<String>,
+    body: Bytes,
+    class: Class,
+    started: Instant,
+    done: Instant,
+}
+
+/// One connection's sending state within a phase: every request it sends is classed,
+/// counted and timed in one place ([`Lane::exchange`]).
+struct Lane<'a, C> {
+    conn: C,
+    cfg: &'a DriverConfig,
+    ctx: &'a RunContext,
+    shared: &'a Shared,
+    recorder: Option<Recorder>,
+    stats: Stats,
+    history: Vec<ClaimRecord>,
+    redeemed: Vec<Redeemed>,
+    last_done: Option<Instant>,
+    t0: Instant,
+}
+
+impl<C: Exchange> Lane<'_, C> {
+    /// Sends `http` and records its outcome. `intended` is the open-loop send time (the
+    /// latency origin); `last_lock_try` marks a checkout's final lock attempt, whose
+    /// `404 coupon_not_found` is recorded as given up ([`GAVE_UP`]).
+    async fn exchange(
+        &mut self,
+        ep: Endpoint,
+        http: HttpRequest,
+        intended: Option<Instant>,
+        last_lock_try: bool,
+    ) -> Answer {
+        let started = Instant::now();
+        let result = self.conn.send(http, self.cfg.timeout).await;
+        let done = Instant::now();
+        self.last_done = Some(done);
+        let latency = done.saturating_duration_since(latency_origin(intended, started));
+        match result {
+            Ok(reply) => {
+                let mut parsed = if ep == Endpoint::Claim || reply.status >= 400 {
+                    client::parse_body(&reply.body)
+                } else {
+                    client::Parsed::default()
+                };
+                if last_lock_try
+                    && reply.status == 404
+                    && parsed.error.as_deref() == Some(NOT_PERSISTED)
+                {
+                    parsed.error = Some(GAVE_UP.to_string());
+                }
+                let class =
+                    self.cfg
+                        .expect
+                        .classify(ep, Some(reply.status), parsed.error.as_deref());
+                self.ctx.live.answered(reply.status, class);
+                if ep == Endpoint::Claim
+                    && reply.status == 410
+                    && parsed.error.as_deref() == Some("sold_out")
+                {
+                    let ns = u64::try_from(done.saturating_duration_since(self.t0).as_nanos())
+                        .unwrap_or(u64::MAX - 1);
+                    self.shared
+                        .first_sold_out_ns
+                        .fetch_min(ns, Ordering::Relaxed);
+                    if self.cfg.stop_on_sold_out {
+                        self.shared.stop.store(true, Ordering::Relaxed);
+                    }
+                }
+                if let Some(r) = self.recorder.as_mut() {
+                    let ok = ep == Endpoint::Claim && reply.status == 201;
+                    r.record(done, Some(latency), ok, class);
+                }
+                if self.cfg.expect.scenario == ScenarioKind::Checkout
+                    && let Some(s) = step(ep)
+                {
+                    self.stats.checkout_mut().record_latency(s, latency);
+                }
+                self.stats
+                    .record_reply(ep, reply.status, parsed.error.clone(), latency);
+                Answer {
+                    status: Some(reply.status),
+                    error: parsed.error,
+                    coupon_id: parsed.coupon_id,
+                    body: reply.body,
+                    class,
+                    started,
+                    done,
+                }
+            }
+            Err(e) => {
+                self.ctx.live.failed();
+                if let Some(r) = self.recorder.as_mut() {
+                    r.record(done, None, false, Class::Unexpected);
+                }
+                self.stats.record_transport(ep, e.kind());
+                Answer {
+                    status: None,
+                    error: Some(format!("transport:{}", e.kind())),
+                    coupon_id: None,
+                    body: Bytes::new(),
+                    class: Class::Unexpected,
+                    started,
+                    done,
+                }
+            }
+        }
+    }
+
+    fn stopped(&self) -> bool {
+        self.shared.stop.load(Ordering::Relaxed) || *self.ctx.cancel.borrow()
+    }
+
+    /// Keeps the claim's record for `--verify` / `--history`.
+    fn record_claim(&mut self, c: &Claim, a: &Answer, intended: Option<Instant>) {
+        if !self.cfg.record_history {
+            return;
+        }
+        self.history.push(ClaimRecord {
+            phase: self.cfg.phase,
+            user: c.user_id.clone(),
+            request_id: c.request_id.clone(),
+            status: a.status,
+            error: a.error.clone(),
+            coupon_id: a.coupon_id.clone(),
+            class: a.class,
+            intended_us: intended.map(|t| micros_since(self.ctx.epoch, t)),
+            send_us: micros_since(self.ctx.epoch, a.started),
+            recv_us: micros_since(self.ctx.epoch, a.done),
+        });
+    }
+
+    /// One checkout after its claim answered `a`: wallet reads, the lock (retrying
+    /// `404 coupon_not_found` until `lock_wait` is over), the redeem.
+    async fn checkout(&mut self, co: &Checkout, a: &Answer) -> anyhow::Result<()> {
+        self.stats.checkout_mut().checkouts += 1;
+        let (Some(200 | 201), Some(coupon)) = (a.status, a.coupon_id.clone()) else {
+            return Ok(());
+        };
+        let user = co.claim.user_id.as_str();
+        let api = Arc::clone(&self.ctx.api);
+        for _ in 0..self.cfg.checkout.wallet_reads {
+            if self.stopped() {
+                return Ok(());
+            }
+            let w = self
+                .exchange(
+                    Endpoint::Wallet,
+                    build(api.wallet_unused(user))?,
+                    None,
+                    false,
+                )
+                .await;
+            if w.status == Some(200) {
+                let c = self.stats.checkout_mut();
+                c.wallet_reads_ok += 1;
+                if !contains(&w.body, coupon.as_bytes()) {
+                    c.wallet_reads_without_coupon += 1;
+                }
+            }
+        }
+        let lock_deadline = Instant::now() + self.cfg.checkout.lock_wait;
+        let mut backoff = LOCK_BACKOFF_MIN;
+        loop {
+            if self.stopped() {
+                return Ok(());
+            }
+            let last = Instant::now() + backoff > lock_deadline;
+            let http = build(api.coupon_action(&coupon, "lock", &co.order_id, user))?;
+            let l = self.exchange(Endpoint::Lock, http, None, last).await;
+            match (l.status, l.error.as_deref()) {
+                (Some(200), _) => {
+                    self.stats.checkout_mut().locks_ok += 1;
+                    break;
+                }
+                (Some(404), Some(NOT_PERSISTED)) => {
+                    self.stats.checkout_mut().lock_not_persisted += 1;
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(LOCK_BACKOFF_MAX);
+                }
+                (Some(404), Some(GAVE_UP)) => {
+                    self.stats.checkout_mut().lock_gave_up += 1;
+                    return Ok(());
+                }
+                (Some(409), _) => {
+                    self.stats.checkout_mut().conflicts += 1;
+                    return Ok(());
+                }
+                _ => return Ok(()),
+            }
+        }
+        if self.stopped() {
+            return Ok(());
+        }
+        let http = build(api.coupon_action(&coupon, "redeem", &co.order_id, user))?;
+        let r = self.exchange(Endpoint::Redeem, http, None, false).await;
+        match r.status {
+            Some(200) => {
+                self.stats.checkout_mut().pairs_ok += 1;
+                if self.cfg.record_history {
+                    self.redeemed.push(Redeemed {
+                        user: user.to_string(),
+                        coupon_id: coupon,
+                    });
+                }
+            }
+            Some(409) => self.stats.checkout_mut().conflicts += 1,
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// First wait before retrying a lock that found no coupon yet (doubled each try).
+const LOCK_BACKOFF_MIN: Duration = Duration::from_millis(5);
+/// Longest wait between two lock tries.
+const LOCK_BACKOFF_MAX: Duration = Duration::from_millis(100);
+
+fn build(r: Result<HttpRequest, client::BuildError>) -> anyhow::Result<HttpRequest> {
+    r.map_err(|e| anyhow::Error::new(e).context("building a request"))
+}
+
+/// Whether `needle` occurs in `haystack`.
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+}
+
 async fn worker<C: Exchange>(
-    mut conn: C,
+    conn: C,
     cfg: DriverConfig,
     ctx: RunContext,
     shared: Arc<Shared>,
     b: Bounds,
     t0: Instant,
 ) -> anyhow::Result<WorkerOutput> {
-    let mut recorder = shared
+    let recorder = shared
         .timeline
         .as_ref()
         .map(|t| Recorder::new(Arc::clone(t), t0));
-    let mut stats = Stats::new();
-    let mut history = Vec::new();
-    let mut last_done = None;
     let mut cancel = ctx.cancel.clone();
-    let stopped =
-        |cancel: &watch::Receiver<bool>| shared.stop.load(Ordering::Relaxed) || *cancel.borrow();
+    let mut lane = Lane {
+        conn,
+        cfg: &cfg,
+        ctx: &ctx,
+        shared: &shared,
+        recorder,
+        stats: Stats::new(),
+        history: Vec::new(),
+        redeemed: Vec::new(),
+        last_done: None,
+        t0,
+    };
 
     loop {
-        if stopped(&cancel) {
+        if lane.stopped() {
             break;
         }
         let i = shared.next.fetch_add(1, Ordering::Relaxed);
@@ -421,73 +709,28 @@ async fn worker<C: Exchange>(
                 return Err(anyhow::Error::new(e).context("building a request"));
             }
         };
-        let started = Instant::now();
-        let result = conn.send(http, cfg.timeout).await;
-        let done = Instant::now();
-        last_done = Some(done);
-        let latency = done.saturating_duration_since(latency_origin(intended, started));
-
-        let (status, error, coupon_id, class) = match result {
-            Ok(reply) => {
-                let parsed = if ep == Endpoint::Claim || reply.status >= 400 {
-                    client::parse_body(&reply.body)
-                } else {
-                    client::Parsed::default()
-                };
-                let class = cfg
-                    .expect
-                    .classify(ep, Some(reply.status), parsed.error.as_deref());
-                ctx.live.answered(reply.status, class);
-                if ep == Endpoint::Claim
-                    && reply.status == 410
-                    && parsed.error.as_deref() == Some("sold_out")
-                {
-                    let ns = u64::try_from(done.saturating_duration_since(t0).as_nanos())
-                        .unwrap_or(u64::MAX - 1);
-                    shared.first_sold_out_ns.fetch_min(ns, Ordering::Relaxed);
-                    if cfg.stop_on_sold_out {
-                        shared.stop.store(true, Ordering::Relaxed);
-                    }
+        let a = lane.exchange(ep, http, intended, false).await;
+        match &req {
+            Request::Claim(c) => lane.record_claim(c, &a, intended),
+            Request::Checkout(co) => {
+                lane.record_claim(&co.claim, &a, intended);
+                if let Err(e) = lane.checkout(co, &a).await {
+                    shared.stop.store(true, Ordering::Relaxed);
+                    return Err(e);
                 }
-                if let Some(r) = recorder.as_mut() {
-                    let ok = ep == Endpoint::Claim && reply.status == 201;
-                    r.record(done, Some(latency), ok, class);
-                }
-                let recorded = cfg.record_history.then(|| parsed.error.clone()).flatten();
-                stats.record_reply(ep, reply.status, parsed.error, latency);
-                (Some(reply.status), recorded, parsed.coupon_id, class)
             }
-            Err(e) => {
-                ctx.live.failed();
-                if let Some(r) = recorder.as_mut() {
-                    r.record(done, None, false, Class::Unexpected);
-                }
-                stats.record_transport(ep, e.kind());
-                (
-                    None,
-                    Some(format!("transport:{}", e.kind())),
-                    None,
-                    Class::Unexpected,
-                )
-            }
-        };
-        if cfg.record_history
-            && let Request::Claim(c) = req
-        {
-            history.push(ClaimRecord {
-                phase: cfg.phase,
-                user: c.user_id,
-                request_id: c.request_id,
-                status,
-                error,
-                coupon_id,
-                class,
-                intended_us: intended.map(|t| micros_since(ctx.epoch, t)),
-                send_us: micros_since(ctx.epoch, started),
-                recv_us: micros_since(ctx.epoch, done),
-            });
+            Request::GetBatch | Request::Health | Request::Product(_) | Request::Quote => {}
         }
     }
+    let Lane {
+        conn,
+        mut stats,
+        history,
+        redeemed,
+        last_done,
+        recorder,
+        ..
+    } = lane;
     stats.connections_opened = conn.opened();
     stats.reconnects = conn.opened().saturating_sub(1);
     if let Some(r) = recorder {
@@ -496,6 +739,7 @@ async fn worker<C: Exchange>(
     Ok(WorkerOutput {
         stats,
         history,
+        redeemed,
         last_done,
     })
 }
@@ -635,6 +879,7 @@ mod tests {
                 foreign_batch: false,
             },
             timeline: false,
+            checkout: CheckoutConfig::default(),
         }
     }
 
