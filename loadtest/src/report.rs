@@ -637,7 +637,7 @@ impl Summary {
             );
             row(
                 &mut s,
-                "lock 404 not persisted",
+                "lock 404 not in db",
                 format!(
                     "{} (retried), {} gave up after --lock-wait-ms",
                     c.lock_not_persisted_404, c.lock_gave_up
@@ -855,6 +855,55 @@ mod tests {
         assert!(t.contains("p99.9"), "{t}");
         assert!(t.contains("transport errors      1 (timeout 1)"), "{t}");
         assert!(!t.contains("sold out after"), "{t}");
+    }
+
+    #[test]
+    fn checkout_figures_in_json_and_table() {
+        let mut st = Stats::new();
+        for _ in 0..4 {
+            st.record_reply(Endpoint::Claim, 201, None, ms(2));
+            st.checkout_mut().record_latency(Step::Claim, ms(2));
+        }
+        for _ in 0..8 {
+            st.record_reply(Endpoint::Wallet, 200, None, ms(4));
+            st.checkout_mut().record_latency(Step::Wallet, ms(4));
+        }
+        let c = st.checkout_mut();
+        c.checkouts = 4;
+        c.wallet_reads_ok = 8;
+        c.wallet_reads_without_coupon = 3;
+        c.lock_not_persisted = 5;
+        c.pairs_ok = 2;
+        c.record_latency(Step::Lock, ms(10));
+        let mut other = Stats::new();
+        other.checkout_mut().pairs_ok = 2;
+        st.merge(&other);
+        let sum = Summary::new(info(flash_sale(), None), &st);
+        let v = serde_json::to_value(&sum).expect("json");
+        let c = &v["checkout"];
+        assert_eq!(c["checkouts"], 4);
+        assert_eq!(c["claims_per_s"], 0.4);
+        assert_eq!(c["wallet_reads_per_s"], 0.8);
+        assert_eq!(c["lock_redeem_pairs"], 4, "merged");
+        assert_eq!(c["lock_redeem_pairs_per_s"], 0.4);
+        assert_eq!(c["lock_not_persisted_404"], 5);
+        assert!((c["latency_ms"]["wallet"]["p50"].as_f64().expect("p50") - 4.0).abs() < 0.01);
+        assert!((c["latency_ms"]["lock"]["p99"].as_f64().expect("p99") - 10.0).abs() < 0.02);
+        assert_eq!(c["latency_ms"]["redeem"]["p99"], 0.0, "no redeem yet");
+        let t = sum.table();
+        assert!(
+            t.contains("  wallet reads/s        0.8 (8 reads, 3 without the new coupon yet)"),
+            "{t}"
+        );
+        assert!(t.contains("  lock+redeem pairs/s   0.4 (4 pairs)"), "{t}");
+        assert!(
+            t.contains("  lock 404 not in db    5 (retried), 0 gave up"),
+            "{t}"
+        );
+        // Other scenarios have no checkout section.
+        let plain = Summary::new(info(flash_sale(), None), &Stats::new());
+        assert!(serde_json::to_value(&plain).expect("json")["checkout"].is_null());
+        assert!(!plain.table().contains("lock+redeem"));
     }
 
     fn flash_sale() -> Expectations {
