@@ -244,6 +244,8 @@ struct Bounds {
 
 struct WorkerOutput {
     stats: Stats,
+    /// Plan items (requests, or whole checkouts) this connection started.
+    started: u64,
     history: Vec<ClaimRecord>,
     redeemed: Vec<Redeemed>,
     last_done: Option<Instant>,
@@ -288,6 +290,7 @@ where
     let mut stats = Stats::new();
     let mut history = Vec::new();
     let mut redeemed = Vec::new();
+    let mut started: u64 = 0;
     let mut last_done: Option<Instant> = None;
     let mut failure = None;
     while let Some(joined) = set.join_next().await {
@@ -296,6 +299,7 @@ where
                 stats.merge(&out.stats);
                 history.extend(out.history);
                 redeemed.extend(out.redeemed);
+                started += out.started;
                 last_done = last_done.max(out.last_done);
             }
             Err(e) => {
@@ -314,7 +318,8 @@ where
         (Some(_), false) => bounds
             .max_requests
             .unwrap_or(0)
-            .saturating_sub(stats.requests),
+            // Plan items, not requests: a checkout is one item of several requests.
+            .saturating_sub(started),
         _ => 0,
     };
     let mut elapsed = last_done.map_or(Duration::ZERO, |d| d.saturating_duration_since(t0));
@@ -673,6 +678,7 @@ async fn worker<C: Exchange>(
         last_done: None,
         t0,
     };
+    let mut started: u64 = 0;
 
     loop {
         if lane.stopped() {
@@ -709,6 +715,7 @@ async fn worker<C: Exchange>(
                 return Err(anyhow::Error::new(e).context("building a request"));
             }
         };
+        started += 1;
         let a = lane.exchange(ep, http, intended, false).await;
         match &req {
             Request::Claim(c) => lane.record_claim(c, &a, intended),
@@ -738,6 +745,7 @@ async fn worker<C: Exchange>(
     }
     Ok(WorkerOutput {
         stats,
+        started,
         history,
         redeemed,
         last_done,
@@ -1009,6 +1017,93 @@ mod tests {
         assert_eq!(r.stats.requests + r.unsent, 100);
         assert!(r.stats.requests <= 5, "{}", r.stats.requests);
         assert!(r.unsent >= 95);
+    }
+
+    /// A gateway that issues a coupon to every claim and answers every other request 200.
+    struct CheckoutConn {
+        service: Duration,
+    }
+
+    impl Exchange for CheckoutConn {
+        fn send(
+            &mut self,
+            req: HttpRequest,
+            _timeout: Duration,
+        ) -> impl Future<Output = Result<Reply, TransportError>> + Send {
+            let service = self.service;
+            let claim = req.uri().path().ends_with("/claims");
+            async move {
+                tokio::time::sleep(service).await;
+                Ok(if claim {
+                    Reply {
+                        status: 201,
+                        body: Bytes::from_static(br#"{"coupon_id":"c"}"#),
+                    }
+                } else {
+                    Reply {
+                        status: 200,
+                        body: Bytes::new(),
+                    }
+                })
+            }
+        }
+
+        async fn warm_up(&mut self, _timeout: Duration) -> Result<(), TransportError> {
+            Ok(())
+        }
+
+        fn opened(&self) -> u64 {
+            1
+        }
+    }
+
+    /// Regression: open-loop `unsent` subtracted the requests sent from the checkouts
+    /// planned; a checkout is 6 requests here, so a far-behind run reported none unsent.
+    #[tokio::test(start_paused = true)]
+    async fn open_loop_counts_unsent_checkouts_not_requests() {
+        let (mut ctx, _tx) = ctx();
+        let params = PlanParams {
+            seed: 1,
+            users: 10,
+            bot_fraction: 0.0,
+            bots: 1,
+            zipf_exponent: 1.0,
+            copies: 1,
+            read_fraction: 0.0,
+        };
+        ctx.plan = Arc::new(Plan::for_scenario(ScenarioKind::Checkout, &params));
+        // 1 connection, 100 checkouts/s for 100 ms, 10 ms per request: each checkout (claim,
+        // 3 wallet reads, lock, redeem) takes 60 ms, the run falls behind and gives up.
+        let mut cfg = config(Mode::Open { rate: 100.0 }, 1);
+        cfg.requests = None;
+        cfg.duration = Some(Duration::from_millis(100));
+        cfg.timeout = Duration::from_millis(100);
+        cfg.expect.scenario = ScenarioKind::Checkout;
+        let r = run(
+            &cfg,
+            &ctx,
+            || CheckoutConn {
+                service: Duration::from_millis(10),
+            },
+            |_| {},
+        )
+        .await
+        .expect("run");
+        let c = r.stats.checkout.as_ref().expect("checkout stats");
+        assert_eq!(
+            r.stats.requests,
+            6 * c.checkouts,
+            "{:?}",
+            r.stats.by_outcome()
+        );
+        assert_eq!(c.pairs_ok, c.checkouts);
+        assert_eq!(c.wallet_reads_ok, 3 * c.checkouts);
+        assert!(c.checkouts >= 2 && c.checkouts < 10, "{}", c.checkouts);
+        assert_eq!(
+            c.checkouts + r.unsent,
+            10,
+            "planned checkouts = started + unsent"
+        );
     }
 
     #[tokio::test(start_paused = true)]

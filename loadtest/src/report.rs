@@ -484,8 +484,8 @@ pub struct Summary {
     pub transport_errors: BTreeMap<String, u64>,
     pub connections_opened: u64,
     pub reconnects: u64,
-    /// Open loop: requests scheduled within the run but never sent because the gateway
-    /// fell too far behind (the run stops at most `--timeout-ms` after the schedule).
+    /// Open loop: requests (checkout: whole checkouts) scheduled within the run but never
+    /// sent because the gateway fell too far behind (the run stops at most `--timeout-ms` after the schedule).
     pub unsent: u64,
     /// The run was cut short by Ctrl-C.
     pub interrupted: bool,
