@@ -572,6 +572,36 @@ mod tests {
     }
 
     #[test]
+    fn checkout_flags_are_bounded() {
+        let c = Cli::parse_from(["claimgate-loadtest", "--scenario", "checkout", "--verify"]);
+        assert_eq!(c.scenario, ScenarioKind::Checkout);
+        assert!(
+            c.scenario.claims(),
+            "checkout creates a batch and can be verified"
+        );
+        assert_eq!(validate(&c), Ok(()));
+        assert_eq!((c.wallet_reads, c.lock_wait_ms), (3, 5000));
+        let ok = Cli::parse_from([
+            "claimgate-loadtest",
+            "--wallet-reads",
+            "0",
+            "--lock-wait-ms",
+            "60000",
+        ]);
+        assert_eq!((ok.wallet_reads, ok.lock_wait_ms), (0, 60_000));
+        for bad in [
+            ["--wallet-reads", "101"],
+            ["--lock-wait-ms", "60001"],
+            ["--wallet-reads", "-1"],
+        ] {
+            assert!(
+                Cli::try_parse_from(["claimgate-loadtest", bad[0], bad[1]]).is_err(),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
     fn batch_ids() {
         assert!(valid_batch_id("lt-1_A"));
         assert!(!valid_batch_id(""));

@@ -1106,6 +1106,127 @@ mod tests {
         );
     }
 
+    /// A gateway whose database lags: a lock finds the coupon (404 `coupon_not_found`)
+    /// only from its `found_at`-th try on (never when `None`); everything else succeeds.
+    struct LaggingConn {
+        found_at: Option<u32>,
+        lock_tries: u32,
+    }
+
+    impl Exchange for LaggingConn {
+        fn send(
+            &mut self,
+            req: HttpRequest,
+            _timeout: Duration,
+        ) -> impl Future<Output = Result<Reply, TransportError>> + Send {
+            let path = req.uri().path().to_string();
+            let reply = if path.ends_with("/claims") {
+                self.lock_tries = 0;
+                Reply {
+                    status: 201,
+                    body: Bytes::from_static(br#"{"coupon_id":"c"}"#),
+                }
+            } else if path.ends_with("/lock") {
+                self.lock_tries += 1;
+                if self.found_at.is_some_and(|k| self.lock_tries >= k) {
+                    Reply {
+                        status: 200,
+                        body: Bytes::new(),
+                    }
+                } else {
+                    Reply {
+                        status: 404,
+                        body: Bytes::from_static(br#"{"error":"coupon_not_found"}"#),
+                    }
+                }
+            } else {
+                Reply {
+                    status: 200,
+                    body: Bytes::new(),
+                }
+            };
+            async move {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                Ok(reply)
+            }
+        }
+
+        async fn warm_up(&mut self, _timeout: Duration) -> Result<(), TransportError> {
+            Ok(())
+        }
+
+        fn opened(&self) -> u64 {
+            1
+        }
+    }
+
+    async fn lagging_run(found_at: Option<u32>, lock_wait: Duration) -> (RunResult, RunContext) {
+        let (mut ctx, _tx) = ctx();
+        let params = PlanParams {
+            seed: 1,
+            users: 10,
+            bot_fraction: 0.0,
+            bots: 1,
+            zipf_exponent: 1.0,
+            copies: 1,
+            read_fraction: 0.0,
+        };
+        ctx.plan = Arc::new(Plan::for_scenario(ScenarioKind::Checkout, &params));
+        let mut cfg = config(Mode::Closed, 2);
+        cfg.requests = Some(6);
+        cfg.expect.scenario = ScenarioKind::Checkout;
+        cfg.checkout = CheckoutConfig {
+            wallet_reads: 1,
+            lock_wait,
+        };
+        let r = run(
+            &cfg,
+            &ctx,
+            move || LaggingConn {
+                found_at,
+                lock_tries: 0,
+            },
+            |_| {},
+        )
+        .await
+        .expect("run");
+        (r, ctx)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn locks_not_yet_persisted_are_retried_and_counted_apart() {
+        // Found at the 3rd try: two 404s per checkout, retried, expected.
+        let (r, ctx) = lagging_run(Some(3), Duration::from_secs(5)).await;
+        let c = r.stats.checkout.as_ref().expect("checkout stats");
+        assert_eq!(c.checkouts, 6);
+        assert_eq!(c.lock_not_persisted, 12);
+        assert_eq!((c.locks_ok, c.pairs_ok, c.lock_gave_up), (6, 6, 0));
+        let by = r.stats.by_outcome();
+        assert_eq!(by["POST lock 404 coupon_not_found"], 12);
+        assert_eq!(by["POST lock 200"], 6);
+        assert_eq!(by["POST redeem 200"], 6);
+        assert_eq!(ctx.live.snapshot().unexpected, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lock_that_never_finds_its_coupon_gives_up_in_time() {
+        // Tries at about 0, 6, 17, 38 ms (1 ms answers, backoff 5, 10, 20 ms): the 4th is the
+        // last one whose backoff (40 ms) would end past the 50 ms wait.
+        let (r, ctx) = lagging_run(None, Duration::from_millis(50)).await;
+        let c = r.stats.checkout.as_ref().expect("checkout stats");
+        assert_eq!((c.checkouts, c.lock_gave_up, c.pairs_ok), (6, 6, 0));
+        assert_eq!(c.lock_not_persisted, 18, "3 retried tries per checkout");
+        let by = r.stats.by_outcome();
+        assert_eq!(by["POST lock 404 coupon_not_found:gave_up"], 6);
+        assert!(!by.contains_key("POST redeem 200"), "{by:?}");
+        // The give-ups are unexpected; the retried 404s are not.
+        assert_eq!(ctx.live.snapshot().unexpected, 6);
+        // With no wait at all the first 404 gives up.
+        let (r, _) = lagging_run(None, Duration::ZERO).await;
+        let c = r.stats.checkout.as_ref().expect("checkout stats");
+        assert_eq!((c.lock_not_persisted, c.lock_gave_up), (0, 6));
+    }
+
     #[tokio::test(start_paused = true)]
     async fn closed_loop_measures_service_time() {
         let (ctx, _tx) = ctx();
