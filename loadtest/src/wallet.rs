@@ -24,8 +24,6 @@ use crate::verify::{Check, Verdict};
 pub const MAX_WALLETS_CHECKED: usize = 1_000;
 /// Pages read at most per wallet.
 pub const MAX_PAGES: usize = 20;
-/// Coupons per page asked for (the gateway's default `wallet.max_page`).
-const PAGE: u32 = 100;
 /// Pause between two rounds while some claimed coupon is not listed yet.
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
 
@@ -175,8 +173,9 @@ async fn read_wallet(
     let mut cursor: Option<String> = None;
     for _ in 0..MAX_PAGES {
         let path = match &cursor {
-            Some(c) => format!("/v1/users/{user}/coupons?limit={PAGE}&cursor={c}"),
-            None => format!("/v1/users/{user}/coupons?limit={PAGE}"),
+            // The gateway's default page size (any `wallet.max_page` accepts it).
+            Some(c) => format!("/v1/users/{user}/coupons?cursor={c}"),
+            None => format!("/v1/users/{user}/coupons"),
         };
         let reply = conn
             .send(api.get_as(&path, Some(user))?, timeout)
