@@ -15,6 +15,8 @@
 #   3. the sold-out phase (answers from memory) and its Redis calls;
 #   4. the embedded backend (max claims/s and its HTTP ceiling), product lookups/s and
 #      checkout quotes/s (20-item cart, 50-coupon wallet) on it;
+#   4c. checkouts (claim -> wallet reads -> lock -> redeem) on each backend: claims/s,
+#      hot-wallet reads/s and lock+redeem pairs/s of the same run, with --verify;
 #   4b. a bulk grant job of GRANT_USERS (100,000) users per backend: users granted/s
 #      (scripts/bench-grants.sh);
 #   5. persistence: a PERSIST_SECONDS claim run per database with the backlog sampled every
@@ -195,6 +197,26 @@ SOLD_410=$(jget "$WORK/soldout.json" 'd["by_outcome"].get("410 sold_out", 0)')
 SOLD_REQ=$(jget "$WORK/soldout.json" 'd["requests"]')
 SOLD_EVAL=$((s1_eval - s0_eval))
 SOLD_PATH=$((s1_path - s0_path))
+# ---------------------------------------------------------------- 4c. checkouts, redis backend
+log "checkouts (redis backend, PostgreSQL wallet)"
+checkout_run() { # checkout_run NAME SEED: a checkout run on the gateway at $GPORT; sets CHECKOUT_ROW
+  lt --scenario checkout --seed "$2" --connections "$CONNS" --duration "${SECS}s" --verify \
+    --json "$WORK/checkout-$1.json" || log "warning: checkout $1: --verify failed (shown in its row)"
+  CHECKOUT_ROW=$(python3 - "$WORK/checkout-$1.json" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1])); c = d["checkout"]; l = c["latency_ms"]
+p = lambda s: f'{l[s]["p50"]}/{l[s]["p99"]}'
+print(f'{round(c["claims_per_s"])} /s claims, {round(c["wallet_reads_per_s"])} /s wallet reads, '
+      f'{round(c["lock_redeem_pairs_per_s"])} /s lock+redeem pairs ({c["checkouts"]} checkouts; '
+      f'lock 404 not yet persisted {c["lock_not_persisted_404"]}, gave up {c["lock_gave_up"]}, '
+      f'409 {c["conflicts_409"]}; p50/p99 ms claim {p("claim")}, wallet {p("wallet")}, '
+      f'lock {p("lock")}, redeem {p("redeem")}; verify {d["verify"]["passed"]} passed, '
+      f'{d["verify"]["failed"]} failed)')
+PY
+)
+}
+checkout_run redis 33
+CHECKOUT_REDIS=$CHECKOUT_ROW
 stop_gateway
 
 # ---------------------------------------------------------------- 3b. 3x overload
@@ -260,6 +282,9 @@ lt --scenario product-lookup --seed 43 --connections "$CONNS" --duration "${SECS
 PLOOKUP=$(jget "$WORK/plookup.json" 'round(d["rps"])'); PLOOKUP_P99=$(jget "$WORK/plookup.json" 'd["latency_ms"]["p99"]')
 lt --scenario quote --seed 44 --connections "$CONNS" --duration "${SECS}s" --json "$WORK/quote.json"
 QUOTE=$(jget "$WORK/quote.json" 'round(d["rps"])'); QUOTE_P99=$(jget "$WORK/quote.json" 'd["latency_ms"]["p99"]')
+log "checkouts (embedded backend, SQLite wallet)"
+checkout_run embedded 45
+CHECKOUT_EMBEDDED=$CHECKOUT_ROW
 stop_gateway
 
 # ---------------------------------------------------------------- 4b. a bulk grant job
@@ -349,6 +374,8 @@ Command: \`BENCH_SECONDS=$SECS PERSIST_SECONDS=$PSECS BENCH_CONNECTIONS=$CONNS s
 | embedded HTTP ceiling: GET /healthz | $ETRIVIAL /s | |
 | product lookups/s (embedded gateway, from memory; 40 batches over 1,000 products) | $PLOOKUP /s (p99 $PLOOKUP_P99 ms) | $(ratio "$PLOOKUP" "$ETRIVIAL") × embedded HTTP ceiling |
 | checkout quotes/s (embedded gateway; 20-item cart, wallet of 50 coupons in SQLite) | $QUOTE /s (p99 $QUOTE_P99 ms) | |
+| checkouts, redis backend + PostgreSQL (claim, 3 wallet reads, lock, redeem per checkout) | $CHECKOUT_REDIS | |
+| checkouts, embedded backend + SQLite | $CHECKOUT_EMBEDDED | |
 | grant job, embedded + SQLite: $GRANT_USERS users (scripts/bench-grants.sh) | $GRANT_E_RATE users/s ($GRANT_E_WALL s) | |
 | grant job, Redis + PostgreSQL: $GRANT_USERS users | $GRANT_R_RATE users/s ($GRANT_R_WALL s) | |
 
@@ -414,6 +441,7 @@ $CHARTS
 - sold out: \`claimgate-loadtest --scenario sold-out --threads 2 --batch lt-31 --users 100000 --connections $CONNS --duration ${SECS}s\` after draining lt-31
 - product lookups: \`claimgate-loadtest --scenario product-lookup --connections $CONNS --duration ${SECS}s\` (creates 40 batches first)
 - quotes: \`claimgate-loadtest --scenario quote --connections $CONNS --duration ${SECS}s\` (creates 50 batches, claims one coupon of each and waits for the wallet first)
+- checkouts: \`claimgate-loadtest --scenario checkout --connections $CONNS --duration ${SECS}s --verify\` (claims one warm-up coupon of a batch created after the run's and waits for its wallet first)
 - claim phases use one generator thread (measured: two threads leave less CPU to the gateway and Redis and lower the figure)
 - gateway: \`claimgate --backend redis|embedded --set limits.claim_per_user.per_second=0 --set limits.max_inflight=100000 serve\`
 EOF

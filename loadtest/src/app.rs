@@ -19,7 +19,7 @@ use crate::auth::TokenSigner;
 use crate::cli::{self, Cli, ScenarioKind};
 use crate::client::{Api, Connection};
 use crate::db;
-use crate::driver::{self, DriverConfig, Mode, RunContext};
+use crate::driver::{self, CheckoutConfig, DriverConfig, Mode, RunContext};
 use crate::history::{self, ClaimRecord, Phase};
 use crate::outcome::Expectations;
 use crate::plot::{self, ReportData};
@@ -225,6 +225,10 @@ pub async fn execute(
                 crate::campaign::setup_quote(&mut admin_conn, &api, cli.seed, timeout).await?;
             api = api.with_quote(body, &user);
         }
+        ScenarioKind::Checkout => {
+            let id = batch_id.as_deref().unwrap_or_default();
+            crate::campaign::setup_checkout(&mut admin_conn, &api, id, cli.seed, timeout).await?;
+        }
         _ => {}
     }
     let api = Arc::new(api);
@@ -253,6 +257,7 @@ pub async fn execute(
             phase: Phase::Drain,
             expect: expect(Phase::Drain),
             timeline: false,
+            checkout: CheckoutConfig::default(),
         };
         let ctx = RunContext {
             plan: Arc::new(Plan::drain(cli.seed)),
@@ -298,6 +303,10 @@ pub async fn execute(
         phase: Phase::Measure,
         expect: expect(Phase::Measure),
         timeline: cli.report.is_some(),
+        checkout: CheckoutConfig {
+            wallet_reads: cli.wallet_reads,
+            lock_wait: Duration::from_millis(cli.lock_wait_ms),
+        },
     };
     let params = PlanParams {
         seed: cli.seed,
@@ -348,6 +357,7 @@ pub async fn execute(
     };
     let r = run?;
     history.extend(r.history);
+    let redeemed = r.redeemed;
     if scenario != ScenarioKind::SoldOut {
         sell_out = r
             .sold_out_after
@@ -404,6 +414,19 @@ pub async fn execute(
                 sole_client,
             },
         ));
+        if scenario == ScenarioKind::Checkout {
+            checks.extend(
+                crate::wallet::verify(
+                    &mut admin_conn,
+                    &api,
+                    &history,
+                    &redeemed,
+                    timeout,
+                    cli.drain_timeout,
+                )
+                .await,
+            );
+        }
         if let Some(url) = &cli.database_url {
             let coupons: BTreeSet<String> = history
                 .iter()

@@ -1,5 +1,6 @@
 //! Set-up of the campaign-tool scenarios: the catalog of batches the product-lookup
-//! scenario looks up, and the wallet (and cart) the quote scenario quotes.
+//! scenario looks up, the wallet (and cart) the quote scenario quotes, and the checkout
+//! scenario's warm-up (the persister knows the run's batch before the clock starts).
 //!
 //! Invariant: every set-up call is bounded (each request by the run's timeout, the wait for
 //! the wallet by [`WALLET_WAIT`]) and re-running with the same seed is harmless: an
@@ -84,6 +85,88 @@ pub async fn setup_products(
     }
     eprintln!("created {CATALOG_BATCHES} catalog batches for product pages");
     Ok(())
+}
+
+/// The checkout warm-up: creates batch `<batch_id>-warm` (after the run's batch), claims
+/// one coupon of it for user `ckw<seed>` and waits (at most [`WALLET_WAIT`]) until that
+/// user's wallet lists it. The persister picks up new batches at its periodic refresh of
+/// the batch list, so once a coupon of a batch created after the run's batch is in the
+/// database, the run's claims are persisted without that wait; the measured lock figures
+/// then show the steady lag, not the first refresh. Returns how long the wait took.
+pub async fn setup_checkout(
+    conn: &mut Connection,
+    api: &Api,
+    batch_id: &str,
+    seed: u64,
+    timeout: Duration,
+) -> anyhow::Result<Duration> {
+    let id = format!("{batch_id}-warm");
+    let user = format!("ckw{seed}");
+    create(
+        conn,
+        api,
+        &batch(
+            &id,
+            json!({"kind": "fixed", "amount": 100}),
+            json!({"kind": "all"}),
+            false,
+        ),
+        timeout,
+    )
+    .await?;
+    let claim = json!({"user_id": user, "request_id": format!("{id}-setup")});
+    let req = api.post_as(
+        &format!("/v1/batches/{id}/claims"),
+        Bytes::from(claim.to_string()),
+        Some(&user),
+    )?;
+    let reply = conn
+        .send(req, timeout)
+        .await
+        .context("claiming the warm-up coupon")?;
+    let coupon = match reply.status {
+        200 | 201 => serde_json::from_slice::<Value>(&reply.body)
+            .ok()
+            .and_then(|v| v["coupon_id"].as_str().map(str::to_owned))
+            .context("the warm-up claim carried no coupon_id")?,
+        s => bail!(
+            "claiming from {id}: HTTP {s}: {}",
+            String::from_utf8_lossy(&reply.body)
+        ),
+    };
+    let started = Instant::now();
+    let wallet = format!("/v1/users/{user}/coupons?limit=100");
+    loop {
+        let reply = conn
+            .send(api.get_as(&wallet, Some(&user))?, timeout)
+            .await
+            .context("reading the warm-up wallet")?;
+        let listed = serde_json::from_slice::<Value>(&reply.body)
+            .ok()
+            .and_then(|v| {
+                v["coupons"]
+                    .as_array()
+                    .map(|cs| cs.iter().any(|c| c["coupon_id"] == coupon.as_str()))
+            })
+            .unwrap_or(false);
+        if listed {
+            break;
+        }
+        if started.elapsed() > WALLET_WAIT {
+            bail!(
+                "the wallet of {user} does not list coupon {coupon} after {} s (is the \
+                 persister running?)",
+                WALLET_WAIT.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let waited = started.elapsed();
+    eprintln!(
+        "checkout warm-up: the wallet listed a fresh claim after {:.3} s",
+        waited.as_secs_f64()
+    );
+    Ok(waited)
 }
 
 /// The quote cart: [`CART_ITEMS`] lines, products `p0..`, categories `c<i % 5>`, merchants

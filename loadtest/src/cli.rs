@@ -108,6 +108,16 @@ pub struct Cli {
     #[arg(long, default_value_t = 0.5)]
     pub read_fraction: f64,
 
+    /// checkout: wallet reads (`GET /v1/users/{user}/coupons?status=unused`) per checkout,
+    /// between the claim and the lock.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(0..=i64::from(MAX_WALLET_READS)))]
+    pub wallet_reads: u32,
+
+    /// checkout: how long (ms) a lock answered `404 coupon_not_found` (the claim has not
+    /// reached the database yet) is retried before the checkout gives up.
+    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(0..=MAX_LOCK_WAIT_MS))]
+    pub lock_wait_ms: u64,
+
     /// Write the summary as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -173,7 +183,15 @@ pub enum ScenarioKind {
     /// `POST /v1/checkout/quote`: a 20-item cart against a wallet of 50 coupons the run
     /// claims (and waits to see persisted) first.
     Quote,
+    /// Each virtual user claims a coupon, reads its wallet `--wallet-reads` times, locks
+    /// the coupon for a fresh order and redeems it.
+    Checkout,
 }
+
+/// Largest `--wallet-reads`.
+pub const MAX_WALLET_READS: u32 = 100;
+/// Largest `--lock-wait-ms`.
+pub const MAX_LOCK_WAIT_MS: u64 = 60_000;
 
 impl ScenarioKind {
     /// The name as given on the command line.
@@ -187,6 +205,7 @@ impl ScenarioKind {
             Self::SoldOut => "sold-out",
             Self::ProductLookup => "product-lookup",
             Self::Quote => "quote",
+            Self::Checkout => "checkout",
         }
     }
 
@@ -550,6 +569,36 @@ mod tests {
             Some("CLAIMGATE_USER_TOKEN_SECRET")
         );
         assert!(user.is_hide_env_values_set());
+    }
+
+    #[test]
+    fn checkout_flags_are_bounded() {
+        let c = Cli::parse_from(["claimgate-loadtest", "--scenario", "checkout", "--verify"]);
+        assert_eq!(c.scenario, ScenarioKind::Checkout);
+        assert!(
+            c.scenario.claims(),
+            "checkout creates a batch and can be verified"
+        );
+        assert_eq!(validate(&c), Ok(()));
+        assert_eq!((c.wallet_reads, c.lock_wait_ms), (3, 5000));
+        let ok = Cli::parse_from([
+            "claimgate-loadtest",
+            "--wallet-reads",
+            "0",
+            "--lock-wait-ms",
+            "60000",
+        ]);
+        assert_eq!((ok.wallet_reads, ok.lock_wait_ms), (0, 60_000));
+        for bad in [
+            ["--wallet-reads", "101"],
+            ["--lock-wait-ms", "60001"],
+            ["--wallet-reads", "-1"],
+        ] {
+            assert!(
+                Cli::try_parse_from(["claimgate-loadtest", bad[0], bad[1]]).is_err(),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

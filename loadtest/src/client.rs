@@ -200,6 +200,11 @@ pub enum BuildError {
 }
 
 #[derive(Serialize)]
+struct OrderBody<'a> {
+    order_id: &'a str,
+}
+
+#[derive(Serialize)]
 struct ClaimBody<'a> {
     user_id: &'a str,
     request_id: &'a str,
@@ -288,7 +293,36 @@ impl Api {
                 let (body, user) = self.quote.clone().unwrap_or_default();
                 self.post_as("/v1/checkout/quote", body, Some(&user))
             }
+            // A checkout starts with its claim; the driver builds the later steps.
+            scenario::Request::Checkout(c) => {
+                self.build(&scenario::Request::Claim(c.claim.clone()))
+            }
         }
+    }
+
+    /// `GET /v1/users/{user}/coupons?status=unused` as `user` (a checkout's wallet read).
+    pub fn wallet_unused(&self, user: &str) -> Result<HttpRequest, BuildError> {
+        self.get_as(
+            &format!("/v1/users/{user}/coupons?status=unused"),
+            Some(user),
+        )
+    }
+
+    /// `POST /v1/coupons/{coupon}/{action}` with `{"order_id"}` as `user`; `action` is
+    /// `lock` or `redeem` (a checkout's last two steps).
+    pub fn coupon_action(
+        &self,
+        coupon: &str,
+        action: &str,
+        order_id: &str,
+        user: &str,
+    ) -> Result<HttpRequest, BuildError> {
+        let body = serde_json::to_vec(&OrderBody { order_id })?;
+        self.post_as(
+            &format!("/v1/coupons/{coupon}/{action}"),
+            Bytes::from(body),
+            Some(user),
+        )
     }
 
     /// `GET /v1/batches/{id}` with the admin token.

@@ -3,7 +3,10 @@
 //! fixed intended times `t0 + i/R`, latency measured from the intended time so that a
 //! slow server cannot hide its queueing delay: no coordinated omission). It classes every
 //! outcome (expected or unexpected), notes when the first `410 sold_out` arrived, and can
-//! keep a bounded per-interval timeline for `--report`.
+//! keep a bounded per-interval timeline for `--report`. A checkout (one plan index of the
+//! checkout scenario) is a short sequence of requests on the same connection: claim,
+//! wallet reads, lock (retried, bounded by `--lock-wait-ms`, while the coupon is not yet in
+//! the database), redeem; every one of them is classed and counted like any request.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -11,16 +14,18 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
+use bytes::Bytes;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use crate::cli::ScenarioKind;
 use crate::client::{self, Api, HttpRequest, Reply, TransportError};
 use crate::history::{ClaimRecord, Phase};
-use crate::outcome::{Class, Expectations};
+use crate::outcome::{Class, Expectations, GAVE_UP, NOT_PERSISTED};
 use crate::progress::Live;
-use crate::report::{Endpoint, Stats};
-use crate::scenario::{Plan, Request};
+use crate::report::{Endpoint, Stats, Step};
+use crate::scenario::{Checkout, Claim, Plan, Request};
 use crate::timeline::{self, Recorder, Timeline};
 
 /// An open-loop request whose intended time is at most this far ahead is sent at once
@@ -59,6 +64,33 @@ pub struct DriverConfig {
     pub expect: Expectations,
     /// Keep a per-interval timeline (for `--report`).
     pub timeline: bool,
+    /// The checkout scenario's knobs.
+    pub checkout: CheckoutConfig,
+}
+
+/// How a checkout is carried out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CheckoutConfig {
+    /// Wallet reads between the claim and the lock.
+    pub wallet_reads: u32,
+    /// How long a lock answered `404 coupon_not_found` is retried.
+    pub lock_wait: Duration,
+}
+
+impl Default for CheckoutConfig {
+    fn default() -> Self {
+        Self {
+            wallet_reads: 3,
+            lock_wait: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A coupon a checkout redeemed (answered 200), for `--verify`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Redeemed {
+    pub user: String,
+    pub coupon_id: String,
 }
 
 /// A connection the driver can send requests on.
@@ -116,6 +148,8 @@ pub struct RunContext {
 pub struct RunResult {
     pub stats: Stats,
     pub history: Vec<ClaimRecord>,
+    /// Checkout: the coupons redeemed (kept when the history is).
+    pub redeemed: Vec<Redeemed>,
     /// When the phase started (after the connections were opened).
     pub t0: Instant,
     /// From `t0` to the last answer.
@@ -210,7 +244,10 @@ struct Bounds {
 
 struct WorkerOutput {
     stats: Stats,
+    /// Plan items (requests, or whole checkouts) this connection started.
+    started: u64,
     history: Vec<ClaimRecord>,
+    redeemed: Vec<Redeemed>,
     last_done: Option<Instant>,
 }
 
@@ -252,6 +289,8 @@ where
 
     let mut stats = Stats::new();
     let mut history = Vec::new();
+    let mut redeemed = Vec::new();
+    let mut started: u64 = 0;
     let mut last_done: Option<Instant> = None;
     let mut failure = None;
     while let Some(joined) = set.join_next().await {
@@ -259,6 +298,8 @@ where
             Ok(out) => {
                 stats.merge(&out.stats);
                 history.extend(out.history);
+                redeemed.extend(out.redeemed);
+                started += out.started;
                 last_done = last_done.max(out.last_done);
             }
             Err(e) => {
@@ -277,7 +318,8 @@ where
         (Some(_), false) => bounds
             .max_requests
             .unwrap_or(0)
-            .saturating_sub(stats.requests),
+            // Plan items, not requests: a checkout is one item of several requests.
+            .saturating_sub(started),
         _ => 0,
     };
     let mut elapsed = last_done.map_or(Duration::ZERO, |d| d.saturating_duration_since(t0));
@@ -293,6 +335,7 @@ where
     Ok(RunResult {
         stats,
         history,
+        redeemed,
         t0,
         elapsed,
         unsent,
@@ -355,7 +398,7 @@ fn bounds(cfg: &DriverConfig, t0: Instant) -> Bounds {
 
 fn endpoint(req: &Request) -> Endpoint {
     match req {
-        Request::Claim(_) => Endpoint::Claim,
+        Request::Claim(_) | Request::Checkout(_) => Endpoint::Claim,
         Request::GetBatch => Endpoint::GetBatch,
         Request::Health => Endpoint::Health,
         Request::Product(_) => Endpoint::Product,
@@ -367,27 +410,278 @@ fn micros_since(epoch: Instant, t: Instant) -> u64 {
     u64::try_from(t.saturating_duration_since(epoch).as_micros()).unwrap_or(u64::MAX)
 }
 
+/// The step of a checkout an endpoint stands for.
+fn step(ep: Endpoint) -> Option<Step> {
+    match ep {
+        Endpoint::Claim => Some(Step::Claim),
+        Endpoint::Wallet => Some(Step::Wallet),
+        Endpoint::Lock => Some(Step::Lock),
+        Endpoint::Redeem => Some(Step::Redeem),
+        Endpoint::GetBatch | Endpoint::Health | Endpoint::Product | Endpoint::Quote => None,
+    }
+}
+
+/// One answered (or failed) request, as recorded.
+struct Answer {
+    status: Option<u16>,
+    /// The recorded `error` code (`transport:<kind>` without an answer).
+    error: Option<String>,
+    coupon_id: Option<String>,
+    body: Bytes,
+    class: Class,
+    started: Instant,
+    done: Instant,
+}
+
+/// One connection's sending state within a phase: every request it sends is classed,
+/// counted and timed in one place ([`Lane::exchange`]).
+struct Lane<'a, C> {
+    conn: C,
+    cfg: &'a DriverConfig,
+    ctx: &'a RunContext,
+    shared: &'a Shared,
+    recorder: Option<Recorder>,
+    stats: Stats,
+    history: Vec<ClaimRecord>,
+    redeemed: Vec<Redeemed>,
+    last_done: Option<Instant>,
+    t0: Instant,
+}
+
+impl<C: Exchange> Lane<'_, C> {
+    /// Sends `http` and records its outcome. `intended` is the open-loop send time (the
+    /// latency origin); `last_lock_try` marks a checkout's final lock attempt, whose
+    /// `404 coupon_not_found` is recorded as given up ([`GAVE_UP`]).
+    async fn exchange(
+        &mut self,
+        ep: Endpoint,
+        http: HttpRequest,
+        intended: Option<Instant>,
+        last_lock_try: bool,
+    ) -> Answer {
+        let started = Instant::now();
+        let result = self.conn.send(http, self.cfg.timeout).await;
+        let done = Instant::now();
+        self.last_done = Some(done);
+        let latency = done.saturating_duration_since(latency_origin(intended, started));
+        match result {
+            Ok(reply) => {
+                let mut parsed = if ep == Endpoint::Claim || reply.status >= 400 {
+                    client::parse_body(&reply.body)
+                } else {
+                    client::Parsed::default()
+                };
+                if last_lock_try
+                    && reply.status == 404
+                    && parsed.error.as_deref() == Some(NOT_PERSISTED)
+                {
+                    parsed.error = Some(GAVE_UP.to_string());
+                }
+                let class =
+                    self.cfg
+                        .expect
+                        .classify(ep, Some(reply.status), parsed.error.as_deref());
+                self.ctx.live.answered(reply.status, class);
+                if ep == Endpoint::Claim
+                    && reply.status == 410
+                    && parsed.error.as_deref() == Some("sold_out")
+                {
+                    let ns = u64::try_from(done.saturating_duration_since(self.t0).as_nanos())
+                        .unwrap_or(u64::MAX - 1);
+                    self.shared
+                        .first_sold_out_ns
+                        .fetch_min(ns, Ordering::Relaxed);
+                    if self.cfg.stop_on_sold_out {
+                        self.shared.stop.store(true, Ordering::Relaxed);
+                    }
+                }
+                if let Some(r) = self.recorder.as_mut() {
+                    let ok = ep == Endpoint::Claim && reply.status == 201;
+                    r.record(done, Some(latency), ok, class);
+                }
+                if self.cfg.expect.scenario == ScenarioKind::Checkout
+                    && let Some(s) = step(ep)
+                {
+                    self.stats.checkout_mut().record_latency(s, latency);
+                }
+                self.stats
+                    .record_reply(ep, reply.status, parsed.error.clone(), latency);
+                Answer {
+                    status: Some(reply.status),
+                    error: parsed.error,
+                    coupon_id: parsed.coupon_id,
+                    body: reply.body,
+                    class,
+                    started,
+                    done,
+                }
+            }
+            Err(e) => {
+                self.ctx.live.failed();
+                if let Some(r) = self.recorder.as_mut() {
+                    r.record(done, None, false, Class::Unexpected);
+                }
+                self.stats.record_transport(ep, e.kind());
+                Answer {
+                    status: None,
+                    error: Some(format!("transport:{}", e.kind())),
+                    coupon_id: None,
+                    body: Bytes::new(),
+                    class: Class::Unexpected,
+                    started,
+                    done,
+                }
+            }
+        }
+    }
+
+    fn stopped(&self) -> bool {
+        self.shared.stop.load(Ordering::Relaxed) || *self.ctx.cancel.borrow()
+    }
+
+    /// Keeps the claim's record for `--verify` / `--history`.
+    fn record_claim(&mut self, c: &Claim, a: &Answer, intended: Option<Instant>) {
+        if !self.cfg.record_history {
+            return;
+        }
+        self.history.push(ClaimRecord {
+            phase: self.cfg.phase,
+            user: c.user_id.clone(),
+            request_id: c.request_id.clone(),
+            status: a.status,
+            error: a.error.clone(),
+            coupon_id: a.coupon_id.clone(),
+            class: a.class,
+            intended_us: intended.map(|t| micros_since(self.ctx.epoch, t)),
+            send_us: micros_since(self.ctx.epoch, a.started),
+            recv_us: micros_since(self.ctx.epoch, a.done),
+        });
+    }
+
+    /// One checkout after its claim answered `a`: wallet reads, the lock (retrying
+    /// `404 coupon_not_found` until `lock_wait` is over), the redeem.
+    async fn checkout(&mut self, co: &Checkout, a: &Answer) -> anyhow::Result<()> {
+        self.stats.checkout_mut().checkouts += 1;
+        let (Some(200 | 201), Some(coupon)) = (a.status, a.coupon_id.clone()) else {
+            return Ok(());
+        };
+        let user = co.claim.user_id.as_str();
+        let api = Arc::clone(&self.ctx.api);
+        for _ in 0..self.cfg.checkout.wallet_reads {
+            if self.stopped() {
+                return Ok(());
+            }
+            let w = self
+                .exchange(
+                    Endpoint::Wallet,
+                    build(api.wallet_unused(user))?,
+                    None,
+                    false,
+                )
+                .await;
+            if w.status == Some(200) {
+                let c = self.stats.checkout_mut();
+                c.wallet_reads_ok += 1;
+                if !contains(&w.body, coupon.as_bytes()) {
+                    c.wallet_reads_without_coupon += 1;
+                }
+            }
+        }
+        let lock_deadline = Instant::now() + self.cfg.checkout.lock_wait;
+        let mut backoff = LOCK_BACKOFF_MIN;
+        loop {
+            if self.stopped() {
+                return Ok(());
+            }
+            let last = Instant::now() + backoff > lock_deadline;
+            let http = build(api.coupon_action(&coupon, "lock", &co.order_id, user))?;
+            let l = self.exchange(Endpoint::Lock, http, None, last).await;
+            match (l.status, l.error.as_deref()) {
+                (Some(200), _) => {
+                    self.stats.checkout_mut().locks_ok += 1;
+                    break;
+                }
+                (Some(404), Some(NOT_PERSISTED)) => {
+                    self.stats.checkout_mut().lock_not_persisted += 1;
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(LOCK_BACKOFF_MAX);
+                }
+                (Some(404), Some(GAVE_UP)) => {
+                    self.stats.checkout_mut().lock_gave_up += 1;
+                    return Ok(());
+                }
+                (Some(409), _) => {
+                    self.stats.checkout_mut().conflicts += 1;
+                    return Ok(());
+                }
+                _ => return Ok(()),
+            }
+        }
+        if self.stopped() {
+            return Ok(());
+        }
+        let http = build(api.coupon_action(&coupon, "redeem", &co.order_id, user))?;
+        let r = self.exchange(Endpoint::Redeem, http, None, false).await;
+        match r.status {
+            Some(200) => {
+                self.stats.checkout_mut().pairs_ok += 1;
+                if self.cfg.record_history {
+                    self.redeemed.push(Redeemed {
+                        user: user.to_string(),
+                        coupon_id: coupon,
+                    });
+                }
+            }
+            Some(409) => self.stats.checkout_mut().conflicts += 1,
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// First wait before retrying a lock that found no coupon yet (doubled each try).
+const LOCK_BACKOFF_MIN: Duration = Duration::from_millis(5);
+/// Longest wait between two lock tries.
+const LOCK_BACKOFF_MAX: Duration = Duration::from_millis(100);
+
+fn build(r: Result<HttpRequest, client::BuildError>) -> anyhow::Result<HttpRequest> {
+    r.map_err(|e| anyhow::Error::new(e).context("building a request"))
+}
+
+/// Whether `needle` occurs in `haystack`.
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+}
+
 async fn worker<C: Exchange>(
-    mut conn: C,
+    conn: C,
     cfg: DriverConfig,
     ctx: RunContext,
     shared: Arc<Shared>,
     b: Bounds,
     t0: Instant,
 ) -> anyhow::Result<WorkerOutput> {
-    let mut recorder = shared
+    let recorder = shared
         .timeline
         .as_ref()
         .map(|t| Recorder::new(Arc::clone(t), t0));
-    let mut stats = Stats::new();
-    let mut history = Vec::new();
-    let mut last_done = None;
     let mut cancel = ctx.cancel.clone();
-    let stopped =
-        |cancel: &watch::Receiver<bool>| shared.stop.load(Ordering::Relaxed) || *cancel.borrow();
+    let mut lane = Lane {
+        conn,
+        cfg: &cfg,
+        ctx: &ctx,
+        shared: &shared,
+        recorder,
+        stats: Stats::new(),
+        history: Vec::new(),
+        redeemed: Vec::new(),
+        last_done: None,
+        t0,
+    };
+    let mut started: u64 = 0;
 
     loop {
-        if stopped(&cancel) {
+        if lane.stopped() {
             break;
         }
         let i = shared.next.fetch_add(1, Ordering::Relaxed);
@@ -421,73 +715,29 @@ async fn worker<C: Exchange>(
                 return Err(anyhow::Error::new(e).context("building a request"));
             }
         };
-        let started = Instant::now();
-        let result = conn.send(http, cfg.timeout).await;
-        let done = Instant::now();
-        last_done = Some(done);
-        let latency = done.saturating_duration_since(latency_origin(intended, started));
-
-        let (status, error, coupon_id, class) = match result {
-            Ok(reply) => {
-                let parsed = if ep == Endpoint::Claim || reply.status >= 400 {
-                    client::parse_body(&reply.body)
-                } else {
-                    client::Parsed::default()
-                };
-                let class = cfg
-                    .expect
-                    .classify(ep, Some(reply.status), parsed.error.as_deref());
-                ctx.live.answered(reply.status, class);
-                if ep == Endpoint::Claim
-                    && reply.status == 410
-                    && parsed.error.as_deref() == Some("sold_out")
-                {
-                    let ns = u64::try_from(done.saturating_duration_since(t0).as_nanos())
-                        .unwrap_or(u64::MAX - 1);
-                    shared.first_sold_out_ns.fetch_min(ns, Ordering::Relaxed);
-                    if cfg.stop_on_sold_out {
-                        shared.stop.store(true, Ordering::Relaxed);
-                    }
+        started += 1;
+        let a = lane.exchange(ep, http, intended, false).await;
+        match &req {
+            Request::Claim(c) => lane.record_claim(c, &a, intended),
+            Request::Checkout(co) => {
+                lane.record_claim(&co.claim, &a, intended);
+                if let Err(e) = lane.checkout(co, &a).await {
+                    shared.stop.store(true, Ordering::Relaxed);
+                    return Err(e);
                 }
-                if let Some(r) = recorder.as_mut() {
-                    let ok = ep == Endpoint::Claim && reply.status == 201;
-                    r.record(done, Some(latency), ok, class);
-                }
-                let recorded = cfg.record_history.then(|| parsed.error.clone()).flatten();
-                stats.record_reply(ep, reply.status, parsed.error, latency);
-                (Some(reply.status), recorded, parsed.coupon_id, class)
             }
-            Err(e) => {
-                ctx.live.failed();
-                if let Some(r) = recorder.as_mut() {
-                    r.record(done, None, false, Class::Unexpected);
-                }
-                stats.record_transport(ep, e.kind());
-                (
-                    None,
-                    Some(format!("transport:{}", e.kind())),
-                    None,
-                    Class::Unexpected,
-                )
-            }
-        };
-        if cfg.record_history
-            && let Request::Claim(c) = req
-        {
-            history.push(ClaimRecord {
-                phase: cfg.phase,
-                user: c.user_id,
-                request_id: c.request_id,
-                status,
-                error,
-                coupon_id,
-                class,
-                intended_us: intended.map(|t| micros_since(ctx.epoch, t)),
-                send_us: micros_since(ctx.epoch, started),
-                recv_us: micros_since(ctx.epoch, done),
-            });
+            Request::GetBatch | Request::Health | Request::Product(_) | Request::Quote => {}
         }
     }
+    let Lane {
+        conn,
+        mut stats,
+        history,
+        redeemed,
+        last_done,
+        recorder,
+        ..
+    } = lane;
     stats.connections_opened = conn.opened();
     stats.reconnects = conn.opened().saturating_sub(1);
     if let Some(r) = recorder {
@@ -495,7 +745,9 @@ async fn worker<C: Exchange>(
     }
     Ok(WorkerOutput {
         stats,
+        started,
         history,
+        redeemed,
         last_done,
     })
 }
@@ -635,6 +887,7 @@ mod tests {
                 foreign_batch: false,
             },
             timeline: false,
+            checkout: CheckoutConfig::default(),
         }
     }
 
@@ -764,6 +1017,214 @@ mod tests {
         assert_eq!(r.stats.requests + r.unsent, 100);
         assert!(r.stats.requests <= 5, "{}", r.stats.requests);
         assert!(r.unsent >= 95);
+    }
+
+    /// A gateway that issues a coupon to every claim and answers every other request 200.
+    struct CheckoutConn {
+        service: Duration,
+    }
+
+    impl Exchange for CheckoutConn {
+        fn send(
+            &mut self,
+            req: HttpRequest,
+            _timeout: Duration,
+        ) -> impl Future<Output = Result<Reply, TransportError>> + Send {
+            let service = self.service;
+            let claim = req.uri().path().ends_with("/claims");
+            async move {
+                tokio::time::sleep(service).await;
+                Ok(if claim {
+                    Reply {
+                        status: 201,
+                        body: Bytes::from_static(br#"{"coupon_id":"c"}"#),
+                    }
+                } else {
+                    Reply {
+                        status: 200,
+                        body: Bytes::new(),
+                    }
+                })
+            }
+        }
+
+        async fn warm_up(&mut self, _timeout: Duration) -> Result<(), TransportError> {
+            Ok(())
+        }
+
+        fn opened(&self) -> u64 {
+            1
+        }
+    }
+
+    /// Regression: open-loop `unsent` subtracted the requests sent from the checkouts
+    /// planned; a checkout is 6 requests here, so a far-behind run reported none unsent.
+    #[tokio::test(start_paused = true)]
+    async fn open_loop_counts_unsent_checkouts_not_requests() {
+        let (mut ctx, _tx) = ctx();
+        let params = PlanParams {
+            seed: 1,
+            users: 10,
+            bot_fraction: 0.0,
+            bots: 1,
+            zipf_exponent: 1.0,
+            copies: 1,
+            read_fraction: 0.0,
+        };
+        ctx.plan = Arc::new(Plan::for_scenario(ScenarioKind::Checkout, &params));
+        // 1 connection, 100 checkouts/s for 100 ms, 10 ms per request: each checkout (claim,
+        // 3 wallet reads, lock, redeem) takes 60 ms, the run falls behind and gives up.
+        let mut cfg = config(Mode::Open { rate: 100.0 }, 1);
+        cfg.requests = None;
+        cfg.duration = Some(Duration::from_millis(100));
+        cfg.timeout = Duration::from_millis(100);
+        cfg.expect.scenario = ScenarioKind::Checkout;
+        let r = run(
+            &cfg,
+            &ctx,
+            || CheckoutConn {
+                service: Duration::from_millis(10),
+            },
+            |_| {},
+        )
+        .await
+        .expect("run");
+        let c = r.stats.checkout.as_ref().expect("checkout stats");
+        assert_eq!(
+            r.stats.requests,
+            6 * c.checkouts,
+            "{:?}",
+            r.stats.by_outcome()
+        );
+        assert_eq!(c.pairs_ok, c.checkouts);
+        assert_eq!(c.wallet_reads_ok, 3 * c.checkouts);
+        assert!(c.checkouts >= 2 && c.checkouts < 10, "{}", c.checkouts);
+        assert_eq!(
+            c.checkouts + r.unsent,
+            10,
+            "planned checkouts = started + unsent"
+        );
+    }
+
+    /// A gateway whose database lags: a lock finds the coupon (404 `coupon_not_found`)
+    /// only from its `found_at`-th try on (never when `None`); everything else succeeds.
+    struct LaggingConn {
+        found_at: Option<u32>,
+        lock_tries: u32,
+    }
+
+    impl Exchange for LaggingConn {
+        fn send(
+            &mut self,
+            req: HttpRequest,
+            _timeout: Duration,
+        ) -> impl Future<Output = Result<Reply, TransportError>> + Send {
+            let path = req.uri().path().to_string();
+            let reply = if path.ends_with("/claims") {
+                self.lock_tries = 0;
+                Reply {
+                    status: 201,
+                    body: Bytes::from_static(br#"{"coupon_id":"c"}"#),
+                }
+            } else if path.ends_with("/lock") {
+                self.lock_tries += 1;
+                if self.found_at.is_some_and(|k| self.lock_tries >= k) {
+                    Reply {
+                        status: 200,
+                        body: Bytes::new(),
+                    }
+                } else {
+                    Reply {
+                        status: 404,
+                        body: Bytes::from_static(br#"{"error":"coupon_not_found"}"#),
+                    }
+                }
+            } else {
+                Reply {
+                    status: 200,
+                    body: Bytes::new(),
+                }
+            };
+            async move {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                Ok(reply)
+            }
+        }
+
+        async fn warm_up(&mut self, _timeout: Duration) -> Result<(), TransportError> {
+            Ok(())
+        }
+
+        fn opened(&self) -> u64 {
+            1
+        }
+    }
+
+    async fn lagging_run(found_at: Option<u32>, lock_wait: Duration) -> (RunResult, RunContext) {
+        let (mut ctx, _tx) = ctx();
+        let params = PlanParams {
+            seed: 1,
+            users: 10,
+            bot_fraction: 0.0,
+            bots: 1,
+            zipf_exponent: 1.0,
+            copies: 1,
+            read_fraction: 0.0,
+        };
+        ctx.plan = Arc::new(Plan::for_scenario(ScenarioKind::Checkout, &params));
+        let mut cfg = config(Mode::Closed, 2);
+        cfg.requests = Some(6);
+        cfg.expect.scenario = ScenarioKind::Checkout;
+        cfg.checkout = CheckoutConfig {
+            wallet_reads: 1,
+            lock_wait,
+        };
+        let r = run(
+            &cfg,
+            &ctx,
+            move || LaggingConn {
+                found_at,
+                lock_tries: 0,
+            },
+            |_| {},
+        )
+        .await
+        .expect("run");
+        (r, ctx)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn locks_not_yet_persisted_are_retried_and_counted_apart() {
+        // Found at the 3rd try: two 404s per checkout, retried, expected.
+        let (r, ctx) = lagging_run(Some(3), Duration::from_secs(5)).await;
+        let c = r.stats.checkout.as_ref().expect("checkout stats");
+        assert_eq!(c.checkouts, 6);
+        assert_eq!(c.lock_not_persisted, 12);
+        assert_eq!((c.locks_ok, c.pairs_ok, c.lock_gave_up), (6, 6, 0));
+        let by = r.stats.by_outcome();
+        assert_eq!(by["POST lock 404 coupon_not_found"], 12);
+        assert_eq!(by["POST lock 200"], 6);
+        assert_eq!(by["POST redeem 200"], 6);
+        assert_eq!(ctx.live.snapshot().unexpected, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lock_that_never_finds_its_coupon_gives_up_in_time() {
+        // Tries at about 0, 6, 17, 38 ms (1 ms answers, backoff 5, 10, 20 ms): the 4th is the
+        // last one whose backoff (40 ms) would end past the 50 ms wait.
+        let (r, ctx) = lagging_run(None, Duration::from_millis(50)).await;
+        let c = r.stats.checkout.as_ref().expect("checkout stats");
+        assert_eq!((c.checkouts, c.lock_gave_up, c.pairs_ok), (6, 6, 0));
+        assert_eq!(c.lock_not_persisted, 18, "3 retried tries per checkout");
+        let by = r.stats.by_outcome();
+        assert_eq!(by["POST lock 404 coupon_not_found:gave_up"], 6);
+        assert!(!by.contains_key("POST redeem 200"), "{by:?}");
+        // The give-ups are unexpected; the retried 404s are not.
+        assert_eq!(ctx.live.snapshot().unexpected, 6);
+        // With no wait at all the first 404 gives up.
+        let (r, _) = lagging_run(None, Duration::ZERO).await;
+        let c = r.stats.checkout.as_ref().expect("checkout stats");
+        assert_eq!((c.lock_not_persisted, c.lock_gave_up), (0, 6));
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,6 +1,6 @@
 //! claimgate-loadtest library: everything behind the `claimgate-loadtest` binary, split
 //! by job (flags, workloads, HTTP client, load driver, outcome classes, reports and
-//! charts, invariant checks), so that the pieces can be tested on their own and against
+//! charts, invariant checks, the checkout scenario's wallet check), so that the pieces can be tested on their own and against
 //! an in-process fake gateway.
 
 #![forbid(unsafe_code)]
@@ -21,6 +21,7 @@ pub mod report;
 pub mod scenario;
 pub mod timeline;
 pub mod verify;
+pub mod wallet;
 
 #[cfg(test)]
 mod e2e_tests;

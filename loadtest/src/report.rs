@@ -26,6 +26,99 @@ pub enum Endpoint {
     Health,
     Product,
     Quote,
+    /// checkout: `GET /v1/users/{user}/coupons?status=unused`.
+    Wallet,
+    /// checkout: `POST /v1/coupons/{coupon}/lock`.
+    Lock,
+    /// checkout: `POST /v1/coupons/{coupon}/redeem`.
+    Redeem,
+}
+
+/// The steps of a checkout, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    Claim,
+    Wallet,
+    Lock,
+    Redeem,
+}
+
+impl Step {
+    pub const ALL: [Step; 4] = [Step::Claim, Step::Wallet, Step::Lock, Step::Redeem];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Claim => "claim",
+            Self::Wallet => "wallet",
+            Self::Lock => "lock",
+            Self::Redeem => "redeem",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// What the checkout scenario counts besides the answers themselves.
+#[derive(Debug, Clone)]
+pub struct CheckoutStats {
+    /// Checkouts started (each begins with its claim).
+    pub checkouts: u64,
+    /// Wallet reads answered 200.
+    pub wallet_reads_ok: u64,
+    /// Wallet reads answered 200 that did not list the coupon just claimed yet.
+    pub wallet_reads_without_coupon: u64,
+    /// Locks answered `404 coupon_not_found` and retried: the claim had not reached the
+    /// database yet (how far behind the wallet is, not an error of the gateway).
+    pub lock_not_persisted: u64,
+    /// Checkouts whose lock still found no coupon when `--lock-wait-ms` ran out.
+    pub lock_gave_up: u64,
+    /// Locks answered 200.
+    pub locks_ok: u64,
+    /// Lock or redeem answered 409 (every order is fresh: a real failure).
+    pub conflicts: u64,
+    /// Checkouts whose lock and redeem were both answered 200.
+    pub pairs_ok: u64,
+    /// Latency of each step's requests (each lock attempt counts), in µs.
+    pub latency: [Histogram<u64>; 4],
+}
+
+impl Default for CheckoutStats {
+    fn default() -> Self {
+        Self {
+            checkouts: 0,
+            wallet_reads_ok: 0,
+            wallet_reads_without_coupon: 0,
+            lock_not_persisted: 0,
+            lock_gave_up: 0,
+            locks_ok: 0,
+            conflicts: 0,
+            pairs_ok: 0,
+            latency: std::array::from_fn(|_| new_histogram()),
+        }
+    }
+}
+
+impl CheckoutStats {
+    /// Records the latency of one request of `step`.
+    pub fn record_latency(&mut self, step: Step, latency: Duration) {
+        self.latency[step.index()].saturating_record(duration_us(latency));
+    }
+
+    fn merge(&mut self, other: &CheckoutStats) {
+        self.checkouts += other.checkouts;
+        self.wallet_reads_ok += other.wallet_reads_ok;
+        self.wallet_reads_without_coupon += other.wallet_reads_without_coupon;
+        self.lock_not_persisted += other.lock_not_persisted;
+        self.lock_gave_up += other.lock_gave_up;
+        self.locks_ok += other.locks_ok;
+        self.conflicts += other.conflicts;
+        self.pairs_ok += other.pairs_ok;
+        for (mine, theirs) in self.latency.iter_mut().zip(&other.latency) {
+            add_histogram(mine, theirs);
+        }
+    }
 }
 
 /// Statistics of one connection (or, after merging, of the whole run).
@@ -47,6 +140,8 @@ pub struct Stats {
     pub connections_opened: u64,
     /// Connections opened again after one was lost.
     pub reconnects: u64,
+    /// The checkout scenario's own counters (`None` in the other scenarios).
+    pub checkout: Option<CheckoutStats>,
 }
 
 impl Default for Stats {
@@ -66,7 +161,13 @@ impl Stats {
             claims_ok: 0,
             connections_opened: 0,
             reconnects: 0,
+            checkout: None,
         }
+    }
+
+    /// The checkout counters, created on first use.
+    pub fn checkout_mut(&mut self) -> &mut CheckoutStats {
+        self.checkout.get_or_insert_with(CheckoutStats::default)
     }
 
     /// Records an HTTP answer that took `latency`.
@@ -104,13 +205,9 @@ impl Stats {
 
     /// Adds another connection's statistics to these.
     pub fn merge(&mut self, other: &Stats) {
-        // Both histograms share the same bounds, so adding cannot fail; if it ever did,
-        // the samples are re-recorded one value at a time (clamped) instead.
-        if self.latency.add(&other.latency).is_err() {
-            for v in other.latency.iter_recorded() {
-                self.latency
-                    .saturating_record_n(v.value_iterated_to(), v.count_at_value());
-            }
+        add_histogram(&mut self.latency, &other.latency);
+        if let Some(c) = &other.checkout {
+            self.checkout_mut().merge(c);
         }
         for (k, v) in &other.outcomes {
             *self.outcomes.entry(k.clone()).or_default() += v;
@@ -156,18 +253,16 @@ impl Stats {
 
     /// Latency percentiles in milliseconds.
     pub fn latency_ms(&self) -> LatencyMs {
-        let h = &self.latency;
-        if h.is_empty() {
-            return LatencyMs::default();
-        }
-        let q = |q: f64| us_to_ms(h.value_at_quantile(q));
-        LatencyMs {
-            p50: q(0.50),
-            p90: q(0.90),
-            p99: q(0.99),
-            p999: q(0.999),
-            max: us_to_ms(h.max()),
-            mean: h.mean().round() / 1000.0,
+        LatencyMs::of(&self.latency)
+    }
+}
+
+/// Adds `other` into `into`. Both histograms share the same bounds, so adding cannot
+/// fail; if it ever did, the samples are re-recorded one value at a time (clamped).
+fn add_histogram(into: &mut Histogram<u64>, other: &Histogram<u64>) {
+    if into.add(other).is_err() {
+        for v in other.iter_recorded() {
+            into.saturating_record_n(v.value_iterated_to(), v.count_at_value());
         }
     }
 }
@@ -181,6 +276,9 @@ pub fn outcome_key(endpoint: Endpoint, status: u16, code: Option<&str>) -> Strin
         Endpoint::Health => "GET healthz ",
         Endpoint::Product => "GET product ",
         Endpoint::Quote => "POST quote ",
+        Endpoint::Wallet => "GET wallet ",
+        Endpoint::Lock => "POST lock ",
+        Endpoint::Redeem => "POST redeem ",
     };
     match code {
         Some(c) => format!("{prefix}{status} {c}"),
@@ -272,6 +370,74 @@ pub struct LatencyMs {
     pub mean: f64,
 }
 
+impl LatencyMs {
+    /// The percentiles of a histogram of µs.
+    pub fn of(h: &Histogram<u64>) -> Self {
+        if h.is_empty() {
+            return Self::default();
+        }
+        let q = |q: f64| us_to_ms(h.value_at_quantile(q));
+        Self {
+            p50: q(0.50),
+            p90: q(0.90),
+            p99: q(0.99),
+            p999: q(0.999),
+            max: us_to_ms(h.max()),
+            mean: h.mean().round() / 1000.0,
+        }
+    }
+}
+
+/// The checkout scenario's figures (`--scenario checkout`), beside the claim rate of the
+/// same run.
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckoutSummary {
+    /// Checkouts started (each claims first).
+    pub checkouts: u64,
+    /// Successful claims per second (the run's `claims_per_s`, repeated here).
+    pub claims_per_s: f64,
+    /// Wallet reads answered 200.
+    pub wallet_reads: u64,
+    /// `wallet_reads / elapsed_s`.
+    pub wallet_reads_per_s: f64,
+    /// Wallet reads (200) that did not list the coupon just claimed yet.
+    pub wallet_reads_without_coupon: u64,
+    /// Lock and redeem both answered 200.
+    pub lock_redeem_pairs: u64,
+    /// `lock_redeem_pairs / elapsed_s`.
+    pub lock_redeem_pairs_per_s: f64,
+    /// Locks answered `404 coupon_not_found` and retried (the claim not yet in the
+    /// database): how far behind the wallet is; not counted as errors.
+    pub lock_not_persisted_404: u64,
+    /// Checkouts that gave up on the lock after `--lock-wait-ms` (unexpected).
+    pub lock_gave_up: u64,
+    /// Lock or redeem answered 409 (unexpected: every order is fresh).
+    pub conflicts_409: u64,
+    /// Latency of each step (`claim`, `wallet`, `lock`, `redeem`).
+    pub latency_ms: BTreeMap<&'static str, LatencyMs>,
+}
+
+impl CheckoutSummary {
+    fn new(c: &CheckoutStats, claims_ok: u64, per_s: impl Fn(u64) -> f64) -> Self {
+        Self {
+            checkouts: c.checkouts,
+            claims_per_s: per_s(claims_ok),
+            wallet_reads: c.wallet_reads_ok,
+            wallet_reads_per_s: per_s(c.wallet_reads_ok),
+            wallet_reads_without_coupon: c.wallet_reads_without_coupon,
+            lock_redeem_pairs: c.pairs_ok,
+            lock_redeem_pairs_per_s: per_s(c.pairs_ok),
+            lock_not_persisted_404: c.lock_not_persisted,
+            lock_gave_up: c.lock_gave_up,
+            conflicts_409: c.conflicts,
+            latency_ms: Step::ALL
+                .iter()
+                .map(|s| (s.name(), LatencyMs::of(&c.latency[s.index()])))
+                .collect(),
+        }
+    }
+}
+
 /// The machine-readable result of a run (`--json`).
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
@@ -318,14 +484,16 @@ pub struct Summary {
     pub transport_errors: BTreeMap<String, u64>,
     pub connections_opened: u64,
     pub reconnects: u64,
-    /// Open loop: requests scheduled within the run but never sent because the gateway
-    /// fell too far behind (the run stops at most `--timeout-ms` after the schedule).
+    /// Open loop: requests (checkout: whole checkouts) scheduled within the run but never
+    /// sent because the gateway fell too far behind (the run stops at most `--timeout-ms` after the schedule).
     pub unsent: u64,
     /// The run was cut short by Ctrl-C.
     pub interrupted: bool,
     /// Things the operator should know about the run (a fresh batch instead of a reused
     /// one, a batch without stock, ...), also printed on stderr as they happen.
     pub warnings: Vec<String>,
+    /// The checkout scenario's figures.
+    pub checkout: Option<CheckoutSummary>,
     /// `--verify` results, when requested.
     pub verify: Option<VerifySummary>,
 }
@@ -395,6 +563,10 @@ impl Summary {
             unsent: info.unsent,
             interrupted: info.interrupted,
             warnings: info.warnings,
+            checkout: stats
+                .checkout
+                .as_ref()
+                .map(|c| CheckoutSummary::new(c, stats.claims_ok, per_s)),
             verify: None,
         }
     }
@@ -444,6 +616,38 @@ impl Summary {
                     so.after_s, so.claims_ok, so.claims_per_s
                 ),
             );
+        }
+        if let Some(c) = &self.checkout {
+            row(&mut s, "checkouts", c.checkouts.to_string());
+            row(
+                &mut s,
+                "wallet reads/s",
+                format!(
+                    "{:.1} ({} reads, {} without the new coupon yet)",
+                    c.wallet_reads_per_s, c.wallet_reads, c.wallet_reads_without_coupon
+                ),
+            );
+            row(
+                &mut s,
+                "lock+redeem pairs/s",
+                format!(
+                    "{:.1} ({} pairs)",
+                    c.lock_redeem_pairs_per_s, c.lock_redeem_pairs
+                ),
+            );
+            row(
+                &mut s,
+                "lock 404 not in db",
+                format!(
+                    "{} (retried), {} gave up after --lock-wait-ms",
+                    c.lock_not_persisted_404, c.lock_gave_up
+                ),
+            );
+            row(&mut s, "lock/redeem 409", c.conflicts_409.to_string());
+            let _ = writeln!(s, "  step latency (ms)        p50         p99");
+            for (step, l) in &c.latency_ms {
+                let _ = writeln!(s, "    {step:<18}{:>10.3}  {:>10.3}", l.p50, l.p99);
+            }
         }
         row(
             &mut s,
@@ -651,6 +855,55 @@ mod tests {
         assert!(t.contains("p99.9"), "{t}");
         assert!(t.contains("transport errors      1 (timeout 1)"), "{t}");
         assert!(!t.contains("sold out after"), "{t}");
+    }
+
+    #[test]
+    fn checkout_figures_in_json_and_table() {
+        let mut st = Stats::new();
+        for _ in 0..4 {
+            st.record_reply(Endpoint::Claim, 201, None, ms(2));
+            st.checkout_mut().record_latency(Step::Claim, ms(2));
+        }
+        for _ in 0..8 {
+            st.record_reply(Endpoint::Wallet, 200, None, ms(4));
+            st.checkout_mut().record_latency(Step::Wallet, ms(4));
+        }
+        let c = st.checkout_mut();
+        c.checkouts = 4;
+        c.wallet_reads_ok = 8;
+        c.wallet_reads_without_coupon = 3;
+        c.lock_not_persisted = 5;
+        c.pairs_ok = 2;
+        c.record_latency(Step::Lock, ms(10));
+        let mut other = Stats::new();
+        other.checkout_mut().pairs_ok = 2;
+        st.merge(&other);
+        let sum = Summary::new(info(flash_sale(), None), &st);
+        let v = serde_json::to_value(&sum).expect("json");
+        let c = &v["checkout"];
+        assert_eq!(c["checkouts"], 4);
+        assert_eq!(c["claims_per_s"], 0.4);
+        assert_eq!(c["wallet_reads_per_s"], 0.8);
+        assert_eq!(c["lock_redeem_pairs"], 4, "merged");
+        assert_eq!(c["lock_redeem_pairs_per_s"], 0.4);
+        assert_eq!(c["lock_not_persisted_404"], 5);
+        assert!((c["latency_ms"]["wallet"]["p50"].as_f64().expect("p50") - 4.0).abs() < 0.01);
+        assert!((c["latency_ms"]["lock"]["p99"].as_f64().expect("p99") - 10.0).abs() < 0.02);
+        assert_eq!(c["latency_ms"]["redeem"]["p99"], 0.0, "no redeem yet");
+        let t = sum.table();
+        assert!(
+            t.contains("  wallet reads/s        0.8 (8 reads, 3 without the new coupon yet)"),
+            "{t}"
+        );
+        assert!(t.contains("  lock+redeem pairs/s   0.4 (4 pairs)"), "{t}");
+        assert!(
+            t.contains("  lock 404 not in db    5 (retried), 0 gave up"),
+            "{t}"
+        );
+        // Other scenarios have no checkout section.
+        let plain = Summary::new(info(flash_sale(), None), &Stats::new());
+        assert!(serde_json::to_value(&plain).expect("json")["checkout"].is_null());
+        assert!(!plain.table().contains("lock+redeem"));
     }
 
     fn flash_sale() -> Expectations {

@@ -23,6 +23,16 @@ pub enum Request {
     Product(u64),
     /// `POST /v1/checkout/quote` with the run's cart and user.
     Quote,
+    /// One checkout (the driver sends its steps in turn): this claim, then wallet reads
+    /// of its user, a lock of the coupon for `order_id`, and its redeem.
+    Checkout(Checkout),
+}
+
+/// The identity of one checkout: a fresh user claims once and orders once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkout {
+    pub claim: Claim,
+    pub order_id: String,
 }
 
 /// The identity of one claim attempt.
@@ -54,6 +64,8 @@ enum Workload {
     ProductLookup,
     /// The same quote again and again.
     Quote,
+    /// A fresh user per checkout.
+    Checkout,
 }
 
 /// Parameters of a plan, taken from the command line.
@@ -98,6 +110,7 @@ impl Plan {
             ScenarioKind::Trivial => Workload::Trivial,
             ScenarioKind::ProductLookup => Workload::ProductLookup,
             ScenarioKind::Quote => Workload::Quote,
+            ScenarioKind::Checkout => Workload::Checkout,
         };
         Self::new(p.seed, p.users, workload)
     }
@@ -126,6 +139,13 @@ impl Plan {
                 Request::Product(request_rng(seed, i).random_range(0..CAMPAIGN_PRODUCTS))
             }
             Workload::Quote => Request::Quote,
+            Workload::Checkout => Request::Checkout(Checkout {
+                claim: Claim {
+                    user_id: format!("ck{seed}-{i}"),
+                    request_id: format!("r{seed}-{i}"),
+                },
+                order_id: format!("o{seed}-{i}"),
+            }),
             Workload::FlashSale => Request::Claim(Claim {
                 user_id: user_id(seed, self.perm.apply(i % self.users)),
                 request_id: format!("r{seed}-{i}"),
@@ -318,6 +338,23 @@ mod tests {
         );
         let q = Plan::for_scenario(ScenarioKind::Quote, &params(10));
         assert!((0..100).all(|i| q.request(i) == Request::Quote));
+    }
+
+    #[test]
+    fn checkouts_are_fresh_users_and_orders() {
+        let p = Plan::for_scenario(ScenarioKind::Checkout, &params(10));
+        let mut users = HashSet::new();
+        let mut orders = HashSet::new();
+        for i in 0..1_000 {
+            let Request::Checkout(c) = p.request(i) else {
+                panic!("expected a checkout");
+            };
+            assert_eq!(Request::Checkout(c.clone()), p.request(i), "deterministic");
+            users.insert(c.claim.user_id);
+            orders.insert(c.order_id);
+        }
+        // More checkouts than --users: each still has a user (and an order) of its own.
+        assert_eq!((users.len(), orders.len()), (1_000, 1_000));
     }
 
     #[test]
