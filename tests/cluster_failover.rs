@@ -113,6 +113,85 @@ async fn load(
     retried.load(Ordering::Relaxed)
 }
 
+/// `kill -9` of the primary on `victim`, then waits for a replica to take its slots over and
+/// the cluster to be healthy (returns how long that took: the failover window), then
+/// restarts the killed node as its supervisor would: empty, it rejoins as a replica of the
+/// node that took its slots over (the deployment rules: never back into the primary role).
+/// Without the restart, a few failovers leave a primary with no replica, whose claims answer
+/// 503 `indeterminate` under `ack = "replica"` and whose acknowledged records wait in its log
+/// for a replica to confirm them (the replica mode's promise needs one).
+async fn fail_over(cluster: &mut RedisCluster, victim: u16) -> Duration {
+    let replicas = cluster.replicas_linked();
+    let killed = Instant::now();
+    cluster.kill(victim);
+    // a replica took its slots over (not just "ok" before the failure is noticed)
+    loop {
+        let p = cluster.primaries();
+        if p.len() == 3 && !p.contains(&victim) {
+            break;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(30),
+            "no failover: {p:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let c = &*cluster;
+    tokio::task::block_in_place(|| c.wait_healthy(Duration::from_secs(30)));
+    let window = killed.elapsed();
+    cluster.restart_empty(victim);
+    let c = &*cluster;
+    tokio::task::block_in_place(|| {
+        let since = Instant::now();
+        while c.replicas_linked() < replicas {
+            assert!(since.elapsed() < Duration::from_secs(30), "no rejoin");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    window
+}
+
+/// coupon id -> user of every answer (all must be coupons), checking no id went twice.
+fn handed_out(answers: &Answers) -> HashMap<String, u64> {
+    let mut coupons: HashMap<String, u64> = HashMap::new();
+    for (u, (s, v)) in answers.lock().iter() {
+        assert!(
+            matches!(s, 200 | 201),
+            "u{u}: {s} {v} (stock is far from sold out)"
+        );
+        let c = v["coupon_id"].as_str().unwrap().to_string();
+        if let Some(other) = coupons.insert(c.clone(), *u) {
+            panic!("{c} handed out to u{other} and to u{u}");
+        }
+    }
+    coupons
+}
+
+/// How many of `coupons` are not in the database once the persisters drained (waits up to
+/// 60 s); a coupon the database holds for another user is a failure at once.
+async fn not_in_the_database(db: &Db, coupons: &HashMap<String, u64>) -> usize {
+    let started = Instant::now();
+    let mut lost = coupons.len();
+    while started.elapsed() < Duration::from_secs(60) {
+        lost = 0;
+        for (c, u) in coupons {
+            match db.get_coupon(c).await.unwrap() {
+                Some(row) if row.user_id == format!("u{u}") => {}
+                Some(row) => panic!(
+                    "{c}: the database holds it for {}, u{u} got it",
+                    row.user_id
+                ),
+                None => lost += 1,
+            }
+        }
+        if lost == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    lost
+}
+
 async fn failovers_under_load(ack: &str) {
     let _wd = Watchdog::arm(Duration::from_secs(240));
     let mut cluster = RedisCluster::start_with_replicas(3, 2);
@@ -154,55 +233,14 @@ async fn failovers_under_load(ack: &str) {
         assert!(!candidates.is_empty(), "no primary left with a replica");
         let victim = candidates[f % candidates.len()];
         step(format!("failover {f}: kill -9 primary {victim}"));
-        let killed = Instant::now();
-        cluster.kill(victim);
-        // a replica took its slots over (not just "ok" before the failure is noticed)
-        loop {
-            let p = cluster.primaries();
-            if p.len() == 3 && !p.contains(&victim) {
-                break;
-            }
-            assert!(
-                killed.elapsed() < Duration::from_secs(30),
-                "no failover: {p:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let c = &cluster;
-        tokio::task::block_in_place(|| c.wait_healthy(Duration::from_secs(30)));
-        windows.push(killed.elapsed());
-        // Its supervisor restarts the killed node: empty, it rejoins as a replica of the
-        // node that took its slots over (the deployment rules: never back into the primary
-        // role). Without it, the fourth failover leaves a primary with no replica, whose
-        // claims answer 503 `indeterminate` and whose acknowledged records wait in its
-        // log for a replica to confirm them (the replica mode's promise needs one).
-        cluster.restart_empty(victim);
-        let c = &cluster;
-        tokio::task::block_in_place(|| {
-            let since = Instant::now();
-            while c.replicas_linked() < 6 {
-                assert!(since.elapsed() < Duration::from_secs(30), "no rejoin");
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        });
+        windows.push(fail_over(&mut cluster, victim).await);
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
     stop.store(true, Ordering::Relaxed);
     let retried = loader.await.unwrap();
 
     step("drain and verify");
-    let answers = answers.lock().clone();
-    let mut coupons: HashMap<String, u64> = HashMap::new();
-    for (u, (s, v)) in &answers {
-        assert!(
-            matches!(s, 200 | 201),
-            "u{u}: {s} {v} (stock is far from sold out)"
-        );
-        let c = v["coupon_id"].as_str().unwrap().to_string();
-        if let Some(other) = coupons.insert(c.clone(), *u) {
-            panic!("{c} handed out to u{other} and to u{u}");
-        }
-    }
+    let coupons = handed_out(&answers);
     assert!(coupons.len() as i64 <= STOCK, "oversold");
     let db = Db::connect(&DatabaseConfig {
         url: pg.url.clone(),
@@ -210,26 +248,7 @@ async fn failovers_under_load(ack: &str) {
     })
     .await
     .unwrap();
-    // the persister drains: everything still in the shard logs reaches the database
-    let started = Instant::now();
-    let mut lost = coupons.len();
-    while started.elapsed() < Duration::from_secs(60) {
-        lost = 0;
-        for (c, u) in &coupons {
-            match db.get_coupon(c).await.unwrap() {
-                Some(row) if row.user_id == format!("u{u}") => {}
-                Some(row) => panic!(
-                    "{c}: the database holds it for {}, u{u} got it",
-                    row.user_id
-                ),
-                None => lost += 1,
-            }
-        }
-        if lost == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let lost = not_in_the_database(&db, &coupons).await;
     let conflicts = db.coupon_conflicts("cf").await.unwrap().len();
     println!(
         "ack = {ack}: {} claims acknowledged over {FAILOVERS} failovers (windows {:?}), {retried} \
@@ -347,30 +366,7 @@ async fn two_gateways_share_a_cluster_through_a_failover_and_a_gateway_crash() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let victim = cluster.primaries_with_a_replica()[0];
     step(format!("kill -9 primary {victim}"));
-    let killed = Instant::now();
-    cluster.kill(victim);
-    loop {
-        let p = cluster.primaries();
-        if p.len() == 3 && !p.contains(&victim) {
-            break;
-        }
-        assert!(
-            killed.elapsed() < Duration::from_secs(30),
-            "no failover: {p:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let c = &cluster;
-    tokio::task::block_in_place(|| c.wait_healthy(Duration::from_secs(30)));
-    cluster.restart_empty(victim);
-    let c = &cluster;
-    tokio::task::block_in_place(|| {
-        let since = Instant::now();
-        while c.replicas_linked() < 3 {
-            assert!(since.elapsed() < Duration::from_secs(30), "no rejoin");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    });
+    fail_over(&mut cluster, victim).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     stop.store(true, Ordering::Relaxed);
     let retried = load_a.await.unwrap() + load_b.await.unwrap();
@@ -422,40 +418,14 @@ async fn two_gateways_share_a_cluster_through_a_failover_and_a_gateway_crash() {
     .await;
 
     step("drain and verify");
-    let answers = answers.lock().clone();
-    let mut coupons: HashMap<String, u64> = HashMap::new();
-    for (u, (s, v)) in &answers {
-        assert!(matches!(s, 200 | 201), "u{u}: {s} {v}");
-        let c = v["coupon_id"].as_str().unwrap().to_string();
-        if let Some(other) = coupons.insert(c.clone(), *u) {
-            panic!("{c} handed out to u{other} and to u{u}");
-        }
-    }
+    let coupons = handed_out(&answers);
     let db = Db::connect(&DatabaseConfig {
         url: pg.url.clone(),
         ..Default::default()
     })
     .await
     .unwrap();
-    let started = Instant::now();
-    let mut missing = coupons.len();
-    while started.elapsed() < Duration::from_secs(60) {
-        missing = 0;
-        for (c, u) in &coupons {
-            match db.get_coupon(c).await.unwrap() {
-                Some(row) if row.user_id == format!("u{u}") => {}
-                Some(row) => panic!(
-                    "{c}: the database holds it for {}, u{u} got it",
-                    row.user_id
-                ),
-                None => missing += 1,
-            }
-        }
-        if missing == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let missing = not_in_the_database(&db, &coupons).await;
     let (rows, _) = db.claim_counts("mg").await.unwrap();
     let conflicts = db.coupon_conflicts("mg").await.unwrap().len();
     println!(
