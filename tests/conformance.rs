@@ -1,6 +1,7 @@
 //! Conformance suite: the same cases against the `redis` backend (a redis-server of our own
-//! and PostgreSQL) and the `embedded` backend (+ SQLite), through the real router, with real
-//! concurrency. Any difference between the backends is a bug.
+//! and PostgreSQL; and a Redis Cluster of 3 primaries with a replica each) and the `embedded`
+//! backend (+ SQLite), through the real router, with real concurrency. Any difference
+//! between the backends is a bug.
 
 mod support;
 
@@ -1016,6 +1017,12 @@ macro_rules! on_both_backends {
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn embedded() {
                 let g = embedded_gw().await;
+                cases::$case(&g).await;
+            }
+            /// On a Redis Cluster of 3 primaries with a replica each (issue 13 item 5).
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn cluster() {
+                let g = cluster_gw().await;
                 cases::$case(&g).await;
             }
         }

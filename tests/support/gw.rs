@@ -17,7 +17,7 @@ use http::Request;
 use http_body_util::{BodyExt, Full};
 use serde_json::{Value, json};
 
-use super::{PgDb, RedisServer};
+use super::{PgDb, RedisCluster, RedisServer};
 
 pub struct Gw<B: Backend> {
     pub app: Arc<App<B>>,
@@ -25,6 +25,8 @@ pub struct Gw<B: Backend> {
     pub db: Db,
     pub cfg: Arc<Config>,
     pub redis: Option<RedisServer>,
+    /// The cluster a [`cluster_gw`] runs on (kept alive with the gateway).
+    pub cluster: Option<RedisCluster>,
     _pg: Option<PgDb>,
     pub dir: tempfile::TempDir,
 }
@@ -62,16 +64,60 @@ pub async fn redis_gw_with(extra: &[String]) -> Gw<RedisBackend> {
     redis_gw_on(RedisServer::start(), extra).await
 }
 
+/// The script-call bound of the redis-backed test gateways: these suites check invariants
+/// under thousands of concurrent claims on 2 shared cores, where the production default
+/// (1 s) turns CPU starvation into 503s; timeouts have tests of their own (tests/edge.rs,
+/// tests/process.rs).
+const TEST_COMMAND_TIMEOUT_MS: u64 = 10_000;
+
+/// A redis-backed gateway on a Redis Cluster of its own: 3 primaries with a replica each.
+pub async fn cluster_gw() -> Gw<RedisBackend> {
+    let cluster = RedisCluster::start_with_replicas(3, 1);
+    let pg = PgDb::create();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = Arc::new(config(&[
+        format!("redis.url=\"{}\"", cluster.url()),
+        "redis.cluster=true".to_string(),
+        format!("redis.command_timeout_ms={TEST_COMMAND_TIMEOUT_MS}"),
+    ]));
+    let backend = Arc::new(
+        RedisBackend::connect(&RedisConfig {
+            url: cluster.url(),
+            cluster: true,
+            command_timeout_ms: TEST_COMMAND_TIMEOUT_MS,
+            ..RedisConfig::default()
+        })
+        .await
+        .expect("redis cluster backend"),
+    );
+    let db = open_db(&pg.url).await;
+    let app = claimgate::gateway::assemble(cfg.clone(), backend.clone(), db.clone(), None);
+    Gw {
+        app,
+        backend,
+        db,
+        cfg,
+        redis: None,
+        cluster: Some(cluster),
+        _pg: Some(pg),
+        dir,
+    }
+}
+
 /// A redis-backed gateway on a given server (e.g. one with AOF).
 pub async fn redis_gw_on(redis: RedisServer, extra: &[String]) -> Gw<RedisBackend> {
     let pg = PgDb::create();
     let dir = tempfile::tempdir().unwrap();
-    let mut o = vec![format!("redis.url=\"{}\"", redis.url())];
+    let mut o = vec![
+        format!("redis.url=\"{}\"", redis.url()),
+        format!("redis.command_timeout_ms={TEST_COMMAND_TIMEOUT_MS}"),
+    ];
     o.extend_from_slice(extra);
     let cfg = Arc::new(config(&o));
     let backend = Arc::new(
         RedisBackend::connect(&RedisConfig {
             url: redis.url(),
+            command_timeout_ms: TEST_COMMAND_TIMEOUT_MS,
             ..RedisConfig::default()
         })
         .await
@@ -85,6 +131,7 @@ pub async fn redis_gw_on(redis: RedisServer, extra: &[String]) -> Gw<RedisBacken
         db,
         cfg,
         redis: Some(redis),
+        cluster: None,
         _pg: Some(pg),
         dir,
     }
@@ -114,6 +161,7 @@ pub async fn embedded_gw_with(extra: &[String]) -> Gw<EmbeddedBackend> {
         db,
         cfg,
         redis: None,
+        cluster: None,
         _pg: None,
         dir,
     }
