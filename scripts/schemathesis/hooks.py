@@ -24,6 +24,10 @@ valid is valid here too:
   value, and is dropped when that passes `batches.max_budget` (10^12) or the discount has
   no bounded face value (a percent discount without `max_off`).
 
+- a batch's `ack` is one the backend can honour: this run's gateway is embedded (no
+  replicas), so "replica" and "replica_aof" become "leader" (the replica modes are tested
+  against real replicas by tests/replication.rs and tests/conformance.rs batch_ack);
+
 - a streamed grant upload (`text/csv`, `application/x-ndjson`) generated as a non-string
   (a type violation) is sent as an empty body: text on the wire cannot carry the type,
   and the text of a number may be a valid upload.
@@ -132,6 +136,8 @@ def before_call(ctx, case, kwargs):
             _order(validity)
         if isinstance(body.get("timezone"), str):
             body["timezone"] = A_ZONE
+        if body.get("ack") in ("replica", "replica_aof"):
+            body["ack"] = "leader"
         budget, stock, face = body.get("budget"), body.get("stock"), _face(body.get("discount"))
         if _int(budget) and budget >= 1 and _int(stock) and stock >= 1:
             need = None if face is None else (int(stock) + 2 * MAX_ADD) * face
