@@ -231,6 +231,12 @@ impl<B: Backend> Worker<B> {
                 _ = self.activity.notified() => {}
                 _ = tokio::time::sleep(wait) => {}
             }
+            if self.buffer.is_empty() {
+                // Nothing held while asleep: caught up until now. The stall clock of
+                // `/readyz` starts here, not at the last read before a long idle sleep
+                // (records that arrived meanwhile would read as stalled at once).
+                self.status.caught_up();
+            }
         }
         // Shutdown: the gateway has stopped taking claims, so drain what the logs still
         // hold (every active shard), bounded by the grace period; what is left stays pending
