@@ -1333,7 +1333,9 @@ impl Run {
                 .collect()
         };
         for path in paths {
-            let deadline = Instant::now() + Duration::from_secs(5);
+            // A shard the gateways' probe sealed while the operator's rebuild ran is
+            // repaired in the background: under load that takes more than a few seconds.
+            let deadline = Instant::now() + Duration::from_secs(20);
             loop {
                 let (s, v) = self.w.send("GET", &path, "").await;
                 assert_eq!(s, 200, "{path}: {v}");
