@@ -73,50 +73,38 @@ const TEST_COMMAND_TIMEOUT_MS: u64 = 10_000;
 /// A redis-backed gateway on a Redis Cluster of its own: 3 primaries with a replica each.
 pub async fn cluster_gw() -> Gw<RedisBackend> {
     let cluster = RedisCluster::start_with_replicas(3, 1);
-    let pg = PgDb::create();
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = Arc::new(config(&[
-        format!("redis.url=\"{}\"", cluster.url()),
-        "redis.cluster=true".to_string(),
-        format!("redis.command_timeout_ms={TEST_COMMAND_TIMEOUT_MS}"),
-    ]));
-    let backend = Arc::new(
-        RedisBackend::connect(&RedisConfig {
-            url: cluster.url(),
-            cluster: true,
-            command_timeout_ms: TEST_COMMAND_TIMEOUT_MS,
-            ..RedisConfig::default()
-        })
-        .await
-        .expect("redis cluster backend"),
-    );
-    let db = open_db(&pg.url).await;
-    let app = claimgate::gateway::assemble(cfg.clone(), backend.clone(), db.clone(), None);
-    Gw {
-        app,
-        backend,
-        db,
-        cfg,
-        redis: None,
-        cluster: Some(cluster),
-        _pg: Some(pg),
-        dir,
-    }
+    let url = cluster.url();
+    redis_gw_at(&url, true, None, Some(cluster), &[]).await
 }
 
 /// A redis-backed gateway on a given server (e.g. one with AOF).
 pub async fn redis_gw_on(redis: RedisServer, extra: &[String]) -> Gw<RedisBackend> {
+    let url = redis.url();
+    redis_gw_at(&url, false, Some(redis), None, extra).await
+}
+
+/// A redis-backed gateway on `url` (a cluster when `cluster`), keeping the server or the
+/// cluster it runs on alive with it, and a PostgreSQL database of its own.
+async fn redis_gw_at(
+    url: &str,
+    cluster: bool,
+    redis: Option<RedisServer>,
+    redis_cluster: Option<RedisCluster>,
+    extra: &[String],
+) -> Gw<RedisBackend> {
     let pg = PgDb::create();
     let dir = tempfile::tempdir().unwrap();
     let mut o = vec![
-        format!("redis.url=\"{}\"", redis.url()),
+        format!("redis.url=\"{url}\""),
+        format!("redis.cluster={cluster}"),
         format!("redis.command_timeout_ms={TEST_COMMAND_TIMEOUT_MS}"),
     ];
     o.extend_from_slice(extra);
     let cfg = Arc::new(config(&o));
     let backend = Arc::new(
         RedisBackend::connect(&RedisConfig {
-            url: redis.url(),
+            url: url.to_string(),
+            cluster,
             command_timeout_ms: TEST_COMMAND_TIMEOUT_MS,
             ..RedisConfig::default()
         })
@@ -130,8 +118,8 @@ pub async fn redis_gw_on(redis: RedisServer, extra: &[String]) -> Gw<RedisBacken
         backend,
         db,
         cfg,
-        redis: Some(redis),
-        cluster: None,
+        redis,
+        cluster: redis_cluster,
         _pg: Some(pg),
         dir,
     }
