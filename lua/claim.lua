@@ -1,4 +1,12 @@
--- claim.lua: one claim against the user's home shard of a batch. Atomic; one hash slot.
+-- claim.lua: the claims against one home shard of a batch, group-committed: n claims (1 at
+-- light load, more while an earlier call to the shard was in flight; src/stock/group.rs) in
+-- ONE atomic call, decided one after the other in argument order exactly as n calls of one
+-- claim each would be: a later claim of the call sees every effect of the earlier ones (a
+-- user's count and day count, a request id minted earlier in the call, the stock and log
+-- length left). Reads and writes are per call, not per claim: one HMGET each of meta,
+-- request ids, counts and day counts, one TIME, one XLEN, one GET of the stock, one write
+-- of each hash; per claim only its XADD (and a SISMEMBER when the shard has a deny list).
+-- Atomic; one hash slot.
 --
 -- KEYS (all share the hash tag {<batch>:<shard>}):
 --   1 meta     hash   state, start, end, limit, daily, vdays, vfrom, vto, ver, epoch (the
@@ -6,101 +14,179 @@
 --   2 stock    string coupons left in this shard
 --   3 users    hash   user -> coupons claimed from this batch (per-user limit)
 --   4 daily    hash   user -> "<local day>:<count>" (per-user daily limit; the day number in
---                     the batch's zone, see ARGV 7)
+--                     the batch's zone, see ARGV 5)
 --   5 req      hash   "<user>|<request id>" -> "<coupon>|<valid_from>|<valid_to>|<claimed_at>|<nonce>"
 --   6 log      stream claim records for the persister
 --   7 deny     set    users of this shard denied by the batch's eligibility rules
 --   8 claimed  string coupons claimed from this shard (also the coupon sequence)
 -- ARGV:
---   1 user id   2 request id ('' = none)   3 max log length (0 = unbounded)
---   4 batch id  5 shard index
---   6 nonce of this HTTP request (recorded with the request id, returned on replay, so a
---     caller that repeats its own call after a lost reply can tell it minted the coupon)
---   7 (optional, absent = '0') the batch's UTC offset in ms now (an integer, |offset| <
---     86400000; east positive): the day is floor((now + offset) / 86400000), now from TIME,
---     so the per-user daily limit resets at midnight in the batch's time zone ('0' = UTC,
---     as before this argument existed). The gateway computes the offset for its own clock's
---     now (src/domain/time.rs Zone). Edge: on a day a DST change happens, the offset passed
---     can be the one before the change for claims right after it (gateway and Redis clocks
---     differ by ms). Most zones change at 01:00 to 03:00 local, far from midnight, so the
---     day a claim counts on is the same with either offset; in the few that change at
---     midnight (America/Santiago, Asia/Beirut, ...) a claim in the milliseconds after the
---     change may count on the day before it.
--- Returns:
+--   1 n, the number of claims in this call: an integer, 1 <= n <= 1000
+--   2 max log length (0 = unbounded)   3 batch id   4 shard index
+--   5 the batch's UTC offset in ms now (an integer, |offset| < 86400000; east positive): the
+--     day is floor((now + offset) / 86400000), now from TIME, so the per-user daily limit
+--     resets at midnight in the batch's time zone ('0' = UTC). The gateway computes the
+--     offset for its own clock's now (src/domain/time.rs Zone) and groups only claims with
+--     the same offset. Edge: on a day a DST change happens, the offset passed can be the one
+--     before the change for claims right after it (gateway and Redis clocks differ by ms).
+--     Most zones change at 01:00 to 03:00 local, far from midnight, so the day a claim
+--     counts on is the same with either offset; in the few that change at midnight
+--     (America/Santiago, Asia/Beirut, ...) a claim in the milliseconds after the change may
+--     count on the day before it.
+--   then, column by column (claim i = 1..n):
+--   5 + i        user id of claim i (non-empty)
+--   5 + n + i    request id of claim i ('' = none)
+--   5 + 2n + i   nonce of claim i's HTTP request (recorded with the request id, returned
+--                on replay, so a caller that repeats its own call after a lost reply can
+--                tell it minted the coupon)
+-- Returns an array of n answers, answer i for claim i:
 --   { 1, coupon_id, valid_from_ms, valid_to_ms, claimed_at_ms }   claimed now
 --   { 2, coupon_id, valid_from_ms, valid_to_ms, claimed_at_ms, nonce }   replay of an earlier
---                                                    request id ('' nonce if none recorded)
---   { 0, code } refused, nothing written; code:
---     -1 no such batch in this shard   -2 window not started   -3 window ended
---     -4 paused   -5 user denied   -6 per-user limit   -7 per-user daily limit
+--                   success of this user and request id, in an earlier call or earlier in
+--                   this one ('' nonce if none was recorded)
+--   { 0, code } refused, nothing written for this claim; code:
+--     -1 no such batch in this shard (every claim of the call)   -2 window not started
+--     -3 window ended   -4 paused   -5 user denied   -6 per-user limit
+--     -7 per-user daily limit
 --     -8 shard has no stock (the caller refills or declares sold out). This is also the
 --        budget check: a batch with a money budget has at most floor(budget / face value)
 --        stock in all (src/domain/batch.rs), so each shard's stock is its share of the
 --        budget, and decrementing only stock that is there never spends past it.
 --     -9 claim log backlog at its bound (shed, nothing claimed)
--- Validates everything before the first write: a script that errors half-way keeps its writes.
--- Coupon id: '<batch>.<shard>.<seq>', seq = epoch * 10^12 + KEYS[8] after INCR (1, 2, ...).
---   The claim counter never goes back while Redis keeps it; a Redis that lost it (data loss,
---   a failover to a lagging replica) is rebuilt in a new epoch, so an id minted before the
---   loss is never minted again (src/domain/ids.rs EPOCH_SPAN is the same 10^12).
--- Claim record: one XADD to KEYS[6] per coupon minted, these fields in this order:
+--   Each claim is checked in this order: replay, -4, -2, -3, -5, -6, -7, -9, -8.
+-- Validates every argument and decides every claim before the first write (a script that
+-- errors half-way keeps its writes): a bad argument fails the whole call with an error
+-- reply, nothing written.
+-- Coupon id: '<batch>.<shard>.<seq>', seq = epoch * 10^12 + KEYS[8] after its increment
+--   (1, 2, ...). The claim counter never goes back while Redis keeps it; a Redis that lost it
+--   (data loss, a failover to a lagging replica) is rebuilt in a new epoch, so an id minted
+--   before the loss is never minted again (src/domain/ids.rs EPOCH_SPAN is the same 10^12).
+-- Claim record: one XADD to KEYS[6] per coupon minted, in sequence order, these fields in
+--   this order:
 --   k 'claimed'   c coupon id   u user id   r request id ('' = none)   b batch id
 --   s shard index   t claimed at (ms)   vf valid from (ms)   vt valid to (ms)
 
-if (#ARGV ~= 6 and #ARGV ~= 7) or not tonumber(ARGV[3]) then
-  return redis.error_reply('ERR claim: expects 6 or 7 arguments (user, request id, max log, batch, shard, nonce[, day offset])')
+local call, tonumber, floor, fmt, unpack = redis.call, tonumber, math.floor, string.format, unpack
+local A = ARGV
+
+local function fail(msg) return redis.error_reply('ERR claim: ' .. msg) end
+
+local n = tonumber(A[1])
+if not n or n < 1 or n > 1000 or n ~= floor(n) then return fail('n must be an integer in 1..1000') end
+if #A ~= 5 + 3 * n then
+  return fail('expects n, max log, batch, shard, day offset, then n users, n request ids, n nonces')
 end
-local offset = tonumber(ARGV[7] or '0')
-if not offset or offset ~= math.floor(offset) or offset <= -86400000 or offset >= 86400000 then
-  return redis.error_reply('ERR claim: the day offset must be an integer of ms, |offset| < 86400000')
+local maxlog = tonumber(A[2])
+if not maxlog or maxlog < 0 or maxlog ~= floor(maxlog) then return fail('bad max log length') end
+local offset = tonumber(A[5])
+if not offset or offset ~= floor(offset) or offset <= -86400000 or offset >= 86400000 then
+  return fail('the day offset must be an integer of ms, |offset| < 86400000')
 end
-local user, rid = ARGV[1], ARGV[2]
-local m = redis.call('HMGET', KEYS[1], 'state', 'start', 'end', 'limit', 'daily', 'vdays', 'vfrom',
+local U, R, N = 5, 5 + n, 5 + 2 * n -- claim i: user A[U + i], request id A[R + i], nonce A[N + i]
+for i = U + 1, U + n do
+  if A[i] == '' then return fail('empty user id') end
+end
+local batch, shard = A[3], A[4]
+
+local out = {}
+local m = call('HMGET', KEYS[1], 'state', 'start', 'end', 'limit', 'daily', 'vdays', 'vfrom',
   'vto', 'epoch')
-if not m[1] then return { 0, -1 } end
+if not m[1] then
+  local none = { 0, -1 }
+  for i = 1, n do out[i] = none end
+  return out
+end
 
-local reqf
-if rid ~= '' then
-  reqf = user .. '|' .. rid
-  local prev = redis.call('HGET', KEYS[5], reqf)
-  if prev then
-    local c, vf, vt, at, nonce = string.match(prev, '^([^|]*)|(%d+)|(%d+)|(%d+)|?([^|]*)$')
-    return { 2, c, tonumber(vf), tonumber(vt), tonumber(at), nonce or '' }
+-- Earlier successes of the call's request ids: one read for all of them.
+local fields, prev = {}, {}
+for i = 1, n do
+  local rid = A[R + i]
+  if rid ~= '' then fields[#fields + 1] = A[U + i] .. '|' .. rid end
+end
+if #fields > 0 then
+  local got = call('HMGET', KEYS[5], unpack(fields))
+  for j = 1, #fields do
+    if got[j] then prev[fields[j]] = got[j] end
   end
 end
 
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if m[1] ~= 'active' then return { 0, -4 } end
-if now < tonumber(m[2]) then return { 0, -2 } end
-if now >= tonumber(m[3]) then return { 0, -3 } end
-if redis.call('SISMEMBER', KEYS[7], user) == 1 then return { 0, -5 } end
-
-local used = tonumber(redis.call('HGET', KEYS[3], user) or '0')
-if used >= tonumber(m[4]) then return { 0, -6 } end
-
-local daily = tonumber(m[5])
-local day = math.floor((now + offset) / 86400000)
-local today = 0
-if daily > 0 then
-  local d = redis.call('HGET', KEYS[4], user)
-  if d then
-    local dd, cnt = string.match(d, '^(%d+):(%d+)$')
-    if tonumber(dd) == day then today = tonumber(cnt) end
-  end
-  if today >= daily then return { 0, -7 } end
+local t = call('TIME')
+local now = tonumber(t[1]) * 1000 + floor(tonumber(t[2]) / 1000)
+local closed -- the refusal of every claim that is not a replay, if the window says so
+if m[1] ~= 'active' then closed = -4
+elseif now < tonumber(m[2]) then closed = -2
+elseif now >= tonumber(m[3]) then closed = -3
 end
 
-local maxlog = tonumber(ARGV[3])
-if maxlog > 0 and redis.call('XLEN', KEYS[6]) >= maxlog then return { 0, -9 } end
+local limit, daily = tonumber(m[4]), tonumber(m[5])
+local day = floor((now + offset) / 86400000)
+local used, today, deny, loglen, stock = {}, {}, 0, 0, 0
+if not closed then
+  deny = call('SCARD', KEYS[7])
+  local got = call('HMGET', KEYS[3], unpack(A, U + 1, U + n))
+  for i = 1, n do
+    local u = A[U + i]
+    if used[u] == nil then
+      used[u] = tonumber(got[i] or '0')
+      if not used[u] then return fail('corrupt per-user count of ' .. u) end
+    end
+  end
+  if daily > 0 then
+    got = call('HMGET', KEYS[4], unpack(A, U + 1, U + n))
+    for i = 1, n do
+      local u = A[U + i]
+      if today[u] == nil then
+        local cnt = 0
+        if got[i] then
+          local dd, c = string.match(got[i], '^(%-?%d+):(%d+)$')
+          if tonumber(dd) == day then cnt = tonumber(c) end
+        end
+        today[u] = cnt
+      end
+    end
+  end
+  if maxlog > 0 then loglen = call('XLEN', KEYS[6]) end
+  stock = tonumber(call('GET', KEYS[2]) or '0')
+  if not stock then return fail('corrupt stock') end
+end
 
-local stock = tonumber(redis.call('GET', KEYS[2]) or '0')
-if stock <= 0 then return { 0, -8 } end
+-- Decide every claim, in order; nothing written yet.
+local minted = {}   -- request field -> index of the claim of this call that minted it
+local wins = {}     -- indexes of the claims that mint, in sequence order
+local k = 0
+for i = 1, n do
+  local u, rid = A[U + i], A[R + i]
+  local f = rid ~= '' and (u .. '|' .. rid) or nil
+  local p = f and prev[f]
+  if p then
+    local c, vf, vt, at, nonce = string.match(p, '^([^|]*)|(%d+)|(%d+)|(%d+)|?([^|]*)$')
+    out[i] = { 2, c, tonumber(vf), tonumber(vt), tonumber(at), nonce or '' }
+  elseif f and minted[f] then
+    out[i] = minted[f] -- resolved to a replay once its coupon id is known (below)
+  elseif closed then
+    out[i] = { 0, closed }
+  elseif deny > 0 and call('SISMEMBER', KEYS[7], u) == 1 then
+    out[i] = { 0, -5 }
+  elseif used[u] >= limit then
+    out[i] = { 0, -6 }
+  elseif daily > 0 and today[u] >= daily then
+    out[i] = { 0, -7 }
+  elseif maxlog > 0 and loglen >= maxlog then
+    out[i] = { 0, -9 }
+  elseif stock <= 0 then
+    out[i] = { 0, -8 }
+  else
+    k = k + 1
+    wins[k] = i
+    used[u] = used[u] + 1
+    if daily > 0 then today[u] = today[u] + 1 end
+    loglen = loglen + 1
+    stock = stock - 1
+    if f then minted[f] = i end
+  end
+end
+if k == 0 then return out end
 
--- every check passed: write
-redis.call('DECR', KEYS[2])
-local seq = redis.call('INCR', KEYS[8]) + (tonumber(m[9] or '0') or 0) * 1000000000000
-local coupon = ARGV[4] .. '.' .. ARGV[5] .. '.' .. string.format('%d', seq)
+-- Write: every check passed for the k winners.
 local vf, vt
 local vdays = tonumber(m[6])
 if vdays > 0 then
@@ -110,14 +196,41 @@ else
   vf = tonumber(m[7])
   vt = tonumber(m[8])
 end
-local sf, st, sn = string.format('%d', vf), string.format('%d', vt), string.format('%d', now)
-redis.call('HINCRBY', KEYS[3], user, 1)
-if daily > 0 then
-  redis.call('HSET', KEYS[4], user, string.format('%d:%d', day, today + 1))
+local sf, st, sn = fmt('%d', vf), fmt('%d', vt), fmt('%d', now)
+call('DECRBY', KEYS[2], k)
+local base = call('INCRBY', KEYS[8], k) - k + (tonumber(m[9] or '0') or 0) * 1000000000000
+local prefix = batch .. '.' .. shard .. '.'
+local counts, days, reqs, seen = {}, {}, {}, {}
+for j = 1, k do
+  local i = wins[j]
+  local u, rid = A[U + i], A[R + i]
+  local coupon = prefix .. fmt('%d', base + j)
+  out[i] = { 1, coupon, vf, vt, now }
+  if not seen[u] then
+    seen[u] = true
+    counts[#counts + 1] = u
+    counts[#counts + 1] = used[u]
+    if daily > 0 then
+      days[#days + 1] = u
+      days[#days + 1] = day .. ':' .. today[u]
+    end
+  end
+  if rid ~= '' then
+    reqs[#reqs + 1] = u .. '|' .. rid
+    reqs[#reqs + 1] = coupon .. '|' .. sf .. '|' .. st .. '|' .. sn .. '|' .. A[N + i]
+  end
+  call('XADD', KEYS[6], '*', 'k', 'claimed', 'c', coupon, 'u', u, 'r', rid,
+    'b', batch, 's', shard, 't', sn, 'vf', sf, 'vt', st)
 end
-if reqf then
-  redis.call('HSET', KEYS[5], reqf, coupon .. '|' .. sf .. '|' .. st .. '|' .. sn .. '|' .. ARGV[6])
+call('HSET', KEYS[3], unpack(counts))
+if daily > 0 then call('HSET', KEYS[4], unpack(days)) end
+if #reqs > 0 then call('HSET', KEYS[5], unpack(reqs)) end
+-- A repeat of a request id minted earlier in this call: the minting claim's coupon.
+for i = 1, n do
+  local w = out[i]
+  if type(w) == 'number' then
+    local c = out[w]
+    out[i] = { 2, c[2], vf, vt, now, A[N + w] }
+  end
 end
-redis.call('XADD', KEYS[6], '*', 'k', 'claimed', 'c', coupon, 'u', user, 'r', rid,
-  'b', ARGV[4], 's', ARGV[5], 't', sn, 'vf', sf, 'vt', st)
-return { 1, coupon, vf, vt, now }
+return out

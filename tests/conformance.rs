@@ -636,19 +636,27 @@ pub mod cases {
         // a malformed script call is refused before the script's first write
         let keys = g.app.catalog().load("bad").await.unwrap().keys.clone();
         let shard = &keys.shards[0];
-        let short = ["u", "r", "0", "bad", "0"];
-        let r = g
-            .backend
-            .eval(
-                claimgate::backend::Script::Claim,
-                &claimgate::contract::claim::keys(shard),
-                &short,
-            )
-            .await;
-        assert!(
-            matches!(r, Err(claimgate::backend::BackendError::Script(_))),
-            "{r:?}"
-        );
+        for bad in [
+            &["u", "r", "0", "bad", "0"][..],
+            // two claims announced, one given
+            &["2", "0", "bad", "0", "0", "u", "r", "n"],
+            // an empty user among good ones
+            &["2", "0", "bad", "0", "0", "u", "", "r1", "r2", "n", "n"],
+            &["1001", "0", "bad", "0", "0"],
+        ] {
+            let r = g
+                .backend
+                .eval(
+                    claimgate::backend::Script::Claim,
+                    &claimgate::contract::claim::keys(shard),
+                    bad,
+                )
+                .await;
+            assert!(
+                matches!(r, Err(claimgate::backend::BackendError::Script(_))),
+                "{bad:?}: {r:?}"
+            );
+        }
         assert_conserved(g, "bad", 0).await;
         assert_eq!(
             claim(app, "bad", "good", None).await.0,
@@ -891,10 +899,131 @@ pub mod cases {
         );
     }
 
+    /// Issue 14 item 1 (group commit): `lua/claim.lua` decides the claims of one call exactly
+    /// as calls of one claim each would, in order. The same random sequence of claims (users
+    /// at their limit and daily limit, denied users, request ids repeated across and within
+    /// calls, no request id, the shard running dry) goes one claim per call to one batch and
+    /// in calls of up to 300 claims to an identical one: every answer and the final counts
+    /// and stock agree.
+    pub async fn group_commit_matches_one_by_one<B: Backend>(g: &Gw<B>) {
+        use claimgate::contract::claim::{self as c, Claim, Outcome, Shared};
+        use claimgate::contract::{probe, winners};
+        use rand::{Rng, SeedableRng};
+        let deny = json!({"deny_users": ["d0", "d1"], "require_tags": [], "new_users_only": false});
+        let mut kinds = HashMap::new();
+        // a daily limit below the limit (it binds first), and no daily limit
+        for (tag, limit, extra) in [
+            (
+                "d",
+                3,
+                json!({"shards": 1, "per_user_daily_limit": 2, "eligibility": deny}),
+            ),
+            ("l", 2, json!({"shards": 1, "eligibility": deny})),
+        ] {
+            let (id_one, id_many) = (format!("gone{tag}"), format!("gmany{tag}"));
+            for id in [&id_one, &id_many] {
+                create(g, id, 240, limit, extra.clone()).await;
+            }
+            let slot = |id: String| async move {
+                g.app.catalog().load(&id).await.unwrap().keys.shards[0].clone()
+            };
+            let (one, many) = (slot(id_one).await, slot(id_many).await);
+            let backend = g.backend.as_ref();
+            let mut rng = rand::rngs::StdRng::seed_from_u64(14 + limit as u64);
+            let mut claims: Vec<(String, String, String)> = Vec::new();
+            for i in 0..900 {
+                let user = match rng.random_range(0..100) {
+                    0..3 => format!("d{}", rng.random_range(0..2)),
+                    _ => format!("u{}", rng.random_range(0..200)),
+                };
+                let rid = match rng.random_range(0..10) {
+                    // a repeat of an earlier claim's (user, request id): a replay or a retry
+                    0..3 if !claims.is_empty() => {
+                        let (u, r, _) = claims[rng.random_range(0..claims.len())].clone();
+                        claims.push((u, r, format!("n{i}")));
+                        continue;
+                    }
+                    3 => String::new(),
+                    _ => format!("r{i}"),
+                };
+                claims.push((user, rid, format!("n{i}")));
+            }
+            let shared = Shared {
+                max_log: "0",
+                day_offset: "0",
+            };
+            fn as_claim((u, r, n): &(String, String, String)) -> Claim<'_> {
+                Claim {
+                    user: u,
+                    request_id: r,
+                    nonce: n,
+                }
+            }
+            let mut by_one = Vec::new();
+            for cl in &claims {
+                let got = c::call_many(backend, &one, &shared, &[as_claim(cl)]).await;
+                by_one.push(got.unwrap().pop().unwrap());
+            }
+            let mut by_many = Vec::new();
+            let mut rest = &claims[..];
+            while !rest.is_empty() {
+                let n = [1, 2, 17, 64, 300][rng.random_range(0..5)].min(rest.len());
+                let group: Vec<Claim> = rest[..n].iter().map(as_claim).collect();
+                by_many.extend(c::call_many(backend, &many, &shared, &group).await.unwrap());
+                rest = &rest[n..];
+            }
+            // the same answers, ids compared by their sequence (the batch ids differ)
+            let norm = |o: &Outcome| match o {
+                Outcome::Claimed(x) => {
+                    format!("claimed {}", x.coupon_id.rsplit('.').next().unwrap())
+                }
+                Outcome::Replayed(x) => format!(
+                    "replayed {} by {}",
+                    x.coupon_id.rsplit('.').next().unwrap(),
+                    x.minted_by
+                ),
+                other => format!("{other:?}"),
+            };
+            for (i, (a, b)) in by_one.iter().zip(&by_many).enumerate() {
+                assert_eq!(norm(a), norm(b), "claim {i} {:?}", claims[i]);
+                *kinds
+                    .entry(norm(a).split(' ').next().unwrap().to_string())
+                    .or_insert(0) += 1;
+            }
+            let mut w1 = winners::call(backend, &one).await.unwrap();
+            let mut w2 = winners::call(backend, &many).await.unwrap();
+            w1.sort();
+            w2.sort();
+            assert_eq!(w1, w2, "per-user counts");
+            let (p1, p2) = (
+                probe::call(backend, &one).await.unwrap(),
+                probe::call(backend, &many).await.unwrap(),
+            );
+            assert_eq!(
+                (p1.stock, p1.claimed, p1.log_len),
+                (p2.stock, p2.claimed, p2.log_len)
+            );
+        }
+        // the sequences covered every path
+        for k in [
+            "claimed",
+            "replayed",
+            "LimitReached",
+            "DailyLimitReached",
+            "Denied",
+            "ShardEmpty",
+        ] {
+            assert!(
+                kinds.get(k).copied().unwrap_or(0) > 0,
+                "{k} never happened: {kinds:?}"
+            );
+        }
+    }
+
     /// Issue 11 item 3: `lua/claim.lua` counts the daily limit's days as floor((TIME + offset)
     /// / DAY), with the offset the gateway passes (ARGV 7), against the backend's own clock
-    /// (no sleep: two offsets half a day apart put the same instant on two local days). A call
-    /// without the argument (a gateway of the previous release) counts UTC days, as before.
+    /// (no sleep: two offsets half a day apart put the same instant on two local days). Two
+    /// claims of one user in one call (group commit) count on the same day.
     pub async fn daily_days_follow_the_offset<B: Backend>(g: &Gw<B>) {
         use claimgate::contract::claim::{self as c, Args, Outcome};
         const DAY: i64 = 86_400_000;
@@ -953,39 +1082,27 @@ pub mod cases {
                 "{bad}: {e:?}"
             );
         }
-        // six arguments: the UTC day, as before ARGV 7 existed
-        let args = Args {
-            user: "z",
-            request_id: "1",
+        // two claims of one user in ONE call (group commit): the second sees the first's
+        // day count
+        let shared = c::Shared {
             max_log: "0",
-            nonce: "n",
             day_offset: "0",
         };
-        let argv = c::argv(slot, &args);
-        let six = |rid: &'static str| {
-            let mut a = argv;
-            a[1] = rid;
-            a
-        };
-        let reply = backend
-            .eval(
-                claimgate::backend::Script::Claim,
-                &c::keys(slot),
-                &six("1")[..6],
-            )
-            .await;
-        assert!(claimed(&c::decode(reply.unwrap()).unwrap()));
-        let reply = backend
-            .eval(
-                claimgate::backend::Script::Claim,
-                &c::keys(slot),
-                &six("2")[..6],
-            )
-            .await;
-        assert_eq!(
-            c::decode(reply.unwrap()).unwrap(),
-            Outcome::DailyLimitReached
-        );
+        let both = [
+            c::Claim {
+                user: "z",
+                request_id: "1",
+                nonce: "n",
+            },
+            c::Claim {
+                user: "z",
+                request_id: "2",
+                nonce: "n",
+            },
+        ];
+        let got = c::call_many(backend, slot, &shared, &both).await.unwrap();
+        assert!(claimed(&got[0]), "{got:?}");
+        assert_eq!(got[1], Outcome::DailyLimitReached);
         let day_utc = now.div_euclid(DAY);
         let (s, v) = call(&g.app, "GET", "/v1/batches/dayoff", "").await;
         assert_eq!(
@@ -1040,7 +1157,8 @@ on_both_backends!(
     transfer_to_a_missing_slot,
     batch_ack,
     budget_under_concurrency,
-    daily_days_follow_the_offset
+    daily_days_follow_the_offset,
+    group_commit_matches_one_by_one
 );
 
 /// Random operation sequences give identical answers on both backends.

@@ -115,6 +115,8 @@ fn closed_label_sets() -> LabelSets {
         m(vec![("script", set(&scripts))]),
     );
     s.insert("claimgate_backend_script_reloads_total", m(vec![]));
+    s.insert("claimgate_claim_calls_total", m(vec![]));
+    s.insert("claimgate_claim_call_claims_total", m(vec![]));
     s.insert(
         "claimgate_stock_transfers_total",
         m(vec![
@@ -128,7 +130,7 @@ fn closed_label_sets() -> LabelSets {
     );
     s.insert(
         "claimgate_shed_total",
-        m(vec![("reason", set(&["inflight", "backlog"]))]),
+        m(vec![("reason", set(&["inflight", "backlog", "queue"]))]),
     );
     s.insert(
         "claimgate_replica_confirmations_total",

@@ -143,10 +143,14 @@ async fn claim<B: Backend>(
         .eval(
             Script::Claim,
             &claimgate::contract::claim::keys(sk),
-            &[user, rid, "0", &b.id, &shard_s, "test"],
+            &["1", "0", &b.id, &shard_s, "0", user, rid, "test"],
         )
         .await?;
-    let parts = reply.into_array().expect("claim reply is an array");
+    let parts = reply
+        .into_array()
+        .and_then(|mut a| a.pop())
+        .and_then(|a| a.into_array())
+        .expect("claim reply is an array of one answer");
     let code = parts[0].as_int().unwrap();
     Ok(match code {
         1 => Claim::New(parts[1].as_str().unwrap().to_string()),

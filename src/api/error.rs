@@ -211,6 +211,7 @@ impl From<StockError> for ApiError {
         match e {
             StockError::NotFound => ApiError::BatchNotFound,
             StockError::Conflict => ApiError::BatchExists,
+            StockError::Shed => ApiError::Overloaded(e.to_string()),
             StockError::Backend(b) => b.into(),
             other => ApiError::Internal(other.to_string()),
         }

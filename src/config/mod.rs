@@ -32,9 +32,9 @@ pub use self::events::{EventsConfig, LEDGER_MAX_PAGE};
 pub use self::secret::Secret;
 use self::secret::{REDACTED, url_passwords};
 pub use self::sections::{
-    AuthConfig, BatchesConfig, CacheConfig, LimitsConfig, LogConfig, MetricsConfig,
-    PersisterConfig, RateLimit, RepairConfig, ServerConfig, StockConfig, WalletConfig,
-    check_log_level,
+    AuthConfig, BatchesConfig, CacheConfig, LimitsConfig, LogConfig, MAX_GROUP_CLAIMS,
+    MetricsConfig, PersisterConfig, RateLimit, RepairConfig, ServerConfig, StockConfig,
+    WalletConfig, check_log_level,
 };
 pub use self::stores::{Ack, DEFAULT_AOF_PATH, DatabaseConfig, EmbeddedConfig, Fsync, RedisConfig};
 
@@ -405,7 +405,7 @@ impl Config {
         // Every bound a module relies on is checked here, naming the key: no module clamps
         // a configured value on its own (`x.max(1)`), so what is configured is what runs.
         const HOUR_MS: u64 = 3_600_000;
-        let ranges: [(&'static str, u64, u64, u64); 42] = [
+        let ranges: [(&'static str, u64, u64, u64); 45] = [
             (
                 "server.max_body_bytes",
                 self.server.max_body_bytes as u64,
@@ -598,6 +598,19 @@ impl Config {
                 10,
                 HOUR_MS,
             ),
+            (
+                "stock.group_max_claims",
+                self.stock.group_max_claims as u64,
+                1,
+                MAX_GROUP_CLAIMS as u64,
+            ),
+            (
+                "stock.group_max_queue",
+                self.stock.group_max_queue as u64,
+                1,
+                1_000_000,
+            ),
+            ("stock.group_wait_ms", self.stock.group_wait_ms, 1, 600_000),
             ("cache.refresh_ms", self.cache.refresh_ms, 10, HOUR_MS),
             (
                 "limits.max_tracked_keys",
@@ -1289,6 +1302,10 @@ mod tests {
     fn values_once_clamped_are_rejected_naming_the_key() {
         for (set, key) in [
             ("stock.refill_divisor=0", "stock.refill_divisor"),
+            ("stock.group_max_claims=0", "stock.group_max_claims"),
+            ("stock.group_max_claims=1001", "stock.group_max_claims"),
+            ("stock.group_max_queue=0", "stock.group_max_queue"),
+            ("stock.group_wait_ms=0", "stock.group_wait_ms"),
             (
                 "stock.transfer_marker_ttl_s=0",
                 "stock.transfer_marker_ttl_s",

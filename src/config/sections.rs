@@ -277,6 +277,10 @@ pub fn check_log_level(filter: &str) -> Result<(), String> {
         .map_err(|e| format!("`{filter}`: {e}"))
 }
 
+/// Most claims one call of `lua/claim.lua` may carry (the script refuses more):
+/// `stock.group_max_claims` is at most this.
+pub const MAX_GROUP_CLAIMS: usize = 1000;
+
 /// `[stock]` section of the config.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -295,6 +299,14 @@ pub struct StockConfig {
     pub sweep_min_age_ms: u64,
     /// How often the sweeper runs.
     pub sweep_interval_ms: u64,
+    /// Group commit (`src/stock/group.rs`): most claims one claim call carries (1..=1000;
+    /// 1 turns grouping off).
+    pub group_max_claims: usize,
+    /// Most claims queued for one shard while its call is in flight; past it claims are
+    /// shed (503 `overloaded`, nothing claimed).
+    pub group_max_queue: usize,
+    /// Longest a queued claim waits for its answer (then 503; its request id replays it).
+    pub group_wait_ms: u64,
 }
 
 impl Default for StockConfig {
@@ -306,6 +318,9 @@ impl Default for StockConfig {
             transfer_marker_ttl_s: 7 * 86_400,
             sweep_min_age_ms: 2_000,
             sweep_interval_ms: 1_000,
+            group_max_claims: 64,
+            group_max_queue: 4096,
+            group_wait_ms: 5_000,
         }
     }
 }

@@ -46,7 +46,8 @@ pub enum Outcome {
     BacklogFull,
 }
 
-/// ARGV of one claim besides the batch and shard (which come with the slot's keys).
+/// ARGV of one claim besides the batch and shard (which come with the slot's keys): one
+/// [`Claim`] with its call's [`Shared`] values.
 #[derive(Debug, Clone, Copy)]
 pub struct Args<'a> {
     pub user: &'a str,
@@ -60,6 +61,45 @@ pub struct Args<'a> {
     /// `floor((now + offset) / DAY_MS)` (`domain::time::Zone::offset_ms_at`).
     pub day_offset: &'a str,
 }
+
+impl<'a> Args<'a> {
+    fn split(&self) -> (Shared<'a>, Claim<'a>) {
+        (
+            Shared {
+                max_log: self.max_log,
+                day_offset: self.day_offset,
+            },
+            Claim {
+                user: self.user,
+                request_id: self.request_id,
+                nonce: self.nonce,
+            },
+        )
+    }
+}
+
+/// One claim of a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Claim<'a> {
+    pub user: &'a str,
+    /// The client's request id, or an internal one; `''` = none.
+    pub request_id: &'a str,
+    /// The claim's HTTP request nonce: recorded with the request id, returned on replay.
+    pub nonce: &'a str,
+}
+
+/// What every claim of one call shares: the script takes them once per call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shared<'a> {
+    /// `persister.max_backlog_per_shard`, formatted (0 = unbounded).
+    pub max_log: &'a str,
+    /// The batch's UTC offset now in ms, formatted (`"0"`: UTC): the script's day is
+    /// `floor((now + offset) / DAY_MS)` (`domain::time::Zone::offset_ms_at`).
+    pub day_offset: &'a str,
+}
+
+/// Most claims in one call (the script refuses more).
+pub const MAX_CLAIMS_PER_CALL: usize = crate::config::MAX_GROUP_CLAIMS;
 
 /// KEYS, in the script's order.
 pub fn keys(slot: &SlotKeys) -> [&str; 8] {
@@ -75,31 +115,69 @@ pub fn keys(slot: &SlotKeys) -> [&str; 8] {
     ]
 }
 
-/// ARGV, in the script's order.
-pub fn argv<'a>(slot: &'a SlotKeys, a: &Args<'a>) -> [&'a str; 7] {
-    [
-        a.user,
-        a.request_id,
-        a.max_log,
+/// ARGV, in the script's order: `n` (the number of claims, formatted), the shared values,
+/// then users, request ids and nonces column by column.
+pub fn argv<'a>(
+    slot: &'a SlotKeys,
+    n: &'a str,
+    shared: &Shared<'a>,
+    claims: &[Claim<'a>],
+) -> Vec<&'a str> {
+    let mut v = Vec::with_capacity(5 + 3 * claims.len());
+    v.extend([
+        n,
+        shared.max_log,
         &slot.batch,
         &slot.label,
-        a.nonce,
-        a.day_offset,
-    ]
+        shared.day_offset,
+    ]);
+    v.extend(claims.iter().map(|c| c.user));
+    v.extend(claims.iter().map(|c| c.request_id));
+    v.extend(claims.iter().map(|c| c.nonce));
+    v
 }
 
-/// Runs the script on `slot` (a shard).
+/// Runs the script on `slot` (a shard) for one claim.
 pub async fn call<B: Backend>(
     backend: &B,
     slot: &SlotKeys,
     args: &Args<'_>,
 ) -> Result<Outcome, BackendError> {
-    decode(backend.eval(SCRIPT, &keys(slot), &argv(slot, args)).await?)
+    let (shared, claim) = args.split();
+    let mut out = call_many(backend, slot, &shared, &[claim]).await?;
+    out.pop().ok_or_else(|| protocol(SCRIPT, "no answer"))
 }
 
-/// The one decoder of `claim.lua`'s reply.
-pub fn decode(reply: Value) -> Result<Outcome, BackendError> {
+/// Runs the script on `slot` for `claims` in ONE call (1 ..= [`MAX_CLAIMS_PER_CALL`]),
+/// decided in order: one [`Outcome`] per claim, in the same order.
+pub async fn call_many<B: Backend>(
+    backend: &B,
+    slot: &SlotKeys,
+    shared: &Shared<'_>,
+    claims: &[Claim<'_>],
+) -> Result<Vec<Outcome>, BackendError> {
+    let n = claims.len().to_string();
+    let reply = backend
+        .eval(SCRIPT, &keys(slot), &argv(slot, &n, shared, claims))
+        .await?;
+    decode(reply, claims.len())
+}
+
+/// The one decoder of `claim.lua`'s reply: `n` answers, one per claim of the call.
+pub fn decode(reply: Value, n: usize) -> Result<Vec<Outcome>, BackendError> {
     let items = reply::array(SCRIPT, reply)?;
+    if items.len() != n {
+        return Err(protocol(
+            SCRIPT,
+            format!("{} answers to {n} claims", items.len()),
+        ));
+    }
+    items.into_iter().map(decode_answer).collect()
+}
+
+/// One claim's answer.
+fn decode_answer(answer: Value) -> Result<Outcome, BackendError> {
+    let items = reply::array(SCRIPT, answer)?;
     let code = items
         .first()
         .ok_or_else(|| protocol(SCRIPT, "empty"))
@@ -187,6 +265,11 @@ mod tests {
         Value::Array(v)
     }
 
+    /// The reply of a call of one claim answered `answer`.
+    fn one(answer: Value) -> Result<Outcome, BackendError> {
+        decode(arr(vec![answer]), 1).map(|mut v| v.pop().unwrap())
+    }
+
     #[test]
     fn decodes_every_shape() {
         let ok = arr(vec![
@@ -196,7 +279,7 @@ mod tests {
             Value::Int(20),
             Value::Int(5),
         ]);
-        let c = match decode(ok).unwrap() {
+        let c = match one(ok.clone()).unwrap() {
             Outcome::Claimed(c) => c,
             o => panic!("{o:?}"),
         };
@@ -209,7 +292,7 @@ mod tests {
             Value::Int(5),
             bulk("n1"),
         ]);
-        match decode(replay).unwrap() {
+        match one(replay.clone()).unwrap() {
             Outcome::Replayed(c) => assert_eq!(c.minted_by, "n1"),
             o => panic!("{o:?}"),
         }
@@ -224,7 +307,7 @@ mod tests {
             (-8, Outcome::ShardEmpty),
             (-9, Outcome::BacklogFull),
         ] {
-            let got = decode(arr(vec![Value::Int(0), Value::Int(code)])).unwrap();
+            let got = one(arr(vec![Value::Int(0), Value::Int(code)])).unwrap();
             assert_eq!(got, want);
         }
     }
@@ -263,8 +346,58 @@ mod tests {
                 bulk("n"),
             ]),
         ] {
-            assert!(decode(bad.clone()).is_err(), "{bad:?}");
+            assert!(one(bad.clone()).is_err(), "{bad:?}");
         }
+        // a reply that is not an array of answers, or has another number of them
+        for (bad, n) in [
+            (Value::Nil, 1),
+            (arr(vec![]), 1),
+            (arr(vec![arr(vec![Value::Int(0), Value::Int(-8)])]), 2),
+        ] {
+            assert!(decode(bad.clone(), n).is_err(), "{bad:?} for {n}");
+        }
+    }
+
+    #[test]
+    fn decodes_a_call_of_many_claims_in_order() {
+        let refused = arr(vec![Value::Int(0), Value::Int(-6)]);
+        let claimed = arr(vec![
+            Value::Int(1),
+            bulk("b.1.8"),
+            Value::Int(10),
+            Value::Int(20),
+            Value::Int(5),
+        ]);
+        let got = decode(arr(vec![claimed, refused]), 2).unwrap();
+        assert!(matches!(&got[0], Outcome::Claimed(c) if c.coupon_id == "b.1.8"));
+        assert_eq!(got[1], Outcome::LimitReached);
+    }
+
+    #[test]
+    fn argv_is_column_by_column() {
+        let slot = SlotKeys::new("b", Some(3));
+        let shared = Shared {
+            max_log: "9",
+            day_offset: "-3600000",
+        };
+        let claims = [
+            Claim {
+                user: "u1",
+                request_id: "r1",
+                nonce: "n1",
+            },
+            Claim {
+                user: "u2",
+                request_id: "",
+                nonce: "n2",
+            },
+        ];
+        assert_eq!(
+            argv(&slot, "2", &shared, &claims),
+            [
+                "2", "9", "b", "3", "-3600000", "u1", "u2", "r1", "", "n1", "n2"
+            ]
+        );
     }
 
     #[test]

@@ -122,7 +122,7 @@ mod tests {
     fn the_script_writes_these_fields() {
         let src = crate::backend::Script::Claim.source();
         let xadd = src
-            .split("redis.call('XADD'")
+            .split("call('XADD'")
             .nth(1)
             .and_then(|rest| rest.split(')').next())
             .expect("claim.lua appends its record with XADD");

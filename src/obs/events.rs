@@ -205,7 +205,8 @@ impl RateLimited {
 static SHED_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(1));
 
 /// A claim shed, nothing claimed (`reason`: `inflight` = no backend slot in time,
-/// `backlog` = the shard's claim log at `persister.max_backlog_per_shard`). Logged at `warn`,
+/// `backlog` = the shard's claim log at `persister.max_backlog_per_shard`, `queue` = the
+/// shard's group-commit queue at `stock.group_max_queue`). Logged at `warn`,
 /// at most once a second.
 pub struct Shed {
     pub reason: &'static str,
@@ -221,6 +222,18 @@ impl Shed {
                 "shedding claims: nothing claimed, answered 503"
             );
         }
+    }
+}
+
+/// One claim call made (group commit, `stock/group.rs`) carrying `claims` claims. Counted
+/// only: calls are the claim path's hottest event; the claims' own answers are logged.
+pub struct ClaimCallMade {
+    pub claims: usize,
+}
+
+impl ClaimCallMade {
+    pub fn emit(self) {
+        m::claim_call(self.claims as u64);
     }
 }
 

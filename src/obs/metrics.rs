@@ -53,7 +53,11 @@ pub const BACKEND_RELOADS: &str = "claimgate_backend_script_reloads_total";
 pub const TRANSFERS: &str = "claimgate_stock_transfers_total";
 /// Requests refused by a local rate limit, by `limit` (global, user, ip).
 pub const RATE_LIMITED: &str = "claimgate_rate_limited_total";
-/// Requests shed by admission control, by `reason` (inflight, backlog). At
+/// Claim script calls (group commit: one call carries the claims queued for its shard).
+pub const CLAIM_CALLS: &str = "claimgate_claim_calls_total";
+/// Claims carried by those calls; `rate(claims) / rate(calls)` is the mean group size.
+pub const CLAIM_CALL_CLAIMS: &str = "claimgate_claim_call_claims_total";
+/// Requests shed by admission control, by `reason` (inflight, backlog, queue). At
 /// `server.max_connections` the server stops accepting instead (the kernel queues).
 pub const SHED: &str = "claimgate_shed_total";
 /// Local hot-key cache answers, by `kind` (sold_out, user_limit, not_started, ended, paused,
@@ -255,7 +259,7 @@ pub const ROUTE_STATUSES: &[(&str, &[&str])] = &[
 /// `limit` labels of [`RATE_LIMITED`] (`domain::limits`).
 pub const RATE_LIMITS: &[&str] = &["global", "user", "ip"];
 /// `reason` labels of [`SHED`].
-pub const SHED_REASONS: &[&str] = &["inflight", "backlog"];
+pub const SHED_REASONS: &[&str] = &["inflight", "backlog", "queue"];
 /// `stage` labels of [`PERSIST_ERRORS`] (`persist::worker`, `persist::prober`).
 pub const PERSIST_STAGES: &[&str] = &["refresh", "probe", "read", "parse", "write", "ack"];
 /// `state` labels of [`PERSIST_SHARDS`].
@@ -315,6 +319,8 @@ struct Hot {
     cache: HashMap<&'static str, Counter>,
     backend_calls: HashMap<(&'static str, &'static str), Counter>,
     backend_seconds: HashMap<&'static str, Histogram>,
+    claim_calls: Counter,
+    claim_call_claims: Counter,
 }
 
 static HOT: LazyLock<Hot> = LazyLock::new(|| {
@@ -325,6 +331,8 @@ static HOT: LazyLock<Hot> = LazyLock::new(|| {
             .map(|o| (*o, metrics::counter!(CLAIMS, "outcome" => *o)))
             .collect(),
         claim_seconds: metrics::histogram!(CLAIM_SECONDS),
+        claim_calls: metrics::counter!(CLAIM_CALLS),
+        claim_call_claims: metrics::counter!(CLAIM_CALL_CLAIMS),
         stages: STAGES
             .iter()
             .map(|s| (*s, metrics::histogram!(STAGE_SECONDS, "stage" => *s)))
@@ -389,6 +397,12 @@ pub(super) fn claim_answered(outcome: &'static str, seconds: f64) {
         None => metrics::counter!(CLAIMS, "outcome" => outcome).increment(1),
     }
     HOT.claim_seconds.record(seconds);
+}
+
+/// One group-committed claim call carrying `claims` claims.
+pub(super) fn claim_call(claims: u64) {
+    HOT.claim_calls.increment(1);
+    HOT.claim_call_claims.increment(claims);
 }
 
 /// Time spent in one stage of the claim path.
@@ -469,6 +483,11 @@ fn describe() {
     describe_counter!(TRANSFERS, "Stock transfers by kind and result.");
     describe_counter!(RATE_LIMITED, "Requests refused by a local rate limit.");
     describe_counter!(SHED, "Requests shed by admission control.");
+    describe_counter!(CLAIM_CALLS, "Claim script calls (group commit).");
+    describe_counter!(
+        CLAIM_CALL_CLAIMS,
+        "Claims carried by claim script calls (their ratio to the calls is the group size)."
+    );
     describe_counter!(CACHE, "Local hot-key cache answers by kind.");
     describe_gauge!(INFLIGHT, "Backend calls in flight.");
     describe_gauge!(CONNECTIONS, "Open client connections.");

@@ -20,6 +20,7 @@ use crate::contract::{meta_get, replay, restore, winners};
 use crate::domain::ids::{Sighting, claim_tag, parse_coupon_id, seq_epoch, seq_position};
 
 use super::census::probe_all;
+use super::gate::Refilled;
 use super::{FaultKind, Stock, StockError, TransferKind};
 
 /// One claim's arguments besides the batch and home shard.
@@ -40,6 +41,10 @@ pub struct ClaimArgs<'a> {
     /// script counts the daily limit's days in the batch's zone.
     pub day_offset_ms: i64,
 }
+
+/// Claim attempts allowed per counted refill round (`stock.max_refill_rounds`): retries
+/// after another claim's refill moved stock that others then took first.
+const REFILL_RETRIES_PER_ROUND: u32 = 4;
 
 /// The final answer of a claim after any refills.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,15 +72,25 @@ impl<B: Backend> Stock<B> {
     ) -> Result<ClaimResult, StockError> {
         let slot = keys.shards.get(home as usize).ok_or(StockError::NotFound)?;
         let day_offset = a.day_offset_ms.to_string();
-        let args = claim::Args {
-            user: a.user,
-            request_id: a.request_id,
+        let shared = claim::Shared {
             max_log: a.max_log,
-            nonce: a.nonce,
             day_offset: &day_offset,
         };
-        for _round in 0..=self.cfg.max_refill_rounds {
-            let outcome = claim::call(self.backend.as_ref(), slot, &args).await?;
+        let one = claim::Claim {
+            user: a.user,
+            request_id: a.request_id,
+            nonce: a.nonce,
+        };
+        // Rounds that refilled or scanned themselves count against `max_refill_rounds`; a
+        // retry after another claim's refill is free, up to a bound of its own.
+        let mut rounds = 0;
+        for _attempt in 0..=REFILL_RETRIES_PER_ROUND * self.cfg.max_refill_rounds {
+            if rounds > self.cfg.max_refill_rounds {
+                break;
+            }
+            let seen = self.gates.generation(&slot.meta);
+            // Group-committed: in one call with the other claims queued for this shard.
+            let outcome = self.group.claim(slot, shared, one).await?;
             let fresh = matches!(outcome, Outcome::Claimed(_));
             match outcome {
                 Outcome::ShardEmpty => {}
@@ -98,8 +113,20 @@ impl<B: Backend> Stock<B> {
                         .await;
                 }
             }
-            if self.refill(keys, home, a.total).await? > 0 {
-                continue;
+            // One refill for every claim that found the shard empty, sized for them all.
+            let refilled = self
+                .gates
+                .refill(&slot.meta, seen, |want| {
+                    self.refill_at_least(keys, home, a.total, want)
+                })
+                .await?;
+            match refilled {
+                Refilled::Moved => {
+                    rounds += 1;
+                    continue;
+                }
+                Refilled::MovedByOther => continue,
+                Refilled::Nothing => rounds += 1,
             }
             if self.sold_out_scan(keys).await? {
                 return self
@@ -250,9 +277,20 @@ impl<B: Backend> Stock<B> {
     /// of what each holds). `total` (the batch's stock, as the caller knows it) only sizes
     /// the chunk. Returns the amount moved.
     pub async fn refill(&self, keys: &BatchKeys, home: u32, total: i64) -> Result<i64, StockError> {
+        self.refill_at_least(keys, home, total, 1).await
+    }
+
+    /// [`Stock::refill`] with a chunk of at least `want` (the claims waiting for it).
+    async fn refill_at_least(
+        &self,
+        keys: &BatchKeys,
+        home: u32,
+        total: i64,
+        want: i64,
+    ) -> Result<i64, StockError> {
         let dst = &keys.shards[home as usize];
         let n = keys.shards.len() as i64;
-        let chunk = (total / (n * i64::from(self.cfg.refill_divisor))).max(1);
+        let chunk = (total / (n * i64::from(self.cfg.refill_divisor))).max(want.max(1));
         let moved = self
             .transfer(&keys.pool, dst, chunk, false, TransferKind::Refill)
             .await?;
@@ -300,7 +338,7 @@ fn all_empty(probes: &[Probe]) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::sync::Arc;
 
     use super::*;
@@ -309,10 +347,20 @@ mod tests {
     use crate::domain::batch::NewBatch;
 
     async fn one_shard_batch() -> (Stock<EmbeddedBackend>, BatchKeys) {
+        one_shard_batch_of("rb", 100, 1).await
+    }
+
+    /// A batch `id` of `stock` coupons (half in its one shard), per-user limit `limit`, on
+    /// an in-memory embedded backend.
+    pub(in crate::stock) async fn one_shard_batch_of(
+        id: &str,
+        stock_n: i64,
+        limit: i64,
+    ) -> (Stock<EmbeddedBackend>, BatchKeys) {
         let backend = EmbeddedBackend::open(&EmbeddedConfig::in_memory()).unwrap();
         let stock = Stock::new(Arc::new(backend), StockConfig::default());
         let batch: NewBatch = serde_json::from_value(serde_json::json!({
-            "id": "rb", "name": "rollback", "stock": 100, "per_user_limit": 1,
+            "id": id, "name": "test", "stock": stock_n, "per_user_limit": limit,
             "claim_window": {"start": "2020-01-01T00:00:00Z", "end": "2100-01-01T00:00:00Z"},
             "validity": {"days_after_claim": 7}, "discount": {"kind": "fixed", "amount": 1},
             "scope": {"kind": "all"}, "shards": 1

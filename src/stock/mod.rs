@@ -21,6 +21,8 @@ pub mod census;
 pub mod claim;
 pub mod definition;
 pub mod faults;
+pub mod gate;
+pub mod group;
 pub mod transfer;
 
 use std::sync::Arc;
@@ -38,6 +40,7 @@ pub use self::activity::ClaimActivity;
 pub use self::census::Conservation;
 pub use self::claim::{ClaimArgs, ClaimResult};
 pub use self::faults::{FaultKind, FaultReporter, ShardFault};
+pub use self::group::GroupCommit;
 pub use self::transfer::TransferKind;
 
 #[derive(Debug, Error)]
@@ -52,6 +55,9 @@ pub enum StockError {
     /// batch does not have, or a change would shrink the total).
     #[error("inconsistent batch state: {0}")]
     Inconsistent(String),
+    /// The shard's group-commit queue is at `stock.group_max_queue`: nothing claimed.
+    #[error("too many claims queued for one shard; nothing was claimed")]
+    Shed,
 }
 
 /// The stock of every batch, on one backend.
@@ -64,12 +70,24 @@ pub struct Stock<B> {
     faults: FaultReporter,
     /// Where a minted claim is hinted to this instance's persister, see [`activity`].
     activity: ClaimActivity,
+    /// Claim calls, group-committed per shard, see [`group`].
+    group: GroupCommit<B>,
+    /// One refill at a time per shard for the claims that found it empty, see [`gate`].
+    gates: gate::Gates,
 }
 
 impl<B: Backend> Stock<B> {
     pub fn new(backend: Arc<B>, cfg: StockConfig) -> Stock<B> {
         let instance = format!("{:08x}", rand::random::<u32>());
+        let group = GroupCommit::new(
+            Arc::clone(&backend),
+            cfg.group_max_claims,
+            cfg.group_max_queue,
+            std::time::Duration::from_millis(cfg.group_wait_ms),
+        );
         Stock {
+            group,
+            gates: gate::Gates::new(std::time::Duration::from_millis(cfg.group_wait_ms)),
             backend,
             cfg,
             transfer_seq: AtomicU64::new(0),
@@ -101,6 +119,11 @@ impl<B: Backend> Stock<B> {
 
     pub fn config(&self) -> &StockConfig {
         &self.cfg
+    }
+
+    /// The group committer of claim calls (its [`group::Stats`]).
+    pub fn group(&self) -> &GroupCommit<B> {
+        &self.group
     }
 
     /// The metadata of one slot (empty when the slot does not exist).

@@ -98,6 +98,8 @@ async fn redis_gw_at(
         format!("redis.url=\"{url}\""),
         format!("redis.cluster={cluster}"),
         format!("redis.command_timeout_ms={TEST_COMMAND_TIMEOUT_MS}"),
+        // queued claims wait as long as a script call may take here
+        format!("stock.group_wait_ms={TEST_COMMAND_TIMEOUT_MS}"),
     ];
     o.extend_from_slice(extra);
     let cfg = Arc::new(config(&o));

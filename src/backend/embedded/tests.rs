@@ -1103,13 +1103,26 @@ async fn claim_log(b: &impl Backend, s: &Shard, user: &str, rid: &str, maxlog: &
         .nth(1)
         .unwrap()
         .to_string();
+    // one claim per call: n = 1, then user, request id and nonce
     b.eval(
         Script::Claim,
         &refs(&s.claim_keys()),
-        &[user, rid, maxlog, "b1", &shard, &format!("n-{rid}")],
+        &[
+            "1",
+            maxlog,
+            "b1",
+            &shard,
+            "0",
+            user,
+            rid,
+            &format!("n-{rid}"),
+        ],
     )
     .await
     .unwrap()
+    .into_array()
+    .unwrap()
+    .remove(0)
     .into_array()
     .unwrap()
 }
