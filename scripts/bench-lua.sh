@@ -2,13 +2,17 @@
 # Redis cost of the claim scripts alone (no gateway): CPU per claim and memory per claim.
 #
 #   scripts/bench-lua.sh                       # full run (~20 min), markdown on stdout
+#   scripts/bench-lua.sh --conns 256,50 --pipelines 16   # -P 16 only (~9 min)
 #   scripts/bench-lua.sh --seconds 2 --repeats 1 --conns 256 --pipelines 16   # a quick look
 #   scripts/bench-lua.sh --help                # every option
 #
 # Starts its own redis-server (free port, no persistence; killed by its PID at the end) and
 # runs redis-benchmark (closed loop) at 256 and 50 connections, -P 1 and -P 16, on: PING, a
-# `return 1` script, lua/claim.lua (one claim per call) and lua/claim_batch.lua with 1, 8 and
-# 32 claims per call (plus, at 256 connections -P 16: 64 per call, nonce '', no request id).
+# `return 1` script, lua/claim.lua (the group-commit script: n claims of one shard per call)
+# with 1, 8, 32 and 64 claims per call, lua/claim_batch.lua (the prototype, for comparison)
+# with the same sizes, and the one-claim claim.lua of an earlier commit (git show; the
+# baseline) (plus, at 256 connections -P 16: claim.lua x64 without request ids, claim.lua x1
+# with a day offset).
 # Argument variety: redis-benchmark 7.0 draws a new number for EVERY __rand_int__ of a
 # command (and of each pipelined copy); the driver checks that before measuring. Each claim
 # of a call thus has its own user, request id and nonce.

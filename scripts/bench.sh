@@ -109,15 +109,16 @@ K="cg:{rb:0}"
 $R --eval lua/setup.lua "$K:meta" "$K:stock" "$K:deny" "$K:xseq" , 1000000000 11 \
   fp bench state active start 0 end 9999999999999 limit 1000000 daily 0 vdays 7 vfrom 0 vto 0 shards 1 ver 1 >/dev/null
 CLAIM_KEYS="8 $K:meta $K:stock $K:users $K:daily $K:req $K:log $K:deny $K:claimed"
+# ARGV: n=1 claim, max log 0, batch rb, shard 0, day offset 0, then user, request id, nonce
 rb() { # rb PIPELINE -> requests/s
   local n=$(( ${1} == 1 ? 40000 * SECS / 10 * 10 : 150000 * SECS / 10 * 10 ))
   redis-benchmark -p "$RPORT" -c "$CONNS" -n "$n" -P "$1" -r 100000000 --csv \
-    EVALSHA "$SHA" $CLAIM_KEYS u__rand_int__ r__rand_int__ 0 rb 0 n | tail -n1 | cut -d'"' -f4
+    EVALSHA "$SHA" $CLAIM_KEYS 1 0 rb 0 0 u__rand_int__ r__rand_int__ n | tail -n1 | cut -d'"' -f4
 }
 RB_P1=$(rb 1)
 RB_P16=$(rb 16)
 $R del "$K:log" >/dev/null
-RB_CMD="redis-benchmark -c $CONNS -P 1 -r 100000000 EVALSHA <sha of lua/claim.lua> $CLAIM_KEYS u__rand_int__ r__rand_int__ 0 rb 0 n"
+RB_CMD="redis-benchmark -c $CONNS -P 1 -r 100000000 EVALSHA <sha of lua/claim.lua> $CLAIM_KEYS 1 0 rb 0 0 u__rand_int__ r__rand_int__ n"
 
 # ---------------------------------------------------------------- 2. gateway, redis backend
 log "gateway (redis backend): HTTP ceiling, max claims/s, open loop"

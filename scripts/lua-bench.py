@@ -3,12 +3,15 @@
 
 Starts its own redis-server (free port, no persistence, killed by PID at the end) and, for each
 connection count and pipeline depth, runs redis-benchmark (closed loop) on:
-  PING, a `return 1` script, lua/claim.lua (one claim per call), and lua/claim_batch.lua
-  with 1, 8 and 32 claims per call.
+  PING, a `return 1` script, lua/claim.lua (the group-commit script: n claims of one shard per
+  call) with 1, 8, 32 and 64 claims per call, lua/claim_batch.lua (the older prototype, its
+  own storage format) with the same sizes for comparison, and the one-claim claim.lua of
+  --old-rev (read with `git show`, skipped if that revision is not in the repository).
 Argument variety: redis-benchmark 7.0 replaces EVERY `__rand_int__` of a command (and of each
 pipelined copy) with its own random 12-digit number (checked at start: `check_rand`), so each
 claim of a call gets its own user, request id and nonce (u<12 digits>, r<12>, n<12>, as
-today's bench of claim.lua). -r 10^9 (the most atoi takes): repeats are rare; every claim that succeeds is counted.
+the bench of claim.lua in scripts/bench.sh). -r 10^9 (the most atoi takes): repeats are rare;
+every claim that succeeds is counted.
 Each measurement: redis-server CPU (INFO cpu, user + sys, whole process) and wall time around
 one redis-benchmark run of about --seconds seconds (the request count is calibrated by a short
 run first), calls (INFO commandstats) and successful claims (the shard's sequence counter).
@@ -37,8 +40,11 @@ except ImportError:  # pragma: no cover
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOUR = 3600000
-MEM_W = 5000  # request-id retention of the memory run (ms): short, so expiry is observed
+MEM_W = 5000  # request-id retention of claim_batch.lua in the memory run (ms): expiry observed
 MAXLOG = "100000000"  # > 0 so the backlog check runs, never reached
+# The last commit whose lua/claim.lua is the one-claim script (ARGV user, rid, max log, batch,
+# shard, nonce[, offset]); its row is the baseline of the group-commit rewrite.
+OLD_REV = "bdc84e5a20d58c8a1c62e2eae16ad848caed6f3c"
 
 
 def free_port():
@@ -79,67 +85,103 @@ class Server:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def old_keys(tag):
+# One shard per script, each with its own hash tag: claim.lua {bc:0}, the one-claim claim.lua
+# {bo:0} (the same 8 keys), claim_batch.lua {bn:0} (7 keys).
+def claim_keys(tag):
     return [f"cg:{{{tag}}}:{x}" for x in
             ["meta", "stock", "users", "daily", "req", "log", "deny", "claimed"]]
 
 
-def new_keys(tag):
+def batch_keys(tag):
     return [f"cg:{{{tag}}}:{x}" for x in ["meta", "stock", "users", "req", "log", "deny", "claimed"]]
 
 
+TAGS = ("bc:0", "bo:0", "bn:0")
 META = {"state": "active", "start": 0, "end": 2 ** 50, "limit": 1, "daily": 0, "vdays": 7,
         "vfrom": 0, "vto": 0, "ver": 1, "fp": "bench"}
 
 
 def setup(r, daily=0):
     r.flushall()
-    for keys in (old_keys("bo:0"), new_keys("bn:0")):
+    for tag in TAGS:
+        keys = claim_keys(tag)
         r.hset(keys[0], mapping=dict(META, daily=daily))
         r.set(keys[1], 10 ** 12)
 
 
+def old_script(rev):
+    """The one-claim claim.lua of git revision rev, or None if it is not there."""
+    if not rev:
+        return None
+    p = subprocess.run(["git", "-C", ROOT, "show", f"{rev}:lua/claim.lua"], capture_output=True,
+                       text=True)
+    if p.returncode != 0 or "one claim against" not in p.stdout[:200]:
+        print(f"lua-bench: no one-claim claim.lua at {rev}: its row is skipped", file=sys.stderr)
+        return None
+    return p.stdout
+
+
+def load(r, a):
+    """SCRIPT LOAD every script; returns {name: sha} (no 'old' if --old-rev has none)."""
+    shas = {"claim": r.script_load(open(os.path.join(ROOT, a.claim)).read()),
+            "batch": r.script_load(open(os.path.join(ROOT, a.script)).read()),
+            "one": r.script_load("return 1")}
+    old = old_script(a.old_rev)
+    if old is not None:
+        shas["old"] = r.script_load(old)
+    return shas
+
+
 class Config:
-    def __init__(self, name, kind, args, claims_per_call):
+    def __init__(self, name, kind, args, claims_per_call, seq_key=None):
         self.name, self.kind, self.args, self.per = name, kind, args, claims_per_call
+        self.seq_key = seq_key
 
 
-def configs(sha_old, sha_new, sha_one, sizes):
+def claim_args(sha, n, rid="r__rand_int__", nonce="n__rand_int__", offset="0"):
+    """EVALSHA of claim.lua with n claims: n, max log, batch, shard, day offset, users, rids,
+    nonces."""
+    return (["EVALSHA", sha, "8", *claim_keys("bc:0"), str(n), MAXLOG, "bc", "0", offset]
+            + ["u__rand_int__"] * n + [rid] * n + [nonce] * n)
+
+
+def batch_args(sha, n, rid="r__rand_int__", nonce="n__rand_int__"):
+    return (["EVALSHA", sha, "7", *batch_keys("bn:0"), "claim", str(n), MAXLOG, str(HOUR)]
+            + ["u__rand_int__"] * n + [rid] * n + [nonce] * n)
+
+
+def configs(shas, a):
+    ck, bk = claim_keys("bc:0")[7], batch_keys("bn:0")[6]
     out = [Config("PING", "ping", ["PING"], 0),
-           Config("return 1", "evalsha", ["EVALSHA", sha_one, "0"], 0),
-           Config("claim.lua", "evalsha",
-                  ["EVALSHA", sha_old, "8", *old_keys("bo:0"), "u__rand_int__", "r__rand_int__",
-                   MAXLOG, "bo", "0", "n__rand_int__"], 1),
-           # ARGV 7: the batch's UTC offset (issue 11 item 3, a batch in Asia/Shanghai)
-           Config("claim.lua, day offset", "evalsha",
-                  ["EVALSHA", sha_old, "8", *old_keys("bo:0"), "u__rand_int__", "r__rand_int__",
-                   MAXLOG, "bo", "0", "n__rand_int__", "28800000"], 1)]
-    def batch(n, rid="r__rand_int__", nonce="n__rand_int__"):
-        return (["EVALSHA", sha_new, "7", *new_keys("bn:0"), "claim", str(n), MAXLOG, str(HOUR)]
-                + ["u__rand_int__"] * n + [rid] * n + [nonce] * n)
-
-    for n in sizes:
-        out.append(Config(f"claim_batch.lua x{n}", "evalsha", batch(n), n))
+           Config("return 1", "evalsha", ["EVALSHA", shas["one"], "0"], 0)]
+    if "old" in shas:
+        out.append(Config(f"one-claim claim.lua ({a.old_rev[:7]})", "evalsha",
+                          ["EVALSHA", shas["old"], "8", *claim_keys("bo:0"), "u__rand_int__",
+                           "r__rand_int__", MAXLOG, "bo", "0", "n__rand_int__"], 1,
+                          claim_keys("bo:0")[7]))
+    for n in a.sizes:
+        out.append(Config(f"claim.lua x{n}", "evalsha", claim_args(shas["claim"], n), n, ck))
+    if not a.no_batch:
+        for n in a.sizes:
+            out.append(Config(f"claim_batch.lua x{n}", "evalsha", batch_args(shas["batch"], n),
+                              n, bk))
     return out
 
 
-def variants(sha_new, sizes):
+def variants(shas, a):
     """Extra rows (first connection count, -P 16 only): the levers outside the script."""
-    def batch(n, rid="r__rand_int__", nonce="n__rand_int__"):
-        return (["EVALSHA", sha_new, "7", *new_keys("bn:0"), "claim", str(n), MAXLOG, str(HOUR)]
-                + ["u__rand_int__"] * n + [rid] * n + [nonce] * n)
-    n = max(sizes)
-    return [Config(f"claim_batch.lua x{n}, nonce ''", "evalsha", batch(n, nonce=""), n),
-            Config(f"claim_batch.lua x{n}, no request id", "evalsha", batch(n, rid="", nonce=""),
-                   n),
-            Config(f"claim_batch.lua x{2 * n}", "evalsha", batch(2 * n), 2 * n)]
+    ck = claim_keys("bc:0")[7]
+    n = max(a.sizes)
+    return [Config(f"claim.lua x{n}, no request id", "evalsha",
+                   claim_args(shas["claim"], n, rid="", nonce=""), n, ck),
+            Config("claim.lua x1, day offset +8 h", "evalsha",
+                   claim_args(shas["claim"], 1, offset="28800000"), 1, ck)]
 
 
 def claimed(r, cfg):
     if cfg.per == 0:
         return 0
-    key = old_keys("bo:0")[7] if cfg.name.startswith("claim.lua") else new_keys("bn:0")[6]
-    return int(r.get(key) or 0)
+    return int(r.get(cfg.seq_key) or 0)
 
 
 def calls(r, cfg):
@@ -170,6 +212,8 @@ def run_once(srv, cfg, conns, pipeline, requests, daily):
     if errors(r) != e0:
         raise RuntimeError(f"{cfg.name}: errors in Redis: {r.info('errorstats')}")
     ncalls, nclaims = n1 - n0, k1 - k0
+    if cfg.per and nclaims < 0.95 * ncalls * cfg.per:
+        raise RuntimeError(f"{cfg.name}: only {nclaims} claims succeeded of {ncalls * cfg.per}")
     return {"wall": t1 - t0, "cpu": c1 - c0, "calls": ncalls, "claims": nclaims,
             "mem": int(r.info("memory")["used_memory"])}
 
@@ -188,17 +232,28 @@ def check_rand(srv):
     r.flushall()
 
 
+def check_claim(r, shas):
+    """One call of each size through claim.lua answers n claims that all succeed."""
+    setup(r)
+    for n in (1, 3):
+        args = claim_args(shas["claim"], n)[3:]
+        args = [x.replace("__rand_int__", f"{n}{i}") for i, x in enumerate(args)]
+        rep = r.evalsha(shas["claim"], 8, *args)
+        if len(rep) != n or any(x[0] != 1 for x in rep):
+            raise RuntimeError(f"claim.lua x{n}: unexpected reply {rep}")
+    r.flushall()
+
+
 def bench(a):
     srv = Server()
     try:
         check_rand(srv)
         r = srv.r
-        sha_old = r.script_load(open(os.path.join(ROOT, "lua/claim.lua")).read())
-        sha_new = r.script_load(open(os.path.join(ROOT, a.script)).read())
-        sha_one = r.script_load("return 1")
-        cfgs = configs(sha_old, sha_new, sha_one, a.sizes)
+        shas = load(r, a)
+        check_claim(r, shas)
+        cfgs = configs(shas, a)
         grid = [(c, conns, p) for conns in a.conns for p in a.pipelines for c in cfgs]
-        extra = [] if a.no_variants else variants(sha_new, a.sizes)
+        extra = [] if a.no_variants else variants(shas, a)
         grid += [(c, a.conns[0], 16) for c in extra]
         cfgs = cfgs + extra
         # calibrate: requests for about --seconds seconds
@@ -208,18 +263,19 @@ def bench(a):
             m = run_once(srv, cfg, conns, p, probe, a.daily)
             rate = m["calls"] / m["wall"]
             reqs[(cfg.name, conns, p)] = max(probe, int(rate * a.seconds))
-            print(f"calibrate {cfg.name:22s} c={conns:<3d} P={p:<2d} {rate:10.0f} calls/s",
+            print(f"calibrate {cfg.name:30s} c={conns:<3d} P={p:<2d} {rate:10.0f} calls/s",
                   file=sys.stderr, flush=True)
         results = {k: [] for k in reqs}
         for rep in range(a.repeats):
             for cfg, conns, p in grid:
                 m = run_once(srv, cfg, conns, p, reqs[(cfg.name, conns, p)], a.daily)
+                m["load1"] = os.getloadavg()[0]
                 results[(cfg.name, conns, p)].append(m)
                 per = m["cpu"] / (m["claims"] or m["calls"]) * 1e6
-                print(f"run {rep + 1}/{a.repeats} {cfg.name:22s} c={conns:<3d} P={p:<2d} "
+                print(f"run {rep + 1}/{a.repeats} {cfg.name:30s} c={conns:<3d} P={p:<2d} "
                       f"{m['calls'] / m['wall']:10.0f} calls/s {m['claims'] / m['wall']:10.0f} "
-                      f"claims/s {per:7.2f} us/unit ({m['wall']:.1f}s)",
-                      file=sys.stderr, flush=True)
+                      f"claims/s {per:7.2f} us/unit ({m['wall']:.1f}s, load "
+                      f"{m['load1']:.2f})", file=sys.stderr, flush=True)
         return cfgs, results
     finally:
         srv.stop()
@@ -254,6 +310,10 @@ def table(a, cfgs, results):
             lines.append(f"| {cfg.name} | {p} | {cps:.0f} | {kps:.0f} | {per_call:.2f} | "
                          f"{med:.2f} | {ratio} | {' '.join(f'{u:.2f}' for u in units)} | "
                          f"{size:.0f} |")
+    loads = [m["load1"] for ms in results.values() for m in ms]
+    if loads:
+        lines.append(f"\n1-minute load average after the measured runs: min {min(loads):.2f}, "
+                     f"median {statistics.median(loads):.2f}, max {max(loads):.2f}")
     return "\n".join(lines)
 
 
@@ -261,19 +321,20 @@ def table(a, cfgs, results):
 
 def memory(a):
     """used_memory per claim, realistic id sizes: user 'u' + 9 digits, request id '~' + 16 hex
-    (the gateway's internal id) or a 24-character client id, nonce 16 hex or ''."""
+    (the gateway's internal id), nonce 16 hex or ''."""
     srv = Server()
     out = []
     try:
         r = srv.r
-        sha_old = r.script_load(open(os.path.join(ROOT, "lua/claim.lua")).read())
-        sha_new = r.script_load(open(os.path.join(ROOT, a.script)).read())
+        shas = load(r, a)
         N = a.mem_claims
-        variants = [("claim.lua", "nonce 16 hex", 0), ("claim_batch.lua x32", "nonce 16 hex", 0),
-                    ("claim_batch.lua x32", "nonce ''", 0),
-                    ("claim.lua", "nonce 16 hex, daily limit on", 1),
-                    ("claim_batch.lua x32", "nonce 16 hex, daily limit on", 1)]
-        for script, label, daily in variants:
+        runs = [("claim.lua", 1, "nonce 16 hex", 0), ("claim.lua", 32, "nonce 16 hex", 0),
+                ("claim.lua", 32, "nonce 16 hex, daily limit on", 1)]
+        if not a.no_batch:
+            runs += [("claim_batch.lua", 32, "nonce 16 hex", 0),
+                     ("claim_batch.lua", 32, "nonce ''", 0),
+                     ("claim_batch.lua", 32, "nonce 16 hex, daily limit on", 1)]
+        for script, per, label, daily in runs:
             r.flushall()
             r.execute_command("MEMORY", "PURGE")
             setup(r, daily)
@@ -283,24 +344,20 @@ def memory(a):
             empty_nonce = "''" in label
             claims = [(f"u{100000000 + i}", f"~{i * 2654435761 % 2 ** 64:016x}",
                        "" if empty_nonce else f"{i * 40503 % 2 ** 64:016x}") for i in range(N)]
-            if script == "claim.lua":
-                k = old_keys("bo:0")
-                for u, rid, nonce in claims:
-                    pipe.evalsha(sha_old, 8, *k, u, rid, MAXLOG, "bo", "0", nonce)
-                    if len(pipe) >= 1000:
-                        pipe.execute()
-                logk, reqk = k[5], [k[4]]
-            else:
-                k = new_keys("bn:0")
-                for i in range(0, N, 32):
-                    part = claims[i:i + 32]
-                    cols = ([c[0] for c in part] + [c[1] for c in part]
-                            + [c[2] for c in part])
-                    pipe.evalsha(sha_new, 7, *k, "claim", len(part), MAXLOG, str(MEM_W), *cols)
-                    if len(pipe) >= 100:
-                        pipe.execute()
-                logk = k[4]
+            for i in range(0, N, per):
+                part = claims[i:i + per]
+                cols = [c[0] for c in part] + [c[1] for c in part] + [c[2] for c in part]
+                if script == "claim.lua":
+                    k = claim_keys("bc:0")
+                    pipe.evalsha(shas["claim"], 8, *k, len(part), MAXLOG, "bc", "0", "0", *cols)
+                else:
+                    k = batch_keys("bn:0")
+                    pipe.evalsha(shas["batch"], 7, *k, "claim", len(part), MAXLOG, str(MEM_W),
+                                 *cols)
+                if len(pipe) * per >= 3200:
+                    pipe.execute()
             pipe.execute()
+            logk = k[-3]
             seq = int(r.get(k[-1]))
             assert seq == N, f"{script}: {seq} claims of {N}"
             time.sleep(0.3)
@@ -313,7 +370,7 @@ def memory(a):
             m2 = int(r.info("memory")["used_memory"])
             if script == "claim.lua":
                 # claim.lua's request-id records never expire: deleted here for comparison
-                r.delete(*reqk)
+                r.delete(k[4])
             else:
                 # the generations expire by themselves (PEXPIRE at start + 2W): wait for it
                 deadline = time.time() + 10 * MEM_W / 1000
@@ -322,11 +379,11 @@ def memory(a):
                 assert not r.keys(f"{k[3]}:*"), "request-id generations did not expire"
             time.sleep(0.3)
             m3 = int(r.info("memory")["used_memory"])
-            enc = r.object("encoding", k[2])
-            out.append((script, label, N, (m1 - base) / N, (m2 - base) / N, (m3 - base) / N, enc))
-            print(f"memory {script} {label}: {(m1 - base) / N:.1f} {(m2 - base) / N:.1f} "
-                  f"{(m3 - base) / N:.1f} B/claim (users hash {enc})", file=sys.stderr,
-                  flush=True)
+            name = f"{script} x{per}"
+            out.append((name, label, (m1 - base) / N, (m2 - base) / N, (m3 - base) / N))
+            print(f"memory {name} {label}: {(m1 - base) / N:.1f} {(m2 - base) / N:.1f} "
+                  f"{(m3 - base) / N:.1f} B/claim (users hash {r.object('encoding', k[2])})",
+                  file=sys.stderr, flush=True)
     finally:
         srv.stop()
     lines = ["\n### Redis memory per live claim (used_memory delta / claims)\n",
@@ -339,8 +396,8 @@ def memory(a):
              "persister deleted the log entries | after the request-id records expired "
              "(users only) |",
              "|---|---|---|---|---|"]
-    for script, label, n, a1, a2, a3, enc in out:
-        lines.append(f"| {script} | {label} | {a1:.1f} | {a2:.1f} | {a3:.1f} |")
+    for name, label, a1, a2, a3 in out:
+        lines.append(f"| {name} | {label} | {a1:.1f} | {a2:.1f} | {a3:.1f} |")
     return "\n".join(lines)
 
 
@@ -385,11 +442,9 @@ def callgrind(a):
                 break
             except redis.ConnectionError:
                 time.sleep(0.2)
-        sha_old = r.script_load(open(os.path.join(ROOT, "lua/claim.lua")).read())
-        sha_new = r.script_load(open(os.path.join(ROOT, a.script)).read())
-        sha_one = r.script_load("return 1")
+        shas = load(r, a)
         setup(r)
-        ko, kn = old_keys("bo:0"), new_keys("bn:0")
+        ko, kc, kb = claim_keys("bo:0"), claim_keys("bc:0"), batch_keys("bn:0")
         off = [10 ** 8]
         N = a.cg_claims
 
@@ -405,22 +460,32 @@ def callgrind(a):
             p = r.pipeline(transaction=False)
             us, rs, ns = users(k)
             for u, rid, nonce in zip(us, rs, ns):
-                p.evalsha(sha_old, 8, *ko, u, rid, MAXLOG, "bo", "0", nonce)
+                p.evalsha(shas["old"], 8, *ko, u, rid, MAXLOG, "bo", "0", nonce)
             p.execute()
 
-        def run_new(per, rid=True):
+        def run_claim(per, rid=True):
             def go(k):
                 p = r.pipeline(transaction=False)
                 for _ in range(k // per):
                     us, rs, ns = users(per, rid)
-                    p.evalsha(sha_new, 7, *kn, "claim", per, MAXLOG, str(HOUR), *us, *rs, *ns)
+                    p.evalsha(shas["claim"], 8, *kc, per, MAXLOG, "bc", "0", "0", *us, *rs, *ns)
+                p.execute()
+            return go
+
+        def run_batch(per, rid=True):
+            def go(k):
+                p = r.pipeline(transaction=False)
+                for _ in range(k // per):
+                    us, rs, ns = users(per, rid)
+                    p.evalsha(shas["batch"], 7, *kb, "claim", per, MAXLOG, str(HOUR), *us, *rs,
+                              *ns)
                 p.execute()
             return go
 
         def run_one(k):
             p = r.pipeline(transaction=False)
             for _ in range(k):
-                p.evalsha(sha_one, 0)
+                p.evalsha(shas["one"], 0)
             p.execute()
 
         def run_ping(k):
@@ -429,11 +494,16 @@ def callgrind(a):
                            timeout=1200)
 
         loads = [("PING -P 16 (redis-benchmark, 50 connections)", run_ping, 20 * N, "call"),
-                 ("return 1", run_one, N, "call"), ("claim.lua", run_old, N, "claim")]
+                 ("return 1", run_one, N, "call")]
+        if "old" in shas:
+            loads.append((f"one-claim claim.lua ({a.old_rev[:7]})", run_old, N, "claim"))
         for per in a.sizes:
-            loads.append((f"claim_batch.lua x{per}", run_new(per), N, "claim"))
+            loads.append((f"claim.lua x{per}", run_claim(per), N, "claim"))
         big = max(a.sizes)
-        loads.append((f"claim_batch.lua x{big}, no request id", run_new(big, False), N, "claim"))
+        loads.append((f"claim.lua x{big}, no request id", run_claim(big, False), N, "claim"))
+        if not a.no_batch:
+            for per in a.sizes:
+                loads.append((f"claim_batch.lua x{per}", run_batch(per), N, "claim"))
         rows, dumps = [], {}
         for name, fn, units, unit in loads:
             if unit == "claim":
@@ -459,8 +529,9 @@ def callgrind(a):
         proc.kill()
         proc.wait(timeout=60)
     ping = rows[0][1]
+    hot = [f"claim.lua x{min(a.sizes)}", f"claim.lua x{max(a.sizes)}"]
     keep = []
-    for name in [f"claim_batch.lua x{min(a.sizes)}", f"claim_batch.lua x{max(a.sizes)}"]:
+    for name in hot:
         keep.append(annotate(dumps[name], True))
         keep.append(annotate(dumps[name], False))
     if a.cg_keep:
@@ -471,16 +542,15 @@ def callgrind(a):
              "| workload | Ir per unit | unit | x PING -P 16 |", "|---|---|---|---|"]
     for name, ir, unit in rows:
         lines.append(f"| {name} | {ir:.0f} | {unit} | {ir / ping:.1f} |")
-    for q, name in enumerate([f"claim_batch.lua x{min(a.sizes)}",
-                              f"claim_batch.lua x{max(a.sizes)}"]):
+    for q, name in enumerate(hot):
         inc, exc = keep[2 * q], keep[2 * q + 1]
         total = inc.get("__total__", 1)
         lines.append(f"\n#### {name}: where the instructions go (share of all)\n")
         lines.append("| part (inclusive: with what it calls) | share |")
         lines.append("|---|---|")
         for label, fn in HOT:
-            name = fn.split(":")[-1]  # a stripped binary names only exported functions
-            v = max([x for k, x in inc.items() if k.split(":")[-1] == name] or [0])
+            fname = fn.split(":")[-1]  # a stripped binary names only exported functions
+            v = max([x for k, x in inc.items() if k.split(":")[-1] == fname] or [0])
             if v:
                 lines.append(f"| {label} | {100 * v / total:.1f}% |")
         lines.append("\n| top functions by own instructions (exclusive) | share |")
@@ -521,21 +591,35 @@ def annotate(path, inclusive):
     return out
 
 
+def sizes(s):
+    out = [int(x) for x in s.split(",")]
+    if not out or any(not 1 <= n <= 1000 for n in out):
+        raise argparse.ArgumentTypeError("claims per call: integers in 1..1000")
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=5.0, help="length of each run")
     ap.add_argument("--probe-claims", type=int, default=40000,
                     help="claims in the calibration run of a claim script")
     ap.add_argument("--no-variants", action="store_true",
-                    help="skip the extra rows (nonce '', no request id, twice the size)")
+                    help="skip the extra rows (claim.lua at the largest size without request "
+                         "ids, claim.lua x1 with a day offset)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--conns", type=lambda s: [int(x) for x in s.split(",")], default=[256, 50])
     ap.add_argument("--pipelines", type=lambda s: [int(x) for x in s.split(",")],
                     default=[1, 16])
-    ap.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")],
-                    default=[1, 8, 32])
+    ap.add_argument("--sizes", type=sizes, default=[1, 8, 32, 64],
+                    help="claims per call of claim.lua and claim_batch.lua (comma-separated)")
     ap.add_argument("--daily", type=int, default=0, help="daily limit of the benched batch")
-    ap.add_argument("--script", default="lua/claim_batch.lua")
+    ap.add_argument("--claim", default="lua/claim.lua", help="the group-commit claim script")
+    ap.add_argument("--script", default="lua/claim_batch.lua",
+                    help="the prototype compared with it (its own storage format)")
+    ap.add_argument("--no-batch", action="store_true", help="skip the claim_batch.lua rows")
+    ap.add_argument("--old-rev", default=OLD_REV,
+                    help="git revision whose lua/claim.lua is the one-claim script measured as "
+                         "the baseline row ('' = no such row)")
     ap.add_argument("--mem-claims", type=int, default=100000)
     ap.add_argument("--no-cpu", action="store_true")
     ap.add_argument("--no-memory", action="store_true")
@@ -545,14 +629,20 @@ def main():
     ap.add_argument("--redis-bin", default="redis-server",
                     help="redis-server binary for --callgrind (one with symbols names the "
                          "Lua internals)")
-    ap.add_argument("--cg-claims", type=int, default=3200)
+    ap.add_argument("--cg-claims", type=int, default=3200,
+                    help="claims per callgrind row (a multiple of every size)")
     ap.add_argument("--cg-keep", action="store_true", help="keep the callgrind dumps")
     a = ap.parse_args()
+    if a.callgrind and any(a.cg_claims % n for n in a.sizes):
+        ap.error("--cg-claims must be a multiple of every --sizes value")
     print(f"# claim script cost: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}, "
           f"{subprocess.run(['redis-server', '--version'], capture_output=True, text=True).stdout.split()[2]}, "
           f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.2f} at start")
-    print(f"script {a.script}; runs of ~{a.seconds:g}s, median of {a.repeats}; daily limit "
-          f"{a.daily}; successful claims only are counted as claims")
+    print(f"scripts {a.claim} (x{', x'.join(map(str, a.sizes))})"
+          f"{'' if a.no_batch else f', {a.script} (same sizes)'}"
+          f"{f', one-claim claim.lua of {a.old_rev[:7]}' if a.old_rev else ''}; runs of "
+          f"~{a.seconds:g}s, median of {a.repeats}; daily limit {a.daily}; successful claims "
+          f"only are counted as claims")
     if a.callgrind:
         print(callgrind(a))
         return

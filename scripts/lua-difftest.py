@@ -1,27 +1,46 @@
 #!/usr/bin/env python3
-"""Differential test of lua/claim_batch.lua against today's lua/claim.lua, in Lua-land only.
+"""Differential test of lua/claim.lua's group commit: n claims per call vs one claim per call.
 
-Runs the same random sequence of claims (duplicate users, repeated request ids = replays,
-users at their limit, daily limits with yesterday's counts, deny list, pause / window
-changes, an empty shard that is refilled, a shard whose meta vanishes) through claim.lua one
-claim at a time and through claim_batch.lua in batches of random size, each against its own
-shard of the same redis-server, and checks that every answer matches (coupon ids may differ
-only by the epoch segment; times only by when each script ran), and that the final per-user
-counts, day counts, stock, sequence and claim logs match.
+lua/claim.lua decides the n claims of one call "one after the other in argument order exactly
+as n calls of one claim each would be". This test holds it to that: the same random sequence
+of claims runs through claim.lua ONE claim per call (the reference, shard R) and through
+claim.lua in groups of 1 .. --max-batch claims per call (the candidate, shard C), each shard
+(batch r<seed>, c<seed>; o<seed> for the one-claim script below) with its own hash tag on the
+same redis-server, from the same initial state and with the same admin changes between calls. The sequence has duplicate users, a (user, request id) repeated
+within a group (a replay of a claim minted earlier in the same call, or a retry of a refused
+one), request ids minted in earlier calls (replays), users at their per-user limit, day counts
+of today and of earlier days (per-user daily limit, a random UTC offset per seed), old-format
+request-id records without a nonce, deny lists, paused / not started / ended windows, a
+vanished meta, empty and refilled stock, the claim log's backlog bound (max log set around the
+log's length so the bound is hit within a group), fixed and relative validity, coupon-id
+epochs.
 
-Then directed checks of what claim.lua cannot be compared with: validate-then-write (a bad
-argument anywhere fails the whole call and changes nothing), the backlog bound, fencing, the
-epoch, the 'replay' op, and request-id retention (generation rotation and expiry).
+A third shard runs the one-claim claim.lua of --old-rev (the script before the group commit)
+with the same claims: the reference must answer each claim as it did and end in the same
+state (the reference and the candidate are the same script, so a change of what ONE claim
+does would not show between them).
+
+Checked: every answer (code; coupon sequence; replay nonce; times within --slack-ms, as the
+two shards run at different moments, and exactly equal to the minting answer on a replay),
+and the final state: users and daily hashes (exact), request-id hashes (same fields; coupon
+sequence, nonce exact; times within the slack), stock and claimed counters (exact), the claim
+logs entry by entry and field by field except the stream ids (the 9 fields in their order; t,
+vf, vt equal to the minting answer of each side exactly and within the slack across sides).
+
+Then directed checks: bad argument lists (n not matching the arguments, n = 0, n = 1001, n
+not an integer, an empty user, bad day offsets, bad max log lengths) and corrupt state (stock,
+a user's count) fail the whole call with an error and leave DEBUG DIGEST unchanged; a call
+whose claims are all refused or replays writes nothing; no meta answers -1 to every claim; a
+call of 1000 claims against its one-claim reference.
 
 Usage: scripts/lua-difftest.py [--seeds N] [--first-seed S] [--steps N] [--max-batch N]
-                              [--script lua/claim_batch.lua]
-Starts its own redis-server on a free port (no persistence) and kills it (by PID) at the end.
-Exit status 0 = every check passed.
+                              [--claim lua/claim.lua] [--old-rev REV]
+Starts its own redis-server on a free port (no persistence, DEBUG enabled locally) and kills
+it (by PID) at the end. Exit status 0 = every check passed; 1 = a difference (printed).
 """
 import argparse
 import os
 import random
-import re
 import shutil
 import socket
 import subprocess
@@ -37,7 +56,25 @@ except ImportError:  # pragma: no cover
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DAY = 86400000
 HOUR = 3600000
-BATCH_SCRIPT = os.path.join(ROOT, "lua/claim_batch.lua")
+CLAIM_SCRIPT = os.path.join(ROOT, "lua/claim.lua")
+SLACK_MS = 5000
+LOG_FIELDS = ["k", "c", "u", "r", "b", "s", "t", "vf", "vt"]
+# The last commit whose lua/claim.lua is the one-claim script (ARGV user, rid, max log, batch,
+# shard, nonce[, offset]): a third shard runs it, so a change that the reference and the
+# candidate share (both are lua/claim.lua) is still seen if it changes what one claim does.
+OLD_REV = "bdc84e5a20d58c8a1c62e2eae16ad848caed6f3c"
+
+
+def old_script(rev):
+    """The one-claim claim.lua of git revision rev, or None (with a note) if not there."""
+    if not rev:
+        return None
+    p = subprocess.run(["git", "-C", ROOT, "show", f"{rev}:lua/claim.lua"], capture_output=True,
+                       text=True)
+    if p.returncode != 0 or "one claim against" not in p.stdout[:200]:
+        print(f"lua-difftest: no one-claim claim.lua at {rev}: that check is skipped")
+        return None
+    return p.stdout
 
 
 def free_port():
@@ -58,7 +95,7 @@ class Server:
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", self.dir, "--enable-debug-command", "local"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.r = redis.Redis(port=self.port, decode_responses=True, socket_timeout=10)
+        self.r = redis.Redis(port=self.port, decode_responses=True, socket_timeout=30)
         for _ in range(100):
             try:
                 self.r.ping()
@@ -75,69 +112,53 @@ class Server:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-class Old:
-    """One shard driven by lua/claim.lua, one claim per call."""
+class Shard:
+    """One shard of a batch driven by lua/claim.lua."""
 
-    def __init__(self, r, batch, shard):
-        self.r, self.batch, self.shard = r, batch, str(shard)
+    NAMES = ["meta", "stock", "users", "daily", "req", "log", "deny", "claimed"]
+
+    def __init__(self, r, sha, batch, shard, one_claim=False):
+        self.r, self.sha, self.batch, self.shard = r, sha, batch, str(shard)
+        self.one_claim = one_claim
         tag = f"{{{batch}:{shard}}}"
-        self.k = {x: f"cg:{tag}:{x}" for x in
-                  ["meta", "stock", "users", "daily", "req", "log", "deny", "claimed"]}
-        self.sha = r.script_load(open(os.path.join(ROOT, "lua/claim.lua")).read())
+        self.k = {x: f"cg:{tag}:{x}" for x in self.NAMES}
 
     def keys(self):
-        k = self.k
-        return [k["meta"], k["stock"], k["users"], k["daily"], k["req"], k["log"], k["deny"],
-                k["claimed"]]
+        return [self.k[x] for x in self.NAMES]
 
-    def claim(self, user, rid, nonce, maxlog=0):
-        return self.r.evalsha(self.sha, 8, *self.keys(), user, rid, maxlog, self.batch,
-                              self.shard, nonce)
+    def call(self, claims, maxlog=0, offset=0):
+        """One call with the given (user, request id, nonce) claims; the list of n answers."""
+        if self.one_claim:  # the one-claim script: user, rid, max log, batch, shard, nonce, offset
+            check(len(claims) == 1, "the one-claim script takes one claim")
+            (u, rid, nonce), = claims
+            return [self.raw([u, rid, maxlog, self.batch, self.shard, nonce, offset])]
+        args = ([len(claims), maxlog, self.batch, self.shard, offset] + [c[0] for c in claims]
+                + [c[1] for c in claims] + [c[2] for c in claims])
+        return self.raw(args)
 
-
-class New:
-    """One shard driven by lua/claim_batch.lua, many claims per call."""
-
-    def __init__(self, r, batch, shard):
-        self.r, self.batch, self.shard = r, batch, str(shard)
-        tag = f"{{{batch}:{shard}}}"
-        self.k = {x: f"cg:{tag}:{x}" for x in
-                  ["meta", "stock", "users", "req", "log", "deny", "claimed"]}
-        self.sha = r.script_load(open(BATCH_SCRIPT).read())
-
-    def keys(self):
-        k = self.k
-        return [k["meta"], k["stock"], k["users"], k["req"], k["log"], k["deny"], k["claimed"]]
-
-    def call(self, claims, op="claim", maxlog=0, retention=HOUR, raw_args=None):
-        args = raw_args if raw_args is not None else (
-            [op, len(claims), maxlog, retention] + [c[0] for c in claims]
-            + [c[1] for c in claims] + [c[2] for c in claims])
-        return self.r.evalsha(self.sha, 7, *self.keys(), *args)
+    def raw(self, args):
+        return self.r.evalsha(self.sha, 8, *self.keys(), *args)
 
 
-def norm_old(rep):
-    """claim.lua's answer, reduced to what claim_batch.lua must agree on."""
+def norm(rep, side):
+    """An answer as (what must match exactly, times): times compared with slack."""
     if rep[0] == 1:
+        check(len(rep) == 5, f"{side}: claimed answer {rep}")
         _, coupon, vf, vt, at = rep
-        b, s, seq = coupon.split(".")
-        return ("new", int(seq)), (int(at), int(vf), int(vt), b, s)
+        return ("new", coupon_seq(coupon, side)), (int(at), int(vf), int(vt))
     if rep[0] == 2:
+        check(len(rep) == 6, f"{side}: replay answer {rep}")
         _, coupon, vf, vt, at, nonce = rep
-        b, s, seq = coupon.split(".")
-        return ("replay", int(seq), nonce), (int(at), int(vf), int(vt), b, s)
+        return ("replay", coupon_seq(coupon, side), nonce), (int(at), int(vf), int(vt))
+    check(rep[0] == 0 and len(rep) == 2, f"{side}: refusal {rep}")
     return ("refused", rep[1]), None
 
 
-def norm_new(rep, i):
-    epoch, _seq_after, at, vf, vt = rep[:5]
-    r = rep[5 + i]
-    if isinstance(r, list):
-        _, e, seq, rvf, rvt, rat, nonce = r
-        return ("replay", seq, nonce), (rat, rvf, rvt, e)
-    if r > 0:
-        return ("new", r), (at, vf, vt, epoch)
-    return ("refused", r), None
+def coupon_seq(coupon, side):
+    """The sequence part of '<batch>.<shard>.<seq>', checking the batch and shard."""
+    b, s, seq = coupon.split(".")
+    check((b, s) == (side.batch, side.shard), f"coupon id {coupon} not of {side.batch}.{side.shard}")
+    return int(seq)
 
 
 class Failure(Exception):
@@ -149,8 +170,9 @@ def check(cond, what):
         raise Failure(what)
 
 
-def time_close(a, b, what, slack_ms=5000):
-    check(abs(a - b) <= slack_ms, f"{what}: {a} vs {b} differ by more than {slack_ms} ms")
+def times_close(a, b, what):
+    check(all(abs(x - y) <= SLACK_MS for x, y in zip(a, b)),
+          f"{what}: times {a} vs {b} differ by more than {SLACK_MS} ms")
 
 
 def validity_ok(meta, at, vf, vt, what):
@@ -160,47 +182,76 @@ def validity_ok(meta, at, vf, vt, what):
         check((vf, vt) == (int(meta["vfrom"]), int(meta["vto"])), f"{what}: fixed validity")
 
 
-def setup_pair(r, seed, rng):
-    old, new = Old(r, f"o{seed}", 3), New(r, f"n{seed}", 3)
+def pick_offset(rng):
+    """A UTC offset whose local time is not within 15 minutes of midnight for the next few
+    minutes: both shards must count their claims on the same local day."""
+    while True:
+        off = rng.choice([0, 0, 28800000, -18000000, 19800000, -36000000,
+                          rng.randrange(-DAY + 1, DAY)])
+        local = (int(time.time() * 1000) + off) % DAY
+        if 15 * 60000 < local < DAY - 15 * 60000:
+            return off
+
+
+def setup_pair(r, sha, old_sha, seed, rng):
+    ref, cand = Shard(r, sha, f"r{seed}", 3), Shard(r, sha, f"c{seed}", 3)
+    old = Shard(r, old_sha, f"o{seed}", 3, one_claim=True) if old_sha else None
     now = int(time.time() * 1000)
-    today = now // DAY
+    offset = pick_offset(rng)
+    today = (now + offset) // DAY
     meta = {"state": "active", "start": now - HOUR, "end": now + 10 * HOUR,
             "limit": rng.choice([1, 2, 3]), "daily": rng.choice([0, 0, 1, 2]),
             "vdays": rng.choice([0, 1, 7]), "vfrom": now - DAY, "vto": now + 30 * DAY,
             "ver": 1, "fp": "f"}
-    stock = rng.choice([3, 10, 40, 200])
-    for side in (old, new):
-        r.hset(side.k["meta"], mapping=meta)
-        r.set(side.k["stock"], stock)
-    # users with history: some at their lifetime limit, some with yesterday's day count
+    if rng.random() < 0.5:
+        meta["epoch"] = rng.choice([0, 1, 3])
+    stock = rng.choice([0, 3, 10, 40, 200])
+    seq0 = rng.choice([0, 0, 17])
+    writes = []  # (command, args) applied to both shards
     for u in range(0, 40, 7):
         user = f"u{u}"
         c = rng.randint(0, int(meta["limit"]))
-        if c == 0:
-            continue
-        r.hset(old.k["users"], user, c)
+        if c:
+            writes.append(("hset", "users", (user, c)))
         if rng.random() < 0.5:
-            d, dc = today - rng.choice([0, 1]), rng.randint(1, 2)
-            r.hset(old.k["daily"], user, f"{d}:{dc}")
-            r.hset(new.k["users"], user, f"{c}:{d}:{dc}")
-        else:
-            r.hset(new.k["users"], user, str(c))
-    # denied users
-    for u in rng.sample(range(40), 3):
-        r.sadd(old.k["deny"], f"u{u}")
-        r.sadd(new.k["deny"], f"u{u}")
-    return old, new, meta
+            d, dc = today - rng.choice([0, 0, 1, 30]), rng.randint(1, 2)
+            writes.append(("hset", "daily", (user, f"{d}:{dc}")))
+    for u in rng.sample(range(40), rng.choice([0, 3])):
+        writes.append(("sadd", "deny", (f"u{u}",)))
+    # request-id records of earlier calls: with a nonce, and of the format without one
+    for j in range(rng.choice([0, 2])):
+        u, rid = f"u{rng.randrange(12)}", f"r{rng.randrange(6)}"
+        val = f"@.{seq0 + 1000 + j}|{now - DAY}|{now + DAY}|{now - HOUR}"  # @: batch.shard
+        if rng.random() < 0.5:
+            val += f"|old{j}"
+        writes.append(("hset", "req", (f"{u}|{rid}", val)))
+    for side in (ref, cand, old):
+        if side is None:
+            continue
+        r.hset(side.k["meta"], mapping=meta)
+        r.set(side.k["stock"], stock)
+        if seq0:
+            r.set(side.k["claimed"], seq0)
+        for cmd, key, args in writes:
+            args = [x.replace("@", f"{side.batch}.{side.shard}", 1) if isinstance(x, str)
+                    and x.startswith("@.") else x for x in args]
+            getattr(r, cmd)(side.k[key], *args)
+    return ref, cand, old, meta, offset
 
 
-def admin_event(r, rng, old, new, meta):
-    """A change applied identically to both shards between calls."""
+def admin_event(r, rng, sides, meta):
+    """A change applied identically to every shard between calls."""
     now = int(time.time() * 1000)
-    kind = rng.choice(["refill", "refill", "refill", "pause", "resume", "resume", "early",
-                       "late", "window", "window", "deny", "nometa", "limit", "daily"])
+    kind = rng.choice(["refill", "refill", "refill", "empty", "pause", "resume", "resume",
+                       "early", "late", "window", "window", "deny", "undeny", "nometa",
+                       "limit", "daily", "validity"])
     if kind == "refill":
         add = rng.randint(1, 20)
-        for s in (old, new):
+        for s in sides:
             r.incrby(s.k["stock"], add)
+    elif kind == "empty":
+        for s in sides:
+            r.set(s.k["stock"], 0)
     elif kind in ("pause", "resume"):
         meta["state"] = "paused" if kind == "pause" else "active"
     elif kind == "early":
@@ -211,380 +262,333 @@ def admin_event(r, rng, old, new, meta):
         meta["start"], meta["end"] = now - HOUR, now + 10 * HOUR
     elif kind == "deny":
         u = f"u{rng.randrange(40)}"
-        for s in (old, new):
+        for s in sides:
             r.sadd(s.k["deny"], u)
+    elif kind == "undeny":
+        for s in sides:
+            r.delete(s.k["deny"])
     elif kind == "limit":
         meta["limit"] = rng.choice([1, 2, 3, 5, 8])
     elif kind == "daily":
         meta["daily"] = rng.choice([0, 1, 2])
-    for s in (old, new):
+    elif kind == "validity":
+        meta["vdays"] = rng.choice([0, 1, 7])
+    for s in sides:
         if r.exists(s.k["meta"] + ":away"):
             r.rename(s.k["meta"] + ":away", s.k["meta"])
     if kind == "nometa":
         # the shard's meta vanishes (kept aside, so it comes back whole at the next event)
-        for s in (old, new):
+        for s in sides:
             r.rename(s.k["meta"], s.k["meta"] + ":away")
         return kind
-    for s in (old, new):
+    for s in sides:
         r.hset(s.k["meta"], mapping=meta)
     return kind
 
 
-def run_seed(r, seed, steps, max_batch):
+def make_group(rng, size, nusers, big_users):
+    claims = []
+    for _ in range(size):
+        if claims and rng.random() < 0.15:
+            # the same user and request id again within the call (a retry queued beside its
+            # original), with its own nonce
+            u, rid, _ = rng.choice(claims)
+            claims.append((u, rid, rng.choice(["", f"{rng.getrandbits(64):016x}"])))
+            continue
+        u = f"u{rng.randrange(nusers)}" if rng.random() > 0.05 else rng.choice(big_users)
+        rid = rng.choice(["", f"r{rng.randrange(6)}", f"r{rng.randrange(6)}",
+                          f"~{rng.getrandbits(32):08x}"])
+        nonce = rng.choice(["", f"{rng.getrandbits(64):016x}"])
+        claims.append((u, rid, nonce))
+    return claims
+
+
+def run_seed(r, sha, old_sha, seed, steps, max_batch):
     rng = random.Random(seed)
-    old, new, meta = setup_pair(r, seed, rng)
+    ref, cand, old, meta, offset = setup_pair(r, sha, old_sha, seed, rng)
+    sides = [x for x in (ref, cand, old) if x]
     nusers = rng.choice([5, 12, 40, 200])
-    # (user, rid) -> what each side answered when it minted: (seq, nonce, at, vf, vt)
-    minted_old, minted_new = {}, {}
-    stats = {"claims": 0, "calls": 0, "events": 0}
+    big_users = ["ü-ß€-" + "x" * 40, "u 1", "u%d", "0", "-1"]
+    stats = {"claims": 0, "calls": 0, "events": 0, "groups_multi": 0}
     codes = {}
+    minted = {}  # (user, request id) -> the times each side minted it with
     i = 0
     while i < steps:
         if rng.random() < 0.12:
-            admin_event(r, rng, old, new, meta)
+            admin_event(r, rng, sides, meta)
             stats["events"] += 1
             continue
         size = min(rng.randint(1, max_batch), steps - i)
-        claims = []
-        for _ in range(size):
-            if claims and rng.random() < 0.15:
-                # the same user and request id again within the call (a retry queued
-                # beside its original), with its own nonce
-                u, rid, _ = rng.choice(claims)
-                claims.append((u, rid, f"{rng.getrandbits(64):016x}"))
-                continue
-            u = f"u{rng.randrange(nusers)}"
-            rid = rng.choice(["", f"r{rng.randrange(6)}", f"r{rng.randrange(6)}",
-                              f"~{rng.getrandbits(32):08x}"])
-            nonce = rng.choice(["", f"{rng.getrandbits(64):016x}"])
-            claims.append((u, rid, nonce))
-        old_reps = [old.claim(*c) for c in claims]
-        new_rep = new.call(claims)
+        claims = make_group(rng, size, nusers, big_users)
+        xl = r.xlen(cand.k["log"])
+        check(r.xlen(ref.k["log"]) == xl, f"seed {seed}: log lengths {r.xlen(ref.k['log'])} "
+                                          f"vs {xl} before step {i}")
+        # the backlog bound: mostly off, sometimes reached within this group
+        maxlog = 0 if rng.random() < 0.8 else max(1, xl + rng.randint(-1, 3))
+        ref_reps = [ref.call([c], maxlog, offset) for c in claims]
+        for rr in ref_reps:
+            check(len(rr) == 1, f"seed {seed}: reference reply of one claim {rr}")
+        ref_reps = [rr[0] for rr in ref_reps]
+        cand_rep = cand.call(claims, maxlog, offset)
+        old_reps = [old.call([c], maxlog, offset)[0] for c in claims] if old else None
         stats["calls"] += 1
-        check(len(new_rep) == 5 + size, f"seed {seed}: reply length {len(new_rep)}")
-        m = r.hgetall(new.k["meta"])
+        stats["groups_multi"] += size > 1
+        check(len(cand_rep) == size, f"seed {seed}: reply length {len(cand_rep)} for {size}")
+        m = r.hgetall(cand.k["meta"]) or r.hgetall(cand.k["meta"] + ":away")
         for j, c in enumerate(claims):
-            a, at_o = norm_old(old_reps[j])
-            b, at_n = norm_new(new_rep, j)
-            where = f"seed {seed} step {i + j} claim {c}"
-            check(a == b, f"{where}: claim.lua {old_reps[j]} vs claim_batch.lua {new_rep[5 + j]}"
-                          f" (reply {new_rep})")
-            codes[a[0] if a[0] != "refused" else a[1]] = codes.get(
-                a[0] if a[0] != "refused" else a[1], 0) + 1
+            where = (f"seed {seed} step {i + j} (claim {j + 1} of a group of {size}, max log "
+                     f"{maxlog}, offset {offset}) claim {c}")
+            try:
+                a, ta = norm(ref_reps[j], ref)
+                b, tb = norm(cand_rep[j], cand)
+            except Failure as e:
+                raise Failure(f"{where}: {e}")
+            check(a == b, f"{where}: one per call {ref_reps[j]} vs grouped {cand_rep[j]} "
+                          f"(group {claims}, grouped reply {cand_rep})")
+            if old:
+                try:
+                    o, to = norm(old_reps[j], old)
+                except Failure as e:
+                    raise Failure(f"{where}: one-claim script: {e}")
+                check(o == a, f"{where}: claim.lua one per call {ref_reps[j]} vs the one-claim "
+                              f"claim.lua {old_reps[j]}")
+                if to:
+                    times_close(ta, to, f"{where}: vs the one-claim claim.lua")
+            key = a[0] if a[0] != "refused" else a[1]
+            codes[key] = codes.get(key, 0) + 1
             if a[0] == "new":
-                (ato, vfo, vto, bo, so), (atn, vfn, vtn, ep) = at_o, at_n
-                check((bo, so) == (old.batch, old.shard), f"{where}: old coupon id")
-                check(ep == int(m.get("epoch", 1)), f"{where}: epoch {ep}")
-                time_close(ato, atn, f"{where}: claimed_at")
-                validity_ok(m, atn, vfn, vtn, f"{where} (new)")
-                validity_ok(m, ato, vfo, vto, f"{where} (old)")
+                times_close(ta, tb, f"{where}: claimed")
+                validity_ok(m, *ta, f"{where} (one per call)")
+                validity_ok(m, *tb, f"{where} (grouped)")
                 if c[1]:
-                    minted_old[(c[0], c[1])] = (a[1], c[2], ato, vfo, vto)
-                    minted_new[(c[0], c[1])] = (b[1], c[2], atn, vfn, vtn)
+                    minted[(c[0], c[1])] = (ta, tb)
             elif a[0] == "replay":
-                key = (c[0], c[1])
-                check(key in minted_new, f"{where}: replay of a request id never minted")
-                seq, nonce, at, vf, vt = minted_new[key]
-                check(b[1:] == (seq, nonce), f"{where}: replay {b} vs minted {seq, nonce}")
-                check(at_n[:3] == (at, vf, vt), f"{where}: replayed times {at_n} vs {at, vf, vt}")
-                check(at_o[:3] == minted_old[key][2:], f"{where}: claim.lua replayed times")
-            # both sequences after the call must agree, and seq_after must be the counter
-        check(int(r.get(old.k["claimed"]) or 0) == new_rep[1] or new_rep[0] == 0,
-              f"seed {seed}: seq_after {new_rep[1]} vs claim.lua counter "
-              f"{r.get(old.k['claimed'])}")
+                # a replay answers the times its coupon was minted with, exactly
+                want = minted.get((c[0], c[1]), (ta, ta))  # seeded records: the same on both
+                check((ta, tb) == want, f"{where}: replayed times {ta} {tb} vs minted {want}")
         i += size
         stats["claims"] += size
 
-    # final state: counts, day counts, stock, sequence, logs (a vanished meta comes back)
-    for side in (old, new):
+    # final state (a vanished meta comes back first)
+    for side in sides:
         if r.exists(side.k["meta"] + ":away"):
             r.rename(side.k["meta"] + ":away", side.k["meta"])
-    ou, od = r.hgetall(old.k["users"]), r.hgetall(old.k["daily"])
-    nu = r.hgetall(new.k["users"])
-    check(set(ou) == set(nu), f"seed {seed}: users differ {set(ou) ^ set(nu)}")
-    gen = f"{new.k['req']}:{r.hget(new.k['meta'], 'rqc')}"
-    with_rid = {}  # user -> successes with a request id, from claim.lua's log
-    for _, f in r.xrange(old.k["log"]):
-        if f["r"]:
-            with_rid[f["u"]] = with_rid.get(f["u"], 0) + 1
-    for u, v in nu.items():
-        mm = re.fullmatch(r"(\d+)(?::(\d+):(\d+))?((?:/\d+\.\d+)*)", v)
-        check(mm, f"seed {seed}: user field of {u}: {v!r}")
-        count, d, dc, refs = mm.groups()
-        check(int(count) == int(ou[u]), f"seed {seed}: count of {u}: {ou[u]} vs {v}")
-        if d is not None:
-            check(od.get(u) == f"{d}:{dc}", f"seed {seed}: day of {u}: {od.get(u)} vs {v}")
-        else:
-            check(u not in od, f"seed {seed}: day of {u}: {od.get(u)} vs {v}")
-        # one reference per call with a success of u that had a request id; each names a
-        # record that holds such a claim of u
-        refs = refs.split("/")[1:]
-        check(len(refs) == len(set(refs)) and len(refs) <= with_rid.get(u, 0)
-              and (len(refs) > 0) == (with_rid.get(u, 0) > 0),
-              f"seed {seed}: references of {u}: {v} ({with_rid.get(u, 0)} with request id)")
-        for ref in refs:
-            rec = r.hget(gen, "@" + ref)
-            check(rec is not None, f"seed {seed}: reference {ref} of {u} names no record")
-            p = rec.split("|")[6:]
-            check(any(p[3 * k] == u and p[3 * k + 1] for k in range(len(p) // 3)),
-                  f"seed {seed}: record {ref} holds no claim of {u} with a request id")
-    for k in ("stock", "claimed"):
-        check(r.get(old.k[k]) == r.get(new.k[k]), f"seed {seed}: {k} {r.get(old.k[k])} vs "
-                                                  f"{r.get(new.k[k])}")
-    old_log = [(int(f["c"].split(".")[2]), f["u"], f["r"], int(f["t"]), int(f["vf"]),
-                int(f["vt"])) for _, f in r.xrange(old.k["log"])]
-    new_log = []
-    for eid, flat in raw_xrange(r, new.k["log"]):
-        check(len(flat) == 4 and flat[0] == "h" and flat[2] == "c",
-              f"seed {seed}: log entry fields {flat}")
-        ver, epoch, q, t, vf, vt = flat[1].split("|")
-        check(ver == "2" and epoch == (r.hget(new.k["meta"], "epoch") or "1"),
-              f"seed {seed}: log header {flat[1]}")
-        time_close(int(eid.split("-")[0]), int(t), f"seed {seed}: entry id vs t", 1000)
-        parts = flat[3].split("|")
-        check(len(parts) % 3 == 0, f"seed {seed}: log claims {flat[3]}")
-        for k in range(len(parts) // 3):
-            new_log.append((int(q) + k, parts[3 * k], parts[3 * k + 1], int(t), int(vf),
-                            int(vt)))
-    check([x[:3] for x in old_log] == [x[:3] for x in new_log],
-          f"seed {seed}: logs differ:\n {old_log}\n {new_log}")
-    for o, n in zip(old_log, new_log):
-        time_close(o[3], n[3], f"seed {seed}: log claimed_at")
-    check([x[0] for x in new_log] == list(range(1, len(new_log) + 1)),
-          f"seed {seed}: log sequences not 1..n")
+    compare_state(r, ref, cand, f"seed {seed}")
+    if old:
+        compare_state(r, ref, old, f"seed {seed} (vs the one-claim claim.lua)")
     return stats, codes
 
 
+def compare_state(r, ref, cand, what):
+    for k in ("users", "daily", "deny"):
+        a = r.hgetall(ref.k[k]) if k != "deny" else r.smembers(ref.k[k])
+        b = r.hgetall(cand.k[k]) if k != "deny" else r.smembers(cand.k[k])
+        check(a == b, f"{what}: {k} differ: only in {ref.batch} "
+                      f"{sorted(set(a) - set(b))}, only in {cand.batch} {sorted(set(b) - set(a))}, "
+                      f"values {[(x, a[x], b[x]) for x in set(a) & set(b) if a[x] != b[x]][:5]}"
+              if isinstance(a, dict) else f"{what}: {k} differ")
+    for k in ("stock", "claimed"):
+        check(r.get(ref.k[k]) == r.get(cand.k[k]),
+              f"{what}: {k} {r.get(ref.k[k])} vs {r.get(cand.k[k])}")
+    ra, rb = r.hgetall(ref.k["req"]), r.hgetall(cand.k["req"])
+    check(set(ra) == set(rb), f"{what}: request-id fields differ {set(ra) ^ set(rb)}")
+    for f in ra:
+        pa, pb = ra[f].split("|"), rb[f].split("|")
+        check(len(pa) == len(pb) in (4, 5), f"{what}: req {f}: {ra[f]} vs {rb[f]}")
+        check(coupon_seq(pa[0], ref) == coupon_seq(pb[0], cand),
+              f"{what}: req {f} coupon {pa[0]} vs {pb[0]}")
+        times_close([int(x) for x in pa[1:4]], [int(x) for x in pb[1:4]], f"{what}: req {f}")
+        check(pa[4:] == pb[4:], f"{what}: req {f} nonce {ra[f]} vs {rb[f]}")
+    la, lb = raw_xrange(r, ref.k["log"]), raw_xrange(r, cand.k["log"])
+    last = {ref.batch: 0, cand.batch: 0}
+    check(len(la) == len(lb), f"{what}: log lengths {len(la)} vs {len(lb)}")
+    for n, ((ida, fa), (idb, fb)) in enumerate(zip(la, lb)):
+        where = f"{what}: log entry {n + 1}"
+        for side, fl in ((ref, fa), (cand, fb)):
+            check(fl[0::2] == LOG_FIELDS, f"{where}: fields {fl[0::2]}")
+        da, db = dict(zip(fa[0::2], fa[1::2])), dict(zip(fb[0::2], fb[1::2]))
+        check(da["k"] == db["k"] == "claimed", f"{where}: k {da['k']} {db['k']}")
+        check(coupon_seq(da["c"], ref) == coupon_seq(db["c"], cand), f"{where}: c {da} vs {db}")
+        check((da["u"], da["r"]) == (db["u"], db["r"]), f"{where}: u, r {da} vs {db}")
+        check((da["b"], da["s"]) == (ref.batch, ref.shard)
+              and (db["b"], db["s"]) == (cand.batch, cand.shard), f"{where}: b, s {da} {db}")
+        times_close([int(da[x]) for x in ("t", "vf", "vt")],
+                    [int(db[x]) for x in ("t", "vf", "vt")], where)
+        for side, d, eid in ((ref, da, ida), (cand, db, idb)):
+            seq = coupon_seq(d["c"], side)
+            check(last[side.batch] < seq, f"{where}: sequence not increasing")
+            last[side.batch] = seq
+            # the stream id's ms and claimed-at are both from the script's TIME
+            check(abs(int(eid.split("-")[0]) - int(d["t"])) <= 1000, f"{where}: entry id vs t")
+            # the request-id record of a claim with a request id names this coupon
+            if d["r"]:
+                rec = r.hget(side.k["req"], f"{d['u']}|{d['r']}")
+                check(rec is not None and rec.split("|")[:4] == [d["c"], d["vf"], d["vt"], d["t"]],
+                      f"{where}: req record {rec} vs entry {d}")
+
+
 def raw_xrange(r, key):
-    """XRANGE keeping each entry's fields as a flat list (field names repeat)."""
+    """XRANGE keeping each entry's fields as a flat list (order kept, names may repeat)."""
     raw = redis.Redis(connection_pool=r.connection_pool)
     raw.set_response_callback("XRANGE", lambda reply, **_: reply)
     return [(e[0], e[1]) for e in raw.xrange(key)]
 
 
-def snapshot(r):
-    """Every key with its type, value and TTL: what 'nothing written' must leave unchanged."""
-    return (r.execute_command("DEBUG", "DIGEST"),
-            sorted((k, r.execute_command("PEXPIRETIME", k)) for k in r.keys("*")))
+def digest(r):
+    return r.execute_command("DEBUG", "DIGEST")
 
 
-def directed(r):
+def directed(r, sha):
     n_checks = 0
     now = int(time.time() * 1000)
-    meta = {"state": "active", "start": now - HOUR, "end": now + HOUR, "limit": 2, "daily": 0,
+    meta = {"state": "active", "start": now - HOUR, "end": now + HOUR, "limit": 2, "daily": 1,
             "vdays": 7, "vfrom": 0, "vto": 0, "ver": 1, "fp": "f"}
 
     def fresh(batch):
-        s = New(r, batch, 0)
+        s = Shard(r, sha, batch, 0)
         r.hset(s.k["meta"], mapping=meta)
         r.set(s.k["stock"], 100)
         return s
 
-    # 1. validate-then-write: bad arguments anywhere fail the whole call, nothing written.
+    # 1. bad arguments: an error reply, the whole call refused, nothing written
     s = fresh("v")
-    s.call([("a", "r1", "n")])  # a first success, so the shard has every key
+    rep = s.call([("a", "r1", "n"), ("b", "", "")])  # first successes: the shard has every key
+    check([x[0] for x in rep] == [1, 1], f"validate: setup {rep}")
     good = [("u1", "r1", "n1"), ("u2", "r2", "n2"), ("u3", "r3", "n3")]
 
     def cols(claims):
         return [c[0] for c in claims] + [c[1] for c in claims] + [c[2] for c in claims]
 
+    def head(n, maxlog=0, offset=0):
+        return [n, maxlog, s.batch, s.shard, offset]
+
     flat = cols(good)
     bad = {
-        "op": ["grab", 3, 0, HOUR] + flat,
-        "n zero": ["claim", 0, 0, HOUR],
-        "n too big": ["claim", 1001, 0, HOUR] + ["u"] * 1001 + ["r"] * 1001 + ["n"] * 1001,
-        "n not integer": ["claim", "2.5", 0, HOUR] + flat,
-        "count mismatch": ["claim", 4, 0, HOUR] + flat,
-        "bad maxlog": ["claim", 3, "-1", HOUR] + flat,
-        "bad retention": ["claim", 3, 0, "0"] + flat,
-        "retention not a number": ["claim", 3, 0, "1h"] + flat,
-        "empty user (middle)": ["claim", 3, 0, HOUR] + cols([good[0], ("", "r", "n"), good[2]]),
-        "| in last request id": ["claim", 3, 0, HOUR] + cols(good[:2] + [("u3", "r|3", "n")]),
-        "| in first user": ["claim", 3, 0, HOUR] + cols([("u|1", "r1", "n")] + good[1:]),
-        "| in a middle user": ["claim", 3, 0, HOUR] + cols([good[0], ("u|2", "r2", "n"), good[2]]),
-        "| in last nonce": ["claim", 3, 0, HOUR] + cols(good[:2] + [("u3", "r3", "n|")]),
+        "n not matching (one argument more)": head(3) + flat + ["x"],
+        "n not matching (one argument less)": head(3) + flat[:-1],
+        "n not matching (n 4, 3 claims)": head(4) + flat,
+        "n not matching (n 2, 3 claims)": head(2) + flat,
+        "n not matching (no claims)": head(1),
+        "n = 0": head(0),
+        "n = 0 with claims": head(0) + flat,
+        "n = 1001": head(1001) + [f"u{i}" for i in range(1001)] + ["r"] * 1001 + ["n"] * 1001,
+        "n = -1": head(-1) + flat,
+        "n = 2.5": head("2.5") + flat,
+        "n = 'three'": head("three") + flat,
+        "n = ''": head("") + flat,
+        "empty user (first)": head(3) + cols([("", "r", "n")] + good[1:]),
+        "empty user (middle)": head(3) + cols([good[0], ("", "r", "n"), good[2]]),
+        "empty user (last)": head(3) + cols(good[:2] + [("", "r", "n")]),
+        "offset 86400000": head(3, offset=86400000) + flat,
+        "offset -86400000": head(3, offset=-86400000) + flat,
+        "offset 1.5": head(3, offset="1.5") + flat,
+        "offset 'x'": head(3, offset="x") + flat,
+        "offset ''": head(3, offset="") + flat,
+        "max log -1": head(3, maxlog=-1) + flat,
+        "max log 1.5": head(3, maxlog="1.5") + flat,
+        "max log 'x'": head(3, maxlog="x") + flat,
+        "max log ''": head(3, maxlog="") + flat,
     }
     for what, args in bad.items():
-        before = snapshot(r)
+        before = digest(r)
         try:
-            s.call(None, raw_args=args)
-            raise Failure(f"validate: {what}: accepted")
+            rep = s.raw(args)
+            raise Failure(f"validate: {what}: accepted, answered {rep}")
         except redis.ResponseError as e:
-            check("claim_batch" in str(e), f"validate: {what}: unexpected error {e}")
-        check(snapshot(r) == before, f"validate: {what}: something was written")
+            check("claim" in str(e), f"validate: {what}: unexpected error {e}")
+        check(digest(r) == before, f"validate: {what}: something was written")
         n_checks += 1
-    # corrupt state read before any write: stock, a user record, the meta
+    # corrupt state read before any write: stock, a user's count
     for what, key, fix in [("stock", s.k["stock"], lambda: r.set(s.k["stock"], "ten")),
-                           ("user record", s.k["users"], lambda: r.hset(s.k["users"], "u2", "x")),
-                           ("meta vdays", s.k["meta"], lambda: r.hset(s.k["meta"], "vdays", "x")),
-                           ("meta epoch", s.k["meta"], lambda: r.hset(s.k["meta"], "epoch", "e"))]:
+                           ("user count", s.k["users"],
+                            lambda: r.hset(s.k["users"], "u2", "x"))]:
         saved = r.dump(key)
         fix()
-        before = snapshot(r)
+        before = digest(r)
         try:
-            s.call(good)
-            raise Failure(f"validate: corrupt {what}: accepted")
+            rep = s.call(good)
+            raise Failure(f"validate: corrupt {what}: accepted, answered {rep}")
         except redis.ResponseError:
             pass
-        check(snapshot(r) == before, f"validate: corrupt {what}: something was written")
+        check(digest(r) == before, f"validate: corrupt {what}: something was written")
         r.restore(key, 0, saved, replace=True)
         n_checks += 1
 
-    # 2. backlog bound: counted in log entries, checked once per call, replays still answered
-    s = fresh("bl")
-    rep = s.call([("a", "ra", "na")], maxlog=2)
-    check(rep[5] == 1, f"backlog: first claim {rep}")
-    rep = s.call([("b", "rb", "nb")], maxlog=2)
-    check(rep[5] == 2, f"backlog: second claim {rep}")
-    before = snapshot(r)
-    rep = s.call([("c", "rc", "nc"), ("a", "ra", "zz"), ("d", "", "")], maxlog=2)
-    check(rep[5] == -9 and rep[7] == -9 and rep[6][:3] == [2, 1, 1] and rep[6][6] == "na",
-          f"backlog: at bound {rep}")
-    check(snapshot(r) == before, "backlog: a refused call wrote something")
-    rep = s.call([("c", "rc", "nc")], maxlog=3)
-    check(rep[5] == 3, f"backlog: below bound {rep}")
-    n_checks += 3
-
-    # 3. fencing and missing meta: whole call refused, nothing written
-    s = fresh("f")
-    s.call([("a", "ra", "na")])
-    r.hset(s.k["meta"], "fenced", "1")
-    before = snapshot(r)
-    rep = s.call([("a", "ra", "na"), ("b", "rb", "nb")])
-    check(rep[5:] == [-11, -11], f"fenced: {rep}")
-    check(snapshot(r) == before, "fenced: something was written")
-    r.hset(s.k["meta"], "fenced", "0")
-    r.delete(s.k["meta"])
-    before = snapshot(r)
-    rep = s.call([("a", "ra", "na"), ("b", "rb", "nb")])
-    check(rep == [0, 0, 0, 0, 0, -1, -1], f"no meta: {rep}")
-    check(snapshot(r) == before, "no meta: something was written")
-    n_checks += 2
-
-    # 4. epoch: the sequence continues, a replay keeps the epoch it was minted in
-    s = fresh("e")
-    rep = s.call([("a", "ra", "na"), ("b", "rb", "nb")])
-    check(rep[0] == 1 and rep[5:] == [1, 2], f"epoch 1: {rep}")
-    r.hset(s.k["meta"], "epoch", 3)
-    rep = s.call([("c", "rc", "nc"), ("a", "ra", "xx")])
-    check(rep[0] == 3 and rep[1] == 3 and rep[5] == 3 and rep[6][:3] == [2, 1, 1]
-          and rep[6][6] == "na", f"epoch 3: {rep}")
-    entries = raw_xrange(r, s.k["log"])
-    check(entries[-1][1][1].split("|")[1:3] == ["3", "3"], f"epoch: log entry {entries[-1]}")
+    # 2. a call of refusals and replays only writes nothing
+    before = digest(r)
+    rep = s.call([("a", "r1", "zz"), ("a", "r9", "n"), ("b", "", "n"), ("a", "r1", "")])
+    check(rep[0][0] == 2 and rep[0][5] == "n" and rep[1] == [0, -7] and rep[2] == [0, -7]
+          and rep[3] == rep[0], f"refusals and replays: {rep}")
+    check(digest(r) == before, "refusals and replays: something was written")
     n_checks += 1
 
-    # 5. the 'replay' op: answers from records, -10 otherwise, writes nothing
-    before = snapshot(r)
-    rep = s.call([("a", "ra", "q"), ("c", "rc", "q"), ("c", "nope", "q"), ("z", "", "q")],
-                 op="replay")
-    check(rep[5][:3] == [2, 1, 1] and rep[6][:3] == [2, 3, 3] and rep[7:] == [-10, -10]
-          and rep[1] == 3, f"replay op: {rep}")
-    check(snapshot(r) == before, "replay op: something was written")
+    # 3. no meta: every claim -1 (replays too), nothing written
+    r.rename(s.k["meta"], s.k["meta"] + ":away")
+    before = digest(r)
+    rep = s.call([("a", "r1", "n"), ("z", "", "")])
+    check(rep == [[0, -1], [0, -1]], f"no meta: {rep}")
+    check(digest(r) == before, "no meta: something was written")
+    r.rename(s.k["meta"] + ":away", s.k["meta"])
     n_checks += 1
 
-    # 5b. a record holds a call's claims; a (user, request id) found across an entry boundary
-    # is not a match: user x, request id y must not replay user q's claim (rid x, nonce y)
-    s = fresh("x")
-    r.hset(s.k["meta"], "limit", 3)
-    rep = s.call([("q", "x", "y"), ("x", "r0", "n0")])
-    check(rep[5:] == [1, 2], f"boundary: first call {rep}")
-    rep = s.call([("x", "y", "n1"), ("x", "r0", "n2")])
-    check(rep[5] == 3 and rep[6][:3] == [2, 1, 2] and rep[6][6] == "n0",
-          f"boundary: second call {rep}")
-    users = r.hget(s.k["users"], "x")
-    check(users == "2/1.1/1.3", f"boundary: user field {users}")
-    n_checks += 1
-
-    # 6. retention: generations rotate, records live between W and 2W, then vanish; a user's
-    # references to records of expired generations are dropped when its field is written
-    W = 400
-    s = fresh("w")
-    r.hset(s.k["meta"], "limit", 5)
-    t0 = time.time()
-    rep = s.call([("a", "ra", "na")], retention=W)
-    check(rep[5] == 1, f"retention: claim {rep}")
-    gen1 = r.hget(s.k["meta"], "rqc")
-    k1 = f"{s.k['req']}:{gen1}"
-    check(r.hexists(k1, "@1.1") and 0 < r.pttl(k1) <= 2 * W
-          and r.hget(s.k["users"], "a") == "1/1.1" and r.hget(s.k["meta"], "rqcq") == "1",
-          f"retention: generation {k1} {r.hgetall(k1)} {r.hgetall(s.k['meta'])}")
-    rep = s.call([("a", "ra", "x")], retention=W)
-    check(isinstance(rep[5], list) and rep[5][2] == 1, f"retention: replay within W {rep}")
-    while time.time() < t0 + 1.3 * W / 1000:
-        time.sleep(0.01)
-    rep = s.call([("b", "rb", "nb"), ("a", "ra", "x")], retention=W)  # rotates
-    check(rep[5] == 2 and isinstance(rep[6], list) and rep[6][2] == 1,
-          f"retention: after rotation {rep}")
-    m = r.hgetall(s.k["meta"])
-    gen2 = m["rqc"]
-    check(m["rqp"] == gen1 and gen2 != gen1 and m["rqcq"] == "2" and m["rqpq"] == "1",
-          f"retention: rotation meta {m}")
-    check(r.hexists(f"{s.k['req']}:{gen2}", "@1.2"), "retention: new record in new generation")
-    while time.time() < t0 + 2.3 * W / 1000:
-        time.sleep(0.01)
-    check(not r.exists(k1), "retention: first generation did not expire")
-    rep = s.call([("a", "ra", "x")], op="replay", retention=W)
-    check(rep[5] == -10, f"retention: expired record still found {rep}")
-    rep = s.call([("b", "rb", "x")], op="replay", retention=W)
-    check(isinstance(rep[5], list), f"retention: second record lost too early {rep}")
-    # a third generation: a's next success drops its reference to the expired first one
-    while time.time() < t0 + 2.7 * W / 1000:
-        time.sleep(0.01)
-    rep = s.call([("a", "ra2", "n")], retention=W)
-    check(rep[5] == 3 and r.hget(s.k["users"], "a") == "2/1.3",
-          f"retention: pruned references {rep} {r.hget(s.k['users'], 'a')}")
-    # a long pause: both generations are dropped at once
-    while time.time() < t0 + 5.5 * W / 1000:
-        time.sleep(0.01)
-    rep = s.call([("c", "rc", "nc")], retention=W)
-    m = r.hgetall(s.k["meta"])
-    check(rep[5] == 4 and m["rqp"] == "" and m["rqpq"] == "", f"retention: long pause {rep} {m}")
-    rep = s.call([("a", "ra3", "n")], retention=W)
-    check(rep[5] == 5 and r.hget(s.k["users"], "a") == "3/1.5",
-          f"retention: all references expired {rep} {r.hget(s.k['users'], 'a')}")
-    n_checks += 7
-
-    # 7. daily limit across a day boundary (yesterday's count does not count today)
-    s = fresh("d")
-    today = int(time.time() * 1000) // DAY
-    r.hset(s.k["meta"], mapping={"daily": 1, "limit": 5})
-    r.hset(s.k["users"], mapping={"y": f"1:{today - 1}:1", "t": f"1:{today}:1", "p": "2"})
-    rep = s.call([("y", "", ""), ("t", "", ""), ("p", "", ""), ("p", "", "")])
-    check(rep[5:] == [1, -7, 2, -7], f"daily: {rep}")
-    check(r.hmget(s.k["users"], "y", "t", "p") == [f"2:{today}:1", f"1:{today}:1",
-                                                   f"3:{today}:1"],
-          f"daily: records {r.hgetall(s.k['users'])}")
+    # 4. a call of 1000 claims (the most) against 1000 calls of one, stock for 600 of them
+    rng = random.Random(1000)
+    ref, cand = fresh("bigr"), fresh("bigc")
+    for side in (ref, cand):
+        r.hset(side.k["meta"], mapping={"limit": 3, "daily": 2})
+        r.set(side.k["stock"], 600)
+    claims = [(f"u{rng.randrange(300)}", rng.choice(["", f"r{rng.randrange(3)}"]),
+               f"{rng.getrandbits(64):016x}") for _ in range(1000)]
+    ra = [ref.call([c])[0] for c in claims]
+    rb = cand.call(claims)
+    check(len(rb) == 1000, f"1000 claims: {len(rb)} answers")
+    for j, (x, y) in enumerate(zip(ra, rb)):
+        check(norm(x, ref)[0] == norm(y, cand)[0], f"1000 claims: claim {j} {claims[j]}: "
+                                                   f"{x} vs {y}")
+    compare_state(r, ref, cand, "1000 claims")
     n_checks += 1
     return n_checks
 
 
 def main():
-    global BATCH_SCRIPT
+    global SLACK_MS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=200)
     ap.add_argument("--first-seed", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--max-batch", type=int, default=16)
-    ap.add_argument("--script", default=BATCH_SCRIPT,
-                    help="the batched script to test (default lua/claim_batch.lua)")
+    ap.add_argument("--steps", type=int, default=300, help="claims per seed")
+    ap.add_argument("--max-batch", type=int, default=16, help="largest group (claims per call)")
+    ap.add_argument("--claim", default=CLAIM_SCRIPT, help="the claim script to test")
+    ap.add_argument("--old-rev", default=OLD_REV,
+                    help="git revision whose lua/claim.lua is the one-claim script, run on a "
+                         "third shard as a check of the reference ('' = skip)")
+    ap.add_argument("--slack-ms", type=int, default=SLACK_MS,
+                    help="how far apart the two shards' times may be")
     a = ap.parse_args()
-    BATCH_SCRIPT = a.script
+    SLACK_MS = a.slack_ms
     srv = Server()
     try:
         r = srv.r
-        total, codes = {"claims": 0, "calls": 0, "events": 0}, {}
+        sha = r.script_load(open(a.claim).read())
+        old = old_script(a.old_rev)
+        old_sha = r.script_load(old) if old else None
+        total, codes = {"claims": 0, "calls": 0, "events": 0, "groups_multi": 0}, {}
         for seed in range(a.first_seed, a.first_seed + a.seeds):
-            st, cd = run_seed(r, seed, a.steps, a.max_batch)
+            st, cd = run_seed(r, sha, old_sha, seed, a.steps, a.max_batch)
             for k in total:
                 total[k] += st[k]
             for k, v in cd.items():
                 codes[k] = codes.get(k, 0) + v
-        print(f"random: {a.seeds} seeds, {total['claims']} claims in {total['calls']} "
-              f"claim_batch calls, {total['events']} admin events: every answer and final "
-              f"state matched")
+        print(f"random: seeds {a.first_seed}..{a.first_seed + a.seeds - 1}, {total['claims']} "
+              f"claims in {total['calls']} grouped calls ({total['groups_multi']} of 2 or more "
+              f"claims, at most {a.max_batch}) and {total['claims']} one-claim calls, "
+              f"{total['events']} "
+              f"admin events: every answer and the final state matched")
+        if old_sha:
+            print(f"the one-claim claim.lua of {a.old_rev[:7]} answered every claim as the "
+                  f"reference and ended in the same state")
         print("answers seen: " + ", ".join(f"{k}={v}" for k, v in
                                           sorted(codes.items(), key=lambda x: str(x[0]))))
-        n = directed(r)
+        n = directed(r, sha)
         print(f"directed: {n} checks passed")
     except Failure as e:
         print(f"FAIL: {e}")

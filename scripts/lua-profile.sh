@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Where Redis spends its instructions on the claim scripts: redis-server under valgrind
-# callgrind, a fixed number of claims per workload (PING -P 16, return 1, claim.lua, and
-# claim_batch.lua at 1, 8 and 32 claims per call), Ir per claim and the hot spots of the
-# 1-per-call and 32-per-call runs.
+# callgrind, a fixed number of claims per workload (PING -P 16, return 1, the one-claim
+# claim.lua of lua-bench.py's --old-rev, lua/claim.lua at 1, 8, 32 and 64 claims per call and
+# at 64 without request ids, lua/claim_batch.lua at the same sizes), Ir per claim and the hot
+# spots of claim.lua's 1-per-call and 64-per-call runs.
 #
 #   scripts/lua-profile.sh                                   # the system redis-server
 #   scripts/lua-profile.sh --redis-bin /path/to/redis-server # e.g. a build with symbols
+#   scripts/lua-profile.sh --sizes 1,32 --no-batch --cg-claims 640   # a quicker look
 #
 # Debian's redis-server is stripped: Lua's internal functions show as addresses. A build of
 # the same source with symbols names them (see loadtest/results/*-lua-cost.md for how).
