@@ -6,6 +6,7 @@
 //! Invariant kept here: every loop stops when its shutdown token is cancelled, and every
 //! wait in it is bounded (a tick, or a message).
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,12 +14,20 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::Backend;
+use crate::domain::time::now_ms;
 use crate::http::App;
 use crate::obs::events::SweepFailed;
 
 /// The refresh loop does its slower chores (healing, gauges, purge, upkeep) every this
 /// many ticks.
 const CHORES_EVERY: u64 = 5;
+
+/// How long after a batch's window ended it is settled: no claim begun before the end
+/// can still be refilling it.
+const SETTLED_AFTER_END_MS: i64 = 60_000;
+
+/// The refresh looks at batches ended [`SETTLED_AFTER_END_MS`] ago every this many ticks.
+const ENDED_REFRESH_EVERY: u64 = 30;
 
 /// Starts the background loops of `app`; they stop when `shutdown` is cancelled.
 pub fn spawn_background<B: Backend>(
@@ -62,8 +71,20 @@ async fn refresh<B: Backend>(app: Arc<App<B>>, stop: CancellationToken) {
             _ = stop.cancelled() => break,
             _ = tick.tick() => {}
         }
+        let now = now_ms();
         for entry in catalog.cache().all() {
-            catalog.refresh(&entry).await;
+            // An ended batch changes only by a patch (announced by an event); the refresh,
+            // the fallback for a lost event, looks at it less often.
+            let ended = now
+                > entry
+                    .batch()
+                    .claim_window
+                    .end
+                    .0
+                    .saturating_add(SETTLED_AFTER_END_MS);
+            if !ended || n.is_multiple_of(ENDED_REFRESH_EVERY) {
+                catalog.refresh(&entry).await;
+            }
         }
         if n.is_multiple_of(CHORES_EVERY) {
             catalog.heal_definitions().await;
@@ -76,26 +97,46 @@ async fn refresh<B: Backend>(app: Arc<App<B>>, stop: CancellationToken) {
     }
 }
 
-/// Sweeper: finishes transfers interrupted by a crash.
+/// Sweeper: finishes transfers interrupted by a crash. A batch whose claim window ended
+/// more than [`SETTLED_AFTER_END_MS`] ago and whose slots hold no open transfer is settled:
+/// nothing can open one any more (only claims refill, and they end with the window), so it
+/// is not swept again unless its window's end changes (a patch reopening it).
 async fn sweeper<B: Backend>(app: Arc<App<B>>, stop: CancellationToken) {
     let cfg = app.config().stock.clone();
     let mut tick = tokio::time::interval(Duration::from_millis(cfg.sweep_interval_ms));
+    // batch id -> the window end it was settled at
+    let mut settled: HashMap<String, i64> = HashMap::new();
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
             _ = tick.tick() => {}
         }
-        for entry in app.catalog().cache().all() {
-            if entry.is_lost() {
+        let now = now_ms();
+        let entries = app.catalog().cache().all();
+        for entry in &entries {
+            let end = entry.batch().claim_window.end.0;
+            if entry.is_lost() || settled.get(entry.id.as_str()) == Some(&end) {
                 continue;
             }
-            if let Err(e) = app.stock().sweep(&entry.keys, cfg.sweep_min_age_ms).await {
-                SweepFailed {
+            match app
+                .stock()
+                .sweep_counting(&entry.keys, cfg.sweep_min_age_ms)
+                .await
+            {
+                Ok((_, 0)) if now > end.saturating_add(SETTLED_AFTER_END_MS) => {
+                    settled.insert(entry.id.to_string(), end);
+                }
+                Ok(_) => {}
+                Err(e) => SweepFailed {
                     batch: &entry.id,
                     error: &e.to_string(),
                 }
-                .emit();
+                .emit(),
             }
+        }
+        if settled.len() > entries.len() {
+            let live: HashSet<&str> = entries.iter().map(|e| e.id.as_str()).collect();
+            settled.retain(|id, _| live.contains(id.as_str()));
         }
     }
 }

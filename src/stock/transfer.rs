@@ -117,12 +117,23 @@ impl<B: Backend> Stock<B> {
     /// Finishes every transfer whose outbox entry is older than `min_age_ms` (0 = all).
     /// Safe to run at any time, on any number of instances at once.
     pub async fn sweep(&self, keys: &BatchKeys, min_age_ms: u64) -> Result<usize, StockError> {
+        Ok(self.sweep_counting(keys, min_age_ms).await?.0)
+    }
+
+    /// [`Stock::sweep`], also counting the transfers it left open (younger than
+    /// `min_age_ms`): `(finished, left open)`.
+    pub async fn sweep_counting(
+        &self,
+        keys: &BatchKeys,
+        min_age_ms: u64,
+    ) -> Result<(usize, usize), StockError> {
         let now = now_ms();
-        let mut finished = 0;
+        let (mut finished, mut open) = (0, 0);
         for slot in keys.all() {
             let p = probe::call(self.backend.as_ref(), slot).await?;
             for e in p.outbox {
                 if now - e.created_ms < min_age_ms as i64 {
+                    open += 1;
                     continue;
                 }
                 self.finish(keys, slot, &e).await?;
@@ -135,6 +146,6 @@ impl<B: Backend> Stock<B> {
                 finished += 1;
             }
         }
-        Ok(finished)
+        Ok((finished, open))
     }
 }
