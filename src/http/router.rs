@@ -205,7 +205,38 @@ where
     resp
 }
 
+/// The hot routes (claims, health) inline; every other route's future boxed. Every request's
+/// future is this one, which the server boxes and moves: inline, the largest route (grant
+/// uploads, batch creation) sized it for all (11.8 KB in a release build, against 2.7 KB
+/// for a claim), and moving and zeroing it showed in the claim path's profile.
 async fn dispatch<B, Bd>(
+    app: &App<B>,
+    route: Route<'_>,
+    parts: &http::request::Parts,
+    body: Bd,
+    peer: SocketAddr,
+    body_cut: &AtomicBool,
+) -> Result<Response<Full<Bytes>>, ApiError>
+where
+    B: Backend,
+    Bd: Body<Data = Bytes>,
+    Bd::Error: std::error::Error + Send + Sync + 'static,
+{
+    let m = &parts.method;
+    match route {
+        Route::Health if m == Method::GET => Ok(ops::health()),
+        Route::Claims(id) if m == Method::POST => {
+            let limit = app.config().server.max_body_bytes;
+            let body = read_body(body, limit, body_cut).await?;
+            let (status, reply) = claim::claim(app.api(), id, &parts.headers, peer, &body).await?;
+            Ok(json_response(status, &reply))
+        }
+        _ => Box::pin(dispatch_other(app, route, parts, body, peer, body_cut)).await,
+    }
+}
+
+/// Every route but the hot ones of [`dispatch`].
+async fn dispatch_other<B, Bd>(
     app: &App<B>,
     route: Route<'_>,
     parts: &http::request::Parts,
@@ -229,7 +260,6 @@ where
         api.limits().check_other(api.limits().client_ip(peer, h))?;
     }
     match route {
-        Route::Health if m == Method::GET => Ok(ops::health()),
         Route::Ready if m == Method::GET => Ok(ops::ready(app).await),
         Route::Metrics if m == Method::GET => Ok(ops::metrics(app)),
         Route::OpenApi if m == Method::GET => Ok(ops::openapi()),
@@ -268,11 +298,6 @@ where
                 StatusCode::OK,
                 &admin::patch(api, id, &body).await?,
             ))
-        }
-        Route::Claims(id) if m == Method::POST => {
-            let body = read_body(body, limit, body_cut).await?;
-            let (status, reply) = claim::claim(api, id, h, peer, &body).await?;
-            Ok(json_response(status, &reply))
         }
         Route::Grants(id) if m == Method::POST => {
             if let Err(e) = api.auth().check_admin(h) {
