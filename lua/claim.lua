@@ -97,14 +97,21 @@ if not m[1] then
 end
 
 -- Earlier successes of the call's request ids: one read for all of them.
-local fields, prev = {}, {}
+local F, fields, prev, nf = {}, {}, {}, 0 -- F[i]: claim i's request field (false: none)
 for i = 1, n do
   local rid = A[R + i]
-  if rid ~= '' then fields[#fields + 1] = A[U + i] .. '|' .. rid end
+  if rid ~= '' then
+    local f = A[U + i] .. '|' .. rid
+    F[i] = f
+    nf = nf + 1
+    fields[nf] = f
+  else
+    F[i] = false
+  end
 end
-if #fields > 0 then
+if nf > 0 then
   local got = call('HMGET', KEYS[5], unpack(fields))
-  for j = 1, #fields do
+  for j = 1, nf do
     if got[j] then prev[fields[j]] = got[j] end
   end
 end
@@ -154,8 +161,7 @@ local minted = {}   -- request field -> index of the claim of this call that min
 local wins = {}     -- indexes of the claims that mint, in sequence order
 local k = 0
 for i = 1, n do
-  local u, rid = A[U + i], A[R + i]
-  local f = rid ~= '' and (u .. '|' .. rid) or nil
+  local u, f = A[U + i], F[i]
   local p = f and prev[f]
   if p then
     local c, vf, vt, at, nonce = string.match(p, '^([^|]*)|(%d+)|(%d+)|(%d+)|?([^|]*)$')
@@ -200,31 +206,34 @@ local sf, st, sn = fmt('%d', vf), fmt('%d', vt), fmt('%d', now)
 call('DECRBY', KEYS[2], k)
 local base = call('INCRBY', KEYS[8], k) - k + (tonumber(m[9] or '0') or 0) * 1000000000000
 local prefix = batch .. '.' .. shard .. '.'
-local counts, days, reqs, seen = {}, {}, {}, {}
+local counts, days, reqs, seen, nc, nr = {}, {}, {}, {}, 0, 0
+local tail = '|' .. sf .. '|' .. st .. '|' .. sn .. '|'
 for j = 1, k do
   local i = wins[j]
-  local u, rid = A[U + i], A[R + i]
+  local u, f = A[U + i], F[i]
   local coupon = prefix .. fmt('%d', base + j)
   out[i] = { 1, coupon, vf, vt, now }
   if not seen[u] then
     seen[u] = true
-    counts[#counts + 1] = u
-    counts[#counts + 1] = used[u]
+    counts[nc + 1] = u
+    counts[nc + 2] = used[u]
     if daily > 0 then
-      days[#days + 1] = u
-      days[#days + 1] = day .. ':' .. today[u]
+      days[nc + 1] = u
+      days[nc + 2] = day .. ':' .. today[u]
     end
+    nc = nc + 2
   end
-  if rid ~= '' then
-    reqs[#reqs + 1] = u .. '|' .. rid
-    reqs[#reqs + 1] = coupon .. '|' .. sf .. '|' .. st .. '|' .. sn .. '|' .. A[N + i]
+  if f then
+    reqs[nr + 1] = f
+    reqs[nr + 2] = coupon .. tail .. A[N + i]
+    nr = nr + 2
   end
-  call('XADD', KEYS[6], '*', 'k', 'claimed', 'c', coupon, 'u', u, 'r', rid,
+  call('XADD', KEYS[6], '*', 'k', 'claimed', 'c', coupon, 'u', u, 'r', A[R + i],
     'b', batch, 's', shard, 't', sn, 'vf', sf, 'vt', st)
 end
 call('HSET', KEYS[3], unpack(counts))
 if daily > 0 then call('HSET', KEYS[4], unpack(days)) end
-if #reqs > 0 then call('HSET', KEYS[5], unpack(reqs)) end
+if nr > 0 then call('HSET', KEYS[5], unpack(reqs)) end
 -- A repeat of a request id minted earlier in this call: the minting claim's coupon.
 for i = 1, n do
   local w = out[i]
