@@ -181,6 +181,30 @@ impl Drop for RedisServer {
     }
 }
 
+/// A redis-server from `launch(port)` once it accepts connections. A free port can be taken
+/// between [`free_port`] and the server's bind (many tests start servers at once): a server
+/// that exits instead of listening is started again on another port. Bounded: 5 tries of
+/// at most 30 s each.
+pub fn listening(mut port: u16, mut launch: impl FnMut(u16) -> Child) -> (u16, Child) {
+    for _ in 0..5 {
+        let mut child = launch(port);
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(30) {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return (port, child);
+            }
+            if let Ok(Some(_)) = child.try_wait() {
+                break; // it exited: the port was taken
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        port = free_port();
+    }
+    panic!("no redis-server listening after 5 tries");
+}
+
 /// Waits until something accepts connections on `port`.
 pub fn wait_for_port(port: u16, limit: Duration) {
     let start = Instant::now();
@@ -433,11 +457,9 @@ impl RedisCluster {
             children: Vec::new(),
         };
         for i in 0..n {
-            let child = c.launch(c.ports[i]);
+            let (port, child) = listening(c.ports[i], |p| c.launch(p));
+            c.ports[i] = port;
             c.children.push(Some(child));
-        }
-        for p in &c.ports {
-            wait_for_port(*p, Duration::from_secs(10));
         }
         let nodes: Vec<String> = c.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
         let out = Command::new("redis-cli")
