@@ -23,19 +23,7 @@ cd "$(dirname "$0")/.."
 
 SECS=${GROUP_SECONDS:-8}
 CONNS=${GROUP_CONNECTIONS:-256}
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-log() { printf '==> %s\n' "$*" >&2; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
-tick_hz=$(getconf CLK_TCK)
-jget() { python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2], {}, {'d': d}))" "$1" "$2"; }
-calc() { python3 -c "print($1)"; }
+. scripts/bench-common.sh
 
 log "building release binaries"
 cargo build --release --locked -p claimgate -p claimgate-loadtest >&2
