@@ -618,6 +618,15 @@ async fn a_job_killed_mid_way_resumes_without_granting_twice(
     );
     let (s, v) = http.send("GET", "/v1/batches/k9", "").await.unwrap();
     assert_eq!(s, 200);
+    // no shard was taken for rolled back: a repair writes its stock off, which shows as
+    // claimed, and nothing was rolled back here
+    assert_eq!(
+        metric(
+            &metrics,
+            "claimgate_shard_faults_total{kind=\"rolled_back\"}"
+        ),
+        0
+    );
     assert_eq!(v["stock"]["claimed"], users, "granted twice? {v}");
     step("database");
     let db = Db::connect(&DatabaseConfig {

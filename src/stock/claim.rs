@@ -89,16 +89,22 @@ impl<B: Backend> Stock<B> {
                 break;
             }
             let seen = self.gates.generation(&slot.meta);
+            // Read before the call: the persister may write this call's records before the
+            // answer is looked at, and what it wrote since proves nothing.
+            let floor = self.faults.floor_now(&slot.meta);
             // Group-committed: in one call with the other claims queued for this shard.
             let outcome = self.group.claim(slot, shared, one).await?;
-            let fresh = matches!(outcome, Outcome::Claimed(_));
+            let minted_over = match outcome {
+                Outcome::Claimed(_) => Some(floor),
+                _ => None,
+            };
             match outcome {
                 Outcome::ShardEmpty => {}
                 Outcome::NoBatch => return self.without_meta(keys, home).await,
                 Outcome::Claimed(ref c) | Outcome::Replayed(ref c)
-                    if self.rolled_back(slot, c, fresh, a) =>
+                    if self.rolled_back(slot, c, minted_over, a) =>
                 {
-                    if fresh {
+                    if minted_over.is_some() {
                         self.activity.hint(slot); // its record goes to the database all the same
                     }
                     return self.fence(slot).await;
@@ -154,7 +160,7 @@ impl<B: Backend> Stock<B> {
         let slot = keys.shards.get(home as usize).ok_or(StockError::NotFound)?;
         Ok(
             match self.replay(keys, home, a.user, a.request_id, a.ack).await? {
-                Some(c) if self.rolled_back(slot, &c, false, a) => return self.fence(slot).await,
+                Some(c) if self.rolled_back(slot, &c, None, a) => return self.fence(slot).await,
                 Some(c) => ClaimResult::Decided(Outcome::Replayed(c)),
                 None => refusal,
             },
@@ -187,8 +193,10 @@ impl<B: Backend> Stock<B> {
     /// which claim (user, request id) each sequence it saw went to:
     /// - a sequence it saw go to ANOTHER claim was minted twice (seen again for the same
     ///   claim is a replay, whose reply may even arrive before the mint's);
-    /// - a fresh mint this instance never saw at or below what the database holds from the
-    ///   shard (the persister's floor) was minted again.
+    /// - a fresh mint this instance never saw, at or below what the database held from the
+    ///   shard (the persister's floor) BEFORE the call that minted it, was minted again. The
+    ///   floor read after the call proves nothing: group commit answers a claim once its
+    ///   call returns, and the local persister may have written the call's records first.
     ///
     /// Then the shard is reported, and the coupon is not handed out (its id may be another
     /// user's): it reaches the database like any claim, where a clash is recorded as a
@@ -200,7 +208,17 @@ impl<B: Backend> Stock<B> {
     /// the database's truth, never evidence of a rollback.
     ///
     /// [`MintWindow`]: crate::domain::ids::MintWindow
-    fn rolled_back(&self, slot: &SlotKeys, got: &Coupon, fresh: bool, a: &ClaimArgs<'_>) -> bool {
+    ///
+    /// `minted_over`: for a fresh mint, the floor as it was before the call that minted it
+    /// (`Some(None)`: no floor known then); `None` for a replay.
+    fn rolled_back(
+        &self,
+        slot: &SlotKeys,
+        got: &Coupon,
+        minted_over: Option<Option<u64>>,
+        a: &ClaimArgs<'_>,
+    ) -> bool {
+        let fresh = minted_over.is_some();
         let Some((_, shard, seq)) = parse_coupon_id(&got.coupon_id) else {
             return false;
         };
@@ -213,7 +231,9 @@ impl<B: Backend> Stock<B> {
             Sighting::Other => true,
             // The same claim: its replay's reply may arrive before its mint's.
             Sighting::Same => false,
-            Sighting::New => fresh && self.faults.below_floor(&slot.meta, seq_position(seq)),
+            Sighting::New => minted_over
+                .flatten()
+                .is_some_and(|floor| seq_position(seq) <= floor),
         };
         if !minted_twice {
             return false;
@@ -431,6 +451,60 @@ pub(super) mod tests {
                 .is_empty(),
             "the shard is sealed"
         );
+    }
+
+    /// Regression (issue 14, group commit; grant job test killed mid-way): the persister
+    /// wrote a call's records before a claim of that call was answered, the floor then
+    /// covered the claim's own fresh coupon, and the shard was fenced and repaired (its stock
+    /// written off) with nothing rolled back. Only the floor from before the call counts.
+    #[tokio::test]
+    async fn a_floor_raised_by_the_call_itself_is_no_rollback() {
+        let (stock, keys) = one_shard_batch().await;
+        let slot = &keys.shards[0];
+        // minted by a call this instance has not looked at yet
+        let x = claim::Args {
+            user: "x",
+            request_id: "rx",
+            max_log: "0",
+            nonce: "nx",
+            day_offset: "0",
+        };
+        let Outcome::Claimed(c) = claim::call(stock.backend().as_ref(), slot, &x)
+            .await
+            .unwrap()
+        else {
+            panic!("x claims")
+        };
+        let (_, _, seq) = parse_coupon_id(&c.coupon_id).unwrap();
+        // ... and the persister wrote it to the database first: the floor covers it
+        stock
+            .faults()
+            .floor(&slot.meta)
+            .fetch_max(seq_position(seq), std::sync::atomic::Ordering::Relaxed);
+        let a = args("x", "rx", "nx");
+        // the floor from before the call knew nothing of it: no rollback (the floor read
+        // after the call, as before the fix, said "minted again")
+        assert!(!stock.rolled_back(slot, &c, Some(None), &a));
+        assert!(!stock.rolled_back(slot, &c, Some(Some(seq_position(seq) - 1)), &a));
+        // the database held that position before the call: minted again
+        let b = args("y", "ry", "ny");
+        let Outcome::Claimed(d) = claim::call(
+            stock.backend().as_ref(),
+            slot,
+            &claim::Args {
+                user: "y",
+                request_id: "ry",
+                max_log: "0",
+                nonce: "ny",
+                day_offset: "0",
+            },
+        )
+        .await
+        .unwrap() else {
+            panic!("y claims")
+        };
+        let (_, _, dseq) = parse_coupon_id(&d.coupon_id).unwrap();
+        assert!(stock.rolled_back(slot, &d, Some(Some(seq_position(dseq))), &b));
     }
 
     /// The same check lets every ordinary replay through: of a claim this instance answered

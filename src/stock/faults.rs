@@ -121,12 +121,13 @@ impl FaultReporter {
             .clone()
     }
 
-    /// Whether `position` (just minted on the shard whose meta key is `meta`) is at or below
-    /// what the database already holds from it: the shard was rolled back.
-    pub fn below_floor(&self, meta: &str, position: u64) -> bool {
+    /// What the database holds from the shard whose meta key is `meta` now (its highest
+    /// position), if known. Read it BEFORE a claim call: a position the call mints at or
+    /// below it was minted again (the shard was rolled back). A floor read after the call
+    /// proves nothing: the persister may have written the call's own records meanwhile.
+    pub fn floor_now(&self, meta: &str) -> Option<u64> {
         #[allow(clippy::disallowed_methods)] // the guard ends with this expression
-        let floor = self.floors.get(meta).map(|f| f.load(Ordering::Relaxed));
-        floor.is_some_and(|f| position <= f)
+        self.floors.get(meta).map(|f| f.load(Ordering::Relaxed))
     }
 
     /// Whether `batch`/`shard` was not reported within [`REPORT_EVERY`] (and notes it now).
@@ -175,10 +176,9 @@ mod tests {
     #[test]
     fn floors_are_shared_with_their_keeper() {
         let (r, _rx) = FaultReporter::channel(1);
-        assert!(!r.below_floor("m", 1), "no floor known");
+        assert_eq!(r.floor_now("m"), None, "no floor known");
         r.floor("m").fetch_max(10, Ordering::Relaxed);
-        assert!(r.clone().below_floor("m", 10));
-        assert!(!r.below_floor("m", 11));
+        assert_eq!(r.clone().floor_now("m"), Some(10));
     }
 
     #[test]
