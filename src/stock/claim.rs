@@ -42,6 +42,16 @@ pub struct ClaimArgs<'a> {
     pub day_offset_ms: i64,
 }
 
+/// How a claim's coupon came back, for the rollback check ([`Stock::rolled_back`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Got {
+    /// Minted by the call; `floor`: what the database held from the shard before the call
+    /// (`None`: not known).
+    Minted { floor: Option<u64> },
+    /// A replay of an earlier success.
+    Replayed,
+}
+
 /// Claim attempts allowed per counted refill round (`stock.max_refill_rounds`): retries
 /// after another claim's refill moved stock that others then took first.
 const REFILL_RETRIES_PER_ROUND: u32 = 4;
@@ -94,17 +104,17 @@ impl<B: Backend> Stock<B> {
             let floor = self.faults.floor_now(&slot.meta);
             // Group-committed: in one call with the other claims queued for this shard.
             let outcome = self.group.claim(slot, shared, one).await?;
-            let minted_over = match outcome {
-                Outcome::Claimed(_) => Some(floor),
-                _ => None,
+            let how = match outcome {
+                Outcome::Claimed(_) => Got::Minted { floor },
+                _ => Got::Replayed,
             };
             match outcome {
                 Outcome::ShardEmpty => {}
                 Outcome::NoBatch => return self.without_meta(keys, home).await,
                 Outcome::Claimed(ref c) | Outcome::Replayed(ref c)
-                    if self.rolled_back(slot, c, minted_over, a) =>
+                    if self.rolled_back(slot, c, how, a) =>
                 {
-                    if minted_over.is_some() {
+                    if how != Got::Replayed {
                         self.activity.hint(slot); // its record goes to the database all the same
                     }
                     return self.fence(slot).await;
@@ -160,7 +170,9 @@ impl<B: Backend> Stock<B> {
         let slot = keys.shards.get(home as usize).ok_or(StockError::NotFound)?;
         Ok(
             match self.replay(keys, home, a.user, a.request_id, a.ack).await? {
-                Some(c) if self.rolled_back(slot, &c, None, a) => return self.fence(slot).await,
+                Some(c) if self.rolled_back(slot, &c, Got::Replayed, a) => {
+                    return self.fence(slot).await;
+                }
                 Some(c) => ClaimResult::Decided(Outcome::Replayed(c)),
                 None => refusal,
             },
@@ -209,16 +221,8 @@ impl<B: Backend> Stock<B> {
     ///
     /// [`MintWindow`]: crate::domain::ids::MintWindow
     ///
-    /// `minted_over`: for a fresh mint, the floor as it was before the call that minted it
-    /// (`Some(None)`: no floor known then); `None` for a replay.
-    fn rolled_back(
-        &self,
-        slot: &SlotKeys,
-        got: &Coupon,
-        minted_over: Option<Option<u64>>,
-        a: &ClaimArgs<'_>,
-    ) -> bool {
-        let fresh = minted_over.is_some();
+    fn rolled_back(&self, slot: &SlotKeys, got: &Coupon, how: Got, a: &ClaimArgs<'_>) -> bool {
+        let fresh = how != Got::Replayed;
         let Some((_, shard, seq)) = parse_coupon_id(&got.coupon_id) else {
             return false;
         };
@@ -231,9 +235,10 @@ impl<B: Backend> Stock<B> {
             Sighting::Other => true,
             // The same claim: its replay's reply may arrive before its mint's.
             Sighting::Same => false,
-            Sighting::New => minted_over
-                .flatten()
-                .is_some_and(|floor| seq_position(seq) <= floor),
+            Sighting::New => match how {
+                Got::Minted { floor: Some(floor) } => seq_position(seq) <= floor,
+                Got::Minted { floor: None } | Got::Replayed => false,
+            },
         };
         if !minted_twice {
             return false;
@@ -484,8 +489,9 @@ pub(super) mod tests {
         let a = args("x", "rx", "nx");
         // the floor from before the call knew nothing of it: no rollback (the floor read
         // after the call, as before the fix, said "minted again")
-        assert!(!stock.rolled_back(slot, &c, Some(None), &a));
-        assert!(!stock.rolled_back(slot, &c, Some(Some(seq_position(seq) - 1)), &a));
+        assert!(!stock.rolled_back(slot, &c, Got::Minted { floor: None }, &a));
+        let floor = Some(seq_position(seq) - 1);
+        assert!(!stock.rolled_back(slot, &c, Got::Minted { floor }, &a));
         // the database held that position before the call: minted again
         let b = args("y", "ry", "ny");
         let Outcome::Claimed(d) = claim::call(
@@ -504,7 +510,8 @@ pub(super) mod tests {
             panic!("y claims")
         };
         let (_, _, dseq) = parse_coupon_id(&d.coupon_id).unwrap();
-        assert!(stock.rolled_back(slot, &d, Some(Some(seq_position(dseq))), &b));
+        let floor = Some(seq_position(dseq));
+        assert!(stock.rolled_back(slot, &d, Got::Minted { floor }, &b));
     }
 
     /// The same check lets every ordinary replay through: of a claim this instance answered

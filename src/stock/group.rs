@@ -35,12 +35,17 @@ use super::StockError;
 
 /// The group committer of one gateway: one lane per shard with claims in flight.
 pub struct GroupCommit<B> {
-    backend: Arc<B>,
-    lanes: Arc<Lanes>,
-    stats: Arc<Stats>,
-    max_claims: usize,
+    core: Arc<Core<B>>,
     max_queue: usize,
     wait: Duration,
+}
+
+/// What a [`Turn`] needs, shared with the task it may move to.
+struct Core<B> {
+    backend: Arc<B>,
+    lanes: Lanes,
+    stats: Stats,
+    max_claims: usize,
 }
 
 /// Calls made and claims they carried, since start (their ratio is the mean group size;
@@ -110,10 +115,12 @@ impl<B: Backend> GroupCommit<B> {
     /// `max_claims` is clamped to what the script accepts.
     pub fn new(backend: Arc<B>, max_claims: usize, max_queue: usize, wait: Duration) -> Self {
         GroupCommit {
-            backend,
-            lanes: Arc::new(DashMap::new()),
-            stats: Arc::default(),
-            max_claims: max_claims.clamp(1, MAX_CLAIMS_PER_CALL),
+            core: Arc::new(Core {
+                backend,
+                lanes: DashMap::new(),
+                stats: Stats::default(),
+                max_claims: max_claims.clamp(1, MAX_CLAIMS_PER_CALL),
+            }),
             max_queue,
             wait,
         }
@@ -155,16 +162,13 @@ impl<B: Backend> GroupCommit<B> {
             // is handed to a task when the turn ends (also if this future is dropped).
             None => {
                 let turn = Turn {
-                    key: slot.meta.as_str().into(),
                     lane,
-                    lanes: Arc::clone(&self.lanes),
-                    stats: Arc::clone(&self.stats),
-                    backend: Arc::clone(&self.backend),
+                    core: Arc::clone(&self.core),
                     slot: TurnSlot::Borrowed(slot),
-                    max_claims: self.max_claims,
                 };
-                let answer = claim::call_many(self.backend.as_ref(), slot, &shared, &[claim]).await;
-                self.stats.record(1);
+                let core = &self.core;
+                let answer = claim::call_many(core.backend.as_ref(), slot, &shared, &[claim]).await;
+                core.stats.record(1);
                 drop(turn);
                 let mut answer = answer?;
                 Ok(answer
@@ -204,25 +208,26 @@ impl<B: Backend> GroupCommit<B> {
 
     /// The shard's lane, created when absent. The map's guard is dropped before returning.
     fn lane(&self, key: &str) -> Arc<Lane> {
+        let lanes = &self.core.lanes;
         #[allow(clippy::disallowed_methods)] // guard dropped at the end of the statement
-        let found = self.lanes.get(key).map(|l| Arc::clone(l.value()));
+        let found = lanes.get(key).map(|l| Arc::clone(l.value()));
         if let Some(l) = found {
             return l;
         }
         #[allow(clippy::disallowed_methods)] // guard dropped at the end of the statement
-        let created = Arc::clone(self.lanes.entry(key.into()).or_default().value());
+        let created = Arc::clone(lanes.entry(key.into()).or_default().value());
         created
     }
 
     /// Calls made and claims carried so far.
     pub fn stats(&self) -> &Stats {
-        &self.stats
+        &self.core.stats
     }
 
     /// Shards with a lane (a call in flight or just finished), for tests.
     #[cfg(test)]
     fn lanes(&self) -> usize {
-        self.lanes.len()
+        self.core.lanes.len()
     }
 }
 
@@ -245,20 +250,16 @@ impl TurnSlot<'_> {
 /// The right to make claim calls on one shard: exactly one exists per busy lane. Dropped,
 /// it hands the queue to a new task, or marks the lane idle and forgets it.
 struct Turn<'s, B: Backend> {
-    key: Box<str>,
     lane: Arc<Lane>,
-    lanes: Arc<Lanes>,
-    stats: Arc<Stats>,
-    backend: Arc<B>,
+    core: Arc<Core<B>>,
     slot: TurnSlot<'s>,
-    max_claims: usize,
 }
 
 impl<B: Backend> Turn<'static, B> {
     /// Runs calls until the queue is empty (then the drop marks the lane idle).
     async fn drain(self) {
         loop {
-            let group = take_group(&mut self.lane.state.lock().queue, self.max_claims);
+            let group = take_group(&mut self.lane.state.lock().queue, self.core.max_claims);
             if group.is_empty() {
                 return;
             }
@@ -270,9 +271,10 @@ impl<B: Backend> Turn<'static, B> {
     async fn run(&self, group: Vec<Pending>) {
         let claims: Vec<Claim<'_>> = group.iter().map(Pending::claim).collect();
         let shared = group[0].shared();
+        let core = &self.core;
         let answers =
-            claim::call_many(self.backend.as_ref(), self.slot.get(), &shared, &claims).await;
-        self.stats.record(group.len());
+            claim::call_many(core.backend.as_ref(), self.slot.get(), &shared, &claims).await;
+        core.stats.record(group.len());
         drop(claims);
         match answers {
             Ok(answers) => {
@@ -310,13 +312,9 @@ impl<B: Backend> Drop for Turn<'_, B> {
         };
         if handover {
             let next = Turn {
-                key: self.key.clone(),
                 lane: Arc::clone(&self.lane),
-                lanes: Arc::clone(&self.lanes),
-                stats: Arc::clone(&self.stats),
-                backend: Arc::clone(&self.backend),
+                core: Arc::clone(&self.core),
                 slot: TurnSlot::Owned(Box::new(self.slot.get().clone())),
-                max_claims: self.max_claims,
             };
             tokio::spawn(next.drain());
             return;
@@ -324,8 +322,11 @@ impl<B: Backend> Drop for Turn<'_, B> {
         // Idle: forget the lane unless someone else holds it (the map's reference and ours
         // make 2; a caller that found it in the map holds a third). Only the map's lock is
         // held here, never the lane's.
-        self.lanes
-            .remove_if(&self.key, |_, l| Arc::strong_count(l) == 2);
+        self.core
+            .lanes
+            .remove_if(self.slot.get().meta.as_str(), |_, l| {
+                Arc::strong_count(l) == 2
+            });
     }
 }
 
