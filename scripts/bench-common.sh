@@ -5,6 +5,8 @@
 #   cpu_ticks PID      utime + stime of PID, in ticks of $tick_hz
 #   jget FILE EXPR     a value of a JSON file (EXPR over d, Python syntax)
 #   calc EXPR          Python arithmetic
+#   build_release      builds the release binaries; sets BIN and LT
+#   start_redis        a redis-server of its own (no persistence) on a free port; sets RPORT
 WORK=$(mktemp -d)
 PIDS=()
 cleanup() {
@@ -18,3 +20,17 @@ cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
 tick_hz=$(getconf CLK_TCK)
 jget() { python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2], {}, {'d': d}))" "$1" "$2"; }
 calc() { python3 -c "print($1)"; }
+build_release() {
+  log "building release binaries"
+  cargo build --release --locked -p claimgate -p claimgate-loadtest >&2
+  BIN=target/release/claimgate
+  LT=target/release/claimgate-loadtest
+}
+start_redis() {
+  RPORT=$(free_port)
+  redis-server --port "$RPORT" --bind 127.0.0.1 --save '' --appendonly no --daemonize no \
+    --logfile "$WORK/redis-$RPORT.log" &
+  PIDS+=("$!")
+  for _ in $(seq 1 50); do redis-cli -p "$RPORT" ping >/dev/null 2>&1 && return; sleep 0.1; done
+  echo "redis-server did not start" >&2; exit 1
+}

@@ -25,17 +25,9 @@ SECS=${GROUP_SECONDS:-8}
 CONNS=${GROUP_CONNECTIONS:-256}
 . scripts/bench-common.sh
 
-log "building release binaries"
-cargo build --release --locked -p claimgate -p claimgate-loadtest >&2
-BIN=target/release/claimgate
-LT=target/release/claimgate-loadtest
-
-RPORT=$(free_port)
-redis-server --port "$RPORT" --bind 127.0.0.1 --save '' --appendonly no --daemonize no \
-  --logfile "$WORK/redis.log" &
-PIDS+=("$!")
+build_release
+start_redis
 R="redis-cli -p $RPORT"
-for _ in $(seq 1 50); do $R ping >/dev/null 2>&1 && break; sleep 0.1; done
 rcpu() { $R info cpu | tr -d '\r' | awk -F: '/^used_cpu_(user|sys):/ {s += $2} END {printf "%.6f", s}'; }
 calls_of() { $R info commandstats | tr -d '\r' | awk -F'[=,:]' -v c="cmdstat_$1" '$1 == c {print $3}'; }
 
@@ -66,23 +58,14 @@ RB_RATE=$(calc "round($RB_CLAIMS / ($t1 - $t0))")
 RB_US=$(calc "round(($c1 - $c0) / $RB_CLAIMS * 1e6, 2)")
 $R flushall >/dev/null
 
-start_gw() { # $1 = group_max_claims
-  GPORT=$(free_port)
-  "$BIN" --listen "127.0.0.1:$GPORT" --backend redis --redis-url "redis://127.0.0.1:$RPORT" \
-    --database-url "sqlite://$WORK/p$1.db?mode=rwc" \
-    --set limits.claim_per_user.per_second=0 --set limits.max_inflight=100000 \
-    --set limits.admission_wait_ms=1000 --set log.level=\"warn\" \
-    --set persister.enabled=false --set stock.group_max_claims="$1" serve >"$WORK/gw$1.log" 2>&1 &
-  GPID=$!
-  PIDS+=("$GPID")
-  for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$GPORT/healthz" >/dev/null && break; sleep 0.1; done
-}
+. scripts/bench-gateway.sh
 lt() { "$LT" --url "http://127.0.0.1:$GPORT" -q "$@"; }
-metric() { curl -sf "http://127.0.0.1:$GPORT/metrics" | awk -v m="$1" '$1 == m {print $2}'; }
 
 declare -A RATE REDIS_US GW_US CALLS PER_CALL
 for G in 64 1; do
-  start_gw "$G"
+  start_gateway --backend redis --redis-url "redis://127.0.0.1:$RPORT" \
+    --database-url "sqlite://$WORK/p$G.db?mode=rwc" --set persister.enabled=false \
+    --set stock.group_max_claims="$G"
   if [ "$G" = 64 ]; then
     log "GET /healthz, ${SECS}s, $CONNS connections"
     g0=$(cpu_ticks "$GPID")
@@ -105,7 +88,7 @@ for G in 64 1; do
   GW_US[$G]=$(calc "round(($g1 - $g0) / $tick_hz / $N * 1e6, 2)")
   CALLS[$G]=$(calc "round($m1 - $m0)")
   PER_CALL[$G]=$(calc "round(($k1 - $k0) / max(1, $m1 - $m0), 2)")
-  kill -9 "$GPID" 2>/dev/null || true
+  stop_gateway
   $R flushall >/dev/null
 done
 

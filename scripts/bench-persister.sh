@@ -50,20 +50,7 @@ trap cleanup EXIT
 
 cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
 TICK=$(getconf CLK_TCK)
-metric() { # metric NAME: the sum of its series on the gateway on $GPORT
-  curl -s "http://127.0.0.1:$GPORT/metrics" | awk -v n="$1" '$1 ~ "^"n"({|$)" {s+=$2} END{printf "%.0f\n", s+0}'
-}
-start_gateway() { # start_gateway ARGS... ; sets GPID, GPORT
-  GPORT=$(free_port)
-  "$BIN" --listen "127.0.0.1:$GPORT" \
-    --set limits.claim_per_user.per_second=0 --set limits.max_inflight=100000 \
-    --set limits.admission_wait_ms=1000 --set log.level=\"warn\" "$@" serve >"$WORK/gw.log" 2>&1 &
-  GPID=$!
-  PIDS+=("$GPID")
-  for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$GPORT/healthz" >/dev/null && return; sleep 0.1; done
-  echo "gateway did not start:" >&2; cat "$WORK/gw.log" >&2; exit 1
-}
-stop_gateway() { kill -TERM "$GPID"; wait "$GPID" 2>/dev/null || true; }
+. scripts/bench-gateway.sh  # start_gateway, stop_gateway, metric
 
 # Creates N_ENDED batches whose claim window ended in 2021 (keep-alive HTTP from python).
 create_ended() {

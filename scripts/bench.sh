@@ -71,23 +71,9 @@ cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
 tick_hz=$(getconf CLK_TCK)
 evalsha_calls() { $R info commandstats | tr -d '\r' | awk -F'[=,]' '/^cmdstat_evalsha:/{print $2}' | grep . || echo 0; }
 all_calls() { $R info commandstats | tr -d '\r' | awk -F'[=,]' '/^cmdstat_/{s+=$2} END{print s+0}'; }
-metric() { # metric NAME [LABEL_FILTER] from the gateway on port $GPORT (sum of matching series)
-  curl -s "http://127.0.0.1:$GPORT/metrics" | awk -v n="$1" -v f="${2:-}" \
-    '$1 ~ "^"n"({|$)" && index($1, f) {s+=$2} END{printf "%.0f\n", s+0}'
-}
 jget() { python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2], {}, {'d': d}))" "$1" "$2"; }
 
-start_gateway() { # start_gateway ARGS... ; sets GPID, GPORT
-  GPORT=$(free_port)
-  "$BIN" --listen "127.0.0.1:$GPORT" \
-    --set limits.claim_per_user.per_second=0 --set limits.max_inflight=100000 \
-    --set limits.admission_wait_ms=1000 --set log.level=\"warn\" "$@" serve >"$WORK/gw.log" 2>&1 &
-  GPID=$!
-  PIDS+=("$GPID")
-  for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$GPORT/healthz" >/dev/null && return; sleep 0.1; done
-  echo "gateway did not start:" >&2; cat "$WORK/gw.log" >&2; exit 1
-}
-stop_gateway() { kill -TERM "$GPID"; wait "$GPID" 2>/dev/null || true; }
+. scripts/bench-gateway.sh  # start_gateway, stop_gateway, metric
 wait_drained() { # phases start quiescent: the persister has written everything so far
   for _ in $(seq 1 1200); do
     [ "$(metric claimgate_persist_backlog)" = 0 ] && { sleep 2; return; }

@@ -22,16 +22,8 @@ OUT=${OUT:-target/profile}
 mkdir -p "$OUT"
 . scripts/bench-common.sh
 
-log "building release binaries"
-cargo build --release --locked -p claimgate -p claimgate-loadtest >&2
-BIN=target/release/claimgate
-LT=target/release/claimgate-loadtest
-
-RPORT=$(free_port)
-redis-server --port "$RPORT" --bind 127.0.0.1 --save '' --appendonly no --daemonize no \
-  --logfile "$WORK/redis.log" &
-PIDS+=("$!")
-for _ in $(seq 1 50); do redis-cli -p "$RPORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
+build_release
+start_redis
 
 GPORT=$(free_port)
 "$BIN" --listen "127.0.0.1:$GPORT" --backend redis --redis-url "redis://127.0.0.1:$RPORT" \
