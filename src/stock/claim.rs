@@ -143,6 +143,14 @@ impl<B: Backend> Stock<B> {
                 }
                 Refilled::MovedByOther => continue,
                 Refilled::Nothing => rounds += 1,
+                Refilled::NothingByOther => {
+                    // Stock added since that refill looked (a patch credits the pool) is
+                    // found by one transfer from the pool, without the siblings' walk.
+                    rounds += 1;
+                    if self.refill_from_pool(keys, home, a.total, 1).await? > 0 {
+                        continue;
+                    }
+                }
             }
             if self.sold_out_scan(keys).await? {
                 return self
@@ -313,15 +321,12 @@ impl<B: Backend> Stock<B> {
         total: i64,
         want: i64,
     ) -> Result<i64, StockError> {
-        let dst = &keys.shards[home as usize];
-        let n = keys.shards.len() as i64;
-        let chunk = (total / (n * i64::from(self.cfg.refill_divisor))).max(want.max(1));
-        let moved = self
-            .transfer(&keys.pool, dst, chunk, false, TransferKind::Refill)
-            .await?;
+        let moved = self.refill_from_pool(keys, home, total, want).await?;
         if moved > 0 {
             return Ok(moved);
         }
+        let dst = &keys.shards[home as usize];
+        let chunk = self.refill_chunk(keys, total, want);
         for step in 1..keys.shards.len() {
             let src = &keys.shards[(home as usize + step) % keys.shards.len()];
             let moved = self
@@ -332,6 +337,27 @@ impl<B: Backend> Stock<B> {
             }
         }
         Ok(0)
+    }
+
+    /// Moves a refill chunk (at least `want`) from the pool into shard `home`: the amount
+    /// moved.
+    async fn refill_from_pool(
+        &self,
+        keys: &BatchKeys,
+        home: u32,
+        total: i64,
+        want: i64,
+    ) -> Result<i64, StockError> {
+        let dst = &keys.shards[home as usize];
+        let chunk = self.refill_chunk(keys, total, want);
+        self.transfer(&keys.pool, dst, chunk, false, TransferKind::Refill)
+            .await
+    }
+
+    /// `total / (shards * refill_divisor)`, at least `want` and at least 1.
+    fn refill_chunk(&self, keys: &BatchKeys, total: i64, want: i64) -> i64 {
+        let n = keys.shards.len() as i64;
+        (total / (n * i64::from(self.cfg.refill_divisor))).max(want.max(1))
     }
 
     /// Is the whole batch empty? Two scans of every slot; sold out only if both saw no

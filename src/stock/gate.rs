@@ -32,8 +32,11 @@ pub enum Refilled {
     /// A refill that ended after this claim's call began moved stock: claim again (others
     /// waiting may take it first).
     MovedByOther,
-    /// The last refill found nothing to move anywhere: the batch may be sold out.
+    /// This claim's refill found nothing to move anywhere: the batch may be sold out.
     Nothing,
+    /// A refill that ended after this claim's call began found nothing. Stock added since
+    /// (to the pool) is not ruled out: the caller looks there itself, one cheap call.
+    NothingByOther,
 }
 
 /// The gates of one gateway.
@@ -100,7 +103,7 @@ impl Gates {
             return Ok(if *last > 0 {
                 Refilled::MovedByOther
             } else {
-                Refilled::Nothing
+                Refilled::NothingByOther
             });
         }
         // Everyone still waiting will claim again after this refill: move enough for all.
@@ -156,17 +159,17 @@ mod tests {
         assert_eq!(runs.load(Ordering::SeqCst), 1, "one refill for the herd");
         assert!(wanted.load(Ordering::SeqCst) >= 1);
         // a claim whose call began after that refill refills again; an empty refill is
-        // "nothing" for it and for whoever saw the same generation
+        // "nothing" for it, and "nothing, by another" for whoever saw the same generation
         let seen = gates.generation("s");
         let r = gates.refill("s", seen, |_| async { Ok(0) }).await.unwrap();
         assert_eq!(r, Refilled::Nothing);
-        let r = gates
+        let r2 = gates
             .refill("s", seen, |_| async {
                 panic!("not run: a refill ended since")
             })
             .await
             .unwrap();
-        assert_eq!(r, Refilled::Nothing);
+        assert_eq!(r2, Refilled::NothingByOther);
     }
 
     /// A refill that fails leaves the generation: the next claim tries again.
