@@ -183,7 +183,8 @@ impl Drop for RedisServer {
 
 /// A redis-server from `launch(port)` once it accepts connections. A free port can be taken
 /// between [`free_port`] and the server's bind (many tests start servers at once): a server
-/// that exits instead of listening is started again on another port. Bounded: 5 tries of
+/// that exits instead of listening, or finds another process answering on its port (checked
+/// by its `process_id`), is started again on another port. Bounded: 5 tries of
 /// at most 30 s each.
 pub fn listening(mut port: u16, mut launch: impl FnMut(u16) -> Child) -> (u16, Child) {
     for _ in 0..5 {
@@ -191,7 +192,10 @@ pub fn listening(mut port: u16, mut launch: impl FnMut(u16) -> Child) -> (u16, C
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(30) {
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return (port, child);
+                if serves(port, child.id()) {
+                    return (port, child);
+                }
+                break; // another test's server holds the port: ours cannot bind it
             }
             if let Ok(Some(_)) = child.try_wait() {
                 break; // it exited: the port was taken
@@ -203,6 +207,18 @@ pub fn listening(mut port: u16, mut launch: impl FnMut(u16) -> Child) -> (u16, C
         port = free_port();
     }
     panic!("no redis-server listening after 5 tries");
+}
+
+/// Whether the redis-server answering on `port` is the process `pid` (`INFO server`).
+fn serves(port: u16, pid: u32) -> bool {
+    Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "info", "server"])
+        .output()
+        .is_ok_and(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .any(|l| l.trim() == format!("process_id:{pid}"))
+        })
 }
 
 /// Waits until something accepts connections on `port`.
