@@ -19,6 +19,13 @@
 --   6 log      stream claim records for the persister
 --   7 deny     set    users of this shard denied by the batch's eligibility rules
 --   8 claimed  string coupons claimed from this shard (also the coupon sequence)
+--   9 codes    hash   the shard's codes, when the batch hands out codes (meta 'codes' = '1'):
+--                     a queue of blocks, fields 'h' (index of the head block), 't' (index
+--                     the next block is written at), 'n' (codes held: always equal to the
+--                     stock), and '<index>' -> a block of codes joined by ',' (at most
+--                     sixty-four of them). A claim that
+--                     mints takes the code at the head; a transfer moves codes with the
+--                     stock (lua/transfer_out.lua, lua/transfer_in.lua).
 -- ARGV:
 --   1 n, the number of claims in this call: an integer, 1 <= n <= 1000
 --   2 max log length (0 = unbounded)   3 batch id   4 shard index
@@ -40,9 +47,12 @@
 --                tell it minted the coupon)
 -- Returns an array of n answers, answer i for claim i:
 --   { 1, coupon_id, valid_from_ms, valid_to_ms, claimed_at_ms }   claimed now
---   { 2, coupon_id, valid_from_ms, valid_to_ms, claimed_at_ms, nonce }   replay of an earlier
---                   success of this user and request id, in an earlier call or earlier in
---                   this one ('' nonce if none was recorded)
+--   { 1, coupon_id, valid_from_ms, valid_to_ms, claimed_at_ms, '', code }   claimed now, in
+--                   a batch that hands out codes: the code it got
+--   { 2, coupon_id, valid_from_ms, valid_to_ms, claimed_at_ms, nonce [, code] }   replay of
+--                   an earlier success of this user and request id, in an earlier call or
+--                   earlier in this one ('' nonce if none was recorded; the code when the
+--                   coupon has one)
 --   { 0, code } refused, nothing written for this claim; code:
 --     -1 no such batch in this shard (every claim of the call)   -2 window not started
 --     -3 window ended   -4 paused   -5 user denied   -6 per-user limit
@@ -64,6 +74,9 @@
 --   this order:
 --   k 'claimed'   c coupon id   u user id   r request id ('' = none)   b batch id
 --   s shard index   t claimed at (ms)   vf valid from (ms)   vt valid to (ms)
+--   [cd code: only in a batch that hands out codes]
+-- Request-id record (KEYS[5] value): '<coupon>|<vf>|<vt>|<at>|<nonce>', then '|<code>' when
+--   the coupon has a code.
 
 local call, tonumber, floor, fmt, unpack = redis.call, tonumber, math.floor, string.format, unpack
 local A = ARGV
@@ -89,7 +102,7 @@ local batch, shard = A[3], A[4]
 
 local out = {}
 local m = call('HMGET', KEYS[1], 'state', 'start', 'end', 'limit', 'daily', 'vdays', 'vfrom',
-  'vto', 'epoch')
+  'vto', 'epoch', 'codes')
 if not m[1] then
   local none = { 0, -1 }
   for i = 1, n do out[i] = none end
@@ -164,8 +177,13 @@ for i = 1, n do
   local u, f = A[U + i], F[i]
   local p = f and prev[f]
   if p then
-    local c, vf, vt, at, nonce = string.match(p, '^([^|]*)|(%d+)|(%d+)|(%d+)|?([^|]*)$')
-    out[i] = { 2, c, tonumber(vf), tonumber(vt), tonumber(at), nonce or '' }
+    local c, vf, vt, at, nonce, code = string.match(p, '^([^|]*)|(%d+)|(%d+)|(%d+)|([^|]*)|([^|]*)$')
+    if c then
+      out[i] = { 2, c, tonumber(vf), tonumber(vt), tonumber(at), nonce, code }
+    else
+      c, vf, vt, at, nonce = string.match(p, '^([^|]*)|(%d+)|(%d+)|(%d+)|?([^|]*)$')
+      out[i] = { 2, c, tonumber(vf), tonumber(vt), tonumber(at), nonce or '' }
+    end
   elseif f and minted[f] then
     out[i] = minted[f] -- resolved to a replay once its coupon id is known (below)
   elseif closed then
@@ -203,16 +221,54 @@ else
   vt = tonumber(m[8])
 end
 local sf, st, sn = fmt('%d', vf), fmt('%d', vt), fmt('%d', now)
+
+-- The k codes at the head of the shard's queue (read here, written below: nothing is written
+-- unless all k are there).
+local codes, blocks, head, held
+if m[10] == '1' then
+  local q = call('HMGET', KEYS[9], 'h', 'n')
+  head, held = tonumber(q[1] or '0'), tonumber(q[2] or '0')
+  if not head or not held or held < k then return fail('the shard holds fewer codes than stock') end
+  codes, blocks = {}, {}
+  local b = head
+  while #codes < k do
+    local block = call('HGET', KEYS[9], fmt('%d', b))
+    if not block then return fail('code block ' .. b .. ' missing') end
+    local rest = {}
+    for c in string.gmatch(block, '[^,]+') do
+      if #codes < k then codes[#codes + 1] = c else rest[#rest + 1] = c end
+    end
+    blocks[#blocks + 1] = { b, table.concat(rest, ',') }
+    b = b + 1
+  end
+end
+
 call('DECRBY', KEYS[2], k)
 local base = call('INCRBY', KEYS[8], k) - k + (tonumber(m[9] or '0') or 0) * 1000000000000
 local prefix = batch .. '.' .. shard .. '.'
 local counts, days, reqs, seen, nc, nr = {}, {}, {}, {}, 0, 0
 local tail = '|' .. sf .. '|' .. st .. '|' .. sn .. '|'
+if codes then
+  for _, blk in ipairs(blocks) do
+    if blk[2] == '' then
+      call('HDEL', KEYS[9], fmt('%d', blk[1]))
+      head = blk[1] + 1
+    else
+      call('HSET', KEYS[9], fmt('%d', blk[1]), blk[2])
+    end
+  end
+  call('HSET', KEYS[9], 'h', fmt('%d', head), 'n', fmt('%d', held - k))
+end
 for j = 1, k do
   local i = wins[j]
   local u, f = A[U + i], F[i]
   local coupon = prefix .. fmt('%d', base + j)
-  out[i] = { 1, coupon, vf, vt, now }
+  local code = codes and codes[j]
+  if code then
+    out[i] = { 1, coupon, vf, vt, now, '', code }
+  else
+    out[i] = { 1, coupon, vf, vt, now }
+  end
   if not seen[u] then
     seen[u] = true
     counts[nc + 1] = u
@@ -225,11 +281,16 @@ for j = 1, k do
   end
   if f then
     reqs[nr + 1] = f
-    reqs[nr + 2] = coupon .. tail .. A[N + i]
+    reqs[nr + 2] = code and (coupon .. tail .. A[N + i] .. '|' .. code) or (coupon .. tail .. A[N + i])
     nr = nr + 2
   end
-  call('XADD', KEYS[6], '*', 'k', 'claimed', 'c', coupon, 'u', u, 'r', A[R + i],
-    'b', batch, 's', shard, 't', sn, 'vf', sf, 'vt', st)
+  if code then
+    call('XADD', KEYS[6], '*', 'k', 'claimed', 'c', coupon, 'u', u, 'r', A[R + i],
+      'b', batch, 's', shard, 't', sn, 'vf', sf, 'vt', st, 'cd', code)
+  else
+    call('XADD', KEYS[6], '*', 'k', 'claimed', 'c', coupon, 'u', u, 'r', A[R + i],
+      'b', batch, 's', shard, 't', sn, 'vf', sf, 'vt', st)
+  end
 end
 call('HSET', KEYS[3], unpack(counts))
 if daily > 0 then call('HSET', KEYS[4], unpack(days)) end
@@ -239,7 +300,7 @@ for i = 1, n do
   local w = out[i]
   if type(w) == 'number' then
     local c = out[w]
-    out[i] = { 2, c[2], vf, vt, now, A[N + w] }
+    out[i] = { 2, c[2], vf, vt, now, A[N + w], c[7] }
   end
 end
 return out

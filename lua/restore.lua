@@ -9,6 +9,8 @@
 --   1 meta  hash    2 stock  string   3 users  hash    4 daily  hash   5 req  hash
 --   6 deny  set     7 claimed string  8 xseq   string  9 outbox hash  10 log  stream
 --   11 repair string  the repair lock: the id of the repairer working on the slot (expires)
+--   12 codes  hash    the slot's code queue (lua/claim.lua KEYS[9])
+--   13 xcodes hash    the codes of the slot's open transfers (lua/transfer_out.lua)
 -- ARGV[1] = op:
 --   'fence'  ARGV 2 repairer id, 3 lock lifetime ms (> 0). Takes the repair lock unless
 --            another repairer holds it; then deletes the meta: every claim on the slot is
@@ -18,15 +20,18 @@
 --            repairer fences and restores it next.
 --   'begin'  ARGV 2 force ('1' = also when the slot's meta exists, '0' = refuse then).
 --            Refuses while the log holds records (not yet persisted: the database does not
---            know them). Otherwise deletes meta, stock, users, daily, req, deny and outbox
---            (the claim counter, transfer sequence and log are kept), and answers the stock
---            it deleted (a repair writes it off: part of it may have been sold by a primary
---            that was lost).
+--            know them). Otherwise deletes meta, stock, users, daily, req, deny, outbox and
+--            codes (the claim counter, transfer sequence and log are kept), and answers the
+--            stock it deleted (a repair writes it off, with its codes: part of it may have
+--            been sold by a primary that was lost).
 --   'hset'   ARGV 2 target ('users' | 'daily' | 'req'), 3.. field/value pairs.
 --   'deny'   ARGV 2.. user ids to add to the deny set.
+--   'codes'  ARGV 2 codes joined by ',' (at least one), appended to the code queue.
 --   'finish' ARGV 2 stock (>= 0), 3 claim counter floor (>= 0), 4 n = number of meta
 --            field/value pairs, 5 .. 4+2n the pairs (must include 'fp', 'state' and 'ver').
---            ADDS the stock (a transfer credited since 'begin' is kept), raises the claim
+--            ADDS the stock (a transfer credited since 'begin' is kept; in a batch with
+--            codes, meta 'codes' = '1', the stock after must equal the codes queued, or
+--            nothing is written and the step fails), raises the claim
 --            counter to the floor (never lowers it, so coupon ids are never reused), bumps
 --            the transfer sequence, writes the meta, releases the repair lock.
 -- Returns { code, n [, m] }:
@@ -34,9 +39,9 @@
 --   seal:   { 1, 0 }
 --   begin:  { 1, claim counter, stock deleted }  { -1, 0 } meta exists (not forced)
 --           { -2, log length }
---   hset:   { 1, pairs written }  deny: { 1, members added }
+--   hset:   { 1, pairs written }  deny: { 1, members added }  codes: { 1, codes queued }
 --   finish: { 1, claim counter after }
---   hset / deny / finish: { -1, 0 } the slot's meta exists (it is live: nothing written)
+--   hset / deny / codes / finish: { -1, 0 } the slot's meta exists (it is live: nothing written)
 
 local op = ARGV[1]
 
@@ -73,7 +78,8 @@ elseif op == 'begin' then
   local len = redis.call('XLEN', KEYS[10])
   if len > 0 then return { -2, len } end
   local stock = tonumber(redis.call('GET', KEYS[2]) or '0')
-  redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[9])
+  redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[9], KEYS[12],
+    KEYS[13])
   return { 1, tonumber(redis.call('GET', KEYS[7]) or '0'), stock }
 
 elseif op == 'hset' then
@@ -101,6 +107,21 @@ elseif op == 'deny' then
   for i = 2, #ARGV do members[#members + 1] = ARGV[i] end
   return { 1, redis.call('SADD', KEYS[6], unpack(members)) }
 
+elseif op == 'codes' then
+  if #ARGV ~= 2 or ARGV[2] == '' then return redis.error_reply('ERR restore: codes expects one list') end
+  local codes = {}
+  for c in string.gmatch(ARGV[2], '[^,]+') do codes[#codes + 1] = c end
+  if live() then return { -1, 0 } end
+  local fmt = string.format
+  local q = redis.call('HMGET', KEYS[12], 't', 'n')
+  local t, n = tonumber(q[1] or '0') or 0, tonumber(q[2] or '0') or 0
+  for i = 1, #codes, 64 do
+    redis.call('HSET', KEYS[12], fmt('%d', t), table.concat(codes, ',', i, math.min(i + 63, #codes)))
+    t = t + 1
+  end
+  redis.call('HSET', KEYS[12], 't', fmt('%d', t), 'n', fmt('%d', n + #codes))
+  return { 1, n + #codes }
+
 elseif op == 'finish' then
   local stock, floor, n = nonneg(ARGV[2]), nonneg(ARGV[3]), nonneg(ARGV[4])
   if not stock then return redis.error_reply('ERR restore: bad stock') end
@@ -112,6 +133,15 @@ elseif op == 'finish' then
     return redis.error_reply('ERR restore: meta needs fp, state and ver')
   end
   if live() then return { -1, 0 } end
+  for i = 5, 4 + 2 * n, 2 do
+    if ARGV[i] == 'codes' and ARGV[i + 1] == '1' then
+      local after = tonumber(redis.call('GET', KEYS[2]) or '0') + stock
+      local queued = tonumber(redis.call('HGET', KEYS[12], 'n') or '0')
+      if after ~= queued then
+        return redis.error_reply('ERR restore: stock ' .. after .. ' but ' .. queued .. ' codes queued')
+      end
+    end
+  end
   redis.call('INCRBY', KEYS[2], string.format('%d', stock))
   local claimed = tonumber(redis.call('GET', KEYS[7]) or '0')
   if floor > claimed then

@@ -215,13 +215,15 @@ pub mod cases {
         let moved = stock
             .transfer_first_half(&keys.pool, &keys.shards[0], "crash-1", 10, false)
             .await
-            .unwrap();
+            .unwrap()
+            .amount;
         assert!(moved > 0);
         // repeating the first half (a retried call) moves nothing more
         let again = stock
             .transfer_first_half(&keys.pool, &keys.shards[0], "crash-1", 10, false)
             .await
-            .unwrap();
+            .unwrap()
+            .amount;
         assert_eq!(again, moved);
         let mid = stock.conservation(&keys).await.unwrap();
         assert!(mid.holds(), "{mid:?}");
@@ -681,7 +683,8 @@ pub mod cases {
         let moved = stock
             .transfer_first_half(&keys.pool, &nowhere, "ghost-1", 3, false)
             .await
-            .unwrap();
+            .unwrap()
+            .amount;
         assert!(moved > 0);
         let c = stock.conservation(&keys).await.unwrap();
         assert!(c.holds(), "{c:?}");
@@ -897,6 +900,200 @@ pub mod cases {
             v.get("budget").is_none() && v["batch"].get("budget").is_none(),
             "{v}"
         );
+    }
+
+    /// Issue 11 item 2 (code pools): 10,000 concurrent claims on a pool of 2,000 generated
+    /// codes over 8 shards hand out each code at most once, every code a valid one of the
+    /// batch's spec, each 201 carrying it, and a replay the same one; a transfer cut in half
+    /// by a crash carries its codes to the sweeper; imported codes are deduplicated and
+    /// capped by the batch's stock; the database records each coupon's code.
+    pub async fn code_pools<B: Backend>(g: &Gw<B>) {
+        use claimgate::domain::codes::{CodeSpec, verify};
+        let spec = CodeSpec {
+            prefix: "CG-".into(),
+            length: 8,
+        };
+        create(
+            g,
+            "codes-gen",
+            2000,
+            1,
+            json!({"shards": 8, "codes": {"source": "generated", "prefix": "CG-", "length": 8}}),
+        )
+        .await;
+        let (s, v) = call(&g.app, "GET", "/v1/batches/codes-gen", "").await;
+        assert_eq!((s, v["stock"]["total"].as_i64()), (200, Some(2000)), "{v}");
+        assert_eq!(v["batch"]["codes"]["source"], "generated", "{v}");
+
+        // a transfer cut in half, as by a crash: the codes wait in the outbox
+        let keys = g
+            .app
+            .catalog()
+            .load("codes-gen")
+            .await
+            .unwrap()
+            .keys
+            .clone();
+        let stock = g.app.stock();
+        let moved = stock
+            .transfer_first_half(&keys.pool, &keys.shards[3], "codes-crash", 7, false)
+            .await
+            .unwrap();
+        assert_eq!(moved.amount, 7);
+        assert_eq!(moved.codes.split(',').count(), 7);
+        assert!(
+            moved.codes.split(',').all(|c| verify(&spec, c)),
+            "{moved:?}"
+        );
+        assert_eq!(stock.sweep(&keys, 0).await.unwrap(), 1);
+
+        let res = storm(
+            &g.app,
+            "codes-gen",
+            10_000,
+            |i| format!("cu{i}"),
+            |i| Some(format!("r{i}")),
+        )
+        .await;
+        let mut codes = HashSet::new();
+        let mut by_user = HashMap::new();
+        for (u, s, v) in &res {
+            match s {
+                201 => {
+                    let code = v["code"].as_str().unwrap_or_default().to_string();
+                    assert!(verify(&spec, &code), "{v}");
+                    assert!(codes.insert(code.clone()), "code {code} handed out twice");
+                    by_user.insert(u.clone(), (coupon(v), code));
+                }
+                410 => assert_eq!(v["error"], "sold_out", "{v}"),
+                _ => panic!("unexpected {s} {v}"),
+            }
+        }
+        assert_eq!(codes.len(), 2000, "{:?}", status_counts(&res));
+        assert_conserved(g, "codes-gen", 2000).await;
+        // a replay answers the same coupon and code
+        let (u, (cid, code)) = by_user.iter().next().unwrap();
+        let i: usize = u.trim_start_matches("cu").parse().unwrap();
+        let (s, v) = claim(&g.app, "codes-gen", u, Some(&format!("r{i}"))).await;
+        assert_eq!(
+            (s, coupon(&v), v["code"].as_str()),
+            (200, cid.clone(), Some(code.as_str()))
+        );
+
+        // the database records each coupon's code
+        drain_to_db(g, "codes-gen", 2000).await;
+        for (cid, code) in by_user.values().take(200) {
+            let row = g.db.get_coupon(cid).await.unwrap().unwrap();
+            assert_eq!(row.code.as_deref(), Some(code.as_str()), "{cid}");
+        }
+        let (s, v) = call(&g.app, "GET", &format!("/v1/users/{u}/coupons"), "").await;
+        assert_eq!(
+            (s, v["coupons"][0]["code"].as_str()),
+            (200, Some(code.as_str())),
+            "{v}"
+        );
+
+        // imported codes: capped by the stock, deduplicated, refused where they do not belong
+        create(
+            g,
+            "codes-imp",
+            50,
+            1,
+            json!({"shards": 4, "codes": {"source": "imported"}}),
+        )
+        .await;
+        let (s, v) = claim(&g.app, "codes-imp", "early", None).await;
+        assert_eq!(
+            (s, v["error"].as_str()),
+            (410, Some("sold_out")),
+            "no codes yet: {v}"
+        );
+        let import = |body: String, ctype: Option<&'static str>| {
+            let app = g.app.clone();
+            async move { call_typed(&app, "POST", "/v1/batches/codes-imp/codes", ctype, body).await }
+        };
+        let (s, v) = import(json!({"codes": ["P-1", "bad code"]}).to_string(), None).await;
+        assert_eq!((s, v["error"].as_str()), (400, Some("bad_request")), "{v}");
+        let first: Vec<String> = (0..25).map(|i| format!("P-{i}")).collect();
+        let mut body = first.clone();
+        body.extend(first[..5].iter().cloned()); // repeated within the import
+        let (s, v) = import(json!({ "codes": body }).to_string(), None).await;
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(
+            (
+                v["received"].as_u64(),
+                v["added"].as_u64(),
+                v["duplicates"].as_u64()
+            ),
+            (Some(30), Some(25), Some(5)),
+            "{v}"
+        );
+        // streamed (CSV with its header): 5 known codes, 5 new, 2 invalid lines, a blank one,
+        // 28 more new: 25 of the 33 new fit
+        let mut lines = vec!["code".to_string()];
+        lines.extend((20..30).map(|i| format!("P-{i}")));
+        lines.push("not a code".into());
+        lines.push(String::new());
+        lines.push("\"x|y\"".into());
+        lines.extend((100..128).map(|i| format!("\"Q-{i}\"")));
+        let (s, v) = import(lines.join("\n"), Some("text/csv")).await;
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(
+            (
+                v["received"].as_u64(),
+                v["added"].as_u64(),
+                v["duplicates"].as_u64(),
+                v["invalid"].as_u64(),
+                v["over_capacity"].as_u64(),
+                v["total"].as_i64(),
+            ),
+            (Some(38), Some(25), Some(5), Some(2), Some(8), Some(50)),
+            "{v}"
+        );
+        assert_eq!(v["errors"][0]["line"], 12, "{v}");
+        let ndjson = "{\"code\":\"Z-1\"}\n\"Z-2\"\n{\"user_id\":\"Z-3\"}";
+        let (s, v) = import(ndjson.into(), Some("application/x-ndjson")).await;
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(
+            (v["invalid"].as_u64(), v["over_capacity"].as_u64()),
+            (Some(1), Some(2)),
+            "{v}"
+        );
+        let (s, v) = call(&g.app, "GET", "/v1/batches/codes-imp", "").await;
+        assert_eq!((s, v["stock"]["total"].as_i64()), (200, Some(50)), "{v}");
+        let res = storm(&g.app, "codes-imp", 120, |i| format!("iu{i}"), |_| None).await;
+        let got: HashSet<String> = res
+            .iter()
+            .filter(|(_, s, _)| *s == 201)
+            .map(|(_, _, v)| v["code"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(got.len(), 50, "{:?}", status_counts(&res));
+        assert!(
+            got.iter()
+                .all(|c| c.starts_with("P-") || c.starts_with("Q-"))
+        );
+        assert_conserved(g, "codes-imp", 50).await;
+
+        for (path, body) in [
+            ("/v1/batches/codes-gen/codes", json!({"codes": ["A-1"]})),
+            ("/v1/batches/codes-gen", json!({"add_stock": 1})),
+        ] {
+            let method = if path.ends_with("codes") {
+                "POST"
+            } else {
+                "PATCH"
+            };
+            let (s, v) = call(&g.app, method, path, body.to_string()).await;
+            assert!(s == 409 || s == 400, "{path}: {s} {v}");
+        }
+        let (s, _) = call(
+            &g.app,
+            "POST",
+            "/v1/batches/nope/codes",
+            json!({"codes": ["A-1"]}).to_string(),
+        )
+        .await;
+        assert_eq!(s, 404);
     }
 
     /// Issue 14 item 1 (group commit): `lua/claim.lua` decides the claims of one call exactly
@@ -1158,7 +1355,8 @@ on_both_backends!(
     batch_ack,
     budget_under_concurrency,
     daily_days_follow_the_offset,
-    group_commit_matches_one_by_one
+    group_commit_matches_one_by_one,
+    code_pools
 );
 
 /// Random operation sequences give identical answers on both backends.

@@ -279,6 +279,7 @@ async fn item2_conflict_case<B: Backend>(g: &Gw<B>) {
         claimed_at: 1_000,
         valid_from: 1_000,
         valid_to: 2_000,
+        code: None,
     };
     assert_eq!(
         g.db.write_claims(std::slice::from_ref(&planted))

@@ -73,6 +73,7 @@ fn claim(batch: &str, seq: u64, user: &str) -> ClaimRecord {
         claimed_at: END - 30 * DAY,
         valid_from: 1_577_836_800_000,
         valid_to: END,
+        code: None,
     }
 }
 

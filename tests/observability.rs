@@ -219,6 +219,13 @@ fn closed_label_sets() -> LabelSets {
         )]),
     );
     s.insert(
+        "claimgate_codes_total",
+        m(vec![(
+            "outcome",
+            set(claimgate::obs::metrics::CODE_OUTCOMES),
+        )]),
+    );
+    s.insert(
         "claimgate_grant_users_total",
         m(vec![(
             "outcome",
@@ -809,7 +816,7 @@ async fn dashboard_matches_exported_metrics() {
         .transfer_first_half(&bk.pool, &bk.shards[0], "obs-crash", 1, false)
         .await
         .unwrap();
-    assert_eq!(moved, 1);
+    assert_eq!(moved.amount, 1);
     assert_eq!(app.stock().sweep(&bk, 0).await.unwrap(), 1);
 
     // a batch created while the gateway runs, after the first stock gauges were exported

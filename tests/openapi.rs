@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 const DOC_PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/openapi.json");
 
 /// Every operation the router serves (src/http/router.rs), as the document must name it.
-const ROUTES: [(&str, &str); 21] = [
+const ROUTES: [(&str, &str); 22] = [
     ("GET", "/healthz"),
     ("GET", "/readyz"),
     ("GET", "/metrics"),
@@ -31,6 +31,7 @@ const ROUTES: [(&str, &str); 21] = [
     ("PATCH", "/v1/batches/{id}"),
     ("POST", "/v1/batches/{id}/claims"),
     ("POST", "/v1/batches/{id}/grants"),
+    ("POST", "/v1/batches/{id}/codes"),
     ("GET", "/v1/jobs/{job_id}"),
     ("GET", "/v1/users/{user_id}/coupons"),
     ("POST", "/v1/coupons/{coupon_id}/lock"),

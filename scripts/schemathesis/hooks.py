@@ -28,6 +28,11 @@ valid is valid here too:
   replicas), so "replica" and "replica_aof" become "leader" (the replica modes are tested
   against real replicas by tests/replication.rs and tests/conformance.rs batch_ack);
 
+- a batch's `codes`, when well-formed, are dropped: a batch with codes takes no `add_stock`,
+  which a PATCH of this run may send to any batch it created (code batches are tested by
+  tests/conformance.rs code_pools and tests/persist.rs; imports into this run's batches,
+  which have no codes, answer 409 as documented);
+
 - a streamed grant upload (`text/csv`, `application/x-ndjson`) generated as a non-string
   (a type violation) is sent as an empty body: text on the wire cannot carry the type,
   and the text of a number may be a valid upload.
@@ -43,7 +48,7 @@ import schemathesis
 
 # NDJSON (the streamed grant upload) goes on the wire as the text it is.
 schemathesis.serializer.alias("application/x-ndjson", "text/plain")
-TEXT_UPLOADS = ("text/csv", "application/x-ndjson")
+TEXT_UPLOADS = ("text/csv", "application/x-ndjson")  # grants and code imports
 
 EXAMPLE_WINDOW_END = datetime(2026, 11, 12, tzinfo=timezone.utc)
 LATE_END = "2100-01-01T00:00:00Z"
@@ -138,6 +143,9 @@ def before_call(ctx, case, kwargs):
             body["timezone"] = A_ZONE
         if body.get("ack") in ("replica", "replica_aof"):
             body["ack"] = "leader"
+        codes = body.get("codes")
+        if isinstance(codes, dict) and codes.get("source") in ("generated", "imported"):
+            del body["codes"]
         budget, stock, face = body.get("budget"), body.get("stock"), _face(body.get("discount"))
         if _int(budget) and budget >= 1 and _int(stock) and stock >= 1:
             need = None if face is None else (int(stock) + 2 * MAX_ADD) * face

@@ -111,6 +111,16 @@ pub async fn create<B: Backend>(
             }
             Err(e) => return Err(e.into()),
         }
+        // generated codes: stored and loaded before the batch counts as set up, so a
+        // create cut short is finished by its retry (which generates only what is missing)
+        if api
+            .catalog()
+            .generate_codes(&batch, &keys, api.config().batches.codes_chunk)
+            .await?
+            > 0
+        {
+            api.stock().fill_shards(&keys, batch.stock).await?;
+        }
         store.mark_setup_done(&batch.id).await?;
     }
     let catalog = api.catalog();

@@ -64,6 +64,9 @@ pub struct ClaimReply {
     pub valid_from: String,
     pub valid_to: String,
     pub claimed_at: String,
+    /// The coupon's code, in a batch that hands out codes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
 }
 
 impl ClaimReply {
@@ -75,6 +78,7 @@ impl ClaimReply {
             valid_from: Timestamp(c.valid_from_ms).to_rfc3339(),
             valid_to: Timestamp(c.valid_to_ms).to_rfc3339(),
             claimed_at: Timestamp(c.claimed_at_ms).to_rfc3339(),
+            code: c.code.clone(),
         }
     }
 }

@@ -3,7 +3,8 @@
 //! refunds), [`events`] (the admin's view of the event delivery ledger), [`catalog`] (the
 //! product-page lookup and the admin listing of batches), [`quote`] (the checkout quote),
 //! [`reconcile`] (the backend and the database compared, for a live gateway), [`grants`]
-//! (bulk grant jobs: the upload and the job's report).
+//! (bulk grant jobs: the upload and the job's report), [`codes`] (partner codes imported
+//! into a batch).
 //! Each takes the request's parts and the [`Api`] (the services it orchestrates), and
 //! answers a typed reply or an [`ApiError`] (the one mapping of domain errors, [`error`]).
 //!
@@ -15,6 +16,7 @@
 pub mod admin;
 pub mod catalog;
 pub mod claim;
+pub mod codes;
 pub mod error;
 pub mod events;
 pub mod grants;

@@ -30,6 +30,9 @@ pub struct CouponView {
     pub valid_from: String,
     pub valid_to: String,
     pub claimed_at: String,
+    /// The coupon's code, in a batch that hands out codes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
 }
 
 impl From<CouponRow> for CouponView {
@@ -44,6 +47,7 @@ impl From<CouponRow> for CouponView {
             valid_from: Timestamp(c.valid_from).to_rfc3339(),
             valid_to: Timestamp(c.valid_to).to_rfc3339(),
             claimed_at: Timestamp(c.claimed_at).to_rfc3339(),
+            code: c.code,
         }
     }
 }

@@ -24,10 +24,11 @@ pub enum Script {
     Restore,
     Replay,
     Winners,
+    CodesAdd,
 }
 
 impl Script {
-    pub const ALL: [Script; 15] = [
+    pub const ALL: [Script; 16] = [
         Script::Claim,
         Script::Setup,
         Script::Patch,
@@ -43,6 +44,7 @@ impl Script {
         Script::Restore,
         Script::Replay,
         Script::Winners,
+        Script::CodesAdd,
     ];
 
     pub fn name(self) -> &'static str {
@@ -62,6 +64,7 @@ impl Script {
             Script::Restore => "restore",
             Script::Replay => "replay",
             Script::Winners => "winners",
+            Script::CodesAdd => "codes_add",
         }
     }
 
@@ -82,6 +85,7 @@ impl Script {
             Script::Restore => include_str!("../../lua/restore.lua"),
             Script::Replay => include_str!("../../lua/replay.lua"),
             Script::Winners => include_str!("../../lua/winners.lua"),
+            Script::CodesAdd => include_str!("../../lua/codes_add.lua"),
         }
     }
 

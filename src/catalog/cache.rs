@@ -430,6 +430,7 @@ mod tests {
             ack: None,
             timezone: None,
             budget: None,
+            codes: None,
         }
     }
 

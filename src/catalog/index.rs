@@ -233,6 +233,7 @@ mod tests {
             ack: None,
             timezone: None,
             budget: None,
+            codes: None,
         }
     }
 

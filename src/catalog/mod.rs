@@ -2,7 +2,8 @@
 //! cache ([`cache`]) and its loader: from the cache, else from Redis (the pool's metadata),
 //! else from the database; the reactions to other instances' events; the periodic refresh;
 //! the winners of a sold-out batch; the healing of definitions Redis lags behind; and the
-//! product-page index ([`index`]) that follows the cache.
+//! product-page index ([`index`]) that follows the cache; and the codes of batches that hand
+//! out codes ([`codes`]: stored, then loaded into the pool).
 //!
 //! Invariants kept here: a batch that the database knows but Redis has lost is served as
 //! "lost" (503, nothing claimed) until it is rebuilt, never re-created with fresh stock; a
@@ -13,6 +14,7 @@
 //! its `changed` event, or at the latest by the next definition check.
 
 pub mod cache;
+pub mod codes;
 pub mod index;
 
 use std::sync::Arc;

@@ -737,6 +737,18 @@ impl Config {
         if !(1..=MAX_BUDGET_CEILING).contains(&self.batches.max_budget) {
             return bad("batches.max_budget", "must be 1..=9007199254740991");
         }
+        if !(1..=10_000_000).contains(&self.batches.max_generated_codes) {
+            return bad("batches.max_generated_codes", "must be 1..=10000000");
+        }
+        if !(1..=10_000).contains(&self.batches.codes_chunk) {
+            return bad("batches.codes_chunk", "must be 1..=10000");
+        }
+        if !(1024..=64 * 1024 * 1024).contains(&self.batches.max_codes_json_bytes) {
+            return bad("batches.max_codes_json_bytes", "must be 1024..=67108864");
+        }
+        if !(1024..=1 << 40).contains(&self.batches.max_codes_upload_bytes) {
+            return bad("batches.max_codes_upload_bytes", "must be 1024..=2^40");
+        }
         if let Err(message) = check_log_level(&self.log.level) {
             return Err(ConfigError::Invalid {
                 key: "log.level",

@@ -69,6 +69,16 @@ pub struct BatchesConfig {
     pub max_list_items: usize,
     /// Largest money `budget` of a batch, in minor units.
     pub max_budget: i64,
+    /// Most codes a batch with generated codes holds (its `stock`): generated, stored and
+    /// loaded at its create.
+    pub max_generated_codes: i64,
+    /// Codes per database insert and per `lua/codes_add.lua` call, when codes are generated
+    /// or imported.
+    pub codes_chunk: usize,
+    /// Largest `POST /v1/batches/{id}/codes` body: read whole as JSON, streamed as NDJSON
+    /// or CSV.
+    pub max_codes_json_bytes: usize,
+    pub max_codes_upload_bytes: u64,
 }
 
 impl Default for BatchesConfig {
@@ -79,6 +89,10 @@ impl Default for BatchesConfig {
             max_stock: 1_000_000_000,
             max_list_items: 100_000,
             max_budget: 1_000_000_000_000,
+            max_generated_codes: 1_000_000,
+            codes_chunk: 1_000,
+            max_codes_json_bytes: 4 * 1024 * 1024,
+            max_codes_upload_bytes: 256 * 1024 * 1024,
         }
     }
 }

@@ -23,6 +23,8 @@ pub struct Coupon {
     pub claimed_at_ms: i64,
     /// On a replay: the nonce of the request that minted the coupon ('' if unknown).
     pub minted_by: String,
+    /// The code the coupon carries, in a batch that hands out codes.
+    pub code: Option<String>,
 }
 
 /// What one run of `claim.lua` decided.
@@ -102,7 +104,7 @@ pub struct Shared<'a> {
 pub const MAX_CLAIMS_PER_CALL: usize = crate::config::MAX_GROUP_CLAIMS;
 
 /// KEYS, in the script's order.
-pub fn keys(slot: &SlotKeys) -> [&str; 8] {
+pub fn keys(slot: &SlotKeys) -> [&str; 9] {
     [
         &slot.meta,
         &slot.stock,
@@ -112,6 +114,7 @@ pub fn keys(slot: &SlotKeys) -> [&str; 8] {
         &slot.log,
         &slot.deny,
         &slot.claimed,
+        &slot.codes,
     ]
 }
 
@@ -201,8 +204,11 @@ fn decode_answer(answer: Value) -> Result<Outcome, BackendError> {
                 other => return Err(protocol(SCRIPT, format!("unknown refusal {other}"))),
             })
         }
-        1 if items.len() == 5 => Ok(Outcome::Claimed(coupon(SCRIPT, &items)?)),
-        2 if items.len() == 6 => Ok(Outcome::Replayed(coupon(SCRIPT, &items)?)),
+        // a claim carries no nonce: its sixth item is '' when a code follows
+        1 if items.len() == 5 || (items.len() == 7 && is_empty(&items[5])) => {
+            Ok(Outcome::Claimed(coupon(SCRIPT, &items)?))
+        }
+        2 if items.len() == 6 || items.len() == 7 => Ok(Outcome::Replayed(coupon(SCRIPT, &items)?)),
         other => Err(protocol(
             SCRIPT,
             format!("status {other} with {} items", items.len()),
@@ -210,8 +216,13 @@ fn decode_answer(answer: Value) -> Result<Outcome, BackendError> {
     }
 }
 
-/// `{ status, coupon_id, valid_from_ms, valid_to_ms, claimed_at_ms [, nonce] }`: the coupon
-/// part of a claim or replay reply (`script` names which, for errors).
+fn is_empty(v: &Value) -> bool {
+    v.as_str() == Some("")
+}
+
+/// `{ status, coupon_id, valid_from_ms, valid_to_ms, claimed_at_ms [, nonce [, code]] }`:
+/// the coupon part of a claim or replay reply (`script` names which, for errors). A code is
+/// never empty.
 pub(super) fn coupon(script: Script, items: &[Value]) -> Result<Coupon, BackendError> {
     let int = |i: usize, what: &str| {
         items
@@ -233,6 +244,13 @@ pub(super) fn coupon(script: Script, items: &[Value]) -> Result<Coupon, BackendE
             None => String::new(),
             Some(v) => reply::string(script, v)?,
         },
+        code: match items.get(6) {
+            None => None,
+            Some(v) => match reply::string(script, v)? {
+                c if c.is_empty() => return Err(protocol(script, "an empty code")),
+                c => Some(c),
+            },
+        },
     })
 }
 
@@ -242,9 +260,19 @@ pub fn request_field(user: &str, request_id: &str) -> String {
 }
 
 /// The `req` hash value of a coupon: `<coupon>|<valid_from>|<valid_to>|<claimed_at>`, to
-/// which the script appends `|<nonce>` (a rebuild writes it without: no nonce is known).
-pub fn request_value(coupon_id: &str, valid_from: i64, valid_to: i64, claimed_at: i64) -> String {
-    format!("{coupon_id}|{valid_from}|{valid_to}|{claimed_at}")
+/// which the script appends `|<nonce>` and, for a coupon with a code, `|<code>` (a rebuild
+/// writes no nonce: none is known; `<claimed_at>||<code>` then).
+pub fn request_value(
+    coupon_id: &str,
+    valid_from: i64,
+    valid_to: i64,
+    claimed_at: i64,
+    code: Option<&str>,
+) -> String {
+    match code {
+        Some(code) => format!("{coupon_id}|{valid_from}|{valid_to}|{claimed_at}||{code}"),
+        None => format!("{coupon_id}|{valid_from}|{valid_to}|{claimed_at}"),
+    }
 }
 
 /// The `daily` hash value: `<local day>:<count>`, the day as
@@ -359,6 +387,64 @@ mod tests {
     }
 
     #[test]
+    fn decodes_codes() {
+        let claimed = arr(vec![
+            Value::Int(1),
+            bulk("b.1.7"),
+            Value::Int(10),
+            Value::Int(20),
+            Value::Int(5),
+            bulk(""),
+            bulk("K7X"),
+        ]);
+        match one(claimed).unwrap() {
+            Outcome::Claimed(c) => assert_eq!(c.code.as_deref(), Some("K7X")),
+            o => panic!("{o:?}"),
+        }
+        let replay = arr(vec![
+            Value::Int(2),
+            bulk("b.1.7"),
+            Value::Int(10),
+            Value::Int(20),
+            Value::Int(5),
+            bulk("n1"),
+            bulk("K7X"),
+        ]);
+        match one(replay).unwrap() {
+            Outcome::Replayed(c) => {
+                assert_eq!(
+                    (c.minted_by.as_str(), c.code.as_deref()),
+                    ("n1", Some("K7X"))
+                )
+            }
+            o => panic!("{o:?}"),
+        }
+        // an empty code, or a claim with a nonce before its code: not what the script says
+        for bad in [
+            arr(vec![
+                Value::Int(1),
+                bulk("b.1.7"),
+                Value::Int(10),
+                Value::Int(20),
+                Value::Int(5),
+                bulk(""),
+                bulk(""),
+            ]),
+            arr(vec![
+                Value::Int(1),
+                bulk("b.1.7"),
+                Value::Int(10),
+                Value::Int(20),
+                Value::Int(5),
+                bulk("n"),
+                bulk("K"),
+            ]),
+        ] {
+            assert!(one(bad.clone()).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn decodes_a_call_of_many_claims_in_order() {
         let refused = arr(vec![Value::Int(0), Value::Int(-6)]);
         let claimed = arr(vec![
@@ -403,7 +489,11 @@ mod tests {
     #[test]
     fn record_formats() {
         assert_eq!(request_field("u1", "r-1"), "u1|r-1");
-        assert_eq!(request_value("b.0.1", 1, 2, 3), "b.0.1|1|2|3");
+        assert_eq!(request_value("b.0.1", 1, 2, 3, None), "b.0.1|1|2|3");
+        assert_eq!(
+            request_value("b.0.1", 1, 2, 3, Some("K7")),
+            "b.0.1|1|2|3||K7"
+        );
         assert_eq!(daily_value(20_000, 2), "20000:2");
     }
 }

@@ -25,6 +25,8 @@ use crate::domain::ids::parse_coupon_id;
 pub const KIND_CLAIMED: &str = "claimed";
 /// The fields of a claim record, in the order `claim.lua` writes them.
 pub const FIELDS: [&str; 9] = ["k", "c", "u", "r", "b", "s", "t", "vf", "vt"];
+/// The field after [`FIELDS`] in the record of a coupon with a code: the code.
+pub const CODE: &str = "cd";
 
 /// Interprets a log entry of shard `shard` of `batch` as a claim record. Anything
 /// unexpected is an error naming what is wrong.
@@ -64,6 +66,11 @@ pub fn parse(batch: &str, shard: u32, entry: &LogEntry) -> Result<ClaimRecord, S
         claimed_at: int("t")?,
         valid_from: int("vf")?,
         valid_to: int("vt")?,
+        code: match entry.get(CODE) {
+            None => None,
+            Some("") => return Err("empty code".to_string()),
+            Some(c) => Some(c.to_string()),
+        },
     })
 }
 
@@ -101,6 +108,13 @@ mod tests {
         assert_eq!((r.claimed_at, r.valid_from, r.valid_to), (100, 100, 200));
         let names: Vec<&str> = GOOD.iter().map(|(f, _)| *f).collect();
         assert_eq!(names, FIELDS);
+        assert_eq!(r.code, None);
+        let mut with_code = GOOD.to_vec();
+        with_code.push((CODE, "K7"));
+        let r = parse("b1", 2, &entry(&with_code)).unwrap();
+        assert_eq!(r.code.as_deref(), Some("K7"));
+        with_code[9] = (CODE, "");
+        assert!(parse("b1", 2, &entry(&with_code)).is_err());
     }
 
     #[test]
@@ -117,21 +131,27 @@ mod tests {
         assert!(parse("b2", 2, &entry(GOOD)).is_err());
     }
 
-    /// The fields `lua/claim.lua` writes are the ones read here, in the same order.
+    /// The fields `lua/claim.lua` writes are the ones read here, in the same order: with
+    /// the code (its first XADD), and without (its second).
     #[test]
     fn the_script_writes_these_fields() {
         let src = crate::backend::Script::Claim.source();
-        let xadd = src
-            .split("call('XADD'")
-            .nth(1)
-            .and_then(|rest| rest.split(')').next())
-            .expect("claim.lua appends its record with XADD");
-        let written: Vec<&str> = xadd
-            .split(',')
-            .map(str::trim)
-            .filter_map(|t| t.strip_prefix('\'').and_then(|t| t.strip_suffix('\'')))
-            .filter(|t| *t != "*" && *t != KIND_CLAIMED)
-            .collect();
-        assert_eq!(written, FIELDS, "{xadd}");
+        let written = |nth: usize| -> Vec<&str> {
+            let xadd = src
+                .split("call('XADD'")
+                .nth(nth)
+                .and_then(|rest| rest.split(')').next())
+                .expect("claim.lua appends its record with XADD");
+            xadd.split(',')
+                .map(str::trim)
+                .filter_map(|t| t.strip_prefix('\'').and_then(|t| t.strip_suffix('\'')))
+                .filter(|t| *t != "*" && *t != KIND_CLAIMED)
+                .collect()
+        };
+        let mut with_code = FIELDS.to_vec();
+        with_code.push(CODE);
+        assert_eq!(written(1), with_code);
+        assert_eq!(written(2), FIELDS);
+        assert_eq!(src.matches("call('XADD'").count(), 2);
     }
 }

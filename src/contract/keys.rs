@@ -19,6 +19,9 @@
 //! | `in:<id>` | string | "transfer `<id>` was credited here" (expires)                  |
 //! | `ack`     | string | counter written before a replica wait (`redis.ack = "replica"`) |
 //! | `repair`  | string | the repair lock: id of the repairer restoring the slot (expires) |
+//! | `codes`   | hash   | the slot's code queue, in a batch that hands out codes         |
+//! | `xcodes`  | hash   | transfer id -> the codes an open transfer carries              |
+//! | `loads`   | set    | chunk ids of codes added to the batch (pool)                   |
 //!
 //! Invariant kept here: every key a script receives is built by this module from the same
 //! tag, so a script can never span two cluster slots.
@@ -65,6 +68,12 @@ pub struct SlotKeys {
     pub fence: String,
     /// The repair lock (`lua/restore.lua` 'fence' takes it, 'finish' releases it).
     pub repair: String,
+    /// The code queue (`lua/claim.lua` KEYS[9]).
+    pub codes: String,
+    /// The codes of open transfers out of the slot (`lua/transfer_out.lua`).
+    pub xcodes: String,
+    /// Chunk ids of codes added (`lua/codes_add.lua`, on the pool).
+    pub loads: String,
     tag: String,
 }
 
@@ -88,6 +97,9 @@ impl SlotKeys {
             xseq: k("xseq"),
             fence: k("ack"),
             repair: k("repair"),
+            codes: k("codes"),
+            xcodes: k("xcodes"),
+            loads: k("loads"),
             label,
             tag,
         }
@@ -146,7 +158,7 @@ mod tests {
         let k = SlotKeys::new("b1", Some(3));
         for key in [
             &k.meta, &k.stock, &k.users, &k.daily, &k.req, &k.log, &k.deny, &k.claimed, &k.outbox,
-            &k.fence, &k.repair, &k.xseq,
+            &k.fence, &k.repair, &k.xseq, &k.codes, &k.xcodes, &k.loads,
         ] {
             assert!(key.starts_with("cg:{b1:3}:"), "{key}");
         }

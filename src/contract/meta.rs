@@ -47,8 +47,15 @@ pub fn fields(batch: &Batch, version: u64) -> Vec<(&'static str, String)> {
         ("vto", vto.to_string()),
         ("shards", batch.shards.to_string()),
         (VERSION, version.to_string()),
+        (
+            CODES,
+            if batch.codes.is_some() { "1" } else { "0" }.to_string(),
+        ),
     ]
 }
+
+/// Whether the batch hands out codes (`'1'`; `lua/claim.lua` reads it).
+pub const CODES: &str = "codes";
 
 /// The definition fingerprint field.
 pub const FINGERPRINT: &str = "fp";
@@ -70,12 +77,18 @@ pub const EPOCH: &str = "epoch";
 /// The pool's extra fields: its total, not sold out, the definition as JSON and, with a
 /// budget, the stock cap.
 pub fn pool_fields(batch: &Batch) -> Vec<(&'static str, String)> {
+    // a batch with codes starts empty: its stock arrives with its codes (lua/codes_add.lua)
+    let total = if batch.codes.is_some() {
+        0
+    } else {
+        batch.stock
+    };
     let mut f = vec![
-        (TOTAL, batch.stock.to_string()),
+        (TOTAL, total.to_string()),
         (SOLD_OUT, "0".to_string()),
         (DEFINITION, serde_json::to_string(batch).unwrap_or_default()),
     ];
-    if let Some(cap) = batch.budget_cap() {
+    if let Some(cap) = batch.stock_cap() {
         f.push((CAP, cap.to_string()));
     }
     f

@@ -13,7 +13,7 @@
 //! | `replay`        | [`replay`]        | `Option<`[`claim::Coupon`]`>`            |
 //! | `setup`         | [`setup`]         | [`setup::Created`]                       |
 //! | `patch`         | [`patch`]         | [`patch::Patched`]                       |
-//! | `transfer_out`  | [`transfer_out`]  | amount moved                             |
+//! | `transfer_out`  | [`transfer_out`]  | [`transfer_out::Moved`]                  |
 //! | `transfer_in`   | [`transfer_in`]   | [`transfer_in::Credit`]                  |
 //! | `transfer_done` | [`transfer_done`] | closed now or before                     |
 //! | `probe`         | [`probe`]         | [`probe::Probe`]                         |
@@ -21,6 +21,7 @@
 //! | `mark_soldout`  | [`mark_soldout`]  | [`mark_soldout::Marked`]                 |
 //! | `meta_get`      | [`meta_get`]      | [`meta::SlotMeta`]                       |
 //! | `winners`       | [`winners`]       | (user, count) pairs                      |
+//! | `codes_add`     | [`codes_add`]     | [`codes_add::Added`]                     |
 //! | `log_read`      | [`log_read`]      | [`log_read::LogEntry`]s                  |
 //! | `log_ack`       | [`log_ack`]       | entries removed                          |
 //! | `restore`       | [`restore`]       | [`restore::Step`]                        |
@@ -33,6 +34,7 @@
 
 pub mod claim;
 pub mod claim_record;
+pub mod codes_add;
 pub mod events;
 pub mod inbox_check;
 pub mod keys;
@@ -129,6 +131,7 @@ mod tests {
             (Script::MarkSoldout, super::mark_soldout::keys(&s).to_vec()),
             (Script::MetaGet, super::meta_get::keys(&s).to_vec()),
             (Script::Winners, super::winners::keys(&s).to_vec()),
+            (Script::CodesAdd, super::codes_add::keys(&s).to_vec()),
             (Script::LogRead, super::log_read::keys(&s.log).to_vec()),
             (Script::LogAck, super::log_ack::keys(&s.log).to_vec()),
             (Script::Restore, super::restore::keys(&s).to_vec()),

@@ -34,7 +34,7 @@ pub async fn call<B: Backend>(
 pub fn decode(reply: Value) -> Result<Option<Coupon>, BackendError> {
     let items = reply::array(SCRIPT, reply)?;
     match items.first().map(|c| reply::int(SCRIPT, c)).transpose()? {
-        Some(2) if items.len() == 6 => Ok(Some(claim::coupon(SCRIPT, &items)?)),
+        Some(2) if items.len() == 6 || items.len() == 7 => Ok(Some(claim::coupon(SCRIPT, &items)?)),
         Some(0) if items.len() == 2 && reply::int(SCRIPT, &items[1])? == -10 => Ok(None),
         _ => Err(protocol(SCRIPT, format!("unexpected {items:?}"))),
     }

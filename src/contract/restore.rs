@@ -58,14 +58,15 @@ enum Op {
     Begin,
     Hset,
     Deny,
+    Codes,
     Finish,
 }
 
 /// KEYS, in the script's order.
-pub fn keys(s: &SlotKeys) -> [&str; 11] {
+pub fn keys(s: &SlotKeys) -> [&str; 13] {
     [
         &s.meta, &s.stock, &s.users, &s.daily, &s.req, &s.deny, &s.claimed, &s.xseq, &s.outbox,
-        &s.log, &s.repair,
+        &s.log, &s.repair, &s.codes, &s.xcodes,
     ]
 }
 
@@ -134,6 +135,16 @@ pub async fn deny<B: Backend>(
     run(backend, slot, Op::Deny, &args).await
 }
 
+/// `codes`: appends `codes` (non-empty, at most [`CHUNK`]) to the slot's code queue.
+pub async fn codes<B: Backend>(
+    backend: &B,
+    slot: &SlotKeys,
+    codes: &[String],
+) -> Result<Step, BackendError> {
+    let joined = codes.join(",");
+    run(backend, slot, Op::Codes, &["codes", &joined]).await
+}
+
 /// `finish`: adds `stock` to the slot's stock, raises the claim counter to `counter_floor` (never lowers it),
 /// and writes `meta` (which must hold `fp`, `state` and `ver`) last.
 pub async fn finish<B: Backend>(
@@ -184,7 +195,7 @@ fn decode(op: Op, reply: Value) -> Result<Step, BackendError> {
         (Op::Begin, 1) => Err(protocol(SCRIPT, "begin names the stock it deleted")),
         (Op::Begin, -2) => Ok(Step::Unpersisted { entries: count(n)? }),
         (_, -1) => Ok(Step::Live),
-        (Op::Hset | Op::Deny | Op::Finish, 1) => Ok(Step::Done { n: count(n)? }),
+        (Op::Hset | Op::Deny | Op::Codes | Op::Finish, 1) => Ok(Step::Done { n: count(n)? }),
         (op, code) => Err(protocol(SCRIPT, format!("{op:?} answered {{{code}, {n}}}"))),
     }
 }
@@ -216,6 +227,8 @@ mod tests {
         );
         assert_eq!(decode(Op::Begin, r(-1, 0)).unwrap(), Step::Live);
         assert_eq!(decode(Op::Hset, r(1, 2)).unwrap(), Step::Done { n: 2 });
+        assert_eq!(decode(Op::Codes, r(1, 9)).unwrap(), Step::Done { n: 9 });
+        assert_eq!(decode(Op::Codes, r(-1, 0)).unwrap(), Step::Live);
         assert_eq!(decode(Op::Finish, r(-1, 0)).unwrap(), Step::Live);
         assert!(
             decode(Op::Hset, r(-2, 1)).is_err(),

@@ -11,8 +11,8 @@ use crate::backend::{Backend, BackendError, Script, Value};
 const SCRIPT: Script = Script::TransferDone;
 
 /// KEYS, in the script's order (the source slot's).
-pub fn keys(src: &SlotKeys) -> [&str; 1] {
-    [&src.outbox]
+pub fn keys(src: &SlotKeys) -> [&str; 2] {
+    [&src.outbox, &src.xcodes]
 }
 
 /// Removes transfer `tid` from `src`'s outbox. Returns whether it was still there.

@@ -19,22 +19,24 @@ pub enum Credit {
 }
 
 /// KEYS, in the script's order (the destination slot's; the inbox key carries `tid`).
-pub fn keys<'a>(dst: &'a SlotKeys, inbox: &'a str) -> [&'a str; 3] {
-    [&dst.stock, inbox, &dst.xseq]
+pub fn keys<'a>(dst: &'a SlotKeys, inbox: &'a str) -> [&'a str; 4] {
+    [&dst.stock, inbox, &dst.xseq, &dst.codes]
 }
 
-/// Credits `amount` of transfer `tid` to `dst` once; the marker lives `marker_ttl_s`.
+/// Credits `amount` of transfer `tid` to `dst` once, with the `codes` that left the source
+/// with it (joined by ','; `''` in a batch without codes); the marker lives `marker_ttl_s`.
 pub async fn call<B: Backend>(
     backend: &B,
     dst: &SlotKeys,
     tid: &str,
     amount: i64,
+    codes: &str,
     marker_ttl_s: u64,
 ) -> Result<Credit, BackendError> {
     let inbox = dst.inbox(tid);
     let (amount, ttl) = (amount.to_string(), marker_ttl_s.to_string());
     let reply = backend
-        .eval(SCRIPT, &keys(dst, &inbox), &[&amount, &ttl])
+        .eval(SCRIPT, &keys(dst, &inbox), &[&amount, &ttl, codes])
         .await?;
     decode(reply)
 }

@@ -23,10 +23,17 @@
 //! then gives `spent = claimed * face <= total * face <= budget`. The pool also holds the
 //! cap (`contract::meta` `cap`), and `lua/patch.lua` refuses a total above it, so Redis
 //! never holds more stock than the budget pays for, whatever reaches it.
+//!
+//! Codes. A batch may hand out codes ([`CodeSource`]): each coupon claimed carries one, and
+//! one code never goes to two coupons. Its `stock` is then the most codes it may hold: a
+//! generated batch gets exactly that many at its create (`domain::codes`), an imported one
+//! as many as are imported (`POST /v1/batches/{id}/codes`, deduplicated). Its stock only
+//! grows by codes, never by `add_stock`.
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use super::codes::CodeSpec;
 use super::ids::{valid_batch_id, valid_ident};
 pub use super::time::Timestamp;
 use super::time::{UnknownZone, Zone};
@@ -148,6 +155,21 @@ pub struct NewBatch {
     /// it (see the module documentation).
     #[serde(default)]
     pub budget: Option<i64>,
+    /// Codes instead of bare coupon ids (see the module documentation).
+    #[serde(default)]
+    pub codes: Option<CodeSource>,
+}
+
+/// Where a batch's codes come from.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "source", rename_all = "lowercase", deny_unknown_fields)]
+pub enum CodeSource {
+    /// `stock` codes generated at the create: the prefix, `length` random characters of an
+    /// alphabet without look-alikes, and a check character (`domain::codes`).
+    Generated(CodeSpec),
+    /// Partner codes, imported (and deduplicated) after the create. (A struct variant, so
+    /// that an unknown field next to `source` is refused.)
+    Imported {},
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -196,6 +218,9 @@ pub struct Batch {
     /// Money budget in minor units; absent = none (absent from the JSON, as above).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget: Option<i64>,
+    /// Codes, if the batch hands them out; absent = none (absent from the JSON, as above).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub codes: Option<CodeSource>,
 }
 
 const MAX_NAME: usize = 256;
@@ -302,6 +327,26 @@ impl NewBatch {
                 ));
             }
         }
+        match &self.codes {
+            Some(CodeSource::Generated(spec)) => {
+                spec.validate().map_err(InvalidBatch::Bad)?;
+                if self.stock > limits.max_generated_codes {
+                    return invalid(format!(
+                        "a batch with generated codes holds at most {} (batches.\
+                         max_generated_codes); import larger sets of codes",
+                        limits.max_generated_codes
+                    ));
+                }
+                if self.stock as f64 > spec.capacity() / 4.0 {
+                    return invalid(format!(
+                        "codes.length {} leaves too few codes for stock {}: give a longer \
+                         length",
+                        spec.length, self.stock
+                    ));
+                }
+            }
+            Some(CodeSource::Imported {}) | None => {}
+        }
         Ok(Batch {
             id,
             name: self.name,
@@ -320,6 +365,7 @@ impl NewBatch {
             ack: self.ack,
             timezone,
             budget: self.budget,
+            codes: self.codes,
         })
     }
 }
@@ -380,6 +426,12 @@ impl BatchPatch {
     pub fn validate(&self, batch: &Batch, limits: &BatchesConfig) -> Result<(), InvalidBatch> {
         if self.state.is_none() && self.new_end().is_none() && self.add_stock.is_none() {
             return invalid("nothing to change: give state, claim_window.end or add_stock");
+        }
+        if self.add_stock.is_some() && batch.codes.is_some() {
+            return invalid(
+                "a batch with codes gets its stock from its codes: import codes \
+                 (POST /v1/batches/{id}/codes) instead of add_stock",
+            );
         }
         if self.claim_window.is_some() && self.claim_window_end.is_some() {
             return invalid("give the window end once");
@@ -445,6 +497,16 @@ impl Batch {
 
     /// The most coupons the budget pays for: `floor(budget / face value)`; `None` without
     /// a budget (or, never after validation, without a bounded face value).
+    /// The most stock the pool may ever hold (`contract::meta` `cap`): what the budget pays
+    /// for and, in a batch with codes, its declared `stock`.
+    pub fn stock_cap(&self) -> Option<i64> {
+        let codes = self.codes.as_ref().map(|_| self.stock);
+        match (self.budget_cap(), codes) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
     pub fn budget_cap(&self) -> Option<i64> {
         let budget = self.budget?;
         let face = self.discount.face_value().filter(|f| *f > 0)?;
@@ -476,7 +538,64 @@ mod tests {
         max_stock: 1_000_000_000,
         max_list_items: 10_000,
         max_budget: 1_000_000_000_000,
+        max_generated_codes: 1_000,
+        codes_chunk: 100,
+        max_codes_json_bytes: 4096,
+        max_codes_upload_bytes: 4096,
     };
+
+    #[test]
+    fn batches_with_codes() {
+        let new = |codes: &str| -> Result<Batch, InvalidBatch> {
+            serde_json::from_str::<NewBatch>(&body(&format!(r#","codes":{codes}"#)))
+                .map_err(|e| InvalidBatch::Bad(e.to_string()))?
+                .validate(&LIMITS)
+        };
+        let b = new(r#"{"source":"generated","prefix":"SALE-","length":8}"#).unwrap();
+        assert_eq!(
+            b.codes,
+            Some(CodeSource::Generated(CodeSpec {
+                prefix: "SALE-".into(),
+                length: 8
+            }))
+        );
+        assert_eq!(b.stock_cap(), Some(100), "its stock is its cap");
+        let b = new(r#"{"source":"imported"}"#).unwrap();
+        assert_eq!(b.codes, Some(CodeSource::Imported {}));
+        // the definition keeps them, and a batch without codes shows none
+        let json = serde_json::to_string(&b).unwrap();
+        assert!(json.contains(r#""codes":{"source":"imported"}"#), "{json}");
+        let plain = serde_json::from_str::<NewBatch>(&body(""))
+            .unwrap()
+            .validate(&LIMITS)
+            .unwrap();
+        assert!(!serde_json::to_string(&plain).unwrap().contains("codes"));
+        assert_eq!(plain.stock_cap(), None);
+        for bad in [
+            r#"{"source":"generated","length":5}"#,
+            r#"{"source":"generated","prefix":"a b","length":8}"#,
+            r#"{"source":"minted"}"#,
+            r#"{"source":"imported","extra":1}"#,
+            r#"{"source":"generated","length":8,"charset":"x"}"#,
+            // 30^6 / 4 codes at most: stock 100 fits, a longer prefix changes nothing
+            r#"{"prefix":"X","length":8}"#,
+        ] {
+            assert!(new(bad).is_err(), "{bad}");
+        }
+        // past batches.max_generated_codes (1000 here), or too many for the length
+        let over = serde_json::from_str::<NewBatch>(
+            &body(r#","codes":{"source":"generated","length":8}"#)
+                .replace(r#""stock":100"#, r#""stock":1001"#),
+        )
+        .unwrap();
+        assert!(over.validate(&LIMITS).is_err());
+        // add_stock is refused: the stock of a batch with codes comes from its codes
+        let b = new(r#"{"source":"imported"}"#).unwrap();
+        let add: BatchPatch = serde_json::from_str(r#"{"add_stock":5}"#).unwrap();
+        assert!(add.validate(&b, &LIMITS).is_err());
+        let pause: BatchPatch = serde_json::from_str(r#"{"state":"paused"}"#).unwrap();
+        assert!(pause.validate(&b, &LIMITS).is_ok());
+    }
 
     fn body(extra: &str) -> String {
         format!(

@@ -17,4 +17,6 @@ pub struct ClaimRecord {
     pub claimed_at: i64,
     pub valid_from: i64,
     pub valid_to: i64,
+    /// The code the coupon carries, in a batch that hands out codes.
+    pub code: Option<String>,
 }

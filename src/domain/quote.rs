@@ -806,6 +806,7 @@ mod tests {
             ack: None,
             timezone: None,
             budget: None,
+            codes: None,
         }
     }
 

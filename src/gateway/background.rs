@@ -88,6 +88,7 @@ async fn refresh<B: Backend>(app: Arc<App<B>>, stop: CancellationToken) {
         }
         if n.is_multiple_of(CHORES_EVERY) {
             catalog.heal_definitions().await;
+            catalog.heal_codes().await;
             crate::obs::metrics::upkeep();
             let gauges = catalog.stock_remaining(cfg.metrics.max_batch_labels).await;
             app.set_stock_remaining(gauges);

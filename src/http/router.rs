@@ -17,6 +17,7 @@ use hyper::body::Body;
 use super::body::{BodyStream, read_body};
 use super::error::{ApiError, json_response};
 use super::{App, ops};
+use crate::api::codes::{self, Import};
 use crate::api::grants::{self, Upload, UploadKind};
 use crate::api::{admin, catalog, claim, events, quote, reconcile, wallet};
 use crate::backend::Backend;
@@ -33,6 +34,7 @@ enum Route<'a> {
     Batch(&'a str),
     Claims(&'a str),
     Grants(&'a str),
+    Codes(&'a str),
     Job(&'a str),
     UserCoupons(&'a str),
     CouponAction(&'a str, &'a str),
@@ -60,6 +62,9 @@ impl Route<'_> {
             }
             (Some("v1"), Some("batches"), Some(id), Some("grants"), None) if !id.is_empty() => {
                 Route::Grants(id)
+            }
+            (Some("v1"), Some("batches"), Some(id), Some("codes"), None) if !id.is_empty() => {
+                Route::Codes(id)
             }
             (Some("v1"), Some("jobs"), Some(id), None, _) if !id.is_empty() => Route::Job(id),
             (Some("v1"), Some("users"), Some(u), Some("coupons"), None) if !u.is_empty() => {
@@ -92,7 +97,11 @@ impl Route<'_> {
             | Route::AdminReconcile => "GET",
             Route::Batch(_) => "GET, PATCH",
             Route::Batches => "GET, POST",
-            Route::Claims(_) | Route::Grants(_) | Route::CouponAction(..) | Route::Quote => "POST",
+            Route::Claims(_)
+            | Route::Grants(_)
+            | Route::Codes(_)
+            | Route::CouponAction(..)
+            | Route::Quote => "POST",
             Route::Unknown => "",
         }
     }
@@ -107,6 +116,7 @@ impl Route<'_> {
             Route::Batch(_) => "batch",
             Route::Claims(_) => "claims",
             Route::Grants(_) => "grants",
+            Route::Codes(_) => "codes",
             Route::Job(_) => "jobs",
             Route::UserCoupons(_) => "user_coupons",
             Route::CouponAction(..) => "coupon_action",
@@ -150,7 +160,7 @@ where
     let route = Route::parse(parts.uri.path());
     // An upload has its own deadline: it may stream for longer than any other request.
     let timeout = Duration::from_millis(match route {
-        Route::Grants(_) => app.config().grants.upload_timeout_ms,
+        Route::Grants(_) | Route::Codes(_) => app.config().grants.upload_timeout_ms,
         _ => app.config().server.request_timeout_ms,
     });
     let label = route.label();
@@ -334,6 +344,47 @@ where
                     }
                     let reply = upload.submit(api).await?;
                     Ok(json_response(StatusCode::ACCEPTED, &reply))
+                }
+                Err(e) => {
+                    body_cut.store(true, Ordering::Relaxed);
+                    Err(e)
+                }
+            }
+        }
+        Route::Codes(id) if m == Method::POST => {
+            if let Err(e) = api.auth().check_admin(h) {
+                body_cut.store(true, Ordering::Relaxed);
+                return Err(e.into());
+            }
+            let b = &app.config().batches;
+            match grants::upload_kind(h) {
+                Ok(UploadKind::Json) => {
+                    let body = read_body(body, b.max_codes_json_bytes, body_cut).await?;
+                    let reply = codes::import_json(api, id, &body).await?;
+                    Ok(json_response(StatusCode::OK, &reply))
+                }
+                Ok(UploadKind::Lines(format)) => {
+                    let mut stream = BodyStream::new(body, b.max_codes_upload_bytes, body_cut);
+                    let mut import = match Import::begin(api, id, format).await {
+                        Ok(i) => i,
+                        Err(e) => {
+                            stream.abandon();
+                            return Err(e);
+                        }
+                    };
+                    loop {
+                        let next = match stream.next().await {
+                            Ok(Some(data)) => import.accept(api, &data).await,
+                            Ok(None) => break,
+                            Err(e) => Err(e),
+                        };
+                        if let Err(e) = next {
+                            stream.abandon();
+                            return Err(e);
+                        }
+                    }
+                    let reply = import.finish(api).await?;
+                    Ok(json_response(StatusCode::OK, &reply))
                 }
                 Err(e) => {
                     body_cut.store(true, Ordering::Relaxed);

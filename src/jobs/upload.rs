@@ -49,15 +49,32 @@ pub enum Line {
 
 const BAD_ID: &str = "user_id must be 1-128 characters of [A-Za-z0-9._@+-]";
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NdjsonUser {
-    user_id: String,
+/// What the lines of an upload hold: the field name (the NDJSON object's one key, the CSV
+/// header), the check of a value, and the reason a value fails it.
+#[derive(Debug, Clone, Copy)]
+pub struct LineItem {
+    pub field: &'static str,
+    pub valid: fn(&str) -> bool,
+    pub bad: &'static str,
 }
 
-/// Reads one line (without its `\n`). `first` is whether no line was counted or skipped
-/// before (where a CSV header may stand).
+/// A grant upload's lines: user ids.
+pub const USER_LINES: LineItem = LineItem {
+    field: "user_id",
+    valid: valid_ident,
+    bad: BAD_ID,
+};
+
+/// Reads one line (without its `\n`) of a grant upload. `first` is whether no line was
+/// counted or skipped before (where a CSV header may stand).
 pub fn parse_line(format: LineFormat, raw: &[u8], first: bool) -> Line {
+    parse_item(USER_LINES, format, raw, first)
+}
+
+/// Reads one line (without its `\n`) holding one `item`: NDJSON `{"<field>": "..."}` or a
+/// bare JSON string; CSV the value, optionally in double quotes, after an optional header
+/// line `<field>`. A valid value is [`Line::User`] (whatever the item).
+pub fn parse_item(item: LineItem, format: LineFormat, raw: &[u8], first: bool) -> Line {
     let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
     let Ok(text) = std::str::from_utf8(raw) else {
         return Line::Invalid("not UTF-8".into());
@@ -70,16 +87,24 @@ pub fn parse_line(format: LineFormat, raw: &[u8], first: bool) -> Line {
     let id = match format {
         LineFormat::Ndjson => {
             let parsed = if text.starts_with('{') {
-                serde_json::from_str::<NdjsonUser>(text).map(|u| u.user_id)
+                serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(text)
+                    .ok()
+                    .filter(|m| m.len() == 1)
+                    .and_then(|mut m| m.remove(item.field))
+                    .and_then(|v| match v {
+                        serde_json::Value::String(s) => Some(s),
+                        _ => None,
+                    })
             } else {
-                serde_json::from_str::<String>(text)
+                serde_json::from_str::<String>(text).ok()
             };
             match parsed {
-                Ok(id) => id,
-                Err(_) => {
-                    return Line::Invalid(
-                        "not a JSON object {\"user_id\": ...} or a JSON string".into(),
-                    );
+                Some(id) => id,
+                None => {
+                    return Line::Invalid(format!(
+                        "not a JSON object {{\"{}\": ...}} or a JSON string",
+                        item.field
+                    ));
                 }
             }
         }
@@ -88,16 +113,16 @@ pub fn parse_line(format: LineFormat, raw: &[u8], first: bool) -> Line {
                 Some(inner) => inner,
                 None => text,
             };
-            if first && id == "user_id" {
+            if first && id == item.field {
                 return Line::Header;
             }
             id.to_string()
         }
     };
-    if valid_ident(&id) {
+    if (item.valid)(&id) {
         Line::User(id)
     } else {
-        Line::Invalid(BAD_ID.into())
+        Line::Invalid(item.bad.into())
     }
 }
 

@@ -786,6 +786,40 @@ impl GrantsDecided {
     }
 }
 
+/// Codes received for a batch with codes (an import, or a create's generated codes),
+/// counted once each by what became of them.
+pub struct CodesReceived<'a> {
+    pub batch: &'a str,
+    /// `import` or `generate`.
+    pub source: &'static str,
+    pub added: u64,
+    pub duplicates: u64,
+    pub invalid: u64,
+    pub over_capacity: u64,
+}
+
+impl CodesReceived<'_> {
+    pub fn emit(self) {
+        for (outcome, n) in [
+            ("added", self.added),
+            ("duplicate", self.duplicates),
+            ("invalid", self.invalid),
+            ("over_capacity", self.over_capacity),
+        ] {
+            metrics::counter!(m::CODES, "outcome" => outcome).increment(n);
+        }
+        tracing::info!(
+            batch = self.batch,
+            source = self.source,
+            added = self.added,
+            duplicates = self.duplicates,
+            invalid = self.invalid,
+            over_capacity = self.over_capacity,
+            "codes received"
+        );
+    }
+}
+
 // ------------------------------------------------------------------------ the process
 
 /// This process serves `version` on the `backend` (a constant gauge at 1).

@@ -111,6 +111,8 @@ pub const GRANT_JOBS: &str = "claimgate_grant_jobs_total";
 /// Users of grant jobs decided, by `outcome` ([`GRANT_OUTCOMES`]); counted when a chunk is
 /// checkpointed (a chunk re-run after a crash is counted again here, once in the job).
 pub const GRANT_USERS: &str = "claimgate_grant_users_total";
+/// Codes received by imports and creates of batches with codes, by `outcome`.
+pub const CODES: &str = "claimgate_codes_total";
 
 // Process metrics, in the names every Prometheus client library uses (collected at scrape
 // time by `metrics-process` from /proc; [`collect_process`]).
@@ -209,6 +211,7 @@ pub const SCRIPTS: &[&str] = &[
     "restore",
     "replay",
     "winners",
+    "codes_add",
 ];
 /// Stage labels of [`STAGE_SECONDS`].
 pub const STAGES: &[&str] = &[
@@ -305,6 +308,8 @@ pub const GRANT_JOB_EVENTS: &[&str] = &[
 ];
 /// `outcome` labels of [`GRANT_USERS`].
 pub const GRANT_OUTCOMES: &[&str] = &["granted", "skipped_limit", "skipped_sold_out", "failed"];
+/// `outcome` labels of [`CODES`].
+pub const CODE_OUTCOMES: &[&str] = &["added", "duplicate", "invalid", "over_capacity"];
 /// `result` labels of [`BACKEND_CALLS`].
 pub const BACKEND_RESULTS: &[&str] = &["ok", "script_error", "unavailable", "protocol"];
 
@@ -537,6 +542,7 @@ fn describe() {
         "Grant job events (submitted, started, resumed, ...)."
     );
     describe_counter!(GRANT_USERS, "Users of grant jobs decided, by outcome.");
+    describe_counter!(CODES, "Codes received for batches with codes, by outcome.");
     describe_gauge!(BUILD_INFO, "Build information.");
     process_collector().describe();
 }
@@ -586,6 +592,9 @@ fn register_at_zero() {
     }
     for outcome in GRANT_OUTCOMES {
         metrics::counter!(GRANT_USERS, "outcome" => *outcome).increment(0);
+    }
+    for outcome in CODE_OUTCOMES {
+        metrics::counter!(CODES, "outcome" => *outcome).increment(0);
     }
     for (kind, result) in TRANSFER_SERIES {
         metrics::counter!(TRANSFERS, "kind" => *kind, "result" => *result).increment(0);

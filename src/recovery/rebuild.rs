@@ -54,6 +54,10 @@ pub struct RebuildReport {
     pub lost: u64,
     pub pool_stock: i64,
     pub total: i64,
+    /// In a batch with codes: codes no coupon in the database carries that the rebuild did
+    /// NOT give back, because some coupon was lost before the database saw it (its code is
+    /// unknown: any of these may have been handed out).
+    pub codes_withheld: u64,
 }
 
 impl fmt::Display for RebuildReport {
@@ -76,7 +80,15 @@ impl fmt::Display for RebuildReport {
             self.total,
             self.lost,
             self.pool_stock
-        )
+        )?;
+        if self.codes_withheld > 0 {
+            write!(
+                f,
+                "; {} free codes withheld (a lost coupon may carry any of them)",
+                self.codes_withheld
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -144,6 +156,17 @@ pub async fn rebuild<B: Backend>(
             .into_iter()
             .map(|(k, v)| (k.to_string(), v)),
     );
+    if batch.codes.is_some() {
+        restore_codes(backend, db, &batch, &keys.pool, &mut report).await?;
+        // the pool's total is what its codes added: those issued and those given back
+        let total = issued + report.pool_stock;
+        report.total = total;
+        for (k, v) in pool_meta.iter_mut() {
+            if k == meta::TOTAL {
+                *v = total.to_string();
+            }
+        }
+    }
     let pool_stock = u64::try_from(report.pool_stock).unwrap_or(0);
     let finished = restore::finish(backend, &keys.pool, pool_stock, 0, &pool_meta).await?;
     done(&batch, &keys.pool, finished)?;
@@ -154,6 +177,37 @@ pub async fn rebuild<B: Backend>(
         tracing::warn!(batch = %batch.id, error = %e, "change broadcast failed");
     }
     Ok(report)
+}
+
+/// The codes of a batch with codes back into its pool (after `begin`, before `finish`): the
+/// codes no coupon in the database carries, when every coupon position ever handed out has
+/// its coupon in the database; none otherwise (a coupon lost before the database saw it
+/// carried a code the database does not know, which may be any of them: giving them back
+/// could hand one out twice). Sets `report.pool_stock` to the codes given back.
+async fn restore_codes<B: Backend>(
+    backend: &B,
+    db: &Db,
+    batch: &Batch,
+    pool: &SlotKeys,
+    report: &mut RebuildReport,
+) -> Result<(), RebuildError> {
+    let free = db.free_codes(&batch.id).await?;
+    // every chunk is either given back now or withheld: none is loaded again later
+    db.mark_all_codes_loaded(&batch.id).await?;
+    if report.issued > report.claims {
+        report.pool_stock = 0;
+        report.codes_withheld = free.len() as u64;
+        tracing::error!(batch = %batch.id, withheld = free.len(),
+            lost = report.issued - report.claims,
+            "coupons were lost before the database saw them: their codes are unknown, so \
+             no free code is given back");
+        return Ok(());
+    }
+    for part in free.chunks(restore::CHUNK) {
+        done(batch, pool, restore::codes(backend, pool, part).await?)?;
+    }
+    report.pool_stock = free.len() as i64;
+    Ok(())
 }
 
 /// The batch's row in the database and its keys.
@@ -238,7 +292,13 @@ pub(super) async fn restore_shard<B: Backend>(
         if let Some(rid) = &c.request_id {
             req.push((
                 claim::request_field(&c.user_id, rid),
-                claim::request_value(&c.coupon_id, c.valid_from, c.valid_to, c.claimed_at),
+                claim::request_value(
+                    &c.coupon_id,
+                    c.valid_from,
+                    c.valid_to,
+                    c.claimed_at,
+                    c.code.as_deref(),
+                ),
             ));
         }
         // the counter position, whatever epoch the coupon was minted in

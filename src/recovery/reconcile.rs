@@ -73,11 +73,17 @@ async fn reconcile_batch<B: Backend>(
     }
     definition(backend, db, stored, &keys, diffs).await?;
     let total = meta.total().unwrap_or(0);
-    if total != batch.stock {
+    // a batch with codes holds what its codes added (at most its stock, never more than the
+    // codes the database knows); any other batch exactly its stock
+    let known = match batch.codes {
+        Some(_) => db.code_count(&batch.id).await?.min(batch.stock),
+        None => batch.stock,
+    };
+    if total > known || (batch.codes.is_none() && total != known) {
         diffs.push(Difference::TotalStock {
             batch: id.clone(),
             redis: total,
-            db: batch.stock,
+            db: known,
         });
     }
     conservation(backend, &keys, &id, diffs).await?;

@@ -36,8 +36,15 @@ impl<B: Backend> Stock<B> {
         let fp = batch.fingerprint();
         let mut pool_fields = meta::fields(batch, version);
         pool_fields.extend(meta::pool_fields(batch));
+        // a batch with codes starts empty: its stock arrives with its codes
+        // (`catalog::codes`), which then fill the shards (`Stock::fill_shards`)
+        let initial = if batch.codes.is_some() {
+            0
+        } else {
+            batch.stock
+        };
         let created = self
-            .setup_slot(&keys.pool, batch.stock, &fp, &pool_fields, &[])
+            .setup_slot(&keys.pool, initial, &fp, &pool_fields, &[])
             .await?;
 
         let shard_fields = meta::fields(batch, version);
@@ -48,18 +55,25 @@ impl<B: Backend> Stock<B> {
         for (shard, deny) in keys.shards.iter().zip(&deny) {
             self.setup_slot(shard, 0, &fp, &shard_fields, deny).await?;
         }
-        if created {
-            let per_shard = batch.stock * i64::from(self.cfg.initial_fill_percent)
-                / 100
-                / i64::from(batch.shards);
-            if per_shard > 0 {
-                for shard in &keys.shards {
-                    self.transfer(&keys.pool, shard, per_shard, false, TransferKind::Initial)
-                        .await?;
-                }
-            }
+        if created && initial > 0 {
+            self.fill_shards(keys, initial).await?;
         }
         Ok(created)
+    }
+
+    /// The initial fill: `st.initial_fill_percent` of `stock` from the pool, spread evenly
+    /// over the shards by ordinary (crash-safe) transfers.
+    pub async fn fill_shards(&self, keys: &BatchKeys, stock: i64) -> Result<(), StockError> {
+        let per_shard = stock * i64::from(self.cfg.initial_fill_percent)
+            / 100
+            / keys.shards.len().max(1) as i64;
+        if per_shard > 0 {
+            for shard in &keys.shards {
+                self.transfer(&keys.pool, shard, per_shard, false, TransferKind::Initial)
+                    .await?;
+            }
+        }
+        Ok(())
     }
 
     async fn setup_slot(
@@ -113,8 +127,9 @@ impl<B: Backend> Stock<B> {
             self.patch_slot(shard, version, None, &fields).await?;
         }
         fields.push((DEFINITION, serde_json::to_string(batch).unwrap_or_default()));
-        self.patch_slot(&keys.pool, version, Some(batch.stock), &fields)
-            .await?;
+        // the total of a batch with codes is what its codes added (`lua/codes_add.lua`)
+        let total = batch.codes.is_none().then_some(batch.stock);
+        self.patch_slot(&keys.pool, version, total, &fields).await?;
         self.announce_change(keys.batch()).await;
         Ok(())
     }

@@ -2,16 +2,18 @@
 //! crash (or a lost reply) interrupted.
 //!
 //! Invariant kept here: a transfer is two scripts on two slots: `transfer_out` moves stock
-//! into the source's outbox (idempotent per transfer id), `transfer_in` credits the
-//! destination once (its inbox marker), and the outbox entry is closed last. Stopping
-//! anywhere never creates stock, and [`Stock::sweep`] (safe on any number of instances at
-//! once) always finishes it.
+//! (and, in a batch with codes, as many codes) into the source's outbox (idempotent per
+//! transfer id), `transfer_in` credits the destination once (its inbox marker), and the
+//! outbox entry is closed last. Stopping anywhere never creates stock nor duplicates a
+//! code, and [`Stock::sweep`] (safe on any number of instances at once) always finishes it,
+//! with the codes the outbox recorded.
 
 use std::sync::atomic::Ordering;
 
 use crate::backend::Backend;
 use crate::contract::keys::{BatchKeys, SlotKeys};
 use crate::contract::probe::OutboxEntry;
+use crate::contract::transfer_out::Moved;
 use crate::contract::{probe, transfer_done, transfer_in, transfer_out};
 use crate::domain::time::now_ms;
 use crate::obs::events::{SweepFinished, TransferMade};
@@ -55,16 +57,16 @@ impl<B: Backend> Stock<B> {
         let moved = self
             .transfer_first_half(src, dst, &tid, max, at_most_half)
             .await?;
-        if moved > 0 {
-            self.credit_and_close(src, dst, &tid, moved).await?;
+        if moved.amount > 0 {
+            self.credit_and_close(src, dst, &tid, &moved).await?;
         }
         TransferMade {
             batch: &src.batch,
             kind: kind.label(),
-            amount: moved,
+            amount: moved.amount,
         }
         .emit();
-        Ok(moved)
+        Ok(moved.amount)
     }
 
     /// First half of a transfer: stock leaves `src` into its outbox. Public so tests can
@@ -76,7 +78,7 @@ impl<B: Backend> Stock<B> {
         tid: &str,
         max: i64,
         at_most_half: bool,
-    ) -> Result<i64, StockError> {
+    ) -> Result<Moved, StockError> {
         let backend = self.backend.as_ref();
         Ok(transfer_out::call(backend, src, dst, tid, max, at_most_half).await?)
     }
@@ -87,16 +89,17 @@ impl<B: Backend> Stock<B> {
         src: &SlotKeys,
         dst: &SlotKeys,
         tid: &str,
-        amount: i64,
+        moved: &Moved,
     ) -> Result<(), StockError> {
         let backend = self.backend.as_ref();
         let ttl = self.cfg.transfer_marker_ttl_s;
-        transfer_in::call(backend, dst, tid, amount, ttl).await?;
+        transfer_in::call(backend, dst, tid, moved.amount, &moved.codes, ttl).await?;
         transfer_done::call(backend, src, tid).await?;
         Ok(())
     }
 
-    /// Finishes the transfer of an outbox entry of `src`.
+    /// Finishes the transfer of an outbox entry of `src`, with the codes it carries (a
+    /// repeated `transfer_out` of its id writes nothing and answers them).
     async fn finish(
         &self,
         keys: &BatchKeys,
@@ -110,7 +113,12 @@ impl<B: Backend> Stock<B> {
                 e.transfer_id, src.batch, src.label, e.amount
             ))
         })?;
-        self.credit_and_close(src, dst, &e.transfer_id, e.amount)
+        let moved = transfer_out::lookup(self.backend.as_ref(), src, &e.transfer_id).await?;
+        if moved.amount != e.amount {
+            // closed by another sweeper between the probe and now: nothing left to do
+            return Ok(());
+        }
+        self.credit_and_close(src, dst, &e.transfer_id, &moved)
             .await
     }
 

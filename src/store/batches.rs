@@ -361,6 +361,7 @@ mod tests {
             ack: None,
             timezone: None,
             budget: None,
+            codes: None,
         }
     }
 

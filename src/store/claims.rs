@@ -162,6 +162,7 @@ async fn write_claims_pg(
     let claimed_at: Vec<i64> = rows.iter().map(|(c, _)| c.claimed_at).collect();
     let valid_from: Vec<i64> = rows.iter().map(|(c, _)| c.valid_from).collect();
     let valid_to: Vec<i64> = rows.iter().map(|(c, _)| c.valid_to).collect();
+    let codes: Vec<Option<String>> = rows.iter().map(|(c, _)| c.code.clone()).collect();
     let mut tx = pool.begin().await?;
     let inserted = sqlx::query(
         "INSERT INTO coupon_events (event_id, kind, batch_id, shard, user_id, coupon_id, \
@@ -184,11 +185,11 @@ async fn write_claims_pg(
     .rows_affected();
     let coupons: Vec<String> = sqlx::query_scalar(
         "INSERT INTO coupons (coupon_id, batch_id, shard, seq, user_id, request_id, state, \
-         valid_from, valid_to, claimed_at, updated_at) \
-         SELECT c, b, s, q, u, r, 'unused', vf, vt, a, $10 \
+         valid_from, valid_to, claimed_at, updated_at, code) \
+         SELECT c, b, s, q, u, r, 'unused', vf, vt, a, $10, cd \
          FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[], \
-                     $6::text[], $7::bigint[], $8::bigint[], $9::bigint[]) \
-              AS t(c, b, s, q, u, r, vf, vt, a) \
+                     $6::text[], $7::bigint[], $8::bigint[], $9::bigint[], $11::text[]) \
+              AS t(c, b, s, q, u, r, vf, vt, a, cd) \
          ON CONFLICT (coupon_id) DO NOTHING RETURNING coupon_id",
     )
     .bind(&coupon_ids)
@@ -201,6 +202,7 @@ async fn write_claims_pg(
     .bind(&valid_to)
     .bind(&claimed_at)
     .bind(now)
+    .bind(&codes)
     .fetch_all(&mut *tx)
     .await?;
     let outbox = claimed_outbox(rows, &coupons)?;
@@ -469,7 +471,7 @@ impl Db {
 
                 let mut q = QueryBuilder::new(
                     "INSERT INTO coupons (coupon_id, batch_id, shard, seq, user_id, request_id, \
-                     state, valid_from, valid_to, claimed_at, updated_at) ",
+                     state, valid_from, valid_to, claimed_at, updated_at, code) ",
                 );
                 q.push_values(part, |mut b, (c, seq)| {
                     b.push_bind(c.coupon_id.as_str())
@@ -482,7 +484,8 @@ impl Db {
                         .push_bind(c.valid_from)
                         .push_bind(c.valid_to)
                         .push_bind(c.claimed_at)
-                        .push_bind(now);
+                        .push_bind(now)
+                        .push_bind(c.code.as_deref());
                 });
                 q.push(" ON CONFLICT (coupon_id) DO NOTHING RETURNING coupon_id");
                 let new: Vec<String> = q
@@ -545,11 +548,20 @@ impl Db {
         batch_id: &str,
         shard: u32,
     ) -> Result<Vec<ClaimRecord>, DbError> {
-        type Row = (String, i64, String, Option<String>, i64, i64, i64);
+        type Row = (
+            String,
+            i64,
+            String,
+            Option<String>,
+            i64,
+            i64,
+            i64,
+            Option<String>,
+        );
         let rows: Vec<Row> = on_pool!(self, p => {
             sqlx::query_as(
-                "SELECT coupon_id, seq, user_id, request_id, claimed_at, valid_from, valid_to \
-                 FROM coupons WHERE batch_id = $1 AND shard = $2 ORDER BY seq",
+                "SELECT coupon_id, seq, user_id, request_id, claimed_at, valid_from, valid_to, \
+                 code FROM coupons WHERE batch_id = $1 AND shard = $2 ORDER BY seq",
             )
             .bind(batch_id)
             .bind(i64::from(shard))
@@ -558,7 +570,7 @@ impl Db {
         });
         rows.into_iter()
             .map(
-                |(coupon_id, seq, user_id, request_id, claimed_at, vf, vt)| {
+                |(coupon_id, seq, user_id, request_id, claimed_at, vf, vt, code)| {
                     Ok(ClaimRecord {
                         coupon_id,
                         batch_id: batch_id.to_string(),
@@ -569,6 +581,7 @@ impl Db {
                         claimed_at,
                         valid_from: vf,
                         valid_to: vt,
+                        code,
                     })
                 },
             )
@@ -607,6 +620,7 @@ mod tests {
             claimed_at: 1,
             valid_from: 0,
             valid_to: i64::MAX,
+            code: None,
         }
     }
 

@@ -33,6 +33,7 @@ pub(super) struct StoredCoupon {
     pub(super) updated_at: i64,
     pub(super) version: i64,
     pub(super) order_step: Option<String>,
+    pub(super) code: Option<String>,
 }
 
 /// The columns of [`StoredCoupon`], in its order, for `concat!` (every query text is a
@@ -40,7 +41,8 @@ pub(super) struct StoredCoupon {
 macro_rules! coupon_columns {
     () => {
         "coupon_id, batch_id, shard, seq, user_id, request_id, state, order_id, \
-         lock_expires_at, valid_from, valid_to, claimed_at, updated_at, version, order_step"
+         lock_expires_at, valid_from, valid_to, claimed_at, updated_at, version, order_step, \
+         code"
     };
 }
 pub(super) use coupon_columns;
@@ -65,6 +67,7 @@ macro_rules! stored_coupon {
             updated_at: $r.try_get(12)?,
             version: $r.try_get(13)?,
             order_step: $r.try_get(14)?,
+            code: $r.try_get(15)?,
         }
     };
 }
@@ -108,6 +111,7 @@ impl StoredCoupon {
             valid_to: self.valid_to,
             claimed_at: self.claimed_at,
             updated_at: self.updated_at,
+            code: self.code,
         })
     }
 

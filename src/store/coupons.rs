@@ -43,6 +43,8 @@ pub struct CouponRow {
     pub valid_to: i64,
     pub claimed_at: i64,
     pub updated_at: i64,
+    /// The coupon's code, in a batch that hands out codes.
+    pub code: Option<String>,
 }
 
 /// One row of the transaction log.

@@ -25,7 +25,8 @@
 //! coupon transitions decided by `domain::coupon`, the expiry and reminder sweeps),
 //! [`coupon_state`] (a decided transition written in one transaction), [`outbox`] (event
 //! bodies, delivery claims and the ledger), [`grants`] (bulk grant jobs: their spooled users,
-//! cursor and counts).
+//! cursor and counts), [`codes`] (the codes of batches that hand out codes: stored once,
+//! loaded into Redis by chunk).
 
 use std::path::Path;
 use std::str::FromStr;
@@ -61,6 +62,7 @@ macro_rules! on_pool {
 
 mod batches;
 mod claims;
+mod codes;
 mod coupon_state;
 mod coupons;
 mod grants;

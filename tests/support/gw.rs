@@ -166,11 +166,22 @@ pub async fn call<B: Backend>(
     path: &str,
     body: impl Into<Bytes>,
 ) -> (u16, Value) {
-    let req = Request::builder()
-        .method(method)
-        .uri(path)
-        .body(Full::new(body.into()))
-        .unwrap();
+    call_typed(app, method, path, None, body).await
+}
+
+/// [`call`] with a `Content-Type`.
+pub async fn call_typed<B: Backend>(
+    app: &App<B>,
+    method: &str,
+    path: &str,
+    content_type: Option<&str>,
+    body: impl Into<Bytes>,
+) -> (u16, Value) {
+    let mut req = Request::builder().method(method).uri(path);
+    if let Some(t) = content_type {
+        req = req.header("content-type", t);
+    }
+    let req = req.body(Full::new(body.into())).unwrap();
     let peer: SocketAddr = PEER.parse().unwrap();
     let resp = claimgate::http::router::handle(app, req, peer).await;
     let status = resp.status().as_u16();

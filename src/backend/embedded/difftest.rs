@@ -368,7 +368,14 @@ async fn random_run(pair: &mut Pair<'_>, seed: u64, steps: usize) {
                 let dest = ((i + 1) % 3).to_string();
                 let half = if rng.random_bool(0.5) { "1" } else { "0" };
                 let want = rng.random_range(0..4u32).to_string();
-                let out = [s.k("stock"), s.k("outbox"), s.k("xseq"), s.k("meta")];
+                let out = [
+                    s.k("stock"),
+                    s.k("outbox"),
+                    s.k("xseq"),
+                    s.k("meta"),
+                    s.k("codes"),
+                    s.k("xcodes"),
+                ];
                 let (moved, _) = pair
                     .script(
                         Script::TransferOut,
@@ -376,20 +383,28 @@ async fn random_run(pair: &mut Pair<'_>, seed: u64, steps: usize) {
                         &[&tid, &want, &dest, half],
                     )
                     .await;
-                if moved.as_int().unwrap_or(0) > 0 {
+                let moved = match moved {
+                    Value::Array(a) => a.first().and_then(Value::as_int).unwrap_or(0),
+                    _ => 0,
+                };
+                if moved > 0 {
                     let d = &shards[(i + 1) % 3];
                     let inbox = d.k(&format!("inbox:{tid}"));
-                    let amount = moved.as_int().unwrap_or(0).to_string();
+                    let amount = moved.to_string();
                     pair.script(
                         Script::TransferIn,
-                        &refs(&[d.k("stock"), inbox.clone(), d.k("xseq")]),
-                        &[&amount, "60"],
+                        &refs(&[d.k("stock"), inbox.clone(), d.k("xseq"), d.k("codes")]),
+                        &[&amount, "60", ""],
                     )
                     .await;
                     pair.script(Script::InboxCheck, &[&inbox], &[]).await;
                     if rng.random_bool(0.7) {
-                        pair.script(Script::TransferDone, &[&s.k("outbox")], &[&tid])
-                            .await;
+                        pair.script(
+                            Script::TransferDone,
+                            &[&s.k("outbox"), &s.k("xcodes")],
+                            &[&tid],
+                        )
+                        .await;
                     }
                 }
             }
@@ -582,7 +597,7 @@ async fn differential_against_redis_server() {
     let r = Shard::new("rst", 0);
     let rkeys: Vec<String> = [
         "meta", "stock", "users", "daily", "req", "deny", "claimed", "xseq", "outbox", "log",
-        "repair",
+        "repair", "codes", "xcodes",
     ]
     .iter()
     .map(|n| r.k(n))

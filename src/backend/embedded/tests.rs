@@ -1311,6 +1311,8 @@ async fn transfer_and_soldout_scripts() {
         src.k("outbox"),
         src.k("xseq"),
         src.k("meta"),
+        src.k("codes"),
+        src.k("xcodes"),
     ];
     let moved = b
         .eval(
@@ -1320,7 +1322,11 @@ async fn transfer_and_soldout_scripts() {
         )
         .await
         .unwrap();
-    assert_eq!(moved, int(5), "at most half, rounded up");
+    assert_eq!(
+        moved,
+        arr(vec![int(5), bulk("")]),
+        "at most half, rounded up"
+    );
     assert_eq!(
         b.eval(
             Script::TransferOut,
@@ -1329,11 +1335,11 @@ async fn transfer_and_soldout_scripts() {
         )
         .await
         .unwrap(),
-        int(5),
+        arr(vec![int(5), bulk("")]),
         "idempotent"
     );
     let inbox = dst.k("inbox:t1");
-    let in_keys = [dst.k("stock"), inbox.clone(), dst.k("xseq")];
+    let in_keys = [dst.k("stock"), inbox.clone(), dst.k("xseq"), dst.k("codes")];
     assert_eq!(
         b.eval(Script::InboxCheck, &[&inbox], &[]).await.unwrap(),
         int(0)
@@ -1365,15 +1371,23 @@ async fn transfer_and_soldout_scripts() {
     assert_eq!(outbox[0], bulk("t1"));
     assert!(outbox[1].as_str().unwrap().starts_with("1|5|"));
     assert_eq!(
-        b.eval(Script::TransferDone, &[&src.k("outbox")], &["t1"])
-            .await
-            .unwrap(),
+        b.eval(
+            Script::TransferDone,
+            &[&src.k("outbox"), &src.k("xcodes")],
+            &["t1"]
+        )
+        .await
+        .unwrap(),
         int(1)
     );
     assert_eq!(
-        b.eval(Script::TransferDone, &[&src.k("outbox")], &["t1"])
-            .await
-            .unwrap(),
+        b.eval(
+            Script::TransferDone,
+            &[&src.k("outbox"), &src.k("xcodes")],
+            &["t1"]
+        )
+        .await
+        .unwrap(),
         int(0)
     );
     let p = b
@@ -1495,7 +1509,7 @@ async fn restore_script_rebuilds_a_slot() {
     claim(&b, &s, "u2", "").await;
     let keys: Vec<String> = [
         "meta", "stock", "users", "daily", "req", "deny", "claimed", "xseq", "outbox", "log",
-        "repair",
+        "repair", "codes", "xcodes",
     ]
     .iter()
     .map(|n| s.k(n))
@@ -1683,7 +1697,14 @@ async fn workload(b: &EmbeddedBackend, tag: &str, n: usize) {
     b.eval(Script::LogRead, &[&log], &["p", "c2", "2", "0"])
         .await
         .unwrap();
-    let out_keys = [s.k("stock"), s.k("outbox"), s.k("xseq"), s.k("meta")];
+    let out_keys = [
+        s.k("stock"),
+        s.k("outbox"),
+        s.k("xseq"),
+        s.k("meta"),
+        s.k("codes"),
+        s.k("xcodes"),
+    ];
     b.eval(
         Script::TransferOut,
         &refs(&out_keys),
@@ -1691,7 +1712,7 @@ async fn workload(b: &EmbeddedBackend, tag: &str, n: usize) {
     )
     .await
     .unwrap();
-    let in_keys = [s.k("stock"), s.k("inbox:t9"), s.k("xseq")];
+    let in_keys = [s.k("stock"), s.k("inbox:t9"), s.k("xseq"), s.k("codes")];
     b.eval(Script::TransferIn, &refs(&in_keys), &["5", "3600"])
         .await
         .unwrap();
