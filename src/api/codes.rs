@@ -18,7 +18,7 @@ use crate::catalog::cache::CachedBatch;
 use crate::catalog::codes::{CodesAdded, chunk_tag};
 use crate::domain::batch::CodeSource;
 use crate::domain::codes::{MAX_CODE_LEN, valid_code};
-use crate::jobs::upload::{Line, LineItem, parse_item};
+use crate::jobs::upload::{Line, LineItem, LineReader};
 use crate::jobs::{JobFailure, LineFormat};
 use crate::obs::events::CodesReceived;
 
@@ -62,17 +62,13 @@ pub struct ImportReport {
 /// An import under way: the batch, the chunk being filled, and the line being read.
 pub struct Import<B: Backend> {
     entry: std::sync::Arc<CachedBatch>,
-    format: LineFormat,
     tag: String,
     chunks: u64,
     chunk: Vec<String>,
     chunk_max: usize,
     max_errors: usize,
     report: ImportReport,
-    line: Vec<u8>,
-    line_no: u64,
-    overlong: bool,
-    seen_line: bool,
+    lines: LineReader,
     _backend: std::marker::PhantomData<B>,
 }
 
@@ -88,7 +84,6 @@ impl<B: Backend> Import<B> {
         }
         Ok(Import {
             entry,
-            format,
             tag: chunk_tag(),
             chunks: 0,
             chunk: Vec::new(),
@@ -98,62 +93,28 @@ impl<B: Backend> Import<B> {
                 batch_id: id.to_string(),
                 ..ImportReport::default()
             },
-            line: Vec::new(),
-            line_no: 0,
-            overlong: false,
-            seen_line: false,
+            lines: LineReader::new(CODE_LINES, format, MAX_LINE_BYTES),
             _backend: std::marker::PhantomData,
         })
     }
 
     /// The next bytes of a streamed body.
     pub async fn accept(&mut self, api: &Api<B>, mut data: &[u8]) -> Result<(), ApiError> {
-        while !data.is_empty() {
-            let (part, rest, ends) = match data.iter().position(|b| *b == b'\n') {
-                Some(i) => (&data[..i], &data[i + 1..], true),
-                None => (data, &data[data.len()..], false),
-            };
-            if !self.overlong {
-                if self.line.len() + part.len() > MAX_LINE_BYTES {
-                    self.overlong = true;
-                    self.line.clear();
-                } else {
-                    self.line.extend_from_slice(part);
-                }
-            }
-            if ends {
-                self.end_line(api).await?;
-            }
-            data = rest;
+        while let Some((no, line)) = self.lines.next(&mut data) {
+            self.take_line(api, no, line).await?;
         }
         Ok(())
     }
 
-    async fn end_line(&mut self, api: &Api<B>) -> Result<(), ApiError> {
-        self.line_no += 1;
-        let parsed = if self.overlong {
-            Line::Invalid(format!("line longer than {MAX_LINE_BYTES} bytes"))
-        } else {
-            parse_item(CODE_LINES, self.format, &self.line, !self.seen_line)
-        };
-        self.line.clear();
-        self.overlong = false;
-        match parsed {
-            Line::Skip => Ok(()),
-            Line::Header => {
-                self.seen_line = true;
-                Ok(())
-            }
-            Line::User(code) => {
-                self.seen_line = true;
-                self.push(api, code).await
-            }
+    async fn take_line(&mut self, api: &Api<B>, no: u64, line: Line) -> Result<(), ApiError> {
+        match line {
+            Line::Skip | Line::Header => Ok(()),
+            Line::Value(code) => self.push(api, code).await,
             Line::Invalid(reason) => {
-                self.seen_line = true;
                 self.report.invalid += 1;
                 if self.report.errors.len() < self.max_errors {
                     self.report.errors.push(JobFailure {
-                        line: Some(self.line_no),
+                        line: Some(no),
                         user_id: None,
                         reason,
                     });
@@ -198,8 +159,8 @@ impl<B: Backend> Import<B> {
     /// The body ended (a last line without `\n` counts): the last chunk is added, and the
     /// batch's other instances learn its new stock.
     pub async fn finish(mut self, api: &Api<B>) -> Result<ImportReport, ApiError> {
-        if !self.line.is_empty() || self.overlong {
-            self.end_line(api).await?;
+        if let Some((no, line)) = self.lines.last() {
+            self.take_line(api, no, line).await?;
         }
         self.flush(api).await?;
         let id = self.entry.batch().id.clone();

@@ -39,7 +39,8 @@ pub struct JobFailure {
 /// What one line of an upload is.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Line {
-    User(String),
+    /// A valid value of the line's item (a user id, a code).
+    Value(String),
     /// Blank: not counted.
     Skip,
     /// The CSV header (`user_id` on the first line that is not blank): not counted.
@@ -73,7 +74,7 @@ pub fn parse_line(format: LineFormat, raw: &[u8], first: bool) -> Line {
 
 /// Reads one line (without its `\n`) holding one `item`: NDJSON `{"<field>": "..."}` or a
 /// bare JSON string; CSV the value, optionally in double quotes, after an optional header
-/// line `<field>`. A valid value is [`Line::User`] (whatever the item).
+/// line `<field>`. A valid value is [`Line::Value`].
 pub fn parse_item(item: LineItem, format: LineFormat, raw: &[u8], first: bool) -> Line {
     let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
     let Ok(text) = std::str::from_utf8(raw) else {
@@ -120,9 +121,82 @@ pub fn parse_item(item: LineItem, format: LineFormat, raw: &[u8], first: bool) -
         }
     };
     if (item.valid)(&id) {
-        Line::User(id)
+        Line::Value(id)
     } else {
         Line::Invalid(item.bad.into())
+    }
+}
+
+/// A streamed upload read line by line as its bytes arrive: it holds at most one line of
+/// `max` bytes (a longer one is read as `Invalid` without being held), numbers the lines,
+/// and knows whether a CSV header may still stand (no line was counted or skipped before).
+#[derive(Debug)]
+pub struct LineReader {
+    item: LineItem,
+    format: LineFormat,
+    max: usize,
+    line: Vec<u8>,
+    overlong: bool,
+    line_no: u64,
+    seen_line: bool,
+}
+
+impl LineReader {
+    pub fn new(item: LineItem, format: LineFormat, max: usize) -> LineReader {
+        LineReader {
+            item,
+            format,
+            max,
+            line: Vec::new(),
+            overlong: false,
+            line_no: 0,
+            seen_line: false,
+        }
+    }
+
+    /// The next complete line of `data`, consumed up to and including its `\n`: its
+    /// number and what it holds. `None` once `data` is used up (a line it ends in the
+    /// middle of is kept for the next call, or for [`LineReader::last`]).
+    pub fn next(&mut self, data: &mut &[u8]) -> Option<(u64, Line)> {
+        while !data.is_empty() {
+            let (part, rest, ends) = match data.iter().position(|b| *b == b'\n') {
+                Some(i) => (&data[..i], &data[i + 1..], true),
+                None => (*data, &data[data.len()..], false),
+            };
+            if !self.overlong {
+                if self.line.len() + part.len() > self.max {
+                    self.overlong = true;
+                    self.line.clear();
+                } else {
+                    self.line.extend_from_slice(part);
+                }
+            }
+            *data = rest;
+            if ends {
+                return Some(self.end());
+            }
+        }
+        None
+    }
+
+    /// The line the body ended in without a final `\n`, if any.
+    pub fn last(&mut self) -> Option<(u64, Line)> {
+        (!self.line.is_empty() || self.overlong).then(|| self.end())
+    }
+
+    fn end(&mut self) -> (u64, Line) {
+        self.line_no += 1;
+        let parsed = if self.overlong {
+            Line::Invalid(format!("line longer than {} bytes", self.max))
+        } else {
+            parse_item(self.item, self.format, &self.line, !self.seen_line)
+        };
+        self.line.clear();
+        self.overlong = false;
+        if parsed != Line::Skip {
+            self.seen_line = true;
+        }
+        (self.line_no, parsed)
     }
 }
 
@@ -131,10 +205,8 @@ pub struct Spool {
     db: Db,
     pub(super) job: String,
     pub(super) batch: String,
-    format: LineFormat,
     chunk_users: usize,
     max_users: u64,
-    max_line: usize,
     max_errors: usize,
     /// The chunk being filled: user ids, one per line.
     chunk: String,
@@ -146,11 +218,7 @@ pub struct Spool {
     users: u64,
     failed: u64,
     errors: Vec<JobFailure>,
-    /// The line being read, its number, whether it overflowed (then only its end is awaited).
-    line: Vec<u8>,
-    line_no: u64,
-    overlong: bool,
-    seen_line: bool,
+    lines: LineReader,
 }
 
 impl Spool {
@@ -165,10 +233,8 @@ impl Spool {
             db,
             job,
             batch,
-            format,
             chunk_users: cfg.chunk_users,
             max_users: cfg.max_users,
-            max_line: cfg.max_line_bytes,
             max_errors: cfg.max_errors,
             chunk: String::new(),
             in_chunk: 0,
@@ -177,10 +243,7 @@ impl Spool {
             users: 0,
             failed: 0,
             errors: Vec::new(),
-            line: Vec::new(),
-            line_no: 0,
-            overlong: false,
-            seen_line: false,
+            lines: LineReader::new(USER_LINES, format, cfg.max_line_bytes),
         }
     }
 
@@ -196,53 +259,22 @@ impl Spool {
 
     /// The next bytes of a streamed body.
     pub async fn push_bytes(&mut self, mut data: &[u8]) -> Result<(), GrantError> {
-        while !data.is_empty() {
-            let (part, rest, ends) = match data.iter().position(|b| *b == b'\n') {
-                Some(i) => (&data[..i], &data[i + 1..], true),
-                None => (data, &data[data.len()..], false),
-            };
-            if !self.overlong {
-                if self.line.len() + part.len() > self.max_line {
-                    self.overlong = true;
-                    self.line.clear();
-                } else {
-                    self.line.extend_from_slice(part);
-                }
-            }
-            if ends {
-                self.end_line().await?;
-            }
-            data = rest;
+        while let Some((no, line)) = self.lines.next(&mut data) {
+            self.take_line(no, line).await?;
         }
         Ok(())
     }
 
-    async fn end_line(&mut self) -> Result<(), GrantError> {
-        self.line_no += 1;
-        let parsed = if self.overlong {
-            Line::Invalid(format!("line longer than {} bytes", self.max_line))
-        } else {
-            parse_line(self.format, &self.line, !self.seen_line)
-        };
-        self.line.clear();
-        self.overlong = false;
-        match parsed {
-            Line::Skip => Ok(()),
-            Line::Header => {
-                self.seen_line = true;
-                Ok(())
-            }
-            Line::User(id) => {
-                self.seen_line = true;
-                self.push_user(&id).await
-            }
+    async fn take_line(&mut self, no: u64, line: Line) -> Result<(), GrantError> {
+        match line {
+            Line::Skip | Line::Header => Ok(()),
+            Line::Value(id) => self.push_user(&id).await,
             Line::Invalid(reason) => {
-                self.seen_line = true;
                 self.count_line()?;
                 self.failed += 1;
                 if self.errors.len() < self.max_errors {
                     self.errors.push(JobFailure {
-                        line: Some(self.line_no),
+                        line: Some(no),
                         user_id: None,
                         reason,
                     });
@@ -292,8 +324,8 @@ impl Spool {
     /// spooled. Refused when the upload held no valid user id (saying why its first
     /// invalid line was refused, if it had one).
     pub(super) async fn finish(&mut self) -> Result<Spooled, GrantError> {
-        if !self.line.is_empty() || self.overlong {
-            self.end_line().await?;
+        if let Some((no, line)) = self.lines.last() {
+            self.take_line(no, line).await?;
         }
         if self.users == 0 {
             return Err(GrantError::Empty(match self.errors.first() {
@@ -326,9 +358,9 @@ mod tests {
         use Line::*;
         let nd = |s: &str| parse_line(LineFormat::Ndjson, s.as_bytes(), false);
         let csv = |s: &str, first| parse_line(LineFormat::Csv, s.as_bytes(), first);
-        assert_eq!(nd(r#"{"user_id": "u1"}"#), User("u1".into()));
-        assert_eq!(nd("\"u2\"\r"), User("u2".into()));
-        assert_eq!(nd("\t \"u2\" "), User("u2".into()));
+        assert_eq!(nd(r#"{"user_id": "u1"}"#), Value("u1".into()));
+        assert_eq!(nd("\"u2\"\r"), Value("u2".into()));
+        assert_eq!(nd("\t \"u2\" "), Value("u2".into()));
         assert!(
             matches!(nd("\u{a0}\"u2\""), Invalid(_)),
             "only spaces and tabs trimmed"
@@ -346,9 +378,9 @@ mod tests {
         }
         assert_eq!(csv("user_id", true), Header);
         assert_eq!(csv("\"user_id\"", true), Header);
-        assert_eq!(csv("user_id", false), User("user_id".into()));
-        assert_eq!(csv("u1\r", false), User("u1".into()));
-        assert_eq!(csv("\"u1\"", false), User("u1".into()));
+        assert_eq!(csv("user_id", false), Value("user_id".into()));
+        assert_eq!(csv("u1\r", false), Value("u1".into()));
+        assert_eq!(csv("\"u1\"", false), Value("u1".into()));
         assert!(matches!(csv("u1,u2", false), Invalid(_)));
         assert!(matches!(
             parse_line(LineFormat::Csv, b"\xff", false),
