@@ -15,7 +15,10 @@
 #   3. an import of CODES_IMPORT partner codes streamed as CSV (10% of them repeated):
 #      codes/s, and the answer's counts;
 #   4. after the persister drained: the database holds one coupon row per successful claim
-#      of the code batch, each with its code, and no code twice.
+#      of the code batch, each with its code, and no code twice;
+#   5. the campaign reads on the same gateway: product-page lookups/s (40 batches scoped by
+#      products, categories and merchants) and checkout quotes/s (a 20-item cart against a
+#      wallet of 50 coupons), each with the loadtest's own set-up.
 # Redis CPU = INFO cpu (used_cpu_user + used_cpu_sys) deltas of the whole redis-server.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -95,6 +98,13 @@ rows, coded, distinct = c.execute(
 print(f'{rows} coupon rows, {coded} with a code, {distinct} distinct codes')
 sys.exit(0 if rows == coded == distinct else 1)
 " "$DB") || { echo "code check FAILED: $CHECK" >&2; exit 1; }
+for S in product-lookup quote; do
+  log "campaign reads: $S, ${SECS}s, 64 connections"
+  "$LT" --url "$U" -q --scenario "$S" --seed 9 --threads 2 --connections 64 \
+    --duration "${SECS}s" --json "$WORK/$S.json"
+done
+LOOKUPS=$(jget "$WORK/product-lookup.json" 'round(d["rps"])')
+QUOTES=$(jget "$WORK/quote.json" 'round(d["rps"])')
 stop_gateway
 
 cat <<EOF
@@ -107,4 +117,5 @@ cat <<EOF
 - create of $STOCK generated codes (generate, store, load, fill the shards): ${CREATE_S} s
 - import of $IMPORT codes streamed as CSV: $IMPORT_RATE codes/s ($IMPORT_COUNTS)
 - database after the drain: $CHECK (successful claims answered: $N_coded)
+- product-page lookups: $LOOKUPS/s; checkout quotes (20 items, 50 coupons): $QUOTES/s (64 connections)
 EOF

@@ -4,12 +4,15 @@
 -- every import against every code the batch ever had); a code row reaches Redis in its
 -- chunk, and `loaded` turns true only after Redis counted the chunk (lua/codes_add.lua is
 -- idempotent per chunk id), so a crash in between leaves the chunk to be loaded again,
--- never twice; a coupon's code is found from the code (rebuild: which codes are still free).
+-- never twice; a coupon's code is found from the code (rebuild: which codes are still free);
+-- `left_pool` is set BEFORE a code reaches a shard (the only place a claim takes codes
+-- from), so a code without it was never handed out, whatever Redis lost.
 CREATE TABLE batch_codes (
     batch_id  TEXT    NOT NULL,
     code      TEXT    NOT NULL,
     chunk     TEXT    NOT NULL,
     loaded    BOOLEAN NOT NULL DEFAULT FALSE,
+    left_pool BOOLEAN NOT NULL DEFAULT FALSE,
     added_at  BIGINT  NOT NULL,
     PRIMARY KEY (batch_id, code)
 );

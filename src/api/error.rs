@@ -213,6 +213,7 @@ impl From<StockError> for ApiError {
             StockError::Conflict => ApiError::BatchExists,
             StockError::Shed => ApiError::Overloaded(e.to_string()),
             StockError::Backend(b) => b.into(),
+            StockError::Store(_) => ApiError::BackendUnavailable(e.to_string()),
             other => ApiError::Internal(other.to_string()),
         }
     }

@@ -129,7 +129,8 @@ fn assemble_full<B: Backend>(
     let stock = Arc::new(
         Stock::new(backend, cfg.stock.clone())
             .with_faults(faults)
-            .with_activity(activity),
+            .with_activity(activity)
+            .with_store(db.clone()),
     );
     let catalog = Arc::new(Catalog::new(&cfg.cache, stock.clone(), db.clone()));
     let api = Api::new(cfg, catalog, stock, db).with_clock(clock);

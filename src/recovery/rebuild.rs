@@ -55,8 +55,8 @@ pub struct RebuildReport {
     pub pool_stock: i64,
     pub total: i64,
     /// In a batch with codes: codes no coupon in the database carries that the rebuild did
-    /// NOT give back, because some coupon was lost before the database saw it (its code is
-    /// unknown: any of these may have been handed out).
+    /// NOT give back, because they had left the pool for a shard (a claim lost with Redis
+    /// before the database saw it may hold any of them).
     pub codes_withheld: u64,
 }
 
@@ -84,7 +84,7 @@ impl fmt::Display for RebuildReport {
         if self.codes_withheld > 0 {
             write!(
                 f,
-                "; {} free codes withheld (a lost coupon may carry any of them)",
+                "; {} codes withheld (they had left the pool: a lost coupon may carry one)",
                 self.codes_withheld
             )?;
         }
@@ -180,10 +180,11 @@ pub async fn rebuild<B: Backend>(
 }
 
 /// The codes of a batch with codes back into its pool (after `begin`, before `finish`): the
-/// codes no coupon in the database carries, when every coupon position ever handed out has
-/// its coupon in the database; none otherwise (a coupon lost before the database saw it
-/// carried a code the database does not know, which may be any of them: giving them back
-/// could hand one out twice). Sets `report.pool_stock` to the codes given back.
+/// codes that never left the pool (`store::codes`: recorded before any reached a shard, the
+/// only place a claim takes one), so none of them can be on a coupon, even one Redis lost
+/// before the database saw it. The codes that had left the pool and are on no coupon in
+/// the database are withheld: a lost coupon may carry any of them. Sets
+/// `report.pool_stock` to the codes given back.
 async fn restore_codes<B: Backend>(
     backend: &B,
     db: &Db,
@@ -191,17 +192,14 @@ async fn restore_codes<B: Backend>(
     pool: &SlotKeys,
     report: &mut RebuildReport,
 ) -> Result<(), RebuildError> {
-    let free = db.free_codes(&batch.id).await?;
+    let (free, withheld) = db.free_codes(&batch.id).await?;
     // every chunk is either given back now or withheld: none is loaded again later
     db.mark_all_codes_loaded(&batch.id).await?;
-    if report.issued > report.claims {
-        report.pool_stock = 0;
-        report.codes_withheld = free.len() as u64;
-        tracing::error!(batch = %batch.id, withheld = free.len(),
-            lost = report.issued - report.claims,
-            "coupons were lost before the database saw them: their codes are unknown, so \
-             no free code is given back");
-        return Ok(());
+    report.codes_withheld = withheld;
+    if withheld > 0 {
+        tracing::warn!(batch = %batch.id, withheld,
+            "codes that had left the pool and are on no coupon in the database are withheld: \
+             a coupon lost with Redis may carry one");
     }
     for part in free.chunks(restore::CHUNK) {
         done(batch, pool, restore::codes(backend, pool, part).await?)?;

@@ -58,6 +58,10 @@ pub enum StockError {
     /// The shard's group-commit queue is at `stock.group_max_queue`: nothing claimed.
     #[error("too many claims queued for one shard; nothing was claimed")]
     Shed,
+    /// The database did not record the codes a transfer takes out of the pool (they stay
+    /// in the transfer's outbox entry until it does: the sweeper finishes it).
+    #[error("the database did not record codes leaving the pool: {0}")]
+    Store(#[from] crate::store::DbError),
 }
 
 /// The stock of every batch, on one backend.
@@ -74,6 +78,9 @@ pub struct Stock<B> {
     group: GroupCommit<B>,
     /// One refill at a time per shard for the claims that found it empty, see [`gate`].
     gates: gate::Gates,
+    /// Where codes leaving the pool are recorded before they reach a shard (see
+    /// [`transfer`]); none: a batch with codes cannot refill its shards.
+    store: Option<crate::store::Db>,
 }
 
 impl<B: Backend> Stock<B> {
@@ -94,7 +101,14 @@ impl<B: Backend> Stock<B> {
             instance,
             faults: FaultReporter::disabled(),
             activity: ClaimActivity::disabled(),
+            store: None,
         }
+    }
+
+    /// Records codes leaving the pool in `store` (required by batches with codes).
+    pub fn with_store(mut self, store: crate::store::Db) -> Stock<B> {
+        self.store = Some(store);
+        self
     }
 
     /// Hints every minted claim to this instance's persister through `activity`.

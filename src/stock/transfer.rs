@@ -6,7 +6,9 @@
 //! transfer id), `transfer_in` credits the destination once (its inbox marker), and the
 //! outbox entry is closed last. Stopping anywhere never creates stock nor duplicates a
 //! code, and [`Stock::sweep`] (safe on any number of instances at once) always finishes it,
-//! with the codes the outbox recorded.
+//! with the codes the outbox recorded. Codes leaving the POOL are recorded in the database
+//! before the destination is credited (`store::codes`), so a code that never left the pool
+//! was never handed out, whatever Redis loses (what a rebuild relies on).
 
 use std::sync::atomic::Ordering;
 
@@ -91,6 +93,17 @@ impl<B: Backend> Stock<B> {
         tid: &str,
         moved: &Moved,
     ) -> Result<(), StockError> {
+        if src.is_pool() && !moved.codes.is_empty() {
+            let Some(store) = &self.store else {
+                return Err(StockError::Inconsistent(format!(
+                    "batch {} hands out codes, and this instance has no database to record \
+                     them leaving its pool",
+                    src.batch
+                )));
+            };
+            let codes: Vec<&str> = moved.codes.split(',').collect();
+            store.codes_left_pool(&src.batch, &codes).await?;
+        }
         let backend = self.backend.as_ref();
         let ttl = self.cfg.transfer_marker_ttl_s;
         transfer_in::call(backend, dst, tid, moved.amount, &moved.codes, ttl).await?;

@@ -5,7 +5,9 @@
 //! naming it (the primary key; [`Db::insert_codes`] answers only the codes that are new);
 //! a chunk is marked loaded only after `lua/codes_add.lua` counted it (the caller's order),
 //! so a chunk still unloaded may be sent again, and counts once (the script records chunk
-//! ids); the codes still free are the loaded ones no coupon row carries.
+//! ids); a code is marked `left_pool` before it can reach a shard ([`Db::codes_left_pool`],
+//! called by every transfer out of the pool before it credits), so the codes that never
+//! left the pool are exactly the ones no claim can have taken, whatever Redis lost.
 
 use sqlx::QueryBuilder;
 
@@ -185,18 +187,60 @@ impl Db {
         }))
     }
 
-    /// The codes of `batch` (loaded or not) that no coupon in the database carries, in a
-    /// fixed order: what a rebuild may give back to the pool.
-    pub async fn free_codes(&self, batch: &str) -> Result<Vec<String>, DbError> {
-        Ok(on_pool!(self, p => {
-            sqlx::query_scalar(
-                "SELECT bc.code FROM batch_codes bc WHERE bc.batch_id = $1 \
+    /// Records that `codes` of `batch` leave the pool for a shard: before they reach it.
+    pub async fn codes_left_pool(&self, batch: &str, codes: &[&str]) -> Result<(), DbError> {
+        match self {
+            Db::Postgres(p) => {
+                sqlx::query(
+                    "UPDATE batch_codes SET left_pool = TRUE \
+                     WHERE batch_id = $1 AND code = ANY($2)",
+                )
+                .bind(batch)
+                .bind(codes)
+                .execute(p)
+                .await?;
+            }
+            Db::Sqlite(p) => {
+                let mut tx = p.begin().await?;
+                for part in codes.chunks(SQLITE_CODES_PER_INSERT) {
+                    let mut q = QueryBuilder::new(
+                        "UPDATE batch_codes SET left_pool = TRUE WHERE batch_id = ",
+                    );
+                    q.push_bind(batch).push(" AND code IN (");
+                    let mut list = q.separated(", ");
+                    for c in part {
+                        list.push_bind(*c);
+                    }
+                    q.push(")");
+                    q.build().execute(&mut *tx).await?;
+                }
+                tx.commit().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The codes of `batch` no coupon in the database carries, in a fixed order, split into
+    /// those that never left the pool (no claim can have taken one: a rebuild gives them
+    /// back) and those that did (a claim lost with Redis may hold one: withheld).
+    pub async fn free_codes(&self, batch: &str) -> Result<(Vec<String>, u64), DbError> {
+        let rows: Vec<(String, bool)> = on_pool!(self, p => {
+            sqlx::query_as(
+                "SELECT bc.code, bc.left_pool FROM batch_codes bc WHERE bc.batch_id = $1 \
                  AND NOT EXISTS (SELECT 1 FROM coupons c WHERE c.batch_id = bc.batch_id \
                  AND c.code = bc.code) ORDER BY bc.code",
             )
             .bind(batch)
             .fetch_all(p)
             .await?
-        }))
+        });
+        let left = rows.iter().filter(|(_, l)| *l).count() as u64;
+        Ok((
+            rows.into_iter()
+                .filter(|(_, l)| !l)
+                .map(|(c, _)| c)
+                .collect(),
+            left,
+        ))
     }
 }

@@ -134,7 +134,12 @@ pub async fn embedded_gw() -> Gw<EmbeddedBackend> {
 /// An embedded gateway with extra config overrides.
 pub async fn embedded_gw_with(extra: &[String]) -> Gw<EmbeddedBackend> {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = Arc::new(config(extra));
+    // queued claims and refills wait as long as on the redis-backed test gateways: a refill
+    // of a batch with codes commits to SQLite (an fsync), which the whole suite's disk
+    // traffic can stretch to seconds on this shared machine
+    let mut o = vec![format!("stock.group_wait_ms={TEST_COMMAND_TIMEOUT_MS}")];
+    o.extend_from_slice(extra);
+    let cfg = Arc::new(config(&o));
     let backend = Arc::new(
         EmbeddedBackend::open(&EmbeddedConfig {
             aof_path: Some(dir.path().join("test.aof")),
