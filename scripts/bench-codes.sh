@@ -36,8 +36,10 @@ rcpu() { $R info cpu | tr -d '\r' | awk -F: '/^used_cpu_(user|sys):/ {s += $2} E
 
 . scripts/bench-gateway.sh
 DB="$WORK/codes.db"
+# a create of many generated codes, and a large import, outlast the default request deadline
 start_gateway --backend redis --redis-url "redis://127.0.0.1:$RPORT" \
-  --database-url "sqlite://$DB?mode=rwc"
+  --database-url "sqlite://$DB?mode=rwc" --set server.request_timeout_ms=300000 \
+  --set grants.upload_timeout_ms=300000
 U="http://127.0.0.1:$GPORT"
 batch() { # id, extra JSON fields
   printf '{"id":"%s","name":"bench","stock":%s,"per_user_limit":1,"shards":16,
@@ -45,7 +47,15 @@ batch() { # id, extra JSON fields
     "validity":{"days_after_claim":7},"discount":{"kind":"fixed","amount":500},
     "scope":{"kind":"all"}%s}' "$1" "$2" "$3"
 }
-post() { curl -sf -XPOST "$U$1" -H "content-type: ${3:-application/json}" --data-binary "$2"; }
+post() { # path, body, content type: the answer's body, or exit showing it
+  local out
+  out=$(curl -s -w '\n%{http_code}' -XPOST "$U$1" -H "content-type: ${3:-application/json}" \
+    --data-binary "$2")
+  case "${out##*$'\n'}" in
+    2??) printf '%s\n' "${out%$'\n'*}" ;;
+    *) echo "POST $1 answered: $out" >&2; exit 1 ;;
+  esac
+}
 
 log "create: a batch without codes, and one of $STOCK generated codes"
 post /v1/batches "$(batch plain "$STOCK" "")" >/dev/null

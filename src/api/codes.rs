@@ -66,6 +66,8 @@ pub struct Import<B: Backend> {
     chunks: u64,
     chunk: Vec<String>,
     chunk_max: usize,
+    /// Codes the batch may still take (counted once, at the start).
+    room: usize,
     max_errors: usize,
     report: ImportReport,
     lines: LineReader,
@@ -82,7 +84,9 @@ impl<B: Backend> Import<B> {
                 "batch {id} does not take imported codes (its codes.source is not \"imported\")"
             )));
         }
+        let room = api.catalog().code_room(&entry.batch()).await?;
         Ok(Import {
+            room,
             entry,
             tag: chunk_tag(),
             chunks: 0,
@@ -143,7 +147,13 @@ impl<B: Backend> Import<B> {
         let batch = self.entry.batch();
         let got = api
             .catalog()
-            .add_codes(&batch, &self.entry.keys, &chunk, &self.chunk)
+            .add_codes(
+                &batch,
+                &self.entry.keys,
+                &chunk,
+                &self.chunk,
+                &mut self.room,
+            )
             .await?;
         self.chunk.clear();
         self.count(got);

@@ -53,15 +53,24 @@ pub fn chunk_tag() -> String {
 }
 
 impl<B: Backend> Catalog<B> {
+    /// The codes `batch` may still take: its stock less the codes it holds (one count, so
+    /// that an import or a generation counts once, not per chunk).
+    pub async fn code_room(&self, batch: &Batch) -> Result<usize, CatalogError> {
+        let held = self.store.code_count(&batch.id).await?;
+        Ok(usize::try_from(batch.stock - held).unwrap_or(0))
+    }
+
     /// Adds `codes` (each valid, `domain::codes::valid_code`; repeats allowed) to `batch`
-    /// as chunk `chunk` (unique: [`chunk_tag`] plus a number). See the module
-    /// documentation.
+    /// as chunk `chunk` (unique: [`chunk_tag`] plus a number), at most `room` of them
+    /// ([`Catalog::code_room`] at the start of the import, less what it added since:
+    /// updated here). See the module documentation.
     pub async fn add_codes(
         &self,
         batch: &Batch,
         keys: &BatchKeys,
         chunk: &str,
         codes: &[String],
+        room: &mut usize,
     ) -> Result<CodesAdded, CatalogError> {
         let mut seen = HashSet::with_capacity(codes.len());
         let unique: Vec<String> = codes
@@ -76,9 +85,7 @@ impl<B: Backend> Catalog<B> {
         if unique.is_empty() {
             return Ok(out);
         }
-        let room =
-            usize::try_from(batch.stock - self.store.code_count(&batch.id).await?).unwrap_or(0);
-        if room == 0 {
+        if *room == 0 {
             out.over_capacity = unique.len() as u64;
             return Ok(out);
         }
@@ -87,15 +94,16 @@ impl<B: Backend> Catalog<B> {
             .insert_codes(&batch.id, chunk, &unique, now_ms())
             .await?;
         out.duplicates += (unique.len() - new.len()) as u64;
-        if new.len() > room {
+        if new.len() > *room {
             // past the stock: the codes that do not fit are not kept
-            let excess = new.split_off(room);
+            let excess = new.split_off(*room);
             self.store.delete_codes(&batch.id, chunk, &excess).await?;
             out.over_capacity += excess.len() as u64;
         }
         if new.is_empty() {
             return Ok(out);
         }
+        *room -= new.len();
         match self.load_chunk(keys, chunk, &new).await? {
             true => out.added = new.len() as u64,
             false => out.over_capacity += new.len() as u64,
@@ -176,7 +184,8 @@ impl<B: Backend> Catalog<B> {
         let mut added = 0;
         let mut n = 0;
         for _ in 0..GENERATE_ROUNDS {
-            let missing = batch.stock - self.store.code_count(&batch.id).await?;
+            let mut room = self.code_room(batch).await?;
+            let missing = room as i64;
             if missing <= 0 {
                 if added > 0 {
                     CodesReceived {
@@ -196,7 +205,7 @@ impl<B: Backend> Catalog<B> {
             for part in codes.chunks(chunk_codes.max(1)) {
                 n += 1;
                 let got = self
-                    .add_codes(batch, keys, &format!("{tag}-{n}"), part)
+                    .add_codes(batch, keys, &format!("{tag}-{n}"), part, &mut room)
                     .await?;
                 added += got.added;
             }

@@ -90,7 +90,7 @@ impl Default for BatchesConfig {
             max_list_items: 100_000,
             max_budget: 1_000_000_000_000,
             max_generated_codes: 1_000_000,
-            codes_chunk: 1_000,
+            codes_chunk: 5_000,
             max_codes_json_bytes: 4 * 1024 * 1024,
             max_codes_upload_bytes: 256 * 1024 * 1024,
         }
