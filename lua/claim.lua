@@ -4,8 +4,9 @@
 -- claim each would be: a later claim of the call sees every effect of the earlier ones (a
 -- user's count and day count, a request id minted earlier in the call, the stock and log
 -- length left). Reads and writes are per call, not per claim: one HMGET each of meta,
--- request ids, counts and day counts, one TIME, one XLEN, one GET of the stock, one write
--- of each hash; per claim only its XADD (and a SISMEMBER when the shard has a deny list).
+-- request ids, counts and day counts, one TIME, one XLEN, one GET of the stock (and of the
+-- claim counter when the caller gives the highest sequence it saw), one write of each hash;
+-- per claim only its XADD (and a SISMEMBER when the shard has a deny list).
 -- Atomic; one hash slot.
 --
 -- KEYS (all share the hash tag {<batch>:<shard>}):
@@ -45,6 +46,14 @@
 --   5 + 2n + i   nonce of claim i's HTTP request (recorded with the request id, returned
 --                on replay, so a caller that repeats its own call after a lost reply can
 --                tell it minted the coupon)
+--   then, optionally (absent = '0'):
+--   6 + 3n       the highest coupon sequence the caller saw this shard hand out (an integer
+--                >= 0, '0' = none; src/domain/ids.rs MintWindow): a shard whose next
+--                sequence is at or below it was rolled back (a failover to a replica that
+--                lagged) and would mint an id already handed out. Then no claim of the call
+--                mints (-11), and nothing is written: a claim written here would reach the
+--                database as the owner of that id when the claim it first went to was lost,
+--                and a repair would restore it for its retry to replay.
 -- Returns an array of n answers, answer i for claim i:
 --   { 1, coupon_id, valid_from_ms, valid_to_ms, claimed_at_ms }   claimed now
 --   { 1, coupon_id, valid_from_ms, valid_to_ms, claimed_at_ms, '', code }   claimed now, in
@@ -62,7 +71,9 @@
 --        stock in all (src/domain/batch.rs), so each shard's stock is its share of the
 --        budget, and decrementing only stock that is there never spends past it.
 --     -9 claim log backlog at its bound (shed, nothing claimed)
---   Each claim is checked in this order: replay, -4, -2, -3, -5, -6, -7, -9, -8.
+--     -11 the shard was rolled back: its next sequence is at or below ARGV 6 + 3n (the
+--        caller seals the shard and has it repaired; nothing claimed)
+--   Each claim is checked in this order: replay, -11, -4, -2, -3, -5, -6, -7, -9, -8.
 -- Validates every argument and decides every claim before the first write (a script that
 -- errors half-way keeps its writes): a bad argument fails the whole call with an error
 -- reply, nothing written.
@@ -85,8 +96,9 @@ local function fail(msg) return redis.error_reply('ERR claim: ' .. msg) end
 
 local n = tonumber(A[1])
 if not n or n < 1 or n > 1000 or n ~= floor(n) then return fail('n must be an integer in 1..1000') end
-if #A ~= 5 + 3 * n then
-  return fail('expects n, max log, batch, shard, day offset, then n users, n request ids, n nonces')
+if #A ~= 5 + 3 * n and #A ~= 6 + 3 * n then
+  return fail('expects n, max log, batch, shard, day offset, then n users, n request ids, n nonces'
+    .. ' [, the highest sequence seen]')
 end
 local maxlog = tonumber(A[2])
 if not maxlog or maxlog < 0 or maxlog ~= floor(maxlog) then return fail('bad max log length') end
@@ -95,6 +107,8 @@ if not offset or offset ~= floor(offset) or offset <= -86400000 or offset >= 864
   return fail('the day offset must be an integer of ms, |offset| < 86400000')
 end
 local U, R, N = 5, 5 + n, 5 + 2 * n -- claim i: user A[U + i], request id A[R + i], nonce A[N + i]
+local seenmax = tonumber(A[6 + 3 * n] or '0')
+if not seenmax or seenmax < 0 or seenmax ~= floor(seenmax) then return fail('bad highest sequence seen') end
 for i = U + 1, U + n do
   if A[i] == '' then return fail('empty user id') end
 end
@@ -128,6 +142,11 @@ if nf > 0 then
     if got[j] then prev[fields[j]] = got[j] end
   end
 end
+
+-- Rolled back: the next sequence this shard would mint was already handed out.
+local rolled = seenmax > 0
+  and (tonumber(m[9] or '0') or 0) * 1000000000000 + (tonumber(call('GET', KEYS[8]) or '0') or 0) + 1
+    <= seenmax
 
 local t = call('TIME')
 local now = tonumber(t[1]) * 1000 + floor(tonumber(t[2]) / 1000)
@@ -186,6 +205,8 @@ for i = 1, n do
     end
   elseif f and minted[f] then
     out[i] = minted[f] -- resolved to a replay once its coupon id is known (below)
+  elseif rolled then
+    out[i] = { 0, -11 }
   elseif closed then
     out[i] = { 0, closed }
   elseif deny > 0 and call('SISMEMBER', KEYS[7], u) == 1 then

@@ -272,7 +272,12 @@ async fn failovers_lose_nothing_acknowledged_with_replica_ack() {
 /// Under `ack = "leader"`: nothing oversold and no id minted twice; what a failover took
 /// back is counted and printed. Regression: 1 run in 4 handed out an id minted again when a
 /// claim's first attempt was lost in the failover and its retry replayed its own mint (see
-/// `stock::claim::tests::an_own_replay_of_an_id_minted_again_fences_the_shard`).
+/// `stock::claim::tests::an_own_replay_of_an_id_minted_again_fences_the_shard`). Regression
+/// (under load, whole suite at once): a claim answered just before a failover was lost with
+/// it, the rolled-back shard minted its id again for another claim and wrote that claim
+/// (refused, but its record reached the database), the repair restored it and its retry
+/// replayed the id (see
+/// `stock::claim::tests::a_rolled_back_shard_writes_nothing_for_an_id_it_would_mint_again`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn failovers_never_oversell_or_mint_twice_with_leader_ack() {
     failovers_under_load("leader").await;

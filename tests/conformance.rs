@@ -1154,6 +1154,7 @@ pub mod cases {
                     user: u,
                     request_id: r,
                     nonce: n,
+                    seen: 0,
                 }
             }
             let mut by_one = Vec::new();
@@ -1242,6 +1243,7 @@ pub mod cases {
                 max_log: "0",
                 nonce: "n",
                 day_offset: &off,
+                seen: 0,
             };
             c::call(backend, slot, &args).await
         };
@@ -1290,11 +1292,13 @@ pub mod cases {
                 user: "z",
                 request_id: "1",
                 nonce: "n",
+                seen: 0,
             },
             c::Claim {
                 user: "z",
                 request_id: "2",
                 nonce: "n",
+                seen: 0,
             },
         ];
         let got = c::call_many(backend, slot, &shared, &both).await.unwrap();
@@ -1307,6 +1311,78 @@ pub mod cases {
             (200, Some(4)),
             "{v} (day {day_utc})"
         );
+    }
+
+    /// Cluster failover test, leader mode (`cf.0.3930 handed out to u47319 and to u47315`):
+    /// a shard rolled back below a sequence the gateway saw it hand out must mint nothing
+    /// and write nothing (`lua/claim.lua` ARGV 6 + 3n): a re-mint written there reached the
+    /// database as the owner of an id already handed out, and a repair restored it for its
+    /// retry to replay. Replays in the same call are still answered.
+    pub async fn a_rolled_back_shard_mints_nothing<B: Backend>(g: &Gw<B>) {
+        use claimgate::contract::claim::{self as c, Claim, Outcome, Shared};
+        use claimgate::contract::replay;
+        use claimgate::domain::ids::parse_coupon_id;
+        create(g, "rolled", 20, 1, json!({"shards": 1})).await;
+        let keys = g.app.catalog().load("rolled").await.unwrap().keys.clone();
+        let slot = &keys.shards[0];
+        let backend = g.backend.as_ref();
+        let shared = Shared {
+            max_log: "0",
+            day_offset: "0",
+        };
+        let one = |user: &'static str, seen: u64| Claim {
+            user,
+            request_id: "r",
+            nonce: "n",
+            seen,
+        };
+        let x = match c::call_many(backend, slot, &shared, &[one("x", 0)]).await {
+            Ok(mut v) => match v.pop() {
+                Some(Outcome::Claimed(coupon)) => coupon,
+                o => panic!("{o:?}"),
+            },
+            e => panic!("{e:?}"),
+        };
+        let (_, _, seq) = parse_coupon_id(&x.coupon_id).unwrap();
+        // the caller saw the shard hand out the sequence it would mint next: rolled back
+        let got = c::call_many(backend, slot, &shared, &[one("y", seq + 1)]).await;
+        assert_eq!(got.unwrap(), [Outcome::RolledBack]);
+        assert_eq!(
+            replay::call(backend, slot, "y", "r").await.unwrap(),
+            None,
+            "nothing written"
+        );
+        // a replay in the same call is answered; the highest of the call's values counts
+        let got = c::call_many(backend, slot, &shared, &[one("x", seq + 5), one("z", 0)])
+            .await
+            .unwrap();
+        assert!(
+            matches!(&got[0], Outcome::Replayed(r) if r.coupon_id == x.coupon_id),
+            "{got:?}"
+        );
+        assert_eq!(got[1], Outcome::RolledBack);
+        // not rolled back: the next sequence is above what the caller saw
+        let got = c::call_many(backend, slot, &shared, &[one("y", seq)]).await;
+        assert!(
+            matches!(&got.as_ref().unwrap()[0], Outcome::Claimed(cy)
+                if parse_coupon_id(&cy.coupon_id).unwrap().2 == seq + 1),
+            "{got:?}"
+        );
+        let shard = slot.label.clone();
+        for bad in ["-1", "1.5", "x", ""] {
+            let r = backend
+                .eval(
+                    claimgate::backend::Script::Claim,
+                    &c::keys(slot),
+                    &["1", "0", "rolled", &shard, "0", "w", "r", "n", bad],
+                )
+                .await;
+            assert!(
+                matches!(r, Err(claimgate::backend::BackendError::Script(_))),
+                "{bad:?}: {r:?}"
+            );
+        }
+        assert_conserved(g, "rolled", 2).await;
     }
 }
 
@@ -1356,7 +1432,8 @@ on_both_backends!(
     budget_under_concurrency,
     daily_days_follow_the_offset,
     group_commit_matches_one_by_one,
-    code_pools
+    code_pools,
+    a_rolled_back_shard_mints_nothing
 );
 
 /// Random operation sequences give identical answers on both backends.

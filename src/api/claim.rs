@@ -275,7 +275,10 @@ async fn claim_inner<B: Backend>(
                 "persistence backlog at its bound; nothing was claimed".into(),
             ))
         }
-        Outcome::ShardEmpty => Err(ApiError::Internal(format!("claim resolved to {outcome:?}"))),
+        // resolved by the claim (refilled; the shard fenced): never seen here
+        Outcome::ShardEmpty | Outcome::RolledBack => {
+            Err(ApiError::Internal(format!("claim resolved to {outcome:?}")))
+        }
     }
 }
 

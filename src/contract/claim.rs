@@ -46,6 +46,10 @@ pub enum Outcome {
     ShardEmpty,
     /// The shard's claim log is at its bound: shed, nothing claimed.
     BacklogFull,
+    /// The shard was rolled back (a failover to a replica that lagged): the next sequence
+    /// it would mint is at or below the highest the caller saw it hand out ([`Claim::seen`]).
+    /// Nothing was claimed or written.
+    RolledBack,
 }
 
 /// ARGV of one claim besides the batch and shard (which come with the slot's keys): one
@@ -62,6 +66,8 @@ pub struct Args<'a> {
     /// The batch's UTC offset now in ms, formatted (`"0"`: UTC): the script's day is
     /// `floor((now + offset) / DAY_MS)` (`domain::time::Zone::offset_ms_at`).
     pub day_offset: &'a str,
+    /// See [`Claim::seen`] (0 = none).
+    pub seen: u64,
 }
 
 impl<'a> Args<'a> {
@@ -75,6 +81,7 @@ impl<'a> Args<'a> {
                 user: self.user,
                 request_id: self.request_id,
                 nonce: self.nonce,
+                seen: self.seen,
             },
         )
     }
@@ -88,6 +95,11 @@ pub struct Claim<'a> {
     pub request_id: &'a str,
     /// The claim's HTTP request nonce: recorded with the request id, returned on replay.
     pub nonce: &'a str,
+    /// The highest coupon sequence the caller saw the shard hand out before the claim was
+    /// queued (`domain::ids::MintWindow`; 0 = none). The call gives the script the highest
+    /// of its claims' (ARGV 6 + 3n): a shard about to mint at or below it was rolled back,
+    /// and refuses ([`Outcome::RolledBack`]) before writing anything.
+    pub seen: u64,
 }
 
 /// What every claim of one call shares: the script takes them once per call.
@@ -119,14 +131,16 @@ pub fn keys(slot: &SlotKeys) -> [&str; 9] {
 }
 
 /// ARGV, in the script's order: `n` (the number of claims, formatted), the shared values,
-/// then users, request ids and nonces column by column.
+/// then users, request ids and nonces column by column, then `seen` (the highest
+/// [`Claim::seen`] of the call, formatted).
 pub fn argv<'a>(
     slot: &'a SlotKeys,
     n: &'a str,
     shared: &Shared<'a>,
     claims: &[Claim<'a>],
+    seen: &'a str,
 ) -> Vec<&'a str> {
-    let mut v = Vec::with_capacity(5 + 3 * claims.len());
+    let mut v = Vec::with_capacity(6 + 3 * claims.len());
     v.extend([
         n,
         shared.max_log,
@@ -137,6 +151,7 @@ pub fn argv<'a>(
     v.extend(claims.iter().map(|c| c.user));
     v.extend(claims.iter().map(|c| c.request_id));
     v.extend(claims.iter().map(|c| c.nonce));
+    v.push(seen);
     v
 }
 
@@ -160,8 +175,9 @@ pub async fn call_many<B: Backend>(
     claims: &[Claim<'_>],
 ) -> Result<Vec<Outcome>, BackendError> {
     let n = claims.len().to_string();
+    let seen = claims.iter().map(|c| c.seen).max().unwrap_or(0).to_string();
     let reply = backend
-        .eval(SCRIPT, &keys(slot), &argv(slot, &n, shared, claims))
+        .eval(SCRIPT, &keys(slot), &argv(slot, &n, shared, claims, &seen))
         .await?;
     decode(reply, claims.len())
 }
@@ -201,6 +217,7 @@ fn decode_answer(answer: Value) -> Result<Outcome, BackendError> {
                 -7 => Outcome::DailyLimitReached,
                 -8 => Outcome::ShardEmpty,
                 -9 => Outcome::BacklogFull,
+                -11 => Outcome::RolledBack,
                 other => return Err(protocol(SCRIPT, format!("unknown refusal {other}"))),
             })
         }
@@ -334,6 +351,7 @@ mod tests {
             (-7, Outcome::DailyLimitReached),
             (-8, Outcome::ShardEmpty),
             (-9, Outcome::BacklogFull),
+            (-11, Outcome::RolledBack),
         ] {
             let got = one(arr(vec![Value::Int(0), Value::Int(code)])).unwrap();
             assert_eq!(got, want);
@@ -471,17 +489,19 @@ mod tests {
                 user: "u1",
                 request_id: "r1",
                 nonce: "n1",
+                seen: 4,
             },
             Claim {
                 user: "u2",
                 request_id: "",
                 nonce: "n2",
+                seen: 7,
             },
         ];
         assert_eq!(
-            argv(&slot, "2", &shared, &claims),
+            argv(&slot, "2", &shared, &claims, "7"),
             [
-                "2", "9", "b", "3", "-3600000", "u1", "u2", "r1", "", "n1", "n2"
+                "2", "9", "b", "3", "-3600000", "u1", "u2", "r1", "", "n1", "n2", "7"
             ]
         );
     }

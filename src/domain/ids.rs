@@ -95,6 +95,12 @@ pub fn claim_tag(user: &str, request_id: &str) -> u32 {
 }
 
 impl MintWindow {
+    /// The highest sequence shown so far (0 = none): the shard minted it, so a shard whose
+    /// next sequence is not above it was rolled back.
+    pub fn highest(&self) -> u64 {
+        self.max
+    }
+
     /// Shows the window `seq`, handed out to the claim tagged `tag` ([`claim_tag`]).
     pub fn sight(&mut self, seq: u64, tag: u32) -> Sighting {
         if self.tags.is_empty() {
@@ -150,8 +156,10 @@ mod tests {
             claim_tag("u1r", "1x"),
             "the separator counts"
         );
+        assert_eq!(w.highest(), 0);
         assert_eq!(w.sight(5, a), Sighting::New);
         assert_eq!(w.sight(3, a), Sighting::New, "out of order");
+        assert_eq!(w.highest(), 5);
         assert_eq!(w.sight(4, b), Sighting::New);
         assert_eq!(
             w.sight(4, b),

@@ -550,6 +550,10 @@ impl<B: Backend> Grants<B> {
                         Outcome::ShardEmpty => {
                             return Ok(failed("claim resolved to an empty shard"));
                         }
+                        // resolved by the claim (the shard is fenced): never seen here
+                        Outcome::RolledBack => {
+                            return Ok(failed("claim resolved to a rolled-back shard"));
+                        }
                         Outcome::BacklogFull => "persistence backlog at its bound".to_string(),
                     },
                     Ok(ClaimResult::SoldOut) => {

@@ -86,10 +86,11 @@ impl<B: Backend> Stock<B> {
             max_log: a.max_log,
             day_offset: &day_offset,
         };
-        let one = claim::Claim {
+        let mut one = claim::Claim {
             user: a.user,
             request_id: a.request_id,
             nonce: a.nonce,
+            seen: 0,
         };
         // Rounds that refilled or scanned themselves count against `max_refill_rounds`; a
         // retry after another claim's refill is free, up to a bound of its own.
@@ -102,6 +103,10 @@ impl<B: Backend> Stock<B> {
             // Read before the call: the persister may write this call's records before the
             // answer is looked at, and what it wrote since proves nothing.
             let floor = self.faults.floor_now(&slot.meta);
+            // The highest sequence this instance saw the shard hand out: the script refuses
+            // to mint at or below it (rolled back) before writing anything, so an id minted
+            // again never becomes another claim's (see `rolled_back` for what is left).
+            one.seen = self.faults.highest_seen(&slot.meta);
             // Group-committed: in one call with the other claims queued for this shard.
             let outcome = self.group.claim(slot, shared, one).await?;
             let how = match outcome {
@@ -111,6 +116,15 @@ impl<B: Backend> Stock<B> {
             match outcome {
                 Outcome::ShardEmpty => {}
                 Outcome::NoBatch => return self.without_meta(keys, home).await,
+                Outcome::RolledBack => {
+                    self.faults.report(
+                        &slot.batch,
+                        home,
+                        FaultKind::RolledBack,
+                        Some(seq_epoch(one.seen)),
+                    );
+                    return self.fence(slot).await;
+                }
                 Outcome::Claimed(ref c) | Outcome::Replayed(ref c)
                     if self.rolled_back(slot, c, how, a) =>
                 {
@@ -220,8 +234,16 @@ impl<B: Backend> Stock<B> {
     ///
     /// Then the shard is reported, and the coupon is not handed out (its id may be another
     /// user's): it reaches the database like any claim, where a clash is recorded as a
-    /// coupon conflict. A replay this instance never saw (its own lost first reply, another
-    /// request, another gateway, before a restart) is only recorded: the floor tells nothing
+    /// coupon conflict. A re-mint of a sequence the window held when the claim was queued
+    /// never gets here: the script refuses to mint at or below it ([`Outcome::RolledBack`])
+    /// and writes nothing. That matters: when the claim an id first went to was lost with
+    /// the rollback, a re-mint's record reaches the database as the id's owner, a repair
+    /// restores it, and its retry's replay (no nonce: trusted) hands the id out again. What
+    /// is left for this check: ids sighted after the claim read the window (answers still on
+    /// their way to their tasks), and positions only the floor knows.
+    ///
+    /// A replay this instance never saw (its own lost first reply, another request, another
+    /// gateway, before a restart) is only recorded: the floor tells nothing
     /// about it (the database holds it whenever it was persisted; grant jobs repeat their
     /// lines' nonces across restarts).
     /// A replay without a nonce was restored from the database by a rebuild or repair: it is
@@ -467,6 +489,7 @@ pub(super) mod tests {
             max_log: "0",
             nonce: "nu",
             day_offset: "0",
+            seen: 0,
         };
         let again = claim::call(stock.backend().as_ref(), slot, &lost)
             .await
@@ -480,6 +503,69 @@ pub(super) mod tests {
                 .await
                 .unwrap()
                 .is_empty(),
+            "the shard is sealed"
+        );
+    }
+
+    /// Regression (cluster failover test, leader mode, under load: `cf.0.3930 handed out to
+    /// u47319 and to u47315`): x was answered an id, then a failover to a lagging replica
+    /// lost x's claim (neither the replica nor the database had it) and rolled the shard's
+    /// counter back. y's claim minted x's id again; the window caught it and y was refused,
+    /// but the script had already WRITTEN y's claim: its record reached the database as
+    /// the owner of x's id (nothing clashed there, x's claim being lost), the repair
+    /// restored y's request id from it, and y's retry replayed x's id (a replay restored
+    /// from the database is trusted). A shard about to mint at or below the highest
+    /// sequence this gateway saw it hand out must refuse before writing anything.
+    #[tokio::test]
+    async fn a_rolled_back_shard_writes_nothing_for_an_id_it_would_mint_again() {
+        let (stock, keys) = one_shard_batch().await;
+        let slot = &keys.shards[0];
+        let be = stock.backend().as_ref();
+        let x = coupon(stock.claim(&keys, 0, &args("x", "rx", "nx")).await.unwrap());
+        // The failover: x's claim is gone (its record, request id, count, and the counter
+        // step that minted it), as on a replica that never received it.
+        be.eval_source(
+            "redis.call('DECR', KEYS[1]); redis.call('INCR', KEYS[2]); \
+             redis.call('HDEL', KEYS[3], 'x'); redis.call('HDEL', KEYS[4], 'x|rx'); \
+             redis.call('DEL', KEYS[5])",
+            &[
+                &slot.claimed,
+                &slot.stock,
+                &slot.users,
+                &slot.req,
+                &slot.log,
+            ],
+            &[],
+        )
+        .await
+        .unwrap();
+        let y = stock.claim(&keys, 0, &args("y", "ry", "ny")).await.unwrap();
+        assert_eq!(y, ClaimResult::ShardFenced);
+        // Nothing of y's claim exists: no record for the persister (the database would
+        // give x's id to y, and the repair would restore it for y's retry to replay), no
+        // request id, no count, and the counter did not move.
+        let left = be
+            .eval_source(
+                "return {redis.call('XLEN', KEYS[1]), redis.call('HEXISTS', KEYS[2], 'y|ry'), \
+                 redis.call('HEXISTS', KEYS[3], 'y'), \
+                 tonumber(redis.call('GET', KEYS[4]) or '0')}",
+                &[&slot.log, &slot.req, &slot.users, &slot.claimed],
+                &[],
+            )
+            .await
+            .unwrap();
+        let (_, _, xseq) = parse_coupon_id(&x.coupon_id).unwrap();
+        let want: Vec<crate::backend::Value> = [0, 0, 0, xseq as i64 - 1]
+            .into_iter()
+            .map(crate::backend::Value::Int)
+            .collect();
+        assert_eq!(
+            left,
+            crate::backend::Value::Array(want),
+            "[log length, y's request id, y's count, counter]: y's claim was written"
+        );
+        assert!(
+            meta_get::call(be, slot).await.unwrap().is_empty(),
             "the shard is sealed"
         );
     }
@@ -499,6 +585,7 @@ pub(super) mod tests {
             max_log: "0",
             nonce: "nx",
             day_offset: "0",
+            seen: 0,
         };
         let Outcome::Claimed(c) = claim::call(stock.backend().as_ref(), slot, &x)
             .await
@@ -529,6 +616,7 @@ pub(super) mod tests {
                 max_log: "0",
                 nonce: "ny",
                 day_offset: "0",
+                seen: 0,
             },
         )
         .await
@@ -561,6 +649,7 @@ pub(super) mod tests {
             max_log: "0",
             nonce: "n3",
             day_offset: "0",
+            seen: 0,
         };
         let Outcome::Claimed(x) = claim::call(stock.backend().as_ref(), slot, &unseen)
             .await

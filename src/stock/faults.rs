@@ -110,6 +110,15 @@ impl FaultReporter {
         window.lock().sight(seq, tag)
     }
 
+    /// The highest coupon sequence this instance saw the shard whose meta key is `meta` hand
+    /// out (0 = none; see [`MintWindow::highest`]). Read it BEFORE a claim call: the script
+    /// refuses to mint at or below it (the shard was rolled back) before writing anything.
+    pub fn highest_seen(&self, meta: &str) -> u64 {
+        #[allow(clippy::disallowed_methods)] // the guard ends with this expression
+        let known = self.minted.get(meta).map(|w| w.value().clone());
+        known.map_or(0, |w| w.lock().highest())
+    }
+
     /// The floor of the shard whose meta key is `meta` (created at 0), for its keeper (the
     /// persister) to raise.
     pub fn floor(&self, meta: &str) -> Arc<AtomicU64> {
@@ -179,6 +188,15 @@ mod tests {
         assert_eq!(r.floor_now("m"), None, "no floor known");
         r.floor("m").fetch_max(10, Ordering::Relaxed);
         assert_eq!(r.clone().floor_now("m"), Some(10));
+    }
+
+    #[test]
+    fn the_highest_sequence_seen_is_per_shard() {
+        let r = FaultReporter::disabled();
+        assert_eq!(r.highest_seen("m"), 0, "nothing seen");
+        assert_eq!(r.sight("m", 7, 1), Sighting::New);
+        assert_eq!(r.sight("m", 3, 2), Sighting::New);
+        assert_eq!((r.clone().highest_seen("m"), r.highest_seen("n")), (7, 0));
     }
 
     #[test]

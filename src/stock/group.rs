@@ -91,6 +91,7 @@ struct Pending {
     nonce: Box<str>,
     max_log: Box<str>,
     day_offset: Box<str>,
+    seen: u64,
     reply: oneshot::Sender<Result<Outcome, BackendError>>,
 }
 
@@ -100,6 +101,7 @@ impl Pending {
             user: &self.user,
             request_id: &self.request_id,
             nonce: &self.nonce,
+            seen: self.seen,
         }
     }
 
@@ -152,6 +154,7 @@ impl<B: Backend> GroupCommit<B> {
                     nonce: claim.nonce.into(),
                     max_log: shared.max_log.into(),
                     day_offset: shared.day_offset.into(),
+                    seen: claim.seen,
                     reply: tx,
                 });
                 Some(rx)
@@ -369,6 +372,7 @@ mod tests {
                 nonce: "".into(),
                 max_log: "0".into(),
                 day_offset: day.into(),
+                seen: 0,
                 reply: tx,
             },
             rx,
@@ -423,6 +427,7 @@ mod tests {
                         user: &user,
                         request_id: &rid,
                         nonce: &nonce,
+                        seen: 0,
                     };
                     (u, round, gc.claim(&slot, shared, c).await.unwrap())
                 }));
