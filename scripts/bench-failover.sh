@@ -69,18 +69,8 @@ redis_start() { # redis_start PORT [ARGS...]; sets RS_PID
   for _ in $(seq 1 50); do redis-cli -p "$port" ping >/dev/null 2>&1 && return; sleep 0.1; done
   echo "redis-server on $port did not start:" >&2; cat "$WORK/r$port/log" >&2; exit 1
 }
-start_gateway() { # start_gateway ARGS... ; sets GPID, GPORT
-  GPORT=$(free_port)
-  "$BIN" --listen "127.0.0.1:$GPORT" \
-    --set limits.claim_per_user.per_second=0 --set limits.max_inflight=100000 \
-    --set limits.admission_wait_ms=1000 --set log.level=\"warn\" "$@" serve >"$WORK/gw-$GPORT.log" 2>&1 &
-  GPID=$!
-  PIDS+=("$GPID")
-  for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$GPORT/healthz" >/dev/null && return; sleep 0.1; done
-  echo "gateway did not start:" >&2; cat "$WORK/gw-$GPORT.log" >&2; exit 1
-}
-stop_gateway() { kill -TERM "$GPID"; wait "$GPID" 2>/dev/null || true; }
-metric() { # metric NAME [FILTER]: sum of the gateway's matching series
+. scripts/bench-gateway.sh # start_gateway, stop_gateway, metric (integers)
+metric_f() { # metric_f NAME [FILTER]: the sum of the gateway's matching series, with decimals
   curl -s "http://127.0.0.1:$GPORT/metrics" | awk -v n="$1" -v f="${2:-}" \
     '$1 ~ "^"n"({|$)" && index($1, f) {s+=$2} END{printf "%.6f\n", s+0}'
 }
@@ -191,8 +181,8 @@ lt --scenario flash-sale --seed 23 --users 100000 --batch "$BATCH" \
 FO_503=$(jget "$WORK/fo3.json" 'sum(v for k, v in d["by_outcome"].items() if "503" in k)')
 REPAIRS=$(metric claimgate_shard_repairs_total 'result="repaired"' | cut -d. -f1)
 FAULTS=$(metric claimgate_shard_faults_total | cut -d. -f1)
-REPAIR_SUM=$(metric claimgate_shard_repair_duration_seconds_sum)
-REPAIR_CNT=$(metric claimgate_shard_repair_duration_seconds_count)
+REPAIR_SUM=$(metric_f claimgate_shard_repair_duration_seconds_sum)
+REPAIR_CNT=$(metric_f claimgate_shard_repair_duration_seconds_count)
 REPAIR_MS=$(python3 -c "c=float('$REPAIR_CNT'); print(round(float('$REPAIR_SUM')/c*1000) if c else '-')")
 WRITTEN_OFF=$(metric claimgate_stock_written_off_total | cut -d. -f1)
 wait_drained

@@ -60,7 +60,7 @@ pub struct ImportReport {
 }
 
 /// An import under way: the batch, the chunk being filled, and the line being read.
-pub struct Import<B: Backend> {
+pub struct Import {
     entry: std::sync::Arc<CachedBatch>,
     tag: String,
     chunks: u64,
@@ -71,13 +71,16 @@ pub struct Import<B: Backend> {
     max_errors: usize,
     report: ImportReport,
     lines: LineReader,
-    _backend: std::marker::PhantomData<B>,
 }
 
-impl<B: Backend> Import<B> {
+impl Import {
     /// An import into batch `id` starts: 404 when there is no such batch, 409
     /// `invalid_state` when its codes are not imported.
-    pub async fn begin(api: &Api<B>, id: &str, format: LineFormat) -> Result<Self, ApiError> {
+    pub async fn begin<B: Backend>(
+        api: &Api<B>,
+        id: &str,
+        format: LineFormat,
+    ) -> Result<Self, ApiError> {
         let entry = api.catalog().load_live(id).await?;
         if entry.batch().codes != Some(CodeSource::Imported {}) {
             return Err(ApiError::InvalidState(format!(
@@ -98,19 +101,27 @@ impl<B: Backend> Import<B> {
                 ..ImportReport::default()
             },
             lines: LineReader::new(CODE_LINES, format, MAX_LINE_BYTES),
-            _backend: std::marker::PhantomData,
         })
     }
 
     /// The next bytes of a streamed body.
-    pub async fn accept(&mut self, api: &Api<B>, mut data: &[u8]) -> Result<(), ApiError> {
+    pub async fn accept<B: Backend>(
+        &mut self,
+        api: &Api<B>,
+        mut data: &[u8],
+    ) -> Result<(), ApiError> {
         while let Some((no, line)) = self.lines.next(&mut data) {
             self.take_line(api, no, line).await?;
         }
         Ok(())
     }
 
-    async fn take_line(&mut self, api: &Api<B>, no: u64, line: Line) -> Result<(), ApiError> {
+    async fn take_line<B: Backend>(
+        &mut self,
+        api: &Api<B>,
+        no: u64,
+        line: Line,
+    ) -> Result<(), ApiError> {
         match line {
             Line::Skip | Line::Header => Ok(()),
             Line::Value(code) => self.push(api, code).await,
@@ -129,7 +140,7 @@ impl<B: Backend> Import<B> {
     }
 
     /// One valid code.
-    async fn push(&mut self, api: &Api<B>, code: String) -> Result<(), ApiError> {
+    async fn push<B: Backend>(&mut self, api: &Api<B>, code: String) -> Result<(), ApiError> {
         self.report.received += 1;
         self.chunk.push(code);
         if self.chunk.len() >= self.chunk_max {
@@ -138,7 +149,7 @@ impl<B: Backend> Import<B> {
         Ok(())
     }
 
-    async fn flush(&mut self, api: &Api<B>) -> Result<(), ApiError> {
+    async fn flush<B: Backend>(&mut self, api: &Api<B>) -> Result<(), ApiError> {
         if self.chunk.is_empty() {
             return Ok(());
         }
@@ -168,7 +179,7 @@ impl<B: Backend> Import<B> {
 
     /// The body ended (a last line without `\n` counts): the last chunk is added, and the
     /// batch's other instances learn its new stock.
-    pub async fn finish(mut self, api: &Api<B>) -> Result<ImportReport, ApiError> {
+    pub async fn finish<B: Backend>(mut self, api: &Api<B>) -> Result<ImportReport, ApiError> {
         if let Some((no, line)) = self.lines.last() {
             self.take_line(api, no, line).await?;
         }

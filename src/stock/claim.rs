@@ -457,6 +457,18 @@ pub(super) mod tests {
         }
     }
 
+    /// The script's own arguments for one claim (no gateway in between).
+    fn script_args<'a>(user: &'a str, rid: &'a str, nonce: &'a str) -> claim::Args<'a> {
+        claim::Args {
+            user,
+            request_id: rid,
+            max_log: "0",
+            nonce,
+            day_offset: "0",
+            seen: 0,
+        }
+    }
+
     fn coupon(r: ClaimResult) -> Coupon {
         match r {
             ClaimResult::Decided(Outcome::Claimed(c) | Outcome::Replayed(c)) => c,
@@ -483,14 +495,7 @@ pub(super) mod tests {
             .unwrap();
         // u's first attempt mints v's id again; its reply is lost (the stock layer never
         // sees it) ...
-        let lost = claim::Args {
-            user: "u",
-            request_id: "ru",
-            max_log: "0",
-            nonce: "nu",
-            day_offset: "0",
-            seen: 0,
-        };
+        let lost = script_args("u", "ru", "nu");
         let again = claim::call(stock.backend().as_ref(), slot, &lost)
             .await
             .unwrap();
@@ -579,14 +584,7 @@ pub(super) mod tests {
         let (stock, keys) = one_shard_batch().await;
         let slot = &keys.shards[0];
         // minted by a call this instance has not looked at yet
-        let x = claim::Args {
-            user: "x",
-            request_id: "rx",
-            max_log: "0",
-            nonce: "nx",
-            day_offset: "0",
-            seen: 0,
-        };
+        let x = script_args("x", "rx", "nx");
         let Outcome::Claimed(c) = claim::call(stock.backend().as_ref(), slot, &x)
             .await
             .unwrap()
@@ -610,14 +608,7 @@ pub(super) mod tests {
         let Outcome::Claimed(d) = claim::call(
             stock.backend().as_ref(),
             slot,
-            &claim::Args {
-                user: "y",
-                request_id: "ry",
-                max_log: "0",
-                nonce: "ny",
-                day_offset: "0",
-                seen: 0,
-            },
+            &script_args("y", "ry", "ny"),
         )
         .await
         .unwrap() else {
@@ -643,14 +634,7 @@ pub(super) mod tests {
                 .unwrap();
             assert_eq!(coupon(r).coupon_id, first.coupon_id, "{nonce}");
         }
-        let unseen = claim::Args {
-            user: "x",
-            request_id: "rx",
-            max_log: "0",
-            nonce: "n3",
-            day_offset: "0",
-            seen: 0,
-        };
+        let unseen = script_args("x", "rx", "n3");
         let Outcome::Claimed(x) = claim::call(stock.backend().as_ref(), slot, &unseen)
             .await
             .unwrap()
