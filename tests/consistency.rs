@@ -280,6 +280,7 @@ async fn item2_conflict_case<B: Backend>(g: &Gw<B>) {
         valid_from: 1_000,
         valid_to: 2_000,
         code: None,
+        managed: false,
     };
     assert_eq!(
         g.db.write_claims(std::slice::from_ref(&planted))

@@ -74,6 +74,7 @@ fn claim(batch: &str, seq: u64, user: &str) -> ClaimRecord {
         valid_from: 1_577_836_800_000,
         valid_to: END,
         code: None,
+        managed: false,
     }
 }
 

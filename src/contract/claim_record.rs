@@ -12,6 +12,8 @@
 //! | `t`   | claimed at, ms                                         |
 //! | `vf`  | valid from, ms                                         |
 //! | `vt`  | valid to, ms                                           |
+//! | `cd`  | optional: the coupon's code (a batch that hands out codes) |
+//! | `m`   | optional: `'1'` = the coupon's state lives in Redis (managed); absent = not |
 //!
 //! Invariant kept here: [`parse`] is the one reader of these fields; a record that is not
 //! exactly a claim of the shard whose log holds it is an error naming what is wrong (the
@@ -27,6 +29,9 @@ pub const KIND_CLAIMED: &str = "claimed";
 pub const FIELDS: [&str; 9] = ["k", "c", "u", "r", "b", "s", "t", "vf", "vt"];
 /// The field after [`FIELDS`] in the record of a coupon with a code: the code.
 pub const CODE: &str = "cd";
+/// The last field of the claim record of a managed coupon (after [`CODE`] when present):
+/// `'1'`.
+pub const MANAGED: &str = "m";
 
 /// Interprets a log entry of shard `shard` of `batch` as a claim record. Anything
 /// unexpected is an error naming what is wrong.
@@ -70,6 +75,11 @@ pub fn parse(batch: &str, shard: u32, entry: &LogEntry) -> Result<ClaimRecord, S
             None => None,
             Some("") => return Err("empty code".to_string()),
             Some(c) => Some(c.to_string()),
+        },
+        managed: match entry.get(MANAGED) {
+            None => false,
+            Some("1") => true,
+            Some(m) => return Err(format!("field \"m\" is not '1': {m:?}")),
         },
     })
 }

@@ -19,9 +19,9 @@ use super::{ClaimRecord, Db, DbError, now_ms, to_i64, to_u32, to_u64};
 use crate::domain::coupon::{CouponState, EventKind};
 use crate::domain::time::Timestamp;
 
-/// Rows per multi-row INSERT on SQLite. Each claim row binds at most 11 values, so a
-/// statement stays under 999 variables (990), the limit of SQLite builds older than 3.32.
-const SQLITE_ROWS_PER_INSERT: usize = 90;
+/// Rows per multi-row INSERT on SQLite. Each claim row binds at most 12 values, so a
+/// statement stays under 999 variables (996), the limit of SQLite builds older than 3.32.
+const SQLITE_ROWS_PER_INSERT: usize = 83;
 
 /// The unique event id of a claim in the transaction log.
 pub fn claim_event_id(c: &ClaimRecord) -> String {
@@ -163,6 +163,7 @@ async fn write_claims_pg(
     let valid_from: Vec<i64> = rows.iter().map(|(c, _)| c.valid_from).collect();
     let valid_to: Vec<i64> = rows.iter().map(|(c, _)| c.valid_to).collect();
     let codes: Vec<Option<String>> = rows.iter().map(|(c, _)| c.code.clone()).collect();
+    let managed: Vec<i16> = rows.iter().map(|(c, _)| i16::from(c.managed)).collect();
     let mut tx = pool.begin().await?;
     let inserted = sqlx::query(
         "INSERT INTO coupon_events (event_id, kind, batch_id, shard, user_id, coupon_id, \
@@ -185,11 +186,12 @@ async fn write_claims_pg(
     .rows_affected();
     let coupons: Vec<String> = sqlx::query_scalar(
         "INSERT INTO coupons (coupon_id, batch_id, shard, seq, user_id, request_id, state, \
-         valid_from, valid_to, claimed_at, updated_at, code) \
-         SELECT c, b, s, q, u, r, 'unused', vf, vt, a, $10, cd \
+         valid_from, valid_to, claimed_at, updated_at, code, managed) \
+         SELECT c, b, s, q, u, r, 'unused', vf, vt, a, $10, cd, m \
          FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[], \
-                     $6::text[], $7::bigint[], $8::bigint[], $9::bigint[], $11::text[]) \
-              AS t(c, b, s, q, u, r, vf, vt, a, cd) \
+                     $6::text[], $7::bigint[], $8::bigint[], $9::bigint[], $11::text[], \
+                     $12::smallint[]) \
+              AS t(c, b, s, q, u, r, vf, vt, a, cd, m) \
          ON CONFLICT (coupon_id) DO NOTHING RETURNING coupon_id",
     )
     .bind(&coupon_ids)
@@ -203,6 +205,7 @@ async fn write_claims_pg(
     .bind(&claimed_at)
     .bind(now)
     .bind(&codes)
+    .bind(&managed)
     .fetch_all(&mut *tx)
     .await?;
     let outbox = claimed_outbox(rows, &coupons)?;
@@ -471,7 +474,7 @@ impl Db {
 
                 let mut q = QueryBuilder::new(
                     "INSERT INTO coupons (coupon_id, batch_id, shard, seq, user_id, request_id, \
-                     state, valid_from, valid_to, claimed_at, updated_at, code) ",
+                     state, valid_from, valid_to, claimed_at, updated_at, code, managed) ",
                 );
                 q.push_values(part, |mut b, (c, seq)| {
                     b.push_bind(c.coupon_id.as_str())
@@ -485,7 +488,8 @@ impl Db {
                         .push_bind(c.valid_to)
                         .push_bind(c.claimed_at)
                         .push_bind(now)
-                        .push_bind(c.code.as_deref());
+                        .push_bind(c.code.as_deref())
+                        .push_bind(i16::from(c.managed));
                 });
                 q.push(" ON CONFLICT (coupon_id) DO NOTHING RETURNING coupon_id");
                 let new: Vec<String> = q
@@ -557,11 +561,12 @@ impl Db {
             i64,
             i64,
             Option<String>,
+            i16,
         );
         let rows: Vec<Row> = on_pool!(self, p => {
             sqlx::query_as(
                 "SELECT coupon_id, seq, user_id, request_id, claimed_at, valid_from, valid_to, \
-                 code FROM coupons WHERE batch_id = $1 AND shard = $2 ORDER BY seq",
+                 code, managed FROM coupons WHERE batch_id = $1 AND shard = $2 ORDER BY seq",
             )
             .bind(batch_id)
             .bind(i64::from(shard))
@@ -570,7 +575,7 @@ impl Db {
         });
         rows.into_iter()
             .map(
-                |(coupon_id, seq, user_id, request_id, claimed_at, vf, vt, code)| {
+                |(coupon_id, seq, user_id, request_id, claimed_at, vf, vt, code, managed)| {
                     Ok(ClaimRecord {
                         coupon_id,
                         batch_id: batch_id.to_string(),
@@ -582,6 +587,7 @@ impl Db {
                         valid_from: vf,
                         valid_to: vt,
                         code,
+                        managed: managed != 0,
                     })
                 },
             )
@@ -621,6 +627,7 @@ mod tests {
             valid_from: 0,
             valid_to: i64::MAX,
             code: None,
+            managed: false,
         }
     }
 

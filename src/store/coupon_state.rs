@@ -1,17 +1,24 @@
 //! Writing coupon transitions: a transition decided by the state machine
 //! ([`crate::domain::coupon::decide`]) is applied in ONE transaction: the coupon row
 //! (compare-and-set on its `version`), one `coupon_events` row per event, and one
-//! `event_outbox` row per event.
+//! `event_outbox` row per event. The transitions of managed coupons, decided in Redis and
+//! read from the shard logs as change records ([`ChangeRecord`]), are written the same way
+//! by [`Db::apply_changes`] (the row set to the version the change names, if older).
 //!
 //! Invariants kept here: the materialised state, the transaction log and the outbox never
 //! disagree (all or nothing); a transition applies at most once (the version CAS: of two
-//! concurrent decisions on one version only one writes); each event's id is
-//! `<coupon_id>:<kind>:<version>` (the row version the transition creates), UNIQUE in the
-//! log and in the outbox, so it is recorded and reported exactly once. Who decided does not
-//! matter here: the rows written are the decision's.
+//! concurrent decisions on one version only one writes; a change record writes only a row
+//! older than the version it creates, so a redelivered or overtaken change writes
+//! nothing); each event's id is `<coupon_id>:<kind>:<version>` (the row version the
+//! transition creates), UNIQUE in the log and in the outbox, so it is recorded and reported
+//! exactly once. Who decided does not matter here: the rows written are the decision's
+//! (one code writes the events and outbox rows of both paths).
+
+use std::collections::HashMap;
 
 use super::outbox::{self, Notice};
-use super::{Db, DbError, to_u32, to_u64};
+use super::{Db, DbError, now_ms, to_u32, to_u64};
+use crate::domain::claim::ChangeRecord;
 use crate::domain::coupon::{CouponState, Event, EventKind, Stored, Validity};
 use crate::domain::time::Timestamp;
 
@@ -153,13 +160,127 @@ pub(super) struct Applying<'a> {
     pub(super) events: &'a [Event],
 }
 
+/// What a coupon's event rows and outbox bodies say about the coupon, besides the event.
+struct Owner<'a> {
+    coupon_id: &'a str,
+    batch_id: &'a str,
+    shard: i64,
+    user_id: &'a str,
+    request_id: Option<&'a str>,
+    valid_from: i64,
+    valid_to: i64,
+}
+
+impl<'a> Owner<'a> {
+    fn of(c: &'a StoredCoupon) -> Owner<'a> {
+        Owner {
+            coupon_id: &c.coupon_id,
+            batch_id: &c.batch_id,
+            shard: c.shard,
+            user_id: &c.user_id,
+            request_id: c.request_id.as_deref(),
+            valid_from: c.valid_from,
+            valid_to: c.valid_to,
+        }
+    }
+}
+
+/// The (event id, outbox body) of each of `events`, written by the transition to `next`
+/// that creates row `version` of `owner`, decided at `at`.
+fn event_rows(
+    owner: &Owner<'_>,
+    next: &Stored,
+    events: &[Event],
+    version: i64,
+    at: i64,
+) -> Result<Vec<(String, String)>, DbError> {
+    let mut rows = Vec::with_capacity(events.len());
+    for e in events {
+        let id = transition_event_id(owner.coupon_id, e.kind, version);
+        let lock = (e.kind == EventKind::Locked)
+            .then(|| next.lock_until())
+            .flatten();
+        let body = Notice {
+            id: &id,
+            kind: e.kind.as_str(),
+            occurred_at: Timestamp(at),
+            coupon_id: owner.coupon_id,
+            batch_id: owner.batch_id,
+            user_id: owner.user_id,
+            order_id: e.order.as_deref(),
+            state: state_after(e.kind),
+            lock_expires_at: lock.map(Timestamp),
+            cause: e.cause,
+            valid_from: Timestamp(owner.valid_from),
+            valid_to: Timestamp(owner.valid_to),
+        }
+        .to_json()?;
+        rows.push((id, body));
+    }
+    Ok(rows)
+}
+
+/// Inserts, in transaction `$tx`, the `coupon_events` row and the `event_outbox` row of
+/// each event of `$events` (with its (id, body) of [`event_rows`] in `$rows`) of coupon
+/// `$owner` ([`Owner`]), the events at `$at`, recorded and due at `$now`. A macro: the
+/// transaction type differs per engine.
+macro_rules! insert_events {
+    ($tx:ident, $owner:expr, $events:expr, $rows:expr, $at:expr, $now:expr) => {
+        for (e, (id, body)) in $events.iter().zip($rows) {
+            sqlx::query(INSERT_EVENT)
+                .bind(id)
+                .bind(e.kind.as_str())
+                .bind($owner.batch_id)
+                .bind($owner.shard)
+                .bind($owner.user_id)
+                .bind($owner.coupon_id)
+                .bind($owner.request_id)
+                .bind(e.order.as_deref())
+                .bind($at)
+                .bind($now)
+                .execute(&mut *$tx)
+                .await?;
+            sqlx::query(outbox::INSERT_OUTBOX)
+                .bind(id)
+                .bind(e.kind.as_str())
+                .bind($owner.coupon_id)
+                .bind(body)
+                .bind($now)
+                .execute(&mut *$tx)
+                .await?;
+        }
+    };
+}
+
 const UPDATE_COUPON: &str = "UPDATE coupons SET state = $1, order_id = $2, order_step = $3, \
      lock_expires_at = $4, updated_at = $5, version = version + 1 \
      WHERE coupon_id = $6 AND version = $7";
 
+/// A change record's row write: `$6` the version it creates, written only over an older one.
+const UPDATE_COUPON_TO: &str = "UPDATE coupons SET state = $1, order_id = $2, \
+     order_step = $3, lock_expires_at = $4, updated_at = $5, version = $6 \
+     WHERE coupon_id = $7 AND version < $6";
+
+/// What a change record's events and outbox rows need of its coupon row.
+const CHANGE_OWNER: &str = "SELECT batch_id, shard, user_id, request_id, valid_from, \
+     valid_to FROM coupons WHERE coupon_id = $1";
+
 const INSERT_EVENT: &str = "INSERT INTO coupon_events \
      (event_id, kind, batch_id, shard, user_id, coupon_id, request_id, order_id, at, recorded_at) \
      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (event_id) DO NOTHING";
+
+/// What [`Db::apply_changes`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ChangesWritten {
+    /// Changes written (the row, and an event and outbox row per event).
+    pub applied: u64,
+    /// Changes whose version the row already had or had passed (redelivered, or overtaken
+    /// by a later change): nothing written.
+    pub skipped: u64,
+}
+
+/// A change record's coupon row, as [`CHANGE_OWNER`] reads it.
+type OwnerRow = (String, i64, String, Option<String>, i64, i64);
 
 impl Db {
     /// Writes decided transitions at `now`, all in ONE transaction (the expiry sweeper
@@ -176,31 +297,14 @@ impl Db {
         // The outbox bodies, built before the transaction opens.
         let mut bodies = Vec::with_capacity(batch.len());
         for a in batch {
-            let version = a.coupon.version + 1;
-            let mut rows = Vec::with_capacity(a.events.len());
-            for e in a.events {
-                let id = transition_event_id(&a.coupon.coupon_id, e.kind, version);
-                let lock = (e.kind == EventKind::Locked)
-                    .then(|| a.next.lock_until())
-                    .flatten();
-                let body = Notice {
-                    id: &id,
-                    kind: e.kind.as_str(),
-                    occurred_at: Timestamp(now),
-                    coupon_id: &a.coupon.coupon_id,
-                    batch_id: &a.coupon.batch_id,
-                    user_id: &a.coupon.user_id,
-                    order_id: e.order.as_deref(),
-                    state: state_after(e.kind),
-                    lock_expires_at: lock.map(Timestamp),
-                    cause: e.cause,
-                    valid_from: Timestamp(a.coupon.valid_from),
-                    valid_to: Timestamp(a.coupon.valid_to),
-                }
-                .to_json()?;
-                rows.push((id, body));
-            }
-            bodies.push(rows);
+            let owner = Owner::of(a.coupon);
+            bodies.push(event_rows(
+                &owner,
+                a.next,
+                a.events,
+                a.coupon.version + 1,
+                now,
+            )?);
         }
         on_pool!(self, p => {
             let mut tx = p.begin().await?;
@@ -221,33 +325,175 @@ impl Db {
                     written.push(false);
                     continue;
                 }
-                for (e, (id, body)) in a.events.iter().zip(rows) {
-                    sqlx::query(INSERT_EVENT)
-                        .bind(id)
-                        .bind(e.kind.as_str())
-                        .bind(&a.coupon.batch_id)
-                        .bind(a.coupon.shard)
-                        .bind(&a.coupon.user_id)
-                        .bind(&a.coupon.coupon_id)
-                        .bind(a.coupon.request_id.as_deref())
-                        .bind(e.order.as_deref())
-                        .bind(now)
-                        .bind(now)
-                        .execute(&mut *tx)
-                        .await?;
-                    sqlx::query(outbox::INSERT_OUTBOX)
-                        .bind(id)
-                        .bind(e.kind.as_str())
-                        .bind(&a.coupon.coupon_id)
-                        .bind(body)
-                        .bind(now)
-                        .execute(&mut *tx)
-                        .await?;
-                }
+                let owner = Owner::of(a.coupon);
+                insert_events!(tx, owner, a.events, rows, now, now);
                 written.push(true);
             }
             tx.commit().await?;
         });
         Ok(written)
+    }
+
+    /// Writes the change records of managed coupons (decided in Redis, read from the shard
+    /// logs by the persister), in order, in ONE transaction. Each change sets its coupon
+    /// row to the state after it and to the version it creates, `updated_at` its decision
+    /// time, only when the row is at an older version; then its events go to
+    /// `coupon_events` and the outbox (ids `<coupon_id>:<kind>:<version>`, at the decision
+    /// time), as [`Db::apply_transitions`] writes them. A change the row already has (a
+    /// redelivery) or has passed (an older change after a newer one) is skipped.
+    ///
+    /// A change of a coupon the database holds no row for (its claim is not recorded) is
+    /// [`DbError::MissingCoupons`], naming every such coupon, and nothing is written: the
+    /// caller keeps those records pending and writes the others again.
+    pub async fn apply_changes(&self, changes: &[ChangeRecord]) -> Result<ChangesWritten, DbError> {
+        let mut done = ChangesWritten::default();
+        if changes.is_empty() {
+            return Ok(done);
+        }
+        let now = now_ms();
+        on_pool!(self, p => {
+            let mut tx = p.begin().await?;
+            // Each coupon's row once: what its events say about it.
+            let mut owners: HashMap<&str, OwnerRow> = HashMap::new();
+            let mut missing: Vec<String> = Vec::new();
+            for c in changes {
+                if owners.contains_key(c.coupon_id.as_str()) || missing.contains(&c.coupon_id) {
+                    continue;
+                }
+                let row: Option<OwnerRow> = sqlx::query_as(CHANGE_OWNER)
+                    .bind(&c.coupon_id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                match row {
+                    Some(r) => {
+                        owners.insert(c.coupon_id.as_str(), r);
+                    }
+                    None => missing.push(c.coupon_id.clone()),
+                }
+            }
+            if !missing.is_empty() {
+                return Err(DbError::MissingCoupons(missing));
+            }
+            for c in changes {
+                let (batch_id, shard, user_id, request_id, valid_from, valid_to) =
+                    &owners[c.coupon_id.as_str()];
+                let owner = Owner {
+                    coupon_id: &c.coupon_id,
+                    batch_id,
+                    shard: *shard,
+                    user_id,
+                    request_id: request_id.as_deref(),
+                    valid_from: *valid_from,
+                    valid_to: *valid_to,
+                };
+                let (state, order, step, until) = c.next.columns();
+                let n = sqlx::query(UPDATE_COUPON_TO)
+                    .bind(state.as_str())
+                    .bind(order)
+                    .bind(step.map(|s| s.as_str()))
+                    .bind(until)
+                    .bind(c.at)
+                    .bind(c.version)
+                    .bind(&c.coupon_id)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                if n != 1 {
+                    done.skipped += 1;
+                    continue;
+                }
+                let rows = event_rows(&owner, &c.next, &c.events, c.version, c.at)?;
+                insert_events!(tx, owner, c.events, &rows, c.at, now);
+                done.applied += 1;
+            }
+            tx.commit().await?;
+        });
+        Ok(done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DatabaseConfig;
+    use crate::domain::claim::ClaimRecord;
+
+    async fn memory_db() -> Db {
+        let db = Db::connect(&DatabaseConfig {
+            url: "sqlite::memory:".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        db.migrate().await.unwrap();
+        db
+    }
+
+    fn change(version: i64, next: Stored, kind: EventKind) -> ChangeRecord {
+        ChangeRecord {
+            coupon_id: "b.0.1".into(),
+            batch_id: "b".into(),
+            shard: 0,
+            seq: 1,
+            version,
+            events: vec![Event {
+                kind,
+                order: next.order().map(str::to_string),
+                cause: None,
+            }],
+            next,
+            at: 50 + version,
+        }
+    }
+
+    /// A lock then a redeem, written once however often delivered; a change without its
+    /// coupon row writes nothing.
+    #[tokio::test]
+    async fn changes_apply_once_in_version_order() {
+        let db = memory_db().await;
+        let lock = change(
+            1,
+            Stored::Locked {
+                order: "o".into(),
+                until: 1_000,
+            },
+            EventKind::Locked,
+        );
+        let redeem = change(2, Stored::Used { order: "o".into() }, EventKind::Redeemed);
+        let missing = db.apply_changes(std::slice::from_ref(&lock)).await;
+        assert!(
+            matches!(&missing, Err(DbError::MissingCoupons(ids)) if ids == &["b.0.1"]),
+            "{missing:?}"
+        );
+        db.write_claims(&[ClaimRecord {
+            coupon_id: "b.0.1".into(),
+            batch_id: "b".into(),
+            shard: 0,
+            seq: 1,
+            user_id: "u".into(),
+            request_id: None,
+            claimed_at: 1,
+            valid_from: 0,
+            valid_to: 10_000,
+            code: None,
+            managed: true,
+        }])
+        .await
+        .unwrap();
+        let both = [lock.clone(), redeem.clone()];
+        let w = db.apply_changes(&both).await.unwrap();
+        assert_eq!((w.applied, w.skipped), (2, 0));
+        let w = db.apply_changes(&[redeem, lock]).await.unwrap();
+        assert_eq!((w.applied, w.skipped), (0, 2));
+        let ids: Vec<String> = db
+            .coupon_events("b.0.1")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.event_id)
+            .collect();
+        assert_eq!(ids, ["b.0.1:claimed", "b.0.1:locked:1", "b.0.1:redeemed:2"]);
+        let row = db.get_coupon_at("b.0.1", 100).await.unwrap().unwrap();
+        assert_eq!((row.state, row.updated_at), (CouponState::Used, 52));
     }
 }

@@ -1,14 +1,19 @@
 //! Coupons in the database: the wallet's pages, one coupon, its transaction log, the
-//! transitions of a checkout and of a refund, and the expiry and reminder sweeps. Every
-//! decision is the state machine's ([`crate::domain::coupon::decide`]) on the stored row
-//! and an explicit `now` (the caller's clock); [`super::coupon_state`] writes it.
+//! transitions of a checkout and of a refund, the expiry and reminder sweeps, the managed
+//! coupons due for expiry or a lock timeout (for the Redis-side sweep), and unmanaging a
+//! shard's coupons. Every decision is the state machine's
+//! ([`crate::domain::coupon::decide`]) on the stored row and an explicit `now` (the
+//! caller's clock); [`super::coupon_state`] writes it.
 //!
 //! Invariants kept here: every coupon state change is a compare-and-set on the row's
 //! `version` and appends its event rows and outbox rows in the same transaction, so the
 //! log, the outbox and the materialised state never disagree and concurrent transitions
 //! cannot both win; the state the wallet shows is the state machine's at `now` (the SQL
 //! filters below select exactly the rows [`crate::domain::coupon::effective`] puts in each
-//! state: a test compares them), so reads never wait for a sweeper.
+//! state: a test compares them), so reads never wait for a sweeper; the expiry and lock
+//! sweeps write only coupons whose state the database decides (`managed = 0`): a managed
+//! coupon's expiry and lock timeout are decided in Redis ([`Db::due_managed`] finds them by
+//! the same conditions), so the two never race on one row. Reminders are for every coupon.
 
 use std::time::Duration;
 
@@ -60,6 +65,17 @@ pub struct EventRow {
     pub order_id: Option<String>,
     pub at: i64,
     pub recorded_at: i64,
+}
+
+/// A managed coupon time has changed: its validity ended (unused, or its lock lapsed:
+/// [`Transition::Expire`]) or its lock's deadline passed inside its validity
+/// ([`Transition::LockTimeout`]). The Redis side decides and writes the transition (the
+/// database's sweeps leave managed coupons alone).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DueManaged {
+    pub coupon_id: String,
+    /// [`Transition::Expire`] or [`Transition::LockTimeout`].
+    pub transition: Transition,
 }
 
 /// What one pass of the expiry and reminder sweeps wrote.
@@ -128,25 +144,48 @@ const COUPON_BY_ID: &str = concat!(
     " FROM coupons WHERE coupon_id = $1"
 );
 
-/// Coupons whose validity ended by `$2` (now) and that are not used: `$1` how many.
-const EXPIRY_DUE: &str = concat!(
-    "SELECT ",
-    coupon_columns!(),
-    " FROM coupons WHERE state IN ('unused', 'locked') AND valid_to <= $2 \
-     AND (state = 'unused' OR ",
-    lapsed_lock!("$2"),
-    ") ORDER BY valid_to LIMIT $1"
-);
+// Coupons whose validity ended by `$2` (now) and that are not used: `$1` how many; of the
+// coupons managed (`1`) or not (`0`).
+macro_rules! expiry_due {
+    ($managed:literal) => {
+        concat!(
+            "SELECT ",
+            coupon_columns!(),
+            " FROM coupons WHERE state IN ('unused', 'locked') AND valid_to <= $2 \
+             AND (state = 'unused' OR ",
+            lapsed_lock!("$2"),
+            ") AND managed = ",
+            $managed,
+            " ORDER BY valid_to LIMIT $1"
+        )
+    };
+}
 
-/// Locks whose deadline passed by `$2` (now) on coupons still valid then (past their
-/// validity end, expiry settles them): `$1` how many.
-const LOCK_DUE: &str = concat!(
-    "SELECT ",
-    coupon_columns!(),
-    " FROM coupons WHERE state = 'locked' AND ",
-    lapsed_lock!("$2"),
-    " AND valid_to > $2 ORDER BY lock_expires_at LIMIT $1"
-);
+// Locks whose deadline passed by `$2` (now) on coupons still valid then (past their
+// validity end, expiry settles them): `$1` how many; of the coupons managed (`1`) or not
+// (`0`).
+macro_rules! lock_due {
+    ($managed:literal) => {
+        concat!(
+            "SELECT ",
+            coupon_columns!(),
+            " FROM coupons WHERE state = 'locked' AND ",
+            lapsed_lock!("$2"),
+            " AND valid_to > $2 AND managed = ",
+            $managed,
+            " ORDER BY lock_expires_at LIMIT $1"
+        )
+    };
+}
+
+/// The expiry sweep's coupons: due, and decided by the database.
+const EXPIRY_DUE: &str = expiry_due!("0");
+/// The lock sweep's coupons: due, and decided by the database.
+const LOCK_DUE: &str = lock_due!("0");
+/// Managed coupons due for expiry ([`Db::due_managed`]).
+const EXPIRY_DUE_MANAGED: &str = expiry_due!("1");
+/// Managed coupons due for a lock timeout ([`Db::due_managed`]).
+const LOCK_DUE_MANAGED: &str = lock_due!("1");
 
 /// Usable coupons whose validity ends in `($2, $3]` (now, now + lead) and that were not
 /// reminded yet: `$1` how many.
@@ -330,7 +369,8 @@ impl Db {
     /// `lock_timeout`: the deadline is the row's, so this holds whichever gateway took the
     /// lock, and whether or not it still runs), and usable coupons whose validity ends within
     /// `reminder_lead_ms` get their one "expiring soon" outbox row (0: no reminders).
-    /// Coupons changed concurrently are left to the next pass.
+    /// Coupons changed concurrently are left to the next pass. Managed coupons are neither
+    /// expired nor released here (see [`Db::due_managed`]); they are reminded.
     pub async fn sweep_coupons(
         &self,
         now: i64,
@@ -353,6 +393,60 @@ impl Db {
             released,
             reminded,
         })
+    }
+
+    /// Managed coupons due at `now`, at most `limit` (oldest first): those whose validity
+    /// ended ([`Transition::Expire`]: unused, or a lapsed lock), then those whose lock's
+    /// deadline passed inside their validity ([`Transition::LockTimeout`]); the conditions
+    /// of the database's own sweeps, for the coupons those leave to Redis. Each is one the
+    /// state machine would write at `now` on the row as read.
+    pub async fn due_managed(&self, now: i64, limit: u32) -> Result<Vec<DueManaged>, DbError> {
+        let mut due = Vec::new();
+        for (sql, t) in [
+            (EXPIRY_DUE_MANAGED, Transition::Expire),
+            (LOCK_DUE_MANAGED, Transition::LockTimeout),
+        ] {
+            let left = limit.saturating_sub(u32::try_from(due.len()).unwrap_or(u32::MAX));
+            if left == 0 {
+                break;
+            }
+            for c in self.due_coupons(sql, now, left, None).await? {
+                if let Ok(Decision::Apply { .. }) = decide(&c.stored()?, c.validity(), &t, now) {
+                    due.push(DueManaged {
+                        coupon_id: c.coupon_id,
+                        transition: t.clone(),
+                    });
+                }
+            }
+        }
+        Ok(due)
+    }
+
+    /// Hands the coupons of `batch_id` (of one shard, or all) back to the database: they
+    /// are no longer managed (their state in Redis was dropped by a repair or a rebuild),
+    /// so the database's sweeps and transitions decide them again. Returns how many
+    /// coupons changed.
+    pub async fn unmanage(&self, batch_id: &str, shard: Option<u32>) -> Result<u64, DbError> {
+        Ok(on_pool!(self, p => {
+            match shard {
+                Some(s) => sqlx::query(
+                    "UPDATE coupons SET managed = 0 WHERE batch_id = $1 AND shard = $2 \
+                     AND managed = 1",
+                )
+                .bind(batch_id)
+                .bind(i64::from(s))
+                .execute(p)
+                .await?
+                .rows_affected(),
+                None => sqlx::query(
+                    "UPDATE coupons SET managed = 0 WHERE batch_id = $1 AND managed = 1",
+                )
+                .bind(batch_id)
+                .execute(p)
+                .await?
+                .rows_affected(),
+            }
+        }))
     }
 
     async fn due_coupons(

@@ -8,8 +8,11 @@
 //!   rows of a batch of claims are written in one transaction (`ON CONFLICT DO NOTHING`);
 //! - every coupon state change (claim, lock, redeem, release, refund, expiry) appends its
 //!   event row AND its outbox row in the transaction that changes the state (a transition
-//!   is a compare-and-set on the row's `version`), so the log, the outbox and the
-//!   materialised state never disagree and concurrent transitions cannot both win;
+//!   is a compare-and-set on the row's `version`; a change decided in Redis for a managed
+//!   coupon writes only a row older than the version it creates), so the log, the outbox
+//!   and the materialised state never disagree and concurrent transitions cannot both win;
+//! - a managed coupon (`coupons.managed`: its state lives in Redis) is changed here only by
+//!   its change records; the database's expiry and lock sweeps leave it to Redis;
 //! - times are milliseconds since the Unix epoch everywhere (the unit Redis stamps claims with);
 //! - the `batches` row is the arbiter of a batch's definition: it is inserted only if absent
 //!   (the first create wins), changed only by a compare-and-set on its `version`, and records
@@ -22,8 +25,9 @@
 //!
 //! Files: [`batches`] (the definitions), [`claims`] (the claims the persister writes, their
 //! conflicts, the summaries `rebuild` and `reconcile` read), [`coupons`] (the wallet, the
-//! coupon transitions decided by `domain::coupon`, the expiry and reminder sweeps),
-//! [`coupon_state`] (a decided transition written in one transaction), [`outbox`] (event
+//! coupon transitions decided by `domain::coupon`, the expiry and reminder sweeps, the due
+//! managed coupons, unmanaging a shard), [`coupon_state`] (a decided transition, or the
+//! change records of managed coupons, written in one transaction), [`outbox`] (event
 //! bodies, delivery claims and the ledger), [`grants`] (bulk grant jobs: their spooled users,
 //! cursor and counts), [`codes`] (the codes of batches that hand out codes: stored once,
 //! loaded into Redis by chunk).
@@ -39,7 +43,7 @@ use sqlx::sqlite::{
 use thiserror::Error;
 
 use crate::config::DatabaseConfig;
-pub use crate::domain::claim::ClaimRecord;
+pub use crate::domain::claim::{ChangeRecord, ClaimRecord};
 pub use crate::domain::time::now_ms;
 
 /// A connection pool to the configured database.
@@ -70,8 +74,8 @@ mod outbox;
 
 pub use self::batches::{BatchMark, StoredBatch};
 pub use self::claims::{ClaimsWritten, CouponConflict, ShardClaims, claim_event_id};
-pub use self::coupon_state::transition_event_id;
-pub use self::coupons::{CouponRow, EventRow, MAX_PAGE, Swept};
+pub use self::coupon_state::{ChangesWritten, transition_event_id};
+pub use self::coupons::{CouponRow, DueManaged, EventRow, MAX_PAGE, Swept};
 pub use self::grants::{GrantCounts, GrantJobRow, JobState, Spooled};
 pub use self::outbox::{
     Attempted, DeliveryState, DueEvent, EXPIRING_SOON, LedgerEntry, MAX_LEDGER_PAGE, OutboxStats,
@@ -106,6 +110,10 @@ pub enum DbError {
     /// A stored value cannot be interpreted (a bug or a hand edit).
     #[error("corrupt stored data: {0}")]
     Corrupt(String),
+    /// Change records of coupons the database holds no row for (their claims are not
+    /// recorded): nothing of the write was kept (see [`Db::apply_changes`]).
+    #[error("no coupon row for the change records of {0:?}")]
+    MissingCoupons(Vec<String>),
 }
 
 pub(crate) fn to_u32(v: i64, what: &str) -> Result<u32, DbError> {
