@@ -20,13 +20,15 @@ use claimgate::config::EmbeddedConfig;
 use claimgate::config::PersisterConfig;
 use claimgate::config::RedisConfig;
 use claimgate::config::RepairConfig;
-use claimgate::contract::claim_record::parse as parse_claim;
+use claimgate::contract::claim_record::{LogRecord, change_fields, parse as parse_record};
 use claimgate::contract::keys::{BatchKeys, SlotKeys};
 use claimgate::contract::log_ack::call as ack_log;
 use claimgate::contract::log_read::{self, LogEntry};
 use claimgate::domain::batch::{
     Batch, BatchState, Discount, Eligibility, Scope, ScopeKind, Timestamp, Validity, Window,
 };
+use claimgate::domain::claim::{ChangeRecord, ClaimRecord};
+use claimgate::domain::coupon::{Event, EventKind, Stored};
 use claimgate::domain::ids::{home_shard, parse_coupon_id, seq_epoch};
 use claimgate::persist::Persister;
 use claimgate::recovery::{Difference, RebuildError, Repairer, rebuild, reconcile};
@@ -202,6 +204,14 @@ async fn read_log<B: Backend>(
         min_idle_ms,
     };
     log_read::call(backend, log, &read).await
+}
+
+/// A log entry read as a claim record.
+fn parse_claim(batch: &str, shard: u32, e: &LogEntry) -> ClaimRecord {
+    match parse_record(batch, shard, e) {
+        Ok(LogRecord::Claimed(c)) => c,
+        other => panic!("not a claim record: {other:?}"),
+    }
 }
 
 async fn redis(server: &RedisServer) -> Arc<RedisBackend> {
@@ -591,7 +601,7 @@ async fn redelivered_records_are_written_once() {
         .unwrap();
         let records: Vec<_> = entries
             .iter()
-            .map(|e| parse_claim(&b.id, s.slot.unwrap(), e).unwrap())
+            .map(|e| parse_claim(&b.id, s.slot.unwrap(), e))
             .collect();
         written += db.write_claims(&records).await.unwrap();
     }
@@ -608,10 +618,7 @@ async fn redelivered_records_are_written_once() {
     .await
     .unwrap();
     assert!(!again.is_empty(), "pending entries are redelivered");
-    let records: Vec<_> = again
-        .iter()
-        .map(|e| parse_claim(&b.id, 0, e).unwrap())
-        .collect();
+    let records: Vec<_> = again.iter().map(|e| parse_claim(&b.id, 0, e)).collect();
     assert_eq!(db.write_claims(&records).await.unwrap(), 0);
 
     // Another instance takes the pending entries over (min idle 0), rewrites, acks.
@@ -675,6 +682,153 @@ async fn malformed_records_stay_pending_and_are_reported() {
     );
     let pending = server.cli(&["XPENDING", log, "claimgate"]);
     assert!(pending.starts_with('1'), "kept pending: {pending}");
+    shutdown.cancel();
+    p.join().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// change records of managed coupons: written after the claims, once; one whose coupon the
+// database does not hold stays pending until it does
+
+/// The change record of `coupon` (shard 0 of `batch`) creating row version `version`.
+fn change(batch: &str, coupon: &str, version: i64, next: Stored, kind: EventKind) -> ChangeRecord {
+    ChangeRecord {
+        coupon_id: coupon.to_string(),
+        batch_id: batch.to_string(),
+        shard: 0,
+        seq: parse_coupon_id(coupon).unwrap().2,
+        version,
+        events: vec![Event {
+            kind,
+            order: next.order().map(str::to_string),
+            cause: None,
+        }],
+        next,
+        at: claimgate::domain::time::now_ms(),
+    }
+}
+
+fn xadd_change(server: &RedisServer, log: &str, c: &ChangeRecord) {
+    let fields = change_fields(c);
+    let mut args = vec!["XADD", log, "*"];
+    for (f, v) in &fields {
+        args.extend([*f, v.as_str()]);
+    }
+    let id = server.cli(&args);
+    assert!(id.trim().contains('-'), "XADD: {id}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn change_records_are_written_after_their_claims_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = sqlite(&dir).await;
+    let server = RedisServer::start();
+    let backend = redis(&server).await;
+    let b = batch("chg", 1, 20, 1, None);
+    let keys = setup(backend.as_ref(), &db, &b, 20).await;
+    let log = &keys.shards[0].log;
+    let mut minted = Vec::new();
+    for u in ["u1", "u2"] {
+        match claim(backend.as_ref(), &b, &keys, u, "").await.unwrap() {
+            Claim::New(c) => minted.push(c),
+            other => panic!("{other:?}"),
+        }
+    }
+    let (c1, c2) = (minted[0].clone(), minted[1].clone());
+    // c2's claim record is lost on its way (deleted from the log): its changes cannot be
+    // written until the database holds its claim.
+    let entries = read_log(backend.as_ref(), log, "peek", "peek", 10, 0)
+        .await
+        .unwrap();
+    let lost = entries
+        .iter()
+        .find(|e| e.get("c") == Some(c2.as_str()))
+        .unwrap();
+    let lost_claim = parse_claim(&b.id, 0, lost);
+    server.cli(&["XDEL", log, &lost.id]);
+    let until = claimgate::domain::time::now_ms() + 600_000;
+    let locked = |o: &str| Stored::Locked {
+        order: o.into(),
+        until,
+    };
+    let lock1 = change(&b.id, &c1, 1, locked("o1"), EventKind::Locked);
+    let redeem1 = change(
+        &b.id,
+        &c1,
+        2,
+        Stored::Used { order: "o1".into() },
+        EventKind::Redeemed,
+    );
+    let lock2 = change(&b.id, &c2, 1, locked("o2"), EventKind::Locked);
+    for c in [&lock1, &redeem1, &lock1, &lock2] {
+        xadd_change(&server, log, c);
+    }
+
+    let mut cfg = fast("p1");
+    cfg.min_idle_ms = 500;
+    let shutdown = CancellationToken::new();
+    let p = Persister::spawn(backend.clone(), db.clone(), cfg, shutdown.clone());
+    assert_eq!(p.flush().await.unwrap(), 1, "c1's claim");
+    // c1: claimed, locked, redeemed (the redelivered lock skipped), log and outbox alike
+    let row = db.get_coupon(&c1).await.unwrap().unwrap();
+    assert_eq!(
+        (row.state, row.order_id.as_deref()),
+        (CouponState::Used, Some("o1"))
+    );
+    let ids: Vec<String> = db
+        .coupon_events(&c1)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.event_id)
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            format!("{c1}:claimed"),
+            format!("{c1}:locked:1"),
+            format!("{c1}:redeemed:2")
+        ]
+    );
+    let outbox: Vec<String> = db
+        .coupon_outbox(&c1)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.event_id)
+        .collect();
+    assert_eq!(outbox, ids);
+    assert_eq!(p.status().rows_written(), 3, "one claim, two changes");
+    // c2's change: reported, kept pending, nothing of it written
+    let err = p.status().last_error().unwrap_or_default();
+    assert!(err.contains(&c2) && err.contains("kept pending"), "{err}");
+    assert!(db.get_coupon(&c2).await.unwrap().is_none());
+    assert_eq!(probe(backend.as_ref(), &keys.shards[0]).await.1, 1);
+    let pending = server.cli(&["XPENDING", log, "claimgate"]);
+    assert!(pending.starts_with('1'), "kept pending: {pending}");
+
+    // Once the database holds c2's claim, the change is taken over again and written.
+    db.write_claims(&[lost_claim]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    p.flush().await.unwrap();
+    let row = db.get_coupon(&c2).await.unwrap().unwrap();
+    assert_eq!(
+        (row.state, row.order_id.as_deref()),
+        (CouponState::Locked, Some("o2"))
+    );
+    let kinds: Vec<String> = db
+        .coupon_events(&c2)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.event_id)
+        .collect();
+    assert_eq!(kinds, [format!("{c2}:claimed"), format!("{c2}:locked:1")]);
+    assert_eq!(
+        probe(backend.as_ref(), &keys.shards[0]).await.1,
+        0,
+        "drained"
+    );
     shutdown.cancel();
     p.join().await;
 }

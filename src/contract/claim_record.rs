@@ -1,5 +1,9 @@
-//! The claim record: the stream entry `lua/claim.lua` appends to its shard's `log` for every
-//! coupon it mints, and its reading into a [`ClaimRecord`].
+//! The shard log's records: the stream entries `lua/claim.lua` appends to its shard's `log`
+//! for every coupon it mints (claim records), and those a coupon-state script appends for
+//! every transition of a coupon whose state lives in Redis (change records); their reading
+//! into a [`LogRecord`], and the writing of a change record's fields ([`change_fields`]).
+//!
+//! Claim record (`k` = `claimed`), in this order:
 //!
 //! | field | value                                                  |
 //! |-------|--------------------------------------------------------|
@@ -15,16 +19,39 @@
 //! | `cd`  | optional: the coupon's code (a batch that hands out codes) |
 //! | `m`   | optional: `'1'` = the coupon's state lives in Redis (managed); absent = not |
 //!
-//! Invariant kept here: [`parse`] is the one reader of these fields; a record that is not
-//! exactly a claim of the shard whose log holds it is an error naming what is wrong (the
-//! persister then keeps it pending, never writes or drops it).
+//! Change record (`k` = `changed`), in this order:
+//!
+//! | field | value                                                  |
+//! |-------|--------------------------------------------------------|
+//! | `k`   | record kind: `changed`                                 |
+//! | `c`   | coupon id `<batch>.<shard>.<seq>`                      |
+//! | `b`   | batch id                                               |
+//! | `s`   | shard index                                            |
+//! | `v`   | the coupon row version the change creates (>= 1)       |
+//! | `st`  | state after: `unused`, `locked`, `used` or `expired`   |
+//! | `o`   | order id (`''` = none)                                 |
+//! | `sp`  | order step (`''` = none; `locked`, `released`, `redeemed`, `refunded`) |
+//! | `lu`  | lock deadline, ms (`''` = none)                        |
+//! | `at`  | when the change was decided, ms                        |
+//! | `e`   | the events, in order: `;`-joined `<kind>,<order>,<cause>` (kind: not `claimed`; order `''` = none; cause `''` or `lock_timeout`); at least one |
+//!
+//! (`st`, `o`, `sp`, `lu` are [`Stored::columns`], read back by [`Stored::from_columns`].)
+//!
+//! Invariant kept here: [`parse`] is the one reader of these fields and [`change_fields`]
+//! the one writer of a change record's; a record that is not exactly a claim or a change of
+//! a coupon of the shard whose log holds it is an error naming what is wrong (the persister
+//! then keeps it pending, never writes or drops it); a change record parses back to the
+//! [`ChangeRecord`] it was written from.
 
 use super::log_read::LogEntry;
-use crate::domain::claim::ClaimRecord;
-use crate::domain::ids::parse_coupon_id;
+use crate::domain::claim::{ChangeRecord, ClaimRecord};
+use crate::domain::coupon::{CAUSE_LOCK_TIMEOUT, Event, EventKind, Step, Stored};
+use crate::domain::ids::{parse_coupon_id, valid_ident};
 
 /// Record kind of a claim (`k`).
 pub const KIND_CLAIMED: &str = "claimed";
+/// Record kind of a change of a managed coupon (`k`).
+pub const KIND_CHANGED: &str = "changed";
 /// The fields of a claim record, in the order `claim.lua` writes them.
 pub const FIELDS: [&str; 9] = ["k", "c", "u", "r", "b", "s", "t", "vf", "vt"];
 /// The field after [`FIELDS`] in the record of a coupon with a code: the code.
@@ -32,35 +59,72 @@ pub const CODE: &str = "cd";
 /// The last field of the claim record of a managed coupon (after [`CODE`] when present):
 /// `'1'`.
 pub const MANAGED: &str = "m";
+/// The fields of a change record, in the order [`change_fields`] gives them.
+pub const CHANGE_FIELDS: [&str; 11] = ["k", "c", "b", "s", "v", "st", "o", "sp", "lu", "at", "e"];
 
-/// Interprets a log entry of shard `shard` of `batch` as a claim record. Anything
-/// unexpected is an error naming what is wrong.
-pub fn parse(batch: &str, shard: u32, entry: &LogEntry) -> Result<ClaimRecord, String> {
-    let field = |f: &str| entry.get(f).ok_or_else(|| format!("missing field {f:?}"));
-    let int = |f: &str| -> Result<i64, String> {
-        let v = field(f)?;
-        v.parse::<i64>()
-            .map_err(|_| format!("field {f:?} is not an integer: {v:?}"))
-    };
-    let kind = field("k")?;
-    if kind != KIND_CLAIMED {
-        return Err(format!("unknown record kind {kind:?}"));
+/// A record of a shard's log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogRecord {
+    /// A coupon minted (`k` = `claimed`).
+    Claimed(ClaimRecord),
+    /// A transition of a managed coupon (`k` = `changed`).
+    Changed(ChangeRecord),
+}
+
+impl LogRecord {
+    /// The coupon the record is about.
+    pub fn coupon_id(&self) -> &str {
+        match self {
+            LogRecord::Claimed(c) => &c.coupon_id,
+            LogRecord::Changed(c) => &c.coupon_id,
+        }
     }
-    let coupon = field("c")?;
+}
+
+/// Interprets a log entry of shard `shard` of `batch` as a claim or change record.
+/// Anything unexpected is an error naming what is wrong.
+pub fn parse(batch: &str, shard: u32, entry: &LogEntry) -> Result<LogRecord, String> {
+    match entry.get("k") {
+        None => Err("missing field \"k\"".to_string()),
+        Some(KIND_CLAIMED) => parse_claim(batch, shard, entry).map(LogRecord::Claimed),
+        Some(KIND_CHANGED) => parse_change(batch, shard, entry).map(LogRecord::Changed),
+        Some(kind) => Err(format!("unknown record kind {kind:?}")),
+    }
+}
+
+fn field<'a>(entry: &'a LogEntry, f: &str) -> Result<&'a str, String> {
+    entry.get(f).ok_or_else(|| format!("missing field {f:?}"))
+}
+
+fn int(entry: &LogEntry, f: &str) -> Result<i64, String> {
+    let v = field(entry, f)?;
+    v.parse::<i64>()
+        .map_err(|_| format!("field {f:?} is not an integer: {v:?}"))
+}
+
+/// The coupon id, batch and shard fields (`c`, `b`, `s`), checked against the log's batch
+/// and shard. Returns the coupon id and its sequence.
+fn coupon_of<'a>(batch: &str, shard: u32, entry: &'a LogEntry) -> Result<(&'a str, u64), String> {
+    let coupon = field(entry, "c")?;
     let (cb, cs, seq) =
         parse_coupon_id(coupon).ok_or_else(|| format!("bad coupon id {coupon:?}"))?;
-    let b = field("b")?;
-    let s = field("s")?;
+    let b = field(entry, "b")?;
+    let s = field(entry, "s")?;
     if cb != batch || b != batch || s != shard.to_string() || cs != shard {
         return Err(format!(
             "record of batch {b:?} shard {s:?} (coupon {coupon:?}) in the log of {batch}:{shard}"
         ));
     }
-    let user = field("u")?;
+    Ok((coupon, seq))
+}
+
+fn parse_claim(batch: &str, shard: u32, entry: &LogEntry) -> Result<ClaimRecord, String> {
+    let (coupon, seq) = coupon_of(batch, shard, entry)?;
+    let user = field(entry, "u")?;
     if user.is_empty() {
         return Err("empty user id".to_string());
     }
-    let rid = field("r")?;
+    let rid = field(entry, "r")?;
     Ok(ClaimRecord {
         coupon_id: coupon.to_string(),
         batch_id: batch.to_string(),
@@ -68,9 +132,9 @@ pub fn parse(batch: &str, shard: u32, entry: &LogEntry) -> Result<ClaimRecord, S
         seq,
         user_id: user.to_string(),
         request_id: (!rid.is_empty()).then(|| rid.to_string()),
-        claimed_at: int("t")?,
-        valid_from: int("vf")?,
-        valid_to: int("vt")?,
+        claimed_at: int(entry, "t")?,
+        valid_from: int(entry, "vf")?,
+        valid_to: int(entry, "vt")?,
         code: match entry.get(CODE) {
             None => None,
             Some("") => return Err("empty code".to_string()),
@@ -84,9 +148,127 @@ pub fn parse(batch: &str, shard: u32, entry: &LogEntry) -> Result<ClaimRecord, S
     })
 }
 
+fn parse_change(batch: &str, shard: u32, entry: &LogEntry) -> Result<ChangeRecord, String> {
+    let (coupon, seq) = coupon_of(batch, shard, entry)?;
+    let version = int(entry, "v")?;
+    if version < 1 {
+        return Err(format!(
+            "version {version} (a change creates version 1 or later)"
+        ));
+    }
+    let state = field(entry, "st")?;
+    let order = field(entry, "o")?;
+    if !order.is_empty() && !valid_ident(order) {
+        return Err(format!("bad order id {order:?}"));
+    }
+    let step = field(entry, "sp")?;
+    let until = field(entry, "lu")?;
+    let until = match until {
+        "" => None,
+        u => Some(
+            u.parse::<i64>()
+                .map_err(|_| format!("field \"lu\" is not an integer: {u:?}"))?,
+        ),
+    };
+    let next = Stored::from_columns(
+        state,
+        (!order.is_empty()).then(|| order.to_string()),
+        (!step.is_empty()).then_some(step),
+        until,
+    )
+    .map_err(|e| format!("bad state after: {e}"))?;
+    // Exactly the columns of a state: no step or deadline left implicit or extra.
+    let (_, o, sp, lu) = next.columns();
+    if (o.unwrap_or(""), sp.map(Step::as_str).unwrap_or(""), lu) != (order, step, until) {
+        return Err(format!(
+            "state after {state:?} with order {order:?}, step {step:?} and lock deadline \
+             {until:?} is not a stored state's columns"
+        ));
+    }
+    let at = int(entry, "at")?;
+    let events = parse_events(field(entry, "e")?)?;
+    Ok(ChangeRecord {
+        coupon_id: coupon.to_string(),
+        batch_id: batch.to_string(),
+        shard,
+        seq,
+        version,
+        next,
+        events,
+        at,
+    })
+}
+
+/// `<kind>,<order>,<cause>` joined by `;`: at least one.
+fn parse_events(list: &str) -> Result<Vec<Event>, String> {
+    if list.is_empty() {
+        return Err("no events".to_string());
+    }
+    list.split(';')
+        .map(|one| {
+            let parts: Vec<&str> = one.split(',').collect();
+            let [kind, order, cause] = parts[..] else {
+                return Err(format!("event {one:?} is not <kind>,<order>,<cause>"));
+            };
+            let kind = match EventKind::parse(kind) {
+                Some(EventKind::Claimed) | None => {
+                    return Err(format!("event {one:?}: kind {kind:?}"));
+                }
+                Some(k) => k,
+            };
+            if !order.is_empty() && !valid_ident(order) {
+                return Err(format!("event {one:?}: bad order id {order:?}"));
+            }
+            let cause = match cause {
+                "" => None,
+                CAUSE_LOCK_TIMEOUT => Some(CAUSE_LOCK_TIMEOUT),
+                other => return Err(format!("event {one:?}: cause {other:?}")),
+            };
+            Ok(Event {
+                kind,
+                order: (!order.is_empty()).then(|| order.to_string()),
+                cause,
+            })
+        })
+        .collect()
+}
+
+/// The fields of `c`'s change record, in the order of [`CHANGE_FIELDS`] (`k` first): the
+/// field/value pairs the caller of the coupon-state script passes to its `XADD`.
+pub fn change_fields(c: &ChangeRecord) -> Vec<(&'static str, String)> {
+    let (state, order, step, until) = c.next.columns();
+    let events: Vec<String> = c
+        .events
+        .iter()
+        .map(|e| {
+            format!(
+                "{},{},{}",
+                e.kind.as_str(),
+                e.order.as_deref().unwrap_or(""),
+                e.cause.unwrap_or("")
+            )
+        })
+        .collect();
+    let values = [
+        KIND_CHANGED.to_string(),
+        c.coupon_id.clone(),
+        c.batch_id.clone(),
+        c.shard.to_string(),
+        c.version.to_string(),
+        state.as_str().to_string(),
+        order.unwrap_or("").to_string(),
+        step.map(Step::as_str).unwrap_or("").to_string(),
+        until.map(|u| u.to_string()).unwrap_or_default(),
+        c.at.to_string(),
+        events.join(";"),
+    ];
+    CHANGE_FIELDS.into_iter().zip(values).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::coupon::Ended;
 
     fn entry(pairs: &[(&str, &str)]) -> LogEntry {
         LogEntry {
@@ -95,6 +277,13 @@ mod tests {
                 .iter()
                 .map(|(f, v)| (f.to_string(), v.to_string()))
                 .collect(),
+        }
+    }
+
+    fn claim(pairs: &[(&str, &str)]) -> Result<ClaimRecord, String> {
+        match parse("b1", 2, &entry(pairs))? {
+            LogRecord::Claimed(c) => Ok(c),
+            other => panic!("not a claim: {other:?}"),
         }
     }
 
@@ -112,19 +301,37 @@ mod tests {
 
     #[test]
     fn claim_records_parse() {
-        let r = parse("b1", 2, &entry(GOOD)).unwrap();
+        let r = claim(GOOD).unwrap();
         assert_eq!(r.coupon_id, "b1.2.7");
         assert_eq!((r.shard, r.seq, r.request_id.as_deref()), (2, 7, None));
         assert_eq!((r.claimed_at, r.valid_from, r.valid_to), (100, 100, 200));
         let names: Vec<&str> = GOOD.iter().map(|(f, _)| *f).collect();
         assert_eq!(names, FIELDS);
-        assert_eq!(r.code, None);
+        assert_eq!((r.code, r.managed), (None, false));
         let mut with_code = GOOD.to_vec();
         with_code.push((CODE, "K7"));
-        let r = parse("b1", 2, &entry(&with_code)).unwrap();
-        assert_eq!(r.code.as_deref(), Some("K7"));
+        let r = claim(&with_code).unwrap();
+        assert_eq!((r.code.as_deref(), r.managed), (Some("K7"), false));
         with_code[9] = (CODE, "");
         assert!(parse("b1", 2, &entry(&with_code)).is_err());
+    }
+
+    #[test]
+    fn the_managed_flag_is_the_last_claim_field() {
+        let mut managed = GOOD.to_vec();
+        managed.push((MANAGED, "1"));
+        let r = claim(&managed).unwrap();
+        assert_eq!((r.code, r.managed), (None, true));
+        let mut with_code = GOOD.to_vec();
+        with_code.extend([(CODE, "K7"), (MANAGED, "1")]);
+        let r = claim(&with_code).unwrap();
+        assert_eq!((r.code.as_deref(), r.managed), (Some("K7"), true));
+        for bad in ["", "0", "true", "11"] {
+            let mut e = GOOD.to_vec();
+            e.push((MANAGED, bad));
+            let err = parse("b1", 2, &entry(&e)).unwrap_err();
+            assert!(err.contains("\"m\""), "{bad:?}: {err}");
+        }
     }
 
     #[test]
@@ -141,27 +348,239 @@ mod tests {
         assert!(parse("b2", 2, &entry(GOOD)).is_err());
     }
 
-    /// The fields `lua/claim.lua` writes are the ones read here, in the same order: with
-    /// the code (its first XADD), and without (its second).
+    fn change(version: i64, next: Stored, events: Vec<Event>) -> ChangeRecord {
+        ChangeRecord {
+            coupon_id: "b1.2.7".into(),
+            batch_id: "b1".into(),
+            shard: 2,
+            seq: 7,
+            version,
+            next,
+            events,
+            at: 1_700,
+        }
+    }
+
+    fn ev(kind: EventKind, order: Option<&str>, cause: Option<&'static str>) -> Event {
+        Event {
+            kind,
+            order: order.map(Into::into),
+            cause,
+        }
+    }
+
+    /// Every stored state and every event kind a change can carry, causes included.
+    fn changes() -> Vec<ChangeRecord> {
+        let released = |o: &str| Ended {
+            order: o.into(),
+            refunded: false,
+        };
+        vec![
+            change(
+                1,
+                Stored::Locked {
+                    order: "o1".into(),
+                    until: 2_000,
+                },
+                vec![ev(EventKind::Locked, Some("o1"), None)],
+            ),
+            change(
+                2,
+                Stored::Used { order: "o1".into() },
+                vec![ev(EventKind::Redeemed, Some("o1"), None)],
+            ),
+            change(
+                3,
+                Stored::Unused {
+                    last: Some(Ended {
+                        order: "o1".into(),
+                        refunded: true,
+                    }),
+                },
+                vec![ev(EventKind::Refunded, Some("o1"), None)],
+            ),
+            change(
+                4,
+                Stored::Locked {
+                    order: "o-2@x".into(),
+                    until: 3_000,
+                },
+                vec![
+                    ev(EventKind::Released, Some("o1"), Some(CAUSE_LOCK_TIMEOUT)),
+                    ev(EventKind::Locked, Some("o-2@x"), None),
+                ],
+            ),
+            change(
+                5,
+                Stored::Expired {
+                    last: Some(released("o-2@x")),
+                },
+                vec![
+                    ev(EventKind::Released, Some("o-2@x"), Some(CAUSE_LOCK_TIMEOUT)),
+                    ev(EventKind::Expired, None, None),
+                ],
+            ),
+            change(
+                1,
+                Stored::Expired { last: None },
+                vec![ev(EventKind::Expired, None, None)],
+            ),
+            change(
+                9,
+                Stored::Unused {
+                    last: Some(released("o3")),
+                },
+                vec![ev(EventKind::Released, Some("o3"), None)],
+            ),
+        ]
+    }
+
+    fn pairs(c: &ChangeRecord) -> Vec<(&'static str, String)> {
+        change_fields(c)
+    }
+
+    fn as_entry(fields: &[(&'static str, String)]) -> LogEntry {
+        let refs: Vec<(&str, &str)> = fields.iter().map(|(f, v)| (*f, v.as_str())).collect();
+        entry(&refs)
+    }
+
+    #[test]
+    fn change_records_round_trip() {
+        for c in changes() {
+            let fields = pairs(&c);
+            let names: Vec<&str> = fields.iter().map(|(f, _)| *f).collect();
+            assert_eq!(names, CHANGE_FIELDS);
+            assert_eq!(
+                parse("b1", 2, &as_entry(&fields)),
+                Ok(LogRecord::Changed(c.clone())),
+                "{fields:?}"
+            );
+        }
+        // the text, exactly
+        let fields = pairs(&changes()[3]);
+        let values: Vec<&str> = fields.iter().map(|(_, v)| v.as_str()).collect();
+        assert_eq!(
+            values,
+            [
+                "changed",
+                "b1.2.7",
+                "b1",
+                "2",
+                "4",
+                "locked",
+                "o-2@x",
+                "locked",
+                "3000",
+                "1700",
+                "released,o1,lock_timeout;locked,o-2@x,"
+            ]
+        );
+        let fields = pairs(&changes()[5]);
+        let values: Vec<&str> = fields.iter().map(|(_, v)| v.as_str()).collect();
+        assert_eq!(values[5..], ["expired", "", "", "", "1700", "expired,,"]);
+    }
+
+    /// Each malformed change record is refused with an error naming what is wrong.
+    #[test]
+    fn malformed_change_records_are_rejected() {
+        let good = pairs(&changes()[3]);
+        let with = |f: &str, v: &str| -> Vec<(&'static str, String)> {
+            good.iter()
+                .map(|(k, old)| (*k, if *k == f { v.to_string() } else { old.clone() }))
+                .collect()
+        };
+        let without = |f: &str| -> Vec<(&'static str, String)> {
+            good.iter().filter(|(k, _)| *k != f).cloned().collect()
+        };
+        let cases: Vec<(Vec<(&'static str, String)>, &str)> = vec![
+            (with("k", "change"), "record kind"),
+            (with("c", "b1.2"), "coupon id"),
+            (with("c", "b1.3.7"), "in the log of b1:2"),
+            (with("b", "b2"), "in the log of b1:2"),
+            (with("s", "3"), "in the log of b1:2"),
+            (without("v"), "\"v\""),
+            (with("v", "0"), "version 0"),
+            (with("v", "-1"), "version -1"),
+            (with("v", "x"), "\"v\" is not an integer"),
+            (with("st", "gone"), "state \"gone\""),
+            (with("o", ""), "locked with order None"),
+            (with("o", "o,1"), "bad order id"),
+            (with("sp", "redeemed"), "step"),
+            (with("sp", "bogus"), "order step \"bogus\""),
+            (with("sp", ""), "not a stored state's columns"),
+            (with("lu", ""), "not a stored state's columns"),
+            (with("lu", "soon"), "\"lu\" is not an integer"),
+            (with("at", ""), "\"at\" is not an integer"),
+            (without("at"), "missing field \"at\""),
+            (without("e"), "missing field \"e\""),
+            (with("e", ""), "no events"),
+            (with("e", "locked,o1"), "is not <kind>,<order>,<cause>"),
+            (with("e", "locked,o1,,x"), "is not <kind>,<order>,<cause>"),
+            (with("e", "claimed,,"), "kind \"claimed\""),
+            (with("e", "bogus,o1,"), "kind \"bogus\""),
+            (with("e", "released,o1,late"), "cause \"late\""),
+            (with("e", "locked,o 1,"), "bad order id"),
+            (with("e", "locked,o1,;"), "is not <kind>,<order>,<cause>"),
+        ];
+        for (fields, want) in cases {
+            let err = parse("b1", 2, &as_entry(&fields)).unwrap_err();
+            assert!(
+                err.contains(want),
+                "{fields:?}: {err:?} should name {want:?}"
+            );
+        }
+        // a deadline for a coupon that is not locked, a step the state does not take
+        let mut c = changes()[1].clone();
+        let mut fields = pairs(&c);
+        fields[8].1 = "5".into();
+        let err = parse("b1", 2, &as_entry(&fields)).unwrap_err();
+        assert!(err.contains("not a stored state's columns"), "{err}");
+        c.next = Stored::Unused { last: None };
+        let mut fields = pairs(&c);
+        fields[7].1 = "released".into();
+        assert!(parse("b1", 2, &as_entry(&fields)).is_err());
+    }
+
+    /// The fields `lua/claim.lua` writes are the ones read here, in the same order: every
+    /// `XADD` of the script writes [`FIELDS`], then the code when it has one, then the
+    /// managed flag when it has one; the plain record and the one with a code both occur.
     #[test]
     fn the_script_writes_these_fields() {
         let src = crate::backend::Script::Claim.source();
-        let written = |nth: usize| -> Vec<&str> {
-            let xadd = src
-                .split("call('XADD'")
-                .nth(nth)
-                .and_then(|rest| rest.split(')').next())
-                .expect("claim.lua appends its record with XADD");
-            xadd.split(',')
-                .map(str::trim)
-                .filter_map(|t| t.strip_prefix('\'').and_then(|t| t.strip_suffix('\'')))
-                .filter(|t| *t != "*" && *t != KIND_CLAIMED)
-                .collect()
-        };
+        let xadds: Vec<Vec<&str>> = src
+            .split("call('XADD'")
+            .skip(1)
+            .map(|rest| {
+                let args = rest
+                    .split(')')
+                    .next()
+                    .expect("claim.lua appends its record with XADD");
+                // KEYS[6], '*', then field/value pairs: the fields are every other argument
+                args.split(',')
+                    .map(str::trim)
+                    .filter(|t| !t.is_empty())
+                    .skip(2)
+                    .step_by(2)
+                    .map(|t| {
+                        t.strip_prefix('\'')
+                            .and_then(|t| t.strip_suffix('\''))
+                            .unwrap_or_else(|| panic!("field name {t:?} is not a literal"))
+                    })
+                    .collect()
+            })
+            .collect();
+        assert!(xadds.len() >= 2, "{xadds:?}");
+        for fields in &xadds {
+            assert_eq!(fields[..FIELDS.len()], FIELDS, "{fields:?}");
+            let rest = &fields[FIELDS.len()..];
+            assert!(
+                [&[][..], &[CODE], &[MANAGED], &[CODE, MANAGED]].contains(&rest),
+                "{fields:?}"
+            );
+        }
         let mut with_code = FIELDS.to_vec();
         with_code.push(CODE);
-        assert_eq!(written(1), with_code);
-        assert_eq!(written(2), FIELDS);
-        assert_eq!(src.matches("call('XADD'").count(), 2);
+        assert!(xadds.contains(&FIELDS.to_vec()));
+        assert!(xadds.contains(&with_code));
     }
 }

@@ -485,18 +485,21 @@ impl BatchRestored<'_> {
 
 // ------------------------------------------------------------------------ the persister
 
-/// A batch of claims committed to the database (`rows` new), after `seconds`.
+/// A batch of log records committed to the database (`rows` new claims, `changes` changes
+/// of managed coupons applied), after `seconds`. The rows counter counts both.
 pub struct PersistWritten {
     pub rows: u64,
+    pub changes: u64,
     pub seconds: f64,
 }
 
 impl PersistWritten {
     pub fn emit(self) {
         metrics::histogram!(m::PERSIST_SECONDS).record(self.seconds);
-        metrics::counter!(m::PERSIST_ROWS).increment(self.rows);
+        metrics::counter!(m::PERSIST_ROWS).increment(self.rows + self.changes);
         tracing::debug!(
             rows = self.rows,
+            changes = self.changes,
             seconds = self.seconds,
             "claims written to the database"
         );

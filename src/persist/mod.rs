@@ -1,16 +1,21 @@
-//! The persister: moves claim records from every shard's log stream in Redis into the
-//! database, in every gateway instance, off the request path.
+//! The persister: moves claim records, and the change records of coupons whose state lives
+//! in Redis (managed coupons), from every shard's log stream in Redis into the database, in
+//! every gateway instance, off the request path.
 //!
-//! Invariant kept here: a claim record leaves Redis only after the database transaction
-//! holding it has committed (read with a consumer group -> write idempotently -> ack+delete),
-//! so every claim acknowledged to a client ends up in the database exactly once:
+//! Invariant kept here: a record leaves Redis only after the database transaction holding
+//! it has committed (read with a consumer group -> write idempotently -> ack+delete), so
+//! every claim acknowledged to a client, and every change of a managed coupon, ends up in
+//! the database exactly once:
 //! - a write that fails keeps the records in memory and is retried with exponential backoff
 //!   (they are not read again), while the claim path goes on untouched and the backlog grows;
 //! - records a crashed instance read but never acked stay pending in the consumer group and
 //!   are taken over (XAUTOCLAIM) after `min_idle_ms`; writing them twice is a no-op;
 //! - a record that cannot be parsed is never written, never acked and never dropped: it stays
 //!   pending (visible in the backlog and lag), is counted in `PERSIST_ERRORS{stage="parse"}`
-//!   and logged each time it is redelivered, until an operator repairs it.
+//!   and logged each time it is redelivered, until an operator repairs it;
+//! - a change record whose coupon the database does not hold yet (its claim not recorded)
+//!   is likewise kept pending and reported (`stage="write"`) each time it is taken over,
+//!   the rest of its batch written without it.
 //!
 //! What it reads (the cost scales with activity, not with history):
 //! - **active** shards are read when woken: by a claim minted in this instance

@@ -1,11 +1,16 @@
 //! The persister's loop: reads the logs of the shards that can still receive records
 //! (active shards) through the consumer group, when woken by activity or due, writes the
-//! records to the database in batched, idempotent transactions, then acks them. Dormant
-//! batches (see the rule in `persist`'s module doc) are not read.
+//! records (claims, and the changes of managed coupons) to the database in batched,
+//! idempotent transactions, then acks them. Dormant batches (see the rule in `persist`'s
+//! module doc) are not read.
 //!
 //! Invariant kept here: a record is acked (and deleted from its log) only after the
-//! transaction holding it committed; a failed write keeps the records in memory and retries
-//! them with backoff (they are not read again); a record that does not parse stays pending;
+//! transaction holding it committed (a buffer's claims commit before its changes, and the
+//! buffer is acked only once both did; each log's records keep their stream order); a
+//! failed write keeps the records in memory and retries them with backoff (they are not
+//! read again); a record that does not parse stays pending, and so does a change record of
+//! a coupon the database does not hold (reported, taken over again later, never dropped);
+//! only claim records move a shard's committed floor;
 //! under `redis.ack = "replica"` a record reaches the database only once a replica holds it
 //! (so a failover never takes back a claim the database knows); a batch goes dormant only
 //! when nothing of it is buffered or unacked here and its logs were found empty after its
@@ -24,8 +29,9 @@ use super::status::PersistStatus;
 use super::{ACK_RETRY_MIN, Command, LOG_REPEAT, PersistError, RECOVERY_READS};
 use crate::backend::{Backend, BackendError};
 use crate::config::PersisterConfig;
+use crate::contract::claim_record::{self, LogRecord};
 use crate::contract::keys::SlotKeys;
-use crate::contract::{claim_record, log_ack, log_read, probe};
+use crate::contract::{log_ack, log_read, probe};
 use crate::domain::batch::{Batch, BatchState};
 use crate::domain::ids::seq_position;
 use crate::domain::time::now_ms;
@@ -33,7 +39,7 @@ use crate::obs::events::{
     CouponConflict, LogRead, PersistFailed, PersistWritten, RepeatFilter, ShardsFollowed,
 };
 use crate::stock::{ClaimActivity, FaultReporter};
-use crate::store::{BatchMark, ClaimRecord, Db};
+use crate::store::{BatchMark, ChangeRecord, ChangesWritten, ClaimRecord, Db, DbError};
 
 /// Definitions read one by one (rather than the whole list) when at most this many batches
 /// are new or changed at a refresh.
@@ -88,7 +94,7 @@ impl BatchTimes {
 struct Buffered {
     log: Arc<str>,
     id: String,
-    record: ClaimRecord,
+    record: LogRecord,
 }
 
 struct Unacked {
@@ -738,7 +744,7 @@ impl<B: Backend> Worker<B> {
                         // Kept pending on purpose: see the module documentation.
                         self.note_error(
                             "parse",
-                            format!("malformed claim record {} in {log}: {reason}", e.id),
+                            format!("malformed log record {} in {log}: {reason}", e.id),
                         );
                     }
                 }
@@ -757,63 +763,139 @@ impl<B: Backend> Worker<B> {
         got
     }
 
-    /// Writes the buffer in one transaction, retrying with exponential backoff until it
-    /// commits (or, on shutdown, until the grace period ends); then acks it.
+    /// Writes the buffer: its claims in one transaction, then its changes of managed
+    /// coupons in another (a change's coupon row comes from its claim), each log's records
+    /// in stream order; retries with exponential backoff until both committed (or, on
+    /// shutdown, until the grace period ends); then acks it all. A change of a coupon the
+    /// database holds no row for leaves the buffer unacked (it stays pending and is taken
+    /// over again after `min_idle_ms`; reported each time) and the rest is written again at
+    /// once. Returns the number of claims newly written.
     async fn write_buffer(&mut self) -> Result<u64, PersistError> {
-        let records: Vec<ClaimRecord> = self.buffer.iter().map(|b| b.record.clone()).collect();
+        let claims: Vec<ClaimRecord> = self
+            .buffer
+            .iter()
+            .filter_map(|b| match &b.record {
+                LogRecord::Claimed(c) => Some(c.clone()),
+                LogRecord::Changed(_) => None,
+            })
+            .collect();
         let limit = Duration::from_millis(self.cfg.write_timeout_ms);
+        // The claims' count once they committed (not written again on a retry).
+        let mut inserted: Option<u64> = None;
         loop {
             let started = Instant::now();
-            let write = self.db.write_claims_report(&records);
-            let result = match tokio::time::timeout(limit, write).await {
-                Ok(Ok(w)) => Ok(w),
-                Ok(Err(e)) => Err(PersistError::Db(e)),
-                Err(_) => Err(PersistError::Timeout(limit)),
-            };
-            match result {
-                Ok(written) => {
-                    report_conflicts(&written.conflicts);
-                    let inserted = written.inserted;
-                    PersistWritten {
-                        rows: inserted,
-                        seconds: started.elapsed().as_secs_f64(),
+            if inserted.is_none() {
+                let write = self.db.write_claims_report(&claims);
+                match timed(limit, write).await {
+                    Ok(written) => {
+                        report_conflicts(&written.conflicts);
+                        inserted = Some(written.inserted);
                     }
-                    .emit();
-                    self.status.rows.fetch_add(inserted, Ordering::Relaxed);
-                    self.status.last_write_ms.store(now_ms(), Ordering::Relaxed);
-                    self.status.db_ok.store(true, Ordering::Relaxed);
-                    self.backoff = self.backoff_min();
-                    for b in &self.buffer {
-                        if let Some(c) = self.committed.get(&b.log) {
-                            c.fetch_max(seq_position(b.record.seq), Ordering::Relaxed);
-                        }
-                    }
-                    self.ack_buffer().await;
-                    return Ok(inserted);
-                }
-                Err(e) => {
-                    self.status.db_ok.store(false, Ordering::Relaxed);
-                    self.note_error("write", e.to_string());
-                    if self.shutdown.is_cancelled() {
-                        let grace = Duration::from_millis(self.cfg.shutdown_grace_ms);
-                        let deadline = *self.grace_deadline.get_or_insert(Instant::now() + grace);
-                        if Instant::now() >= deadline {
-                            return Err(e);
-                        }
-                    }
-                    let wait = self.backoff.mul_f64(0.75 + rand::random::<f64>() * 0.5);
-                    self.backoff = (self.backoff * 2).min(self.backoff_max());
-                    if self.shutdown.is_cancelled() {
-                        tokio::time::sleep(wait).await;
-                    } else {
-                        tokio::select! {
-                            _ = self.shutdown.cancelled() => {}
-                            _ = tokio::time::sleep(wait) => {}
-                        }
+                    Err(e) => {
+                        self.write_failed(e).await?;
+                        continue;
                     }
                 }
             }
+            let changes: Vec<ChangeRecord> = self
+                .buffer
+                .iter()
+                .filter_map(|b| match &b.record {
+                    LogRecord::Changed(c) => Some(c.clone()),
+                    LogRecord::Claimed(_) => None,
+                })
+                .collect();
+            let applied = if changes.is_empty() {
+                ChangesWritten::default()
+            } else {
+                match timed(limit, self.db.apply_changes(&changes)).await {
+                    Ok(applied) => applied,
+                    Err(PersistError::Db(DbError::MissingCoupons(coupons))) => {
+                        self.hold_back(&coupons);
+                        continue;
+                    }
+                    Err(e) => {
+                        self.write_failed(e).await?;
+                        continue;
+                    }
+                }
+            };
+            let inserted = inserted.unwrap_or_default();
+            PersistWritten {
+                rows: inserted,
+                changes: applied.applied,
+                seconds: started.elapsed().as_secs_f64(),
+            }
+            .emit();
+            self.status
+                .rows
+                .fetch_add(inserted + applied.applied, Ordering::Relaxed);
+            self.status.last_write_ms.store(now_ms(), Ordering::Relaxed);
+            self.status.db_ok.store(true, Ordering::Relaxed);
+            self.backoff = self.backoff_min();
+            for b in &self.buffer {
+                if let LogRecord::Claimed(c) = &b.record
+                    && let Some(floor) = self.committed.get(&b.log)
+                {
+                    floor.fetch_max(seq_position(c.seq), Ordering::Relaxed);
+                }
+            }
+            self.ack_buffer().await;
+            return Ok(inserted);
         }
+    }
+
+    /// A failed write: recorded, then waited out with backoff (jittered); on shutdown,
+    /// `Err` once the grace period is over (the records stay pending in the backend).
+    async fn write_failed(&mut self, e: PersistError) -> Result<(), PersistError> {
+        self.status.db_ok.store(false, Ordering::Relaxed);
+        self.note_error("write", e.to_string());
+        if self.shutdown.is_cancelled() {
+            let grace = Duration::from_millis(self.cfg.shutdown_grace_ms);
+            let deadline = *self.grace_deadline.get_or_insert(Instant::now() + grace);
+            if Instant::now() >= deadline {
+                return Err(e);
+            }
+        }
+        let wait = self.backoff.mul_f64(0.75 + rand::random::<f64>() * 0.5);
+        self.backoff = (self.backoff * 2).min(self.backoff_max());
+        if self.shutdown.is_cancelled() {
+            tokio::time::sleep(wait).await;
+        } else {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes the change records of `coupons` (coupons the database holds no row for) out
+    /// of the buffer, unacked: they stay pending in their logs and are taken over again
+    /// after `min_idle_ms` (their claims may still be on their way). Each is reported.
+    fn hold_back(&mut self, coupons: &[String]) {
+        let coupons: HashSet<&str> = coupons.iter().map(String::as_str).collect();
+        let (held_back, kept): (Vec<Buffered>, Vec<Buffered>) =
+            std::mem::take(&mut self.buffer).into_iter().partition(|b| {
+                matches!(&b.record, LogRecord::Changed(c) if coupons.contains(c.coupon_id.as_str()))
+            });
+        self.buffer = kept;
+        for b in held_back {
+            self.held.remove(&(b.log.clone(), b.id.clone()));
+            self.note_error(
+                "write",
+                format!(
+                    "change record {} in {} of coupon {} the database does not hold; \
+                     kept pending",
+                    b.id,
+                    b.log,
+                    b.record.coupon_id()
+                ),
+            );
+        }
+        self.status
+            .buffered
+            .store(self.buffer.len() as u64, Ordering::Relaxed);
     }
 
     /// Acks (and deletes) every buffered entry, by shard log; empties the buffer.
@@ -873,6 +955,18 @@ impl<B: Backend> Worker<B> {
                 }
             }
         }
+    }
+}
+
+/// `write` within `limit`: its error, or a timeout, as the persister's error.
+async fn timed<T>(
+    limit: Duration,
+    write: impl std::future::Future<Output = Result<T, DbError>>,
+) -> Result<T, PersistError> {
+    match tokio::time::timeout(limit, write).await {
+        Ok(Ok(w)) => Ok(w),
+        Ok(Err(e)) => Err(PersistError::Db(e)),
+        Err(_) => Err(PersistError::Timeout(limit)),
     }
 }
 
