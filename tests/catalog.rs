@@ -13,7 +13,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use claimgate::backend::Backend;
 use claimgate::http::App;
-use claimgate::persist::Persister;
 use http::Request;
 use http_body_util::{BodyExt, Full};
 use serde_json::{Value, json};
@@ -58,29 +57,15 @@ fn ids(v: &Value, key: &str, field: &str) -> Vec<String> {
 
 /// Runs the persister until the database holds `n` coupons of `user`.
 async fn persist_wallet<B: Backend>(g: &Gw<B>, user: &str, n: usize) {
-    let stop = CancellationToken::new();
-    let p = Persister::spawn(
-        g.backend.clone(),
-        g.db.clone(),
-        g.cfg.persister.clone(),
-        stop.clone(),
-    );
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let _ = p.flush().await;
-        let (rows, _) = g.db.user_coupons(user, None, 500, None).await.unwrap();
-        if rows.len() == n {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "wallet has {}, want {n}",
-            rows.len()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    stop.cancel();
-    p.join().await;
+    support::gw::persist_until(g, &format!("{n} coupons of {user}"), async || {
+        g.db.user_coupons(user, None, 500, None)
+            .await
+            .unwrap()
+            .0
+            .len()
+            == n
+    })
+    .await;
 }
 
 const PRODUCT_FIELDS: [&str; 8] = [

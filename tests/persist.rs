@@ -836,37 +836,11 @@ async fn change_records_are_written_after_their_claims_once() {
 // ---------------------------------------------------------------------------------------
 // database outage: the hot path goes on, the backlog grows, then drains
 
-fn proxied(url: &str, port: u16) -> String {
-    // postgres://user@host:port/db -> postgres://user@127.0.0.1:<port>/db
-    let (scheme, rest) = url.split_once("://").unwrap();
-    let (authority, path) = rest.split_once('/').unwrap();
-    let userinfo = authority
-        .rsplit_once('@')
-        .map(|(u, _)| format!("{u}@"))
-        .unwrap_or_default();
-    format!("{scheme}://{userinfo}127.0.0.1:{port}/{path}")
-}
-
-async fn pg_addr(url: &str) -> std::net::SocketAddr {
-    let rest = url.split_once("://").unwrap().1;
-    let authority = rest.split_once('/').unwrap().0;
-    let host = authority
-        .rsplit_once('@')
-        .map(|(_, h)| h)
-        .unwrap_or(authority);
-    let host = if host.contains(':') {
-        host.to_string()
-    } else {
-        format!("{host}:5432")
-    };
-    tokio::net::lookup_host(host).await.unwrap().next().unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn database_outage_backlog_grows_then_drains() {
     let pg = PgDb::create();
-    let proxy = proxy::FaultProxy::start(pg_addr(&pg.url).await).await;
-    let db = open_db(proxied(&pg.url, proxy.port)).await;
+    let proxy = proxy::FaultProxy::start(proxy::pg_addr(&pg.url).await).await;
+    let db = open_db(proxy::proxied(&pg.url, proxy.port)).await;
     let server = RedisServer::start();
     let backend = redis(&server).await;
     let b = batch("outage", 4, 100_000, 1, None);
@@ -957,9 +931,9 @@ async fn database_outage_backlog_grows_then_drains() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rebuild_while_a_persister_holds_unwritten_records_of_the_lost_redis() {
     let pg = PgDb::create();
-    let proxy = proxy::FaultProxy::start(pg_addr(&pg.url).await).await;
+    let proxy = proxy::FaultProxy::start(proxy::pg_addr(&pg.url).await).await;
     // the gateway's persister reaches the database through the proxy, the operator directly
-    let gateway_db = open_db(proxied(&pg.url, proxy.port)).await;
+    let gateway_db = open_db(proxy::proxied(&pg.url, proxy.port)).await;
     let db = open_db(pg.url.clone()).await;
     let server = RedisServer::start();
     let backend = redis(&server).await;

@@ -320,18 +320,8 @@ fn parse_batch(id: &str, def: &str) -> Result<Batch, DbError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::DatabaseConfig;
+    use crate::store::memory_db;
 
-    async fn memory_db() -> Db {
-        let db = Db::connect(&DatabaseConfig {
-            url: "sqlite::memory:".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-        db.migrate().await.unwrap();
-        db
-    }
 
     fn a_batch(id: &str, stock: i64) -> Batch {
         use crate::domain::batch::*;

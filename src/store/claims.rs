@@ -612,6 +612,7 @@ impl Db {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::memory_db;
     use crate::config::DatabaseConfig;
     use crate::store::CouponState;
 
@@ -675,16 +676,6 @@ mod tests {
         assert_eq!(db.claims_of_shard("b", 0).await.unwrap().len(), 250);
     }
 
-    async fn memory_db() -> Db {
-        let db = Db::connect(&DatabaseConfig {
-            url: "sqlite::memory:".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-        db.migrate().await.unwrap();
-        db
-    }
 
     #[tokio::test]
     async fn a_coupon_id_met_with_another_claim_is_recorded_once() {

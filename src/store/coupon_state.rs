@@ -415,19 +415,9 @@ impl Db {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::DatabaseConfig;
+    use crate::store::memory_db;
     use crate::domain::claim::ClaimRecord;
 
-    async fn memory_db() -> Db {
-        let db = Db::connect(&DatabaseConfig {
-            url: "sqlite::memory:".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-        db.migrate().await.unwrap();
-        db
-    }
 
     fn change(version: i64, next: Stored, kind: EventKind) -> ChangeRecord {
         ChangeRecord {

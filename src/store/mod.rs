@@ -227,3 +227,16 @@ impl Db {
 fn opts_in_memory(url: &str) -> bool {
     url.contains(":memory:") || url.contains("mode=memory")
 }
+
+/// A migrated in-memory SQLite database, for the store's unit tests.
+#[cfg(test)]
+pub(crate) async fn memory_db() -> Db {
+    let db = Db::connect(&crate::config::DatabaseConfig {
+        url: "sqlite::memory:".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    db.migrate().await.unwrap();
+    db
+}

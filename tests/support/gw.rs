@@ -31,6 +31,22 @@ pub struct Gw<B: Backend> {
     pub dir: tempfile::TempDir,
 }
 
+impl<B: Backend> Gw<B> {
+    /// A gateway a test assembled itself (its servers and database are the test's).
+    pub fn from_parts(app: Arc<App<B>>, backend: Arc<B>, db: Db, cfg: Arc<Config>) -> Gw<B> {
+        Gw {
+            app,
+            backend,
+            db,
+            cfg,
+            redis: None,
+            cluster: None,
+            _pg: None,
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+}
+
 pub fn config(extra: &[String]) -> Config {
     let mut o = vec![
         "limits.claim_per_user.per_second=0".to_string(),
@@ -240,4 +256,30 @@ pub async fn claim<B: Backend>(
         body.to_string(),
     )
     .await
+}
+
+/// Runs a persister on the gateway's backend and database until `done` holds (bounded: the
+/// test fails naming `what` after 30 s).
+pub async fn persist_until<B: Backend>(g: &Gw<B>, what: &str, mut done: impl AsyncFnMut() -> bool) {
+    let stop = tokio_util::sync::CancellationToken::new();
+    let p = claimgate::persist::Persister::spawn(
+        g.backend.clone(),
+        g.db.clone(),
+        g.cfg.persister.clone(),
+        stop.clone(),
+    );
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let _ = p.flush().await;
+        if done().await {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the database never got {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    stop.cancel();
+    p.join().await;
 }

@@ -88,3 +88,31 @@ impl Drop for FaultProxy {
         self.cut();
     }
 }
+
+/// `url` (a PostgreSQL URL) pointed at a proxy on 127.0.0.1:`port`.
+pub fn proxied(url: &str, port: u16) -> String {
+    // postgres://user@host:port/db -> postgres://user@127.0.0.1:<port>/db
+    let (scheme, rest) = url.split_once("://").unwrap();
+    let (authority, path) = rest.split_once('/').unwrap();
+    let userinfo = authority
+        .rsplit_once('@')
+        .map(|(u, _)| format!("{u}@"))
+        .unwrap_or_default();
+    format!("{scheme}://{userinfo}127.0.0.1:{port}/{path}")
+}
+
+/// The address of the PostgreSQL server of `url` (port 5432 unless named).
+pub async fn pg_addr(url: &str) -> SocketAddr {
+    let rest = url.split_once("://").unwrap().1;
+    let authority = rest.split_once('/').unwrap().0;
+    let host = authority
+        .rsplit_once('@')
+        .map(|(_, h)| h)
+        .unwrap_or(authority);
+    let host = if host.contains(':') {
+        host.to_string()
+    } else {
+        format!("{host}:5432")
+    };
+    tokio::net::lookup_host(host).await.unwrap().next().unwrap()
+}
