@@ -27,6 +27,12 @@
 --                     sixty-four of them). A claim that
 --                     mints takes the code at the head; a transfer moves codes with the
 --                     stock (lua/transfer_out.lua, lua/transfer_in.lua).
+--  10 coupons hash   optional: the coupon states of the shard (lua/coupon.lua): seq ->
+--                     '<version>|<state>|<order>|<step>|<lock until>|<user>|<valid_from>|
+--                     <valid_to>|<claimed_at>|<code>'. Given, every coupon minted gets its
+--                     entry ('0|unused||||<user>|...'), its claim record the field m '1' (its
+--                     state lives here, src/coupons/), and the coupon can be locked,
+--                     redeemed and released at once, with the database down or behind.
 -- ARGV:
 --   1 n, the number of claims in this call: an integer, 1 <= n <= 1000
 --   2 max log length (0 = unbounded)   3 batch id   4 shard index
@@ -85,7 +91,7 @@
 --   this order:
 --   k 'claimed'   c coupon id   u user id   r request id ('' = none)   b batch id
 --   s shard index   t claimed at (ms)   vf valid from (ms)   vt valid to (ms)
---   [cd code: only in a batch that hands out codes]
+--   [cd code: only in a batch that hands out codes]   [m '1': given KEYS[10]]
 -- Request-id record (KEYS[5] value): '<coupon>|<vf>|<vt>|<at>|<nonce>', then '|<code>' when
 --   the coupon has a code.
 
@@ -268,6 +274,7 @@ call('DECRBY', KEYS[2], k)
 local base = call('INCRBY', KEYS[8], k) - k + (tonumber(m[9] or '0') or 0) * 1000000000000
 local prefix = batch .. '.' .. shard .. '.'
 local counts, days, reqs, seen, nc, nr = {}, {}, {}, {}, 0, 0
+local managed, states = KEYS[10] ~= nil, {}
 local tail = '|' .. sf .. '|' .. st .. '|' .. sn .. '|'
 if codes then
   for _, blk in ipairs(blocks) do
@@ -305,7 +312,17 @@ for j = 1, k do
     reqs[nr + 2] = code and (coupon .. tail .. A[N + i] .. '|' .. code) or (coupon .. tail .. A[N + i])
     nr = nr + 2
   end
-  if code then
+  if managed then
+    states[2 * j - 1] = fmt('%d', base + j)
+    states[2 * j] = '0|unused||||' .. u .. '|' .. sf .. '|' .. st .. '|' .. sn .. '|' .. (code or '')
+    if code then
+      call('XADD', KEYS[6], '*', 'k', 'claimed', 'c', coupon, 'u', u, 'r', A[R + i],
+        'b', batch, 's', shard, 't', sn, 'vf', sf, 'vt', st, 'cd', code, 'm', '1')
+    else
+      call('XADD', KEYS[6], '*', 'k', 'claimed', 'c', coupon, 'u', u, 'r', A[R + i],
+        'b', batch, 's', shard, 't', sn, 'vf', sf, 'vt', st, 'm', '1')
+    end
+  elseif code then
     call('XADD', KEYS[6], '*', 'k', 'claimed', 'c', coupon, 'u', u, 'r', A[R + i],
       'b', batch, 's', shard, 't', sn, 'vf', sf, 'vt', st, 'cd', code)
   else
@@ -313,6 +330,7 @@ for j = 1, k do
       'b', batch, 's', shard, 't', sn, 'vf', sf, 'vt', st)
   end
 end
+if managed and k > 0 then call('HSET', KEYS[10], unpack(states)) end
 call('HSET', KEYS[3], unpack(counts))
 if daily > 0 then call('HSET', KEYS[4], unpack(days)) end
 if nr > 0 then call('HSET', KEYS[5], unpack(reqs)) end

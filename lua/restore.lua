@@ -11,6 +11,9 @@
 --   11 repair string  the repair lock: the id of the repairer working on the slot (expires)
 --   12 codes  hash    the slot's code queue (lua/claim.lua KEYS[9])
 --   13 xcodes hash    the codes of the slot's open transfers (lua/transfer_out.lua)
+--   14 coupons hash   optional: the coupon states of a shard (lua/coupon.lua); 'begin'
+--                     deletes it, so every coupon of the slot goes back to the database's
+--                     transitions (the log is empty then: the database holds every change)
 -- ARGV[1] = op:
 --   'fence'  ARGV 2 repairer id, 3 lock lifetime ms (> 0). Takes the repair lock unless
 --            another repairer holds it; then deletes the meta: every claim on the slot is
@@ -20,8 +23,8 @@
 --            repairer fences and restores it next.
 --   'begin'  ARGV 2 force ('1' = also when the slot's meta exists, '0' = refuse then).
 --            Refuses while the log holds records (not yet persisted: the database does not
---            know them). Otherwise deletes meta, stock, users, daily, req, deny, outbox and
---            codes (the claim counter, transfer sequence and log are kept), and answers the
+--            know them). Otherwise deletes meta, stock, users, daily, req, deny, outbox,
+--            codes and coupons (the claim counter, transfer sequence and log are kept), and answers the
 --            stock it deleted (a repair writes it off, with its codes: part of it may have
 --            been sold by a primary that was lost).
 --   'hset'   ARGV 2 target ('users' | 'daily' | 'req'), 3.. field/value pairs.
@@ -80,6 +83,7 @@ elseif op == 'begin' then
   local stock = tonumber(redis.call('GET', KEYS[2]) or '0')
   redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[9], KEYS[12],
     KEYS[13])
+  if KEYS[14] then redis.call('DEL', KEYS[14]) end
   return { 1, tonumber(redis.call('GET', KEYS[7]) or '0'), stock }
 
 elseif op == 'hset' then

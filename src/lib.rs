@@ -32,6 +32,7 @@ pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod contract;
+pub mod coupons;
 pub mod domain;
 pub mod gateway;
 pub mod http;

@@ -1210,6 +1210,9 @@ async fn refund_over_http_reopens_the_coupon_not_the_claim() {
     assert_eq!(s, 404, "{v}");
 
     step("the ledger");
+    // the coupon's state lives on its shard: its changes reach the database (and the
+    // outbox) through the persister, like its claim
+    g.persister.flush().await.unwrap();
     let (s, v) = call(app, "GET", "/v1/events?state=pending&limit=50", "").await;
     assert_eq!(s, 200, "{v}");
     let types: Vec<&str> = v["events"]

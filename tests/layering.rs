@@ -24,6 +24,7 @@ const LAYERS: &[(&str, u8, &str)] = &[
     ("store", 3, "contracts"),
     ("stock", 4, "services"),
     ("catalog", 4, "services"),
+    ("coupons", 4, "services"),
     ("persist", 5, "off the request path"),
     ("recovery", 5, "off the request path"),
     ("notify", 5, "off the request path"),

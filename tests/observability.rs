@@ -226,6 +226,27 @@ fn closed_label_sets() -> LabelSets {
         )]),
     );
     s.insert(
+        "claimgate_wallet_reads_total",
+        m(vec![(
+            "source",
+            set(claimgate::obs::metrics::WALLET_SOURCES),
+        )]),
+    );
+    s.insert(
+        "claimgate_recent_touches_total",
+        m(vec![(
+            "outcome",
+            set(claimgate::obs::metrics::TOUCH_OUTCOMES),
+        )]),
+    );
+    s.insert(
+        "claimgate_coupon_changes_total",
+        m(vec![(
+            "outcome",
+            set(claimgate::obs::metrics::COUPON_CHANGE_OUTCOMES),
+        )]),
+    );
+    s.insert(
         "claimgate_grant_users_total",
         m(vec![(
             "outcome",

@@ -626,8 +626,9 @@ async fn live_answers_match_the_response_schemas() {
     .await;
     conforms(&gw, &doc, "GET", wallet, "/v1/users/u1/coupons?bogus=1", "").await;
     let coupon = first["coupon_id"].as_str().unwrap();
+    // usable the moment the claim answered 201 (its state lives on its shard)
     let lock = "/v1/coupons/{coupon_id}/lock";
-    let missing = conforms(
+    let locked = conforms(
         &gw,
         &doc,
         "POST",
@@ -636,26 +637,24 @@ async fn live_answers_match_the_response_schemas() {
         r#"{"order_id":"o1"}"#,
     )
     .await;
+    assert_eq!(locked["state"], "locked");
+    let missing = conforms(
+        &gw,
+        &doc,
+        "POST",
+        lock,
+        "/v1/coupons/oa1.0.999999/lock",
+        r#"{"order_id":"o1"}"#,
+    )
+    .await;
     assert_eq!(missing["error"], "coupon_not_found");
     let refund = "/v1/coupons/{coupon_id}/refund";
     let path = format!("/v1/coupons/{coupon}/refund");
-    let missing = conforms(&gw, &doc, "POST", refund, &path, r#"{"order_id":"o1"}"#).await;
-    assert_eq!(missing["error"], "coupon_not_found");
+    let refused = conforms(&gw, &doc, "POST", refund, &path, r#"{"order_id":"o1"}"#).await;
+    assert_eq!(refused["error"], "invalid_state", "not redeemed yet");
     conforms(&gw, &doc, "POST", refund, &path, r#"{"order":"o1"}"#).await;
 
-    // the coupon reaches the database (as the persister writes it): a refund, the ledger
-    let mut pcfg = gw.app.config().persister.clone();
-    pcfg.consumer = Some("openapi".into());
-    let stop = tokio_util::sync::CancellationToken::new();
-    let persister = claimgate::persist::Persister::spawn(
-        gw.app.backend().clone(),
-        gw.app.store().clone(),
-        pcfg,
-        stop.clone(),
-    );
-    assert_eq!(persister.flush().await.unwrap(), 1);
-    stop.cancel();
-    persister.join().await;
+    // a redeem and a refund, then the database (as the persister writes it): the ledger
     for action in ["lock", "redeem"] {
         let a = call(
             &gw,
@@ -670,6 +669,18 @@ async fn live_answers_match_the_response_schemas() {
     assert_eq!(refused["error"], "invalid_state");
     let refunded = conforms(&gw, &doc, "POST", refund, &path, r#"{"order_id":"o1"}"#).await;
     assert_eq!(refunded["state"], "unused");
+    let mut pcfg = gw.app.config().persister.clone();
+    pcfg.consumer = Some("openapi".into());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let persister = claimgate::persist::Persister::spawn(
+        gw.app.backend().clone(),
+        gw.app.store().clone(),
+        pcfg,
+        stop.clone(),
+    );
+    assert_eq!(persister.flush().await.unwrap(), 1);
+    stop.cancel();
+    persister.join().await;
     let events = "/v1/events";
     let page = conforms(&gw, &doc, "GET", events, "/v1/events?limit=2", "").await;
     assert_eq!(page["events"].as_array().unwrap().len(), 2);

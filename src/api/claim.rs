@@ -119,6 +119,17 @@ pub async fn claim<B: Backend>(
     result
 }
 
+/// Read-your-writes: the coupon goes into its user's recent set before the claim is
+/// answered, so the wallet lists it at once (`coupons::wallet`). A failure is counted and
+/// logged there; the claim stands.
+async fn touch<B: Backend>(api: &Api<B>, user: &str, coupon_id: &str, t: Instant) {
+    let _ = api
+        .wallets()
+        .touch(user, coupon_id, api.clock().now_ms())
+        .await;
+    stage("recent", t);
+}
+
 async fn claim_inner<B: Backend>(
     api: &Api<B>,
     batch_id: &str,
@@ -244,13 +255,21 @@ async fn claim_inner<B: Backend>(
             )));
         }
     };
+    let t = Instant::now();
     match outcome {
-        Outcome::Claimed(c) => Ok((StatusCode::CREATED, ClaimReply::new(&c, batch_id, user))),
-        // Our own repeated call minted it: the client never saw the first reply.
-        Outcome::Replayed(c) if c.minted_by == nonce => {
+        Outcome::Claimed(c) => {
+            touch(api, user, &c.coupon_id, t).await;
             Ok((StatusCode::CREATED, ClaimReply::new(&c, batch_id, user)))
         }
-        Outcome::Replayed(c) => Ok((StatusCode::OK, ClaimReply::new(&c, batch_id, user))),
+        // Our own repeated call minted it: the client never saw the first reply.
+        Outcome::Replayed(c) if c.minted_by == nonce => {
+            touch(api, user, &c.coupon_id, t).await;
+            Ok((StatusCode::CREATED, ClaimReply::new(&c, batch_id, user)))
+        }
+        Outcome::Replayed(c) => {
+            touch(api, user, &c.coupon_id, t).await;
+            Ok((StatusCode::OK, ClaimReply::new(&c, batch_id, user)))
+        }
         Outcome::NoBatch => {
             catalog.mark_lost(&entry);
             Err(ApiError::unavailable(format!(

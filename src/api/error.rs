@@ -11,6 +11,7 @@ use thiserror::Error;
 
 use crate::backend::BackendError;
 use crate::catalog::CatalogError;
+use crate::coupons::CouponsError;
 use crate::domain::auth::AuthError;
 use crate::domain::batch::InvalidBatch;
 use crate::domain::limits::LimitError;
@@ -240,6 +241,21 @@ impl From<DbError> for ApiError {
             DbError::InvalidState { .. } => ApiError::InvalidState(e.to_string()),
             DbError::Contended(_) => ApiError::Overloaded(e.to_string()),
             other => ApiError::BackendUnavailable(other.to_string()),
+        }
+    }
+}
+
+/// A change of a coupon whose state lives on its shard: refusals are the client's (409);
+/// a shard under repair or a log at its bound is 503, nothing changed.
+impl From<CouponsError> for ApiError {
+    fn from(e: CouponsError) -> Self {
+        match e {
+            CouponsError::InvalidState { .. } => ApiError::InvalidState(e.to_string()),
+            CouponsError::Backlog | CouponsError::Contended(_) => {
+                ApiError::Overloaded(e.to_string())
+            }
+            CouponsError::SlotGone => ApiError::BackendUnavailable(e.to_string()),
+            CouponsError::Backend(b) => b.into(),
         }
     }
 }

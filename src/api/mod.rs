@@ -30,6 +30,8 @@ pub use self::error::ApiError;
 use crate::backend::Backend;
 use crate::catalog::Catalog;
 use crate::config::Config;
+use crate::coupons::Coupons;
+use crate::coupons::wallet::Wallets;
 use crate::domain::auth::Auth;
 use crate::domain::limits::{Admission, RateLimits};
 use crate::domain::time::{Clock, SystemClock};
@@ -48,6 +50,10 @@ pub struct Api<B: Backend> {
     admission: Admission,
     /// Bulk grant jobs: uploads, runs, resumes.
     grants: Arc<Grants<B>>,
+    /// Coupon state on its shard: the transitions of coupons whose state lives there.
+    coupons: Arc<Coupons<B>>,
+    /// Wallet reads (the database's page, cached, corrected by the recent changes).
+    wallets: Arc<Wallets<B>>,
     /// `persister.max_backlog_per_shard`, formatted once for the claim script.
     max_log: String,
     /// The time of coupon transitions, wallet reads and a claim's local checks (window, the
@@ -69,8 +75,20 @@ impl<B: Backend> Api<B> {
             catalog.clone(),
             store.clone(),
         ));
+        let coupons = Arc::new(Coupons::new(
+            stock.backend().clone(),
+            cfg.persister.max_backlog_per_shard,
+        ));
+        let wallets = Arc::new(Wallets::new(
+            stock.backend().clone(),
+            coupons.clone(),
+            store.clone(),
+            &cfg.wallet,
+        ));
         Api {
             grants,
+            coupons,
+            wallets,
             auth: Auth::new(&cfg.auth),
             limits: RateLimits::new(&cfg.limits),
             admission: Admission::new(&cfg.limits),
@@ -123,6 +141,14 @@ impl<B: Backend> Api<B> {
 
     pub fn grants(&self) -> &Arc<Grants<B>> {
         &self.grants
+    }
+
+    pub fn coupons(&self) -> &Arc<Coupons<B>> {
+        &self.coupons
+    }
+
+    pub fn wallets(&self) -> &Arc<Wallets<B>> {
+        &self.wallets
     }
 }
 

@@ -41,8 +41,8 @@ pub struct QuoteReply {
 }
 
 /// The user's coupons a quote considers: THE one place the quote reads the wallet. Today
-/// that is the database's materialised coupons (`store/coupons.rs`); when the wallet's
-/// source of truth moves to Redis, this function is what changes. Unused coupons first (the
+/// that is the wallet as `GET /v1/users/{id}/coupons` shows it (`coupons::wallet`: read-your-
+/// writes, the coupons' shards over the database's page). Unused coupons first (the
 /// ones that can apply), then locked, then expired (reported with their reason), each by
 /// coupon id, at most `max` in all; used coupons are not considered. Returns them and
 /// whether the wallet held more.
@@ -51,7 +51,8 @@ pub async fn wallet_for_quote<B: Backend>(
     user: &str,
     max: u32,
 ) -> Result<(Vec<CouponRow>, bool), ApiError> {
-    let store = api.store();
+    let wallets = api.wallets();
+    let now = api.clock().now_ms();
     let mut rows: Vec<CouponRow> = Vec::new();
     let mut truncated = false;
     for state in [
@@ -62,16 +63,16 @@ pub async fn wallet_for_quote<B: Backend>(
         let room = max.saturating_sub(rows.len() as u32);
         if room == 0 {
             // full: is anything left out?
-            let (more, _) = store.user_coupons(user, Some(state), 1, None).await?;
-            if !more.is_empty() {
+            let more = wallets.page(user, Some(state), 1, None, now).await?;
+            if !more.coupons.is_empty() {
                 truncated = true;
                 break;
             }
             continue;
         }
-        let (page, next) = store.user_coupons(user, Some(state), room, None).await?;
-        truncated |= next.is_some();
-        rows.extend(page);
+        let page = wallets.page(user, Some(state), room, None, now).await?;
+        truncated |= page.next_cursor.is_some();
+        rows.extend(page.coupons);
     }
     Ok((rows, truncated))
 }

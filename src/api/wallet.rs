@@ -12,6 +12,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{Api, ApiError, parse_object};
 use crate::backend::Backend;
+use crate::coupons::Changed;
+use crate::coupons::wallet::managed_row;
 use crate::domain::coupon::Transition;
 use crate::domain::ids::{parse_coupon_id, valid_ident};
 use crate::domain::time::Timestamp;
@@ -56,6 +58,10 @@ impl From<CouponRow> for CouponView {
 pub struct Page {
     pub coupons: Vec<CouponView>,
     pub next_cursor: Option<String>,
+    /// The database could not be read: only the coupons claimed or changed lately (within
+    /// `wallet.recent_window_ms`) are listed. Absent otherwise.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub partial: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -154,17 +160,22 @@ pub async fn list<B: Backend>(
         }
     }
     let now = api.clock().now_ms();
-    let (rows, next_cursor) = api
-        .store()
-        .user_coupons_at(user, state, limit, cursor.as_deref(), now)
+    let page = api
+        .wallets()
+        .page(user, state, limit, cursor.as_deref(), now)
         .await?;
     Ok(Page {
-        coupons: rows.into_iter().map(CouponView::from).collect(),
-        next_cursor,
+        coupons: page.coupons.into_iter().map(CouponView::from).collect(),
+        next_cursor: page.next_cursor,
+        partial: page.partial,
     })
 }
 
 /// `POST /v1/coupons/{coupon_id}/{lock|redeem|release|refund}` with `{"order_id"}`.
+///
+/// A coupon whose state lives on its shard (every coupon minted since coupon state moved
+/// there) changes there, at once after its claim and with the database down or behind
+/// (`coupons`); any other coupon changes in the database.
 pub async fn act<B: Backend>(
     api: &Api<B>,
     headers: &HeaderMap,
@@ -181,30 +192,42 @@ pub async fn act<B: Backend>(
     if parse_coupon_id(coupon_id).is_none() {
         return Err(ApiError::CouponNotFound);
     }
-    let (auth, store) = (api.auth(), api.store());
-    if auth.user_auth_enabled() {
-        // Authenticate first, then look up: another user's coupon reads as absent, so the
-        // answer never tells whether a coupon id exists.
-        let admin = api.config().auth.admin_token.is_some() && auth.check_admin(headers).is_ok();
-        let caller = if admin {
-            None
-        } else {
-            Some(auth.identify(headers, None)?)
-        };
-        let coupon = store.get_coupon(coupon_id).await?;
-        match (coupon, caller) {
-            (Some(c), Some(who)) if c.user_id != who.user_id => {
-                return Err(ApiError::CouponNotFound);
-            }
-            (Some(_), _) => {}
-            (None, _) => return Err(ApiError::CouponNotFound),
-        }
-    }
     let timeout = i64::try_from(api.config().wallet.lock_timeout_ms).unwrap_or(i64::MAX);
     let t = Transition::client(action, &body.order_id, timeout).ok_or(ApiError::RouteNotFound)?;
-    let row = store
-        .transition(coupon_id, &t, api.clock().now_ms())
-        .await?;
+    // Authenticate first, then look up: another user's coupon reads as absent, so the
+    // answer never tells whether a coupon id exists. `None`: no user to check against.
+    let (auth, store) = (api.auth(), api.store());
+    let caller = if !auth.user_auth_enabled()
+        || (api.config().auth.admin_token.is_some() && auth.check_admin(headers).is_ok())
+    {
+        None
+    } else {
+        Some(auth.identify(headers, None)?.user_id)
+    };
+    if let Some(m) = api.coupons().get(coupon_id).await? {
+        if caller.as_ref().is_some_and(|who| *who != m.entry.user) {
+            return Err(ApiError::CouponNotFound);
+        }
+        let now = api.clock().now_ms();
+        match api.coupons().change(m, &t, now).await? {
+            Changed::Written(m) | Changed::Repeat(m) => {
+                // the wallet shows the change at once (a failed touch is counted and logged)
+                let _ = api.wallets().touch(&m.entry.user, &m.coupon_id, now).await;
+                return Ok(CouponView::from(managed_row(&m, now)));
+            }
+            Changed::NotManaged => {} // restored from the database meanwhile: its state is there
+        }
+    }
+    if let Some(who) = &caller {
+        match store.get_coupon(coupon_id).await? {
+            Some(c) if c.user_id == *who => {}
+            _ => return Err(ApiError::CouponNotFound),
+        }
+    }
+    let now = api.clock().now_ms();
+    let row = store.transition(coupon_id, &t, now).await?;
+    // a cached wallet page older than this change is not used again
+    let _ = api.wallets().touch(&row.user_id, &row.coupon_id, now).await;
     Ok(row.into())
 }
 

@@ -25,10 +25,12 @@ pub enum Script {
     Replay,
     Winners,
     CodesAdd,
+    Coupon,
+    Recent,
 }
 
 impl Script {
-    pub const ALL: [Script; 16] = [
+    pub const ALL: [Script; 18] = [
         Script::Claim,
         Script::Setup,
         Script::Patch,
@@ -45,6 +47,8 @@ impl Script {
         Script::Replay,
         Script::Winners,
         Script::CodesAdd,
+        Script::Coupon,
+        Script::Recent,
     ];
 
     pub fn name(self) -> &'static str {
@@ -65,6 +69,8 @@ impl Script {
             Script::Replay => "replay",
             Script::Winners => "winners",
             Script::CodesAdd => "codes_add",
+            Script::Coupon => "coupon",
+            Script::Recent => "recent",
         }
     }
 
@@ -86,6 +92,8 @@ impl Script {
             Script::Replay => include_str!("../../lua/replay.lua"),
             Script::Winners => include_str!("../../lua/winners.lua"),
             Script::CodesAdd => include_str!("../../lua/codes_add.lua"),
+            Script::Coupon => include_str!("../../lua/coupon.lua"),
+            Script::Recent => include_str!("../../lua/recent.lua"),
         }
     }
 

@@ -405,7 +405,7 @@ impl Config {
         // Every bound a module relies on is checked here, naming the key: no module clamps
         // a configured value on its own (`x.max(1)`), so what is configured is what runs.
         const HOUR_MS: u64 = 3_600_000;
-        let ranges: [(&'static str, u64, u64, u64); 45] = [
+        let ranges: [(&'static str, u64, u64, u64); 49] = [
             (
                 "server.max_body_bytes",
                 self.server.max_body_bytes as u64,
@@ -631,6 +631,25 @@ impl Config {
                 1,
                 WALLET_MAX_PAGE,
             ),
+            (
+                "wallet.recent_window_ms",
+                self.wallet.recent_window_ms,
+                1_000,
+                7 * 24 * HOUR_MS,
+            ),
+            (
+                "wallet.recent_max",
+                u64::from(self.wallet.recent_max),
+                1,
+                100_000,
+            ),
+            ("wallet.cache_ms", self.wallet.cache_ms, 0, HOUR_MS),
+            (
+                "wallet.cache_entries",
+                u64::from(self.wallet.cache_entries),
+                1,
+                10_000_000,
+            ),
         ];
         for (key, value, lo, hi) in ranges {
             if !(lo..=hi).contains(&value) {
@@ -643,6 +662,13 @@ impl Config {
         }
         if self.wallet.default_page == 0 || self.wallet.default_page > self.wallet.max_page {
             return bad("wallet.default_page", "must be 1..=wallet.max_page");
+        }
+        if self.wallet.cache_ms >= self.wallet.recent_window_ms {
+            return bad(
+                "wallet.cache_ms",
+                "must be below wallet.recent_window_ms (a cached page is corrected by the \
+                 recent coupons only within that window)",
+            );
         }
         let campaign = [
             (
@@ -1364,6 +1390,10 @@ mod tests {
             ("limits.retry_after_s=0", "limits.retry_after_s"),
             ("wallet.max_page=1000", "wallet.max_page"),
             ("wallet.default_page=0", "wallet.default_page"),
+            ("wallet.recent_window_ms=999", "wallet.recent_window_ms"),
+            ("wallet.recent_max=0", "wallet.recent_max"),
+            ("wallet.cache_ms=600000", "wallet.cache_ms"),
+            ("wallet.cache_entries=0", "wallet.cache_entries"),
         ] {
             let err = load(None, env(&[]), &[set.to_string()])
                 .expect_err(set)

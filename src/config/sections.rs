@@ -220,6 +220,17 @@ pub struct WalletConfig {
     /// Coupons per wallet page when `limit` is not given, and the largest `limit`.
     pub default_page: u32,
     pub max_page: u32,
+    /// How long a claimed or changed coupon stays in its user's recent set: the wallet shows
+    /// it from its shard that long, whatever the database holds (read-your-writes while the
+    /// database is behind or down). Longer than `cache_ms`.
+    pub recent_window_ms: u64,
+    /// The most recent coupons kept per user (the oldest are forgotten past it).
+    pub recent_max: u32,
+    /// How long a gateway serves a wallet page from its cache of the database's answer (0:
+    /// never): recent changes are merged into it, so a cached page never hides one.
+    pub cache_ms: u64,
+    /// The most cached wallet pages per gateway.
+    pub cache_entries: u32,
 }
 
 impl Default for WalletConfig {
@@ -228,6 +239,10 @@ impl Default for WalletConfig {
             lock_timeout_ms: 15 * 60 * 1000,
             default_page: 20,
             max_page: 100,
+            recent_window_ms: 10 * 60 * 1000,
+            recent_max: 1000,
+            cache_ms: 2000,
+            cache_entries: 100_000,
         }
     }
 }

@@ -116,7 +116,7 @@ pub struct Shared<'a> {
 pub const MAX_CLAIMS_PER_CALL: usize = crate::config::MAX_GROUP_CLAIMS;
 
 /// KEYS, in the script's order.
-pub fn keys(slot: &SlotKeys) -> [&str; 9] {
+pub fn keys(slot: &SlotKeys) -> [&str; 10] {
     [
         &slot.meta,
         &slot.stock,
@@ -127,6 +127,7 @@ pub fn keys(slot: &SlotKeys) -> [&str; 9] {
         &slot.deny,
         &slot.claimed,
         &slot.codes,
+        &slot.coupons,
     ]
 }
 

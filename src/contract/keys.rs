@@ -22,9 +22,18 @@
 //! | `codes`   | hash   | the slot's code queue, in a batch that hands out codes         |
 //! | `xcodes`  | hash   | transfer id -> the codes an open transfer carries              |
 //! | `loads`   | set    | chunk ids of codes added to the batch (pool)                   |
+//! | `coupons` | hash   | seq -> the state of a coupon minted here (shards; `lua/coupon.lua`) |
+//!
+//! Beside the batches' slots, each user has one: `cg:{w:<user>}:recent` ([`recent_key`]).
 //!
 //! Invariant kept here: every key a script receives is built by this module from the same
 //! tag, so a script can never span two cluster slots.
+
+/// The coupons of user `user` changed lately (`lua/recent.lua`): the user's own slot,
+/// `cg:{w:<user>}:recent` (a user id has no braces: `domain::ids::valid_ident`).
+pub fn recent_key(user: &str) -> String {
+    format!("cg:{{w:{user}}}:recent")
+}
 
 /// Slot of the pool (`None`) or of shard `i` (`Some(i)`).
 pub type SlotId = Option<u32>;
@@ -74,6 +83,9 @@ pub struct SlotKeys {
     pub xcodes: String,
     /// Chunk ids of codes added (`lua/codes_add.lua`, on the pool).
     pub loads: String,
+    /// The states of the coupons minted in the slot (`lua/claim.lua` KEYS[10],
+    /// `lua/coupon.lua`).
+    pub coupons: String,
     tag: String,
 }
 
@@ -100,6 +112,7 @@ impl SlotKeys {
             codes: k("codes"),
             xcodes: k("xcodes"),
             loads: k("loads"),
+            coupons: k("coupons"),
             label,
             tag,
         }
@@ -158,7 +171,7 @@ mod tests {
         let k = SlotKeys::new("b1", Some(3));
         for key in [
             &k.meta, &k.stock, &k.users, &k.daily, &k.req, &k.log, &k.deny, &k.claimed, &k.outbox,
-            &k.fence, &k.repair, &k.xseq, &k.codes, &k.xcodes, &k.loads,
+            &k.fence, &k.repair, &k.xseq, &k.codes, &k.xcodes, &k.loads, &k.coupons,
         ] {
             assert!(key.starts_with("cg:{b1:3}:"), "{key}");
         }

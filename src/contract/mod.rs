@@ -22,6 +22,8 @@
 //! | `meta_get`      | [`meta_get`]      | [`meta::SlotMeta`]                       |
 //! | `winners`       | [`winners`]       | (user, count) pairs                      |
 //! | `codes_add`     | [`codes_add`]     | [`codes_add::Added`]                     |
+//! | `coupon`        | [`coupon`]        | [`coupon::Got`], [`coupon::Set`]         |
+//! | `recent`        | [`recent`]        | (coupon id, touched ms) pairs            |
 //! | `log_read`      | [`log_read`]      | [`log_read::LogEntry`]s                  |
 //! | `log_ack`       | [`log_ack`]       | entries removed                          |
 //! | `restore`       | [`restore`]       | [`restore::Step`]                        |
@@ -35,6 +37,7 @@
 pub mod claim;
 pub mod claim_record;
 pub mod codes_add;
+pub mod coupon;
 pub mod events;
 pub mod inbox_check;
 pub mod keys;
@@ -45,6 +48,7 @@ pub mod meta;
 pub mod meta_get;
 pub mod patch;
 pub mod probe;
+pub mod recent;
 pub mod replay;
 mod reply;
 pub mod restore;
@@ -109,6 +113,7 @@ mod tests {
     fn every_module_builds_the_keys_its_script_header_lists() {
         let s = SlotKeys::new("b", Some(0));
         let inbox = s.inbox("t1");
+        let recent = super::keys::recent_key("u1");
         let built: Vec<(Script, Vec<&str>)> = vec![
             (Script::Claim, super::claim::keys(&s).to_vec()),
             (Script::Replay, super::replay::keys(&s).to_vec()),
@@ -132,6 +137,8 @@ mod tests {
             (Script::MetaGet, super::meta_get::keys(&s).to_vec()),
             (Script::Winners, super::winners::keys(&s).to_vec()),
             (Script::CodesAdd, super::codes_add::keys(&s).to_vec()),
+            (Script::Coupon, super::coupon::keys(&s).to_vec()),
+            (Script::Recent, super::recent::keys(&recent).to_vec()),
             (Script::LogRead, super::log_read::keys(&s.log).to_vec()),
             (Script::LogAck, super::log_ack::keys(&s.log).to_vec()),
             (Script::Restore, super::restore::keys(&s).to_vec()),

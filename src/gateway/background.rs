@@ -156,6 +156,7 @@ async fn coupon_sweeper<B: Backend>(app: Arc<App<B>>, stop: CancellationToken) {
         }
         let now = app.api().clock().now_ms();
         let _ = crate::notify::sweep_once(app.store(), &cfg, now).await;
+        let _ = crate::notify::sweep_managed(app.store(), app.api().coupons(), &cfg, now).await;
     }
 }
 

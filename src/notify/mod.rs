@@ -1,7 +1,9 @@
 //! Events out, off the request path: the delivery worker that takes events from the outbox
 //! (`store::outbox`, written in the transaction of each state change) and POSTs them to
 //! `events.webhook_url`, signed ([`signature`], [`webhook`]); and the coupon sweep pass
-//! (expiry, "expiring soon" reminders, the outbox gauges) a background loop runs.
+//! (expiry, "expiring soon" reminders, the outbox gauges) a background loop runs; the
+//! coupons whose state lives on their shard are expired and released there
+//! ([`sweep_managed`]: the database only finds them).
 //!
 //! Invariants kept here:
 //! - delivery is at least once: an event leaves the outbox's `pending` state only when the
@@ -27,7 +29,10 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use self::webhook::Webhook;
+use crate::backend::Backend;
 use crate::config::EventsConfig;
+use crate::coupons::{Changed, Coupons};
+use crate::domain::coupon::Transition;
 use crate::domain::time::Clock;
 use crate::obs::events::{
     CouponsSwept, DeliveryFailed, EventAttempted, OutboxMeasured, SweepPassFailed,
@@ -269,6 +274,63 @@ pub async fn sweep_once(
     }
     .emit();
     Ok((swept, stats))
+}
+
+/// One pass over the coupons whose state lives on their shard and that are due at `now`
+/// (validity ended, or a lock's deadline passed; at most `events.sweep_batch`): the
+/// database finds them (`Db::due_managed`), their shard decides and writes the change
+/// (`coupons::Coupons::change`: the same state machine, the deadline the entry's, so a lock
+/// whose gateway died is released by any other), and the persister brings it to the
+/// database like any change. A coupon whose entry is gone (its shard was restored from the
+/// database since) changes in the database. A coupon that fails is left to the next pass.
+/// Returns how many were expired and released.
+pub async fn sweep_managed<B: Backend>(
+    db: &Db,
+    coupons: &Coupons<B>,
+    cfg: &EventsConfig,
+    now: i64,
+) -> Result<(u64, u64), DbError> {
+    let due = match db.due_managed(now, cfg.sweep_batch).await {
+        Ok(d) => d,
+        Err(e) => {
+            SweepPassFailed {
+                error: &e.to_string(),
+            }
+            .emit();
+            return Err(e);
+        }
+    };
+    let (mut expired, mut released) = (0, 0);
+    for d in due {
+        let done = match coupons.get(&d.coupon_id).await {
+            Ok(Some(m)) => match coupons.change(m, &d.transition, now).await {
+                Ok(Changed::Written(_)) => true,
+                Ok(Changed::Repeat(_)) => false,
+                Ok(Changed::NotManaged) => db
+                    .transition(&d.coupon_id, &d.transition, now)
+                    .await
+                    .is_ok(),
+                Err(_) => false,
+            },
+            Ok(None) => db
+                .transition(&d.coupon_id, &d.transition, now)
+                .await
+                .is_ok(),
+            Err(_) => false,
+        };
+        match (done, &d.transition) {
+            (true, Transition::Expire) => expired += 1,
+            (true, _) => released += 1,
+            (false, _) => {}
+        }
+    }
+    CouponsSwept {
+        expired,
+        released,
+        reminded: 0,
+    }
+    .emit();
+    Ok((expired, released))
 }
 
 #[cfg(test)]

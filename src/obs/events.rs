@@ -711,6 +711,63 @@ impl CouponsSwept {
     }
 }
 
+static WALLET_READ_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(10));
+
+/// A wallet page was read: from the cache, the database, or (the database failing) only
+/// the recent coupons.
+pub struct WalletRead<'a> {
+    pub source: &'static str,
+    pub error: Option<&'a str>,
+}
+
+impl WalletRead<'_> {
+    pub fn emit(self) {
+        metrics::counter!(m::WALLET_READS, "source" => self.source).increment(1);
+        if let Some(error) = self.error
+            && let Some(suppressed) = WALLET_READ_LOG.admit()
+        {
+            tracing::warn!(
+                error,
+                suppressed,
+                "wallet read without the database: recent coupons only"
+            );
+        }
+    }
+}
+
+static TOUCH_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(10));
+
+/// A coupon was touched in its user's recent set (or the touch failed: the wallet may miss
+/// it until the database has it).
+pub struct RecentTouched {
+    pub error: Option<String>,
+}
+
+impl RecentTouched {
+    pub fn emit(self) {
+        let outcome = if self.error.is_some() { "error" } else { "ok" };
+        metrics::counter!(m::RECENT_TOUCHES, "outcome" => outcome).increment(1);
+        if let Some(error) = self.error
+            && let Some(suppressed) = TOUCH_LOG.admit()
+        {
+            tracing::warn!(%error, suppressed, "recent coupons not touched");
+        }
+    }
+}
+
+/// A change of a coupon whose state lives on its shard: its outcome (one of
+/// `COUPON_CHANGE_OUTCOMES`).
+pub struct CouponChanged {
+    pub outcome: &'static str,
+}
+
+impl CouponChanged {
+    pub fn emit(self) {
+        metrics::counter!(m::COUPON_CHANGES, "outcome" => self.outcome).increment(1);
+        tracing::debug!(outcome = self.outcome, "coupon change");
+    }
+}
+
 static SWEEP_PASS_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(10));
 
 /// A coupon sweep pass failed on the database (retried at the next interval).

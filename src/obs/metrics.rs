@@ -106,6 +106,15 @@ pub const EVENT_LAG: &str = "claimgate_event_lag_seconds";
 /// Coupons the sweeps wrote, by `kind` ([`SWEEP_KINDS`]: expired; released = a lapsed
 /// lock released, cause `lock_timeout`; reminded = an "expiring soon" event written).
 pub const COUPONS_SWEPT: &str = "claimgate_coupons_swept_total";
+/// Wallet reads by `source` ([`WALLET_SOURCES`]: the page came from this gateway's cache,
+/// from the database, or, with the database unreachable, only the recent coupons).
+pub const WALLET_READS: &str = "claimgate_wallet_reads_total";
+/// Touches of a user's recent coupons (before a claim or a change is answered), by
+/// `outcome` (`ok`, `error`: the wallet may miss the coupon until the database has it).
+pub const RECENT_TOUCHES: &str = "claimgate_recent_touches_total";
+/// Changes of coupons whose state lives on their shard, by `outcome`
+/// ([`COUPON_CHANGE_OUTCOMES`]).
+pub const COUPON_CHANGES: &str = "claimgate_coupon_changes_total";
 /// Grant job events by `event` ([`GRANT_JOB_EVENTS`]).
 pub const GRANT_JOBS: &str = "claimgate_grant_jobs_total";
 /// Users of grant jobs decided, by `outcome` ([`GRANT_OUTCOMES`]); counted when a chunk is
@@ -212,6 +221,8 @@ pub const SCRIPTS: &[&str] = &[
     "replay",
     "winners",
     "codes_add",
+    "coupon",
+    "recent",
 ];
 /// Stage labels of [`STAGE_SECONDS`].
 pub const STAGES: &[&str] = &[
@@ -221,6 +232,7 @@ pub const STAGES: &[&str] = &[
     "cache",
     "admission",
     "backend",
+    "recent",
 ];
 /// `route` labels of [`HTTP_REQUESTS`].
 pub const ROUTES: &[&str] = &[
@@ -293,6 +305,15 @@ pub const CACHE_KINDS: &[&str] = &[
 ];
 /// `outcome` labels of [`EVENT_DELIVERIES`].
 pub const DELIVERY_OUTCOMES: &[&str] = &["delivered", "failed", "dead"];
+/// `source` labels of [`WALLET_READS`].
+pub const WALLET_SOURCES: &[&str] = &["cache", "database", "partial"];
+/// `outcome` labels of [`RECENT_TOUCHES`].
+pub const TOUCH_OUTCOMES: &[&str] = &["ok", "error"];
+/// `outcome` labels of [`COUPON_CHANGES`]: written, a repeat that needed nothing, refused
+/// (409), a lost race decided again, or not made (shard under repair, log at its bound,
+/// contended, backend error).
+pub const COUPON_CHANGE_OUTCOMES: &[&str] =
+    &["written", "repeat", "refused", "retried", "unavailable"];
 /// `kind` labels of [`COUPONS_SWEPT`].
 pub const SWEEP_KINDS: &[&str] = &["expired", "released", "reminded"];
 /// `event` labels of [`GRANT_JOBS`]: an upload became a job (`submitted`); a run of it
@@ -536,6 +557,24 @@ fn describe() {
     }
     for kind in SWEEP_KINDS {
         metrics::counter!(COUPONS_SWEPT, "kind" => *kind).increment(0);
+    }
+    describe_counter!(WALLET_READS, "Wallet reads by where the page came from.");
+    describe_counter!(
+        RECENT_TOUCHES,
+        "Touches of users' recent coupons (read-your-writes), by outcome."
+    );
+    describe_counter!(
+        COUPON_CHANGES,
+        "Changes of coupons whose state lives on their shard, by outcome."
+    );
+    for source in WALLET_SOURCES {
+        metrics::counter!(WALLET_READS, "source" => *source).increment(0);
+    }
+    for outcome in TOUCH_OUTCOMES {
+        metrics::counter!(RECENT_TOUCHES, "outcome" => *outcome).increment(0);
+    }
+    for outcome in COUPON_CHANGE_OUTCOMES {
+        metrics::counter!(COUPON_CHANGES, "outcome" => *outcome).increment(0);
     }
     describe_counter!(
         GRANT_JOBS,

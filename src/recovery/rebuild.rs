@@ -127,14 +127,14 @@ pub async fn rebuild<B: Backend>(
         total: batch.stock,
         ..Default::default()
     };
-    begin(backend, &batch, &keys.pool, force).await?;
+    begin(backend, db, &batch, &keys.pool, force).await?;
     let mut base_meta = with_fp(&batch, meta::fields(&batch, version));
     base_meta.push((meta::EPOCH.to_string(), epoch.to_string()));
     for s in &keys.shards {
         // Once the pool is gone the batch is not live: shard leftovers (of an interrupted
         // rebuild, or of a node that survived) are replaced, unpersisted claims excepted.
         // Their stock goes back to the pool (the pool gets total - issued).
-        let (counter, _stock) = begin(backend, &batch, s, true).await?;
+        let (counter, _stock) = begin(backend, db, &batch, s, true).await?;
         let r = restore_shard(backend, db, &batch, s, &base_meta, counter, 0).await?;
         report.claims += r.claims;
         report.users += r.users;
@@ -365,15 +365,23 @@ pub(super) fn unpersisted(batch: &Batch, s: &SlotKeys, entries: u64) -> RebuildE
     }
 }
 
-/// `begin` on a slot: its claim counter and the stock it held (deleted), or why not.
+/// `begin` on a slot: its claim counter and the stock it held (deleted), or why not. On a
+/// shard, `begin` dropped its coupon states too (the log was empty: the database holds
+/// every change), so its coupons change in the database from now on (`Db::unmanage`).
 pub(super) async fn begin<B: Backend>(
     backend: &B,
+    db: &Db,
     batch: &Batch,
     s: &SlotKeys,
     force: bool,
 ) -> Result<(u64, u64), RebuildError> {
     match restore::begin(backend, s, force).await? {
-        Step::Begun { counter, stock } => Ok((counter, stock)),
+        Step::Begun { counter, stock } => {
+            if let Some(shard) = s.slot {
+                db.unmanage(&batch.id, Some(shard)).await?;
+            }
+            Ok((counter, stock))
+        }
         Step::Unpersisted { entries } => Err(unpersisted(batch, s, entries)),
         _ => Err(RebuildError::Live(batch.id.clone())),
     }

@@ -110,7 +110,7 @@ pub async fn repair_shard<B: Backend>(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let epoch = next_epoch(db, &batch.id, pool.epoch()).await?;
-    let (counter, _stale) = begin(backend, &batch, s, true).await?;
+    let (counter, _stale) = begin(backend, db, &batch, s, true).await?;
     // The shard now holds no stock: whatever the batch's conservation misses went with it
     // (lost with its node, or held stale by a rolled-back copy: a lost primary may have
     // sold it). The shard's counter absorbs it, so it is never sold again.
