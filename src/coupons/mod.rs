@@ -9,7 +9,9 @@
 //! (`store::Db::apply_changes`). So a coupon can be locked, redeemed and released as soon as
 //! its claim returned 201, with the database down or behind; the database follows.
 //!
-//! Invariants kept here: a change is written only on the state it was decided on (a lost
+//! Invariants kept here: a change is answered only once the deployment's acknowledgement
+//! rule holds for it (`redis.ack`, as for claims: `Backend::confirm`); a change is written
+//! only on the state it was decided on (a lost
 //! race decides again on the entry that won, at most [`RETRIES`] times); the same order's
 //! repeat writes nothing; a coupon without an entry (minted by an older gateway, or on a
 //! shard restored from the database since, which dropped the entries) is not managed here:
@@ -201,6 +203,8 @@ impl<B: Backend> Coupons<B> {
                 }
                 Ok(Decision::Noop) => {
                     CouponChanged { outcome: "repeat" }.emit();
+                    // as a replay of a claim: the state answered is confirmed as a change is
+                    self.backend.confirm(&slot.fence, None).await?;
                     return Ok(Changed::Repeat(m));
                 }
                 Ok(Decision::Apply { next, events }) => (next, events),
@@ -232,6 +236,9 @@ impl<B: Backend> Coupons<B> {
             {
                 Set::Written => {
                     CouponChanged { outcome: "written" }.emit();
+                    // under `redis.ack = "replica"` a change is answered once a replica
+                    // holds it, as a claim is (at once under "leader" and embedded)
+                    self.backend.confirm(&slot.fence, None).await?;
                     m.entry = after;
                     return Ok(Changed::Written(m));
                 }

@@ -322,7 +322,6 @@ mod tests {
     use super::*;
     use crate::store::memory_db;
 
-
     fn a_batch(id: &str, stock: i64) -> Batch {
         use crate::domain::batch::*;
         Batch {

@@ -612,9 +612,9 @@ impl Db {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::memory_db;
     use crate::config::DatabaseConfig;
     use crate::store::CouponState;
+    use crate::store::memory_db;
 
     fn record(seq: u64, user: &str) -> ClaimRecord {
         ClaimRecord {
@@ -675,7 +675,6 @@ mod tests {
         );
         assert_eq!(db.claims_of_shard("b", 0).await.unwrap().len(), 250);
     }
-
 
     #[tokio::test]
     async fn a_coupon_id_met_with_another_claim_is_recorded_once() {

@@ -415,9 +415,8 @@ impl Db {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::memory_db;
     use crate::domain::claim::ClaimRecord;
-
+    use crate::store::memory_db;
 
     fn change(version: i64, next: Stored, kind: EventKind) -> ChangeRecord {
         ChangeRecord {
