@@ -97,8 +97,19 @@ pub mod cases {
             g.db.get_coupon(&id).await.unwrap().is_none(),
             "no persister ran"
         );
-        let (list, _) = wallet(g, "u1", "").await;
+        let (list, page) = wallet(g, "u1", "").await;
         assert_eq!(list, vec![(id.clone(), "unused".to_string())]);
+        let shown = &page["coupons"][0];
+        assert_eq!(
+            (
+                &shown["batch_name"],
+                &shown["discount"]["kind"],
+                &shown["scope"]["kind"]
+            ),
+            (&json!("test batch"), &json!("threshold"), &json!("all")),
+            "the batch's display fields: {shown}"
+        );
+        assert!(shown["valid_to"].is_string() && shown["exclusive"] == false);
         let (list, _) = wallet(g, "u1", "?status=unused").await;
         assert_eq!(list.len(), 1);
 
@@ -384,7 +395,7 @@ async fn read_your_writes_with_the_database_down() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_cached_wallet_page_never_hides_a_change() {
     let _w = Watchdog::arm(Duration::from_secs(60));
-    let g = gw::embedded_gw_with(&["wallet.cache_ms=60000".into()]).await;
+    let g = gw::embedded_gw_with(&["wallet.cache_ms=60000".into(), SHORT_LOCK.into()]).await;
     create(&g, "hot", 10, 5, json!({})).await;
     let (_, v) = claim(&g.app, "hot", "u1", None).await;
     let first = coupon(&v);
@@ -401,8 +412,30 @@ async fn a_cached_wallet_page_never_hides_a_change() {
     list.sort();
     let mut want = vec![
         (first.clone(), "locked".to_string()),
-        (second, "unused".to_string()),
+        (second.clone(), "unused".to_string()),
     ];
     want.sort();
     assert_eq!(list, want);
+    // filters, cursors and page sizes are answered from the cached wallet at this instant
+    assert_eq!(
+        wallet(&g, "u1", "?status=unused").await.0,
+        vec![(second.clone(), "unused".to_string())]
+    );
+    assert_eq!(
+        wallet(&g, "u1", "?status=locked").await.0,
+        vec![(first.clone(), "locked".to_string())]
+    );
+    let (one, page) = wallet(&g, "u1", "?limit=1").await;
+    assert_eq!(one.len(), 1);
+    let next = page["next_cursor"]
+        .as_str()
+        .expect("a next page")
+        .to_string();
+    let (rest, page) = wallet(&g, "u1", &format!("?limit=1&cursor={next}")).await;
+    assert_eq!(rest.len(), 1);
+    assert_ne!(rest[0].0, one[0].0);
+    assert!(page["next_cursor"].is_null(), "{page}");
+    // the lock lapses: the wallet shows the coupon unused from that instant
+    tokio::time::sleep(Duration::from_millis(g.cfg.wallet.lock_timeout_ms + 20)).await;
+    assert_eq!(wallet(&g, "u1", "?status=unused").await.0.len(), 2);
 }

@@ -7,6 +7,8 @@
 //! (expired from its validity end, whether or not a sweeper has written it yet); with user
 //! auth on, only the coupon's owner (or the admin token) can see or change it.
 
+use std::collections::HashMap;
+
 use http::HeaderMap;
 use serde::{Deserialize, Serialize};
 
@@ -14,6 +16,7 @@ use super::{Api, ApiError, parse_object};
 use crate::backend::Backend;
 use crate::coupons::Changed;
 use crate::coupons::wallet::managed_row;
+use crate::domain::batch::{Discount, Scope};
 use crate::domain::coupon::Transition;
 use crate::domain::ids::{parse_coupon_id, valid_ident};
 use crate::domain::time::Timestamp;
@@ -35,6 +38,40 @@ pub struct CouponView {
     /// The coupon's code, in a batch that hands out codes.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub code: Option<String>,
+    /// The batch's display fields (name, discount, scope), from the catalog's cache; absent
+    /// when the batch cannot be read now.
+    #[serde(flatten)]
+    pub display: Option<Display>,
+}
+
+/// What a wallet shows of a coupon's batch, beside the coupon's validity.
+#[derive(Debug, Clone, Serialize)]
+pub struct Display {
+    pub batch_name: String,
+    pub discount: Discount,
+    pub scope: Scope,
+    pub exclusive: bool,
+}
+
+/// The display fields of each batch of `views`, one catalog lookup per batch (the cache's:
+/// a hot wallet costs no backend call for them). A batch that cannot be read is left bare.
+async fn with_display<B: Backend>(api: &Api<B>, views: &mut [CouponView]) {
+    let mut seen: HashMap<String, Option<Display>> = HashMap::new();
+    for v in views.iter_mut() {
+        if !seen.contains_key(&v.batch_id) {
+            let d = api.catalog().load(&v.batch_id).await.ok().map(|e| {
+                let b = e.batch();
+                Display {
+                    batch_name: b.name.clone(),
+                    discount: b.discount.clone(),
+                    scope: b.scope.clone(),
+                    exclusive: b.exclusive,
+                }
+            });
+            seen.insert(v.batch_id.clone(), d);
+        }
+        v.display = seen.get(&v.batch_id).cloned().flatten();
+    }
 }
 
 impl From<CouponRow> for CouponView {
@@ -50,6 +87,7 @@ impl From<CouponRow> for CouponView {
             valid_to: Timestamp(c.valid_to).to_rfc3339(),
             claimed_at: Timestamp(c.claimed_at).to_rfc3339(),
             code: c.code,
+            display: None,
         }
     }
 }
@@ -164,8 +202,10 @@ pub async fn list<B: Backend>(
         .wallets()
         .page(user, state, limit, cursor.as_deref(), now)
         .await?;
+    let mut coupons: Vec<CouponView> = page.coupons.into_iter().map(CouponView::from).collect();
+    with_display(api, &mut coupons).await;
     Ok(Page {
-        coupons: page.coupons.into_iter().map(CouponView::from).collect(),
+        coupons,
         next_cursor: page.next_cursor,
         partial: page.partial,
     })
@@ -213,7 +253,10 @@ pub async fn act<B: Backend>(
             Changed::Written(m) | Changed::Repeat(m) => {
                 // the wallet shows the change at once (a failed touch is counted and logged)
                 let _ = api.wallets().touch(&m.entry.user, &m.coupon_id, now).await;
-                return Ok(CouponView::from(managed_row(&m, now)));
+                let mut view = [CouponView::from(managed_row(&m, now))];
+                with_display(api, &mut view).await;
+                let [view] = view;
+                return Ok(view);
             }
             Changed::NotManaged => {} // restored from the database meanwhile: its state is there
         }
@@ -228,7 +271,10 @@ pub async fn act<B: Backend>(
     let row = store.transition(coupon_id, &t, now).await?;
     // a cached wallet page older than this change is not used again
     let _ = api.wallets().touch(&row.user_id, &row.coupon_id, now).await;
-    Ok(row.into())
+    let mut view = [CouponView::from(row)];
+    with_display(api, &mut view).await;
+    let [view] = view;
+    Ok(view)
 }
 
 #[cfg(test)]

@@ -405,7 +405,7 @@ impl Config {
         // Every bound a module relies on is checked here, naming the key: no module clamps
         // a configured value on its own (`x.max(1)`), so what is configured is what runs.
         const HOUR_MS: u64 = 3_600_000;
-        let ranges: [(&'static str, u64, u64, u64); 49] = [
+        let ranges: [(&'static str, u64, u64, u64); 50] = [
             (
                 "server.max_body_bytes",
                 self.server.max_body_bytes as u64,
@@ -649,6 +649,12 @@ impl Config {
                 u64::from(self.wallet.cache_entries),
                 1,
                 10_000_000,
+            ),
+            (
+                "wallet.cache_max_coupons",
+                u64::from(self.wallet.cache_max_coupons),
+                1,
+                WALLET_MAX_PAGE,
             ),
         ];
         for (key, value, lo, hi) in ranges {
@@ -1394,6 +1400,7 @@ mod tests {
             ("wallet.recent_max=0", "wallet.recent_max"),
             ("wallet.cache_ms=600000", "wallet.cache_ms"),
             ("wallet.cache_entries=0", "wallet.cache_entries"),
+            ("wallet.cache_max_coupons=501", "wallet.cache_max_coupons"),
         ] {
             let err = load(None, env(&[]), &[set.to_string()])
                 .expect_err(set)

@@ -226,11 +226,14 @@ pub struct WalletConfig {
     pub recent_window_ms: u64,
     /// The most recent coupons kept per user (the oldest are forgotten past it).
     pub recent_max: u32,
-    /// How long a gateway serves a wallet page from its cache of the database's answer (0:
-    /// never): recent changes are merged into it, so a cached page never hides one.
+    /// How long a gateway serves a wallet from its cache of the database's answer (0: never):
+    /// recent changes are merged into it, so a cached wallet never hides one.
     pub cache_ms: u64,
-    /// The most cached wallet pages per gateway.
+    /// The most wallets cached per gateway.
     pub cache_entries: u32,
+    /// A wallet is cached whole when it holds at most this many coupons (one database query
+    /// of that many rows); larger ones are read from the database page by page.
+    pub cache_max_coupons: u32,
 }
 
 impl Default for WalletConfig {
@@ -243,6 +246,7 @@ impl Default for WalletConfig {
             recent_max: 1000,
             cache_ms: 2000,
             cache_entries: 100_000,
+            cache_max_coupons: 200,
         }
     }
 }

@@ -2,19 +2,22 @@
 //! hot wallets) corrected by what changed lately on the coupons' shards.
 //!
 //! Every claim answered 201 and every coupon change is touched in the user's recent set
-//! (`lua/recent.lua`) before it is answered. A read takes the page from the database, or
-//! from this gateway's cache of it (`wallet.cache_ms`), reads the state of the recently
-//! touched coupons from their shards, and merges: a coupon's shard state replaces its row,
-//! a coupon the database does not hold yet is added where it sorts. Pages filtered by a
-//! status that time changes (`unused`, `locked`, `expired`) are not cached.
+//! (`lua/recent.lua`) before it is answered. A read takes the user's whole wallet from this
+//! gateway's cache (`wallet.cache_ms`; a wallet of at most `wallet.cache_max_coupons`
+//! coupons, read from the database in one query and kept as stored, so any status filter,
+//! cursor and page size is answered from it at the instant of the read), or, for a larger
+//! wallet, the page from the database; it reads the state of the recently touched coupons
+//! from their shards, and merges: a coupon's shard state replaces its row, a coupon the
+//! database does not hold yet is added where it sorts.
 //!
 //! Invariants kept here: read-your-writes: a coupon claimed or changed is shown as it is on
 //! its shard (the source of truth of its state) for `wallet.recent_window_ms` after the
-//! change, whatever the database holds; a cached page is used only while younger than
-//! `wallet.cache_ms` (< the window) and older than every recent change the shards do not
-//! hold (a change in the database only, by an older gateway's path), so a cached page never
-//! hides a change; with the database unreachable the page is the recent coupons alone,
-//! marked partial.
+//! change, whatever the database holds; a cached wallet is used only while younger than
+//! `wallet.cache_ms` (< the window) and newer than every recent change the shards do not
+//! hold (a change in the database only, by an older gateway's path), so a cached wallet
+//! never hides a change; states are resolved at the instant of the read (a lock lapsed or a
+//! validity ended since the wallet was cached shows); with the database unreachable the
+//! page is the recent coupons alone, marked partial.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -42,20 +45,13 @@ pub struct WalletPage {
     pub partial: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct PageKey {
-    user: String,
-    state: Option<CouponState>,
-    limit: u32,
-    cursor: Option<String>,
-}
-
+/// A user's whole wallet as the database held it at `read_at` (the clock of the reads), or
+/// `None` when it holds more than `wallet.cache_max_coupons` coupons (then pages are read
+/// from the database each time).
 #[derive(Debug, Clone)]
 struct Cached {
-    /// When the query started (the clock of the reads).
     read_at: i64,
-    rows: Vec<CouponRow>,
-    more: bool,
+    rows: Option<Arc<Vec<CouponRow>>>,
 }
 
 /// The wallets of one gateway.
@@ -64,7 +60,8 @@ pub struct Wallets<B: Backend> {
     coupons: Arc<Coupons<B>>,
     db: Db,
     cfg: WalletConfig,
-    cache: DashMap<PageKey, Cached>,
+    /// User -> their wallet.
+    cache: DashMap<String, Cached>,
 }
 
 impl<B: Backend> Wallets<B> {
@@ -123,35 +120,42 @@ impl<B: Backend> Wallets<B> {
             .filter(|(id, _)| !managed.contains_key(id))
             .map(|(_, t)| *t)
             .max();
-        let key = PageKey {
-            user: user.to_string(),
-            state,
-            limit,
-            cursor: cursor.map(str::to_string),
-        };
-        let cached = self.cached(&key, now, db_changed);
-        let (base, source, partial) = match cached {
-            Some(c) => (Some(c), "cache", false),
-            None => match self.query(&key, now).await {
-                Ok(c) => (Some(c), "database", false),
-                Err(e) => {
-                    WalletRead {
-                        source: "partial",
-                        error: Some(&e.to_string()),
-                    }
-                    .emit();
-                    (None, "partial", true)
-                }
-            },
-        };
-        if !partial {
-            WalletRead {
-                source,
-                error: None,
+        let (base, source) = match self.whole(user, now, db_changed).await {
+            Ok(Some((rows, source))) => {
+                let after: Vec<CouponRow> = rows
+                    .iter()
+                    .filter(|r| cursor.is_none_or(|c| r.coupon_id.as_str() > c))
+                    .cloned()
+                    .collect();
+                (Ok((after, false)), source)
             }
-            .emit();
-        }
-        let (rows, more) = base.map(|c| (c.rows, c.more)).unwrap_or_default();
+            Ok(None) => (
+                self.db
+                    .user_coupons_at(user, state, limit, cursor, now)
+                    .await
+                    .map(|(rows, next)| (rows, next.is_some())),
+                "database",
+            ),
+            Err(e) => (Err(e), "partial"),
+        };
+        let ((rows, more), partial) = match base {
+            Ok(b) => {
+                WalletRead {
+                    source,
+                    error: None,
+                }
+                .emit();
+                (b, false)
+            }
+            Err(e) => {
+                WalletRead {
+                    source: "partial",
+                    error: Some(&e.to_string()),
+                }
+                .emit();
+                ((Vec::new(), false), true)
+            }
+        };
         let fresh: Vec<CouponRow> = managed.values().map(|m| managed_row(m, now)).collect();
         let (coupons, next_cursor) = merge(rows, more, fresh, state, cursor, limit, now);
         Ok(WalletPage {
@@ -161,48 +165,44 @@ impl<B: Backend> Wallets<B> {
         })
     }
 
-    fn cached(&self, key: &PageKey, now: i64, db_changed: Option<i64>) -> Option<Cached> {
-        if !cacheable(key.state) {
-            return None;
+    /// The user's whole wallet with where it came from (`cache`, `database`), or `None` when
+    /// it is too large to be kept (or caching is off).
+    async fn whole(
+        &self,
+        user: &str,
+        now: i64,
+        db_changed: Option<i64>,
+    ) -> Result<Option<(Arc<Vec<CouponRow>>, &'static str)>, DbError> {
+        if self.cfg.cache_ms == 0 {
+            return Ok(None);
         }
-        let c = self.cache.view(key, |_, c| c.clone())?;
-        let age = now - c.read_at;
-        let fresh = (0..self.cfg.cache_ms as i64).contains(&age)
-            && db_changed.is_none_or(|t| t + SKEW_MS < c.read_at);
-        fresh.then_some(c)
-    }
-
-    async fn query(&self, key: &PageKey, now: i64) -> Result<Cached, DbError> {
-        let (rows, next) = self
-            .db
-            .user_coupons_at(&key.user, key.state, key.limit, key.cursor.as_deref(), now)
-            .await?;
-        let c = Cached {
-            read_at: now,
-            rows,
-            more: next.is_some(),
-        };
-        if cacheable(key.state) && self.cfg.cache_ms > 0 {
+        let ttl = self.cfg.cache_ms as i64;
+        let hit = self.cache.view(user, |_, c| c.clone()).filter(|c| {
+            (0..ttl).contains(&(now - c.read_at))
+                && db_changed.is_none_or(|t| t + SKEW_MS < c.read_at)
+        });
+        if let Some(c) = hit {
+            return Ok(c.rows.map(|r| (r, "cache")));
+        }
+        let cap = self.cfg.cache_max_coupons;
+        let (rows, next) = self.db.user_coupons_at(user, None, cap, None, now).await?;
+        let rows = next.is_none().then(|| Arc::new(rows));
+        if self.cache.len() >= self.cfg.cache_entries as usize {
+            self.cache
+                .retain(|_, v| (0..ttl).contains(&(now - v.read_at)));
             if self.cache.len() >= self.cfg.cache_entries as usize {
-                let ttl = self.cfg.cache_ms as i64;
-                self.cache
-                    .retain(|_, v| (0..ttl).contains(&(now - v.read_at)));
-                if self.cache.len() >= self.cfg.cache_entries as usize {
-                    self.cache.clear();
-                }
+                self.cache.clear();
             }
-            self.cache.insert(key.clone(), c.clone());
         }
-        Ok(c)
+        self.cache.insert(
+            user.to_string(),
+            Cached {
+                read_at: now,
+                rows: rows.clone(),
+            },
+        );
+        Ok(rows.map(|r| (r, "database")))
     }
-}
-
-/// Whether pages with this status filter are cached: only those whose membership time
-/// does not change (all coupons, and `used`). A coupon moves into `expired` at its validity
-/// end, and between `locked` and `unused` at its lock deadline, coupons that a page filtered
-/// earlier could not hold: such pages are read from the database every time.
-fn cacheable(state: Option<CouponState>) -> bool {
-    matches!(state, None | Some(CouponState::Used))
 }
 
 /// A managed coupon as a wallet row at `now`.
