@@ -125,7 +125,8 @@ def load(r, a):
     """SCRIPT LOAD every script; returns {name: sha} (no 'old' if --old-rev has none)."""
     shas = {"claim": r.script_load(open(os.path.join(ROOT, a.claim)).read()),
             "batch": r.script_load(open(os.path.join(ROOT, a.script)).read()),
-            "one": r.script_load("return 1")}
+            "one": r.script_load("return 1"),
+            "recent": r.script_load(open(os.path.join(ROOT, "lua/recent.lua")).read())}
     old = old_script(a.old_rev)
     if old is not None:
         shas["old"] = r.script_load(old)
@@ -138,10 +139,14 @@ class Config:
         self.seq_key = seq_key
 
 
-def claim_args(sha, n, rid="r__rand_int__", nonce="n__rand_int__", offset="0"):
+def claim_args(sha, n, rid="r__rand_int__", nonce="n__rand_int__", offset="0", states=False):
     """EVALSHA of claim.lua with n claims: n, max log, batch, shard, day offset, users, rids,
-    nonces."""
-    return (["EVALSHA", sha, "8", *claim_keys("bc:0"), str(n), MAXLOG, "bc", "0", offset]
+    nonces. `states`: with KEYS 9 (codes, unused here) and 10 (the coupon states the gateway
+    passes since read-your-writes: one entry written per coupon)."""
+    keys = claim_keys("bc:0")
+    if states:
+        keys = keys + ["cg:{bc:0}:codes", "cg:{bc:0}:coupons"]
+    return (["EVALSHA", sha, str(len(keys)), *keys, str(n), MAXLOG, "bc", "0", offset]
             + ["u__rand_int__"] * n + [rid] * n + [nonce] * n)
 
 
@@ -175,12 +180,23 @@ def variants(shas, a):
     return [Config(f"claim.lua x{n}, no request id", "evalsha",
                    claim_args(shas["claim"], n, rid="", nonce=""), n, ck),
             Config("claim.lua x1, day offset +8 h", "evalsha",
-                   claim_args(shas["claim"], 1, offset="28800000"), 1, ck)]
+                   claim_args(shas["claim"], 1, offset="28800000"), 1, ck),
+            Config("claim.lua x1, coupon states", "evalsha",
+                   claim_args(shas["claim"], 1, states=True), 1, ck),
+            Config(f"claim.lua x{n}, coupon states", "evalsha",
+                   claim_args(shas["claim"], n, states=True), n, ck),
+            # the read-your-writes touch of the user's recent set before a 201 (one per
+            # claim, its own slot): counted as one claim per call
+            Config("recent.lua touch", "evalsha",
+                   ["EVALSHA", shas["recent"], "1", "cg:{w:u__rand_int__}:recent", "touch",
+                    "600000", str(int(time.time() * 1000)), "1000", "bc.0.__rand_int__"], 1)]
 
 
 def claimed(r, cfg):
     if cfg.per == 0:
         return 0
+    if cfg.seq_key is None:  # not a claim script (the recent touch): one per call
+        return calls(r, cfg)
     return int(r.get(cfg.seq_key) or 0)
 
 
@@ -329,7 +345,8 @@ def memory(a):
         shas = load(r, a)
         N = a.mem_claims
         runs = [("claim.lua", 1, "nonce 16 hex", 0), ("claim.lua", 32, "nonce 16 hex", 0),
-                ("claim.lua", 32, "nonce 16 hex, daily limit on", 1)]
+                ("claim.lua", 32, "nonce 16 hex, daily limit on", 1),
+                ("claim.lua", 32, "nonce 16 hex, coupon states", 0)]
         if not a.no_batch:
             runs += [("claim_batch.lua", 32, "nonce 16 hex", 0),
                      ("claim_batch.lua", 32, "nonce ''", 0),
@@ -349,7 +366,10 @@ def memory(a):
                 cols = [c[0] for c in part] + [c[1] for c in part] + [c[2] for c in part]
                 if script == "claim.lua":
                     k = claim_keys("bc:0")
-                    pipe.evalsha(shas["claim"], 8, *k, len(part), MAXLOG, "bc", "0", "0", *cols)
+                    extra = (["cg:{bc:0}:codes", "cg:{bc:0}:coupons"]
+                             if "coupon states" in label else [])
+                    pipe.evalsha(shas["claim"], 8 + len(extra), *k, *extra, len(part), MAXLOG,
+                                 "bc", "0", "0", *cols)
                 else:
                     k = batch_keys("bn:0")
                     pipe.evalsha(shas["batch"], 7, *k, "claim", len(part), MAXLOG, str(MEM_W),

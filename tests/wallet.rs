@@ -273,6 +273,39 @@ pub mod cases {
                 .unwrap();
         assert_eq!(released, 0);
     }
+
+    /// Expiry on the shard, at an injected instant (no sleeping): the sweep expires a
+    /// managed coupon once its validity ended, the database gets `expired` once, and an
+    /// expired coupon cannot be locked.
+    pub async fn expiry<B: Backend>(g: &Gw<B>) {
+        create(g, "ex", 10, 1, json!({})).await;
+        let (_, v) = claim(&g.app, "ex", "u1", None).await;
+        let id = coupon(&v);
+        persist_until(g, "the claim", async || {
+            g.db.get_coupon(&id).await.unwrap().is_some()
+        })
+        .await;
+        let end = g.db.get_coupon(&id).await.unwrap().unwrap().valid_to;
+        let sweep = async |now: i64| {
+            claimgate::notify::sweep_managed(&g.db, g.app.api().coupons(), &g.cfg.events, now)
+                .await
+                .unwrap()
+        };
+        assert_eq!(sweep(end - 1).await, (0, 0), "not before its end");
+        assert_eq!(sweep(end).await, (1, 0), "expired at its end");
+        persist_until(g, "the expiry", async || {
+            db_events(&g.db, &id).await.len() >= 2
+        })
+        .await;
+        assert_eq!(db_events(&g.db, &id).await, ["claimed", "expired"]);
+        assert_eq!(sweep(end + 1).await, (0, 0), "once");
+        let (s, v) = act(g, &id, "lock", "o1").await;
+        assert_eq!(
+            (s, v["error"].as_str()),
+            (409, Some("invalid_state")),
+            "{v}"
+        );
+    }
 }
 
 const SHORT_LOCK: &str = "wallet.lock_timeout_ms=300";
@@ -314,7 +347,7 @@ async fn cluster_gw_with_short_lock() -> Gw<RedisBackend> {
     g
 }
 
-on_every_backend!(usable_at_once, sixteen_orders_race, lock_timeout);
+on_every_backend!(usable_at_once, sixteen_orders_race, lock_timeout, expiry);
 
 /// With the database unreachable: claims, every transition and the wallet (partial) go on;
 /// back, the database gets every claim and change once.
@@ -438,4 +471,34 @@ async fn a_cached_wallet_page_never_hides_a_change() {
     // the lock lapses: the wallet shows the coupon unused from that instant
     tokio::time::sleep(Duration::from_millis(g.cfg.wallet.lock_timeout_ms + 20)).await;
     assert_eq!(wallet(&g, "u1", "?status=unused").await.0.len(), 2);
+}
+
+/// `wallet.recent_window_ms = 0` turns the wallet's read-your-writes off (one Redis call
+/// less per claim): transitions still work at once, on the shard; the wallet lists a coupon
+/// once the persister wrote it, with its state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_wallet_read_your_writes_can_be_turned_off() {
+    let _w = Watchdog::arm(Duration::from_secs(60));
+    let g = gw::embedded_gw_with(&[
+        "wallet.recent_window_ms=0".into(),
+        "wallet.cache_ms=0".into(),
+    ])
+    .await;
+    create(&g, "off", 10, 5, json!({})).await;
+    let (_, v) = claim(&g.app, "off", "u1", None).await;
+    let id = coupon(&v);
+    let (s, v) = act(&g, &id, "lock", "o1").await;
+    assert_eq!((s, v["state"].as_str()), (200, Some("locked")), "{v}");
+    assert!(
+        wallet(&g, "u1", "").await.0.is_empty(),
+        "not listed before the database has it"
+    );
+    persist_until(&g, "the claim and the lock", async || {
+        db_events(&g.db, &id).await.len() >= 2
+    })
+    .await;
+    assert_eq!(
+        wallet(&g, "u1", "").await.0,
+        vec![(id.clone(), "locked".to_string())]
+    );
 }

@@ -405,7 +405,7 @@ impl Config {
         // Every bound a module relies on is checked here, naming the key: no module clamps
         // a configured value on its own (`x.max(1)`), so what is configured is what runs.
         const HOUR_MS: u64 = 3_600_000;
-        let ranges: [(&'static str, u64, u64, u64); 50] = [
+        let ranges: [(&'static str, u64, u64, u64); 49] = [
             (
                 "server.max_body_bytes",
                 self.server.max_body_bytes as u64,
@@ -632,12 +632,6 @@ impl Config {
                 WALLET_MAX_PAGE,
             ),
             (
-                "wallet.recent_window_ms",
-                self.wallet.recent_window_ms,
-                1_000,
-                7 * 24 * HOUR_MS,
-            ),
-            (
                 "wallet.recent_max",
                 u64::from(self.wallet.recent_max),
                 1,
@@ -669,11 +663,18 @@ impl Config {
         if self.wallet.default_page == 0 || self.wallet.default_page > self.wallet.max_page {
             return bad("wallet.default_page", "must be 1..=wallet.max_page");
         }
-        if self.wallet.cache_ms >= self.wallet.recent_window_ms {
+        let window = self.wallet.recent_window_ms;
+        if window != 0 && !(1_000..=7 * 24 * 3_600_000).contains(&window) {
+            return bad(
+                "wallet.recent_window_ms",
+                "must be 0 (off) or 1000..=604800000",
+            );
+        }
+        if self.wallet.cache_ms > 0 && self.wallet.cache_ms >= window {
             return bad(
                 "wallet.cache_ms",
-                "must be below wallet.recent_window_ms (a cached page is corrected by the \
-                 recent coupons only within that window)",
+                "must be below wallet.recent_window_ms, and 0 when it is 0 (a cached wallet \
+                 is corrected by the recent coupons only within that window)",
             );
         }
         let campaign = [
@@ -1397,6 +1398,7 @@ mod tests {
             ("wallet.max_page=1000", "wallet.max_page"),
             ("wallet.default_page=0", "wallet.default_page"),
             ("wallet.recent_window_ms=999", "wallet.recent_window_ms"),
+            ("wallet.recent_window_ms=0", "wallet.cache_ms"),
             ("wallet.recent_max=0", "wallet.recent_max"),
             ("wallet.cache_ms=600000", "wallet.cache_ms"),
             ("wallet.cache_entries=0", "wallet.cache_entries"),
@@ -1418,6 +1420,9 @@ mod tests {
         ] {
             load(None, env(&[]), &[ok.to_string()]).unwrap_or_else(|e| panic!("{ok}: {e}"));
         }
+        // the wallet's read-your-writes off: with its cache off too
+        let off = ["wallet.recent_window_ms=0", "wallet.cache_ms=0"].map(String::from);
+        load(None, env(&[]), &off).expect("recent window and cache off");
     }
 
     #[test]
