@@ -1433,7 +1433,7 @@ async fn the_gateway_delivers_signed_events_end_to_end() {
     };
     step("claimed, through the persister");
     wait_for(1).await;
-    // the wallet reads the database: lock once the coupon is there
+    // the coupon's state lives on its shard: usable at once
     for action in ["lock", "redeem", "refund"] {
         let (s, v) = http
             .send(
@@ -1458,11 +1458,20 @@ async fn the_gateway_delivers_signed_events_end_to_end() {
             "coupon.refunded"
         ]
     );
-    let (s, v) = http
-        .send("GET", "/v1/events?state=delivered", "")
-        .await
-        .unwrap();
-    assert_eq!(s, 200);
+    // the consumer has them; the ledger records each delivery right after its answer
+    let mut v = Value::Null;
+    for _ in 0..400 {
+        let (s, got) = http
+            .send("GET", "/v1/events?state=delivered", "")
+            .await
+            .unwrap();
+        assert_eq!(s, 200);
+        v = got;
+        if v["events"].as_array().is_some_and(|e| e.len() >= 4) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
     let attempts: Vec<u64> = v["events"]
         .as_array()
         .unwrap()
