@@ -509,3 +509,23 @@ async fn the_wallet_read_your_writes_can_be_turned_off() {
         vec![(id.clone(), "locked".to_string())]
     );
 }
+
+/// With Redis unreachable the wallet is the database's page alone (read fresh), not an
+/// error: the database is the coupons' record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_wallet_reads_the_database_alone_while_redis_is_down() {
+    let _w = Watchdog::arm(Duration::from_secs(120));
+    let mut g = gw::redis_gw_with(&["redis.command_timeout_ms=500".into()]).await;
+    create(&g, "rd", 10, 5, json!({})).await;
+    let (_, v) = claim(&g.app, "rd", "u1", None).await;
+    let id = coupon(&v);
+    persist_until(&g, "the claim", async || {
+        g.db.get_coupon(&id).await.unwrap().is_some()
+    })
+    .await;
+    step("redis goes away");
+    g.redis.as_mut().unwrap().kill();
+    let (list, page) = wallet(&g, "u1", "").await;
+    assert_eq!(list, vec![(id, "unused".to_string())]);
+    assert!(page.get("partial").is_none(), "{page}");
+}

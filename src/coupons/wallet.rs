@@ -17,9 +17,10 @@
 //! hold (a change in the database only, by an older gateway's path), so a cached wallet
 //! never hides a change; states are resolved at the instant of the read (a lock lapsed or a
 //! validity ended since the wallet was cached shows); with the database unreachable the
-//! page is the recent coupons alone, marked partial.
+//! page is the recent coupons alone, marked partial; with Redis unreachable, the
+//! database's page alone, read fresh (counted `no_shards`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use dashmap::DashMap;
@@ -112,13 +113,19 @@ impl<B: Backend> Wallets<B> {
         cursor: Option<&str>,
         now: i64,
     ) -> Result<WalletPage, CouponsError> {
-        let touched = if self.cfg.recent_window_ms == 0 {
-            Vec::new()
-        } else {
-            recent::get(self.backend.as_ref(), user, self.cfg.recent_window_ms, now).await?
+        // The recent coupons as their shards hold them; Redis unreachable: the database's
+        // page alone (read fresh: a cached one could hide a change), not read-your-writes.
+        let (touched, managed, shards) = match self.recent(user, now).await {
+            Ok((t, m)) => (t, m, true),
+            Err(e) => {
+                WalletRead {
+                    source: "no_shards",
+                    error: Some(&e.to_string()),
+                }
+                .emit();
+                (Vec::new(), HashMap::new(), false)
+            }
         };
-        let ids: Vec<&str> = touched.iter().map(|(id, _)| id.as_str()).collect();
-        let managed = self.coupons.get_many(&ids).await?;
         // The latest change the shards do not hold (made in the database): a cached page
         // read before it is stale.
         let db_changed = touched
@@ -126,7 +133,12 @@ impl<B: Backend> Wallets<B> {
             .filter(|(id, _)| !managed.contains_key(id))
             .map(|(_, t)| *t)
             .max();
-        let (base, source) = match self.whole(user, now, db_changed).await {
+        let whole = if shards {
+            self.whole(user, now, db_changed).await
+        } else {
+            Ok(None)
+        };
+        let (base, source) = match whole {
             Ok(Some((rows, source))) => {
                 let after: Vec<CouponRow> = rows
                     .iter()
@@ -169,6 +181,23 @@ impl<B: Backend> Wallets<B> {
             next_cursor,
             partial,
         })
+    }
+
+    /// The coupons of `user` touched within the window, and those of them whose state lives
+    /// on their shards, as the shards hold them.
+    async fn recent(
+        &self,
+        user: &str,
+        now: i64,
+    ) -> Result<(Vec<(String, i64)>, HashMap<String, Managed>), CouponsError> {
+        if self.cfg.recent_window_ms == 0 {
+            return Ok((Vec::new(), HashMap::new()));
+        }
+        let touched =
+            recent::get(self.backend.as_ref(), user, self.cfg.recent_window_ms, now).await?;
+        let ids: Vec<&str> = touched.iter().map(|(id, _)| id.as_str()).collect();
+        let managed = self.coupons.get_many(&ids).await?;
+        Ok((touched, managed))
     }
 
     /// The user's whole wallet with where it came from (`cache`, `database`), or `None` when

@@ -726,11 +726,12 @@ impl WalletRead<'_> {
         if let Some(error) = self.error
             && let Some(suppressed) = WALLET_READ_LOG.admit()
         {
-            tracing::warn!(
-                error,
-                suppressed,
+            let what = if self.source == "partial" {
                 "wallet read without the database: recent coupons only"
-            );
+            } else {
+                "wallet read without the shards: the database's page only"
+            };
+            tracing::warn!(error, suppressed, "{what}");
         }
     }
 }

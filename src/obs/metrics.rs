@@ -107,7 +107,8 @@ pub const EVENT_LAG: &str = "claimgate_event_lag_seconds";
 /// lock released, cause `lock_timeout`; reminded = an "expiring soon" event written).
 pub const COUPONS_SWEPT: &str = "claimgate_coupons_swept_total";
 /// Wallet reads by `source` ([`WALLET_SOURCES`]: the page came from this gateway's cache,
-/// from the database, or, with the database unreachable, only the recent coupons).
+/// from the database, or, with the database unreachable, only the recent coupons
+/// (`partial`); `no_shards`: Redis unreachable, the database's page alone).
 pub const WALLET_READS: &str = "claimgate_wallet_reads_total";
 /// Touches of a user's recent coupons (before a claim or a change is answered), by
 /// `outcome` (`ok`, `error`: the wallet may miss the coupon until the database has it).
@@ -306,7 +307,7 @@ pub const CACHE_KINDS: &[&str] = &[
 /// `outcome` labels of [`EVENT_DELIVERIES`].
 pub const DELIVERY_OUTCOMES: &[&str] = &["delivered", "failed", "dead"];
 /// `source` labels of [`WALLET_READS`].
-pub const WALLET_SOURCES: &[&str] = &["cache", "database", "partial"];
+pub const WALLET_SOURCES: &[&str] = &["cache", "database", "partial", "no_shards"];
 /// `outcome` labels of [`RECENT_TOUCHES`].
 pub const TOUCH_OUTCOMES: &[&str] = &["ok", "error"];
 /// `outcome` labels of [`COUPON_CHANGES`]: written, a repeat that needed nothing, refused
