@@ -29,14 +29,11 @@ const DAY: i64 = 86_400_000;
 const T0: i64 = END - 10 * DAY;
 
 async fn sqlite() -> (Db, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}?mode=rwc", dir.path().join("t.db").display());
-    (gw::open_db(&url).await, dir)
+    gw::sqlite_db().await
 }
 
 async fn postgres() -> (Db, support::PgDb) {
-    let pg = support::PgDb::create();
-    (gw::open_db(&pg.url).await, pg)
+    gw::postgres_db().await
 }
 
 /// The claim of `<batch>.<shard>.<seq>` by `user`, valid from 2020 to [`END`].

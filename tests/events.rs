@@ -51,14 +51,11 @@ const DAY: i64 = 86_400_000;
 
 /// A migrated database of each engine; the PostgreSQL one is dropped with the guard.
 async fn sqlite() -> (Db, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}?mode=rwc", dir.path().join("t.db").display());
-    (gw::open_db(&url).await, dir)
+    gw::sqlite_db().await
 }
 
 async fn postgres() -> (Db, support::PgDb) {
-    let pg = support::PgDb::create();
-    (gw::open_db(&pg.url).await, pg)
+    gw::postgres_db().await
 }
 
 /// A claim of coupon `b.0.<seq>` by `user`, valid from 2020 to [`END`].

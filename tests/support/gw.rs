@@ -71,6 +71,19 @@ pub async fn open_db(url: &str) -> Db {
     db
 }
 
+/// A migrated SQLite database in a directory of its own (dropped with the guard).
+pub async fn sqlite_db() -> (Db, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}?mode=rwc", dir.path().join("t.db").display());
+    (open_db(&url).await, dir)
+}
+
+/// A migrated throwaway PostgreSQL database (dropped with the guard).
+pub async fn postgres_db() -> (Db, PgDb) {
+    let pg = PgDb::create();
+    (open_db(&pg.url).await, pg)
+}
+
 pub async fn redis_gw() -> Gw<RedisBackend> {
     redis_gw_with(&[]).await
 }
