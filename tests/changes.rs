@@ -116,14 +116,18 @@ async fn log_and_outbox(db: &Db, coupon: &str) -> (Vec<String>, Vec<String>) {
 }
 
 fn written(applied: u64, skipped: u64) -> ChangesWritten {
-    ChangesWritten { applied, skipped }
+    ChangesWritten {
+        applied,
+        skipped,
+        diverged: Vec::new(),
+    }
 }
 
 // ---------------------------------------------------------------------------------------
 // change records reach the database once
 
 async fn changes_once(db: Db) {
-    let claims: Vec<ClaimRecord> = (1..=4).map(|i| claim("m", 0, i, true)).collect();
+    let claims: Vec<ClaimRecord> = (1..=5).map(|i| claim("m", 0, i, true)).collect();
     db.write_claims(&claims).await.unwrap();
 
     step("a lock then a redeem, in one write");
@@ -177,7 +181,9 @@ async fn changes_once(db: Db) {
     step("an older change after a newer one is skipped");
     let c = "m.0.2";
     let late = [lock(c, 2, "o2", T0 + 100), lock(c, 1, "o1", T0)];
-    assert_eq!(db.apply_changes(&late).await.unwrap(), written(1, 1));
+    let mut want_late = written(1, 1);
+    want_late.diverged = vec![c.to_string()]; // its events were never written: reported
+    assert_eq!(db.apply_changes(&late).await.unwrap(), want_late);
     let row = db.get_coupon_at(c, T0 + 101).await.unwrap().unwrap();
     assert_eq!(
         (row.state, row.order_id.as_deref()),
@@ -186,6 +192,35 @@ async fn changes_once(db: Db) {
     assert_eq!(
         log_and_outbox(&db, c).await.0,
         ["m.0.2:claimed", "m.0.2:locked:2"]
+    );
+
+    step("a version decided twice, differently (a rolled-back shard): skipped, reported");
+    let c = "m.0.5";
+    assert_eq!(
+        db.apply_changes(&[lock(c, 1, "o1", T0)]).await.unwrap(),
+        written(1, 0)
+    );
+    let mut again = written(0, 1);
+    again.diverged = vec![c.to_string()];
+    assert_eq!(
+        db.apply_changes(&[lock(c, 1, "o9", T0 + 1)]).await.unwrap(),
+        again,
+        "another order at the same version"
+    );
+    assert_eq!(
+        db.apply_changes(&[lock(c, 1, "o1", T0)]).await.unwrap(),
+        written(0, 1),
+        "the same change again is a redelivery, not a conflict"
+    );
+    assert_eq!(
+        db.get_coupon_at(c, T0 + 2)
+            .await
+            .unwrap()
+            .unwrap()
+            .order_id
+            .as_deref(),
+        Some("o1"),
+        "the database keeps the first decision"
     );
 
     step("a lock timeout and an expiry in one change keep their order and cause");

@@ -239,6 +239,7 @@ fn closed_label_sets() -> LabelSets {
             set(claimgate::obs::metrics::TOUCH_OUTCOMES),
         )]),
     );
+    s.insert("claimgate_coupon_change_conflicts_total", m(vec![]));
     s.insert(
         "claimgate_coupon_changes_total",
         m(vec![(

@@ -756,6 +756,24 @@ impl RecentTouched {
     }
 }
 
+/// The persister met a change record of a coupon version the database holds decided
+/// differently (a shard a failover rolled back decided it again); the database keeps the
+/// first decision.
+pub struct CouponChangeDiverged<'a> {
+    pub coupon_id: &'a str,
+}
+
+impl CouponChangeDiverged<'_> {
+    pub fn emit(self) {
+        metrics::counter!(m::COUPON_CHANGE_CONFLICTS).increment(1);
+        tracing::error!(
+            coupon_id = self.coupon_id,
+            "a coupon change decided twice differently (rolled-back shard?): the database \
+             keeps the first; check the coupon"
+        );
+    }
+}
+
 /// A change of a coupon whose state lives on its shard: its outcome (one of
 /// `COUPON_CHANGE_OUTCOMES`).
 pub struct CouponChanged {

@@ -113,6 +113,10 @@ pub const WALLET_READS: &str = "claimgate_wallet_reads_total";
 /// Touches of a user's recent coupons (before a claim or a change is answered), by
 /// `outcome` (`ok`, `error`: the wallet may miss the coupon until the database has it).
 pub const RECENT_TOUCHES: &str = "claimgate_recent_touches_total";
+/// Change records the persister skipped because the database holds that coupon version
+/// decided differently (a shard a failover rolled back decided it again): the database
+/// keeps the first decision. Above 0 is an alarm.
+pub const COUPON_CHANGE_CONFLICTS: &str = "claimgate_coupon_change_conflicts_total";
 /// Changes of coupons whose state lives on their shard, by `outcome`
 /// ([`COUPON_CHANGE_OUTCOMES`]).
 pub const COUPON_CHANGES: &str = "claimgate_coupon_changes_total";
@@ -574,6 +578,11 @@ fn describe() {
     for outcome in TOUCH_OUTCOMES {
         metrics::counter!(RECENT_TOUCHES, "outcome" => *outcome).increment(0);
     }
+    describe_counter!(
+        COUPON_CHANGE_CONFLICTS,
+        "Coupon versions decided twice, differently (a rolled-back shard); the first is kept."
+    );
+    metrics::counter!(COUPON_CHANGE_CONFLICTS).increment(0);
     for outcome in COUPON_CHANGE_OUTCOMES {
         metrics::counter!(COUPON_CHANGES, "outcome" => *outcome).increment(0);
     }

@@ -36,7 +36,8 @@ use crate::domain::batch::{Batch, BatchState};
 use crate::domain::ids::seq_position;
 use crate::domain::time::now_ms;
 use crate::obs::events::{
-    CouponConflict, LogRead, PersistFailed, PersistWritten, RepeatFilter, ShardsFollowed,
+    CouponChangeDiverged, CouponConflict, LogRead, PersistFailed, PersistWritten, RepeatFilter,
+    ShardsFollowed,
 };
 use crate::stock::{ClaimActivity, FaultReporter};
 use crate::store::{BatchMark, ChangeRecord, ChangesWritten, ClaimRecord, Db, DbError};
@@ -820,6 +821,9 @@ impl<B: Backend> Worker<B> {
                     }
                 }
             };
+            for coupon_id in &applied.diverged {
+                CouponChangeDiverged { coupon_id }.emit();
+            }
             let inserted = inserted.unwrap_or_default();
             PersistWritten {
                 rows: inserted,

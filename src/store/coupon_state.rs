@@ -265,18 +265,27 @@ const UPDATE_COUPON_TO: &str = "UPDATE coupons SET state = $1, order_id = $2, \
 const CHANGE_OWNER: &str = "SELECT batch_id, shard, user_id, request_id, valid_from, \
      valid_to FROM coupons WHERE coupon_id = $1";
 
+/// The order of an event of the transaction log, by id.
+const EVENT_ORDER: &str = "SELECT order_id FROM coupon_events WHERE event_id = $1";
+
 const INSERT_EVENT: &str = "INSERT INTO coupon_events \
      (event_id, kind, batch_id, shard, user_id, coupon_id, request_id, order_id, at, recorded_at) \
      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (event_id) DO NOTHING";
 
 /// What [`Db::apply_changes`] did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ChangesWritten {
     /// Changes written (the row, and an event and outbox row per event).
     pub applied: u64,
     /// Changes whose version the row already had or had passed (redelivered, or overtaken
     /// by a later change): nothing written.
     pub skipped: u64,
+    /// Coupons of skipped changes whose events the database does not hold as they say
+    /// (another kind or order at that version, or none): the version was decided twice,
+    /// differently, as on a shard a failover rolled back, or an older change came after a
+    /// newer one and its events were never written. Nothing written for them; the caller
+    /// reports them (the database keeps what it has).
+    pub diverged: Vec<String>,
 }
 
 /// A change record's coupon row, as [`CHANGE_OWNER`] reads it.
@@ -400,6 +409,17 @@ impl Db {
                     .rows_affected();
                 if n != 1 {
                     done.skipped += 1;
+                    // a redelivery finds its own events; a version decided again
+                    // differently does not
+                    for e in &c.events {
+                        let id = transition_event_id(&c.coupon_id, e.kind, c.version);
+                        let held: Option<(Option<String>,)> =
+                            sqlx::query_as(EVENT_ORDER).bind(&id).fetch_optional(&mut *tx).await?;
+                        if held.is_none_or(|(order,)| order != e.order) {
+                            done.diverged.push(c.coupon_id.clone());
+                            break;
+                        }
+                    }
                     continue;
                 }
                 let rows = event_rows(&owner, &c.next, &c.events, c.version, c.at)?;
