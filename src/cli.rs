@@ -495,7 +495,9 @@ fn fail(cfg: &Config, status: u8, msg: String) -> ExitCode {
 /// batch, a live batch without `--force`) is a usage error; the rest is unavailability.
 fn recovery_status(e: &RebuildError) -> u8 {
     match e {
-        RebuildError::BatchNotFound(_) | RebuildError::Live(_) => EXIT_CONFIG,
+        RebuildError::BatchNotFound(_) | RebuildError::Live(_) | RebuildError::Retired(_) => {
+            EXIT_CONFIG
+        }
         _ => EXIT_UNAVAILABLE,
     }
 }

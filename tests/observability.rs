@@ -219,6 +219,13 @@ fn closed_label_sets() -> LabelSets {
         )]),
     );
     s.insert(
+        "claimgate_batch_retirements_total",
+        m(vec![(
+            "outcome",
+            set(claimgate::obs::metrics::RETIRE_OUTCOMES),
+        )]),
+    );
+    s.insert(
         "claimgate_codes_total",
         m(vec![(
             "outcome",
@@ -1202,6 +1209,11 @@ fn a_gateway_that_served_a_few_claims_exports_every_dashboard_series() {
             .map(|l| ("claimgate_rate_limited_total", vec![("limit", *l)])),
     );
     zero.push(("claimgate_stock_written_off_total", vec![]));
+    zero.extend(
+        claimgate::obs::metrics::RETIRE_OUTCOMES
+            .iter()
+            .map(|o| ("claimgate_batch_retirements_total", vec![("outcome", *o)])),
+    );
     zero.extend(
         claimgate::obs::metrics::SHARD_FAULT_KINDS
             .iter()

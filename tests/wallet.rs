@@ -30,22 +30,12 @@ use claimgate::backend::redis::RedisBackend;
 use claimgate::config::RedisConfig;
 use claimgate::store::{CouponState, Db};
 use serde_json::{Value, json};
-use support::gw::{self, Gw, call, claim, cluster_gw, create, persist_until};
+use support::gw::{self, Gw, act, call, claim, cluster_gw, create, persist_until};
 use support::watchdog::{Watchdog, step};
 use support::{PgDb, RedisServer};
 
 fn coupon(v: &Value) -> String {
     v["coupon_id"].as_str().unwrap_or_default().to_string()
-}
-
-async fn act<B: Backend>(g: &Gw<B>, id: &str, action: &str, order: &str) -> (u16, Value) {
-    call(
-        &g.app,
-        "POST",
-        &format!("/v1/coupons/{id}/{action}"),
-        json!({ "order_id": order }).to_string(),
-    )
-    .await
 }
 
 /// The wallet of `user` (`query` e.g. `?status=locked`): the coupon ids and states.

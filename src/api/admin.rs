@@ -91,6 +91,9 @@ pub async fn create<B: Backend>(
     if stored.batch.fingerprint() != proposed.fingerprint() {
         return Err(ApiError::BatchExists);
     }
+    if stored.retired {
+        return Err(retired(&proposed.id));
+    }
     let batch = stored.batch;
     let keys = BatchKeys::new(&batch.id, batch.shards);
     let was_live = stored.setup_done || store.has_claims(&batch.id).await?;
@@ -170,10 +173,17 @@ async fn confirm_setup<B: Backend>(
 pub async fn get<B: Backend>(api: &Api<B>, id: &str) -> Result<BatchView, ApiError> {
     let catalog = api.catalog();
     let entry = catalog.load_live(id).await?;
+    if entry.is_retired() {
+        return retired_view(api, &entry).await;
+    }
     let c = match api.stock().conservation(&entry.keys).await {
         Ok(c) => c,
-        // known here, gone from Redis: lost (503, as its claims), not "never existed"
+        // known here, gone from Redis: retired (the database answers), or lost (503, as
+        // its claims), not "never existed"
         Err(StockError::NotFound) => {
+            if catalog.check_retired(&entry).await? {
+                return retired_view(api, &entry).await;
+            }
             catalog.mark_lost(&entry);
             return Err(CatalogError::Lost(id.to_string()).into());
         }
@@ -200,12 +210,52 @@ pub async fn get<B: Backend>(api: &Api<B>, id: &str) -> Result<BatchView, ApiErr
     })
 }
 
+/// A retired batch (`recovery::retire`): its Redis keys were dropped on purpose, and it is
+/// final: no change, no create again.
+fn retired(id: &str) -> ApiError {
+    ApiError::InvalidState(format!(
+        "batch {id} is retired (its claim window ended batches.retire_after_ms ago): it cannot \
+         be changed or created again; its coupons are served from the database"
+    ))
+}
+
+/// `GET /v1/batches/{id}` of a retired batch: the database is its record (its stock as
+/// defined, its claims as stored: every claim reached it before the keys were dropped).
+async fn retired_view<B: Backend>(
+    api: &Api<B>,
+    entry: &CachedBatch,
+) -> Result<BatchView, ApiError> {
+    let Some(row) = api.store().batch_row(&entry.id).await? else {
+        return Err(ApiError::BatchNotFound);
+    };
+    let batch = row.batch;
+    let (claimed, _) = api.store().claim_counts(&batch.id).await?;
+    let claimed = i64::try_from(claimed).unwrap_or(i64::MAX);
+    let budget = batch.budget.zip(batch.budget_spent(claimed));
+    Ok(BatchView {
+        stock: StockView {
+            total: batch.stock,
+            claimed,
+            remaining: (batch.stock - claimed).max(0),
+        },
+        budget: budget.map(|(total, spent)| BudgetView {
+            total,
+            spent,
+            remaining: total - spent,
+        }),
+        batch,
+    })
+}
+
 /// `PATCH /v1/batches/{id}`: pause/resume, move the window end, add stock. Applied exactly
 /// once, in version order (see the module documentation).
 pub async fn patch<B: Backend>(api: &Api<B>, id: &str, body: &[u8]) -> Result<BatchView, ApiError> {
     let change: BatchPatch = parse_object_integral(body, "batch change")?;
     let catalog = api.catalog();
     let entry = catalog.load_live(id).await?;
+    if catalog.check_retired(&entry).await? {
+        return Err(retired(id));
+    }
     // Versions in Redis only grow, and a change must be newer than what Redis holds (a
     // rebuild, or a change made before versions lived in the database, may be ahead).
     let Some(meta) = catalog.read_meta(id).await? else {
@@ -249,6 +299,9 @@ async fn change_definition<B: Backend>(
         let Some(row) = row.filter(|r| r.setup_done) else {
             return Err(ApiError::BatchNotFound);
         };
+        if row.retired {
+            return Err(retired(id));
+        }
         let mut batch = row.batch;
         change.validate(&batch, limits)?;
         change.apply(&mut batch);

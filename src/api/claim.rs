@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Api, ApiError, parse_object};
 use crate::backend::{Backend, BackendError};
-use crate::catalog::cache::LocalRefusal;
+use crate::catalog::cache::{CachedBatch, LocalRefusal};
 use crate::contract::claim::{Coupon, Outcome};
 use crate::domain::auth::Identity;
 use crate::domain::ids::{home_shard, valid_ident};
@@ -81,6 +81,55 @@ impl ClaimReply {
             code: c.code.clone(),
         }
     }
+}
+
+/// The coupon an earlier success of `request_id` got, for a request the cache refused: from
+/// the user's home shard, or from the database for a retired batch (its request-id records
+/// left Redis with it). A batch not known retired is asked about only when its keys could
+/// be gone: refused as ended, `batches.retire_after_ms` after its end.
+async fn replay<B: Backend>(
+    api: &Api<B>,
+    entry: &CachedBatch,
+    home: u32,
+    user: &str,
+    request_id: &str,
+    ended: bool,
+    now: Timestamp,
+) -> Result<Option<ClaimReply>, ApiError> {
+    let batch_id = entry.id.as_str();
+    if !entry.is_retired() {
+        let batch = entry.batch();
+        let found = api
+            .stock()
+            .replay(&entry.keys, home, user, request_id, batch.ack)
+            .await?;
+        if let Some(c) = found {
+            return Ok(Some(ClaimReply::new(&c, batch_id, user)));
+        }
+        let after = api.config().batches.retire_after_ms;
+        let retire_at = batch
+            .claim_window
+            .end
+            .0
+            .saturating_add(i64::try_from(after).unwrap_or(i64::MAX));
+        let could_be_retired = ended && after > 0 && now.0 >= retire_at;
+        if !could_be_retired || !api.catalog().check_retired(entry).await? {
+            return Ok(None);
+        }
+    }
+    let stored = api
+        .store()
+        .claim_of_request(batch_id, user, request_id)
+        .await?;
+    Ok(stored.map(|c| ClaimReply {
+        coupon_id: c.coupon_id,
+        batch_id: batch_id.to_string(),
+        user_id: user.to_string(),
+        valid_from: Timestamp(c.valid_from).to_rfc3339(),
+        valid_to: Timestamp(c.valid_to).to_rfc3339(),
+        claimed_at: Timestamp(c.claimed_at).to_rfc3339(),
+        code: c.code,
+    }))
 }
 
 fn stage(name: &'static str, since: Instant) -> Instant {
@@ -176,6 +225,8 @@ async fn claim_inner<B: Backend>(
         // now (tags and the new-user flag come with each request and may have changed since
         // the claim). Without a request id: no backend call.
         let replayable = match refusal {
+            // retired: its winners are in the database alone (asked below)
+            _ if entry.is_retired() => true,
             // sold out and the user won nothing: this cannot be a replay of a success
             LocalRefusal::SoldOut => {
                 catalog.load_winners(&entry);
@@ -185,16 +236,11 @@ async fn claim_inner<B: Backend>(
         };
         if let (Some(rid), true) = (&req.request_id, replayable) {
             let _permit = api.admission().admit().await?;
-            let found = api
-                .stock()
-                .replay(&entry.keys, home, &identity.user_id, rid, entry.batch().ack)
-                .await?;
+            let ended = refusal == LocalRefusal::Ended;
+            let found = replay(api, &entry, home, &identity.user_id, rid, ended, now).await?;
             stage("cache", t);
-            if let Some(c) = found {
-                return Ok((
-                    StatusCode::OK,
-                    ClaimReply::new(&c, batch_id, &identity.user_id),
-                ));
+            if let Some(reply) = found {
+                return Ok((StatusCode::OK, reply));
             }
             return Err(refused);
         }
@@ -271,6 +317,9 @@ async fn claim_inner<B: Backend>(
             Ok((StatusCode::OK, ClaimReply::new(&c, batch_id, user)))
         }
         Outcome::NoBatch => {
+            if catalog.check_retired(&entry).await? {
+                return Err(ApiError::Ended); // retired meanwhile: its window is long over
+            }
             catalog.mark_lost(&entry);
             Err(ApiError::unavailable(format!(
                 "batch {batch_id} is missing from the backend"

@@ -281,6 +281,7 @@ impl From<RebuildError> for ApiError {
     fn from(e: RebuildError) -> Self {
         match e {
             RebuildError::BatchNotFound(_) => ApiError::BatchNotFound,
+            e @ RebuildError::Retired(_) => ApiError::InvalidState(e.to_string()),
             RebuildError::Backend(b) => b.into(),
             RebuildError::Stock(s) => s.into(),
             RebuildError::Db(d) => ApiError::BackendUnavailable(d.to_string()),

@@ -15,8 +15,8 @@ use serde::{Deserialize, Serialize};
 use super::{Api, ApiError, parse_object};
 use crate::backend::Backend;
 use crate::catalog::CatalogError;
-use crate::coupons::Changed;
 use crate::coupons::wallet::managed_row;
+use crate::coupons::{Changed, CouponsError};
 use crate::domain::batch::{Discount, Scope};
 use crate::domain::coupon::Transition;
 use crate::domain::ids::{parse_coupon_id, valid_ident};
@@ -235,11 +235,11 @@ pub async fn act<B: Backend>(
     };
     // An id of no batch, or of a shard the batch does not have, names no coupon (its shard
     // would read as one under repair: 503). schemathesis found `f.0.0/lock` answered 503.
-    match api.catalog().load(batch_id).await {
-        Ok(e) if (shard as usize) < e.keys.shards.len() => {}
+    let entry = match api.catalog().load(batch_id).await {
+        Ok(e) if (shard as usize) < e.keys.shards.len() => e,
         Ok(_) | Err(CatalogError::NotFound) => return Err(ApiError::CouponNotFound),
         Err(e) => return Err(e.into()),
-    }
+    };
     let timeout = i64::try_from(api.config().wallet.lock_timeout_ms).unwrap_or(i64::MAX);
     let t = Transition::client(action, &body.order_id, timeout).ok_or(ApiError::RouteNotFound)?;
     // Authenticate first, then look up: another user's coupon reads as absent, so the
@@ -252,7 +252,18 @@ pub async fn act<B: Backend>(
     } else {
         Some(auth.identify(headers, None)?.user_id)
     };
-    if let Some(m) = api.coupons().get(coupon_id).await? {
+    // A retired batch's coupons live in the database alone (their shard's keys are gone:
+    // read as a shard under repair, which a retired one never is).
+    let managed = if entry.is_retired() {
+        None
+    } else {
+        match api.coupons().get(coupon_id).await {
+            Ok(m) => m,
+            Err(CouponsError::SlotGone) if api.catalog().check_retired(&entry).await? => None,
+            Err(e) => return Err(e.into()),
+        }
+    };
+    if let Some(m) = managed {
         if caller.as_ref().is_some_and(|who| *who != m.entry.user) {
             return Err(ApiError::CouponNotFound);
         }

@@ -27,10 +27,11 @@ pub enum Script {
     CodesAdd,
     Coupon,
     Recent,
+    Retire,
 }
 
 impl Script {
-    pub const ALL: [Script; 18] = [
+    pub const ALL: [Script; 19] = [
         Script::Claim,
         Script::Setup,
         Script::Patch,
@@ -49,6 +50,7 @@ impl Script {
         Script::CodesAdd,
         Script::Coupon,
         Script::Recent,
+        Script::Retire,
     ];
 
     pub fn name(self) -> &'static str {
@@ -71,6 +73,7 @@ impl Script {
             Script::CodesAdd => "codes_add",
             Script::Coupon => "coupon",
             Script::Recent => "recent",
+            Script::Retire => "retire",
         }
     }
 
@@ -94,6 +97,7 @@ impl Script {
             Script::CodesAdd => include_str!("../../lua/codes_add.lua"),
             Script::Coupon => include_str!("../../lua/coupon.lua"),
             Script::Recent => include_str!("../../lua/recent.lua"),
+            Script::Retire => include_str!("../../lua/retire.lua"),
         }
     }
 

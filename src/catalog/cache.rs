@@ -41,6 +41,9 @@ pub struct CachedBatch {
     /// Redis no longer has this batch (known from the database): claims get 503 until a
     /// `claimgate rebuild`.
     lost: AtomicBool,
+    /// Retired (`recovery::retire`): its Redis keys are gone or going, the database is its
+    /// record; never lost, and final.
+    retired: AtomicBool,
     /// Once sold out: every user who won a coupon (final while sold out). `None` until
     /// loaded; cleared when stock is added.
     winners: RwLock<Option<Arc<HashSet<Box<str>>>>>,
@@ -72,6 +75,7 @@ impl CachedBatch {
             version: AtomicI64::new(version),
             sold_out: AtomicBool::new(sold_out),
             lost: AtomicBool::new(false),
+            retired: AtomicBool::new(false),
             winners: RwLock::new(None),
             winners_loading: AtomicBool::new(false),
             at_limit: DashMap::new(),
@@ -174,6 +178,17 @@ impl CachedBatch {
         self.lost.store(lost, Ordering::Release);
     }
 
+    /// Retired: the database is the batch's record (its Redis keys are gone or going).
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Acquire)
+    }
+
+    /// Serves the batch as retired from now on (final): never as lost.
+    pub fn set_retired(&self) {
+        self.retired.store(true, Ordering::Release);
+        self.lost.store(false, Ordering::Release);
+    }
+
     /// Marks the batch lost; `true` if it was not lost before (exactly one caller wins).
     pub fn mark_lost_once(&self) -> bool {
         !self.lost.swap(true, Ordering::AcqRel)
@@ -196,7 +211,7 @@ impl CachedBatch {
     /// Can a user claim from this batch now, as far as this instance knows: active, window
     /// open, not sold out, not lost (what a product page shows as available).
     pub fn is_claimable(&self, now: Timestamp) -> bool {
-        if self.is_lost() || self.is_sold_out() {
+        if self.is_lost() || self.is_retired() || self.is_sold_out() {
             return false;
         }
         let b = self.def.read();

@@ -230,6 +230,9 @@ impl<B: Backend> Catalog<B> {
             let Ok(entry) = self.load_live(&id).await else {
                 continue;
             };
+            if entry.is_retired() {
+                continue; // its keys are gone for good
+            }
             let before = now_ms() - PENDING_MIN_AGE_MS;
             match self.load_pending_codes(&entry.keys, before).await {
                 Ok(0) => {}

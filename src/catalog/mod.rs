@@ -107,6 +107,14 @@ impl<B: Backend> Catalog<B> {
             return Ok(entry);
         }
         match self.store.batch_row(id).await? {
+            Some(row) if row.setup_done && row.retired => {
+                // Retired: Redis holds nothing of it by design; the database answers.
+                let fresh = Arc::new(CachedBatch::new(row.batch, row.version, false));
+                fresh.set_retired();
+                let entry = self.cache.insert(fresh);
+                entry.set_retired();
+                Ok(entry)
+            }
             Some(row) if row.setup_done => {
                 // The setup may have completed between the Redis read and the database
                 // read: look again before declaring the batch lost.
@@ -191,8 +199,29 @@ impl<B: Backend> Catalog<B> {
         });
     }
 
+    /// Whether the batch is retired, as the database says (remembered once it is: final).
+    /// What a path that found the batch's Redis keys gone asks before calling it lost.
+    pub async fn check_retired(&self, entry: &CachedBatch) -> Result<bool, CatalogError> {
+        if entry.is_retired() {
+            return Ok(true);
+        }
+        let retired = self
+            .store
+            .batch_row(&entry.id)
+            .await?
+            .is_some_and(|r| r.retired);
+        if retired {
+            entry.set_retired();
+            self.index.forget(&entry.id);
+        }
+        Ok(retired)
+    }
+
     /// Serves the batch as lost from now on (until a refresh finds it in Redis again).
     pub fn mark_lost(&self, entry: &CachedBatch) {
+        if entry.is_retired() {
+            return; // its keys are gone by design
+        }
         if entry.mark_lost_once() {
             self.index.forget(&entry.id);
             BatchLost {
@@ -219,6 +248,9 @@ impl<B: Backend> Catalog<B> {
 
     /// Re-reads one batch's metadata (after an event, or periodically).
     pub async fn refresh(&self, entry: &Arc<CachedBatch>) {
+        if entry.is_retired() {
+            return; // final: Redis holds nothing of it
+        }
         match self.read_meta(&entry.id).await {
             Ok(Some(m)) => {
                 let limits_changed = {
@@ -242,7 +274,11 @@ impl<B: Backend> Catalog<B> {
                     .emit();
                 }
             }
-            Ok(None) => self.mark_lost(entry),
+            Ok(None) => match self.check_retired(entry).await {
+                Ok(true) => {}
+                Ok(false) => self.mark_lost(entry),
+                Err(e) => tracing::debug!(batch = %entry.id, error = %e, "retired check failed"),
+            },
             Err(e) => tracing::debug!(batch = %entry.id, error = %e, "metadata refresh failed"),
         }
     }

@@ -782,6 +782,29 @@ impl Config {
         if !(1024..=1 << 40).contains(&self.batches.max_codes_upload_bytes) {
             return bad("batches.max_codes_upload_bytes", "must be 1024..=2^40");
         }
+        // at least a minute after the end: a claim begun before the end may still be
+        // refilling its shard (background.rs SETTLED_AFTER_END_MS)
+        let after = self.batches.retire_after_ms;
+        if after != 0 && !(60_000..=10 * 365 * 86_400_000).contains(&after) {
+            return bad(
+                "batches.retire_after_ms",
+                "must be 0 (never) or 60000..=315360000000 (one minute to ten years)",
+            );
+        }
+        // a transfer's "credited" marker (named by the transfer's id, so no script can list
+        // it) is the one key of a batch retirement leaves: it must expire on its own first.
+        // The last transfers land at most a minute after the end (as above).
+        let marker_ms = self.stock.transfer_marker_ttl_s.saturating_mul(1000);
+        if after != 0 && after < marker_ms.saturating_add(60_000) {
+            return bad(
+                "batches.retire_after_ms",
+                "must be at least stock.transfer_marker_ttl_s × 1000 + 60000: a retired \
+                 batch's transfer markers must have expired",
+            );
+        }
+        if !(100..=86_400_000).contains(&self.batches.retire_every_ms) {
+            return bad("batches.retire_every_ms", "must be 100..=86400000");
+        }
         if let Err(message) = check_log_level(&self.log.level) {
             return Err(ConfigError::Invalid {
                 key: "log.level",

@@ -79,6 +79,12 @@ pub struct BatchesConfig {
     /// or CSV.
     pub max_codes_json_bytes: usize,
     pub max_codes_upload_bytes: u64,
+    /// A batch is retired this long after its claim window ended (ms; 0 = never): its log
+    /// drained, every Redis key of it is dropped and the database is its record from then
+    /// on (`recovery::retire`).
+    pub retire_after_ms: u64,
+    /// How often each gateway looks for batches to retire (ms).
+    pub retire_every_ms: u64,
 }
 
 impl Default for BatchesConfig {
@@ -93,6 +99,8 @@ impl Default for BatchesConfig {
             codes_chunk: 5_000,
             max_codes_json_bytes: 4 * 1024 * 1024,
             max_codes_upload_bytes: 256 * 1024 * 1024,
+            retire_after_ms: 7 * 86_400_000,
+            retire_every_ms: 60_000,
         }
     }
 }
@@ -328,7 +336,9 @@ pub struct StockConfig {
     /// How many refill rounds one claim may trigger before giving up with `overloaded`.
     pub max_refill_rounds: u32,
     /// Lifetime of a "transfer credited" marker. Must exceed any possible delay between the
-    /// two halves of a transfer (the sweeper runs every `sweep_interval_ms`).
+    /// two halves of a transfer (the sweeper runs every `sweep_interval_ms`). The markers
+    /// are the only keys of a batch retirement does not drop: they must have expired by
+    /// then (`batches.retire_after_ms` is checked against this at load).
     pub transfer_marker_ttl_s: u64,
     /// Outbox entries older than this are finished by the sweeper.
     pub sweep_min_age_ms: u64,
@@ -350,7 +360,7 @@ impl Default for StockConfig {
             initial_fill_percent: 50,
             refill_divisor: 8,
             max_refill_rounds: 8,
-            transfer_marker_ttl_s: 7 * 86_400,
+            transfer_marker_ttl_s: 86_400,
             sweep_min_age_ms: 2_000,
             sweep_interval_ms: 1_000,
             group_max_claims: 64,

@@ -27,6 +27,7 @@
 //! | `log_read`      | [`log_read`]      | [`log_read::LogEntry`]s                  |
 //! | `log_ack`       | [`log_ack`]       | entries removed                          |
 //! | `restore`       | [`restore`]       | [`restore::Step`]                        |
+//! | `retire`        | [`retire`]        | [`retire::Retired`]                      |
 //!
 //! Invariants kept here: no module outside `contract` runs a script or reads a reply (the
 //! layering test checks that `Script::` and `.eval(` appear nowhere else); every decoder
@@ -52,6 +53,7 @@ pub mod recent;
 pub mod replay;
 mod reply;
 pub mod restore;
+pub mod retire;
 pub mod setup;
 pub mod transfer_done;
 pub mod transfer_in;
@@ -142,6 +144,7 @@ mod tests {
             (Script::LogRead, super::log_read::keys(&s.log).to_vec()),
             (Script::LogAck, super::log_ack::keys(&s.log).to_vec()),
             (Script::Restore, super::restore::keys(&s).to_vec()),
+            (Script::Retire, super::retire::keys(&s).to_vec()),
         ];
         let mut covered: Vec<Script> = built.iter().map(|(s, _)| *s).collect();
         covered.sort_by_key(|s| s.name());

@@ -1,7 +1,8 @@
 //! The gateway's background loops: pub/sub events, the periodic refresh (metadata,
 //! definition healing, stock gauges, limiter purge, metrics upkeep), the transfer
-//! sweeper, the coupon sweeper (expiry, "expiring soon" reminders, outbox gauges), and the
-//! grant job resumer (running jobs whose instance died; uploads that broke off).
+//! sweeper, the coupon sweeper (expiry, "expiring soon" reminders, outbox gauges), the
+//! grant job resumer (running jobs whose instance died; uploads that broke off), and the
+//! retirer (batches long ended leave Redis: `recovery::retire_due`).
 //!
 //! Invariant kept here: every loop stops when its shutdown token is cancelled, and every
 //! wait in it is bounded (a tick, or a message).
@@ -16,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backend::Backend;
 use crate::domain::time::now_ms;
 use crate::http::App;
-use crate::obs::events::SweepFailed;
+use crate::obs::events::{BatchRetirement, SweepFailed};
 
 /// The refresh loop does its slower chores (healing, gauges, purge, upkeep) every this
 /// many ticks.
@@ -39,8 +40,32 @@ pub fn spawn_background<B: Backend>(
         tokio::spawn(refresh(app.clone(), shutdown.clone())),
         tokio::spawn(sweeper(app.clone(), shutdown.clone())),
         tokio::spawn(coupon_sweeper(app.clone(), shutdown.clone())),
-        tokio::spawn(grant_resumer(app.clone(), shutdown)),
+        tokio::spawn(grant_resumer(app.clone(), shutdown.clone())),
+        tokio::spawn(retirer(app.clone(), shutdown)),
     ]
+}
+
+/// A tick every `period_ms` until `stop` is cancelled: `while ticks.next().await { .. }`. A
+/// tick missed while the body ran is not made up (the next one comes a period later).
+struct Ticks {
+    tick: tokio::time::Interval,
+    stop: CancellationToken,
+}
+
+impl Ticks {
+    fn every(period_ms: u64, stop: CancellationToken) -> Ticks {
+        let mut tick = tokio::time::interval(Duration::from_millis(period_ms));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Ticks { tick, stop }
+    }
+
+    /// Waits for the next tick: false once `stop` is cancelled.
+    async fn next(&mut self) -> bool {
+        tokio::select! {
+            _ = self.stop.cancelled() => false,
+            _ = self.tick.tick() => true,
+        }
+    }
 }
 
 /// Pub/sub events: sold out and batch changes reach this instance within milliseconds.
@@ -62,15 +87,11 @@ async fn events<B: Backend>(app: Arc<App<B>>, stop: CancellationToken) {
 /// Periodic refresh: the fallback for missed events; also exports the stock gauges.
 async fn refresh<B: Backend>(app: Arc<App<B>>, stop: CancellationToken) {
     let cfg = app.config().clone();
-    let mut tick = tokio::time::interval(Duration::from_millis(cfg.cache.refresh_ms));
+    let mut ticks = Ticks::every(cfg.cache.refresh_ms, stop);
     let catalog = app.catalog();
     let mut n: u64 = 0;
     catalog.warm().await;
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => break,
-            _ = tick.tick() => {}
-        }
+    while ticks.next().await {
         let now = now_ms();
         for entry in catalog.cache().all() {
             // An ended batch changes only by a patch (announced by an event); the refresh,
@@ -104,19 +125,16 @@ async fn refresh<B: Backend>(app: Arc<App<B>>, stop: CancellationToken) {
 /// is not swept again unless its window's end changes (a patch reopening it).
 async fn sweeper<B: Backend>(app: Arc<App<B>>, stop: CancellationToken) {
     let cfg = app.config().stock.clone();
-    let mut tick = tokio::time::interval(Duration::from_millis(cfg.sweep_interval_ms));
+    let mut ticks = Ticks::every(cfg.sweep_interval_ms, stop);
     // batch id -> the window end it was settled at
     let mut settled: HashMap<String, i64> = HashMap::new();
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => break,
-            _ = tick.tick() => {}
-        }
+    while ticks.next().await {
         let now = now_ms();
         let entries = app.catalog().cache().all();
         for entry in &entries {
             let end = entry.batch().claim_window.end.0;
-            if entry.is_lost() || settled.get(entry.id.as_str()) == Some(&end) {
+            if entry.is_lost() || entry.is_retired() || settled.get(entry.id.as_str()) == Some(&end)
+            {
                 continue;
             }
             match app
@@ -147,13 +165,8 @@ async fn sweeper<B: Backend>(app: Arc<App<B>>, stop: CancellationToken) {
 /// are logged there and retried at the next interval).
 async fn coupon_sweeper<B: Backend>(app: Arc<App<B>>, stop: CancellationToken) {
     let cfg = app.config().events.clone();
-    let mut tick = tokio::time::interval(Duration::from_millis(cfg.sweep_interval_ms));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => break,
-            _ = tick.tick() => {}
-        }
+    let mut ticks = Ticks::every(cfg.sweep_interval_ms, stop);
+    while ticks.next().await {
         let now = app.api().clock().now_ms();
         let _ = crate::notify::sweep_once(app.store(), &cfg, now).await;
         let _ = crate::notify::sweep_managed(app.store(), app.api().coupons(), &cfg, now).await;
@@ -166,13 +179,39 @@ async fn coupon_sweeper<B: Backend>(app: Arc<App<B>>, stop: CancellationToken) {
 /// `Gateway::shutdown`.
 async fn grant_resumer<B: Backend>(app: Arc<App<B>>, stop: CancellationToken) {
     let grants = app.api().grants().clone();
-    let mut tick = tokio::time::interval(Duration::from_millis(grants.config().poll_ms));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => break,
-            _ = tick.tick() => {}
-        }
+    let mut ticks = Ticks::every(grants.config().poll_ms, stop);
+    while ticks.next().await {
         grants.resume_orphans().await;
+    }
+}
+
+/// Retirer: every `batches.retire_every_ms`, one retirement pass (`recovery::retire_due`) at
+/// the Api's clock. Every gateway runs it; its steps are idempotent. `retire_after_ms = 0`:
+/// nothing is begun, retirements begun earlier still complete.
+async fn retirer<B: Backend>(app: Arc<App<B>>, stop: CancellationToken) {
+    let cfg = app.config().batches.clone();
+    let mut ticks = Ticks::every(cfg.retire_every_ms, stop);
+    while ticks.next().await {
+        let now = app.api().clock().now_ms();
+        let pass = crate::recovery::retire_due(
+            app.backend().as_ref(),
+            app.store(),
+            now,
+            cfg.retire_after_ms,
+        );
+        // bounded: a pass that hangs on a dead backend gives way to the next tick
+        let limit = Duration::from_millis(cfg.retire_every_ms.max(10_000));
+        let failed = match tokio::time::timeout(limit, pass).await {
+            Ok(Ok(_)) => continue,
+            Ok(Err(e)) => format!("retirement pass: {e}"),
+            Err(_) => "retirement pass timed out".to_string(),
+        };
+        BatchRetirement {
+            batch: "",
+            outcome: "failed",
+            keys: 0,
+            detail: &failed,
+        }
+        .emit();
     }
 }

@@ -483,6 +483,29 @@ impl BatchRestored<'_> {
     }
 }
 
+/// A step of a batch's retirement (`recovery::retire`): `outcome` is one of
+/// [`m::RETIRE_OUTCOMES`]; `detail` says what it waits for or why it failed.
+pub struct BatchRetirement<'a> {
+    pub batch: &'a str,
+    pub outcome: &'static str,
+    pub keys: u64,
+    pub detail: &'a str,
+}
+
+impl BatchRetirement<'_> {
+    pub fn emit(self) {
+        metrics::counter!(m::BATCHES_RETIRED, "outcome" => self.outcome).increment(1);
+        match self.outcome {
+            "failed" => tracing::warn!(batch = %self.batch, detail = %self.detail,
+                "retiring the batch failed; tried again next pass"),
+            "waiting" => tracing::debug!(batch = %self.batch, detail = %self.detail,
+                "the batch's retirement waits"),
+            _ => tracing::info!(batch = %self.batch, outcome = self.outcome, keys = self.keys,
+                "batch retirement"),
+        }
+    }
+}
+
 // ------------------------------------------------------------------------ the persister
 
 /// A batch of log records committed to the database (`rows` new claims, `changes` changes

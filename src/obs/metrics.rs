@@ -92,6 +92,12 @@ pub const COUPON_CONFLICTS: &str = "claimgate_coupon_conflicts_total";
 pub const STOCK_REMAINING: &str = "claimgate_stock_remaining";
 /// Batches whose Redis state is missing (claims refused until rebuild).
 pub const BATCHES_LOST: &str = "claimgate_batches_lost";
+/// Batch retirement steps by `outcome` ([`RETIRE_OUTCOMES`]): `begun` (the database marked
+/// it retired), `retired` (every Redis key of it dropped), `waiting` (a slot still held
+/// records or open transfers: tried again next pass), `failed`.
+pub const BATCHES_RETIRED: &str = "claimgate_batch_retirements_total";
+/// `outcome` labels of [`BATCHES_RETIRED`].
+pub const RETIRE_OUTCOMES: &[&str] = &["begun", "retired", "waiting", "failed"];
 /// Build info (`version`, `backend`) with value 1.
 pub const BUILD_INFO: &str = "claimgate_build_info";
 /// Event delivery attempts by `outcome` ([`DELIVERY_OUTCOMES`]: delivered; failed, to be
@@ -228,6 +234,7 @@ pub const SCRIPTS: &[&str] = &[
     "codes_add",
     "coupon",
     "recent",
+    "retire",
 ];
 /// Stage labels of [`STAGE_SECONDS`].
 pub const STAGES: &[&str] = &[
@@ -592,6 +599,7 @@ fn describe() {
     );
     describe_counter!(GRANT_USERS, "Users of grant jobs decided, by outcome.");
     describe_counter!(CODES, "Codes received for batches with codes, by outcome.");
+    describe_counter!(BATCHES_RETIRED, "Batch retirement steps, by outcome.");
     describe_gauge!(BUILD_INFO, "Build information.");
     process_collector().describe();
 }
@@ -619,6 +627,9 @@ fn register_at_zero() {
         metrics::counter!(SHARD_REPAIRS, "result" => *result).increment(0);
     }
     metrics::counter!(STOCK_WRITTEN_OFF).increment(0);
+    for outcome in RETIRE_OUTCOMES {
+        metrics::counter!(BATCHES_RETIRED, "outcome" => *outcome).increment(0);
+    }
     let _ = metrics::histogram!(SHARD_REPAIR_SECONDS);
     let _ = metrics::histogram!(REPLICA_CONFIRM_SECONDS);
     for result in REPLICA_CONFIRM_RESULTS {

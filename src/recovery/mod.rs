@@ -1,8 +1,9 @@
 //! Recovery from Redis data loss: [`rebuild`] (restore a batch's Redis state from the
 //! database), [`repair_shard`] (restore one shard of a live batch that Redis lost or a
 //! failover rolled back; the [`Repairer`] task runs it automatically on every reported
-//! [`crate::stock::ShardFault`]) and [`reconcile`] (compare the two and list every
-//! [`Difference`]).
+//! [`crate::stock::ShardFault`]), [`reconcile`] (compare the two and list every
+//! [`Difference`]) and [`retire_due`] (drop the Redis keys of batches long ended: the
+//! database is their record).
 //!
 //! Invariant kept here: recovery goes through the same typed scripts (`crate::contract`) and
 //! the same conservation check (`crate::stock::census`) as the gateway, so it cannot drift
@@ -13,6 +14,7 @@ mod rebuild;
 mod reconcile;
 mod repair;
 mod repairer;
+mod retire;
 
 use thiserror::Error;
 
@@ -21,6 +23,7 @@ pub use self::rebuild::{RebuildReport, rebuild};
 pub use self::reconcile::reconcile;
 pub use self::repair::{RepairReport, Repaired, repair_shard};
 pub use self::repairer::Repairer;
+pub use self::retire::{RetireError, RetireReport, retire_due};
 use crate::backend::BackendError;
 use crate::stock::StockError;
 use crate::store::DbError;
@@ -34,6 +37,11 @@ const SNAPSHOT_ATTEMPTS: usize = 5;
 pub enum RebuildError {
     #[error("batch {0} is not in the database")]
     BatchNotFound(String),
+    #[error(
+        "batch {0} is retired: its Redis keys were dropped on purpose and the database is its \
+         record; it is never restored to Redis"
+    )]
+    Retired(String),
     #[error(
         "batch {0} still exists in the backend (its pool meta is there); use --force to overwrite"
     )]

@@ -109,9 +109,12 @@ impl<B: Backend> Repairer<B> {
                     Ok(Repaired::Done(r)) => ("repaired", r.to_string(), r.written_off),
                     Ok(Repaired::Busy) => ("busy", String::new(), 0),
                     // nothing a shard repair can do: the whole batch needs `rebuild`
-                    Err(e @ (RebuildError::PoolLost(_) | RebuildError::BatchNotFound(_))) => {
-                        ("stale", e.to_string(), 0)
-                    }
+                    // a retired batch's keys are gone on purpose: nothing to repair
+                    Err(
+                        e @ (RebuildError::PoolLost(_)
+                        | RebuildError::BatchNotFound(_)
+                        | RebuildError::Retired(_)),
+                    ) => ("stale", e.to_string(), 0),
                     Err(e) => ("failed", e.to_string(), 0),
                 }
             }

@@ -14,7 +14,12 @@ pub struct StoredBatch {
     pub batch: Batch,
     pub version: i64,
     pub setup_done: bool,
+    /// Retired (`recovery::retire`): its Redis keys are being dropped or gone, and the
+    /// database is its record. Final.
+    pub retired: bool,
 }
+
+type BatchRow = (String, String, i64, Option<i64>, Option<i64>);
 
 const UPSERT_BATCH: &str = "INSERT INTO batches \
      (id, definition, shards, stock, state, created_at, updated_at, version, setup_done_at, \
@@ -35,22 +40,25 @@ const INSERT_BATCH: &str = "INSERT INTO batches \
 /// A change of the definition: applied only on top of the version it was computed from.
 const UPDATE_BATCH: &str = "UPDATE batches SET definition = $2, shards = $3, stock = $4, \
      state = $5, updated_at = $6, version = $7, timezone = $9, budget = $10 \
-     WHERE id = $1 AND version = $8";
+     WHERE id = $1 AND version = $8 AND retired_at IS NULL";
 
 /// What the persister follows of every batch: any change of these can make a batch receive
 /// claim records again (a patch bumps `version` and `updated_at`, a rebuild or repair bumps
 /// `epoch`, a re-create after a delete is a new `updated_at` and `setup_done_at`).
+/// A batch whose retirement completed has no Redis keys left to read: not followed.
 const BATCH_MARKS: &str = "SELECT id, shards, version, epoch, updated_at, setup_done_at \
-     FROM batches ORDER BY id";
+     FROM batches WHERE retire_done_at IS NULL ORDER BY id";
 
-const BATCH_ROW: &str = "SELECT id, definition, version, setup_done_at FROM batches WHERE id = $1";
+const BATCH_ROW: &str =
+    "SELECT id, definition, version, setup_done_at, retired_at FROM batches WHERE id = $1";
 
 /// A page of the admin listing: set-up batches after `$1` (exclusive) by id, at most `$2`;
 /// keyset pagination on the primary key, so rows inserted meanwhile never shift a page.
-const LIST_PAGE: &str = "SELECT id, definition, version, setup_done_at FROM batches \
+const LIST_PAGE: &str = "SELECT id, definition, version, setup_done_at, retired_at FROM batches \
      WHERE setup_done_at IS NOT NULL AND id > $1 ORDER BY id LIMIT $2";
 /// The same, in one state (`$3`).
-const LIST_PAGE_STATE: &str = "SELECT id, definition, version, setup_done_at FROM batches \
+const LIST_PAGE_STATE: &str = "SELECT id, definition, version, setup_done_at, retired_at \
+     FROM batches \
      WHERE setup_done_at IS NOT NULL AND id > $1 AND state = $3 ORDER BY id LIMIT $2";
 
 /// A batch as the persister follows it, without its definition (cheap to read often).
@@ -122,7 +130,7 @@ impl Db {
 
     /// The batch with its version and setup state.
     pub async fn batch_row(&self, id: &str) -> Result<Option<StoredBatch>, DbError> {
-        let row: Option<(String, String, i64, Option<i64>)> = on_pool!(self, p => {
+        let row: Option<BatchRow> = on_pool!(self, p => {
             sqlx::query_as(BATCH_ROW).bind(id).fetch_optional(p).await?
         });
         row.map(stored_batch).transpose()
@@ -130,9 +138,10 @@ impl Db {
 
     /// Every batch with its version and setup state, by id.
     pub async fn batch_rows(&self) -> Result<Vec<StoredBatch>, DbError> {
-        let rows: Vec<(String, String, i64, Option<i64>)> = on_pool!(self, p => {
+        let rows: Vec<BatchRow> = on_pool!(self, p => {
             sqlx::query_as(
-                "SELECT id, definition, version, setup_done_at FROM batches ORDER BY id",
+                "SELECT id, definition, version, setup_done_at, retired_at FROM batches \
+                 ORDER BY id",
             )
             .fetch_all(p)
             .await?
@@ -145,7 +154,8 @@ impl Db {
     pub async fn batch_versions(&self) -> Result<Vec<(String, i64)>, DbError> {
         Ok(on_pool!(self, p => {
             sqlx::query_as(
-                "SELECT id, version FROM batches WHERE setup_done_at IS NOT NULL ORDER BY id",
+                "SELECT id, version FROM batches WHERE setup_done_at IS NOT NULL \
+                 AND retired_at IS NULL ORDER BY id",
             )
             .fetch_all(p)
             .await?
@@ -258,7 +268,7 @@ impl Db {
         state: Option<BatchState>,
         limit: u32,
     ) -> Result<Vec<StoredBatch>, DbError> {
-        let rows: Vec<(String, String, i64, Option<i64>)> = on_pool!(self, p => {
+        let rows: Vec<BatchRow> = on_pool!(self, p => {
             let q = sqlx::query_as(if state.is_some() { LIST_PAGE_STATE } else { LIST_PAGE })
                 .bind(after.unwrap_or(""))
                 .bind(i64::from(limit));
@@ -291,6 +301,60 @@ impl Db {
             .collect()
     }
 
+    /// Begins the retirement of a batch (`recovery::retire`), if it is still at `version`
+    /// (a change that reopened its window since wins) and not retired. Returns whether this
+    /// call began it. From then on no change of its definition applies.
+    pub async fn begin_retirement(
+        &self,
+        id: &str,
+        version: i64,
+        now: i64,
+    ) -> Result<bool, DbError> {
+        let n = on_pool!(self, p => {
+            sqlx::query(
+                "UPDATE batches SET retired_at = $3 WHERE id = $1 AND version = $2 \
+                 AND retired_at IS NULL AND setup_done_at IS NOT NULL",
+            )
+            .bind(id)
+            .bind(version)
+            .bind(now)
+            .execute(p)
+            .await?
+            .rows_affected()
+        });
+        Ok(n == 1)
+    }
+
+    /// (id, shards) of every batch whose retirement began and has not completed.
+    pub async fn retiring(&self) -> Result<Vec<(String, u32)>, DbError> {
+        let rows: Vec<(String, i64)> = on_pool!(self, p => {
+            sqlx::query_as(
+                "SELECT id, shards FROM batches WHERE retired_at IS NOT NULL \
+                 AND retire_done_at IS NULL ORDER BY id",
+            )
+            .fetch_all(p)
+            .await?
+        });
+        rows.into_iter()
+            .map(|(id, shards)| Ok((id, super::to_u32(shards, "shards")?)))
+            .collect()
+    }
+
+    /// Records that every Redis key of the retired batch is gone (keeps the first time).
+    pub async fn finish_retirement(&self, id: &str, now: i64) -> Result<(), DbError> {
+        on_pool!(self, p => {
+            sqlx::query(
+                "UPDATE batches SET retire_done_at = COALESCE(retire_done_at, $2) \
+                 WHERE id = $1 AND retired_at IS NOT NULL",
+            )
+            .bind(id)
+            .bind(now)
+            .execute(p)
+            .await?;
+        });
+        Ok(())
+    }
+
     /// Every batch, by id.
     pub async fn list_batches(&self) -> Result<Vec<Batch>, DbError> {
         let rows: Vec<(String, String)> = on_pool!(self, p => {
@@ -303,12 +367,13 @@ impl Db {
 }
 
 fn stored_batch(
-    (id, def, version, setup_done_at): (String, String, i64, Option<i64>),
+    (id, def, version, setup_done_at, retired_at): BatchRow,
 ) -> Result<StoredBatch, DbError> {
     Ok(StoredBatch {
         batch: parse_batch(&id, &def)?,
         version,
         setup_done: setup_done_at.is_some(),
+        retired: retired_at.is_some(),
     })
 }
 

@@ -231,7 +231,49 @@ async fn write_claims_pg(
     Ok((inserted, coupons.len() as u64))
 }
 
+/// The coupon an earlier success of a request id got, as the database holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestClaim {
+    pub coupon_id: String,
+    pub valid_from: i64,
+    pub valid_to: i64,
+    pub claimed_at: i64,
+    pub code: Option<String>,
+}
+
 impl Db {
+    /// The coupon `user` got with `request_id` from the batch, if the database holds it:
+    /// the replay of a retired batch, whose request-id records left Redis with it.
+    pub async fn claim_of_request(
+        &self,
+        batch_id: &str,
+        user: &str,
+        request_id: &str,
+    ) -> Result<Option<RequestClaim>, DbError> {
+        type Row = (String, i64, i64, i64, Option<String>);
+        let row: Option<Row> = on_pool!(self, p => {
+            sqlx::query_as(
+                "SELECT coupon_id, valid_from, valid_to, claimed_at, code FROM coupons \
+                 WHERE batch_id = $1 AND user_id = $2 AND request_id = $3 \
+                 ORDER BY claimed_at, coupon_id LIMIT 1",
+            )
+            .bind(batch_id)
+            .bind(user)
+            .bind(request_id)
+            .fetch_optional(p)
+            .await?
+        });
+        Ok(row.map(
+            |(coupon_id, valid_from, valid_to, claimed_at, code)| RequestClaim {
+                coupon_id,
+                valid_from,
+                valid_to,
+                claimed_at,
+                code,
+            },
+        ))
+    }
+
     /// Does the database hold any claim of the batch?
     pub async fn has_claims(&self, batch_id: &str) -> Result<bool, DbError> {
         let n: i64 = on_pool!(self, p => {

@@ -73,7 +73,7 @@ mod grants;
 mod outbox;
 
 pub use self::batches::{BatchMark, StoredBatch};
-pub use self::claims::{ClaimsWritten, CouponConflict, ShardClaims, claim_event_id};
+pub use self::claims::{ClaimsWritten, CouponConflict, RequestClaim, ShardClaims, claim_event_id};
 pub use self::coupon_state::{ChangesWritten, transition_event_id};
 pub use self::coupons::{CouponRow, DueManaged, EventRow, MAX_PAGE, Swept};
 pub use self::grants::{GrantCounts, GrantJobRow, JobState, Spooled};

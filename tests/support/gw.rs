@@ -252,6 +252,17 @@ pub async fn create<B: Backend>(g: &Gw<B>, id: &str, stock: i64, limit: i64, ext
     assert_eq!(s, 201, "create {id}: {v}");
 }
 
+/// `POST /v1/coupons/{id}/{action}` (lock, redeem, release, refund) for `order`.
+pub async fn act<B: Backend>(g: &Gw<B>, id: &str, action: &str, order: &str) -> (u16, Value) {
+    call(
+        &g.app,
+        "POST",
+        &format!("/v1/coupons/{id}/{action}"),
+        json!({ "order_id": order }).to_string(),
+    )
+    .await
+}
+
 pub async fn claim<B: Backend>(
     app: &App<B>,
     batch: &str,

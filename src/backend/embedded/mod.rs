@@ -184,6 +184,22 @@ impl EmbeddedBackend {
         self.keyspace.set_clock(clock);
     }
 
+    /// Every live key starting with `prefix`, sorted (as `SCAN MATCH <prefix>*` would list
+    /// them on Redis): what an operator or a test inspects, e.g. that a retired batch left
+    /// no key behind.
+    pub fn keys_with_prefix(&self, prefix: &str) -> Vec<String> {
+        let (secs, micros) = self.keyspace.time();
+        let now = secs.saturating_mul(1000) + u64::from(micros / 1000);
+        let mut keys: Vec<String> = self
+            .keyspace
+            .keys_with_prefix(prefix.as_bytes(), now)
+            .into_iter()
+            .map(|k| String::from_utf8_lossy(&k).into_owned())
+            .collect();
+        keys.sort();
+        keys
+    }
+
     /// Writes and fsyncs everything logged so far (graceful shutdown).
     pub fn flush(&self) -> Result<(), EmbeddedError> {
         match &self.aof {

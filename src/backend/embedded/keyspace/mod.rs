@@ -514,6 +514,22 @@ impl Keyspace {
     pub fn slots(&self) -> &[Arc<Mutex<SlotData>>] {
         &self.slots
     }
+    /// Every live key that starts with `prefix` (what `SCAN MATCH <prefix>*` lists), in no
+    /// particular order. Takes each slot's lock in turn: an inspection, not a hot path.
+    pub fn keys_with_prefix(&self, prefix: &[u8], now: u64) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        for slot in self.slots.iter() {
+            let db = slot.lock();
+            out.extend(
+                db.map
+                    .iter()
+                    .filter(|(k, o)| k.starts_with(prefix) && !o.expired(now))
+                    .map(|(k, _)| k.to_vec()),
+            );
+        }
+        out
+    }
+
     /// A canonical, order-independent description of every live key, for tests comparing
     /// two keyspaces (e.g. before a restart and after the log is replayed).
     #[cfg(test)]
