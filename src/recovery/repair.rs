@@ -6,6 +6,8 @@
 //!   repaired shard is fenced (its meta deleted, `lua/restore.lua` 'fence') so that every
 //!   gateway refuses its claims until it is complete again;
 //! - one repairer per shard at a time (the repair lock, which expires if its holder dies);
+//! - a retired batch is never repaired back into Redis: the database is read again once
+//!   the lock is held (`recovery::retire` drops no shard while a repairer holds it);
 //! - a repaired shard never mints an id again: the batch moves to a new coupon-id epoch in
 //!   the database before the shard is restored, and the shard's claim counter never goes
 //!   back;
@@ -96,6 +98,14 @@ pub async fn repair_shard<B: Backend>(
                 slot: format!("{} (fence answered {other:?})", s.label),
             });
         }
+    }
+    // A retirement begun since the batch was read above may have dropped the shard already:
+    // restored now, it would come back to Redis after its batch left (and stay, once the
+    // retirement completed). Read again under the lock: a retirement begun after this read
+    // finds the lock and waits for it (`lua/retire.lua` -3); one begun before is seen here,
+    // and the lock expires on its own.
+    if db.batch_row(batch_id).await?.is_some_and(|row| row.retired) {
+        return Err(RebuildError::Retired(batch_id.to_string()));
     }
     // What the shard minted before it was fenced must reach the database first.
     let started = tokio::time::Instant::now();
