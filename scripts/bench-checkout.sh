@@ -18,15 +18,11 @@ source scripts/bench-gateway.sh
 LABEL=${1:-$(git rev-parse --short HEAD)}
 SECS=${BENCH_SECONDS:-10}
 CONNS=${BENCH_CONNECTIONS:-50}
-PG_ADMIN=${CLAIMGATE_TEST_PG:-postgres://postgres@127.0.0.1:5432/postgres}
-PGDB="claimgate_ckbench_$$"
 OUT="loadtest/results/$(date -u +%Y-%m-%d)-checkout-rw.md"
-trap 'cleanup; psql "$PG_ADMIN" -qtAc "DROP DATABASE IF EXISTS $PGDB WITH (FORCE)" >/dev/null 2>&1 || true' EXIT
 
 build_release
 start_redis
-psql "$PG_ADMIN" -qtAc "CREATE DATABASE $PGDB" >/dev/null
-PG_URL="${PG_ADMIN%/*}/$PGDB"
+start_pg_db claimgate_ckbench
 
 run() { # run NAME SEED REDIS_PID|-: one checkout run on the gateway at $GPORT; sets ROW
   local name=$1 seed=$2 rpid=$3 g0 r0=0 g1 r1=0

@@ -7,10 +7,17 @@
 #   calc EXPR          Python arithmetic
 #   build_release      builds the release binaries; sets BIN and LT
 #   start_redis        a redis-server of its own (no persistence) on a free port; sets RPORT
+#   start_pg_db PREFIX a throwaway PostgreSQL database PREFIX_<pid> on the server of
+#                      CLAIMGATE_TEST_PG (as the tests use it), dropped at exit; sets PG_URL
 WORK=$(mktemp -d)
 PIDS=()
+PGDB=
+PG_ADMIN=${CLAIMGATE_TEST_PG:-postgres://postgres@127.0.0.1:5432/postgres}
 cleanup() {
   for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+  if [ -n "$PGDB" ]; then
+    psql "$PG_ADMIN" -qtAc "DROP DATABASE IF EXISTS $PGDB WITH (FORCE)" >/dev/null 2>&1 || true
+  fi
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -33,4 +40,9 @@ start_redis() {
   PIDS+=("$!")
   for _ in $(seq 1 50); do redis-cli -p "$RPORT" ping >/dev/null 2>&1 && return; sleep 0.1; done
   echo "redis-server did not start" >&2; exit 1
+}
+start_pg_db() {
+  PGDB="$1_$$"
+  psql "$PG_ADMIN" -qtAc "CREATE DATABASE $PGDB" >/dev/null
+  PG_URL="${PG_ADMIN%/*}/$PGDB"
 }

@@ -24,15 +24,11 @@ LABEL=${1:-$(git rev-parse --short HEAD)}
 CLAIMS=${BENCH_CLAIMS:-20000}
 SHARDS=${BENCH_SHARDS:-16}
 WINDOW_S=25
-PG_ADMIN=${CLAIMGATE_TEST_PG:-postgres://postgres@127.0.0.1:5432/postgres}
-PGDB="claimgate_retbench_$$"
 OUT="loadtest/results/$(date -u +%Y-%m-%d)-retirement.md"
-trap 'cleanup; psql "$PG_ADMIN" -qtAc "DROP DATABASE IF EXISTS $PGDB WITH (FORCE)" >/dev/null 2>&1 || true' EXIT
 
 build_release
 start_redis
-psql "$PG_ADMIN" -qtAc "CREATE DATABASE $PGDB" >/dev/null
-PG_URL="${PG_ADMIN%/*}/$PGDB"
+start_pg_db claimgate_retbench
 R() { redis-cli -p "$RPORT" "$@"; }
 used_memory() { R info memory | awk -F: '/^used_memory:/ {print $2+0}'; }
 # keys of the batch, and the sum of their MEMORY USAGE (bytes)
