@@ -18,10 +18,12 @@
 
 mod support;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use claimgate::backend::Backend;
+use claimgate::backend::{Backend, BackendError, Script, Value};
 use claimgate::domain::time::{Clock, ManualClock, Timestamp};
 use claimgate::recovery::{RebuildError, RetireReport, rebuild, reconcile, retire_due};
 use claimgate::store::CouponState;
@@ -304,6 +306,115 @@ async fn retirement<B: Backend>(
     .await;
     let diffs = reconcile(g.backend.as_ref(), &g.db, None).await.unwrap();
     assert!(diffs.is_empty(), "{diffs:?}");
+}
+
+/// A backend that runs `hook` once, just before the first call of `script`, then passes
+/// every call through: a test's way to put another actor's steps between two of the code
+/// under test's own.
+struct Interpose<B> {
+    inner: Arc<B>,
+    script: Script,
+    hook: std::sync::Mutex<Option<Hook>>,
+}
+
+type Hook = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
+
+impl<B: Backend> Backend for Interpose<B> {
+    fn eval(
+        &self,
+        script: Script,
+        keys: &[&str],
+        args: &[&str],
+    ) -> impl Future<Output = Result<Value, BackendError>> + Send {
+        let hook = if script == self.script {
+            self.hook.lock().unwrap().take()
+        } else {
+            None
+        };
+        async move {
+            if let Some(hook) = hook {
+                hook().await;
+            }
+            self.inner.eval(script, keys, args).await
+        }
+    }
+    fn publish(&self, message: &str) -> impl Future<Output = Result<(), BackendError>> + Send {
+        self.inner.publish(message)
+    }
+    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<String> {
+        self.inner.subscribe()
+    }
+    fn ready(&self) -> impl Future<Output = Result<(), BackendError>> + Send {
+        self.inner.ready()
+    }
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+}
+
+/// A repair that read the batch before its retirement began, and fences the shard only once
+/// the retirement dropped everything (the retirement runs between the repairer's pool check
+/// and its fence), stops: the batch is retired, so nothing of it comes back to Redis but the
+/// fence's lock, which expires on its own. Before the repair read the batch again under its
+/// lock, it went on into the retired batch (a new epoch in the database, the shard's
+/// `begin`) and failed only at its census.
+async fn repair_racing_retirement<B: Backend>(g: Gw<B>, keys: impl Fn(&str) -> Vec<String>) {
+    let ended = json!({"start": "2020-01-01T00:00:00Z", "end": "2021-01-01T00:00:00Z"});
+    let body = batch_json("rr", 100, 1, json!({"shards": 4, "claim_window": ended}));
+    let (s, v) = call(&g.app, "POST", "/v1/batches", body).await;
+    assert_eq!(s, 201, "{v}");
+    assert!(!keys("cg:{rr:").is_empty());
+    let (inner, db) = (g.backend.clone(), g.db.clone());
+    let retire: Hook = Box::new(move || {
+        Box::pin(async move {
+            let now = claimgate::domain::time::now_ms();
+            let r = retire_due(inner.as_ref(), &db, now, AFTER_MS)
+                .await
+                .unwrap();
+            assert_eq!((r.begun, r.retired), (1, 1), "{r:?}");
+        })
+    });
+    let racing = Interpose {
+        inner: g.backend.clone(),
+        script: Script::Restore,
+        hook: std::sync::Mutex::new(Some(retire)),
+    };
+    let secs = Duration::from_secs(5);
+    let r = claimgate::recovery::repair_shard(&racing, &g.db, "rr", 0, "test", secs, secs).await;
+    assert!(matches!(r, Err(RebuildError::Retired(_))), "{r:?}");
+    // (and the transfer markers of the set-up, which expire on their own too)
+    let mut left = keys("cg:{rr:");
+    left.retain(|k| !k.contains("}:in:"));
+    assert_eq!(
+        left,
+        vec!["cg:{rr:0}:repair".to_string()],
+        "only the fence's lock is left"
+    );
+    let row = g.db.batch_row("rr").await.unwrap().unwrap();
+    assert!(row.retired);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_repair_racing_a_retirement_restores_nothing_redis() {
+    let _w = Watchdog::arm(Duration::from_secs(60));
+    let mut g = gw::redis_gw().await;
+    let redis = g.redis.take().expect("its own redis");
+    repair_racing_retirement(g, move |prefix| {
+        let out = redis.cli(&["--scan", "--pattern", &format!("{prefix}*")]);
+        out.lines()
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_repair_racing_a_retirement_restores_nothing_embedded() {
+    let _w = Watchdog::arm(Duration::from_secs(60));
+    let g = gw::embedded_gw().await;
+    let backend = g.backend.clone();
+    repair_racing_retirement(g, move |prefix| backend.keys_with_prefix(prefix)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
