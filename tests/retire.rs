@@ -230,6 +230,7 @@ async fn retirement<B: Backend>(
         (&json!(200), &json!(USERS + 1)),
         "{v}"
     );
+    assert_eq!(v["retired_at"], json!(Timestamp(due).to_rfc3339()), "{v}");
 
     step("the wallet and transitions are the database's");
     assert_eq!(

@@ -34,6 +34,7 @@ use crate::catalog::CatalogError;
 use crate::catalog::cache::CachedBatch;
 use crate::contract::keys::BatchKeys;
 use crate::domain::batch::{Batch, BatchPatch, InvalidBatch, NewBatch};
+use crate::domain::time::Timestamp;
 use crate::stock::StockError;
 
 /// How often a PATCH re-reads the definition and retries after losing the compare-and-set
@@ -65,6 +66,10 @@ pub struct BatchView {
     /// Only for a batch with a budget.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub budget: Option<BudgetView>,
+    /// Only for a retired batch: when its retirement began (RFC 3339). Its keys left Redis,
+    /// and the figures are the database's, final.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retired_at: Option<String>,
 }
 
 /// `POST /v1/batches`.
@@ -207,6 +212,7 @@ pub async fn get<B: Backend>(api: &Api<B>, id: &str) -> Result<BatchView, ApiErr
             remaining: total - spent,
         }),
         batch,
+        retired_at: None,
     })
 }
 
@@ -244,6 +250,7 @@ async fn retired_view<B: Backend>(
             remaining: total - spent,
         }),
         batch,
+        retired_at: row.retired_at.map(|t| Timestamp(t).to_rfc3339()),
     })
 }
 

@@ -17,6 +17,8 @@ pub struct StoredBatch {
     /// Retired (`recovery::retire`): its Redis keys are being dropped or gone, and the
     /// database is its record. Final.
     pub retired: bool,
+    /// When the retirement began (ms), if it did.
+    pub retired_at: Option<i64>,
 }
 
 type BatchRow = (String, String, i64, Option<i64>, Option<i64>);
@@ -374,6 +376,7 @@ fn stored_batch(
         version,
         setup_done: setup_done_at.is_some(),
         retired: retired_at.is_some(),
+        retired_at,
     })
 }
 
