@@ -574,38 +574,51 @@ async fn reconcile_remote(
     }
 }
 
-/// Waits for SIGTERM or SIGINT.
-async fn signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// SIGTERM or SIGINT. The handlers are registered when this is called, not when the future
+/// is first polled: `serve` calls it before the gateway answers anything, so a signal sent
+/// the instant `/healthz` answers starts the shutdown rather than killing the process
+/// (CI stop 22 lost the shutdown's "bye" that way, with the handler in a task not yet run).
+fn signalled() -> impl std::future::Future<Output = ()> + Send {
     #[cfg(unix)]
     {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
+        use tokio::signal::unix::{SignalKind, signal};
+        let handlers = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        );
+        async move {
+            match handlers {
+                (Ok(mut term), Ok(mut int)) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                    }
                 }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+                _ => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            }
         }
     }
     #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+    {
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
 }
 
 /// `serve`: the gateway of the composition root, until SIGTERM or SIGINT.
 async fn serve(cfg: Config) -> ExitCode {
     let scrub = cfg.clone();
+    let signal = signalled();
     let gateway = match crate::gateway::start(cfg).await {
         Ok(g) => g,
         Err(e) => return fail(&scrub, EXIT_UNAVAILABLE, e.to_string()),
     };
     let stop = gateway.shutdown_token();
     tokio::spawn(async move {
-        signal().await;
+        signal.await;
         tracing::info!("shutdown requested");
         stop.cancel();
     });
