@@ -392,7 +392,7 @@ async fn repair_racing_retirement<B: Backend>(g: Gw<B>, keys: impl Fn(&str) -> V
         "only the fence's lock is left"
     );
     let row = g.db.batch_row("rr").await.unwrap().unwrap();
-    assert!(row.retired);
+    assert!(row.retired());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -400,14 +400,7 @@ async fn a_repair_racing_a_retirement_restores_nothing_redis() {
     let _w = Watchdog::arm(Duration::from_secs(60));
     let mut g = gw::redis_gw().await;
     let redis = g.redis.take().expect("its own redis");
-    repair_racing_retirement(g, move |prefix| {
-        let out = redis.cli(&["--scan", "--pattern", &format!("{prefix}*")]);
-        out.lines()
-            .filter(|l| !l.is_empty())
-            .map(str::to_string)
-            .collect()
-    })
-    .await;
+    repair_racing_retirement(g, move |prefix| redis.keys_with_prefix(prefix)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -425,14 +418,7 @@ async fn a_retired_batch_leaves_redis_and_the_database_answers_redis() {
     let clock = Arc::new(ManualClock::new(claimgate::domain::time::now_ms()));
     on_clock(&mut g, &clock);
     let redis = g.redis.take().expect("its own redis");
-    retirement(g, clock, move |prefix| {
-        let out = redis.cli(&["--scan", "--pattern", &format!("{prefix}*")]);
-        out.lines()
-            .filter(|l| !l.is_empty())
-            .map(str::to_string)
-            .collect()
-    })
-    .await;
+    retirement(g, clock, move |prefix| redis.keys_with_prefix(prefix)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -96,7 +96,7 @@ pub async fn create<B: Backend>(
     if stored.batch.fingerprint() != proposed.fingerprint() {
         return Err(ApiError::BatchExists);
     }
-    if stored.retired {
+    if stored.retired() {
         return Err(retired(&proposed.id));
     }
     let batch = stored.batch;
@@ -199,21 +199,28 @@ pub async fn get<B: Backend>(api: &Api<B>, id: &str) -> Result<BatchView, ApiErr
         Some(m) => m.batch,
         None => (*entry.batch()).clone(),
     };
-    let budget = batch.budget.zip(batch.budget_spent(c.claimed));
-    Ok(BatchView {
-        stock: StockView {
-            total: c.total,
-            claimed: c.claimed,
-            remaining: c.total - c.claimed,
-        },
-        budget: budget.map(|(total, spent)| BudgetView {
-            total,
-            spent,
-            remaining: total - spent,
-        }),
-        batch,
-        retired_at: None,
-    })
+    Ok(BatchView::new(batch, c.total, c.claimed, None))
+}
+
+impl BatchView {
+    /// The batch with `claimed` of its `total` coupons taken (and its budget spent by them).
+    fn new(batch: Batch, total: i64, claimed: i64, retired_at: Option<i64>) -> BatchView {
+        let budget = batch.budget.zip(batch.budget_spent(claimed));
+        BatchView {
+            stock: StockView {
+                total,
+                claimed,
+                remaining: total - claimed,
+            },
+            budget: budget.map(|(total, spent)| BudgetView {
+                total,
+                spent,
+                remaining: total - spent,
+            }),
+            batch,
+            retired_at: retired_at.map(|t| Timestamp(t).to_rfc3339()),
+        }
+    }
 }
 
 /// A retired batch (`recovery::retire`): its Redis keys were dropped on purpose, and it is
@@ -234,24 +241,10 @@ async fn retired_view<B: Backend>(
     let Some(row) = api.store().batch_row(&entry.id).await? else {
         return Err(ApiError::BatchNotFound);
     };
-    let batch = row.batch;
-    let (claimed, _) = api.store().claim_counts(&batch.id).await?;
+    let (claimed, _) = api.store().claim_counts(&row.batch.id).await?;
     let claimed = i64::try_from(claimed).unwrap_or(i64::MAX);
-    let budget = batch.budget.zip(batch.budget_spent(claimed));
-    Ok(BatchView {
-        stock: StockView {
-            total: batch.stock,
-            claimed,
-            remaining: (batch.stock - claimed).max(0),
-        },
-        budget: budget.map(|(total, spent)| BudgetView {
-            total,
-            spent,
-            remaining: total - spent,
-        }),
-        batch,
-        retired_at: row.retired_at.map(|t| Timestamp(t).to_rfc3339()),
-    })
+    let total = row.batch.stock;
+    Ok(BatchView::new(row.batch, total, claimed, row.retired_at))
 }
 
 /// `PATCH /v1/batches/{id}`: pause/resume, move the window end, add stock. Applied exactly
@@ -306,7 +299,7 @@ async fn change_definition<B: Backend>(
         let Some(row) = row.filter(|r| r.setup_done) else {
             return Err(ApiError::BatchNotFound);
         };
-        if row.retired {
+        if row.retired() {
             return Err(retired(id));
         }
         let mut batch = row.batch;

@@ -121,14 +121,16 @@ async fn replay<B: Backend>(
         .store()
         .claim_of_request(batch_id, user, request_id)
         .await?;
-    Ok(stored.map(|c| ClaimReply {
-        coupon_id: c.coupon_id,
-        batch_id: batch_id.to_string(),
-        user_id: user.to_string(),
-        valid_from: Timestamp(c.valid_from).to_rfc3339(),
-        valid_to: Timestamp(c.valid_to).to_rfc3339(),
-        claimed_at: Timestamp(c.claimed_at).to_rfc3339(),
-        code: c.code,
+    Ok(stored.map(|c| {
+        let coupon = Coupon {
+            coupon_id: c.coupon_id,
+            valid_from_ms: c.valid_from,
+            valid_to_ms: c.valid_to,
+            claimed_at_ms: c.claimed_at,
+            minted_by: String::new(), // the database does not keep the request's nonce
+            code: c.code,
+        };
+        ClaimReply::new(&coupon, batch_id, user)
     }))
 }
 

@@ -107,7 +107,7 @@ impl<B: Backend> Catalog<B> {
             return Ok(entry);
         }
         match self.store.batch_row(id).await? {
-            Some(row) if row.setup_done && row.retired => {
+            Some(row) if row.setup_done && row.retired() => {
                 // Retired: Redis holds nothing of it by design; the database answers.
                 let fresh = Arc::new(CachedBatch::new(row.batch, row.version, false));
                 fresh.set_retired();
@@ -209,7 +209,7 @@ impl<B: Backend> Catalog<B> {
             .store
             .batch_row(&entry.id)
             .await?
-            .is_some_and(|r| r.retired);
+            .is_some_and(|r| r.retired());
         if retired {
             entry.set_retired();
             self.index.forget(&entry.id);

@@ -217,7 +217,7 @@ pub(super) async fn stored_batch(
         .batch_row(batch_id)
         .await?
         .ok_or_else(|| RebuildError::BatchNotFound(batch_id.to_string()))?;
-    if stored.retired {
+    if stored.retired() {
         return Err(RebuildError::Retired(batch_id.to_string()));
     }
     let keys = BatchKeys::new(&stored.batch.id, stored.batch.shards);

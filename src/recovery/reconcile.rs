@@ -65,7 +65,7 @@ async fn reconcile_batch<B: Backend>(
         diffs.push(Difference::SetupIncomplete { batch: id.clone() });
     }
     coupon_conflicts(db, &id, diffs).await?;
-    if stored.retired {
+    if stored.retired() {
         // the database is its record (every claim and change reached it before its keys
         // were dropped; a retirement in progress drops only drained slots): nothing in Redis
         // to compare, the database's own log must agree with its rows

@@ -104,7 +104,11 @@ pub async fn repair_shard<B: Backend>(
     // retirement completed). Read again under the lock: a retirement begun after this read
     // finds the lock and waits for it (`lua/retire.lua` -3); one begun before is seen here,
     // and the lock expires on its own.
-    if db.batch_row(batch_id).await?.is_some_and(|row| row.retired) {
+    if db
+        .batch_row(batch_id)
+        .await?
+        .is_some_and(|row| row.retired())
+    {
         return Err(RebuildError::Retired(batch_id.to_string()));
     }
     // What the shard minted before it was fenced must reach the database first.

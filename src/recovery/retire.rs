@@ -68,7 +68,7 @@ pub async fn retire_due<B: Backend>(
         let after = i64::try_from(after_ms).unwrap_or(i64::MAX);
         for row in db.batch_rows().await? {
             let due = row.batch.claim_window.end.0.saturating_add(after) <= now;
-            if !row.setup_done || row.retired || !due {
+            if !row.setup_done || row.retired() || !due {
                 continue;
             }
             match db.begin_retirement(&row.batch.id, row.version, now).await {

@@ -14,11 +14,16 @@ pub struct StoredBatch {
     pub batch: Batch,
     pub version: i64,
     pub setup_done: bool,
-    /// Retired (`recovery::retire`): its Redis keys are being dropped or gone, and the
-    /// database is its record. Final.
-    pub retired: bool,
-    /// When the retirement began (ms), if it did.
+    /// When its retirement began (ms), if it did (`recovery::retire`): its Redis keys are
+    /// being dropped or gone, and the database is its record. Final.
     pub retired_at: Option<i64>,
+}
+
+impl StoredBatch {
+    /// Retired: see [`StoredBatch::retired_at`].
+    pub fn retired(&self) -> bool {
+        self.retired_at.is_some()
+    }
 }
 
 type BatchRow = (String, String, i64, Option<i64>, Option<i64>);
@@ -375,7 +380,6 @@ fn stored_batch(
         batch: parse_batch(&id, &def)?,
         version,
         setup_done: setup_done_at.is_some(),
-        retired: retired_at.is_some(),
         retired_at,
     })
 }

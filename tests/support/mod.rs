@@ -173,6 +173,19 @@ impl RedisServer {
             .expect("redis-cli");
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
+
+    /// Every key starting with `prefix` (`--scan --pattern <prefix>*`), sorted: the same
+    /// view as the embedded backend's `keys_with_prefix`.
+    pub fn keys_with_prefix(&self, prefix: &str) -> Vec<String> {
+        let out = self.cli(&["--scan", "--pattern", &format!("{prefix}*")]);
+        let mut keys: Vec<String> = out
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect();
+        keys.sort();
+        keys
+    }
 }
 
 impl Drop for RedisServer {
