@@ -11,12 +11,19 @@
 --
 -- KEYS (all share the hash tag {<batch>:<shard>}):
 --   1 meta     hash   state, start, end, limit, daily, vdays, vfrom, vto, ver, epoch (the
---                     coupon-id epoch, absent = 0: bumped, durably first, by every rebuild)
+--                     coupon-id epoch, absent = 0: bumped, durably first, by every rebuild);
+--                     and the request-id generations lua/rotate.lua keeps: 'rqc' (which
+--                     generation is current: '1' = KEYS[11], else KEYS[5]; absent = no
+--                     rotation yet), 'rqo' ('1' = the other one holds records), 'rqd' ('1'
+--                     = records were dropped: a request id may have succeeded before
+--                     without a record here, and only the database knows)
 --   2 stock    string coupons left in this shard
 --   3 users    hash   user -> coupons claimed from this batch (per-user limit)
 --   4 daily    hash   user -> "<local day>:<count>" (per-user daily limit; the day number in
 --                     the batch's zone, see ARGV 5)
---   5 req      hash   "<user>|<request id>" -> "<coupon>|<valid_from>|<valid_to>|<claimed_at>|<nonce>"
+--   5 req      hash   "<user>|<request id>" -> "<coupon>|<valid_from>|<valid_to>|<claimed_at>|<nonce>":
+--                     one of the two request-id generations (meta 'rqc' says which is
+--                     current: records are written there, and looked up in both)
 --   6 log      stream claim records for the persister
 --   7 deny     set    users of this shard denied by the batch's eligibility rules
 --   8 claimed  string coupons claimed from this shard (also the coupon sequence)
@@ -33,6 +40,8 @@
 --                     entry ('0|unused||||<user>|...'), its claim record the field m '1' (its
 --                     state lives here, src/coupons/), and the coupon can be locked,
 --                     redeemed and released at once, with the database down or behind.
+--  11 req2     hash   optional: the other request-id generation (as KEYS[5]). Required once
+--                     the meta has 'rqc' (a rotation started): the call fails without it.
 -- ARGV:
 --   1 n, the number of claims in this call: an integer, 1 <= n <= 1000
 --   2 max log length (0 = unbounded)   3 batch id   4 shard index
@@ -60,6 +69,10 @@
 --                mints (-11), and nothing is written: a claim written here would reach the
 --                database as the owner of that id when the claim it first went to was lost,
 --                and a repair would restore it for its retry to replay.
+--   7 + 3n       optional (absent = none): n characters '0' / '1', character i for claim i;
+--                '1' = the caller asked the database about claim i's request id and it
+--                holds no success of it (or the request id is the gateway's own, fresh), so
+--                a miss here is a new request even where records were dropped (no -12)
 -- Returns an array of n answers, answer i for claim i:
 --   { 1, coupon_id, valid_from_ms, valid_to_ms, claimed_at_ms }   claimed now
 --   { 1, coupon_id, valid_from_ms, valid_to_ms, claimed_at_ms, '', code }   claimed now, in
@@ -79,7 +92,12 @@
 --     -9 claim log backlog at its bound (shed, nothing claimed)
 --     -11 the shard was rolled back: its next sequence is at or below ARGV 6 + 3n (the
 --        caller seals the shard and has it repaired; nothing claimed)
---   Each claim is checked in this order: replay, -11, -4, -2, -3, -5, -6, -7, -9, -8.
+--     -12 ask the database: the request id has no record here, records were dropped (meta
+--        'rqd', request-id retention), the user had a success before this call and the
+--        claim is not marked checked (ARGV 7 + 3n). It may be the replay of a success
+--        whose record expired: the caller answers that success from the database, or
+--        resubmits the claim marked checked. A user with no success yet needs no look.
+--   Each claim is checked in this order: replay, -12, -11, -4, -2, -3, -5, -6, -7, -9, -8.
 -- Validates every argument and decides every claim before the first write (a script that
 -- errors half-way keeps its writes): a bad argument fails the whole call with an error
 -- reply, nothing written.
@@ -102,9 +120,9 @@ local function fail(msg) return redis.error_reply('ERR claim: ' .. msg) end
 
 local n = tonumber(A[1])
 if not n or n < 1 or n > 1000 or n ~= floor(n) then return fail('n must be an integer in 1..1000') end
-if #A ~= 5 + 3 * n and #A ~= 6 + 3 * n then
+if #A < 5 + 3 * n or #A > 7 + 3 * n then
   return fail('expects n, max log, batch, shard, day offset, then n users, n request ids, n nonces'
-    .. ' [, the highest sequence seen]')
+    .. ' [, the highest sequence seen [, n checked flags]]')
 end
 local maxlog = tonumber(A[2])
 if not maxlog or maxlog < 0 or maxlog ~= floor(maxlog) then return fail('bad max log length') end
@@ -118,18 +136,31 @@ if not seenmax or seenmax < 0 or seenmax ~= floor(seenmax) then return fail('bad
 for i = U + 1, U + n do
   if A[i] == '' then return fail('empty user id') end
 end
+local checked = A[7 + 3 * n] or ''
+if checked ~= '' and (#checked ~= n or string.find(checked, '[^01]')) then
+  return fail('checked flags must be n characters 0 or 1')
+end
 local batch, shard = A[3], A[4]
 
 local out = {}
 local m = call('HMGET', KEYS[1], 'state', 'start', 'end', 'limit', 'daily', 'vdays', 'vfrom',
-  'vto', 'epoch', 'codes')
+  'vto', 'epoch', 'codes', 'rqc', 'rqo', 'rqd')
 if not m[1] then
   local none = { 0, -1 }
   for i = 1, n do out[i] = none end
   return out
 end
 
--- Earlier successes of the call's request ids: one read for all of them.
+-- The request-id generations: records are written to the current one, looked up in both.
+local cur, old = KEYS[5], KEYS[11]
+if m[11] then
+  if not old then return fail('the shard rotates request ids: KEYS[11] is required') end
+  if m[11] == '1' then cur, old = old, cur end
+end
+local dropped = m[13] == '1'
+
+-- Earlier successes of the call's request ids: one read for all of them (and one of the
+-- other generation for those not found, while it holds records).
 local F, fields, prev, nf = {}, {}, {}, 0 -- F[i]: claim i's request field (false: none)
 for i = 1, n do
   local rid = A[R + i]
@@ -142,10 +173,21 @@ for i = 1, n do
     F[i] = false
   end
 end
+local missed = 0 -- request fields found in neither generation
 if nf > 0 then
-  local got = call('HMGET', KEYS[5], unpack(fields))
+  local got = call('HMGET', cur, unpack(fields))
+  local rest, nr = {}, 0
   for j = 1, nf do
-    if got[j] then prev[fields[j]] = got[j] end
+    if got[j] then prev[fields[j]] = got[j] else nr = nr + 1; rest[nr] = fields[j] end
+  end
+  if nr > 0 and m[12] == '1' then
+    got = call('HMGET', old, unpack(rest))
+    for j = 1, nr do
+      if got[j] then prev[rest[j]] = got[j] end
+    end
+  end
+  for j = 1, nr do
+    if not prev[rest[j]] then missed = missed + 1 end
   end
 end
 
@@ -164,19 +206,24 @@ end
 
 local limit, daily = tonumber(m[4]), tonumber(m[5])
 local day = floor((now + offset) / 86400000)
-local used, today, deny, loglen, stock = {}, {}, 0, 0, 0
-if not closed then
-  deny = call('SCARD', KEYS[7])
+local used, had, today, deny, loglen, stock = {}, {}, {}, 0, 0, 0
+-- had[u]: the user's count before this call (a claim that may need the database's look
+-- needs it even when the window is closed)
+if not closed or (dropped and missed > 0) then
   local got = call('HMGET', KEYS[3], unpack(A, U + 1, U + n))
   for i = 1, n do
     local u = A[U + i]
     if used[u] == nil then
       used[u] = tonumber(got[i] or '0')
       if not used[u] then return fail('corrupt per-user count of ' .. u) end
+      had[u] = used[u]
     end
   end
+end
+if not closed then
+  deny = call('SCARD', KEYS[7])
   if daily > 0 then
-    got = call('HMGET', KEYS[4], unpack(A, U + 1, U + n))
+    local got = call('HMGET', KEYS[4], unpack(A, U + 1, U + n))
     for i = 1, n do
       local u = A[U + i]
       if today[u] == nil then
@@ -211,6 +258,8 @@ for i = 1, n do
     end
   elseif f and minted[f] then
     out[i] = minted[f] -- resolved to a replay once its coupon id is known (below)
+  elseif f and dropped and had[u] > 0 and string.byte(checked, i) ~= 49 then -- 49: '1'
+    out[i] = { 0, -12 }
   elseif rolled then
     out[i] = { 0, -11 }
   elseif closed then
@@ -333,7 +382,7 @@ end
 if managed and k > 0 then call('HSET', KEYS[10], unpack(states)) end
 call('HSET', KEYS[3], unpack(counts))
 if daily > 0 then call('HSET', KEYS[4], unpack(days)) end
-if nr > 0 then call('HSET', KEYS[5], unpack(reqs)) end
+if nr > 0 then call('HSET', cur, unpack(reqs)) end
 -- A repeat of a request id minted earlier in this call: the minting claim's coupon.
 for i = 1, n do
   local w = out[i]

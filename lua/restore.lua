@@ -14,6 +14,9 @@
 --   14 coupons hash   optional: the coupon states of a shard (lua/coupon.lua); 'begin'
 --                     deletes it, so every coupon of the slot goes back to the database's
 --                     transitions (the log is empty then: the database holds every change)
+--   15 req2   hash     optional: the shard's second request-id generation (lua/rotate.lua);
+--                     'begin' deletes it with KEYS[5] (the meta's generation fields go with
+--                     the meta: the records the rebuild writes start a fresh generation)
 -- ARGV[1] = op:
 --   'fence'  ARGV 2 repairer id, 3 lock lifetime ms (> 0). Takes the repair lock unless
 --            another repairer holds it; then deletes the meta: every claim on the slot is
@@ -23,8 +26,8 @@
 --            repairer fences and restores it next.
 --   'begin'  ARGV 2 force ('1' = also when the slot's meta exists, '0' = refuse then).
 --            Refuses while the log holds records (not yet persisted: the database does not
---            know them). Otherwise deletes meta, stock, users, daily, req, deny, outbox,
---            codes and coupons (the claim counter, transfer sequence and log are kept), and answers the
+--            know them). Otherwise deletes meta, stock, users, daily, req (both
+--            generations), deny, outbox, codes and coupons (the claim counter, transfer sequence and log are kept), and answers the
 --            stock it deleted (a repair writes it off, with its codes: part of it may have
 --            been sold by a primary that was lost).
 --   'hset'   ARGV 2 target ('users' | 'daily' | 'req'), 3.. field/value pairs.
@@ -84,6 +87,7 @@ elseif op == 'begin' then
   redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[9], KEYS[12],
     KEYS[13])
   if KEYS[14] then redis.call('DEL', KEYS[14]) end
+  if KEYS[15] then redis.call('UNLINK', KEYS[15]) end
   return { 1, tonumber(redis.call('GET', KEYS[7]) or '0'), stock }
 
 elseif op == 'hset' then

@@ -10,7 +10,7 @@
 --   1 meta  hash    2 stock  string   3 users  hash    4 daily  hash   5 req  hash
 --   6 deny  set     7 claimed string  8 xseq   string  9 outbox hash  10 log  stream
 --   11 repair string  12 codes hash   13 xcodes hash   14 coupons hash  15 ack  string
---   16 loads  set
+--   16 loads  set     17 req2 hash (the second request-id generation, lua/rotate.lua)
 -- ARGV: none (retire), or 1 'check' (only the checks: nothing is written; what the pass
 --   asks of the pool before it drops any shard, so no open transfer from the pool lands on
 --   a shard already dropped).
@@ -36,7 +36,7 @@ if check then return { 2, 0 } end
 
 local n = 0
 for i = 1, #KEYS do
-  n = n + redis.call('DEL', KEYS[i])
+  n = n + redis.call('UNLINK', KEYS[i])
 end
 if n == 0 then return { 0, 0 } end
 return { 1, n }

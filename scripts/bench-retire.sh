@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# Redis memory per live claim and per retired batch (issue 14 item 3, target: 0 bytes and 0
-# keys for a retired batch). One redis-server of its own and one gateway (redis backend,
-# PostgreSQL persister) with retirement sped up: a batch retires 61 s after its window ends
-# (the transfer markers live 1 s), checked every second. Steps:
-#   1. a batch "ret" with a 25 s window: CLAIMS claims with request ids, concurrently;
+# Redis memory per live claim and per retired batch (issue 14 item 3, targets: 100 bytes
+# per live claim, 0 bytes and 0 keys for a retired batch). One redis-server of its own and
+# one gateway (redis backend, PostgreSQL persister) with retirement and request-id retention
+# sped up: a batch retires 61 s after its window ends (the transfer markers live 1 s),
+# request-id records live 8 to 16 s, checked every second. Steps:
+#   1. a batch "ret" with a 45 s window: CLAIMS claims with request ids, concurrently;
 #   2. the persister drains: the batch's keys and bytes (MEMORY USAGE of each key) per live
 #      claim, and used_memory against the empty server;
-#   3. the window ends, then the retirer drops it: keys and bytes again (0 and 0 expected),
+#   3. the request-id records expire (no `req`/`req2` key of the batch left): bytes per live
+#      claim again, and every sampled replay returns its coupon from the database while the
+#      window is open;
+#   4. the window ends, then the retirer drops it: keys and bytes again (0 and 0 expected),
 #      and used_memory;
-#   4. afterwards every sampled replay returns its coupon from the database (200, same
+#   5. afterwards every sampled replay returns its coupon from the database (200, same
 #      id), a new claim is `409 ended`, and `claimgate reconcile --batch ret` exits 0.
 #
 #   scripts/bench-retire.sh [LABEL]    # writes loadtest/results/<UTC date>-retirement.md
@@ -23,7 +27,8 @@ source scripts/bench-gateway.sh
 LABEL=${1:-$(git rev-parse --short HEAD)}
 CLAIMS=${BENCH_CLAIMS:-20000}
 SHARDS=${BENCH_SHARDS:-16}
-WINDOW_S=25
+WINDOW_S=45
+RETENTION_MS=8000
 OUT="loadtest/results/$(date -u +%Y-%m-%d)-retirement.md"
 
 build_release
@@ -39,7 +44,7 @@ batch_bytes() {
 }
 
 SETTINGS=(--set stock.transfer_marker_ttl_s=1 --set batches.retire_after_ms=61000
-  --set batches.retire_every_ms=1000)
+  --set batches.retire_every_ms=1000 --set batches.request_id_retention_ms=$RETENTION_MS)
 start_gateway --backend redis --redis-url "redis://127.0.0.1:$RPORT" --database-url "$PG_URL" \
   "${SETTINGS[@]}"
 EMPTY=$(used_memory)
@@ -79,6 +84,37 @@ for _ in $(seq 1 600); do
 done
 LIVE_KEYS=$(batch_keys); LIVE_BYTES=$(batch_bytes); LIVE_USED=$(used_memory)
 
+# sampled replays of winning request ids: "<same> of <sample> ..." (argument: what is asked)
+replays() {
+  python3 - "$GPORT" "$WORK/claims.json" "$1" <<'PY'
+import http.client, json, random, sys
+port, won, new = int(sys.argv[1]), json.load(open(sys.argv[2])), sys.argv[3]
+c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+same = 0; sample = random.Random(7).sample(sorted(won), min(500, len(won)))
+for i in sample:
+    c.request("POST", "/v1/batches/ret/claims", json.dumps({"user_id": f"u{i}", "request_id": f"r{i}"}))
+    r = c.getresponse(); v = json.loads(r.read())
+    same += r.status == 200 and v.get("coupon_id") == won[i]
+c.request("POST", "/v1/batches/ret/claims", json.dumps({"user_id": new}))
+r = c.getresponse(); v = json.loads(r.read())
+print(f"{same} of {len(sample)} replays returned their coupon; a new claim: {r.status} {v.get('error') or 'claimed'}")
+PY
+}
+req_keys() { R --scan --pattern 'cg:{ret:*' | grep -cE ':req2?$' || true; }
+
+log "waiting for the request-id records to expire (retention $RETENTION_MS ms)"
+for _ in $(seq 1 600); do
+  [ "$(req_keys)" = 0 ] && break
+  sleep 0.1
+done
+EXP_REQ=$(req_keys); EXP_KEYS=$(batch_keys); EXP_BYTES=$(batch_bytes); EXP_USED=$(used_memory)
+ROTATED=$(metric claimgate_request_id_rotations_total 'outcome="rotated"')
+ROT_WAITING=$(metric claimgate_request_id_rotations_total 'outcome="waiting"')
+EXP_REPLAYS=$(replays newcomer-live)
+LOOKUPS_REPLAYED=$(metric claimgate_request_id_lookups_total 'outcome="replayed"')
+LOOKUPS_NEW=$(metric claimgate_request_id_lookups_total 'outcome="new"')
+log "after expiry: $EXP_REPLAYS"
+
 log "waiting for the window to end and the batch to retire (61 s after the end)"
 for _ in $(seq 1 1800); do
   [ "$(metric claimgate_batch_retirements_total 'outcome="retired"')" -ge 1 ] && break
@@ -103,20 +139,7 @@ for kind, ks in sorted(kinds.items()):
 ' "$RPORT")
 
 log "replays from the database, a new claim, reconcile"
-REPLAYS=$(python3 - "$GPORT" "$WORK/claims.json" <<'PY'
-import http.client, json, random, sys
-port, won = int(sys.argv[1]), json.load(open(sys.argv[2]))
-c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-same = 0; sample = random.Random(7).sample(sorted(won), min(500, len(won)))
-for i in sample:
-    c.request("POST", "/v1/batches/ret/claims", json.dumps({"user_id": f"u{i}", "request_id": f"r{i}"}))
-    r = c.getresponse(); v = json.loads(r.read())
-    same += r.status == 200 and v.get("coupon_id") == won[i]
-c.request("POST", "/v1/batches/ret/claims", json.dumps({"user_id": "newcomer"}))
-r = c.getresponse(); v = json.loads(r.read())
-print(f"{same} of {len(sample)} replays returned their coupon; a new claim: {r.status} {v.get('error')}")
-PY
-)
+REPLAYS=$(replays newcomer)
 if "$BIN" --backend redis --redis-url "redis://127.0.0.1:$RPORT" --database-url "$PG_URL" \
   "${SETTINGS[@]}" --set log.level=\"warn\" reconcile --batch ret >"$WORK/reconcile.txt" 2>&1; then
   RECONCILE="clean (exit 0)"
@@ -129,12 +152,14 @@ per() { calc "round($1 / $CLAIMS, 1)"; }
 cat > "$OUT" <<MD
 # Redis memory of a live and a retired batch, $(date -u +%Y-%m-%d) ($LABEL)
 
-Issue 14 item 3 ("Memory with a bound"; target 0 bytes for a retired batch).
+Issue 14 item 3 ("Memory with a bound"; targets: 100 bytes per live claim, 0 bytes for a
+retired batch).
 \`scripts/bench-retire.sh\` (BENCH_CLAIMS=$CLAIMS, BENCH_SHARDS=$SHARDS): one redis-server of
 its own, a gateway (redis backend, PostgreSQL persister) with \`batches.retire_after_ms=61000\`,
-\`stock.transfer_marker_ttl_s=1\`, \`batches.retire_every_ms=1000\` (production defaults: a
-week, a day, a minute). $CLAIMS claims with request ids on one batch of $SHARDS shards, then
-the window ends and the retirer runs. Bytes are the sum of \`MEMORY USAGE\` over the batch's
+\`stock.transfer_marker_ttl_s=1\`, \`batches.retire_every_ms=1000\`,
+\`batches.request_id_retention_ms=$RETENTION_MS\` (production defaults: a week, a day, a minute,
+a day). $CLAIMS claims with request ids on one batch of $SHARDS shards, then
+the request-id records expire, then the window ends and the retirer runs. Bytes are the sum of \`MEMORY USAGE\` over the batch's
 keys (\`cg:{ret:*\`), and \`used_memory\` against the empty server.
 
 Machine: $(nproc) cores; $(redis-server --version | cut -d' ' -f3), $(psql --version | cut -d' ' -f3-).
@@ -142,8 +167,13 @@ Machine: $(nproc) cores; $(redis-server --version | cut -d' ' -f3), $(psql --ver
 | | batch keys | batch bytes (MEMORY USAGE) | per claim | used_memory above the empty server |
 |---|---|---|---|---|
 | live, log drained into PostgreSQL | $LIVE_KEYS | $LIVE_BYTES | $(per "$LIVE_BYTES") B | $((LIVE_USED - EMPTY)) B |
+| live, request-id records expired ($EXP_REQ \`req\`/\`req2\` keys left) | $EXP_KEYS | $EXP_BYTES | $(per "$EXP_BYTES") B | $((EXP_USED - EMPTY)) B |
 | retired | $RET_KEYS | $RET_BYTES | $(per "$RET_BYTES") B | $((RET_USED - EMPTY)) B |
 
+- request-id rotations (\`batches.request_id_retention_ms=$RETENTION_MS\`): $ROTATED shard
+  rotations, $ROT_WAITING passes waited for the persister
+- while live, after the records expired: $EXP_REPLAYS (database look-ups: $LOOKUPS_REPLAYED
+  replayed, $LOOKUPS_NEW new)
 - retirements: $RETIRED retired, $WAITING passes waited (a log not drained, or a transfer open)
 - keys left in the whole server after the retirement: $ELSEWHERE ($LEFT\`cg:{w:<user>}\` is a
   user's recent coupons, \`lua/recent.lua\`: it lives \`wallet.recent_window_ms\`, 10 min, after

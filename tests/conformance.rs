@@ -1155,6 +1155,7 @@ pub mod cases {
                     request_id: r,
                     nonce: n,
                     seen: 0,
+                    checked: false,
                 }
             }
             let mut by_one = Vec::new();
@@ -1244,6 +1245,7 @@ pub mod cases {
                 nonce: "n",
                 day_offset: &off,
                 seen: 0,
+                checked: false,
             };
             c::call(backend, slot, &args).await
         };
@@ -1293,12 +1295,14 @@ pub mod cases {
                 request_id: "1",
                 nonce: "n",
                 seen: 0,
+                checked: false,
             },
             c::Claim {
                 user: "z",
                 request_id: "2",
                 nonce: "n",
                 seen: 0,
+                checked: false,
             },
         ];
         let got = c::call_many(backend, slot, &shared, &both).await.unwrap();
@@ -1335,6 +1339,7 @@ pub mod cases {
             request_id: "r",
             nonce: "n",
             seen,
+            checked: false,
         };
         let x = match c::call_many(backend, slot, &shared, &[one("x", 0)]).await {
             Ok(mut v) => match v.pop() {
@@ -1349,7 +1354,7 @@ pub mod cases {
         assert_eq!(got.unwrap(), [Outcome::RolledBack]);
         assert_eq!(
             replay::call(backend, slot, "y", "r").await.unwrap(),
-            None,
+            replay::Found::None,
             "nothing written"
         );
         // a replay in the same call is answered; the highest of the call's values counts

@@ -226,6 +226,20 @@ fn closed_label_sets() -> LabelSets {
         )]),
     );
     s.insert(
+        "claimgate_request_id_rotations_total",
+        m(vec![(
+            "outcome",
+            set(claimgate::obs::metrics::ROTATE_OUTCOMES),
+        )]),
+    );
+    s.insert(
+        "claimgate_request_id_lookups_total",
+        m(vec![(
+            "outcome",
+            set(claimgate::obs::metrics::LOOKUP_OUTCOMES),
+        )]),
+    );
+    s.insert(
         "claimgate_codes_total",
         m(vec![(
             "outcome",
@@ -1213,6 +1227,17 @@ fn a_gateway_that_served_a_few_claims_exports_every_dashboard_series() {
         claimgate::obs::metrics::RETIRE_OUTCOMES
             .iter()
             .map(|o| ("claimgate_batch_retirements_total", vec![("outcome", *o)])),
+    );
+    zero.extend(claimgate::obs::metrics::ROTATE_OUTCOMES.iter().map(|o| {
+        (
+            "claimgate_request_id_rotations_total",
+            vec![("outcome", *o)],
+        )
+    }));
+    zero.extend(
+        claimgate::obs::metrics::LOOKUP_OUTCOMES
+            .iter()
+            .map(|o| ("claimgate_request_id_lookups_total", vec![("outcome", *o)])),
     );
     zero.extend(
         claimgate::obs::metrics::SHARD_FAULT_KINDS

@@ -17,7 +17,7 @@ use crate::backend::{Backend, BackendError};
 use crate::catalog::cache::{CachedBatch, LocalRefusal};
 use crate::contract::claim::{Coupon, Outcome};
 use crate::domain::auth::Identity;
-use crate::domain::ids::{home_shard, valid_ident};
+use crate::domain::ids::{INTERNAL_REQUEST_ID, home_shard, valid_ident};
 use crate::domain::time::Timestamp;
 use crate::obs::events::{CacheAnswered, ClaimAnswered, Shed, StageTimed};
 use crate::stock::{ClaimArgs, ClaimResult, StockError};
@@ -118,20 +118,10 @@ async fn replay<B: Backend>(
         }
     }
     let stored = api
-        .store()
-        .claim_of_request(batch_id, user, request_id)
+        .stock()
+        .archived_claim(batch_id, user, request_id)
         .await?;
-    Ok(stored.map(|c| {
-        let coupon = Coupon {
-            coupon_id: c.coupon_id,
-            valid_from_ms: c.valid_from,
-            valid_to_ms: c.valid_to,
-            claimed_at_ms: c.claimed_at,
-            minted_by: String::new(), // the database does not keep the request's nonce
-            code: c.code,
-        };
-        ClaimReply::new(&coupon, batch_id, user)
-    }))
+    Ok(stored.map(|c| ClaimReply::new(&c, batch_id, user)))
 }
 
 fn stage(name: &'static str, since: Instant) -> Instant {
@@ -143,9 +133,6 @@ fn stage(name: &'static str, since: Instant) -> Instant {
     .emit();
     now
 }
-
-/// Prefix of internal request ids; outside the client alphabet, so never a client's.
-const INTERNAL_RID: char = '~';
 
 /// Handles `POST /v1/batches/{id}/claims`. Returns the status (201 or 200) and body.
 pub async fn claim<B: Backend>(
@@ -263,7 +250,7 @@ async fn claim_inner<B: Backend>(
     let rid = match &req.request_id {
         Some(r) => r.as_str(),
         None => {
-            internal = format!("{INTERNAL_RID}{nonce}");
+            internal = format!("{INTERNAL_REQUEST_ID}{nonce}");
             internal.as_str()
         }
     };
@@ -345,8 +332,8 @@ async fn claim_inner<B: Backend>(
                 "persistence backlog at its bound; nothing was claimed".into(),
             ))
         }
-        // resolved by the claim (refilled; the shard fenced): never seen here
-        Outcome::ShardEmpty | Outcome::RolledBack => {
+        // resolved by the claim (refilled; the shard fenced; looked up): never seen here
+        Outcome::ShardEmpty | Outcome::RolledBack | Outcome::AskDatabase => {
             Err(ApiError::Internal(format!("claim resolved to {outcome:?}")))
         }
     }

@@ -28,10 +28,11 @@ pub enum Script {
     Coupon,
     Recent,
     Retire,
+    Rotate,
 }
 
 impl Script {
-    pub const ALL: [Script; 19] = [
+    pub const ALL: [Script; 20] = [
         Script::Claim,
         Script::Setup,
         Script::Patch,
@@ -51,6 +52,7 @@ impl Script {
         Script::Coupon,
         Script::Recent,
         Script::Retire,
+        Script::Rotate,
     ];
 
     pub fn name(self) -> &'static str {
@@ -74,6 +76,7 @@ impl Script {
             Script::Coupon => "coupon",
             Script::Recent => "recent",
             Script::Retire => "retire",
+            Script::Rotate => "rotate",
         }
     }
 
@@ -98,6 +101,7 @@ impl Script {
             Script::Coupon => include_str!("../../lua/coupon.lua"),
             Script::Recent => include_str!("../../lua/recent.lua"),
             Script::Retire => include_str!("../../lua/retire.lua"),
+            Script::Rotate => include_str!("../../lua/rotate.lua"),
         }
     }
 

@@ -805,6 +805,14 @@ impl Config {
         if !(100..=86_400_000).contains(&self.batches.retire_every_ms) {
             return bad("batches.retire_every_ms", "must be 100..=86400000");
         }
+        let retention = self.batches.request_id_retention_ms;
+        if retention != 0 && !(1_000..=10 * 365 * 86_400_000).contains(&retention) {
+            return bad(
+                "batches.request_id_retention_ms",
+                "must be 0 (until the batch retires) or 1000..=315360000000 (a second to ten \
+                 years)",
+            );
+        }
         if let Err(message) = check_log_level(&self.log.level) {
             return Err(ConfigError::Invalid {
                 key: "log.level",

@@ -83,8 +83,13 @@ pub struct BatchesConfig {
     /// drained, every Redis key of it is dropped and the database is its record from then
     /// on (`recovery::retire`).
     pub retire_after_ms: u64,
-    /// How often each gateway looks for batches to retire (ms).
+    /// How often each gateway looks for batches to retire, and for shards whose request-id
+    /// records are due to rotate (ms).
     pub retire_every_ms: u64,
+    /// How long a shard keeps a request-id record at least (ms; 0 = until the batch
+    /// retires): records live between one and two of these in Redis, and a replay of an
+    /// older request id is answered from the database (`recovery::Rotator`).
+    pub request_id_retention_ms: u64,
 }
 
 impl Default for BatchesConfig {
@@ -101,6 +106,7 @@ impl Default for BatchesConfig {
             max_codes_upload_bytes: 256 * 1024 * 1024,
             retire_after_ms: 7 * 86_400_000,
             retire_every_ms: 60_000,
+            request_id_retention_ms: 86_400_000,
         }
     }
 }

@@ -50,6 +50,12 @@ pub enum Outcome {
     /// it would mint is at or below the highest the caller saw it hand out ([`Claim::seen`]).
     /// Nothing was claimed or written.
     RolledBack,
+    /// Ask the database: the request id has no record on the shard, but records were
+    /// dropped there (request-id retention, `lua/rotate.lua`) and the user claimed before,
+    /// so this may be the replay of a success whose record expired. Nothing was written: the
+    /// caller answers that success from the database, or claims again marked
+    /// [`Claim::checked`].
+    AskDatabase,
 }
 
 /// ARGV of one claim besides the batch and shard (which come with the slot's keys): one
@@ -68,6 +74,8 @@ pub struct Args<'a> {
     pub day_offset: &'a str,
     /// See [`Claim::seen`] (0 = none).
     pub seen: u64,
+    /// See [`Claim::checked`].
+    pub checked: bool,
 }
 
 impl<'a> Args<'a> {
@@ -82,6 +90,7 @@ impl<'a> Args<'a> {
                 request_id: self.request_id,
                 nonce: self.nonce,
                 seen: self.seen,
+                checked: self.checked,
             },
         )
     }
@@ -100,6 +109,10 @@ pub struct Claim<'a> {
     /// of its claims' (ARGV 6 + 3n): a shard about to mint at or below it was rolled back,
     /// and refuses ([`Outcome::RolledBack`]) before writing anything.
     pub seen: u64,
+    /// The database holds no success of this request id (the caller asked it after an
+    /// [`Outcome::AskDatabase`]), or the request id is the gateway's own and fresh: a miss on
+    /// the shard is a new request (ARGV 7 + 3n).
+    pub checked: bool,
 }
 
 /// What every claim of one call shares: the script takes them once per call.
@@ -116,7 +129,7 @@ pub struct Shared<'a> {
 pub const MAX_CLAIMS_PER_CALL: usize = crate::config::MAX_GROUP_CLAIMS;
 
 /// KEYS, in the script's order.
-pub fn keys(slot: &SlotKeys) -> [&str; 10] {
+pub fn keys(slot: &SlotKeys) -> [&str; 11] {
     [
         &slot.meta,
         &slot.stock,
@@ -128,20 +141,23 @@ pub fn keys(slot: &SlotKeys) -> [&str; 10] {
         &slot.claimed,
         &slot.codes,
         &slot.coupons,
+        &slot.req2,
     ]
 }
 
 /// ARGV, in the script's order: `n` (the number of claims, formatted), the shared values,
 /// then users, request ids and nonces column by column, then `seen` (the highest
-/// [`Claim::seen`] of the call, formatted).
+/// [`Claim::seen`] of the call, formatted), then `checked` ([`checked_flags`]) when any
+/// claim is.
 pub fn argv<'a>(
     slot: &'a SlotKeys,
     n: &'a str,
     shared: &Shared<'a>,
     claims: &[Claim<'a>],
     seen: &'a str,
+    checked: &'a str,
 ) -> Vec<&'a str> {
-    let mut v = Vec::with_capacity(6 + 3 * claims.len());
+    let mut v = Vec::with_capacity(7 + 3 * claims.len());
     v.extend([
         n,
         shared.max_log,
@@ -153,7 +169,21 @@ pub fn argv<'a>(
     v.extend(claims.iter().map(|c| c.request_id));
     v.extend(claims.iter().map(|c| c.nonce));
     v.push(seen);
+    if !checked.is_empty() {
+        v.push(checked);
+    }
     v
+}
+
+/// ARGV 7 + 3n: one `'0'`/`'1'` per claim ([`Claim::checked`]), or `""` when none is.
+pub fn checked_flags(claims: &[Claim<'_>]) -> String {
+    if !claims.iter().any(|c| c.checked) {
+        return String::new();
+    }
+    claims
+        .iter()
+        .map(|c| if c.checked { '1' } else { '0' })
+        .collect()
 }
 
 /// Runs the script on `slot` (a shard) for one claim.
@@ -177,8 +207,13 @@ pub async fn call_many<B: Backend>(
 ) -> Result<Vec<Outcome>, BackendError> {
     let n = claims.len().to_string();
     let seen = claims.iter().map(|c| c.seen).max().unwrap_or(0).to_string();
+    let checked = checked_flags(claims);
     let reply = backend
-        .eval(SCRIPT, &keys(slot), &argv(slot, &n, shared, claims, &seen))
+        .eval(
+            SCRIPT,
+            &keys(slot),
+            &argv(slot, &n, shared, claims, &seen, &checked),
+        )
         .await?;
     decode(reply, claims.len())
 }
@@ -219,6 +254,7 @@ fn decode_answer(answer: Value) -> Result<Outcome, BackendError> {
                 -8 => Outcome::ShardEmpty,
                 -9 => Outcome::BacklogFull,
                 -11 => Outcome::RolledBack,
+                -12 => Outcome::AskDatabase,
                 other => return Err(protocol(SCRIPT, format!("unknown refusal {other}"))),
             })
         }
@@ -353,6 +389,7 @@ mod tests {
             (-8, Outcome::ShardEmpty),
             (-9, Outcome::BacklogFull),
             (-11, Outcome::RolledBack),
+            (-12, Outcome::AskDatabase),
         ] {
             let got = one(arr(vec![Value::Int(0), Value::Int(code)])).unwrap();
             assert_eq!(got, want);
@@ -491,20 +528,26 @@ mod tests {
                 request_id: "r1",
                 nonce: "n1",
                 seen: 4,
+                checked: false,
             },
             Claim {
                 user: "u2",
                 request_id: "",
                 nonce: "n2",
                 seen: 7,
+                checked: true,
             },
         ];
+        let checked = checked_flags(&claims);
         assert_eq!(
-            argv(&slot, "2", &shared, &claims, "7"),
+            argv(&slot, "2", &shared, &claims, "7", &checked),
             [
-                "2", "9", "b", "3", "-3600000", "u1", "u2", "r1", "", "n1", "n2", "7"
+                "2", "9", "b", "3", "-3600000", "u1", "u2", "r1", "", "n1", "n2", "7", "01"
             ]
         );
+        // none checked: the argument is left out
+        assert_eq!(checked_flags(&claims[..1]), "");
+        assert_eq!(argv(&slot, "1", &shared, &claims[..1], "4", "").len(), 9);
     }
 
     #[test]

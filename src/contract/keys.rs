@@ -11,6 +11,7 @@
 //! | `users`   | hash   | user -> coupons claimed (shards)                               |
 //! | `daily`   | hash   | user -> `<utc day>:<count>` (shards)                           |
 //! | `req`     | hash   | `<user>\|<request id>` -> the coupon it got (shards)           |
+//! | `req2`    | hash   | the second request-id generation (shards; `lua/rotate.lua`)    |
 //! | `log`     | stream | claim records for the persister ([`super::claim_record`])      |
 //! | `deny`    | set    | denied users whose home is the shard                           |
 //! | `claimed` | string | coupons claimed from the shard, also the coupon sequence       |
@@ -68,6 +69,8 @@ pub struct SlotKeys {
     pub users: String,
     pub daily: String,
     pub req: String,
+    /// The second request-id generation (`lua/rotate.lua`, `lua/claim.lua` KEYS[11]).
+    pub req2: String,
     pub log: String,
     pub deny: String,
     pub claimed: String,
@@ -102,6 +105,7 @@ impl SlotKeys {
             users: k("users"),
             daily: k("daily"),
             req: k("req"),
+            req2: k("req2"),
             log: k("log"),
             deny: k("deny"),
             claimed: k("claimed"),

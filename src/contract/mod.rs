@@ -28,6 +28,7 @@
 //! | `log_ack`       | [`log_ack`]       | entries removed                          |
 //! | `restore`       | [`restore`]       | [`restore::Step`]                        |
 //! | `retire`        | [`retire`]        | [`retire::Retired`]                      |
+//! | `rotate`        | [`rotate`]        | [`rotate::Rotated`]                      |
 //!
 //! Invariants kept here: no module outside `contract` runs a script or reads a reply (the
 //! layering test checks that `Script::` and `.eval(` appear nowhere else); every decoder
@@ -54,6 +55,7 @@ pub mod replay;
 mod reply;
 pub mod restore;
 pub mod retire;
+pub mod rotate;
 pub mod setup;
 pub mod transfer_done;
 pub mod transfer_in;
@@ -92,7 +94,12 @@ mod tests {
                         Some(&"pool") => words.get(i + 2),
                         other => other,
                     };
-                    if let Some(name) = name.filter(|n| n.bytes().all(|b| b.is_ascii_lowercase())) {
+                    let is_name = |n: &&&str| {
+                        n.starts_with(|c: char| c.is_ascii_lowercase())
+                            && n.bytes()
+                                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+                    };
+                    if let Some(name) = name.filter(is_name) {
                         out.push(name.to_string());
                     }
                 }
@@ -145,6 +152,7 @@ mod tests {
             (Script::LogAck, super::log_ack::keys(&s.log).to_vec()),
             (Script::Restore, super::restore::keys(&s).to_vec()),
             (Script::Retire, super::retire::keys(&s).to_vec()),
+            (Script::Rotate, super::rotate::keys(&s).to_vec()),
         ];
         let mut covered: Vec<Script> = built.iter().map(|(s, _)| *s).collect();
         covered.sort_by_key(|s| s.name());

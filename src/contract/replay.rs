@@ -1,8 +1,9 @@
 //! `lua/replay.lua`: the read-only lookup of an earlier success of a request id, for the
 //! requests the local cache would refuse.
 //!
-//! Invariant kept here: only `{2, coupon...}` (a replay) and `{0, -10}` (none) are answers;
-//! anything else is a protocol error.
+//! Invariant kept here: only `{2, coupon...}` (a replay), `{0, -10}` (none) and `{0, -12}`
+//! (ask the database: request-id records were dropped) are answers; anything else is a
+//! protocol error.
 
 use super::claim::{self, Coupon};
 use super::keys::SlotKeys;
@@ -11,18 +12,30 @@ use crate::backend::{Backend, BackendError, Script, Value};
 
 const SCRIPT: Script = Script::Replay;
 
-/// KEYS, in the script's order.
-pub fn keys(slot: &SlotKeys) -> [&str; 1] {
-    [&slot.req]
+/// What the shard knows of an earlier success of a request id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Found {
+    /// Its coupon.
+    Coupon(Coupon),
+    /// No success.
+    None,
+    /// No record, but records were dropped (request-id retention) and the user claimed
+    /// before: only the database can tell.
+    AskDatabase,
 }
 
-/// The coupon an earlier success of (`user`, `request_id`) got on the shard `slot`, if any.
+/// KEYS, in the script's order.
+pub fn keys(slot: &SlotKeys) -> [&str; 4] {
+    [&slot.req, &slot.req2, &slot.meta, &slot.users]
+}
+
+/// What the shard `slot` knows of an earlier success of (`user`, `request_id`).
 pub async fn call<B: Backend>(
     backend: &B,
     slot: &SlotKeys,
     user: &str,
     request_id: &str,
-) -> Result<Option<Coupon>, BackendError> {
+) -> Result<Found, BackendError> {
     decode(
         backend
             .eval(SCRIPT, &keys(slot), &[user, request_id])
@@ -31,11 +44,17 @@ pub async fn call<B: Backend>(
 }
 
 /// The one decoder of `replay.lua`'s reply.
-pub fn decode(reply: Value) -> Result<Option<Coupon>, BackendError> {
+pub fn decode(reply: Value) -> Result<Found, BackendError> {
     let items = reply::array(SCRIPT, reply)?;
     match items.first().map(|c| reply::int(SCRIPT, c)).transpose()? {
-        Some(2) if items.len() == 6 || items.len() == 7 => Ok(Some(claim::coupon(SCRIPT, &items)?)),
-        Some(0) if items.len() == 2 && reply::int(SCRIPT, &items[1])? == -10 => Ok(None),
+        Some(2) if items.len() == 6 || items.len() == 7 => {
+            Ok(Found::Coupon(claim::coupon(SCRIPT, &items)?))
+        }
+        Some(0) if items.len() == 2 => match reply::int(SCRIPT, &items[1])? {
+            -10 => Ok(Found::None),
+            -12 => Ok(Found::AskDatabase),
+            other => Err(protocol(SCRIPT, format!("unknown refusal {other}"))),
+        },
         _ => Err(protocol(SCRIPT, format!("unexpected {items:?}"))),
     }
 }
@@ -55,11 +74,17 @@ mod tests {
             Value::Int(3),
             bulk(""),
         ]);
-        let c = decode(found).unwrap().unwrap();
+        let Found::Coupon(c) = decode(found).unwrap() else {
+            panic!("a coupon")
+        };
         assert_eq!((c.coupon_id.as_str(), c.minted_by.as_str()), ("b.0.3", ""));
         assert_eq!(
             decode(Value::Array(vec![Value::Int(0), Value::Int(-10)])).unwrap(),
-            None
+            Found::None
+        );
+        assert_eq!(
+            decode(Value::Array(vec![Value::Int(0), Value::Int(-12)])).unwrap(),
+            Found::AskDatabase
         );
         for bad in [
             Value::Array(vec![Value::Int(0), Value::Int(-8)]),

@@ -63,10 +63,10 @@ enum Op {
 }
 
 /// KEYS, in the script's order.
-pub fn keys(s: &SlotKeys) -> [&str; 14] {
+pub fn keys(s: &SlotKeys) -> [&str; 15] {
     [
         &s.meta, &s.stock, &s.users, &s.daily, &s.req, &s.deny, &s.claimed, &s.xseq, &s.outbox,
-        &s.log, &s.repair, &s.codes, &s.xcodes, &s.coupons,
+        &s.log, &s.repair, &s.codes, &s.xcodes, &s.coupons, &s.req2,
     ]
 }
 

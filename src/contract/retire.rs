@@ -28,10 +28,10 @@ pub enum Retired {
 }
 
 /// KEYS, in the script's order.
-pub fn keys(s: &SlotKeys) -> [&str; 16] {
+pub fn keys(s: &SlotKeys) -> [&str; 17] {
     [
         &s.meta, &s.stock, &s.users, &s.daily, &s.req, &s.deny, &s.claimed, &s.xseq, &s.outbox,
-        &s.log, &s.repair, &s.codes, &s.xcodes, &s.coupons, &s.fence, &s.loads,
+        &s.log, &s.repair, &s.codes, &s.xcodes, &s.coupons, &s.fence, &s.loads, &s.req2,
     ]
 }
 

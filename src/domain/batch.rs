@@ -543,6 +543,7 @@ mod tests {
         max_codes_json_bytes: 4096,
         max_codes_upload_bytes: 4096,
         retire_after_ms: 7 * 86_400_000,
+        request_id_retention_ms: 86_400_000,
         retire_every_ms: 60_000,
     };
 

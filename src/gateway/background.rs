@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backend::Backend;
 use crate::domain::time::now_ms;
 use crate::http::App;
-use crate::obs::events::{BatchRetirement, SweepFailed};
+use crate::obs::events::{BatchRetirement, RequestIdsRotated, SweepFailed};
 
 /// The refresh loop does its slower chores (healing, gauges, purge, upkeep) every this
 /// many ticks.
@@ -186,12 +186,33 @@ async fn grant_resumer<B: Backend>(app: Arc<App<B>>, stop: CancellationToken) {
 }
 
 /// Retirer: every `batches.retire_every_ms`, one retirement pass (`recovery::retire_due`) at
-/// the Api's clock. Every gateway runs it; its steps are idempotent. `retire_after_ms = 0`:
-/// nothing is begun, retirements begun earlier still complete.
+/// the Api's clock, then one request-id rotation pass (`recovery::Rotator`, at the system's
+/// clock: it compares with Redis's). Every gateway runs it; its steps are idempotent.
+/// `retire_after_ms = 0`: nothing is begun, retirements begun earlier still complete.
 async fn retirer<B: Backend>(app: Arc<App<B>>, stop: CancellationToken) {
     let cfg = app.config().batches.clone();
     let mut ticks = Ticks::every(cfg.retire_every_ms, stop);
+    let mut rotator = crate::recovery::Rotator::new(cfg.request_id_retention_ms);
+    let limit = Duration::from_millis(cfg.retire_every_ms.max(10_000));
     while ticks.next().await {
+        let pass = rotator.pass(app.backend().as_ref(), app.store(), now_ms());
+        // bounded like the retirement below; a shard's failure is counted in the pass
+        let failed = match tokio::time::timeout(limit, pass).await {
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) => Some(format!("rotation pass: {e}")),
+            Err(_) => Some("rotation pass timed out".to_string()),
+        };
+        if let Some(detail) = failed {
+            RequestIdsRotated {
+                batch: "",
+                rotated: 0,
+                started: 0,
+                waiting: 0,
+                failed: 1,
+                detail: &detail,
+            }
+            .emit();
+        }
         let now = app.api().clock().now_ms();
         let pass = crate::recovery::retire_due(
             app.backend().as_ref(),
@@ -200,7 +221,6 @@ async fn retirer<B: Backend>(app: Arc<App<B>>, stop: CancellationToken) {
             cfg.retire_after_ms,
         );
         // bounded: a pass that hangs on a dead backend gives way to the next tick
-        let limit = Duration::from_millis(cfg.retire_every_ms.max(10_000));
         let failed = match tokio::time::timeout(limit, pass).await {
             Ok(Ok(_)) => continue,
             Ok(Err(e)) => format!("retirement pass: {e}"),

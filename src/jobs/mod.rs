@@ -551,8 +551,8 @@ impl<B: Backend> Grants<B> {
                             return Ok(failed("claim resolved to an empty shard"));
                         }
                         // resolved by the claim (the shard is fenced): never seen here
-                        Outcome::RolledBack => {
-                            return Ok(failed("claim resolved to a rolled-back shard"));
+                        Outcome::RolledBack | Outcome::AskDatabase => {
+                            return Ok(failed(&format!("claim resolved to {o:?}")));
                         }
                         Outcome::BacklogFull => "persistence backlog at its bound".to_string(),
                     },

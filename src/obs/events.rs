@@ -506,6 +506,59 @@ impl BatchRetirement<'_> {
     }
 }
 
+/// A pass of request-id rotation over one batch's shards (`recovery::rotate`): how many
+/// shards gave each answer. One line per batch and pass when anything happened.
+pub struct RequestIdsRotated<'a> {
+    pub batch: &'a str,
+    pub rotated: u64,
+    pub started: u64,
+    pub waiting: u64,
+    pub failed: u64,
+    pub detail: &'a str,
+}
+
+impl RequestIdsRotated<'_> {
+    pub fn emit(self) {
+        for (outcome, n) in [
+            ("rotated", self.rotated),
+            ("started", self.started),
+            ("waiting", self.waiting),
+            ("failed", self.failed),
+        ] {
+            if n > 0 {
+                metrics::counter!(m::REQUEST_ID_ROTATIONS, "outcome" => outcome).increment(n);
+            }
+        }
+        if self.failed > 0 {
+            tracing::warn!(batch = %self.batch, failed = self.failed, detail = %self.detail,
+                "rotating request ids failed on some shards; tried again next pass");
+        } else if self.waiting > 0 {
+            tracing::debug!(batch = %self.batch, waiting = self.waiting, detail = %self.detail,
+                "request-id rotation waits for the persister");
+        } else if self.rotated > 0 {
+            tracing::info!(batch = %self.batch, shards = self.rotated,
+                "request-id records past their retention dropped");
+        }
+    }
+}
+
+/// A request id looked up in the database because its shard dropped records past the
+/// retention (`stock::Stock::claim`, `stock::Stock::replay`): `outcome` is one of
+/// [`m::LOOKUP_OUTCOMES`].
+pub struct RequestIdLookedUp {
+    pub outcome: &'static str,
+}
+
+impl RequestIdLookedUp {
+    pub fn emit(self) {
+        metrics::counter!(m::REQUEST_ID_LOOKUPS, "outcome" => self.outcome).increment(1);
+        tracing::debug!(
+            outcome = self.outcome,
+            "request id looked up in the database"
+        );
+    }
+}
+
 // ------------------------------------------------------------------------ the persister
 
 /// A batch of log records committed to the database (`rows` new claims, `changes` changes

@@ -98,6 +98,19 @@ pub const BATCHES_LOST: &str = "claimgate_batches_lost";
 pub const BATCHES_RETIRED: &str = "claimgate_batch_retirements_total";
 /// `outcome` labels of [`BATCHES_RETIRED`].
 pub const RETIRE_OUTCOMES: &[&str] = &["begun", "retired", "waiting", "failed"];
+/// Request-id rotations of shards by `outcome` ([`ROTATE_OUTCOMES`]): `rotated` (the oldest
+/// generation of records dropped), `started` (a shard's first generation begun), `waiting`
+/// (due, but the shard's log still holds records from before it: tried again next pass),
+/// `failed`.
+pub const REQUEST_ID_ROTATIONS: &str = "claimgate_request_id_rotations_total";
+/// `outcome` labels of [`REQUEST_ID_ROTATIONS`].
+pub const ROTATE_OUTCOMES: &[&str] = &["rotated", "started", "waiting", "failed"];
+/// Request ids looked up in the database because their shard dropped records older than the
+/// retention, by `outcome` ([`LOOKUP_OUTCOMES`]): `replayed` (an earlier success found there)
+/// or `new` (none: the claim went on as a new one).
+pub const REQUEST_ID_LOOKUPS: &str = "claimgate_request_id_lookups_total";
+/// `outcome` labels of [`REQUEST_ID_LOOKUPS`].
+pub const LOOKUP_OUTCOMES: &[&str] = &["replayed", "new"];
 /// Build info (`version`, `backend`) with value 1.
 pub const BUILD_INFO: &str = "claimgate_build_info";
 /// Event delivery attempts by `outcome` ([`DELIVERY_OUTCOMES`]: delivered; failed, to be
@@ -235,6 +248,7 @@ pub const SCRIPTS: &[&str] = &[
     "coupon",
     "recent",
     "retire",
+    "rotate",
 ];
 /// Stage labels of [`STAGE_SECONDS`].
 pub const STAGES: &[&str] = &[
@@ -600,6 +614,14 @@ fn describe() {
     describe_counter!(GRANT_USERS, "Users of grant jobs decided, by outcome.");
     describe_counter!(CODES, "Codes received for batches with codes, by outcome.");
     describe_counter!(BATCHES_RETIRED, "Batch retirement steps, by outcome.");
+    describe_counter!(
+        REQUEST_ID_ROTATIONS,
+        "Request-id generation rotations of shards, by outcome."
+    );
+    describe_counter!(
+        REQUEST_ID_LOOKUPS,
+        "Request ids looked up in the database after their records expired, by outcome."
+    );
     describe_gauge!(BUILD_INFO, "Build information.");
     process_collector().describe();
 }
@@ -629,6 +651,12 @@ fn register_at_zero() {
     metrics::counter!(STOCK_WRITTEN_OFF).increment(0);
     for outcome in RETIRE_OUTCOMES {
         metrics::counter!(BATCHES_RETIRED, "outcome" => *outcome).increment(0);
+    }
+    for outcome in ROTATE_OUTCOMES {
+        metrics::counter!(REQUEST_ID_ROTATIONS, "outcome" => *outcome).increment(0);
+    }
+    for outcome in LOOKUP_OUTCOMES {
+        metrics::counter!(REQUEST_ID_LOOKUPS, "outcome" => *outcome).increment(0);
     }
     let _ = metrics::histogram!(SHARD_REPAIR_SECONDS);
     let _ = metrics::histogram!(REPLICA_CONFIRM_SECONDS);

@@ -15,6 +15,7 @@ mod reconcile;
 mod repair;
 mod repairer;
 mod retire;
+mod rotate;
 
 use thiserror::Error;
 
@@ -24,6 +25,7 @@ pub use self::reconcile::reconcile;
 pub use self::repair::{RepairReport, Repaired, repair_shard};
 pub use self::repairer::Repairer;
 pub use self::retire::{RetireError, RetireReport, retire_due};
+pub use self::rotate::{RotateReport, Rotator};
 use crate::backend::BackendError;
 use crate::stock::StockError;
 use crate::store::DbError;

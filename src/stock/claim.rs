@@ -17,7 +17,10 @@ use crate::contract::keys::{BatchKeys, SlotKeys};
 use crate::contract::mark_soldout::{self, Marked};
 use crate::contract::probe::Probe;
 use crate::contract::{meta_get, replay, restore, winners};
-use crate::domain::ids::{Sighting, claim_tag, parse_coupon_id, seq_epoch, seq_position};
+use crate::domain::ids::{
+    Sighting, claim_tag, is_internal_request_id, parse_coupon_id, seq_epoch, seq_position,
+};
+use crate::obs::events::RequestIdLookedUp;
 
 use super::census::probe_all;
 use super::gate::Refilled;
@@ -91,6 +94,8 @@ impl<B: Backend> Stock<B> {
             request_id: a.request_id,
             nonce: a.nonce,
             seen: 0,
+            // the gateway's own request id is fresh: no earlier success to look up
+            checked: is_internal_request_id(a.request_id),
         };
         // Rounds that refilled or scanned themselves count against `max_refill_rounds`; a
         // retry after another claim's refill is free, up to a bound of its own.
@@ -116,6 +121,26 @@ impl<B: Backend> Stock<B> {
             match outcome {
                 Outcome::ShardEmpty => {}
                 Outcome::NoBatch => return self.without_meta(keys, home).await,
+                // The shard dropped request-id records past their retention: an earlier
+                // success of this request id is in the database, or there is none and the
+                // claim goes on as a new one (once: the script never asks a checked claim).
+                Outcome::AskDatabase if !one.checked => {
+                    match self
+                        .archived_claim(keys.batch(), a.user, a.request_id)
+                        .await?
+                    {
+                        Some(c) => return Ok(ClaimResult::Decided(Outcome::Replayed(c))),
+                        None => {
+                            one.checked = true;
+                            continue;
+                        }
+                    }
+                }
+                Outcome::AskDatabase => {
+                    return Err(StockError::Inconsistent(
+                        "claim.lua asked to look up a request id already looked up".into(),
+                    ));
+                }
                 Outcome::RolledBack => {
                     self.faults.report(
                         &slot.batch,
@@ -310,11 +335,44 @@ impl<B: Backend> Stock<B> {
         ack: Option<Ack>,
     ) -> Result<Option<Coupon>, StockError> {
         let slot = keys.shards.get(home as usize).ok_or(StockError::NotFound)?;
-        let found = replay::call(self.backend.as_ref(), slot, user, request_id).await?;
-        if found.is_some() {
-            self.backend.confirm(&slot.fence, ack).await?;
+        match replay::call(self.backend.as_ref(), slot, user, request_id).await? {
+            replay::Found::Coupon(c) => {
+                self.backend.confirm(&slot.fence, ack).await?;
+                Ok(Some(c))
+            }
+            replay::Found::None => Ok(None),
+            replay::Found::AskDatabase => self.archived_claim(keys.batch(), user, request_id).await,
         }
-        Ok(found)
+    }
+
+    /// The coupon the database holds for an earlier success of (`user`, `request_id`) in
+    /// `batch`: asked when Redis no longer has the request-id record (a shard dropped it past
+    /// `batches.request_id_retention_ms`, or the batch retired). The database's record is
+    /// durable: no acknowledgement rule applies. It does not keep the request's nonce.
+    pub async fn archived_claim(
+        &self,
+        batch: &str,
+        user: &str,
+        request_id: &str,
+    ) -> Result<Option<Coupon>, StockError> {
+        let store = self.store.as_ref().ok_or_else(|| {
+            StockError::Inconsistent(
+                "a request id must be looked up in the database, and none is attached".into(),
+            )
+        })?;
+        let found = store.claim_of_request(batch, user, request_id).await?;
+        RequestIdLookedUp {
+            outcome: if found.is_some() { "replayed" } else { "new" },
+        }
+        .emit();
+        Ok(found.map(|c| Coupon {
+            coupon_id: c.coupon_id,
+            valid_from_ms: c.valid_from,
+            valid_to_ms: c.valid_to,
+            claimed_at_ms: c.claimed_at,
+            minted_by: String::new(),
+            code: c.code,
+        }))
     }
 
     /// Every user who claimed from the batch (read shard by shard). Only meaningful once the
@@ -466,6 +524,7 @@ pub(super) mod tests {
             nonce,
             day_offset: "0",
             seen: 0,
+            checked: false,
         }
     }
 

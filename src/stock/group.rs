@@ -92,6 +92,7 @@ struct Pending {
     max_log: Box<str>,
     day_offset: Box<str>,
     seen: u64,
+    checked: bool,
     reply: oneshot::Sender<Result<Outcome, BackendError>>,
 }
 
@@ -102,6 +103,7 @@ impl Pending {
             request_id: &self.request_id,
             nonce: &self.nonce,
             seen: self.seen,
+            checked: self.checked,
         }
     }
 
@@ -155,6 +157,7 @@ impl<B: Backend> GroupCommit<B> {
                     max_log: shared.max_log.into(),
                     day_offset: shared.day_offset.into(),
                     seen: claim.seen,
+                    checked: claim.checked,
                     reply: tx,
                 });
                 Some(rx)
@@ -373,6 +376,7 @@ mod tests {
                 max_log: "0".into(),
                 day_offset: day.into(),
                 seen: 0,
+                checked: false,
                 reply: tx,
             },
             rx,
@@ -428,6 +432,7 @@ mod tests {
                         request_id: &rid,
                         nonce: &nonce,
                         seen: 0,
+                        checked: false,
                     };
                     (u, round, gc.claim(&slot, shared, c).await.unwrap())
                 }));

@@ -525,6 +525,11 @@ const PROBES: &[&str] = &[
     "return redis.call('XRANGE', KEYS[4], '(5-0', '+', 'COUNT', 1)",
     "return redis.call('XRANGE', KEYS[4], '-', '+', 'COUNT', 0)",
     "return redis.call('XRANGE', KEYS[4], '9', '5')",
+    "return redis.call('XREVRANGE', KEYS[4], '+', '-')",
+    "return redis.call('XREVRANGE', KEYS[4], '+', '-', 'COUNT', 1)",
+    "return redis.call('XREVRANGE', KEYS[4], '(9-1', '-', 'COUNT', 1)",
+    "return redis.call('XREVRANGE', KEYS[4], '5', '9')",
+    "return redis.call('XREVRANGE', KEYS[5], '+', '-', 'COUNT', 1)",
     "return redis.call('XGROUP', 'CREATE', KEYS[4], 'g', '0')",
     "return redis.call('XGROUP', 'CREATE', KEYS[4], 'g', '$')",
     "return redis.call('XGROUP', 'CREATE', KEYS[5], 'g', '$')",
@@ -555,6 +560,7 @@ const PROBES: &[&str] = &[
     "return {1, 2.9, -2.9, 'x', true, false, nil, 9}",
     "return {ok = 'FINE'}",
     "return redis.error_reply('ERR custom')",
+    "return {redis.call('UNLINK', KEYS[5]), redis.call('UNLINK', KEYS[5])}",
     "return redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])",
 ];
 

@@ -222,8 +222,18 @@ pub(super) fn xlen<'a>(e: Env<'a>, a: &[&[u8]]) -> CmdResult<'a> {
 }
 
 pub(super) fn xrange<'a>(e: Env<'a>, a: &[&[u8]]) -> CmdResult<'a> {
-    let start = range_start(a[2])?;
-    let end = range_end(a[3])?;
+    range(e, a, false)
+}
+
+/// `XREVRANGE key end start [COUNT n]`: newest first.
+pub(super) fn xrevrange<'a>(e: Env<'a>, a: &[&[u8]]) -> CmdResult<'a> {
+    range(e, a, true)
+}
+
+fn range<'a>(e: Env<'a>, a: &[&[u8]], rev: bool) -> CmdResult<'a> {
+    let (first, second) = if rev { (a[3], a[2]) } else { (a[2], a[3]) };
+    let start = range_start(first)?;
+    let end = range_end(second)?;
     let mut count: Option<usize> = None;
     let mut j = 4;
     while j < a.len() {
@@ -244,13 +254,14 @@ pub(super) fn xrange<'a>(e: Env<'a>, a: &[&[u8]]) -> CmdResult<'a> {
         return Ok(Reply::Array(Vec::new()));
     }
     let s: &'a Stream = s;
-    Ok(Reply::Array(
-        s.entries
-            .range(start..=end)
-            .take(count.unwrap_or(usize::MAX))
-            .map(|(id, f)| entry_reply(*id, f))
-            .collect(),
-    ))
+    let take = count.unwrap_or(usize::MAX);
+    let entries = s.entries.range(start..=end);
+    let reply = |(id, f): (&StreamId, &'a Entry)| entry_reply(*id, f);
+    Ok(Reply::Array(if rev {
+        entries.rev().take(take).map(reply).collect()
+    } else {
+        entries.take(take).map(reply).collect()
+    }))
 }
 
 pub(super) fn xdel<'a>(e: Env<'a>, a: &[&[u8]]) -> CmdResult<'a> {
