@@ -1389,6 +1389,99 @@ pub mod cases {
         }
         assert_conserved(g, "rolled", 2).await;
     }
+
+    /// Issue 14 item 3 (request-id retention): a shard drops a generation of request-id
+    /// records only once its log holds nothing from before it (`lua/rotate.lua`); then a
+    /// request id it no longer has, of a user who claimed before, is "ask the database"
+    /// (`lua/claim.lua` and `lua/replay.lua` -12) unless the claim is marked checked, while a
+    /// user who never claimed claims at once. The gateway answers the database's coupon.
+    pub async fn expired_request_ids_ask_the_database<B: Backend>(g: &Gw<B>) {
+        use claimgate::contract::claim::{self as c, Claim, Outcome, Shared};
+        use claimgate::contract::replay::{self, Found};
+        use claimgate::contract::rotate::{self, Rotated};
+        create(g, "rot", 20, 3, json!({"shards": 1})).await;
+        let keys = g.app.catalog().load("rot").await.unwrap().keys.clone();
+        let slot = &keys.shards[0];
+        let backend = g.backend.as_ref();
+        let shared = Shared {
+            max_log: "0",
+            day_offset: "0",
+        };
+        let one = |user: &'static str, rid: &'static str, checked: bool| Claim {
+            user,
+            request_id: rid,
+            nonce: "n",
+            seen: 0,
+            checked,
+        };
+        let (s, first) = claim(&g.app, "rot", "x", Some("a")).await;
+        assert_eq!(s, 201, "{first}");
+        // a retention of 1 ms: every call after the first is due
+        let rot = async || {
+            tokio::time::sleep(Duration::from_millis(3)).await;
+            rotate::call(backend, slot, 1).await.unwrap()
+        };
+        assert!(matches!(rot().await, Rotated::Started(_)));
+        assert!(
+            matches!(rot().await, Rotated::LogBehind(_)),
+            "x's claim is not in the database yet"
+        );
+        drain_to_db(g, "rot", 1).await;
+        assert!(matches!(rot().await, Rotated::Rotated(_)));
+        // one rotation: x's record is in the previous generation, still found
+        assert_eq!(
+            replay::call(backend, slot, "x", "a").await.unwrap(),
+            Found::Coupon(
+                match c::call_many(backend, slot, &shared, &[one("x", "a", false)])
+                    .await
+                    .unwrap()
+                    .pop()
+                {
+                    Some(Outcome::Replayed(c)) => c,
+                    o => panic!("{o:?}"),
+                }
+            )
+        );
+        assert!(matches!(rot().await, Rotated::Rotated(_)));
+        // two: it is gone, and the shard says records were dropped
+        let got = c::call_many(
+            backend,
+            slot,
+            &shared,
+            &[
+                one("x", "a", false),
+                one("x", "b", false),
+                one("z", "c", false),
+                one("x", "d", true),
+            ],
+        )
+        .await
+        .unwrap();
+        assert_eq!(got[0], Outcome::AskDatabase);
+        assert_eq!(got[1], Outcome::AskDatabase);
+        assert!(matches!(got[2], Outcome::Claimed(_)), "{got:?}");
+        assert!(matches!(got[3], Outcome::Claimed(_)), "{got:?}");
+        assert_eq!(
+            replay::call(backend, slot, "x", "a").await.unwrap(),
+            Found::AskDatabase
+        );
+        assert!(matches!(
+            replay::call(backend, slot, "z", "c").await.unwrap(),
+            Found::Coupon(_)
+        ));
+        assert_eq!(
+            replay::call(backend, slot, "w", "q").await.unwrap(),
+            Found::None,
+            "a user who never claimed"
+        );
+        // the gateway: the same coupon as the first answer, from the database
+        let (s, v) = claim(&g.app, "rot", "x", Some("a")).await;
+        assert_eq!((s, &v["coupon_id"]), (200, &first["coupon_id"]), "{v}");
+        // a new request id of x: the database has none, so it claims (x's third)
+        let (s, v) = claim(&g.app, "rot", "x", Some("e")).await;
+        assert_eq!(s, 201, "{v}");
+        assert_conserved(g, "rot", 4).await;
+    }
 }
 
 fn status_counts(res: &[(String, u16, Value)]) -> HashMap<String, usize> {
@@ -1438,7 +1531,8 @@ on_both_backends!(
     daily_days_follow_the_offset,
     group_commit_matches_one_by_one,
     code_pools,
-    a_rolled_back_shard_mints_nothing
+    a_rolled_back_shard_mints_nothing,
+    expired_request_ids_ask_the_database
 );
 
 /// Random operation sequences give identical answers on both backends.
