@@ -189,6 +189,7 @@ pub mod cases {
             total: 1000,
             ack: None,
             day_offset_ms: 0,
+            fresh_request_id: false,
         };
         let first = stock.claim(&keys, home, &args("n1")).await.unwrap();
         let ClaimResult::Decided(ScriptOutcome::Claimed(c1)) = first else {

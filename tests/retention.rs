@@ -14,6 +14,8 @@
 //!   is new), up to the per-user limit; past it, a new request id is `limit_reached` and
 //!   the old one still replays (the local cache's path, `lua/replay.lua`);
 //! - a user who never claimed claims without any look-up;
+//! - a grant job's line (request id `~g.<job>`, repeated when the job resumes) replays its
+//!   grant from the database instead of granting again;
 //! - reconcile is clean.
 
 mod support;
@@ -21,8 +23,11 @@ mod support;
 use std::time::Duration;
 
 use claimgate::backend::Backend;
+use claimgate::contract::claim::Outcome;
+use claimgate::domain::ids::home_shard;
 use claimgate::domain::time::now_ms;
 use claimgate::recovery::{RotateReport, Rotator, reconcile};
+use claimgate::stock::{ClaimArgs, ClaimResult};
 use serde_json::json;
 use support::gw::{self, Gw, batch_json, call, claim, persist_until};
 use support::watchdog::{Watchdog, step};
@@ -47,6 +52,23 @@ async fn age() {
     tokio::time::sleep(Duration::from_millis(RETENTION_MS + 100)).await;
 }
 
+/// A claim of `user` in batch `rid` as a grant job makes it (`~g.<job>`, not fresh).
+async fn stock_claim<B: Backend>(g: &Gw<B>, user: &str) -> ClaimResult {
+    let entry = g.app.catalog().load("rid").await.unwrap();
+    let home = home_shard(user, entry.keys.shards.len() as u32);
+    let args = ClaimArgs {
+        user,
+        request_id: "~g.job1",
+        max_log: "0",
+        nonce: "line-nonce",
+        total: entry.batch().stock,
+        ack: None,
+        day_offset_ms: 0,
+        fresh_request_id: false,
+    };
+    g.app.stock().claim(&entry.keys, home, &args).await.unwrap()
+}
+
 async fn retention_life<B: Backend>(g: Gw<B>, keys: impl Fn(&str) -> Vec<String>) {
     let body = batch_json("rid", 1_000, 2, json!({"shards": 2}));
     let (s, v) = call(&g.app, "POST", "/v1/batches", body).await;
@@ -63,6 +85,11 @@ async fn retention_life<B: Backend>(g: Gw<B>, keys: impl Fn(&str) -> Vec<String>
         }
     }))
     .await;
+    // a grant job's line, as `jobs` claims it (its request id is not fresh)
+    let grant = stock_claim(&g, "granted").await;
+    let ClaimResult::Decided(Outcome::Claimed(granted)) = grant else {
+        panic!("{grant:?}")
+    };
 
     step("the first pass starts each shard's generation");
     assert_eq!(
@@ -82,7 +109,7 @@ async fn retention_life<B: Backend>(g: Gw<B>, keys: impl Fn(&str) -> Vec<String>
         }
     );
     persist_until(&g, "every claim", async || {
-        g.db.claim_counts("rid").await.unwrap().0 == USERS as u64
+        g.db.claim_counts("rid").await.unwrap().0 == USERS as u64 + 1
     })
     .await;
     step("persisted: the generation rotates, and its records are still answered from Redis");
@@ -134,6 +161,12 @@ async fn retention_life<B: Backend>(g: Gw<B>, keys: impl Fn(&str) -> Vec<String>
         }
     }
 
+    step("a grant job that resumes: its line's grant is found in the database");
+    match stock_claim(&g, "granted").await {
+        ClaimResult::Decided(Outcome::Replayed(c)) => assert_eq!(c.coupon_id, granted.coupon_id),
+        other => panic!("granted twice? {other:?}"),
+    }
+
     step("a new request id of a user who claimed before is a new claim, up to the limit");
     let second = futures::future::join_all((0..USERS).map(|i| {
         let app = g.app.clone();
@@ -162,7 +195,7 @@ async fn retention_life<B: Backend>(g: Gw<B>, keys: impl Fn(&str) -> Vec<String>
     assert_eq!(s, 201, "a user who never claimed: {v}");
 
     persist_until(&g, "every claim", async || {
-        g.db.claim_counts("rid").await.unwrap().0 == 2 * USERS as u64 + 1
+        g.db.claim_counts("rid").await.unwrap().0 == 2 * USERS as u64 + 2
     })
     .await;
     let diffs = reconcile(g.backend.as_ref(), &g.db, Some("rid"))

@@ -262,6 +262,8 @@ async fn claim_inner<B: Backend>(
         total: entry.batch().stock,
         ack: entry.batch().ack,
         day_offset_ms: entry.day_offset_ms(now),
+        // made just now from a random nonce: no earlier success can carry it
+        fresh_request_id: req.request_id.is_none(),
     };
     let claim_once = || api.stock().claim(&entry.keys, home, &args);
     let mut result = claim_once().await;

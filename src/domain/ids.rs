@@ -18,15 +18,10 @@ pub fn valid_ident(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'@' | b'+' | b'-'))
 }
 
-/// Prefix of the request ids the gateway makes for a claim that came without one (`~` and
-/// a fresh random nonce): outside [`valid_ident`]'s alphabet, so never a client's, and never
-/// seen before, so never the replay of an earlier success.
+/// Prefix of the request ids the gateway makes itself (a claim that came without one: `~`
+/// and a fresh random nonce; a grant job's line: `~g.<job id>`): outside [`valid_ident`]'s
+/// alphabet, so never a client's.
 pub const INTERNAL_REQUEST_ID: char = '~';
-
-/// Whether `request_id` is one the gateway made ([`INTERNAL_REQUEST_ID`]).
-pub fn is_internal_request_id(request_id: &str) -> bool {
-    request_id.starts_with(INTERNAL_REQUEST_ID)
-}
 
 /// `[A-Za-z0-9_-]{1,64}`.
 pub fn valid_batch_id(id: &str) -> bool {

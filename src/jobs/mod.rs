@@ -530,6 +530,9 @@ impl<B: Backend> Grants<B> {
                     total: entry.batch().stock,
                     ack: entry.batch().ack,
                     day_offset_ms: entry.day_offset_ms(Timestamp(now_ms())),
+                    // the job's request id repeats when the job resumes: a grant made
+                    // before the shard dropped its record is found in the database
+                    fresh_request_id: false,
                 };
                 match self.stock.claim(keys, home, &args).await {
                     Ok(ClaimResult::Decided(o)) => match o {

@@ -17,9 +17,7 @@ use crate::contract::keys::{BatchKeys, SlotKeys};
 use crate::contract::mark_soldout::{self, Marked};
 use crate::contract::probe::Probe;
 use crate::contract::{meta_get, replay, restore, winners};
-use crate::domain::ids::{
-    Sighting, claim_tag, is_internal_request_id, parse_coupon_id, seq_epoch, seq_position,
-};
+use crate::domain::ids::{Sighting, claim_tag, parse_coupon_id, seq_epoch, seq_position};
 use crate::obs::events::RequestIdLookedUp;
 
 use super::census::probe_all;
@@ -43,6 +41,11 @@ pub struct ClaimArgs<'a> {
     /// The batch's UTC offset now, ms (`domain::time::Zone::offset_ms_at`; 0 = UTC): the
     /// script counts the daily limit's days in the batch's zone.
     pub day_offset_ms: i64,
+    /// The request id was made for this claim alone (the gateway's own, from a fresh
+    /// nonce): it cannot be the replay of an earlier success, so a shard that dropped
+    /// request-id records never has it looked up in the database. A grant job's request id
+    /// (`~g.<job>`, repeated when a job resumes) is not fresh.
+    pub fresh_request_id: bool,
 }
 
 /// How a claim's coupon came back, for the rollback check ([`Stock::rolled_back`]).
@@ -94,8 +97,7 @@ impl<B: Backend> Stock<B> {
             request_id: a.request_id,
             nonce: a.nonce,
             seen: 0,
-            // the gateway's own request id is fresh: no earlier success to look up
-            checked: is_internal_request_id(a.request_id),
+            checked: a.fresh_request_id,
         };
         // Rounds that refilled or scanned themselves count against `max_refill_rounds`; a
         // retry after another claim's refill is free, up to a bound of its own.
@@ -512,6 +514,7 @@ pub(super) mod tests {
             total: 100,
             ack: None,
             day_offset_ms: 0,
+            fresh_request_id: false,
         }
     }
 
