@@ -432,6 +432,76 @@ async fn a_retired_batch_leaves_redis_and_the_database_answers_embedded() {
     retirement(g, clock, move |prefix| backend.keys_with_prefix(prefix)).await;
 }
 
+/// A batch that sold out, then retired: its winners' replays are answered from the
+/// database. Regression (`scripts/bench-retire.sh`, 2026-12-02: 0 of 500 replays after the
+/// retirement): the local cache refused them as sold out, and only a refusal as ended was
+/// looked up in the database; the winners set that lets a sold-out refusal replay came
+/// from Redis, which no longer had it.
+async fn sold_out_then_retired<B: Backend>(g: Gw<B>, clock: Arc<ManualClock>) {
+    let start = clock.now_ms();
+    let end = start + 3_600_000;
+    let window = json!({"start": "2020-01-01T00:00:00Z", "end": Timestamp(end).to_rfc3339()});
+    let body = batch_json("so", 10, 1, json!({"shards": 2, "claim_window": window}));
+    let (s, v) = call(&g.app, "POST", "/v1/batches", body).await;
+    assert_eq!(s, 201, "{v}");
+    let won = futures::future::join_all((0..10).map(|i| {
+        let app = g.app.clone();
+        async move {
+            let (s, v) = claim(&app, "so", &format!("w{i}"), Some(&format!("r{i}"))).await;
+            assert_eq!(s, 201, "{v}");
+            v
+        }
+    }))
+    .await;
+    let (s, v) = claim(&g.app, "so", "late", Some("rl")).await;
+    assert_eq!((s, v["error"].as_str()), (410, Some("sold_out")), "{v}");
+    // sold out, still in Redis: a winner replays (the winners set is loaded)
+    let (s, v) = claim(&g.app, "so", "w0", Some("r0")).await;
+    assert_eq!((s, &v["coupon_id"]), (200, &won[0]["coupon_id"]), "{v}");
+    persist_until(&g, "every claim", async || {
+        g.db.claim_counts("so").await.unwrap().0 == 10
+    })
+    .await;
+    let due = end + AFTER_MS as i64;
+    clock.set(due);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    // transfer markers (1 s) must expire before the retirement completes
+    while pass(&g, due).await.retired == 0 && g.db.retiring().await.unwrap().len() == 1 {
+        assert!(std::time::Instant::now() < deadline, "never retired");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(g.db.retiring().await.unwrap().is_empty());
+    for (i, first) in won.iter().enumerate() {
+        let (s, v) = claim(&g.app, "so", &format!("w{i}"), Some(&format!("r{i}"))).await;
+        assert_eq!(
+            (s, &v["coupon_id"]),
+            (200, &first["coupon_id"]),
+            "w{i}: {v}"
+        );
+    }
+    let (s, v) = claim(&g.app, "so", "late", Some("rl")).await;
+    assert!(s == 410 || s == 409, "a new claim is refused: {v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sold_out_batch_replays_its_winners_after_retirement_redis() {
+    let _w = Watchdog::arm(Duration::from_secs(120));
+    let mut g = gw::redis_gw().await;
+    let clock = Arc::new(ManualClock::new(claimgate::domain::time::now_ms()));
+    on_clock(&mut g, &clock);
+    sold_out_then_retired(g, clock).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sold_out_batch_replays_its_winners_after_retirement_embedded() {
+    let _w = Watchdog::arm(Duration::from_secs(120));
+    let mut g = gw::embedded_gw().await;
+    let clock = Arc::new(ManualClock::new(claimgate::domain::time::now_ms()));
+    g.backend.set_clock(clock.clone());
+    on_clock(&mut g, &clock);
+    sold_out_then_retired(g, clock).await;
+}
+
 /// Out-of-range retirement settings are refused at load, naming the key.
 #[test]
 fn retirement_settings_are_checked_at_load() {

@@ -83,17 +83,29 @@ impl ClaimReply {
     }
 }
 
+/// Whether `entry`'s keys could have left Redis by `now`: its window ended at least
+/// `batches.retire_after_ms` ago (retirement on), whatever this gateway's cache knows.
+fn could_be_retired<B: Backend>(api: &Api<B>, entry: &CachedBatch, now: Timestamp) -> bool {
+    let after = api.config().batches.retire_after_ms;
+    let retire_at = entry
+        .batch()
+        .claim_window
+        .end
+        .0
+        .saturating_add(i64::try_from(after).unwrap_or(i64::MAX));
+    after > 0 && now.0 >= retire_at
+}
+
 /// The coupon an earlier success of `request_id` got, for a request the cache refused: from
 /// the user's home shard, or from the database for a retired batch (its request-id records
 /// left Redis with it). A batch not known retired is asked about only when its keys could
-/// be gone: refused as ended, `batches.retire_after_ms` after its end.
+/// be gone ([`could_be_retired`]), whatever the cache refused it as (ended, sold out, ...).
 async fn replay<B: Backend>(
     api: &Api<B>,
     entry: &CachedBatch,
     home: u32,
     user: &str,
     request_id: &str,
-    ended: bool,
     now: Timestamp,
 ) -> Result<Option<ClaimReply>, ApiError> {
     let batch_id = entry.id.as_str();
@@ -106,14 +118,7 @@ async fn replay<B: Backend>(
         if let Some(c) = found {
             return Ok(Some(ClaimReply::new(&c, batch_id, user)));
         }
-        let after = api.config().batches.retire_after_ms;
-        let retire_at = batch
-            .claim_window
-            .end
-            .0
-            .saturating_add(i64::try_from(after).unwrap_or(i64::MAX));
-        let could_be_retired = ended && after > 0 && now.0 >= retire_at;
-        if !could_be_retired || !api.catalog().check_retired(entry).await? {
+        if !could_be_retired(api, entry, now) || !api.catalog().check_retired(entry).await? {
             return Ok(None);
         }
     }
@@ -214,8 +219,8 @@ async fn claim_inner<B: Backend>(
         // now (tags and the new-user flag come with each request and may have changed since
         // the claim). Without a request id: no backend call.
         let replayable = match refusal {
-            // retired: its winners are in the database alone (asked below)
-            _ if entry.is_retired() => true,
+            // retired, or could be: its winners are in the database alone (asked below)
+            _ if entry.is_retired() || could_be_retired(api, &entry, now) => true,
             // sold out and the user won nothing: this cannot be a replay of a success
             LocalRefusal::SoldOut => {
                 catalog.load_winners(&entry);
@@ -225,8 +230,7 @@ async fn claim_inner<B: Backend>(
         };
         if let (Some(rid), true) = (&req.request_id, replayable) {
             let _permit = api.admission().admit().await?;
-            let ended = refusal == LocalRefusal::Ended;
-            let found = replay(api, &entry, home, &identity.user_id, rid, ended, now).await?;
+            let found = replay(api, &entry, home, &identity.user_id, rid, now).await?;
             stage("cache", t);
             if let Some(reply) = found {
                 return Ok((StatusCode::OK, reply));
