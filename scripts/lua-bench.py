@@ -96,7 +96,11 @@ def batch_keys(tag):
     return [f"cg:{{{tag}}}:{x}" for x in ["meta", "stock", "users", "req", "log", "deny", "claimed"]]
 
 
-TAGS = ("bc:0", "bo:0", "bn:0")
+TAGS = ("bc:0", "bo:0", "bn:0", "br:0")
+# {br:0}: claim.lua on a shard whose request ids were rotated (lua/rotate.lua): the current
+# generation is KEYS[5], the previous one (KEYS[11]) holds records and some were dropped
+# before, so a request id not found in the current one is looked up in the previous one
+ROTATED = {"rqc": "0", "rqo": "1", "rqd": "1"}
 META = {"state": "active", "start": 0, "end": 2 ** 50, "limit": 1, "daily": 0, "vdays": 7,
         "vfrom": 0, "vto": 0, "ver": 1, "fp": "bench"}
 
@@ -107,6 +111,8 @@ def setup(r, daily=0):
         keys = claim_keys(tag)
         r.hset(keys[0], mapping=dict(META, daily=daily))
         r.set(keys[1], 10 ** 12)
+    r.hset(claim_keys("br:0")[0], mapping=ROTATED)
+    r.hset("cg:{br:0}:req2", "someone|r0", "br.0.1|0|0|0|n")
 
 
 def old_script(rev):
@@ -139,14 +145,17 @@ class Config:
         self.seq_key = seq_key
 
 
-def claim_args(sha, n, rid="r__rand_int__", nonce="n__rand_int__", offset="0", states=False):
+def claim_args(sha, n, rid="r__rand_int__", nonce="n__rand_int__", offset="0", states=False,
+               tag="bc:0"):
     """EVALSHA of claim.lua with n claims: n, max log, batch, shard, day offset, users, rids,
     nonces. `states`: with KEYS 9 (codes, unused here) and 10 (the coupon states the gateway
-    passes since read-your-writes: one entry written per coupon)."""
-    keys = claim_keys("bc:0")
+    passes since read-your-writes: one entry written per coupon), and 11 (the second
+    request-id generation, as the gateway passes it since request-id retention)."""
+    keys = claim_keys(tag)
     if states:
-        keys = keys + ["cg:{bc:0}:codes", "cg:{bc:0}:coupons"]
-    return (["EVALSHA", sha, str(len(keys)), *keys, str(n), MAXLOG, "bc", "0", offset]
+        keys = keys + [f"cg:{{{tag}}}:codes", f"cg:{{{tag}}}:coupons", f"cg:{{{tag}}}:req2"]
+    batch = tag.split(":")[0]
+    return (["EVALSHA", sha, str(len(keys)), *keys, str(n), MAXLOG, batch, "0", offset]
             + ["u__rand_int__"] * n + [rid] * n + [nonce] * n)
 
 
@@ -185,6 +194,14 @@ def variants(shas, a):
                    claim_args(shas["claim"], 1, states=True), 1, ck),
             Config(f"claim.lua x{n}, coupon states", "evalsha",
                    claim_args(shas["claim"], n, states=True), n, ck),
+            # after a request-id rotation: fresh request ids miss the current generation and
+            # are looked up in the previous one too
+            Config("claim.lua x1, coupon states, request ids rotated", "evalsha",
+                   claim_args(shas["claim"], 1, states=True, tag="br:0"), 1,
+                   claim_keys("br:0")[7]),
+            Config(f"claim.lua x{n}, coupon states, request ids rotated", "evalsha",
+                   claim_args(shas["claim"], n, states=True, tag="br:0"), n,
+                   claim_keys("br:0")[7]),
             # the read-your-writes touch of the user's recent set before a 201 (one per
             # claim, its own slot): counted as one claim per call
             Config("recent.lua touch", "evalsha",
