@@ -15,7 +15,7 @@
 //! drops), and from the first drop on the shard says so (meta `rqd`), so a claim that misses
 //! a record asks the database before it could mint a second coupon for one request id.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use crate::backend::Backend;
 use crate::contract::keys::BatchKeys;
@@ -73,16 +73,12 @@ impl Rotator {
             return Ok(report);
         }
         let w = i64::try_from(self.retention_ms).unwrap_or(i64::MAX);
-        let rows = db.batch_rows().await?;
+        let mut rows = db.batch_rows().await?;
+        rows.retain(|r| r.setup_done && !r.retired());
         // forget batches gone from the list or retired
-        self.due.retain(|id, _| {
-            rows.iter()
-                .any(|r| r.batch.id == *id && r.setup_done && !r.retired())
-        });
-        for row in rows {
-            if !row.setup_done || row.retired() {
-                continue;
-            }
+        let live: HashSet<&str> = rows.iter().map(|r| r.batch.id.as_str()).collect();
+        self.due.retain(|id, _| live.contains(id.as_str()));
+        for row in &rows {
             let id = row.batch.id.as_str();
             if self.due.get(id).is_some_and(|&at| at > now) {
                 continue;
