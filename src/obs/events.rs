@@ -542,9 +542,9 @@ impl RequestIdsRotated<'_> {
     }
 }
 
-/// A request id looked up in the database because its shard dropped records past the
-/// retention (`stock::Stock::claim`, `stock::Stock::replay`): `outcome` is one of
-/// [`m::LOOKUP_OUTCOMES`].
+/// A request id looked up in the database because Redis no longer has its record (its shard
+/// dropped records past the retention, or the batch retired: `stock::Stock::archived_claim`):
+/// `outcome` is one of [`m::LOOKUP_OUTCOMES`].
 pub struct RequestIdLookedUp {
     pub outcome: &'static str,
 }

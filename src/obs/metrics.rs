@@ -105,9 +105,10 @@ pub const RETIRE_OUTCOMES: &[&str] = &["begun", "retired", "waiting", "failed"];
 pub const REQUEST_ID_ROTATIONS: &str = "claimgate_request_id_rotations_total";
 /// `outcome` labels of [`REQUEST_ID_ROTATIONS`].
 pub const ROTATE_OUTCOMES: &[&str] = &["rotated", "started", "waiting", "failed"];
-/// Request ids looked up in the database because their shard dropped records older than the
-/// retention, by `outcome` ([`LOOKUP_OUTCOMES`]): `replayed` (an earlier success found there)
-/// or `new` (none: the claim went on as a new one).
+/// Request ids looked up in the database because Redis no longer has their records (their
+/// shard dropped records older than the retention, or the batch retired), by `outcome`
+/// ([`LOOKUP_OUTCOMES`]): `replayed` (an earlier success found there) or `new` (none: the
+/// claim went on as a new one, or was refused).
 pub const REQUEST_ID_LOOKUPS: &str = "claimgate_request_id_lookups_total";
 /// `outcome` labels of [`REQUEST_ID_LOOKUPS`].
 pub const LOOKUP_OUTCOMES: &[&str] = &["replayed", "new"];
@@ -620,7 +621,7 @@ fn describe() {
     );
     describe_counter!(
         REQUEST_ID_LOOKUPS,
-        "Request ids looked up in the database after their records expired, by outcome."
+        "Request ids looked up in the database after their records left Redis, by outcome."
     );
     describe_gauge!(BUILD_INFO, "Build information.");
     process_collector().describe();
