@@ -41,8 +41,7 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local function ms_of(entry) return tonumber(string.match(entry[1], '^(%d+)')) end
 local newest = redis.call('XREVRANGE', KEYS[4], '+', '-', 'COUNT', 1)[1]
-local mark = now
-if newest and ms_of(newest) > mark then mark = ms_of(newest) end
+local mark = math.max(now, newest and ms_of(newest) or 0)
 
 if not m[2] then
   redis.call('HSET', KEYS[1], 'rqc', '0', 'rqg', string.format('%d', mark))

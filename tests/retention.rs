@@ -41,10 +41,10 @@ fn retention() -> Vec<String> {
 
 /// One rotation pass now, by a rotator of its own (no memory of when shards are due).
 async fn pass<B: Backend>(g: &Gw<B>) -> RotateReport {
+    let rows = g.db.batch_rows().await.expect("batches");
     Rotator::new(RETENTION_MS)
-        .pass(g.backend.as_ref(), &g.db, now_ms())
+        .pass(g.backend.as_ref(), &rows, now_ms())
         .await
-        .expect("rotation pass")
 }
 
 /// Past the current generation's retention.

@@ -67,7 +67,8 @@ fn on_clock<B: Backend>(g: &mut Gw<B>, clock: &Arc<ManualClock>) {
 }
 
 async fn pass<B: Backend>(g: &Gw<B>, now: i64) -> RetireReport {
-    retire_due(g.backend.as_ref(), &g.db, now, AFTER_MS)
+    let rows = g.db.batch_rows().await.expect("batches");
+    retire_due(g.backend.as_ref(), &g.db, &rows, now, AFTER_MS)
         .await
         .expect("retirement pass")
 }
@@ -369,7 +370,8 @@ async fn repair_racing_retirement<B: Backend>(g: Gw<B>, keys: impl Fn(&str) -> V
     let retire: Hook = Box::new(move || {
         Box::pin(async move {
             let now = claimgate::domain::time::now_ms();
-            let r = retire_due(inner.as_ref(), &db, now, AFTER_MS)
+            let rows = db.batch_rows().await.unwrap();
+            let r = retire_due(inner.as_ref(), &db, &rows, now, AFTER_MS)
                 .await
                 .unwrap();
             assert_eq!((r.begun, r.retired), (1, 1), "{r:?}");

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backend::Backend;
 use crate::domain::time::now_ms;
 use crate::http::App;
-use crate::obs::events::{BatchRetirement, RequestIdsRotated, SweepFailed};
+use crate::obs::events::{BatchRetirement, SweepFailed};
 
 /// The refresh loop does its slower chores (healing, gauges, purge, upkeep) every this
 /// many ticks.
@@ -185,41 +185,25 @@ async fn grant_resumer<B: Backend>(app: Arc<App<B>>, stop: CancellationToken) {
     }
 }
 
-/// Retirer: every `batches.retire_every_ms`, one retirement pass (`recovery::retire_due`) at
-/// the Api's clock, then one request-id rotation pass (`recovery::Rotator`, at the system's
-/// clock: it compares with Redis's). Every gateway runs it; its steps are idempotent.
-/// `retire_after_ms = 0`: nothing is begun, retirements begun earlier still complete.
+/// Retirer: every `batches.retire_every_ms`, the batches listed once, then one request-id
+/// rotation pass (`recovery::Rotator`, at the system's clock: it compares with Redis's) and
+/// one retirement pass (`recovery::retire_due`, at the Api's clock). Every gateway runs it;
+/// its steps are idempotent. `retire_after_ms = 0`: nothing is begun, retirements begun
+/// earlier still complete.
 async fn retirer<B: Backend>(app: Arc<App<B>>, stop: CancellationToken) {
     let cfg = app.config().batches.clone();
     let mut ticks = Ticks::every(cfg.retire_every_ms, stop);
     let mut rotator = crate::recovery::Rotator::new(cfg.request_id_retention_ms);
     let limit = Duration::from_millis(cfg.retire_every_ms.max(10_000));
     while ticks.next().await {
-        let pass = rotator.pass(app.backend().as_ref(), app.store(), now_ms());
-        // bounded like the retirement below; a shard's failure is counted in the pass
-        let failed = match tokio::time::timeout(limit, pass).await {
-            Ok(Ok(_)) => None,
-            Ok(Err(e)) => Some(format!("rotation pass: {e}")),
-            Err(_) => Some("rotation pass timed out".to_string()),
+        let backend = app.backend().as_ref();
+        let pass = async {
+            let rows = app.store().batch_rows().await?;
+            // a shard's failure is counted in the pass
+            rotator.pass(backend, &rows, now_ms()).await;
+            let now = app.api().clock().now_ms();
+            crate::recovery::retire_due(backend, app.store(), &rows, now, cfg.retire_after_ms).await
         };
-        if let Some(detail) = failed {
-            RequestIdsRotated {
-                batch: "",
-                rotated: 0,
-                started: 0,
-                waiting: 0,
-                failed: 1,
-                detail: &detail,
-            }
-            .emit();
-        }
-        let now = app.api().clock().now_ms();
-        let pass = crate::recovery::retire_due(
-            app.backend().as_ref(),
-            app.store(),
-            now,
-            cfg.retire_after_ms,
-        );
         // bounded: a pass that hangs on a dead backend gives way to the next tick
         let failed = match tokio::time::timeout(limit, pass).await {
             Ok(Ok(_)) => continue,

@@ -38,7 +38,7 @@ use crate::catalog::cache::CachedBatch;
 use crate::catalog::{Catalog, CatalogError};
 use crate::config::{Config, GrantsConfig};
 use crate::contract::claim::Outcome;
-use crate::domain::ids::home_shard;
+use crate::domain::ids::{INTERNAL_REQUEST_ID, home_shard};
 use crate::domain::time::Timestamp;
 use crate::obs::events::{GrantJobEvent, GrantsDecided};
 use crate::stock::{ClaimArgs, ClaimResult, Stock, StockError};
@@ -66,7 +66,7 @@ pub enum GrantError {
 
 /// The request id of every claim of job `job` (see the module documentation).
 pub fn request_id(job: &str) -> String {
-    format!("~g.{job}")
+    format!("{INTERNAL_REQUEST_ID}g.{job}")
 }
 
 /// What one user's grant came to.

@@ -28,7 +28,7 @@ use crate::backend::{Backend, BackendError};
 use crate::contract::keys::{BatchKeys, SlotKeys};
 use crate::contract::retire::{self, Retired};
 use crate::obs::events::BatchRetirement;
-use crate::store::{Db, DbError};
+use crate::store::{Db, DbError, StoredBatch};
 
 #[derive(Debug, Error)]
 pub enum RetireError {
@@ -52,21 +52,24 @@ pub struct RetireReport {
     pub keys: u64,
 }
 
-/// One pass at `now` (ms): begins the retirement of every set-up batch whose claim window
-/// ended at least `after_ms` ago, and drives every retirement in progress as far as it can
-/// go. `after_ms == 0` means never: nothing is begun (retirements already begun still go
-/// on). Errors of one batch are reported (`claimgate_batch_retirements_total{outcome=
-/// "failed"}`) and leave it to the next pass; only a failure to list the batches is returned.
+/// One pass at `now` (ms) over `rows` (`Db::batch_rows`, listed once per tick for this pass
+/// and the request-id rotation): begins the retirement of every set-up batch whose claim
+/// window ended at least `after_ms` ago, and drives every retirement in progress as far as
+/// it can go. `after_ms == 0` means never: nothing is begun (retirements already begun still
+/// go on). Errors of one batch are reported (`claimgate_batch_retirements_total{outcome=
+/// "failed"}`) and leave it to the next pass; only a failure to list the retirements in
+/// progress is returned.
 pub async fn retire_due<B: Backend>(
     backend: &B,
     db: &Db,
+    rows: &[StoredBatch],
     now: i64,
     after_ms: u64,
 ) -> Result<RetireReport, RetireError> {
     let mut report = RetireReport::default();
     if after_ms > 0 {
         let after = i64::try_from(after_ms).unwrap_or(i64::MAX);
-        for row in db.batch_rows().await? {
+        for row in rows {
             let due = row.batch.claim_window.end.0.saturating_add(after) <= now;
             if !row.setup_done || row.retired() || !due {
                 continue;

@@ -21,7 +21,7 @@ use crate::backend::Backend;
 use crate::contract::keys::BatchKeys;
 use crate::contract::rotate::{self, Rotated};
 use crate::obs::events::RequestIdsRotated;
-use crate::store::{Db, DbError};
+use crate::store::StoredBatch;
 
 /// When a shard that could not be looked at (no meta, an error, a log behind) is tried
 /// again, at the most (ms).
@@ -58,27 +58,29 @@ impl Rotator {
         }
     }
 
-    /// One pass at `now` (ms): every shard of every set-up batch not retired that is due is
-    /// rotated. Errors of one shard are counted and logged
+    /// One pass at `now` (ms) over `rows` (`Db::batch_rows`): every shard of every set-up
+    /// batch not retired that is due is rotated. Errors of one shard are counted and logged
     /// (`claimgate_request_id_rotations_total{outcome="failed"}`) and leave it to a later
-    /// pass; only a failure to list the batches is returned.
+    /// pass.
     pub async fn pass<B: Backend>(
         &mut self,
         backend: &B,
-        db: &Db,
+        rows: &[StoredBatch],
         now: i64,
-    ) -> Result<RotateReport, DbError> {
+    ) -> RotateReport {
         let mut report = RotateReport::default();
         if self.retention_ms == 0 {
-            return Ok(report);
+            return report;
         }
         let w = i64::try_from(self.retention_ms).unwrap_or(i64::MAX);
-        let mut rows = db.batch_rows().await?;
-        rows.retain(|r| r.setup_done && !r.retired());
+        let live: Vec<&StoredBatch> = rows
+            .iter()
+            .filter(|r| r.setup_done && !r.retired())
+            .collect();
         // forget batches gone from the list or retired
-        let live: HashSet<&str> = rows.iter().map(|r| r.batch.id.as_str()).collect();
-        self.due.retain(|id, _| live.contains(id.as_str()));
-        for row in &rows {
+        let ids: HashSet<&str> = live.iter().map(|r| r.batch.id.as_str()).collect();
+        self.due.retain(|id, _| ids.contains(id.as_str()));
+        for row in live {
             let id = row.batch.id.as_str();
             if self.due.get(id).is_some_and(|&at| at > now) {
                 continue;
@@ -128,6 +130,6 @@ impl Rotator {
             report.waiting += batch.waiting;
             report.failed += batch.failed;
         }
-        Ok(report)
+        report
     }
 }
