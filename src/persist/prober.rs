@@ -135,13 +135,16 @@ impl<B: Backend> Prober<B> {
     async fn check_floor(&mut self, t: &ProbeTarget, p: &probe::Probe) {
         let committed = t.committed.load(Ordering::Relaxed);
         if u64::try_from(p.claimed).unwrap_or(0) < committed {
-            self.went_backwards(&t.keys).await;
+            self.went_backwards(&t.keys, committed).await;
         }
     }
 
-    /// Reports a shard whose counter is behind the database: missing when its meta is gone
-    /// too, else rolled back (in the epoch its meta names).
-    async fn went_backwards(&mut self, keys: &SlotKeys) {
+    /// Reports a shard whose counter is behind the database (`committed`): missing when its
+    /// meta is gone too, else rolled back (in the epoch its meta names). A shard whose meta
+    /// is back with its counter at or above `committed` was rebuilt since the probe
+    /// (`lua/restore.lua` 'finish' raises the counter and writes the meta in one call): it
+    /// is left alone, not sealed.
+    async fn went_backwards(&mut self, keys: &SlotKeys, committed: u64) {
         let Some(shard) = keys.slot else { return };
         match meta_get::call(self.backend.as_ref(), keys).await {
             Ok(meta) if meta.is_empty() => {
@@ -149,6 +152,11 @@ impl<B: Backend> Prober<B> {
                     .report(&keys.batch, shard, FaultKind::Missing, None);
             }
             Ok(meta) => {
+                match probe::call(self.backend.as_ref(), keys).await {
+                    Ok(p) if u64::try_from(p.claimed).unwrap_or(0) >= committed => return,
+                    Ok(_) => {}
+                    Err(e) => return self.note_error(e.to_string()),
+                }
                 // Sealed at once: no claim may mint (or replay) an id the database holds.
                 if let Err(e) = restore::seal(self.backend.as_ref(), keys).await {
                     return self.note_error(e.to_string());
