@@ -5,8 +5,9 @@
 -- user's count and day count, a request id minted earlier in the call, the stock and log
 -- length left). Reads and writes are per call, not per claim: one HMGET each of meta,
 -- request ids, counts and day counts, one TIME, one XLEN, one GET of the stock (and of the
--- claim counter when the caller gives the highest sequence it saw), one write of each hash;
--- per claim only its XADD (and a SISMEMBER when the shard has a deny list).
+-- claim counter when the caller gives the highest sequence it saw), one write of each hash,
+-- one XADD for all the coupons minted; per claim only a SISMEMBER when the shard has a deny
+-- list.
 -- Atomic; one hash slot.
 --
 -- KEYS (all share the hash tag {<batch>:<shard>}):
@@ -44,7 +45,7 @@
 --                     the meta has 'rqc' (a rotation started): the call fails without it.
 -- ARGV:
 --   1 n, the number of claims in this call: an integer, 1 <= n <= 1000
---   2 max log length (0 = unbounded)   3 batch id   4 shard index
+--   2 max log length, in entries (0 = unbounded)   3 batch id   4 shard index
 --   5 the batch's UTC offset in ms now (an integer, |offset| < 86400000; east positive): the
 --     day is floor((now + offset) / 86400000), now from TIME, so the per-user daily limit
 --     resets at midnight in the batch's time zone ('0' = UTC). The gateway computes the
@@ -105,11 +106,15 @@
 --   (1, 2, ...). The claim counter never goes back while Redis keeps it; a Redis that lost it
 --   (data loss, a failover to a lagging replica) is rebuilt in a new epoch, so an id minted
 --   before the loss is never minted again (src/domain/ids.rs EPOCH_SPAN is the same 10^12).
--- Claim record: one XADD to KEYS[6] per coupon minted, in sequence order, these fields in
---   this order:
---   k 'claimed'   c coupon id   u user id   r request id ('' = none)   b batch id
---   s shard index   t claimed at (ms)   vf valid from (ms)   vt valid to (ms)
---   [cd code: only in a batch that hands out codes]   [m '1': given KEYS[10]]
+-- Claims record: ONE XADD to KEYS[6] per call that mints (k coupons, k >= 1), these fields
+--   in this order (src/contract/claim_record.rs reads them):
+--   k 'claims'   b batch id   s shard index   q the first coupon's sequence (coupon j of the
+--   call, from 0, has q + j)   t claimed at (ms)   vf valid from (ms)   vt valid to (ms)
+--   u the k users, in sequence order, joined by '|'   r their request ids joined by '|'
+--   ('' = none)   [cd their codes joined by '|': only in a batch that hands out codes]
+--   [m '1': given KEYS[10]]. Ids and codes never hold '|' (src/domain/ids.rs).
+--   The backlog bound (ARGV 2) counts these entries: a call is refused -9 when the log
+--   already holds that many, so it holds at most that many calls' claims.
 -- Request-id record (KEYS[5] value): '<coupon>|<vf>|<vt>|<at>|<nonce>', then '|<code>' when
 --   the coupon has a code.
 
@@ -279,7 +284,6 @@ for i = 1, n do
     wins[k] = i
     used[u] = used[u] + 1
     if daily > 0 then today[u] = today[u] + 1 end
-    loglen = loglen + 1
     stock = stock - 1
     if f then minted[f] = i end
   end
@@ -336,6 +340,7 @@ if codes then
   end
   call('HSET', KEYS[9], 'h', fmt('%d', head), 'n', fmt('%d', held - k))
 end
+local lu, lr, lc = {}, {}, {} -- the log entry's users, request ids, codes
 for j = 1, k do
   local i = wins[j]
   local u, f = A[U + i], F[i]
@@ -343,9 +348,12 @@ for j = 1, k do
   local code = codes and codes[j]
   if code then
     out[i] = { 1, coupon, vf, vt, now, '', code }
+    lc[j] = code
   else
     out[i] = { 1, coupon, vf, vt, now }
   end
+  lu[j] = u
+  lr[j] = A[R + i]
   if not seen[u] then
     seen[u] = true
     counts[nc + 1] = u
@@ -364,21 +372,21 @@ for j = 1, k do
   if managed then
     states[2 * j - 1] = fmt('%d', base + j)
     states[2 * j] = '0|unused||||' .. u .. '|' .. sf .. '|' .. st .. '|' .. sn .. '|' .. (code or '')
-    if code then
-      call('XADD', KEYS[6], '*', 'k', 'claimed', 'c', coupon, 'u', u, 'r', A[R + i],
-        'b', batch, 's', shard, 't', sn, 'vf', sf, 'vt', st, 'cd', code, 'm', '1')
-    else
-      call('XADD', KEYS[6], '*', 'k', 'claimed', 'c', coupon, 'u', u, 'r', A[R + i],
-        'b', batch, 's', shard, 't', sn, 'vf', sf, 'vt', st, 'm', '1')
-    end
-  elseif code then
-    call('XADD', KEYS[6], '*', 'k', 'claimed', 'c', coupon, 'u', u, 'r', A[R + i],
-      'b', batch, 's', shard, 't', sn, 'vf', sf, 'vt', st, 'cd', code)
-  else
-    call('XADD', KEYS[6], '*', 'k', 'claimed', 'c', coupon, 'u', u, 'r', A[R + i],
-      'b', batch, 's', shard, 't', sn, 'vf', sf, 'vt', st)
   end
 end
+-- ONE log entry for the k coupons of this call.
+local first, users, rids = fmt('%d', base + 1), table.concat(lu, '|'), table.concat(lr, '|')
+local entry = { 'k', 'claims', 'b', batch, 's', shard, 'q', first, 't', sn, 'vf', sf, 'vt', st,
+  'u', users, 'r', rids }
+if codes then
+  entry[#entry + 1] = 'cd'
+  entry[#entry + 1] = table.concat(lc, '|')
+end
+if managed then
+  entry[#entry + 1] = 'm'
+  entry[#entry + 1] = '1'
+end
+call('XADD', KEYS[6], '*', unpack(entry))
 if managed and k > 0 then call('HSET', KEYS[10], unpack(states)) end
 call('HSET', KEYS[3], unpack(counts))
 if daily > 0 then call('HSET', KEYS[4], unpack(days)) end

@@ -5,6 +5,7 @@
 #
 #   scripts/bench-group.sh                          # prints a markdown table
 #   GROUP_SECONDS=5 GROUP_CONNECTIONS=256 scripts/bench-group.sh
+#   GROUP_PERSIST=1 scripts/bench-group.sh          # the persister on (SQLite), its Redis cost counted
 #
 # It starts its own redis-server (free port, no persistence) and release gateways (redis
 # backend, persister off: the claim path alone; an embedded SQLite file they never write),
@@ -17,12 +18,17 @@
 #      then off: successful claims/s, Redis CPU and gateway CPU per successful claim, the
 #      calls made and the mean claims per call (from the gateway's own metrics).
 # Redis CPU = INFO cpu (used_cpu_user + used_cpu_sys) deltas of the whole redis-server;
-# gateway CPU = /proc/<pid>/stat utime + stime deltas.
+# gateway CPU = /proc/<pid>/stat utime + stime deltas. With GROUP_PERSIST=1 the gateways run
+# their persister (into a SQLite file), so Redis CPU per claim includes the persister's log
+# reads and acks, and the table adds the log entries appended (XADD) and the persister's
+# stream commands (XREADGROUP, XAUTOCLAIM, XACK, XDEL) per successful claim.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SECS=${GROUP_SECONDS:-8}
 CONNS=${GROUP_CONNECTIONS:-256}
+PERSIST=${GROUP_PERSIST:-0}
+if [ "$PERSIST" = 1 ]; then PERSISTER=true; else PERSISTER=false; fi
 . scripts/bench-common.sh
 
 build_release
@@ -61,10 +67,10 @@ $R flushall >/dev/null
 . scripts/bench-gateway.sh
 lt() { "$LT" --url "http://127.0.0.1:$GPORT" -q "$@"; }
 
-declare -A RATE REDIS_US GW_US CALLS PER_CALL
+declare -A RATE REDIS_US GW_US CALLS PER_CALL XADDS STREAM_OPS
 for G in 64 1; do
   start_gateway --backend redis --redis-url "redis://127.0.0.1:$RPORT" \
-    --database-url "sqlite://$WORK/p$G.db?mode=rwc" --set persister.enabled=false \
+    --database-url "sqlite://$WORK/p$G.db?mode=rwc" --set persister.enabled=$PERSISTER \
     --set stock.group_max_claims="$G"
   if [ "$G" = 64 ]; then
     log "GET /healthz, ${SECS}s, $CONNS connections"
@@ -77,6 +83,7 @@ for G in 64 1; do
   log "claims, group_max_claims=$G, ${SECS}s, $CONNS connections"
   m0=$(metric claimgate_claim_calls_total); m0=${m0:-0}
   k0=$(metric claimgate_claim_call_claims_total); k0=${k0:-0}
+  $R config resetstat >/dev/null
   c0=$(rcpu); g0=$(cpu_ticks "$GPID")
   lt --scenario flash-sale --seed "$G" --users 1000000000 --stock 1000000000 --threads 2 \
     --connections "$CONNS" --duration "${SECS}s" --json "$WORK/c$G.json"
@@ -88,6 +95,11 @@ for G in 64 1; do
   GW_US[$G]=$(calc "round(($g1 - $g0) / $tick_hz / $N * 1e6, 2)")
   CALLS[$G]=$(calc "round($m1 - $m0)")
   PER_CALL[$G]=$(calc "round(($k1 - $k0) / max(1, $m1 - $m0), 2)")
+  x=$(calls_of xadd)
+  XADDS[$G]=$(calc "round(${x:-0} / $N, 3)")
+  ops=0
+  for c in xreadgroup xautoclaim xack xdel; do v=$(calls_of $c); ops=$((ops + ${v:-0})); done
+  STREAM_OPS[$G]=$(calc "round($ops / $N, 3)")
   stop_gateway
   $R flushall >/dev/null
 done
@@ -102,6 +114,9 @@ cat <<EOF
 | x Redis CPU per PING -P 16 ($PING_US us) | $(calc "round(${REDIS_US[64]} / $PING_US, 1)") | $(calc "round(${REDIS_US[1]} / $PING_US, 1)") | <= 5 |
 | gateway CPU per successful claim, us | ${GW_US[64]} | ${GW_US[1]} | |
 | x gateway CPU per GET /healthz ($T_US us) | $(calc "round(${GW_US[64]} / $T_US, 2)") | $(calc "round(${GW_US[1]} / $T_US, 2)") | <= 2 |
+| persister | $PERSISTER | $PERSISTER | |
+| log entries appended (XADD) per successful claim | ${XADDS[64]} | ${XADDS[1]} | |
+| persister stream commands (XREADGROUP, XAUTOCLAIM, XACK, XDEL) per successful claim | ${STREAM_OPS[64]} | ${STREAM_OPS[1]} | |
 
 redis-benchmark of claim.lua alone (1 claim per call, -P 1 -c 50): $RB_RATE claims/s, $RB_US us of Redis CPU per claim.
 EOF

@@ -58,7 +58,9 @@ DAY = 86400000
 HOUR = 3600000
 CLAIM_SCRIPT = os.path.join(ROOT, "lua/claim.lua")
 SLACK_MS = 5000
-LOG_FIELDS = ["k", "c", "u", "r", "b", "s", "t", "vf", "vt"]
+LOG_FIELDS = ["k", "c", "u", "r", "b", "s", "t", "vf", "vt"]  # the one-claim script's entry
+# lua/claim.lua's entry: one per call with successes (src/contract/claim_record.rs)
+CLAIMS_FIELDS = ["k", "b", "s", "q", "t", "vf", "vt", "u", "r"]
 # The last commit whose lua/claim.lua is the one-claim script (ARGV user, rid, max log, batch,
 # shard, nonce[, offset]): a third shard runs it, so a change that the reference and the
 # candidate share (both are lua/claim.lua) is still seen if it changes what one claim does.
@@ -320,24 +322,31 @@ def run_seed(r, sha, old_sha, seed, steps, max_batch):
             continue
         size = min(rng.randint(1, max_batch), steps - i)
         claims = make_group(rng, size, nusers, big_users)
-        xl = r.xlen(cand.k["log"])
-        check(r.xlen(ref.k["log"]) == xl, f"seed {seed}: log lengths {r.xlen(ref.k['log'])} "
-                                          f"vs {xl} before step {i}")
-        # the backlog bound: mostly off, sometimes reached within this group
-        maxlog = 0 if rng.random() < 0.8 else max(1, xl + rng.randint(-1, 3))
-        ref_reps = [ref.call([c], maxlog, offset) for c in claims]
+        # the backlog bound (in log entries: one per call with successes, so one per claim
+        # on the one-per-call shards): mostly off; else set so that each side's log is
+        # either already at its bound (every claim that would mint is refused -9) or has
+        # room for the whole group, the same on every side
+        maxlog = {x.batch: 0 for x in sides}
+        if rng.random() >= 0.8:
+            lens = {x.batch: r.xlen(x.k["log"]) for x in sides}
+            if rng.random() < 0.5 and all(lens.values()):  # at the bound already
+                maxlog = {b: max(1, n - rng.randint(0, 1)) for b, n in lens.items()}
+            else:  # room for the whole group
+                maxlog = {b: n + size + rng.randint(0, 2) for b, n in lens.items()}
+        ref_reps = [ref.call([c], maxlog[ref.batch], offset) for c in claims]
         for rr in ref_reps:
             check(len(rr) == 1, f"seed {seed}: reference reply of one claim {rr}")
         ref_reps = [rr[0] for rr in ref_reps]
-        cand_rep = cand.call(claims, maxlog, offset)
-        old_reps = [old.call([c], maxlog, offset)[0] for c in claims] if old else None
+        cand_rep = cand.call(claims, maxlog[cand.batch], offset)
+        old_reps = ([old.call([c], maxlog[old.batch], offset)[0] for c in claims]
+                    if old else None)
         stats["calls"] += 1
         stats["groups_multi"] += size > 1
         check(len(cand_rep) == size, f"seed {seed}: reply length {len(cand_rep)} for {size}")
         m = r.hgetall(cand.k["meta"]) or r.hgetall(cand.k["meta"] + ":away")
         for j, c in enumerate(claims):
             where = (f"seed {seed} step {i + j} (claim {j + 1} of a group of {size}, max log "
-                     f"{maxlog}, offset {offset}) claim {c}")
+                     f"{maxlog[cand.batch]}, offset {offset}) claim {c}")
             try:
                 a, ta = norm(ref_reps[j], ref)
                 b, tb = norm(cand_rep[j], cand)
@@ -399,32 +408,50 @@ def compare_state(r, ref, cand, what):
               f"{what}: req {f} coupon {pa[0]} vs {pb[0]}")
         times_close([int(x) for x in pa[1:4]], [int(x) for x in pb[1:4]], f"{what}: req {f}")
         check(pa[4:] == pb[4:], f"{what}: req {f} nonce {ra[f]} vs {rb[f]}")
-    la, lb = raw_xrange(r, ref.k["log"]), raw_xrange(r, cand.k["log"])
+    la, lb = log_claims(r, ref), log_claims(r, cand)
     last = {ref.batch: 0, cand.batch: 0}
-    check(len(la) == len(lb), f"{what}: log lengths {len(la)} vs {len(lb)}")
-    for n, ((ida, fa), (idb, fb)) in enumerate(zip(la, lb)):
-        where = f"{what}: log entry {n + 1}"
-        for side, fl in ((ref, fa), (cand, fb)):
-            check(fl[0::2] == LOG_FIELDS, f"{where}: fields {fl[0::2]}")
-        da, db = dict(zip(fa[0::2], fa[1::2])), dict(zip(fb[0::2], fb[1::2]))
-        check(da["k"] == db["k"] == "claimed", f"{where}: k {da['k']} {db['k']}")
+    check(len(la) == len(lb), f"{what}: claims in the logs {len(la)} vs {len(lb)}")
+    for n, (da, db) in enumerate(zip(la, lb)):
+        where = f"{what}: logged claim {n + 1}"
         check(coupon_seq(da["c"], ref) == coupon_seq(db["c"], cand), f"{where}: c {da} vs {db}")
         check((da["u"], da["r"]) == (db["u"], db["r"]), f"{where}: u, r {da} vs {db}")
         check((da["b"], da["s"]) == (ref.batch, ref.shard)
               and (db["b"], db["s"]) == (cand.batch, cand.shard), f"{where}: b, s {da} {db}")
         times_close([int(da[x]) for x in ("t", "vf", "vt")],
                     [int(db[x]) for x in ("t", "vf", "vt")], where)
-        for side, d, eid in ((ref, da, ida), (cand, db, idb)):
+        for side, d in ((ref, da), (cand, db)):
             seq = coupon_seq(d["c"], side)
             check(last[side.batch] < seq, f"{where}: sequence not increasing")
             last[side.batch] = seq
             # the stream id's ms and claimed-at are both from the script's TIME
-            check(abs(int(eid.split("-")[0]) - int(d["t"])) <= 1000, f"{where}: entry id vs t")
+            check(abs(int(d["id"].split("-")[0]) - int(d["t"])) <= 1000, f"{where}: entry id vs t")
             # the request-id record of a claim with a request id names this coupon
             if d["r"]:
                 rec = r.hget(side.k["req"], f"{d['u']}|{d['r']}")
                 check(rec is not None and rec.split("|")[:4] == [d["c"], d["vf"], d["vt"], d["t"]],
                       f"{where}: req record {rec} vs entry {d}")
+
+
+def log_claims(r, side):
+    """The claims of a shard's log, one dict each (c, u, r, b, s, t, vf, vt, id), in order:
+    a 'claims' entry (lua/claim.lua: one per call, its fields in CLAIMS_FIELDS order) holds
+    every coupon of its call; a 'claimed' entry (the one-claim script) one."""
+    out = []
+    for eid, fl in raw_xrange(r, side.k["log"]):
+        d = dict(zip(fl[0::2], fl[1::2]))
+        if d.get("k") == "claimed":
+            check(fl[0::2] == LOG_FIELDS, f"{side.batch}: entry {eid} fields {fl[0::2]}")
+            out.append(dict(d, id=eid))
+            continue
+        check(fl[0::2] == CLAIMS_FIELDS and d["k"] == "claims",
+              f"{side.batch}: entry {eid} fields {fl[0::2]}")
+        users, rids = d["u"].split("|"), d["r"].split("|")
+        check(len(users) == len(rids) >= 1, f"{side.batch}: entry {eid}: {d}")
+        q = int(d["q"])
+        for j, (u, rid) in enumerate(zip(users, rids)):
+            out.append({"c": f"{d['b']}.{d['s']}.{q + j}", "u": u, "r": rid, "b": d["b"],
+                        "s": d["s"], "t": d["t"], "vf": d["vf"], "vt": d["vt"], "id": eid})
+    return out
 
 
 def raw_xrange(r, key):

@@ -1097,6 +1097,37 @@ pub mod cases {
         assert_eq!(s, 404);
     }
 
+    /// Every claim in a shard's log, as the persister reads them (a reading group of its
+    /// own), as (sequence position, user, request id), in log order.
+    async fn logged<B: Backend>(
+        backend: &B,
+        slot: &claimgate::contract::keys::SlotKeys,
+    ) -> Vec<(u64, String, Option<String>)> {
+        use claimgate::contract::claim_record::{LogRecord, parse};
+        use claimgate::contract::log_read;
+        let read = log_read::Read {
+            group: "conformance-check",
+            consumer: "c",
+            count: 100_000,
+            min_idle_ms: 0,
+        };
+        let (batch, shard) = (slot.batch.as_str(), slot.slot.unwrap());
+        let mut out = Vec::new();
+        for e in log_read::call(backend, &slot.log, &read).await.unwrap() {
+            for r in parse(batch, shard, &e).unwrap() {
+                let LogRecord::Claimed(c) = r else {
+                    panic!("not a claim: {r:?}")
+                };
+                out.push((
+                    claimgate::domain::ids::seq_position(c.seq),
+                    c.user_id,
+                    c.request_id,
+                ));
+            }
+        }
+        out
+    }
+
     /// Issue 14 item 1 (group commit): `lua/claim.lua` decides the claims of one call exactly
     /// as calls of one claim each would, in order. The same random sequence of claims (users
     /// at their limit and daily limit, denied users, request ids repeated across and within
@@ -1199,10 +1230,17 @@ pub mod cases {
                 probe::call(backend, &one).await.unwrap(),
                 probe::call(backend, &many).await.unwrap(),
             );
+            assert_eq!((p1.stock, p1.claimed), (p2.stock, p2.claimed));
+            // one log entry per call with successes, holding all of them: the grouped
+            // batch's log holds the same claims in fewer entries
             assert_eq!(
-                (p1.stock, p1.claimed, p1.log_len),
-                (p2.stock, p2.claimed, p2.log_len)
+                p1.log_len as i64, p1.claimed,
+                "one claim per call: one entry per claim"
             );
+            assert!(p2.log_len < p1.log_len, "{} entries", p2.log_len);
+            let (l1, l2) = (logged(backend, &one).await, logged(backend, &many).await);
+            assert_eq!(l1, l2, "the claims in the logs");
+            assert_eq!(l1.len() as i64, p1.claimed);
         }
         // the sequences covered every path
         for k in [

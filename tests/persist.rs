@@ -206,11 +206,11 @@ async fn read_log<B: Backend>(
     log_read::call(backend, log, &read).await
 }
 
-/// A log entry read as a claim record.
+/// A log entry of a claim call with one success, read as its claim.
 fn parse_claim(batch: &str, shard: u32, e: &LogEntry) -> ClaimRecord {
-    match parse_record(batch, shard, e) {
-        Ok(LogRecord::Claimed(c)) => c,
-        other => panic!("not a claim record: {other:?}"),
+    match parse_record(batch, shard, e).as_deref() {
+        Ok([LogRecord::Claimed(c)]) => c.clone(),
+        other => panic!("not the record of one claim: {other:?}"),
     }
 }
 
@@ -742,7 +742,7 @@ async fn change_records_are_written_after_their_claims_once() {
         .unwrap();
     let lost = entries
         .iter()
-        .find(|e| e.get("c") == Some(c2.as_str()))
+        .find(|e| parse_claim(&b.id, 0, e).coupon_id == c2)
         .unwrap();
     let lost_claim = parse_claim(&b.id, 0, lost);
     server.cli(&["XDEL", log, &lost.id]);
@@ -1626,6 +1626,127 @@ async fn reconcile_is_quiet_under_live_load() {
     );
     shutdown.cancel();
     p.join().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// one log entry per claim call: reconcile counts its claims, the persister writes them all
+
+/// Issue 14 item 2: a group-committed claim call appends ONE log entry holding all its
+/// claims. Reconcile counts the claims waiting in the log, not its entries (counting
+/// entries, it took 20 claims waiting in one entry for 19 missing ones); a claim that is
+/// neither in the log nor in the database is still reported; the persister writes every
+/// claim of an entry, with its own coupon id, user and request id, and acks the entry once.
+async fn grouped_entries_case<B: Backend>(backend: Arc<B>, db: Db) {
+    use claimgate::contract::claim::{self as c, Claim as Call, Outcome, Shared};
+    let b = batch("grp", 1, 100, 1, None);
+    let keys = setup(backend.as_ref(), &db, &b, 100).await;
+    let slot = &keys.shards[0];
+    let shared = Shared {
+        max_log: "0",
+        day_offset: "0",
+    };
+    let users: Vec<String> = (0..25).map(|i| format!("g{i}")).collect();
+    let rids: Vec<String> = (0..25).map(|i| format!("r{i}")).collect();
+    let calls: Vec<Call> = users
+        .iter()
+        .zip(&rids)
+        .map(|(u, r)| Call {
+            user: u,
+            request_id: if u.ends_with('3') { "" } else { r },
+            nonce: "n",
+            seen: 0,
+            checked: false,
+        })
+        .collect();
+    let mut minted = HashMap::new();
+    for group in [&calls[..20], &calls[20..]] {
+        for (cl, o) in group.iter().zip(
+            c::call_many(backend.as_ref(), slot, &shared, group)
+                .await
+                .unwrap(),
+        ) {
+            let Outcome::Claimed(got) = o else {
+                panic!("{o:?}")
+            };
+            minted.insert(got.coupon_id, cl.user.to_string());
+        }
+    }
+    assert_eq!(
+        probe(backend.as_ref(), slot).await,
+        (25, 2),
+        "25 claims, 2 entries"
+    );
+    let diffs = reconcile(backend.as_ref(), &db, Some("grp")).await.unwrap();
+    assert!(diffs.is_empty(), "claims waiting in the log: {diffs:?}");
+
+    // the second entry (5 claims) lost: reconcile reports exactly those 5
+    let entries = read_log(backend.as_ref(), &slot.log, "peek", "c", 10, 0)
+        .await
+        .unwrap();
+    assert_eq!(entries.len(), 2);
+    let records = parse_record("grp", 0, &entries[0]).unwrap();
+    assert_eq!(records.len(), 20, "the first call's claims in one entry");
+    let lost = parse_record("grp", 0, &entries[1]).unwrap();
+    let lost_users: Vec<String> = lost
+        .iter()
+        .map(|r| match r {
+            LogRecord::Claimed(c) => c.user_id.clone(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(lost_users, users[20..]);
+    let kept = backend
+        .eval(
+            Script::LogAck,
+            &[&slot.log],
+            &["peek", entries[1].id.as_str()],
+        )
+        .await
+        .unwrap();
+    assert_eq!(kept.as_int(), Some(1));
+    let diffs = reconcile(backend.as_ref(), &db, Some("grp")).await.unwrap();
+    assert!(
+        diffs.iter().any(|d| matches!(
+            d,
+            Difference::ClaimsMissing {
+                counter: 25,
+                db: 0,
+                log: 20,
+                lost: 0,
+                ..
+            }
+        )),
+        "{diffs:?}"
+    );
+
+    // the persister writes the 20 claims of the first entry, each as minted
+    let shutdown = CancellationToken::new();
+    let p = Persister::spawn(backend.clone(), db.clone(), fast("p1"), shutdown.clone());
+    p.flush().await.unwrap();
+    let stored = db.claims_of_shard("grp", 0).await.unwrap();
+    assert_eq!(stored.len(), 20);
+    for s in &stored {
+        assert_eq!(minted.get(&s.coupon_id), Some(&s.user_id), "{s:?}");
+        let want = (!s.user_id.ends_with('3')).then(|| format!("r{}", &s.user_id[1..]));
+        assert_eq!(s.request_id, want, "{s:?}");
+    }
+    assert_eq!(probe(backend.as_ref(), slot).await.1, 0, "the entry acked");
+    shutdown.cancel();
+    p.join().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grouped_log_entries_redis() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = RedisServer::start();
+    grouped_entries_case(redis(&server).await, sqlite(&dir).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grouped_log_entries_embedded() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Arc::new(EmbeddedBackend::open(&EmbeddedConfig::in_memory()).unwrap());
+    grouped_entries_case(backend, sqlite(&dir).await).await;
 }
 
 // ---------------------------------------------------------------------------------------

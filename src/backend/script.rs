@@ -21,6 +21,7 @@ pub enum Script {
     MetaGet,
     LogRead,
     LogAck,
+    LogCount,
     Restore,
     Replay,
     Winners,
@@ -32,7 +33,7 @@ pub enum Script {
 }
 
 impl Script {
-    pub const ALL: [Script; 20] = [
+    pub const ALL: [Script; 21] = [
         Script::Claim,
         Script::Setup,
         Script::Patch,
@@ -45,6 +46,7 @@ impl Script {
         Script::MetaGet,
         Script::LogRead,
         Script::LogAck,
+        Script::LogCount,
         Script::Restore,
         Script::Replay,
         Script::Winners,
@@ -69,6 +71,7 @@ impl Script {
             Script::MetaGet => "meta_get",
             Script::LogRead => "log_read",
             Script::LogAck => "log_ack",
+            Script::LogCount => "log_count",
             Script::Restore => "restore",
             Script::Replay => "replay",
             Script::Winners => "winners",
@@ -94,6 +97,7 @@ impl Script {
             Script::MetaGet => include_str!("../../lua/meta_get.lua"),
             Script::LogRead => include_str!("../../lua/log_read.lua"),
             Script::LogAck => include_str!("../../lua/log_ack.lua"),
+            Script::LogCount => include_str!("../../lua/log_count.lua"),
             Script::Restore => include_str!("../../lua/restore.lua"),
             Script::Replay => include_str!("../../lua/replay.lua"),
             Script::Winners => include_str!("../../lua/winners.lua"),

@@ -398,9 +398,11 @@ pub struct PersisterConfig {
     /// Retry delay after a failed database write: doubles from min up to max.
     pub backoff_min_ms: u64,
     pub backoff_max_ms: u64,
-    /// Bound on a shard's log length, given to the claim script (ARGV[3]): at the bound,
-    /// claims are shed (503) rather than letting Redis memory grow without end during a
-    /// long database outage. 0 = unbounded.
+    /// Bound on a shard's log length, given to the claim script: at the bound, claims are
+    /// shed (503) rather than letting Redis memory grow without end during a long database
+    /// outage. In log entries: one per claim call with successes (it holds that call's
+    /// claims, at most `stock.group_max_claims`) or per change of a managed coupon. 0 =
+    /// unbounded.
     pub max_backlog_per_shard: u64,
     /// How often the list of batches is re-read from the database.
     pub batch_refresh_ms: u64,

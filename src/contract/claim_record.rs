@@ -1,9 +1,30 @@
-//! The shard log's records: the stream entries `lua/claim.lua` appends to its shard's `log`
-//! for every coupon it mints (claim records), and those a coupon-state script appends for
-//! every transition of a coupon whose state lives in Redis (change records); their reading
-//! into a [`LogRecord`], and the writing of a change record's fields ([`change_fields`]).
+//! The shard log's records: the stream entry `lua/claim.lua` appends to its shard's `log`
+//! for every call that mints coupons (a claims record: every coupon of the call), and those
+//! a coupon-state script appends for every transition of a coupon whose state lives in
+//! Redis (change records); their reading into [`LogRecord`]s, and the writing of a change
+//! record's fields ([`change_fields`]).
 //!
-//! Claim record (`k` = `claimed`), in this order:
+//! Claims record (`k` = `claims`), one per claim call with successes, in this order:
+//!
+//! | field | value                                                  |
+//! |-------|--------------------------------------------------------|
+//! | `k`   | record kind: `claims`                                  |
+//! | `b`   | batch id                                               |
+//! | `s`   | shard index                                            |
+//! | `q`   | sequence of the first coupon; coupon `j` (from 0) has `q + j` ([`crate::domain::ids`]) |
+//! | `t`   | claimed at, ms (every coupon of the call)              |
+//! | `vf`  | valid from, ms                                         |
+//! | `vt`  | valid to, ms                                           |
+//! | `u`   | the users, in sequence order, joined by `\|` (at least one; user ids never hold `\|`) |
+//! | `r`   | their request ids, as many, joined by `\|` (`''` = none) |
+//! | `cd`  | optional: their codes, as many, joined by `\|` (a batch that hands out codes) |
+//! | `m`   | optional: `'1'` = the coupons' states live in Redis (managed); absent = not |
+//!
+//! One entry per call, not per coupon: a call of 32 claims costs Redis one `XADD` and one
+//! stream entry, and the persister one entry to read and ack.
+//!
+//! Claim record (`k` = `claimed`), one per coupon: the format before claims records, still
+//! read (a log written by an earlier version drains after an upgrade), in this order:
 //!
 //! | field | value                                                  |
 //! |-------|--------------------------------------------------------|
@@ -46,10 +67,16 @@
 use super::log_read::LogEntry;
 use crate::domain::claim::{ChangeRecord, ClaimRecord};
 use crate::domain::coupon::{CAUSE_LOCK_TIMEOUT, Event, EventKind, Step, Stored};
-use crate::domain::ids::{parse_coupon_id, valid_ident};
+use crate::domain::ids::{coupon_id, parse_coupon_id, seq_epoch, seq_position, valid_ident};
 
-/// Record kind of a claim (`k`).
+/// Record kind of a claim (`k`): one coupon (the earlier format, still read).
 pub const KIND_CLAIMED: &str = "claimed";
+/// Record kind of the claims of one claim call (`k`): every coupon the call minted.
+pub const KIND_CLAIMS: &str = "claims";
+/// The fields of a claims record, in the order `claim.lua` writes them.
+pub const CLAIMS_FIELDS: [&str; 9] = ["k", "b", "s", "q", "t", "vf", "vt", "u", "r"];
+/// Most coupons one claims record holds (`lua/claim.lua`'s most claims per call).
+pub const MAX_CLAIMS_PER_RECORD: usize = super::claim::MAX_CLAIMS_PER_CALL;
 /// Record kind of a change of a managed coupon (`k`).
 pub const KIND_CHANGED: &str = "changed";
 /// The fields of a claim record, in the order `claim.lua` writes them.
@@ -81,13 +108,18 @@ impl LogRecord {
     }
 }
 
-/// Interprets a log entry of shard `shard` of `batch` as a claim or change record.
-/// Anything unexpected is an error naming what is wrong.
-pub fn parse(batch: &str, shard: u32, entry: &LogEntry) -> Result<LogRecord, String> {
+/// Interprets a log entry of shard `shard` of `batch`: the claims of a claims record, in
+/// sequence order, or the one claim or change of a claim or change record. Anything
+/// unexpected is an error naming what is wrong (and nothing of the entry is taken).
+pub fn parse(batch: &str, shard: u32, entry: &LogEntry) -> Result<Vec<LogRecord>, String> {
     match entry.get("k") {
         None => Err("missing field \"k\"".to_string()),
-        Some(KIND_CLAIMED) => parse_claim(batch, shard, entry).map(LogRecord::Claimed),
-        Some(KIND_CHANGED) => parse_change(batch, shard, entry).map(LogRecord::Changed),
+        Some(KIND_CLAIMS) => Ok(parse_claims(batch, shard, entry)?
+            .into_iter()
+            .map(LogRecord::Claimed)
+            .collect()),
+        Some(KIND_CLAIMED) => Ok(vec![LogRecord::Claimed(parse_claim(batch, shard, entry)?)]),
+        Some(KIND_CHANGED) => Ok(vec![LogRecord::Changed(parse_change(batch, shard, entry)?)]),
         Some(kind) => Err(format!("unknown record kind {kind:?}")),
     }
 }
@@ -118,6 +150,83 @@ fn coupon_of<'a>(batch: &str, shard: u32, entry: &'a LogEntry) -> Result<(&'a st
     Ok((coupon, seq))
 }
 
+/// A claims record: `k` coupons, sequences `q .. q + k` of one epoch.
+fn parse_claims(batch: &str, shard: u32, entry: &LogEntry) -> Result<Vec<ClaimRecord>, String> {
+    let (b, s) = (field(entry, "b")?, field(entry, "s")?);
+    if b != batch || s != shard.to_string() {
+        return Err(format!(
+            "record of batch {b:?} shard {s:?} in the log of {batch}:{shard}"
+        ));
+    }
+    let q = field(entry, "q")?;
+    let first: u64 = q
+        .parse()
+        .map_err(|_| format!("field \"q\" is not a sequence: {q:?}"))?;
+    let users: Vec<&str> = field(entry, "u")?.split('|').collect();
+    let k = users.len();
+    if k > MAX_CLAIMS_PER_RECORD {
+        return Err(format!("{k} claims (at most {MAX_CLAIMS_PER_RECORD})"));
+    }
+    if users.iter().any(|u| u.is_empty()) {
+        return Err("empty user id".to_string());
+    }
+    let last = first + k as u64 - 1;
+    if seq_position(first) == 0 || seq_epoch(first) != seq_epoch(last) {
+        return Err(format!("sequences {first}..={last} are not of one epoch"));
+    }
+    let column = |f: &str| -> Result<Vec<&str>, String> {
+        let v: Vec<&str> = field(entry, f)?.split('|').collect();
+        if v.len() != k {
+            return Err(format!(
+                "field {f:?} holds {} values for {k} users",
+                v.len()
+            ));
+        }
+        Ok(v)
+    };
+    let rids = column("r")?;
+    let codes = match entry.get(CODE) {
+        None => None,
+        Some(_) => {
+            let c = column(CODE)?;
+            if c.iter().any(|c| c.is_empty()) {
+                return Err("empty code".to_string());
+            }
+            Some(c)
+        }
+    };
+    let managed = managed_flag(entry)?;
+    let (claimed_at, valid_from, valid_to) =
+        (int(entry, "t")?, int(entry, "vf")?, int(entry, "vt")?);
+    Ok((0..k)
+        .map(|j| {
+            let seq = first + j as u64;
+            ClaimRecord {
+                coupon_id: coupon_id(batch, shard, seq),
+                batch_id: batch.to_string(),
+                shard,
+                seq,
+                user_id: users[j].to_string(),
+                request_id: (!rids[j].is_empty()).then(|| rids[j].to_string()),
+                claimed_at,
+                valid_from,
+                valid_to,
+                code: codes.as_ref().map(|c| c[j].to_string()),
+                managed,
+            }
+        })
+        .collect())
+}
+
+/// The managed flag `m`: `'1'` or absent.
+fn managed_flag(entry: &LogEntry) -> Result<bool, String> {
+    match entry.get(MANAGED) {
+        None => Ok(false),
+        Some("1") => Ok(true),
+        Some(m) => Err(format!("field \"m\" is not '1': {m:?}")),
+    }
+}
+
 fn parse_claim(batch: &str, shard: u32, entry: &LogEntry) -> Result<ClaimRecord, String> {
     let (coupon, seq) = coupon_of(batch, shard, entry)?;
     let user = field(entry, "u")?;
@@ -140,11 +249,7 @@ fn parse_claim(batch: &str, shard: u32, entry: &LogEntry) -> Result<ClaimRecord,
             Some("") => return Err("empty code".to_string()),
             Some(c) => Some(c.to_string()),
         },
-        managed: match entry.get(MANAGED) {
-            None => false,
-            Some("1") => true,
-            Some(m) => return Err(format!("field \"m\" is not '1': {m:?}")),
-        },
+        managed: managed_flag(entry)?,
     })
 }
 
@@ -281,9 +386,9 @@ mod tests {
     }
 
     fn claim(pairs: &[(&str, &str)]) -> Result<ClaimRecord, String> {
-        match parse("b1", 2, &entry(pairs))? {
-            LogRecord::Claimed(c) => Ok(c),
-            other => panic!("not a claim: {other:?}"),
+        match &parse("b1", 2, &entry(pairs))?[..] {
+            [LogRecord::Claimed(c)] => Ok(c.clone()),
+            other => panic!("not one claim: {other:?}"),
         }
     }
 
@@ -452,7 +557,7 @@ mod tests {
             assert_eq!(names, CHANGE_FIELDS);
             assert_eq!(
                 parse("b1", 2, &as_entry(&fields)),
-                Ok(LogRecord::Changed(c.clone())),
+                Ok(vec![LogRecord::Changed(c.clone())]),
                 "{fields:?}"
             );
         }
@@ -541,46 +646,137 @@ mod tests {
         assert!(parse("b1", 2, &as_entry(&fields)).is_err());
     }
 
-    /// The fields `lua/claim.lua` writes are the ones read here, in the same order: every
-    /// `XADD` of the script writes [`FIELDS`], then the code when it has one, then the
-    /// managed flag when it has one; the plain record and the one with a code both occur.
+    /// The fields `lua/claim.lua` writes are the ones read here, in the same order: its one
+    /// `XADD` writes the entry it builds, [`CLAIMS_FIELDS`], then the codes when the batch
+    /// hands out codes, then the managed flag when the coupons are managed.
     #[test]
     fn the_script_writes_these_fields() {
         let src = crate::backend::Script::Claim.source();
-        let xadds: Vec<Vec<&str>> = src
-            .split("call('XADD'")
-            .skip(1)
-            .map(|rest| {
-                let args = rest
-                    .split(')')
-                    .next()
-                    .expect("claim.lua appends its record with XADD");
-                // KEYS[6], '*', then field/value pairs: the fields are every other argument
-                args.split(',')
-                    .map(str::trim)
-                    .filter(|t| !t.is_empty())
-                    .skip(2)
-                    .step_by(2)
-                    .map(|t| {
-                        t.strip_prefix('\'')
-                            .and_then(|t| t.strip_suffix('\''))
-                            .unwrap_or_else(|| panic!("field name {t:?} is not a literal"))
-                    })
-                    .collect()
-            })
+        assert_eq!(src.matches("call('XADD'").count(), 1, "one XADD per call");
+        assert!(src.contains("call('XADD', KEYS[6], '*', unpack(entry))"));
+        let (_, rest) = src
+            .split_once("local entry = {")
+            .expect("claim.lua builds its log entry");
+        let literal = rest.split('}').next().unwrap();
+        let names: Vec<&str> = literal
+            .split(',')
+            .map(str::trim)
+            .step_by(2)
+            .map(|t| t.trim_matches('\''))
             .collect();
-        assert!(xadds.len() >= 2, "{xadds:?}");
-        for fields in &xadds {
-            assert_eq!(fields[..FIELDS.len()], FIELDS, "{fields:?}");
-            let rest = &fields[FIELDS.len()..];
+        assert_eq!(names, CLAIMS_FIELDS, "{literal}");
+        let code_at = src
+            .find("entry[#entry + 1] = 'cd'")
+            .expect("the codes field");
+        let managed_at = src
+            .find("entry[#entry + 1] = 'm'")
+            .expect("the managed field");
+        assert!(code_at < managed_at, "codes, then the managed flag");
+    }
+
+    fn claims(pairs: &[(&str, &str)]) -> Result<Vec<ClaimRecord>, String> {
+        parse("b1", 2, &entry(pairs))?
+            .into_iter()
+            .map(|r| match r {
+                LogRecord::Claimed(c) => Ok(c),
+                other => Err(format!("not a claim: {other:?}")),
+            })
+            .collect()
+    }
+
+    const CALL: &[(&str, &str)] = &[
+        ("k", "claims"),
+        ("b", "b1"),
+        ("s", "2"),
+        ("q", "3000000000007"),
+        ("t", "100"),
+        ("vf", "100"),
+        ("vt", "200"),
+        ("u", "u1|u2|u1"),
+        ("r", "r1||~abc"),
+    ];
+
+    #[test]
+    fn a_claims_record_holds_every_coupon_of_its_call() {
+        let names: Vec<&str> = CALL.iter().map(|(f, _)| *f).collect();
+        assert_eq!(names, CLAIMS_FIELDS);
+        let got = claims(CALL).unwrap();
+        let ids: Vec<&str> = got.iter().map(|c| c.coupon_id.as_str()).collect();
+        assert_eq!(
+            ids,
+            [
+                "b1.2.3000000000007",
+                "b1.2.3000000000008",
+                "b1.2.3000000000009"
+            ]
+        );
+        let users: Vec<&str> = got.iter().map(|c| c.user_id.as_str()).collect();
+        assert_eq!(users, ["u1", "u2", "u1"]);
+        let rids: Vec<Option<&str>> = got.iter().map(|c| c.request_id.as_deref()).collect();
+        assert_eq!(rids, [Some("r1"), None, Some("~abc")]);
+        for c in &got {
+            assert_eq!((c.batch_id.as_str(), c.shard), ("b1", 2));
+            assert_eq!((c.claimed_at, c.valid_from, c.valid_to), (100, 100, 200));
+            assert_eq!((c.code.as_deref(), c.managed), (None, false));
+            assert_eq!(parse_coupon_id(&c.coupon_id), Some(("b1", 2, c.seq)));
+        }
+        let mut more = CALL.to_vec();
+        more.extend([(CODE, "K7|K8|K9"), (MANAGED, "1")]);
+        let got = claims(&more).unwrap();
+        let codes: Vec<Option<&str>> = got.iter().map(|c| c.code.as_deref()).collect();
+        assert_eq!(codes, [Some("K7"), Some("K8"), Some("K9")]);
+        assert!(got.iter().all(|c| c.managed));
+        let one = [("u", "solo"), ("r", "")];
+        let mut single = CALL.to_vec();
+        single.retain(|(f, _)| *f != "u" && *f != "r");
+        single.extend(one);
+        assert_eq!(claims(&single).unwrap().len(), 1);
+    }
+
+    /// Each malformed claims record is refused whole, with an error naming what is wrong.
+    #[test]
+    fn malformed_claims_records_are_rejected() {
+        // CALL with field `f` set to `v` (added at the end when CALL has no `f`)
+        let with = |f: &'static str, v: &str| -> Vec<(&'static str, String)> {
+            let mut e: Vec<(&'static str, String)> = CALL
+                .iter()
+                .filter(|(k, _)| *k != f)
+                .map(|(k, v)| (*k, v.to_string()))
+                .collect();
+            e.push((f, v.to_string()));
+            e
+        };
+        let too_many = vec!["u"; MAX_CLAIMS_PER_RECORD + 1].join("|");
+        let cases: Vec<(Vec<(&'static str, String)>, &str)> = vec![
+            (with("b", "b2"), "in the log of b1:2"),
+            (with("s", "3"), "in the log of b1:2"),
+            (with("q", "x"), "\"q\" is not a sequence"),
+            (with("q", "-1"), "\"q\" is not a sequence"),
+            (with("q", "3000000000000"), "not of one epoch"),
+            (with("q", "3999999999999"), "not of one epoch"),
+            (with("u", "u1||u2"), "empty user id"),
+            (with("u", "u1|u2"), "\"r\" holds 3 values for 2 users"),
+            (with("r", "r1"), "\"r\" holds 1 values for 3 users"),
+            (with("t", "soon"), "\"t\" is not an integer"),
+            (with("cd", "K1|K2"), "\"cd\" holds 2 values"),
+            (with("cd", "K1||K3"), "empty code"),
+            (with("m", "0"), "\"m\""),
+            (with("u", &too_many), "claims (at most"),
+        ];
+        for (fields, want) in cases {
+            let refs: Vec<(&str, &str)> = fields.iter().map(|(f, v)| (*f, v.as_str())).collect();
+            let err = claims(&refs).unwrap_err();
             assert!(
-                [&[][..], &[CODE], &[MANAGED], &[CODE, MANAGED]].contains(&rest),
-                "{fields:?}"
+                err.contains(want),
+                "{fields:?}: {err:?} should name {want:?}"
             );
         }
-        let mut with_code = FIELDS.to_vec();
-        with_code.push(CODE);
-        assert!(xadds.contains(&FIELDS.to_vec()));
-        assert!(xadds.contains(&with_code));
+        let mut no_users = CALL.to_vec();
+        no_users.retain(|(f, _)| *f != "u");
+        assert!(
+            claims(&no_users)
+                .unwrap_err()
+                .contains("missing field \"u\"")
+        );
     }
 }

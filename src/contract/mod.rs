@@ -26,6 +26,7 @@
 //! | `recent`        | [`recent`]        | (coupon id, touched ms) pairs            |
 //! | `log_read`      | [`log_read`]      | [`log_read::LogEntry`]s                  |
 //! | `log_ack`       | [`log_ack`]       | entries removed                          |
+//! | `log_count`     | [`log_count`]     | [`log_count::Page`]                      |
 //! | `restore`       | [`restore`]       | [`restore::Step`]                        |
 //! | `retire`        | [`retire`]        | [`retire::Retired`]                      |
 //! | `rotate`        | [`rotate`]        | [`rotate::Rotated`]                      |
@@ -44,6 +45,7 @@ pub mod events;
 pub mod inbox_check;
 pub mod keys;
 pub mod log_ack;
+pub mod log_count;
 pub mod log_read;
 pub mod mark_soldout;
 pub mod meta;
@@ -150,6 +152,7 @@ mod tests {
             (Script::Recent, super::recent::keys(&recent).to_vec()),
             (Script::LogRead, super::log_read::keys(&s.log).to_vec()),
             (Script::LogAck, super::log_ack::keys(&s.log).to_vec()),
+            (Script::LogCount, super::log_count::keys(&s.log).to_vec()),
             (Script::Restore, super::restore::keys(&s).to_vec()),
             (Script::Retire, super::retire::keys(&s).to_vec()),
             (Script::Rotate, super::rotate::keys(&s).to_vec()),

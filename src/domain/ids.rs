@@ -135,6 +135,11 @@ impl MintWindow {
     }
 }
 
+/// The coupon id `<batch>.<shard>.<seq>` (the format `lua/claim.lua` mints).
+pub fn coupon_id(batch: &str, shard: u32, seq: u64) -> String {
+    format!("{batch}.{shard}.{seq}")
+}
+
 /// Splits a coupon id `<batch>.<shard>.<seq>` into its batch, shard and sequence.
 pub fn parse_coupon_id(coupon_id: &str) -> Option<(&str, u32, u64)> {
     let mut it = coupon_id.rsplitn(3, '.');

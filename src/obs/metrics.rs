@@ -67,7 +67,8 @@ pub const CACHE: &str = "claimgate_cache_total";
 pub const INFLIGHT: &str = "claimgate_backend_inflight";
 /// Open client connections.
 pub const CONNECTIONS: &str = "claimgate_connections";
-/// Claim records in Redis not yet in the database.
+/// Log records in Redis not yet in the database (entries: one per claim call with
+/// successes, holding its claims; one per change of a managed coupon).
 pub const PERSIST_BACKLOG: &str = "claimgate_persist_backlog";
 /// Age of the oldest claim record not yet in the database, seconds.
 pub const PERSIST_LAG: &str = "claimgate_persist_lag_seconds";
@@ -242,6 +243,7 @@ pub const SCRIPTS: &[&str] = &[
     "meta_get",
     "log_read",
     "log_ack",
+    "log_count",
     "restore",
     "replay",
     "winners",
@@ -544,7 +546,10 @@ fn describe() {
     describe_counter!(CACHE, "Local hot-key cache answers by kind.");
     describe_gauge!(INFLIGHT, "Backend calls in flight.");
     describe_gauge!(CONNECTIONS, "Open client connections.");
-    describe_gauge!(PERSIST_BACKLOG, "Claim records not yet in the database.");
+    describe_gauge!(
+        PERSIST_BACKLOG,
+        "Log records not yet in the database (one per claim call with successes, or per change)."
+    );
     describe_gauge!(
         PERSIST_LAG,
         Unit::Seconds,

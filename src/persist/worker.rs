@@ -63,6 +63,10 @@ pub(super) struct ShardState {
     next_poll: Instant,
     /// Recovery reads left (see [`RECOVERY_READS`]).
     recover: u32,
+    /// Claims per entry in the shard's last read (at least 1): a read asks for about as
+    /// many entries as leave the buffer near `batch_size` claims (one claims record holds
+    /// a whole claim call).
+    per_entry: usize,
 }
 
 /// A batch as the loop follows it.
@@ -496,6 +500,7 @@ impl<B: Backend> Worker<B> {
                         has_work: Arc::default(),
                         next_poll: now,
                         recover: RECOVERY_READS,
+                        per_entry: 1,
                     }
                 };
                 states.push(state);
@@ -673,10 +678,11 @@ impl<B: Backend> Worker<B> {
             } else {
                 self.cfg.min_idle_ms
             };
+            let count = (room / self.shards[i].per_entry).max(1);
             let read = log_read::Read {
                 group: &self.cfg.group,
                 consumer: &self.consumer,
-                count: room,
+                count,
                 min_idle_ms: min_idle,
             };
             let result = log_read::call(self.backend.as_ref(), &self.shards[i].log, &read).await;
@@ -695,7 +701,7 @@ impl<B: Backend> Worker<B> {
             };
             let s = &mut self.shards[i];
             if s.recover > 0 {
-                s.recover = if entries.len() < room {
+                s.recover = if entries.len() < count {
                     0
                 } else {
                     s.recover - 1
@@ -720,7 +726,7 @@ impl<B: Backend> Worker<B> {
             // Read again at once after records (more may be waiting), else at the sweep.
             s.next_poll = now + sweep;
             let (batch, shard, log) = (s.batch.clone(), s.shard, s.log.clone());
-            let mut fresh = 0;
+            let (mut fresh, mut taken) = (0, 0);
             for e in entries {
                 let key = (log.clone(), e.id.clone());
                 if self.held.contains(&key) {
@@ -731,15 +737,19 @@ impl<B: Backend> Worker<B> {
                     continue;
                 }
                 match claim_record::parse(&batch, shard, &e) {
-                    Ok(record) => {
+                    Ok(records) => {
+                        // A claims record holds a whole claim call: its claims are buffered
+                        // one by one and acked together (one entry id).
                         self.held.insert(key);
-                        self.buffer.push(Buffered {
-                            log: log.clone(),
-                            id: e.id,
-                            record,
-                        });
+                        taken += 1;
+                        fresh += records.len();
+                        self.buffer
+                            .extend(records.into_iter().map(|record| Buffered {
+                                log: log.clone(),
+                                id: e.id.clone(),
+                                record,
+                            }));
                         self.first_buffered.get_or_insert_with(Instant::now);
-                        fresh += 1;
                     }
                     Err(reason) => {
                         // Kept pending on purpose: see the module documentation.
@@ -752,6 +762,9 @@ impl<B: Backend> Worker<B> {
             }
             if fresh > 0 {
                 self.shards[i].next_poll = now;
+            }
+            if taken > 0 {
+                self.shards[i].per_entry = fresh.div_ceil(taken).max(1);
             }
             got += fresh;
         }
@@ -906,7 +919,11 @@ impl<B: Backend> Worker<B> {
     async fn ack_buffer(&mut self) {
         let mut by_log: HashMap<Arc<str>, Vec<String>> = HashMap::new();
         for b in self.buffer.drain(..) {
-            by_log.entry(b.log).or_default().push(b.id);
+            let ids = by_log.entry(b.log).or_default();
+            // the claims of one claims record are adjacent and share its entry id
+            if ids.last() != Some(&b.id) {
+                ids.push(b.id);
+            }
         }
         self.held.clear();
         self.first_buffered = None;

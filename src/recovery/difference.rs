@@ -36,7 +36,8 @@ pub enum Difference {
         counter: u64,
         db_max_seq: u64,
     },
-    /// Claims the shard issued that are neither in the database nor in its log.
+    /// Claims the shard issued that are neither in the database nor in its log (`log`: the
+    /// claims its log holds, not its entries).
     ClaimsMissing {
         batch: String,
         shard: u32,

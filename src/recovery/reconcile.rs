@@ -15,7 +15,7 @@ use super::{MAX_USER_DIFFERENCES, RebuildError, SNAPSHOT_ATTEMPTS};
 use crate::backend::Backend;
 use crate::contract::keys::{BatchKeys, SlotKeys};
 use crate::contract::meta::{self, SlotMeta};
-use crate::contract::{meta_get, probe, winners};
+use crate::contract::{log_count, meta_get, probe, winners};
 use crate::domain::ids::seq_position;
 use crate::stock::census;
 use crate::store::{Db, StoredBatch};
@@ -127,6 +127,10 @@ async fn reconcile_batch<B: Backend>(
                 db_max_seq: db_max,
             });
         }
+        // Claims waiting in the log (an entry holds a whole claim call), counted before the
+        // database is read: a claim minted before `before` is then either still counted
+        // here or was deleted from the log after it committed, so in the rows read next.
+        let pending = log_count::claims(backend, &s.log, before.log_len).await?;
         let claims = db.claims_of_shard(&batch.id, shard).await?;
         let db_count = claims.len() as u64;
         let mut db_users: HashMap<String, u64> = HashMap::new();
@@ -144,13 +148,13 @@ async fn reconcile_batch<B: Backend>(
                 counter: counter_after,
                 db: db_count,
             });
-        } else if db_count + before.log_len + lost < counter {
+        } else if db_count + pending + lost < counter {
             diffs.push(Difference::ClaimsMissing {
                 batch: id.clone(),
                 shard,
                 counter,
                 db: db_count,
-                log: before.log_len,
+                log: pending,
                 lost,
             });
         }

@@ -1448,10 +1448,33 @@ async fn log_read_and_ack_scripts() {
     assert_eq!(r.len(), 3);
     let e0 = r[0].clone().into_array().unwrap();
     let fields = e0[1].clone().into_array().unwrap();
+    // a claims record (one per call) whose first coupon is sequence 1
     assert_eq!(
-        &fields[..4],
-        &[bulk("k"), bulk("claimed"), bulk("c"), bulk("b1.0.1")]
+        [&fields[..2], &fields[6..8]].concat(),
+        [bulk("k"), bulk("claims"), bulk("q"), bulk("1")]
     );
+    // log_count: the claims in the log's first entries, page by page
+    let count = |after: &str, page: &str| {
+        let (log, after, page) = (log.clone(), after.to_string(), page.to_string());
+        let b = &b;
+        async move {
+            b.eval(Script::LogCount, &[&log], &[&after, &page])
+                .await
+                .unwrap()
+        }
+    };
+    let first = count("", "2").await.into_array().unwrap();
+    assert_eq!(first[..2], [int(2), int(2)]);
+    let after = first[2].as_str().unwrap().to_string();
+    assert_eq!(
+        count(&after, "10").await.into_array().unwrap()[..2],
+        [int(3), int(3)]
+    );
+    assert_eq!(
+        count("", "10").await.into_array().unwrap()[..2],
+        [int(5), int(5)]
+    );
+    assert!(b.eval(Script::LogCount, &[&log], &["", "0"]).await.is_err());
     let r2 = b
         .eval(Script::LogRead, &[&log], &["p", "c2", "10", "60000"])
         .await
