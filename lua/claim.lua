@@ -341,10 +341,13 @@ if codes then
   call('HSET', KEYS[9], 'h', fmt('%d', head), 'n', fmt('%d', held - k))
 end
 local lu, lr, lc = {}, {}, {} -- the log entry's users, request ids, codes
+local first -- the first coupon's sequence, formatted
 for j = 1, k do
   local i = wins[j]
   local u, f = A[U + i], F[i]
-  local coupon = prefix .. fmt('%d', base + j)
+  local seq = fmt('%d', base + j)
+  if j == 1 then first = seq end
+  local coupon = prefix .. seq
   local code = codes and codes[j]
   if code then
     out[i] = { 1, coupon, vf, vt, now, '', code }
@@ -370,12 +373,13 @@ for j = 1, k do
     nr = nr + 2
   end
   if managed then
-    states[2 * j - 1] = fmt('%d', base + j)
+    states[2 * j - 1] = seq
     states[2 * j] = '0|unused||||' .. u .. '|' .. sf .. '|' .. st .. '|' .. sn .. '|' .. (code or '')
   end
 end
 -- ONE log entry for the k coupons of this call.
-local first, users, rids = fmt('%d', base + 1), table.concat(lu, '|'), table.concat(lr, '|')
+local users, rids = lu[1], lr[1] -- one coupon: nothing to join
+if k > 1 then users, rids = table.concat(lu, '|'), table.concat(lr, '|') end
 local entry = { 'k', 'claims', 'b', batch, 's', shard, 'q', first, 't', sn, 'vf', sf, 'vt', st,
   'u', users, 'r', rids }
 if codes then
