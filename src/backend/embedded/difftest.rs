@@ -412,8 +412,30 @@ async fn random_run(pair: &mut Pair<'_>, seed: u64, steps: usize) {
                 pair.script(Script::Probe, &refs(&s.probe_keys()), &[])
                     .await;
             }
-            73..=75 => {
+            73..=74 => {
                 pair.script(Script::MetaGet, &[&s.k("meta")], &[]).await;
+            }
+            75 => {
+                // the claims of a log's first entries: from its start, or after the first
+                // entry of the last read (each side's own id)
+                let page = rng.random_range(1..5u32).to_string();
+                let (ea, ra, log) = match &last_read {
+                    Some((at, e_ids, r_ids)) if !e_ids.is_empty() && !r_ids.is_empty() => {
+                        (e_ids[0].clone(), r_ids[0].clone(), shards[*at].k("log"))
+                    }
+                    _ => (String::new(), String::new(), s.k("log")),
+                };
+                let e = pair
+                    .emb
+                    .eval(Script::LogCount, &[&log], &[ea.as_str(), page.as_str()])
+                    .await
+                    .map_err(|e| e.to_string());
+                let r = pair.redis.eval(
+                    Script::LogCount.source(),
+                    &[&log],
+                    &[ra.as_str(), page.as_str()],
+                );
+                pair.check("log_count", e, r);
             }
             76..=87 => {
                 let consumer = if rng.random_bool(0.5) { "c1" } else { "c2" };
@@ -645,6 +667,8 @@ async fn differential_against_redis_server() {
     assert!(count(&|l| l.starts_with("claim") && l.contains("[0,-8]")) > 5);
     assert!(count(&|l| l.starts_with("log_read") && l.contains("T-S")) > 20);
     assert!(count(&|l| l.starts_with("log_ack") && !l.ends_with("-> 0")) > 10);
+    // log_count found claims (its reply starts with a count above 0)
+    assert!(count(&|l| l.starts_with("log_count -> [") && !l.contains("-> [0,")) > 5);
     assert!(count(&|l| l.starts_with("transfer_in") && l.ends_with("-> 1")) > 10);
     drop(server);
 }
