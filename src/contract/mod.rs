@@ -3,9 +3,9 @@
 //! One module per script in `lua/`, named after it: its typed KEYS and ARGV builders
 //! (`keys`, `argv` or the arguments of `call`), `call` (the one place the script is run) and
 //! `decode` (the ONE reader of its reply, into a closed enum or a struct). Beside them: the
-//! key layout ([`keys`]), the slot metadata fields ([`meta`]), the claim record the claim
-//! script appends to its shard's log ([`claim_record`]), and the messages instances send
-//! each other ([`events`]).
+//! key layout ([`keys`]), the slot metadata fields ([`meta`]), the claims record the claim
+//! script appends to its shard's log for each call ([`claim_record`]), and the messages
+//! instances send each other ([`events`]).
 //!
 //! | script          | module            | reply decoded into                       |
 //! |-----------------|-------------------|------------------------------------------|

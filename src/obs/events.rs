@@ -598,7 +598,8 @@ impl PersistFailed<'_> {
     }
 }
 
-/// The claim records waiting in Redis (all shard logs) and the age of the oldest one.
+/// The log entries waiting in Redis (all shard logs; a claim call's claims are one entry)
+/// and the age of the oldest one.
 pub struct BacklogMeasured {
     pub backlog: u64,
     pub lag_ms: u64,

@@ -53,7 +53,8 @@ pub struct PersistStatus {
 pub struct PersistSnapshot {
     pub running: bool,
     pub db_ok: bool,
-    /// Claim records in Redis not yet in the database (all shard logs).
+    /// Log entries in Redis not yet in the database (all shard logs; one per claim call with
+    /// successes, or per change of a managed coupon).
     pub backlog: u64,
     /// Age of the oldest record not yet in the database, milliseconds.
     pub lag_ms: u64,

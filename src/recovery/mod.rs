@@ -49,7 +49,7 @@ pub enum RebuildError {
     )]
     Live(String),
     #[error(
-        "shard {shard} of batch {batch} holds {entries} claim records not yet in the database; \
+        "shard {shard} of batch {batch} holds {entries} log entries not yet in the database; \
          let the persister drain them and retry"
     )]
     Unpersisted {
