@@ -134,30 +134,33 @@ fn int(entry: &LogEntry, f: &str) -> Result<i64, String> {
         .map_err(|_| format!("field {f:?} is not an integer: {v:?}"))
 }
 
-/// The coupon id, batch and shard fields (`c`, `b`, `s`), checked against the log's batch
-/// and shard. Returns the coupon id and its sequence.
-fn coupon_of<'a>(batch: &str, shard: u32, entry: &'a LogEntry) -> Result<(&'a str, u64), String> {
-    let coupon = field(entry, "c")?;
-    let (cb, cs, seq) =
-        parse_coupon_id(coupon).ok_or_else(|| format!("bad coupon id {coupon:?}"))?;
-    let b = field(entry, "b")?;
-    let s = field(entry, "s")?;
-    if cb != batch || b != batch || s != shard.to_string() || cs != shard {
-        return Err(format!(
-            "record of batch {b:?} shard {s:?} (coupon {coupon:?}) in the log of {batch}:{shard}"
-        ));
-    }
-    Ok((coupon, seq))
-}
-
-/// A claims record: `k` coupons, sequences `q .. q + k` of one epoch.
-fn parse_claims(batch: &str, shard: u32, entry: &LogEntry) -> Result<Vec<ClaimRecord>, String> {
+/// The batch and shard fields (`b`, `s`), checked against the log's batch and shard.
+fn in_log(batch: &str, shard: u32, entry: &LogEntry) -> Result<(), String> {
     let (b, s) = (field(entry, "b")?, field(entry, "s")?);
     if b != batch || s != shard.to_string() {
         return Err(format!(
             "record of batch {b:?} shard {s:?} in the log of {batch}:{shard}"
         ));
     }
+    Ok(())
+}
+
+/// The coupon id, batch and shard fields (`c`, `b`, `s`), checked against the log's batch
+/// and shard. Returns the coupon id and its sequence.
+fn coupon_of<'a>(batch: &str, shard: u32, entry: &'a LogEntry) -> Result<(&'a str, u64), String> {
+    let coupon = field(entry, "c")?;
+    let (cb, cs, seq) =
+        parse_coupon_id(coupon).ok_or_else(|| format!("bad coupon id {coupon:?}"))?;
+    in_log(batch, shard, entry)?;
+    if cb != batch || cs != shard {
+        return Err(format!("coupon {coupon:?} in the log of {batch}:{shard}"));
+    }
+    Ok((coupon, seq))
+}
+
+/// A claims record: `k` coupons, sequences `q .. q + k` of one epoch.
+fn parse_claims(batch: &str, shard: u32, entry: &LogEntry) -> Result<Vec<ClaimRecord>, String> {
+    in_log(batch, shard, entry)?;
     let q = field(entry, "q")?;
     let first: u64 = q
         .parse()

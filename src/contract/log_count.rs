@@ -37,8 +37,8 @@ pub async fn claims<B: Backend>(backend: &B, log: &str, entries: u64) -> Result<
         claims += got.claims;
         left = left.saturating_sub(got.entries);
         match got.last {
-            Some(id) if got.entries > 0 => after = id,
-            _ => break,
+            Some(id) => after = id,
+            None => break,
         }
     }
     Ok(claims)
